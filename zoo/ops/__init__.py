@@ -1,0 +1,1 @@
+"""Functional kernels: each fast op with its slow `_ref` twin beside it."""
