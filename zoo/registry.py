@@ -48,8 +48,13 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     return f"unknown {kind} {name!r} ({hint}known: {', '.join(known)})"
 
 
+class UnknownBlockError(KeyError):
+    def __str__(self):  # KeyError would show the message quoted as a repr
+        return str(self.args[0])
+
+
 def get_block(name: str) -> BlockEntry:
     _ensure_loaded()
     if name not in _BLOCKS:
-        raise KeyError(unknown_name_message("block", name, sorted(_BLOCKS)))
+        raise UnknownBlockError(unknown_name_message("block", name, sorted(_BLOCKS)))
     return _BLOCKS[name]

@@ -1,0 +1,32 @@
+"""Build every recipe given on the command line and print its describe() table.
+
+    python scripts/describe.py recipes/*.yaml [--override model.d_model=128 ...]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import zoo  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", nargs="+")
+    ap.add_argument("--override", action="append", default=[], help="dotlist override, e.g. model.d_model=128")
+    args = ap.parse_args()
+    built = 0
+    for path in args.recipes:
+        if Path(path).name.startswith("_"):
+            continue  # fragments meant for `extends:`
+        try:
+            model = zoo.build_model(path, args.override)
+        except zoo.RecipeError as err:
+            sys.exit(f"{path}: {err}")
+        print(f"\n== {path}\n{model.describe()}")
+        built += 1
+    print(f"\nsummary: built {built} recipes; blocks available: {', '.join(zoo.list_blocks())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: relative errors, gradient comparison, the cache contract."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(max |b|, tiny): one number that is small only when a matches b everywhere."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() if b.numel() else 0.0
+
+
+def assert_close(a, b, tol: float, what: str = "output"):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def grads(module: torch.nn.Module) -> dict:
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(got: dict, want: dict, tol: float):
+    assert got.keys() == want.keys(), f"gradients for different parameters: {sorted(got) ^ sorted(want)}"
+    for name in want:
+        assert_close(got[name], want[name], tol, f"grad {name}")
+
+
+def run_chunks(block, x: torch.Tensor, sizes) -> torch.Tensor:
+    """Feed x through `block` in chunks of the given sizes (cycled) via a fresh cache."""
+    cache = block.init_cache(x.shape[0], x.device, x.dtype)
+    outs, start, i = [], 0, 0
+    while start < x.shape[1]:
+        n = sizes[i % len(sizes)]
+        outs.append(block(x[:, start:start + n], cache=cache))
+        start, i = start + n, i + 1
+    return torch.cat(outs, dim=1), cache
+
+
+def check_cache_contract(block, x: torch.Tensor, tol: float = 1e-10, splits=((1,), (3, 5), (7,))):
+    """Whole sequence == any chunking through the cache == token by token (the block contract)."""
+    block.eval()
+    with torch.no_grad():
+        whole = block(x)
+        for sizes in splits:
+            got, _ = run_chunks(block, x, list(sizes))
+            assert_close(got, whole, tol, f"chunks {sizes} vs whole")
+    return whole
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every tensor in a (nested) cache of dicts, lists and tuples."""
+    if torch.is_tensor(cache):
+        return cache.numel() * cache.element_size()
+    if dataclasses.is_dataclass(cache):
+        return cache_bytes(vars(cache))
+    if isinstance(cache, dict):
+        return sum(cache_bytes(v) for v in cache.values())
+    if isinstance(cache, (list, tuple)):
+        return sum(cache_bytes(v) for v in cache)
+    return 0

@@ -1,0 +1,95 @@
+"""Bad recipes: every error names the field path, the bad value and what is allowed."""
+import textwrap
+
+import pytest
+
+import zoo
+from zoo.config import RecipeError
+
+GOOD = """
+name: ok
+model:
+  d_model: 64
+  n_layers: 2
+  pattern: "AS"
+  blocks:
+    A: {type: attn, n_heads: 4}
+    S: {type: swa, n_heads: 4, window: 16}
+train: {seq_len: 64}
+"""
+
+# (a change to the good recipe as dotlist overrides or replaced YAML, the words the message must contain)
+BAD_OVERRIDES = [
+    (["model.blocks.A.type=atn"], ["model.blocks.A.type", "'atn'", "did you mean 'attn'", "known:", "swa"]),
+    (["model.blocks.S.window=8192"], ["model.blocks.S.window", "8192", "train.seq_len 64"]),
+    (["model.blocks.S.window=0"], ["model.blocks.S.window", "0", ">= 1"]),
+    (["model.pattern=AX"], ["model.pattern", "'X'", "layer 1", "model.blocks"]),
+    (["model.pattern=ASA"], ["model.pattern", "length 3", "model.n_layers 2"]),
+    (["model.d_modl=3"], ["model.d_modl", "unknown key", "d_model"]),
+    (["model.blocks.A.n_head=4"], ["model.blocks.A.n_head", "unknown key", "n_heads"]),
+    (["model.blocks.A.n_heads=5"], ["model.blocks.A.n_heads", "5", "model.d_model 64"]),
+    (["model.blocks.A.n_kv_heads=3"], ["model.blocks.A.n_kv_heads", "3", "n_heads 4"]),
+    (["model.d_model=abc"], ["model.d_model", "abc", "Integer"]),
+    (["model.n_layers=0"], ["model.n_layers", "0", "> 0"]),
+    (["model.vocab_size=1"], ["model.vocab_size", ">= 2"]),
+    (["model.ffn.type=geglu"], ["model.ffn.type", "'geglu'", "mlp, none, swiglu"]),
+    (["model.blocks.A.ffn.type=mpl"], ["model.blocks.A.ffn.type", "did you mean 'mlp'"]),
+    (["model.blocks.A.ffn.chunk=0"], ["model.blocks.A.ffn.chunk", "0"]),
+    (["train.seq_len=0"], ["train.seq_len", "> 0"]),
+    (["train.warmup_steps=99999"], ["train.warmup_steps", "99999", "max_steps"]),
+    (["train.lr=-1"], ["train.lr", "-1"]),
+    (["trainer.lr=1"], ["trainer", "unknown key", "model, train"]),
+    (["model.blocks.A.rope_base=0.5"], ["model.blocks.A.rope_base", "0.5"]),
+    (["model.d_model"], ["overrides", "key=value"]),
+]
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_recipe_loads(tmp_path):
+    recipe = zoo.load_recipe(_write(tmp_path, GOOD))
+    assert [layer.type for layer in recipe.layers] == ["attn", "swa"]
+
+
+@pytest.mark.parametrize("overrides,words", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+def test_bad_recipe_message_names_field(tmp_path, overrides, words):
+    with pytest.raises(RecipeError) as err:
+        zoo.load_recipe(_write(tmp_path, GOOD), overrides)
+    for word in words:
+        assert word in str(err.value), f"{word!r} missing from: {err.value}"
+
+
+def test_missing_block_type(tmp_path):
+    path = _write(tmp_path, GOOD.replace("A: {type: attn, n_heads: 4}", "A: {n_heads: 4}"))
+    with pytest.raises(RecipeError, match=r"model\.blocks\.A\.type: missing \(known: attn"):
+        zoo.load_recipe(path)
+
+
+def test_block_spec_not_a_mapping(tmp_path):
+    path = _write(tmp_path, GOOD.replace("A: {type: attn, n_heads: 4}", "A: attn"))
+    with pytest.raises(RecipeError, match=r"model\.blocks\.A: expected a mapping with a 'type' key"):
+        zoo.load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        zoo.load_recipe(tmp_path / "nope.yaml")
+
+
+def test_extends_missing_and_cycle(tmp_path):
+    child = _write(tmp_path, "extends: base.yaml\nname: child\n", "child.yaml")
+    with pytest.raises(RecipeError, match=r"not found: .*base\.yaml \(extended from .*child\.yaml\)"):
+        zoo.load_recipe(child)
+    _write(tmp_path, "extends: child.yaml\n", "base.yaml")
+    with pytest.raises(RecipeError, match="extends: cycle"):
+        zoo.load_recipe(child)
+
+
+def test_registry_miss_suggests():
+    with pytest.raises(KeyError) as err:
+        zoo.get_block("mamba3" if "mamba2" in zoo.list_blocks() else "blockwize")
+    assert "did you mean" in str(err.value) and "known:" in str(err.value)

@@ -1,0 +1,2 @@
+"""Built-in blocks. Importing this package registers each family with `zoo.registry`."""
+from zoo.blocks import attention  # noqa: F401

@@ -1,0 +1,156 @@
+"""Softmax attention blocks: full causal (`attn`), sliding window (`swa`), blockwise (`blockwise`,
+Blockwise Parallel Transformer, arXiv 2305.19370) and `ring` (Ring Attention, arXiv 2310.01889).
+
+All four share projections, GQA and RoPE; they differ only in which attention op they call and in
+how much of the past their cache keeps. `ring` is exact causal attention whose context-parallel
+form is the ring over devices; on one process it is the blockwise path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from zoo.ops.attention import attention, blockwise_attention
+from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.registry import register_block
+
+
+@dataclass
+class AttnConfig:
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None   # GQA: kv heads shared by n_heads / n_kv_heads query heads
+    head_dim: Optional[int] = None     # default d_model // n_heads
+    rope_base: float = 10000.0
+    qkv_bias: bool = False
+
+    def __post_init__(self):
+        if self.n_heads < 1:
+            raise ValueError(f"n_heads: must be >= 1, got {self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads: must divide n_heads {self.n_heads}, got {self.n_kv_heads}")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ValueError(f"head_dim: must be an even number >= 2 (rotary pairs), got {self.head_dim}")
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base: must be > 1, got {self.rope_base}")
+
+    def check(self, d_model: int, seq_len: int) -> None:
+        """Checks that need the model's width and the training length."""
+        if self.head_dim is None and d_model % self.n_heads:
+            raise ValueError(f"n_heads: {self.n_heads} does not divide model.d_model {d_model}")
+        if self.head_dim is None and (d_model // self.n_heads) % 2:
+            raise ValueError(f"n_heads: head_dim d_model/n_heads = {d_model // self.n_heads} must be even (rotary pairs)")
+
+
+@dataclass
+class BlockwiseConfig(AttnConfig):
+    block_size: int = 128   # query and key block length of the online-softmax loop
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
+
+
+@dataclass
+class SwaConfig(BlockwiseConfig):
+    window: int = 256       # keys a query sees, itself included (flash-attn window_size=(window-1, 0))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window < 1:
+            raise ValueError(f"window: must be >= 1, got {self.window}")
+
+    def check(self, d_model: int, seq_len: int) -> None:
+        super().check(d_model, seq_len)
+        if self.window > seq_len:
+            raise ValueError(f"window: {self.window} exceeds train.seq_len {seq_len} (use `attn` for full attention)")
+
+
+class CausalSelfAttention(nn.Module):
+    """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V."""
+
+    window: Optional[int] = None
+
+    def __init__(self, d_model: int, cfg: AttnConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_dim or d_model // cfg.n_heads
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+
+    def _attend(self, q, k, v):
+        return attention(q, k, v, causal=True)
+
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of the K/V history the cache must keep for future queries."""
+        return t
+
+    def forward(self, x, *, cache=None, cp=None):
+        if cp is not None:
+            raise NotImplementedError("context parallel attention arrives with the context-parallel issue (#8)")
+        b, t, _ = x.shape
+        start = 0 if cache is None else cache["pos"]
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.head_dim, self.cfg.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)
+            v = torch.cat([cache["v"], v.to(cache["v"].dtype)], dim=1)
+            cache["k"], cache["v"], cache["pos"] = self._kept(k), self._kept(v), start + t
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = self._attend(q, k, v)
+        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "pos": 0}
+
+    def _cached_tokens(self, seq_len: int) -> int:
+        return seq_len
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * batch_size * self._cached_tokens(seq_len) * self.n_kv_heads * self.head_dim * elem
+
+
+@register_block("attn", config=AttnConfig)
+class Attention(CausalSelfAttention):
+    """Full causal attention; fast path `F.scaled_dot_product_attention`."""
+
+
+@register_block("blockwise", config=BlockwiseConfig)
+class BlockwiseAttention(CausalSelfAttention):
+    """Exact causal attention by query/key blocks with online softmax; memory linear in length."""
+
+    def _attend(self, q, k, v):
+        return blockwise_attention(q, k, v, causal=True, block_size=self.cfg.block_size)
+
+
+@register_block("ring", config=BlockwiseConfig)
+class RingAttention(BlockwiseAttention):
+    """Exact causal attention; spread over a ring of ranks under context parallel, blockwise on one."""
+
+
+@register_block("swa", config=SwaConfig)
+class SlidingWindowAttention(CausalSelfAttention):
+    """Each query sees the `window` most recent keys (itself included); the cache keeps window - 1."""
+
+    def _attend(self, q, k, v):
+        return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size)
+
+    def _kept(self, t):
+        keep = self.cfg.window - 1
+        # clone: a view would pin the whole concatenated history in memory
+        return t[:, t.shape[1] - keep:].clone() if t.shape[1] > keep else t
+
+    def _cached_tokens(self, seq_len: int) -> int:
+        return min(seq_len, self.cfg.window - 1)

@@ -1,0 +1,81 @@
+"""Feed-forward sublayers: GELU MLP, SwiGLU (arXiv 2002.05202), or none.
+
+`chunk` computes the FFN over sequence chunks with recomputation in backward (Blockwise Parallel
+Transformer, arXiv 2305.19370, section 3): the hidden activations of only one chunk are alive at a
+time, so the FFN's activation memory stops growing with d_hidden x length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from zoo.registry import unknown_name_message
+
+FFN_TYPES = ("mlp", "none", "swiglu")
+
+
+@dataclass
+class FfnConfig:
+    type: str = "swiglu"
+    mult: float = 4.0              # hidden = mult * d_model (SwiGLU: 2/3 of it, rounded up to `multiple_of`)
+    hidden: Optional[int] = None   # exact hidden size; overrides mult (used when importing checkpoints)
+    multiple_of: int = 8
+    bias: bool = False
+    chunk: Optional[int] = None    # sequence chunk length for blockwise FFN; None = whole sequence
+
+    def __post_init__(self):
+        if self.type not in FFN_TYPES:
+            raise ValueError("type: " + unknown_name_message("ffn type", self.type, list(FFN_TYPES)))
+        if self.mult <= 0:
+            raise ValueError(f"mult: must be > 0, got {self.mult}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(f"hidden: must be >= 1, got {self.hidden}")
+        if self.multiple_of < 1:
+            raise ValueError(f"multiple_of: must be >= 1, got {self.multiple_of}")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk: must be >= 1 or null, got {self.chunk}")
+
+    def hidden_size(self, d_model: int) -> int:
+        if self.hidden is not None:
+            return self.hidden
+        h = self.mult * d_model
+        if self.type == "swiglu":
+            h = 2 * h / 3  # keeps SwiGLU's parameter count equal to the GELU MLP's
+        return int(-(-int(h) // self.multiple_of) * self.multiple_of)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, cfg: FfnConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden_size(d_model)
+        self.gated = cfg.type == "swiglu"
+        self.up_proj = nn.Linear(d_model, hidden, bias=cfg.bias)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=cfg.bias) if self.gated else None
+        self.out_proj = nn.Linear(hidden, d_model, bias=cfg.bias)
+
+    def _ffn(self, x):
+        if self.gated:
+            return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.out_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+    def forward(self, x):
+        chunk = self.cfg.chunk
+        if chunk is None or x.shape[1] <= chunk:
+            return self._ffn(x)
+        parts = []
+        for piece in x.split(chunk, dim=1):
+            if torch.is_grad_enabled() and piece.requires_grad:
+                parts.append(checkpoint(self._ffn, piece, use_reentrant=False))
+            else:
+                parts.append(self._ffn(piece))
+        return torch.cat(parts, dim=1)
+
+
+def build_ffn(d_model: int, cfg: FfnConfig) -> Optional[nn.Module]:
+    return None if cfg.type == "none" else FeedForward(d_model, cfg)

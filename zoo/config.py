@@ -1,0 +1,251 @@
+"""Recipes: YAML files (OmegaConf) that compose a model layer by layer.
+
+    model.pattern "MMMMMT" + model.blocks {M: {type: mamba2, ...}, T: {type: taipan, ...}}
+    -> one LayerSpec per layer: block type, validated block config, feed-forward config.
+
+Every error names the field path, the bad value and what is allowed. Unknown keys are errors. No field
+names a Python import path, so loading a recipe can never run arbitrary code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from zoo.blocks.ffn import FfnConfig
+from zoo.registry import get_block, list_blocks, unknown_name_message
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be built; the message starts with the offending field's path."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 4
+    vocab_size: int = 256
+    pattern: str = "A"
+    blocks: Dict[str, Any] = field(default_factory=dict)   # letter -> {type: <block>, ...fields, ffn?}
+    ffn: FfnConfig = field(default_factory=FfnConfig)       # default after every mixer
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        _positive(self, "d_model", "n_layers", "init_std", "norm_eps")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size: must be >= 2, got {self.vocab_size}")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1          # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0             # 0 disables clipping
+    max_steps: int = 1000
+    warmup_steps: int = 100
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    corpus: str = "stdlib"
+    tokenizer: str = "byte"
+    cross_doc: bool = True             # False: packed documents see neither each other's tokens nor state
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "eval_every",
+                  "eval_batches", "save_every", "keep_last", "log_every")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay / grad_clip: must be >= 0")
+
+
+@dataclass
+class RecipeSchema:
+    """The top level of a recipe file (besides `extends:`, resolved before validation)."""
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class LayerSpec:
+    letter: str
+    type: str
+    cfg: Any              # the block's config dataclass instance
+    ffn: FfnConfig
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    layers: List[LayerSpec]
+    source: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        """The resolved recipe (extends and overrides applied), loadable again by `load_recipe`."""
+        d = {"name": self.name, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        for letter, spec in d["model"]["blocks"].items():
+            d["model"]["blocks"][letter] = dict(spec)
+        return d
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
+
+
+def _reraise(prefix: str, err: Exception):
+    """Turn an OmegaConf or __post_init__ error into a RecipeError that starts with the field path."""
+    join = (lambda k: f"{prefix}.{k}" if prefix else str(k))
+    if isinstance(err, ConfigKeyError):
+        key = err.full_key or err.key
+        allowed = ""
+        if err.object_type is not None and dataclasses.is_dataclass(err.object_type):
+            allowed = f" (allowed: {', '.join(f.name for f in dataclasses.fields(err.object_type))})"
+        raise RecipeError(f"{join(key)}: unknown key{allowed}") from None
+    if isinstance(err, OmegaConfBaseException):
+        msg = (err.msg or str(err)).split("\n")[0]
+        raise RecipeError(f"{join(err.full_key or err.key)}: {msg}") from None
+    raise RecipeError(f"{join(str(err))}" if prefix else str(err)) from None
+
+
+def _structured(cls, data, prefix: str):
+    """Validate `data` against dataclass `cls` (types, unknown keys, __post_init__)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        _reraise(prefix, err)
+
+
+def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p.name) for p in (*seen, path))
+        raise RecipeError(f"extends: cycle {chain}")
+    if not path.is_file():
+        where = f" (extended from {seen[-1]})" if seen else ""
+        raise RecipeError(f"recipe file not found: {path}{where}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: a recipe is a mapping with keys name, extends, model, train")
+    if "extends" in raw:
+        base = _load_raw(path.parent / str(raw.extends), (*seen, path))
+        raw = OmegaConf.merge(base, {k: v for k, v in raw.items() if k != "extends"})
+    if "name" not in raw and not seen:
+        raw.name = path.stem
+    return raw
+
+
+def _ffn_config(default: FfnConfig, override, path: str) -> FfnConfig:
+    if override is None:
+        return default
+    if isinstance(override, str):
+        override = {"type": override}
+    if not isinstance(override, (dict, DictConfig)):
+        raise RecipeError(f"{path}: expected a feed-forward type ({', '.join(('mlp', 'none', 'swiglu'))}) or a mapping, got {override!r}")
+    return _structured(FfnConfig, OmegaConf.merge(OmegaConf.structured(default), override), path)
+
+
+def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpec:
+    path = f"model.blocks.{letter}"
+    if not isinstance(spec, (dict, DictConfig)):
+        raise RecipeError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
+    spec = dict(spec)
+    block_type = spec.pop("type", None)
+    if block_type is None:
+        raise RecipeError(f"{path}.type: missing (known: {', '.join(list_blocks())})")
+    try:
+        entry = get_block(str(block_type))
+    except KeyError:
+        raise RecipeError(f"{path}.type: " + unknown_name_message("block", block_type, list_blocks())) from None
+    ffn = _ffn_config(model.ffn, spec.pop("ffn", None), f"{path}.ffn")
+    cfg = _structured(entry.config, spec, path)
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check(d_model=model.d_model, seq_len=seq_len)
+        except ValueError as err:
+            raise RecipeError(f"{path}.{err}") from None
+    return LayerSpec(letter, str(block_type), cfg, ffn)
+
+
+def _expand_pattern(model: ModelConfig) -> List[str]:
+    pattern = model.pattern.replace(" ", "")
+    if not pattern:
+        raise RecipeError("model.pattern: empty (one letter per layer, tiled over model.n_layers)")
+    if model.n_layers % len(pattern):
+        raise RecipeError(f"model.pattern: length {len(pattern)} of {pattern!r} does not divide "
+                          f"model.n_layers {model.n_layers}")
+    letters = list(pattern) * (model.n_layers // len(pattern))
+    for i, letter in enumerate(letters):
+        if letter not in model.blocks:
+            raise RecipeError(f"model.pattern: letter {letter!r} at layer {i} has no entry in model.blocks "
+                              f"(defined: {', '.join(sorted(model.blocks)) or 'none'})")
+    return letters
+
+
+def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
+    """Validate an already merged config (a dict or DictConfig) into a Recipe."""
+    raw = OmegaConf.create(raw) if not isinstance(raw, DictConfig) else raw
+    allowed = [f.name for f in dataclasses.fields(RecipeSchema)]
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(f"{key}: unknown key (allowed: {', '.join(allowed)})")
+    model_raw = raw.get("model") or {}
+    if "ffn" in model_raw:  # validated on its own first so its errors carry the path model.ffn.*
+        _structured(FfnConfig, model_raw["ffn"], "model.ffn")
+    model = _structured(ModelConfig, model_raw, "model")
+    train = _structured(TrainConfig, raw.get("train") or {}, "train")
+    name = raw.get("name") or ""
+    if not isinstance(name, str):
+        raise RecipeError(f"name: expected a string, got {name!r}")
+    layers_by_letter = {letter: _layer_spec(letter, spec, model, train.seq_len)
+                        for letter, spec in model.blocks.items() if letter in model.pattern}
+    layers = [layers_by_letter[letter] for letter in _expand_pattern(model)]
+    # Keep the block specs as plain, fully-defaulted dicts so to_yaml() round-trips.
+    model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn)}
+                    for letter, s in layers_by_letter.items()}
+    return Recipe(name or "recipe", model, train, layers, source)
+
+
+def load_recipe(path: Union[str, Path, dict, DictConfig], overrides=()) -> Recipe:
+    """Load a recipe file (or mapping), apply `extends:` and dotlist overrides ("model.d_model=128")."""
+    if isinstance(path, (dict, DictConfig)):
+        raw, source = OmegaConf.create(path), None
+    else:
+        raw, source = _load_raw(Path(path)), str(path)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise RecipeError(f"overrides: expected key=value (e.g. model.d_model=128), got {bad[0]!r}")
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    return recipe_from_config(raw, source)

@@ -1,0 +1,153 @@
+"""ZooLM: embedding, a pre-norm residual stack of (mixer, feed-forward) layers, final norm, LM head.
+
+    layer i:  x = x + mixer_i(norm(x));  x = x + ffn_i(norm(x))
+
+Any registered block can sit at any layer: the stack only relies on the block contract
+(forward(x, cache=, cp=), init_cache, state_bytes, optional `aux_loss` attribute set by forward).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.blocks.ffn import build_ffn
+from zoo.config import Recipe, load_recipe
+from zoo.registry import get_block
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ZooOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    cache: Optional["ZooCache"] = None
+
+
+@dataclass
+class ZooCache:
+    """Per-layer block caches plus the number of tokens seen; updated in place by forward."""
+    layers: List[object]
+    seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ZooLayer(nn.Module):
+    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float):
+        super().__init__()
+        self.block_type = spec.type
+        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer = get_block(spec.type).cls(d_model, spec.cfg, layer_idx)
+        self.ffn = build_ffn(d_model, spec.ffn)
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
+
+    def forward(self, x, cache=None, cp=None):
+        x = x + self.mixer(self.mixer_norm(x), cache=cache, cp=cp)
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class ZooLM(nn.Module):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        m = recipe.model
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps) for i, spec in enumerate(recipe.layers))
+        self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.reset_parameters()
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 style: N(0, std) for linears and embeddings, residual projections (`out_proj`)
+        scaled by 1/sqrt(2 n_layers) so the residual stream's variance stays O(1) with depth.
+        Parameters a block initialises itself (Mamba's dt bias, A_log) carry `_no_reinit`."""
+        std = self.recipe.model.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * len(self.layers)) if name.endswith("out_proj") else 1.0
+                if not getattr(module.weight, "_no_reinit", False):
+                    nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                bias = getattr(module, "bias", None)
+                if bias is not None and not getattr(bias, "_no_reinit", False):
+                    nn.init.zeros_(bias)
+
+    def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None) -> ZooOutput:
+        if cp_group is not None:
+            raise NotImplementedError("context parallel arrives with the context-parallel issue (#8)")
+        x = self.embed(input_ids)
+        aux = None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=None if cache is None else cache.layers[i])
+            block_aux = getattr(layer.mixer, "aux_loss", None)
+            if block_aux is not None:
+                aux = block_aux if aux is None else aux + block_aux
+        if cache is not None:
+            cache.seen += input_ids.shape[1]
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            # labels are aligned with input_ids: position t predicts labels[t + 1].
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return ZooOutput(logits=logits, loss=loss, aux_loss=aux, cache=cache)
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> ZooCache:
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        return ZooCache([layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers])
+
+    def num_params(self) -> dict:
+        """Parameter counts split embedding / non-embedding (the LM head counts as embedding)."""
+        seen, emb, total = set(), 0, 0
+        emb_params = {id(self.embed.weight), id(self.lm_head.weight)}
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            emb += p.numel() if id(p) in emb_params else 0
+        return {"total": total, "embedding": emb, "non_embedding": total - emb}
+
+    def describe(self, context: int = 4096) -> str:
+        """A table: layer, block, ffn, parameters, inference state (bytes/token at `context`, bf16)."""
+        rows = [("layer", "block", "ffn", "params", f"state B/tok @{context}", "state @1K", "state @32K")]
+        for i, layer in enumerate(self.layers):
+            params = sum(p.numel() for p in layer.parameters())
+            sb = layer.mixer.state_bytes
+            ffn = layer.ffn.cfg.type if layer.ffn is not None else "none"
+            rows.append((str(i), layer.block_type, ffn, f"{params:,}", f"{sb(context) / context:,.1f}",
+                         _human_bytes(sb(1024)), _human_bytes(sb(32768))))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n = self.num_params()
+        total_state = sum(layer.mixer.state_bytes(context) for layer in self.layers)
+        lines.append(f"recipe {self.recipe.name}: {n['total']:,} params ({n['non_embedding']:,} non-embedding, "
+                     f"{n['embedding']:,} embedding); inference state @{context} tokens: {_human_bytes(total_state)}")
+        return "\n".join(lines)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def build_model(recipe_or_path, overrides=()) -> ZooLM:
+    """Build a ZooLM from a Recipe, a recipe path, or a mapping."""
+    recipe = recipe_or_path if isinstance(recipe_or_path, Recipe) else load_recipe(recipe_or_path, overrides)
+    return ZooLM(recipe)

@@ -1,0 +1,27 @@
+"""Rotary position embedding (RoFormer, arXiv 2104.09864), half-split layout as in GPT-NeoX / Llama.
+
+The half-split pairing (dimension i with i + d/2) matches transformers' `rotate_half`, so weights
+imported from a Llama checkpoint give the same logits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype=torch.float32):
+    """cos, sin of shape [len(positions), head_dim] for integer `positions`."""
+    if head_dim % 2:
+        raise ValueError(f"head_dim: rotary embedding needs an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    # float64 angles: at positions ~1e5 float32 loses the low frequencies' phase.
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, length, heads, head_dim]; cos/sin: [length, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
