@@ -98,8 +98,10 @@ class ZooLM(nn.Module):
         loss = None
         if labels is not None:
             # labels are aligned with input_ids: position t predicts labels[t + 1].
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX)
+            # the loss in at least float32: a bf16 log-softmax over the vocabulary loses ~2 digits
+            pred = logits[:, :-1].flatten(0, 1)
+            pred = pred.float() if pred.element_size() < 4 else pred
+            loss = F.cross_entropy(pred, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
         return ZooOutput(logits=logits, loss=loss, aux_loss=aux, cache=cache)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> ZooCache:
