@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
@@ -47,8 +48,9 @@ class ZooLayer(nn.Module):
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
 
-    def forward(self, x, cache=None, cp=None):
-        x = x + self.mixer(self.mixer_norm(x), cache=cache, cp=cp)
+    def forward(self, x, cache=None, cp=None, seq_idx=None):
+        kwargs = {} if seq_idx is None else {"seq_idx": seq_idx}
+        x = x + self.mixer(self.mixer_norm(x), cache=cache, cp=cp, **kwargs)
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))
         return x
@@ -62,6 +64,7 @@ class ZooLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps) for i, spec in enumerate(recipe.layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.reset_parameters()
         if m.tie_embeddings:
@@ -82,13 +85,25 @@ class ZooLM(nn.Module):
                 if bias is not None and not getattr(bias, "_no_reinit", False):
                     nn.init.zeros_(bias)
 
-    def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None) -> ZooOutput:
+    def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None,
+                seq_idx=None) -> ZooOutput:
+        """seq_idx [batch, length] int (optional): document ids of packed sequences; tokens of different
+        documents then see neither each other nor each other's recurrent state."""
         if cp_group is not None:
             raise NotImplementedError("context parallel arrives with the context-parallel issue (#8)")
+        if seq_idx is not None:
+            unsupported = sorted({l.block_type for l in self.layers if not getattr(l.mixer, "supports_seq_idx", False)})
+            if unsupported:
+                raise ValueError(f"seq_idx: document masking (train.cross_doc: false) is not supported by "
+                                 f"block(s) {', '.join(unsupported)}; use train.cross_doc: true")
         x = self.embed(input_ids)
         aux = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache=None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.checkpoint_layers and self.training and layer_cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, None, seq_idx, use_reentrant=False)
+            else:
+                x = layer(x, cache=layer_cache, seq_idx=seq_idx)
             block_aux = getattr(layer.mixer, "aux_loss", None)
             if block_aux is not None:
                 aux = block_aux if aux is None else aux + block_aux

@@ -1,0 +1,170 @@
+"""Checkpoints that never lose work.
+
+    <root>/step-00000200/  model.safetensors  state.pt  trainer.json  recipe.yaml
+
+A checkpoint is written into a hidden temporary directory, every file and the directory fsynced, then
+renamed into place: a rename is atomic, so a kill at any moment leaves either the old set of
+checkpoints or the old set plus the new one, never a half-written `step-*`. Old checkpoints are
+first renamed out of the `step-*` namespace, then deleted. Loading never unpickles arbitrary
+objects: weights come from safetensors, the rest from JSON and `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from zoo.config import Recipe, load_recipe
+
+FILES = ("model.safetensors", "state.pt", "trainer.json", "recipe.yaml")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dedup_tied(state: dict) -> tuple[dict, dict]:
+    """safetensors refuses shared storage: keep one name per tensor and record the aliases."""
+    seen, unique, aliases = {}, {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        unique[name] = t.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def save_checkpoint(root, step: int, model_state: dict, recipe: Recipe, train_state: Optional[dict] = None,
+                    info: Optional[dict] = None, keep_last: int = 2) -> Path:
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep_last`.
+
+    model_state: the full (unsharded) state dict; train_state: tensors and plain containers
+    (optimizer, scheduler, RNG) loadable with weights_only=True; info: JSON-serialisable trainer state.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors, aliases = _dedup_tied(model_state)
+    save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+    torch.save(train_state or {}, tmp / "state.pt")
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, **(info or {})}, indent=1))
+    (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+    for name in FILES:
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # re-saving the same step: move the old one out of the namespace first
+        final.rename(root / f".old-{final.name}-{os.getpid()}")
+    os.rename(tmp, final)
+    _fsync(root)
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int):
+    complete = list_checkpoints(root)
+    for path in complete[:-keep_last] if keep_last > 0 else []:
+        trash = root / f".trash-{path.name}-{os.getpid()}"
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for stale in root.glob(".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def list_checkpoints(root) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and path.is_dir() and all((path / f).is_file() for f in FILES):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root) -> Optional[Path]:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory, a directory of checkpoints, or a run directory (…/checkpoints)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint: {path} does not exist")
+    if all((path / f).is_file() for f in FILES):
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"checkpoint: no complete checkpoint in {path} (a checkpoint directory holds "
+                          f"{', '.join(FILES)}; a run directory holds checkpoints/step-*)")
+
+
+def read_model_state(path) -> dict:
+    path = resolve_checkpoint(path)
+    try:
+        tensors = load_file(path / "model.safetensors")
+        with open(path / "model.safetensors", "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(header_len)).get("__metadata__", {})
+    except (SafetensorError, ValueError, OSError) as err:
+        raise CheckpointError(f"checkpoint: {path / 'model.safetensors'} is unreadable or corrupt ({err})") from None
+    for alias, source in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[source]
+    return tensors
+
+
+def read_train_state(path) -> tuple[dict, dict]:
+    """(train_state tensors/containers, trainer info) of a checkpoint, without unpickling objects."""
+    path = resolve_checkpoint(path)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    info = json.loads((path / "trainer.json").read_text())
+    return state, info
+
+
+def check_same_model(saved: Recipe, current: Recipe, path) -> None:
+    a, b = saved.to_dict()["model"], current.to_dict()["model"]
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise CheckpointError(f"checkpoint: {path} was trained with another model (recipe {saved.name!r}); "
+                              f"model.{diff[0]} differs: checkpoint {a.get(diff[0])!r} vs recipe {b.get(diff[0])!r}")
+
+
+def load_checkpoint(path, device=None):
+    """Load a checkpoint (or a run's newest one) into a fresh ZooLM ready for evaluation."""
+    from zoo.model import ZooLM  # train -> model, never the other way
+
+    path = resolve_checkpoint(path)
+    recipe = load_recipe(path / "recipe.yaml")
+    model = ZooLM(recipe)
+    state = read_model_state(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint: {path} does not fit its recipe (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    return model.to(device) if device is not None else model

@@ -1,0 +1,58 @@
+"""AdamW with parameter groups, and linear warmup followed by cosine decay.
+
+No weight decay on norms, biases, embeddings or anything a block marks `_no_weight_decay` (Mamba's
+A_log and D: decaying them toward 0 changes the dynamics, not just the scale). A block may ask for a
+per-parameter learning-rate multiplier with `param._lr_mult = x` (Infini-attention's gate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def _no_decay_names(model: nn.Module) -> set:
+    names = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if (p.ndim < 2 or isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm))
+                    or getattr(p, "_no_weight_decay", False)):
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    no_decay = _no_decay_names(model)
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():  # tied weights are yielded once
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if (name in no_decay or id(p) in emb_ids) else weight_decay
+        mult = float(getattr(p, "_lr_mult", 1.0))
+        group = groups.setdefault((decay, mult), {"params": [], "names": [], "weight_decay": decay, "lr_mult": mult})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
+    groups = param_groups(model, train_cfg.weight_decay)
+    for g in groups:
+        g["lr"] = train_cfg.lr * g["lr_mult"]
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio))

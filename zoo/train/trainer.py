@@ -1,0 +1,269 @@
+"""The training loop: one recipe, one command, on a laptop CPU or under torchrun.
+
+Resume is exact because nothing is hidden in iterator state: the global batch of optimizer step s,
+micro-step m is a pure function of (seed, s, m) (see `zoo.data`), so a checkpoint needs only the
+step count besides model, optimizer, scheduler and RNG states.
+
+Data parallel: train.batch_size is the *global* batch per micro-step; each of W data-parallel ranks
+takes its contiguous slice, so W processes compute the same update as one (up to summation order).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from zoo.config import Recipe
+from zoo.model import ZooLM
+from zoo.train import checkpoint as ckpt
+from zoo.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: Optional[float]
+    val_bpb: Optional[float]
+    tokens: int
+    seconds: float
+    checkpoint: Optional[str]
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def dp_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains `recipe` on `data` (an object with `train_batch(step, micro, batch_size, seq_len)`,
+    `val_batches(n, batch_size, seq_len)` and `bytes_per_token`), writing to `out_dir`."""
+
+    def __init__(self, recipe: Recipe, data, out_dir, device=None, resume: Optional[str] = None,
+                 log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False):
+        self.recipe, self.data, self.out = recipe, data, Path(out_dir)
+        self.cfg = recipe.train
+        self.rank, self.world = dp_info()
+        if self.cfg.batch_size % self.world:
+            raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
+                                f"data-parallel world size {self.world}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
+        seed_everything(self.cfg.seed)
+        self.model = ZooLM(recipe).to(self.device)
+        self.model.checkpoint_layers = self.cfg.activation_checkpointing
+        self.step = 0
+        self.tokens = 0
+        self.train_module = self._wrap(self.model)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+        if resume:
+            self._resume(resume)
+        self.tb = None
+        if tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(self.out / "tensorboard")
+
+    # -- setup -------------------------------------------------------------------------------
+    def _wrap(self, model):
+        module = model
+        if self.world > 1 and self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        elif self.world > 1:
+            module = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            module = torch.compile(module)
+        return module
+
+    def _resume(self, resume: str):
+        root = self.out / "checkpoints"
+        if resume == "auto":
+            path = ckpt.latest_checkpoint(root)
+            if path is None:
+                self.log(f"resume auto: no checkpoint in {root}, starting from step 0")
+                return
+        else:
+            path = ckpt.resolve_checkpoint(resume)
+        from zoo.config import load_recipe
+        ckpt.check_same_model(load_recipe(path / "recipe.yaml"), self.recipe, path)
+        self._load_model_state(ckpt.read_model_state(path))
+        state, info = ckpt.read_train_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        random.setstate(tuple(_tuplify(info["python_rng"])))
+        self.step, self.tokens = info["step"], info["tokens"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _load_model_state(self, state: dict):
+        if self.cfg.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state)
+
+    def _full_model_state(self) -> dict:
+        if self.cfg.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict()
+
+    def save(self) -> Optional[Path]:
+        model_state = self._full_model_state()
+        if self.cfg.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            opt_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = self.optimizer.state_dict()
+        if self.rank != 0:
+            return None
+        train_state = {"optimizer": opt_state, "scheduler": self.scheduler.state_dict(), "rng": _rng_state()}
+        info = {"tokens": self.tokens, "python_rng": random.getstate(), "world_size": self.world}
+        return ckpt.save_checkpoint(self.out / "checkpoints", self.step, model_state, self.recipe, train_state,
+                                    info, keep_last=self.cfg.keep_last)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _local(self, batch: dict) -> dict:
+        per = self.cfg.batch_size // self.world
+        sl = slice(self.rank * per, (self.rank + 1) * per)
+        return {k: v[sl].to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> float:
+        self.train_module.train()
+        total = 0.0
+        accum = self.cfg.grad_accum
+        for micro in range(accum):
+            batch = self._local(self.data.train_batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len))
+            sync = micro == accum - 1 or not hasattr(self.train_module, "no_sync")
+            with (nullcontext() if sync else self.train_module.no_sync()), self._autocast():
+                out = self.train_module(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"))
+                loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+            (loss / accum).backward()
+            total += out.loss.detach().float().item() / accum
+        if self.world > 1:
+            t = torch.tensor([total], device=self.device)
+            dist.all_reduce(t)
+            total = t.item() / self.world
+        if not math.isfinite(total):
+            raise TrainingError(f"non-finite loss {total} at step {self.step}; the last good checkpoint is "
+                                f"{ckpt.latest_checkpoint(self.out / 'checkpoints')}")
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += self.cfg.batch_size * self.cfg.seq_len * accum
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(validation loss in nats/token, bits per byte) on the fixed validation batches."""
+        self.train_module.eval()
+        losses = []
+        for batch in self.data.val_batches(self.cfg.eval_batches, self.cfg.batch_size, self.cfg.seq_len):
+            batch = self._local(batch)
+            with self._autocast():
+                out = self.train_module(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"))
+            losses.append(out.loss.float())
+        loss = torch.stack(losses).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss = loss / self.world
+        loss = loss.item()
+        return loss, loss / math.log(2) / self.data.bytes_per_token
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True)
+        start, start_tokens, start_step = time.perf_counter(), self.tokens, self.step
+        loss, val_loss, val_bpb, path = float("nan"), None, None, None
+        try:
+            while self.step < self.cfg.max_steps:
+                loss = self.train_step()
+                elapsed = time.perf_counter() - start
+                tok_s = (self.tokens - start_tokens) / max(elapsed, 1e-9)
+                lr = self.scheduler.get_last_lr()[0]
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tok_s": tok_s,
+                          "time": elapsed}
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
+                    val_loss, val_bpb = self.evaluate()
+                    record.update(val_loss=val_loss, val_bpb=val_bpb)
+                    if bar is None:
+                        self.log(f"step {self.step}: val loss {val_loss:.4f}, {val_bpb:.3f} bits/byte")
+                if metrics is not None and (self.step % self.cfg.log_every == 0 or "val_loss" in record):
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if self.tb is not None:
+                    for k in ("loss", "lr", "tok_s", "val_loss", "val_bpb"):
+                        if k in record:
+                            self.tb.add_scalar(k, record[k], self.step)
+                if bar is not None:
+                    post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}", "lr": f"{lr:.2e}"}
+                    if val_bpb is not None:
+                        post["val_bpb"] = f"{val_bpb:.3f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+                    path = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+        seconds = time.perf_counter() - start
+        return TrainResult(self.step, loss, val_loss, val_bpb, self.tokens - start_tokens if self.step > start_step
+                           else 0, seconds, str(path) if path else None)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
