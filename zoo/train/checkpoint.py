@@ -147,12 +147,21 @@ def read_train_state(path) -> tuple[dict, dict]:
     return state, info
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def check_same_model(saved: Recipe, current: Recipe, path) -> None:
-    a, b = saved.to_dict()["model"], current.to_dict()["model"]
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
+    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+    if diff:
+        k = diff[0]  # the shallowest difference is usually the cause of the others
         raise CheckpointError(f"checkpoint: {path} was trained with another model (recipe {saved.name!r}); "
-                              f"model.{diff[0]} differs: checkpoint {a.get(diff[0])!r} vs recipe {b.get(diff[0])!r}")
+                              f"model.{k} differs: checkpoint {a.get(k)!r} vs recipe {b.get(k)!r}"
+                              + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
 
 
 def load_checkpoint(path, device=None):

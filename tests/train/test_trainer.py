@@ -1,0 +1,198 @@
+"""Trainer: exact resume, kill-safe checkpoints, DDP == single process, clear errors."""
+import math
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import zoo
+from zoo.train import checkpoint as ckpt
+from zoo.train.trainer import Trainer, TrainingError
+
+RECIPE = {
+    "name": "tiny-train",
+    "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "AS",
+              "blocks": {"A": {"type": "attn", "n_heads": 2}, "S": {"type": "swa", "n_heads": 2, "window": 8}},
+              "ffn": {"type": "swiglu", "mult": 2}},
+    "train": {"seq_len": 16, "batch_size": 4, "lr": 3e-3, "max_steps": 6, "warmup_steps": 2, "eval_every": 3,
+              "eval_batches": 2, "save_every": 3, "keep_last": 2, "log_every": 1},
+}
+
+
+class ToyData:
+    """Batches that are a pure function of (step, micro): a learnable pattern plus noise."""
+    bytes_per_token = 1.0
+
+    def _batch(self, seed, batch_size, seq_len):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, 64, (batch_size, 1), generator=g)
+        ids = (start + torch.arange(seq_len + 0)[None] * 3) % 64
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def train_batch(self, step, micro, batch_size, seq_len):
+        return self._batch(1000 * step + micro, batch_size, seq_len)
+
+    def val_batches(self, n, batch_size, seq_len):
+        return [self._batch(10**9 + i, batch_size, seq_len) for i in range(n)]
+
+
+def recipe(**train):
+    return zoo.load_recipe(RECIPE, [f"train.{k}={v}" for k, v in train.items()])
+
+
+def run(tmp, resume=None, **train):
+    trainer = Trainer(recipe(**train), ToyData(), tmp, device="cpu", resume=resume, progress=False, log=lambda s: None)
+    result = trainer.train()
+    return trainer, result
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight, res = run(tmp_path / "a", max_steps=6)
+    run(tmp_path / "b", max_steps=6, save_every=3)  # writes step 3 and 6
+    # resume from step 3 in a fresh directory holding only that checkpoint
+    half = tmp_path / "c"
+    (half / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "b" / "checkpoints" / "step-00000003", half / "checkpoints" / "step-00000003")
+    resumed, res2 = run(half, resume="auto", max_steps=6)
+    assert resumed.step == 6 and res2.train_loss == res.train_loss
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert res.val_loss < math.log(64)  # it learned something
+
+
+def test_keep_last_and_load_checkpoint(tmp_path):
+    trainer, _ = run(tmp_path, max_steps=6, save_every=2, keep_last=2)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step-00000004", "step-00000006"]
+    model = zoo.load_checkpoint(tmp_path)
+    ids = torch.randint(0, 64, (1, 10))
+    assert torch.equal(model(ids).logits, trainer.model.eval()(ids).logits)
+
+
+def _train_then_die_while_saving(out, ready):
+    import zoo.train.checkpoint as c
+    original = c.save_file
+
+    def slow_save(*args, **kwargs):
+        if os.environ.get("_ZOO_SLOW_SAVE") == "1":
+            original(*args, **kwargs)
+            ready.set()
+            time.sleep(60)  # killed here, mid-checkpoint
+        return original(*args, **kwargs)
+
+    c.save_file = slow_save
+    trainer = Trainer(recipe(max_steps=6, save_every=3), ToyData(), out, device="cpu", progress=False,
+                      log=lambda s: None)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()  # step 3, complete
+    os.environ["_ZOO_SLOW_SAVE"] = "1"
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()  # step 6, never finishes
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_keeps_previous(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_train_then_die_while_saving, args=(tmp_path, ready))
+    proc.start()
+    deadline = time.time() + 180
+    while not ready.wait(0.5):
+        assert proc.is_alive() and time.time() < deadline, "child died or never reached the second checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003"]
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    zoo.load_checkpoint(tmp_path)  # loadable
+    trainer, _ = run(tmp_path, resume="auto", max_steps=6)
+    assert trainer.step == 6
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003", "step-00000006"]
+
+
+def _ddp_worker(rank, world, port, out, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(recipe(max_steps=4), ToyData(), out, device="cpu", progress=False, log=lambda s: None)
+        for _ in range(4):
+            trainer.train_step()
+        if rank == 0:
+            q.put({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single(tmp_path):
+    single = Trainer(recipe(max_steps=4), ToyData(), tmp_path / "s", device="cpu", progress=False, log=lambda s: None)
+    for _ in range(4):
+        single.train_step()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, tmp_path / "d", q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    state = q.get(timeout=180)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for name, want in single.model.state_dict().items():
+        assert torch.allclose(state[name], want, rtol=1e-4, atol=1e-6), name
+
+
+def test_batch_not_divisible_by_world():
+    class FakeWorld(Trainer):
+        pass
+    import zoo.train.trainer as t
+    orig = t.dp_info
+    t.dp_info = lambda: (0, 3)
+    try:
+        with pytest.raises(TrainingError, match="train.batch_size: 4 is not divisible by the data-parallel world size 3"):
+            Trainer(recipe(), ToyData(), "unused", device="cpu")
+    finally:
+        t.dp_info = orig
+
+
+def test_checkpoint_from_another_recipe(tmp_path):
+    run(tmp_path, max_steps=3)
+    other = zoo.load_recipe(RECIPE, ["model.d_model=48", "model.blocks.A.n_heads=4", "model.blocks.S.n_heads=4"])
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.d_model differs: checkpoint 32 vs recipe 48"):
+        Trainer(other, ToyData(), tmp_path, device="cpu", resume="auto", progress=False)
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        zoo.load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        zoo.load_checkpoint(tmp_path / "empty")
+    run(tmp_path / "r", max_steps=3)
+    path = ckpt.latest_checkpoint(tmp_path / "r" / "checkpoints")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):
+        zoo.load_checkpoint(path)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
+    trainer = Trainer(recipe(max_steps=6, save_every=2), ToyData(), tmp_path, device="cpu", progress=False,
+                      log=lambda s: None)
+    original = trainer.train_module.forward
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if trainer.step == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.train_module, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss nan at step 3; the last good checkpoint is .*step-00000002"):
+        trainer.train()
+    zoo.load_checkpoint(tmp_path)
