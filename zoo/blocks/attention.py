@@ -25,6 +25,7 @@ class AttnConfig:
     head_dim: Optional[int] = None     # default d_model // n_heads
     rope_base: float = 10000.0
     qkv_bias: bool = False
+    out_bias: bool = False
 
     def __post_init__(self):
         if self.n_heads < 1:
@@ -83,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=cfg.out_bias)
 
     def _attend(self, q, k, v):
         return attention(q, k, v, causal=True)

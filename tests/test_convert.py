@@ -1,0 +1,34 @@
+"""from_transformers: small randomly initialised transformers models (no downloads) give equal logits."""
+import pytest
+import torch
+
+from zoo.convert import from_transformers
+
+transformers = pytest.importorskip("transformers")
+
+
+def _compare(hf, vocab, tol=1e-4):
+    hf.eval()
+    model = from_transformers(hf).eval()
+    ids = torch.randint(0, vocab, (2, 37))
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = model(ids).logits
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < tol, f"relative logit error {err:.2e}"
+    return model
+
+
+@pytest.mark.parametrize("tied,bias", [(False, False), (True, True)])
+def test_llama(tied, bias):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=101, tie_word_embeddings=tied,
+                                   attention_bias=bias, mlp_bias=bias, rope_theta=500.0)
+    torch.manual_seed(0)
+    model = _compare(transformers.LlamaForCausalLM(cfg), 101)
+    assert model.recipe.layers[0].cfg.rope_base == 500.0 and model.recipe.model.tie_embeddings == tied
+
+
+def test_unknown_model_class():
+    with pytest.raises(ValueError, match="no converter for Linear"):
+        from_transformers(torch.nn.Linear(2, 2))

@@ -1,0 +1,94 @@
+"""Import transformers checkpoints into ZooLM: the same weights, the same logits.
+
+    zoo.convert.from_transformers(hf_model) -> ZooLM     # LlamaForCausalLM, MambaForCausalLM, Mamba2ForCausalLM
+
+Each converter writes the equivalent recipe (so the result trains, saves and evaluates like any other
+zoo model) and copies every tensor under an explicit name map; a tensor left over on either side is
+an error, so a silent partial import cannot happen.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from zoo.config import load_recipe
+from zoo.model import ZooLM
+
+
+def _rope_base(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.rope_type: only 'default' RoPE converts exactly, got {params['rope_type']!r}")
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def _llama(hf) -> tuple[dict, dict]:
+    c = hf.config
+    recipe = {
+        "name": "llama-import",
+        "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+                  "pattern": "A", "norm_eps": c.rms_norm_eps, "tie_embeddings": bool(c.tie_word_embeddings),
+                  "blocks": {"A": {"type": "attn", "n_heads": c.num_attention_heads,
+                                   "n_kv_heads": c.num_key_value_heads,
+                                   "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                                   "rope_base": _rope_base(c), "qkv_bias": bool(c.attention_bias),
+                                   "out_bias": bool(c.attention_bias)}},
+                  "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": bool(c.mlp_bias)}},
+        "train": {"seq_len": min(int(getattr(c, "max_position_embeddings", 2048)), 2048)},
+    }
+    if getattr(c, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act: only silu (SwiGLU) converts, got {c.hidden_act!r}")
+    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(c.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"
+        names[src + "post_attention_layernorm.weight"] = dst + "ffn_norm.weight"
+        for p in ("q_proj", "k_proj", "v_proj"):
+            for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+                names[f"{src}self_attn.{p}.{kind}"] = f"{dst}mixer.{p}.{kind}"
+        for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+            names[f"{src}self_attn.o_proj.{kind}"] = f"{dst}mixer.out_proj.{kind}"
+        for hf_name, zoo_name in (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "out_proj")):
+            for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+                names[f"{src}mlp.{hf_name}.{kind}"] = f"{dst}ffn.{zoo_name}.{kind}"
+    return recipe, names
+
+
+CONVERTERS: dict[str, Callable] = {"LlamaForCausalLM": _llama}
+
+
+def register_converter(hf_class_name: str):
+    def deco(fn):
+        CONVERTERS[hf_class_name] = fn
+        return fn
+    return deco
+
+
+@torch.no_grad()
+def from_transformers(hf_model) -> ZooLM:
+    kind = type(hf_model).__name__
+    if kind not in CONVERTERS:
+        raise ValueError(f"from_transformers: no converter for {kind} (supported: {', '.join(sorted(CONVERTERS))})")
+    recipe_dict, names = CONVERTERS[kind](hf_model)
+    model = ZooLM(load_recipe(recipe_dict))
+    src = hf_model.state_dict()
+    dst = model.state_dict()
+    unused = sorted(set(src) - set(names) - _tied_aliases(hf_model))
+    if unused:
+        raise ValueError(f"from_transformers: {kind} tensors with no place in the zoo model: {unused[:5]}")
+    for hf_name, zoo_name in names.items():
+        if hf_name not in src or zoo_name not in dst:
+            raise ValueError(f"from_transformers: missing tensor {hf_name if hf_name not in src else zoo_name}")
+        value = src[hf_name]
+        if value.shape != dst[zoo_name].shape:
+            raise ValueError(f"from_transformers: {hf_name} {tuple(value.shape)} does not fit {zoo_name} "
+                             f"{tuple(dst[zoo_name].shape)}")
+        dst[zoo_name].copy_(value)
+    return model.to(next(hf_model.parameters()).dtype)
+
+
+def _tied_aliases(hf_model) -> set:
+    return {"lm_head.weight"} if getattr(hf_model.config, "tie_word_embeddings", False) else set()
