@@ -1,0 +1,340 @@
+"""Exact softmax attention: an SDPA fast path, a blockwise path and a log-sum-exp merge.
+
+The blockwise path is the Blockwise Parallel Transformer's attention (Liu & Abbeel,
+arXiv 2305.19370) computed as in FlashAttention-2 (Dao, arXiv 2307.08691, algorithms 1 and 2):
+the forward walks query blocks and, for each, only the key blocks it can see, keeping a running
+row max and row sum (online softmax); it saves q, k, v, the output and the row log-sum-exp, and
+the backward recomputes each block's probabilities from that log-sum-exp. Activation memory is
+therefore linear in length: one block x block score tile lives at a time.
+
+Layout as flash-attn: q is [batch, Lq, heads, head_dim], k and v are [batch, Lk, kv_heads,
+head_dim] with kv_heads dividing heads (GQA: query head i reads kv head i // (heads // kv_heads));
+lse is [batch, heads, Lq]. When Lq < Lk the queries are the last Lq positions of the key sequence
+(decoding or chunked prefill through a KV cache), so causal masks are bottom-right aligned as in
+flash-attn >= 2.1: query i sits at key position Lk - Lq + i. `window` counts the keys a query sees
+including itself (flash-attn's window_size=(window - 1, 0)); None means unbounded.
+
+Arithmetic runs in float32 for float32 and narrower inputs and in float64 for float64 inputs;
+outputs come back in the input dtype and lse in that accumulation dtype (float32 unless the
+inputs are float64, where float32 would spoil exactness checks of merged results).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "blockwise_attention",
+    "blockwise_attention_ref",
+    "merge_attention",
+    "merge_attention_ref",
+]
+
+
+def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None):
+    """Exact attention: `F.scaled_dot_product_attention` when unwindowed, the blockwise path otherwise.
+
+    Returns out [batch, Lq, heads, head_dim] in q's dtype.
+    """
+    _check_inputs(q, k, v, causal, window)
+    lq, lk = q.shape[1], k.shape[1]
+    if window is not None and window >= lk:
+        window = None  # every query already sees all of its causal keys
+    if window is not None or lq == 0 or lk == 0:
+        # A windowed mask through SDPA would be an Lq x Lk tensor; the blockwise path never builds one.
+        return blockwise_attention(q, k, v, causal=causal, window=window, scale=scale)
+    mask, is_causal = None, False
+    if causal and lq > 1:
+        if lq == lk:
+            is_causal = True
+        else:
+            # SDPA's is_causal is top-left aligned when Lq != Lk; the KV-cache convention is bottom-right.
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
+        scale=_default_scale(q, scale), enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def blockwise_attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+                        block_size: int = 512, return_lse: bool = False):
+    """Exact attention by query/key blocks with online softmax; memory linear in length.
+
+    Returns out [batch, Lq, heads, head_dim] in q's dtype, and with `return_lse` also
+    lse [batch, heads, Lq] (differentiable: partial results merge by it, see `merge_attention`).
+    """
+    _check_inputs(q, k, v, causal, window)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
+    out, lse = _BlockwiseAttention.apply(q, k, v, causal, window, _default_scale(q, scale), block_size)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    out_*: [batch, L, heads, head_dim]; lse_*: [batch, heads, L]. A side whose rows saw no key
+    (lse = -inf) contributes nothing; rows empty on both sides give out 0 and lse -inf, with
+    finite gradients. Returns (out in out_a's dtype, lse in the accumulation dtype).
+    """
+    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
+        raise ValueError(f"out_a/out_b, lse_a/lse_b: shapes must match, got {tuple(out_a.shape)}, "
+                         f"{tuple(out_b.shape)}, {tuple(lse_a.shape)}, {tuple(lse_b.shape)}")
+    if out_a.dim() != 4:
+        raise ValueError(f"out_a: expected [batch, length, heads, head_dim], got shape {tuple(out_a.shape)}")
+    b, length, h, _ = out_a.shape
+    if tuple(lse_a.shape) != (b, h, length):
+        raise ValueError(f"lse_a: expected [batch, heads, length] = {(b, h, length)} for out_a "
+                         f"{tuple(out_a.shape)}, got {tuple(lse_a.shape)}")
+    acc = _acc_dtype(out_a.dtype)
+    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
+    m = torch.maximum(lse_a, lse_b)
+    # Shifting by a finite max keeps exp() in range; where both sides are empty (-inf) the shift
+    # is 0 so that no -inf - -inf = NaN enters the forward or, through exp's derivative, the backward.
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    empty = total == 0
+    total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, -math.inf), m + torch.log(total))
+    w_a, w_b = (w_a / total).transpose(1, 2)[..., None], (w_b / total).transpose(1, 2)[..., None]
+    out = w_a * out_a.to(acc) + w_b * out_b.to(acc)
+    return out.to(out_a.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# References: dense masked softmax, obviously correct, O(Lq * Lk) memory.
+
+
+def attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None):
+    """Dense twin of `attention` (explicit mask, kv heads repeated for GQA)."""
+    return blockwise_attention_ref(q, k, v, causal=causal, window=window, scale=scale)
+
+
+def blockwise_attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None,
+                            scale: Optional[float] = None, return_lse: bool = False):
+    """Dense twin of `blockwise_attention`, also returning lse [batch, heads, Lq] on request."""
+    _check_inputs(q, k, v, causal, window)
+    acc = _acc_dtype(q.dtype)
+    groups = q.shape[2] // k.shape[2]
+    qh = q.to(acc).transpose(1, 2)
+    kh = k.to(acc).repeat_interleave(groups, dim=2).transpose(1, 2)
+    vh = v.to(acc).repeat_interleave(groups, dim=2).transpose(1, 2)
+    s = qh @ kh.transpose(-1, -2) * _default_scale(q, scale)
+    s = s.masked_fill(~_visible(q.shape[1], k.shape[1], causal, window, q.device), -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    out = (torch.exp(s - lse[..., None]) @ vh).transpose(1, 2).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_ref(out_a, lse_a, out_b, lse_b):
+    """The textbook merge: weights exp(lse_side - logaddexp(lse_a, lse_b)); NaN if both sides are empty."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).transpose(1, 2)[..., None]
+    w_b = torch.exp(lse_b - lse).transpose(1, 2)[..., None]
+    return w_a * out_a + w_b * out_b, lse
+
+
+def _visible(lq: int, lk: int, causal: bool, window: Optional[int], device) -> torch.Tensor:
+    """[Lq, Lk] bool: key j is visible to query i (bottom-right aligned)."""
+    qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    kpos = torch.arange(lk, device=device)[None, :]
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        visible &= kpos <= qpos
+    if window is not None:
+        visible &= kpos > qpos - window
+    return visible
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and small helpers.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _default_scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _check_inputs(q, k, v, causal, window):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected [batch, length, heads, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: shapes must match, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q, k: batch sizes differ ({q.shape[0]} vs {k.shape[0]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q, k: head_dim differs ({q.shape[3]} vs {k.shape[3]})")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k: kv heads ({k.shape[2]}) must divide the query heads ({q.shape[2]})")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: must be None or an integer >= 1, got {window!r}")
+        if not causal:
+            raise ValueError("window: a sliding window looks back only (flash-attn window_size=(window-1, 0)); "
+                             "it needs causal=True")
+    if causal and q.shape[1] > k.shape[1]:
+        raise ValueError(f"q: under causal masking the queries are the last Lq of the Lk keys, so Lq "
+                         f"({q.shape[1]}) must not exceed Lk ({k.shape[1]})")
+
+
+def _to_rows(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
+    """[b, L, h, d] -> contiguous [b * kv_heads, L, groups, d] in `acc`.
+
+    Putting a kv head's query heads next to each other makes a block of queries one contiguous
+    [rows, d] matrix that multiplies its kv head's keys directly: GQA without repeating K/V.
+    """
+    b, length, h, d = x.shape
+    out = torch.empty(b, h // groups, length, groups, d, dtype=acc, device=x.device)
+    out.copy_(x.view(b, length, h // groups, groups, d).permute(0, 2, 1, 3, 4))
+    return out.view(b * (h // groups), length, groups, d)
+
+
+def _from_rows(x: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `_to_rows`: [b * kv_heads, L, groups, d] -> [b, L, kv_heads * groups, d]."""
+    n, length, groups, d = x.shape
+    return x.view(b, n // b, length, groups, d).permute(0, 2, 1, 3, 4).reshape(b, length, -1, d).to(dtype)
+
+
+def _key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Optional[int],
+                block_size: int) -> Iterator[tuple[int, int, bool]]:
+    """Key blocks [ks, ke) that queries [qs, qe) can see, and whether each needs a mask.
+
+    Blocks are laid down backwards from the last visible key, so with equal query and key
+    lengths the diagonal is exactly one block and the rest are fully visible.
+    """
+    off = lk - lq
+    hi, lo = lk, 0
+    if causal:
+        hi = qe + off
+        if window is not None:
+            lo = max(0, qs + off - window + 1)
+    for ke in range(hi, lo, -block_size):
+        ks = max(lo, ke - block_size)
+        full = not causal or (ke - 1 <= qs + off and (window is None or ks > qe - 1 + off - window))
+        yield ks, ke, full
+
+
+def _hidden(qs, qe, ks, ke, lq, lk, window, device) -> torch.Tensor:
+    """[qe - qs, ke - ks] bool: True where the key is masked for the query (causal case)."""
+    qpos = torch.arange(qs, qe, device=device)[:, None] + (lk - lq)
+    kpos = torch.arange(ks, ke, device=device)[None, :]
+    hidden = kpos > qpos
+    if window is not None:
+        hidden |= kpos <= qpos - window
+    return hidden
+
+
+# ----------------------------------------------------------------------------------------------
+# The blockwise path (FlashAttention-2 algorithms 1 and 2).
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, window, scale, block_size):
+        out, lse = _blockwise_forward(q, k, v, causal, window, scale, block_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (causal, window, scale, block_size)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _blockwise_backward(q, k, v, out, lse, dout, dlse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def _blockwise_forward(q, k, v, causal, window, scale, block_size):
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    groups, acc = h // hk, _acc_dtype(q.dtype)
+    # The scale is folded into q once: s = (q * scale) k^T, so dK later needs no extra multiply.
+    qr = _to_rows(q, groups, acc).mul_(scale)
+    kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
+    n = qr.shape[0]
+    out = torch.empty(n, lq, groups, d, dtype=acc, device=q.device)
+    lse = torch.empty(n, lq, groups, dtype=acc, device=q.device)
+    # Key blocks run from the diagonal backwards, so every row meets its own key in its first
+    # block; the running max still starts at the most negative finite value rather than -inf so
+    # that a row meeting only masked keys would give exp(-inf - min) = 0, not exp(-inf + inf) = NaN.
+    floor = torch.finfo(acc).min
+    for qs in range(0, lq, block_size):
+        qe = min(qs + block_size, lq)
+        rows = (qe - qs) * groups
+        qb = qr[:, qs:qe].view(n, rows, d)
+        m = torch.full((n, rows), floor, dtype=acc, device=q.device)
+        l = torch.zeros(n, rows, dtype=acc, device=q.device)
+        o = torch.zeros(n, rows, d, dtype=acc, device=q.device)
+        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+            s = torch.bmm(qb, kr[:, ks:ke].transpose(1, 2))
+            if not full:
+                hidden = _hidden(qs, qe, ks, ke, lq, lk, window, q.device)
+                s.view(n, qe - qs, groups, ke - ks).masked_fill_(hidden[:, None, :], -math.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            p = s.sub_(m_new[..., None]).exp_()
+            alpha = (m - m_new).exp_()  # FA-2 eq. for the rescaling of earlier partial sums
+            l.mul_(alpha).add_(p.sum(dim=-1))
+            o.mul_(alpha[..., None]).baddbmm_(p, vr[:, ks:ke])
+            m = m_new
+        # Rows with no visible key at all (only possible without causal and with Lk = 0) have
+        # l = 0: their output is 0 and their lse -inf, as merge_attention expects of an empty side.
+        out[:, qs:qe] = (o / l.clamp_min(torch.finfo(acc).tiny)[..., None]).view(n, qe - qs, groups, d)
+        lse[:, qs:qe] = (m + l.log()).view(n, qe - qs, groups)
+    lse_out = lse.view(b, hk, lq, groups).permute(0, 1, 3, 2).reshape(b, h, lq)
+    return _from_rows(out, b, q.dtype), lse_out
+
+
+def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, block_size):
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    groups, acc = h // hk, _acc_dtype(q.dtype)
+    qr = _to_rows(q, groups, acc).mul_(scale)
+    kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
+    n = qr.shape[0]
+    lse_r = lse.view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
+    if dout is not None:
+        do = _to_rows(dout, groups, acc)
+        # D_i = rowsum(dO_i * O_i) (FA-2 algorithm 2, line 4)
+        delta = (do * _to_rows(out, groups, acc)).sum(dim=-1)
+    else:
+        do = torch.zeros(n, lq, groups, d, dtype=acc, device=q.device)
+        delta = torch.zeros(n, lq, groups, dtype=acc, device=q.device)
+    if dlse is not None:
+        # d lse_i / d s_ij = P_ij, so dS = P * (dP - D + dlse): the lse gradient shifts D.
+        delta = delta - dlse.to(acc).view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
+    dq = torch.zeros_like(qr)
+    dk, dv = torch.zeros_like(kr), torch.zeros_like(vr)
+    for qs in range(0, lq, block_size):
+        qe = min(qs + block_size, lq)
+        rows = (qe - qs) * groups
+        qb, dob, dqb = (t[:, qs:qe].view(n, rows, d) for t in (qr, do, dq))
+        lse_b = lse_r[:, qs:qe].reshape(n, rows, 1)
+        delta_b = delta[:, qs:qe].reshape(n, rows, 1)
+        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+            kb, vb = kr[:, ks:ke], vr[:, ks:ke]
+            s = torch.bmm(qb, kb.transpose(1, 2))
+            if not full:
+                hidden = _hidden(qs, qe, ks, ke, lq, lk, window, q.device)
+                s.view(n, qe - qs, groups, ke - ks).masked_fill_(hidden[:, None, :], -math.inf)
+            p = s.sub_(lse_b).exp_()  # probabilities recomputed, never stored
+            dv[:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
+            ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_b).mul_(p)
+            dqb.baddbmm_(ds, kb)
+            # Summing over the rows of a kv head sums its query heads: the GQA reduction is free.
+            dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), qb)
+    dq.mul_(scale)
+    dk, dv = dk.view(b, hk, lk, d).transpose(1, 2), dv.view(b, hk, lk, d).transpose(1, 2)
+    return _from_rows(dq, b, q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
