@@ -55,7 +55,8 @@ def test_block_matches_dense_reference(case, length):
     assert_close(got, want, 1e-10)
     assert_close(got_dx, x.grad, 1e-10, "grad x")
     for n, p in block.named_parameters():
-        assert_close(got_grads[n], p.grad, 1e-10, f"grad {n}")
+        # floor 1: at length 1 dq/dk are zero in theory, so compare them on the scale of O(1) gradients
+        assert_close(got_grads[n], p.grad, 1e-10, f"grad {n}", floor=1.0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
