@@ -1,0 +1,1 @@
+"""Evaluation harness: perplexity, memory, throughput and recall by context length."""
