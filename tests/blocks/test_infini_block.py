@@ -1,0 +1,142 @@
+"""Infini-attention block: wiring vs the segment-loop reference, cache contract, constant state, gate hook."""
+import pytest
+import torch
+
+import zoo.blocks.infini  # noqa: F401  (registers `infini` until zoo.blocks imports it)
+from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
+from zoo.config import RecipeError, load_recipe
+from zoo.model import ZooLM
+from zoo.ops.infini import infini_attention_ref
+from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.registry import get_block
+from zoo.train.optim import build_optimizer, param_groups
+
+D_MODEL = 24
+CASES = {
+    "delta": {"n_heads": 4, "segment_len": 5},
+    "linear_gqa": {"n_heads": 4, "n_kv_heads": 2, "segment_len": 4, "delta_rule": False},
+    "delta_gqa_bias": {"n_heads": 2, "n_kv_heads": 1, "segment_len": 7, "qkv_bias": True, "out_bias": True},
+    "segment_1": {"n_heads": 3, "segment_len": 1},
+}
+
+
+def make(case, dtype=torch.float64, **extra):
+    entry = get_block("infini")
+    block = entry.cls(D_MODEL, entry.config(**{**CASES[case], **extra}), layer_idx=0).to(dtype)
+    for p in block.parameters():  # non-trivial biases and gates so the test sees every path
+        torch.nn.init.normal_(p, std=0.3)
+    return block
+
+
+def ref_forward(block, x):
+    """The block's math with the segment-loop reference: RoPE on the local path only."""
+    b, t, _ = x.shape
+    hd = block.head_dim
+    q = block.q_proj(x).view(b, t, -1, hd)
+    k = block.k_proj(x).view(b, t, -1, hd)
+    v = block.v_proj(x).view(b, t, -1, hd)
+    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
+    out = infini_attention_ref(q, k, v, block.gate, block.cfg.segment_len, delta_rule=block.cfg.delta_rule,
+                               q_local=apply_rope(q, cos, sin), k_local=apply_rope(k, cos, sin))
+    return block.out_proj(out.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("length", [1, 13, 29])
+def test_block_matches_reference(case, length):
+    block = make(case)
+    x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
+    got = block(x)
+    got.pow(2).sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    got_dx = x.grad.clone()
+    block.zero_grad()
+    x.grad = None
+    want = ref_forward(block, x)
+    want.pow(2).sum().backward()
+    assert_close(got, want, 1e-10)
+    assert_close(got_dx, x.grad, 1e-10, "grad x")
+    assert set(got_grads) == {n for n, _ in block.named_parameters()} and "gate" in got_grads
+    for n, p in block.named_parameters():
+        # floor 1: at length 1 dq/dk are zero in theory, so compare them on the scale of O(1) gradients
+        assert_close(got_grads[n], p.grad, 1e-10, f"grad {n}", floor=1.0)
+
+
+def test_memory_path_is_used():
+    # Past the first segment the output depends on tokens outside the segment only through the memory:
+    # changing token 0 must change the output at token 12 (segment 2 of length 5), and must not with
+    # the gate shut (sigmoid(-inf) = 0: local attention alone).
+    block = make("delta")
+    x = torch.randn(1, 13, D_MODEL, dtype=torch.float64)
+    y = x.clone()
+    y[:, 0] += 1.0
+    with torch.no_grad():
+        assert (block(x)[:, 12] - block(y)[:, 12]).abs().max() > 1e-6
+        block.gate.fill_(-torch.inf)
+        assert_close(block(x)[:, 10:], block(y)[:, 10:], 0.0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cache_contract(case):
+    block = make(case)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    check_cache_contract(block, x, splits=((1,), (4, 7), (5,), (2, 9), (23,)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("length", [1, 5, 17, 20, 31])
+def test_state_bytes_equals_cache_bytes(case, length):
+    block = make(case)
+    x = torch.randn(1, length, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        _, cache = run_chunks(block, x, [3])
+    assert cache["k"].shape[1] == length % block.cfg.segment_len
+    assert cache_bytes(cache) == block.state_bytes(length, batch_size=1, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_stays_float32_and_state_bytes_match(dtype):
+    block = make("linear_gqa", dtype=dtype)
+    x = torch.randn(2, 18, D_MODEL, dtype=dtype)
+    with torch.no_grad():
+        _, cache = run_chunks(block, x, [5, 2])
+    assert cache["M"].dtype == cache["z"].dtype == torch.float32 and cache["k"].dtype == dtype
+    assert cache_bytes(cache) == block.state_bytes(18, batch_size=2, dtype=dtype)
+
+
+def test_state_bytes_constant_in_length():
+    block = make("delta")
+    per_segment = [block.state_bytes(n * 5) for n in (1, 10, 1000, 10**6)]
+    assert len(set(per_segment)) == 1
+    assert max(block.state_bytes(n) for n in range(200)) == block.state_bytes(4)  # peak: 4 unfolded tokens
+
+
+def test_gate_gets_its_learning_rate_multiplier():
+    recipe = load_recipe({"model": {"d_model": 24, "n_layers": 2, "pattern": "I",
+                                    "blocks": {"I": {"type": "infini", "segment_len": 8, "gate_lr_mult": 7.5}}},
+                          "train": {"seq_len": 32, "lr": 1e-3}})
+    model = ZooLM(recipe)
+    groups = param_groups(model, weight_decay=0.1)
+    gate_groups = [g for g in groups if any(n.endswith("mixer.gate") for n in g["names"])]
+    assert len(gate_groups) == 1
+    (g,) = gate_groups
+    assert sorted(g["names"]) == ["layers.0.mixer.gate", "layers.1.mixer.gate"]
+    assert g["lr_mult"] == 7.5 and g["weight_decay"] == 0.0
+    assert all(gr["lr_mult"] == 1.0 for gr in groups if gr is not g)
+    opt = build_optimizer(model, recipe.train)
+    lrs = {id(p): group["lr"] for group in opt.param_groups for p in group["params"]}
+    assert lrs[id(model.layers[0].mixer.gate)] == pytest.approx(7.5e-3)
+    assert lrs[id(model.layers[0].mixer.q_proj.weight)] == pytest.approx(1e-3)
+
+
+def test_gate_survives_model_init():
+    recipe = load_recipe({"model": {"d_model": 24, "n_layers": 1, "pattern": "I", "blocks": {"I": {"type": "infini"}}},
+                          "train": {"seq_len": 32}})
+    assert torch.equal(ZooLM(recipe).layers[0].mixer.gate, torch.zeros(4))
+
+
+@pytest.mark.parametrize("field,value", [("segment_len", 0), ("gate_lr_mult", 0.0), ("n_kv_heads", 3)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(RecipeError, match=f"model.blocks.I.{field}"):
+        load_recipe({"model": {"d_model": 24, "n_layers": 1, "pattern": "I",
+                               "blocks": {"I": {"type": "infini", field: value}}}})
