@@ -1,0 +1,143 @@
+"""Selective attention block: wiring vs the dense reference, cache contract with and without pruning,
+state bytes under a KV budget."""
+import pytest
+import torch
+
+import zoo.blocks.selective  # noqa: F401  (registers `selective` until zoo.blocks imports it)
+from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
+from zoo.config import RecipeError, load_recipe
+from zoo.ops.attention import attention_ref
+from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.selective import selective_attention_ref
+from zoo.registry import get_block
+
+D_MODEL = 24
+CASES = {
+    "mha": {"n_heads": 3, "block_size": 5},
+    "gqa": {"n_heads": 4, "n_kv_heads": 2, "block_size": 4},
+    "mqa_bias": {"n_heads": 2, "n_kv_heads": 1, "block_size": 64, "qkv_bias": True, "out_bias": True},
+}
+
+
+def make(case, dtype=torch.float64, **extra):
+    entry = get_block("selective")
+    block = entry.cls(D_MODEL, entry.config(**{**CASES[case], **extra}), layer_idx=0).to(dtype)
+    for p in block.parameters():  # std 0.3: head-0 logits of order 5, so the selection F matters
+        torch.nn.init.normal_(p, std=0.3)
+    return block
+
+
+def qkv(block, x):
+    b, t, _ = x.shape
+    hd = block.head_dim
+    q = block.q_proj(x).view(b, t, -1, hd)
+    k = block.k_proj(x).view(b, t, -1, hd)
+    v = block.v_proj(x).view(b, t, -1, hd)
+    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def ref_forward(block, x, op=selective_attention_ref):
+    """The block's math with the dense reference."""
+    out = op(*qkv(block, x))
+    return block.out_proj(out.reshape(*x.shape[:2], -1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("length", [1, 13, 29])
+def test_block_matches_reference(case, length):
+    block = make(case)
+    x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
+    got = block(x)
+    got.pow(2).sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    got_dx = x.grad.clone()
+    block.zero_grad()
+    x.grad = None
+    want = ref_forward(block, x)
+    want.pow(2).sum().backward()
+    assert_close(got, want, 1e-10)
+    assert_close(got_dx, x.grad, 1e-10, "grad x")
+    assert set(got_grads) == {n for n, _ in block.named_parameters()}
+    for n, p in block.named_parameters():
+        # floor 1: at length 1 dq/dk are zero in theory, so compare them on the scale of O(1) gradients
+        assert_close(got_grads[n], p.grad, 1e-10, f"grad {n}", floor=1.0)
+
+
+def test_selection_changes_the_output():
+    # Guards the reference comparison above: with these weights selective attention is not plain attention.
+    block = make("gqa")
+    x = torch.randn(2, 29, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        plain = ref_forward(block, x, op=lambda q, k, v: attention_ref(q, k, v, causal=True))
+        assert (block(x) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("budget", [None, 23, 40])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cache_contract_without_pruning(case, budget):
+    # No budget, or one at least the length: nothing is evicted and the cache path is exact.
+    block = make(case, kv_budget=budget)
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    check_cache_contract(block, x, splits=((1,), (4, 7), (5,), (2, 9), (23,)))
+
+
+@pytest.mark.parametrize("budget", [1, 4, 9])
+@pytest.mark.parametrize("case", ["mha", "gqa"])
+def test_pruned_stream_is_chunking_invariant_and_bounded(case, budget):
+    block = make(case, kv_budget=budget).eval()
+    x = torch.randn(2, 23, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        whole = block(x)
+        one_by_one, cache = run_chunks(block, x, [1])
+        assert cache["k"].shape[1] == cache["v"].shape[1] == cache["scores"].shape[1] == budget
+        for sizes in ((4, 7), (5,), (23,)):
+            got, _ = run_chunks(block, x, list(sizes))
+            assert_close(got, one_by_one, 1e-10, f"chunks {sizes} vs token by token")
+    # Exact until the first eviction (after token budget + 1), different afterwards.
+    assert_close(one_by_one[:, :budget + 1], whole[:, :budget + 1], 1e-10, "before the first eviction")
+    assert (one_by_one - whole).abs().max() > 1e-3
+
+
+def test_cache_stays_at_the_budget_at_every_step():
+    block = make("gqa", kv_budget=5).eval()
+    x = torch.randn(1, 17, D_MODEL, dtype=torch.float64)
+    cache = block.init_cache(1, x.device, x.dtype)
+    with torch.no_grad():
+        for t in range(17):
+            block(x[:, t:t + 1], cache=cache)
+            assert cache["k"].shape[1] == min(t + 1, 5)
+            assert cache_bytes(cache) == block.state_bytes(t + 1, batch_size=1, dtype=torch.float64)
+    assert cache["pos"] == 17
+
+
+@pytest.mark.parametrize("budget", [None, 3, 100])
+@pytest.mark.parametrize("length", [1, 5, 17])
+def test_state_bytes_equals_cache_bytes(budget, length):
+    block = make("gqa", kv_budget=budget)
+    x = torch.randn(2, length, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        _, cache = run_chunks(block, x, [3])
+    assert cache_bytes(cache) == block.state_bytes(length, batch_size=2, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_in_float32_and_state_bytes_match(dtype):
+    block = make("gqa", dtype=dtype, kv_budget=6)
+    x = torch.randn(2, 11, D_MODEL, dtype=dtype)
+    with torch.no_grad():
+        _, cache = run_chunks(block, x, [4])
+    assert cache["scores"].dtype == torch.float32 and cache["k"].dtype == dtype
+    assert cache_bytes(cache) == block.state_bytes(11, batch_size=2, dtype=dtype)
+
+
+def test_budget_bounds_state_bytes():
+    assert make("mha", kv_budget=64).state_bytes(10**6) == make("mha").state_bytes(64)
+    assert make("mha").state_bytes(2000) == 2 * make("mha").state_bytes(1000)
+
+
+@pytest.mark.parametrize("field,value", [("kv_budget", 0), ("block_size", 0), ("n_kv_heads", 2)])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(RecipeError, match=f"model.blocks.S.{field}"):
+        load_recipe({"model": {"d_model": 24, "n_layers": 1, "pattern": "S",
+                               "blocks": {"S": {"type": "selective", "n_heads": 3, field: value}}}})

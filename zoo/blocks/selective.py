@@ -1,0 +1,97 @@
+"""Selective attention block (`selective`): Leviathan, Kalman & Matias, "Selective Attention Improves
+Transformer", arXiv 2410.02703.
+
+Causal softmax attention whose logits are lowered by F, the accumulated "selection" of each key by
+earlier queries (head 0's ReLU'd logits; no parameters added), with RoPE on q and k as in `attn`.
+The math, the cache step and the eviction rule live in `zoo.ops.selective`; this module owns the
+projections and the cache.
+
+Context pruning (the paper's inference-time memory reduction): with `kv_budget` set, the cache keeps
+at most that many keys, evicting those with the largest accumulated F (never the first token). The
+whole-sequence forward (training, no cache) never prunes. Through the cache a chunk is attended at
+once only while no eviction would fall inside it; once the cache is full the tokens go one at a
+time, so a pruned stream gives the same output whatever its chunking, equal to decoding token by
+token. Per-layer budgets, as the paper tunes them, are per-letter entries in a recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.selective import selective_attention, selective_cache_step
+from zoo.registry import register_block
+
+
+@dataclass
+class SelectiveConfig(AttnConfig):
+    block_size: int = 128              # queries per step of the memory-efficient path
+    kv_budget: Optional[int] = None    # cached keys kept at inference; None: no pruning (exact)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"block_size: must be an integer >= 1, got {self.block_size}")
+        if self.kv_budget is not None and (isinstance(self.kv_budget, bool) or self.kv_budget < 1):
+            raise ValueError(f"kv_budget: must be null (no pruning) or an integer >= 1 (the first token is "
+                             f"always kept), got {self.kv_budget}")
+
+
+@register_block("selective", config=SelectiveConfig)
+class SelectiveAttention(CausalSelfAttention):
+    """Causal attention minus accumulated selection F; the cache keeps K, V and each key's F."""
+
+    def forward(self, x, *, cache=None, cp=None):
+        if cp is not None:
+            raise NotImplementedError("context parallel selective attention arrives with the context-parallel issue (#8)")
+        b, t, _ = x.shape
+        start = 0 if cache is None else cache["pos"]
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.head_dim, self.cfg.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = selective_attention(q, k, v, block_size=self.cfg.block_size)
+        else:
+            out = self._through_cache(q, k, v, cache)
+            cache["pos"] = start + t
+        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _through_cache(self, q, k, v, cache):
+        budget, t = self.cfg.kv_budget, q.shape[1]
+        outs, i = [], 0
+        while i < t:
+            n = t - i
+            if budget is not None:
+                # A step appends, attends, then evicts down to the budget. Up to budget + 1 keys no
+                # eviction falls between this chunk's tokens, so one call equals token-by-token decoding.
+                n = max(1, min(n, budget + 1 - cache["k"].shape[1]))
+            prev = (cache["k"].to(q.dtype), cache["v"].to(q.dtype), cache["scores"])
+            out, (kc, vc, scores) = selective_cache_step(q[:, i:i + n], k[:, i:i + n], v[:, i:i + n], prev,
+                                                         budget=budget, block_size=self.cfg.block_size)
+            cache["k"], cache["v"], cache["scores"] = kc.to(cache["k"].dtype), vc.to(cache["v"].dtype), scores
+            outs.append(out)
+            i += n
+        return torch.cat(outs, 1)
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
+        return {"k": empty, "v": empty.clone(), "pos": 0,
+                "scores": torch.empty(batch_size, 0, device=device, dtype=_scores_dtype(dtype))}
+
+    def _cached_tokens(self, seq_len: int) -> int:
+        return seq_len if self.cfg.kv_budget is None else min(seq_len, self.cfg.kv_budget)
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        """K, V and the accumulated F of min(seq_len, kv_budget) keys."""
+        scores = batch_size * self._cached_tokens(seq_len) * torch.empty((), dtype=_scores_dtype(dtype)).element_size()
+        return super().state_bytes(seq_len, batch_size, dtype) + scores
+
+
+def _scores_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The op accumulates F in float64 for float64 inputs and in float32 otherwise.
+    return torch.float64 if dtype == torch.float64 else torch.float32
