@@ -1,0 +1,273 @@
+"""Corpora: where documents come from, and how they are split into train / val / test.
+
+    corpus = load_corpus("stdlib")              # or a text file, a directory, a .jsonl file
+    for text in corpus.documents("val"): ...    # str documents in a fixed order
+
+Kinds (`load_corpus(spec)` picks by `spec`):
+- `"stdlib"`: the Python standard library sources of the running interpreter, a real corpus every
+  machine has. The `*.py` files under `sysconfig.get_paths()["stdlib"]`, one document each, read in
+  the sorted order of their relative paths. Left out: `site-packages` / `dist-packages` (third-party
+  code differs between machines), `__pycache__`, the test suites (directories named `test`, `tests`,
+  `idle_test`: Debian and Ubuntu ship them in a separate package, so keeping them would make the
+  corpus depend on the distribution), the build's own configuration (`config-*` directories and
+  `_sysconfigdata_*.py`: machine-specific paths), and files that are not valid UTF-8.
+  Split by file: the files ordered by SHA-256 of their relative path go to val until it holds
+  at least 1 MiB, then to test likewise, the rest to train; so a file's split depends only on its path
+  and on the files that precede it in hash order, never on a random seed or on the reading order.
+  Size on CPython 3.11.7 (pyenv build; measured by `python scripts/prepare_data.py --corpus stdlib`):
+  729 files, 12,079,736 bytes: train 616 files / 9,923,712 bytes, val 35 / 1,101,682, test 78 /
+  1,054,342. Other versions and builds differ; `scripts/prepare_data.py` prints the figures.
+- a directory: every regular, non-hidden file below it (recursively, sorted by relative path) is one
+  document; split by file as for `stdlib`, with val and test each taking `holdout` of the bytes.
+- a `.jsonl` file: one JSON object per line with a string field `text`; blank lines are skipped;
+  split by line the same way (the key is the line number).
+- any other file: one text; train is its first 1 - 2*holdout, val the next holdout, test the rest,
+  each cut just after a newline.
+Documents with empty text are skipped: they carry no tokens to learn from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from zoo.data.errors import DataError
+
+SPLITS = ("train", "val", "test")
+STDLIB_HOLDOUT_BYTES = 1 << 20
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+def _check_split(split: str):
+    if split not in SPLITS:
+        raise DataError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+
+
+def _check_holdout(holdout: float):
+    if not 0 < holdout < 0.5:
+        raise DataError(f"holdout: must be in (0, 0.5) (the fraction of bytes for val and for test), got {holdout}")
+
+
+def hash_split(keys: list[str], sizes: list[int], val_bytes: int, test_bytes: int) -> list[str]:
+    """Assign each item (a file, a line) to a split: in the order of SHA-256 of its key, items fill val
+    up to at least `val_bytes`, then test up to `test_bytes`; the rest is train."""
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode("utf-8")).digest())
+    out = ["train"] * len(keys)
+    filled = {"val": 0, "test": 0}
+    for i in order:
+        split = "val" if filled["val"] < val_bytes else "test" if filled["test"] < test_bytes else None
+        if split is None:
+            break
+        out[i] = split
+        filled[split] += sizes[i]
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"corpus: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _stat_fingerprint(root: Path, rels: list[str]) -> str:
+    h = hashlib.sha256()
+    for rel in rels:
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+class StdlibCorpus:
+    """The standard library's `*.py` sources (see the module docstring for what is in and out)."""
+
+    name = "stdlib"
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, holdout_bytes: int = STDLIB_HOLDOUT_BYTES):
+        self.root = Path(root or sysconfig.get_paths()["stdlib"])
+        if not self.root.is_dir():
+            raise DataError(f"corpus: the standard library directory {self.root} does not exist")
+        rels, sizes = [], []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-")]
+            for fn in filenames:
+                if not fn.endswith(".py") or fn.startswith("_sysconfigdata"):
+                    continue
+                path = Path(dirpath, fn)
+                data = path.read_bytes()
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if data:
+                    rels.append(path.relative_to(self.root).as_posix())
+                    sizes.append(len(data))
+        if not rels:
+            raise DataError(f"corpus: no *.py files under the standard library directory {self.root}")
+        order = sorted(range(len(rels)), key=rels.__getitem__)
+        self._rels = [rels[i] for i in order]
+        self._sizes = [sizes[i] for i in order]
+        self._split = hash_split(self._rels, self._sizes, holdout_bytes, holdout_bytes)
+        self.python = f"{sys.implementation.name} {'.'.join(map(str, sys.version_info[:3]))}"
+
+    def files(self, split: str) -> list[str]:
+        """Relative paths (posix) of the split's files, in reading order."""
+        _check_split(split)
+        return [r for r, s in zip(self._rels, self._split) if s == split]
+
+    def documents(self, split: str) -> Iterator[str]:
+        for rel in self.files(split):
+            yield _read_text(self.root / rel)
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.root, self._rels)
+
+    def describe(self) -> str:
+        return f"stdlib of {self.python} ({self.root}, {len(self._rels)} files)"
+
+
+class DirectoryCorpus:
+    """Every regular non-hidden file below `path` is one UTF-8 document."""
+
+    def __init__(self, path: Union[str, Path], holdout: float = 0.05):
+        _check_holdout(holdout)
+        self.root = Path(path)
+        self.name = self.root.resolve().name
+        rels, sizes = [], []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                path_ = Path(dirpath, fn)
+                if fn.startswith(".") or not path_.is_file():
+                    continue
+                size = path_.stat().st_size
+                if size:
+                    rels.append(path_.relative_to(self.root).as_posix())
+                    sizes.append(size)
+        if not rels:
+            raise DataError(f"corpus: directory {self.root} holds no non-empty files")
+        order = sorted(range(len(rels)), key=rels.__getitem__)
+        self._rels = [rels[i] for i in order]
+        sizes = [sizes[i] for i in order]
+        target = max(1, round(holdout * sum(sizes)))
+        self._split = hash_split(self._rels, sizes, target, target)
+
+    def files(self, split: str) -> list[str]:
+        _check_split(split)
+        return [r for r, s in zip(self._rels, self._split) if s == split]
+
+    def documents(self, split: str) -> Iterator[str]:
+        for rel in self.files(split):
+            yield _read_text(self.root / rel)
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.root, self._rels)
+
+    def describe(self) -> str:
+        return f"directory {self.root} ({len(self._rels)} files)"
+
+
+class JsonlCorpus:
+    """One JSON object per line, its string field `text` one document."""
+
+    def __init__(self, path: Union[str, Path], holdout: float = 0.05, field: str = "text"):
+        _check_holdout(holdout)
+        self.path, self.field = Path(path), field
+        self.name = self.path.stem
+        keys, sizes = [], []
+        for lineno, text in self._lines():
+            keys.append(str(lineno))
+            sizes.append(len(text.encode("utf-8")))
+        if not keys:
+            raise DataError(f"corpus: {self.path} holds no document with non-empty '{field}'")
+        target = max(1, round(holdout * sum(sizes)))
+        self._split = dict(zip(keys, hash_split(keys, sizes, target, target)))
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"corpus: {self.path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(self.field), str):
+                    raise DataError(f"{where}: expected a JSON object with a string field '{self.field}', "
+                                    f"got {line.strip()[:60]!r}")
+                if obj[self.field]:
+                    yield lineno, obj[self.field]
+
+    def documents(self, split: str) -> Iterator[str]:
+        _check_split(split)
+        for lineno, text in self._lines():
+            if self._split[str(lineno)] == split:
+                yield text
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.path.parent, [self.path.name])
+
+    def describe(self) -> str:
+        return f"jsonl {self.path} ({len(self._split)} documents)"
+
+
+class TextFileCorpus:
+    """One text file cut into three contiguous parts (there are no files to split by)."""
+
+    def __init__(self, path: Union[str, Path], holdout: float = 0.05):
+        _check_holdout(holdout)
+        self.path = Path(path)
+        self.name = self.path.stem
+        self.holdout = holdout
+        if self.path.stat().st_size == 0:
+            raise DataError(f"corpus: {self.path} is empty")
+
+    def _cuts(self, text: str) -> list[int]:
+        cuts = [0]
+        for frac in (1 - 2 * self.holdout, 1 - self.holdout):
+            at = max(cuts[-1], round(frac * len(text)))
+            nl = text.find("\n", at)
+            cuts.append(len(text) if nl < 0 else nl + 1)
+        return cuts + [len(text)]
+
+    def documents(self, split: str) -> Iterator[str]:
+        _check_split(split)
+        text = _read_text(self.path)
+        cuts = self._cuts(text)
+        i = SPLITS.index(split)
+        part = text[cuts[i]:cuts[i + 1]]
+        if part:
+            yield part
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.path.parent, [self.path.name])
+
+    def describe(self) -> str:
+        return f"text file {self.path}"
+
+
+Corpus = Union[StdlibCorpus, DirectoryCorpus, JsonlCorpus, TextFileCorpus]
+
+
+def load_corpus(spec: Union[str, Path, Corpus], holdout: float = 0.05) -> Corpus:
+    """"stdlib", a directory, a `.jsonl` file or a text file (see the module docstring)."""
+    if not isinstance(spec, (str, Path)):
+        return spec
+    if str(spec) == "stdlib":
+        return StdlibCorpus()
+    path = Path(spec)
+    if path.is_dir():
+        return DirectoryCorpus(path, holdout)
+    if path.is_file():
+        return JsonlCorpus(path, holdout) if path.suffix == ".jsonl" else TextFileCorpus(path, holdout)
+    raise DataError(f"corpus: {str(spec)!r} is not 'stdlib' and no such file or directory exists "
+                    "(expected 'stdlib', a text file, a directory of text files or a .jsonl file)")

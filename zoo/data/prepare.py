@@ -1,0 +1,63 @@
+"""Tokenize a corpus once into the memory-mapped format of `zoo.data.memmap`, cached.
+
+    path = prepare("stdlib", "byte", root="data")    # -> data/stdlib-byte/{train,val,test}.{bin,docs.npy,json}
+
+The directory is `<root>/<corpus name>-<tokenizer name>`. A second call returns at once when all three
+headers exist and record the same corpus and tokenizer fingerprints (corpus: its files' paths, sizes and
+modification times; tokenizer: its serialized state), and otherwise prepares again. Every split is
+written to temporary names and renamed into place, so concurrent callers (e.g. data-parallel ranks
+that all call prepare) each leave complete, identical files.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from zoo.data.corpus import SPLITS, load_corpus
+from zoo.data.errors import DataError
+from zoo.data.memmap import TokenWriter, read_header
+from zoo.data.tokenizer import count_bytes, load_tokenizer
+
+_ENCODE_BATCH = 64   # documents per tokenizer call: batched calls let HF fast tokenizers use threads
+
+
+def _meta(corpus, tok) -> dict:
+    return {"corpus": corpus.name, "corpus_source": corpus.describe(), "corpus_fingerprint": corpus.fingerprint(),
+            "tokenizer": tok.spec, "tokenizer_fingerprint": tok.fingerprint()}
+
+
+def _is_prepared(out: Path, meta: dict) -> bool:
+    try:
+        headers = [read_header(out / split) for split in SPLITS]
+    except DataError:
+        return False
+    return all(h.get(k) == v for h in headers for k, v in meta.items() if k != "corpus_source")
+
+
+def prepare(corpus="stdlib", tokenizer="byte", root: Union[str, Path] = "data", force: bool = False,
+            log: Optional[Callable[[str], None]] = None) -> Path:
+    """Prepare (or find prepared) train/val/test of `corpus` tokenized by `tokenizer`; returns the
+    directory. `corpus`, `tokenizer`: specs for `load_corpus` / `load_tokenizer`, or loaded objects."""
+    corpus, tok = load_corpus(corpus), load_tokenizer(tokenizer)
+    out = Path(root) / f"{corpus.name}-{tok.name}"
+    meta = _meta(corpus, tok)
+    if not force and _is_prepared(out, meta):
+        return out
+    for split in SPLITS:
+        docs = corpus.documents(split)
+        with TokenWriter(out / split, tok.vocab_size, tok.eos_id, split=split, **meta) as writer:
+            n = 0
+            while texts := list(islice(docs, _ENCODE_BATCH)):
+                for text, ids in zip(texts, tok.encode_batch(texts)):
+                    writer.add_document(ids, count_bytes(text))
+                n += len(texts)
+            if n == 0:
+                raise DataError(f"corpus: {corpus.describe()} has no documents in split '{split}' "
+                                "(too small to hold out val and test?)")
+        if log is not None:
+            h = writer.header
+            log(f"{out / split}: {h['num_docs']} documents, {h['num_bytes']:,} bytes, "
+                f"{h['num_tokens']:,} tokens ({h['dtype']})")
+    return out
+
