@@ -139,8 +139,8 @@ def _attend_block(qb, ksb, vsb, qpb, kc, vc, k_pos, lo, span, nk, window, scale,
     idx = lo[:, None] + torch.arange(span, device=qb.device)
     inside = idx < nk
     idx = idx.clamp(max=max(nk - 1, 0))
-    rows = torch.arange(b, device=qb.device)[:, None]
-    kb, vb = kc[rows, idx], vc[rows, idx]
+    batch = torch.arange(b, device=qb.device)[:, None]
+    kb, vb = kc[batch, idx], vc[batch, idx]
     # Indices clamped past the last key repeat it: mark them far so no key is counted twice.
     kp = torch.where(inside, k_pos.gather(1, idx), far)
     visible = (kp[:, None, :] < qpb[:, :, None]) & (kp[:, None, :] > qpb[:, :, None] - window)
@@ -306,11 +306,11 @@ class TaipanBlock(nn.Module):
         """q, k, v [b, t, heads, head_dim]; with `rows`, computed only there and zero elsewhere."""
         b, t, _ = x.shape
         if rows is None:
-            return (p(x).view(b, t, self.n_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+            return tuple(p(x).view(b, t, self.n_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         idx, ok = _compact(rows)
         xs = _take(x, idx)
-        return (_put(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
-                for p in (self.q_proj, self.k_proj, self.v_proj))
+        return tuple(_put(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
+                     for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def _out(self, o, rows):
         if rows is None:
