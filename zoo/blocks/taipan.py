@@ -74,8 +74,10 @@ def selective_window_attention(q, k, v, selected, window: int, rows=None, scale:
     Query i (at key position p) attends to p itself and to selected positions j with p - window < j < p.
     Returns out [batch, Lq, heads, head_dim] in q's dtype, zero at rows not computed.
 
-    Queries and selected keys are compacted per batch row, so the work is about
-    rows x (selected keys per window) rather than Lq x window.
+    Queries and selected keys are compacted per batch row. A block of queries reads the selected keys
+    from its first query's window start to its last query, so when the rows are all positions (training)
+    or themselves selected keys (the block at evaluation) the work is about rows x (selected keys per
+    window + block_size) rather than Lq x window; rows scattered far apart among few keys cost more.
     """
     _check_op_inputs(q, k, v, selected, window, rows)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
