@@ -141,4 +141,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Union[str, Path]) 
     out_dir.mkdir(parents=True, exist_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS_TOKEN,
                             model_max_length=int(1e30)).save_pretrained(str(out_dir))
+    # transformers 5 records its class as "TokenizersBackend", a name 4.x does not know; both load
+    # "PreTrainedTokenizerFast" (an alias of TokenizersBackend in 5.x)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return HFTokenizer(out_dir)
