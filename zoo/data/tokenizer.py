@@ -113,7 +113,8 @@ def check_vocab(tokenizer, vocab_size: int) -> None:
     a model with `vocab_size` embeddings cannot look up."""
     have = tokenizer.vocab_size
     if have > vocab_size:
-        name = getattr(tokenizer, "spec", None) or getattr(tokenizer, "name", type(tokenizer).__name__)
+        # a tokenizer names itself by .spec; prepared data by the .tokenizer spec it was made with
+        name = getattr(tokenizer, "spec", None) or getattr(tokenizer, "tokenizer", None) or type(tokenizer).__name__
         raise DataError(f"tokenizer {name!r} has a vocabulary of {have} tokens, more than model.vocab_size "
                         f"{vocab_size}; set model.vocab_size >= {have}")
 
