@@ -72,7 +72,9 @@ def infini_attention(q, k, v, gate, segment_len: int, memory: Optional[Memory] =
     M, z = _initial_memory(memory, b, k.shape[2], dk, v.shape[3], acc, q.device)
     w = torch.sigmoid(gate.to(acc))
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
+    shared_q, shared_k = q_local is q, k_local is k
     q, k, v, q_local, k_local = (t.to(acc) for t in (q, k, v, q_local, k_local))
+    q_local, k_local = q if shared_q else q_local, k if shared_k else k_local  # no second copy or pad
 
     outs, start = [], 0
     if prefix is not None:
@@ -101,20 +103,25 @@ def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, de
     pad = n_seg * segment_len - length
     # Zero padding at the end only: causal masking keeps it out of every real query's view, and
     # the padded (partial) segment is never folded into the memory.
-    q, k, v, q_local, k_local = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v, q_local, k_local))
+    padded = lambda t: F.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+    q_local = padded(q_local) if q_local is not q else None
+    k_local = padded(k_local) if k_local is not k else None
+    q, k, v = padded(q), padded(k), padded(v)
+    q_local, k_local = q if q_local is None else q_local, k if k_local is None else k_local
     seg = lambda t: t.reshape(b * n_seg, segment_len, *t.shape[2:])
     local = _local_attention(seg(q_local), seg(k_local), seg(v), scale).reshape(b, n_seg * segment_len, h, dv)
 
-    sq = seg(_sigma(q))
     sk = _sigma(k).view(b, n_seg, segment_len, hk, dk)
     vs = v.view(b, n_seg, segment_len, hk, dv)
     if delta_rule:
-        mem = []
+        # The correction of segment s reads M_{s-1}: an ordered loop over segments.
+        M_before, z_before = [], []
         for s in range(n_seg):
-            mem.append(_retrieve(sq.view(b, n_seg, segment_len, h, dk)[:, s], M, z))
+            M_before.append(M)
+            z_before.append(z)
             if s < n_full:
                 M, z = _fold(sk[:, s], vs[:, s], M, z, delta_rule=True)
-        mem = torch.stack(mem, 1)
+        M_before, z_before = torch.stack(M_before, 1), torch.stack(z_before, 1)
     else:
         dM = torch.einsum("bstnk,bstnv->bsnkv", sk[:, :n_full], vs[:, :n_full])
         dz = sk[:, :n_full].sum(2)
@@ -122,9 +129,10 @@ def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, de
         cM, cz = dM.cumsum(1), dz.cumsum(1)
         M_before = M[:, None] + F.pad(cM, (0, 0, 0, 0, 0, 0, 1, 0))[:, :n_seg]
         z_before = z[:, None] + F.pad(cz, (0, 0, 0, 0, 1, 0))[:, :n_seg]
-        mem = _retrieve(sq, M_before.flatten(0, 1), z_before.flatten(0, 1))
         if n_full:
             M, z = M + cM[:, -1], z + cz[:, -1]
+    # Every segment's queries read their memory in one batched product.
+    mem = _retrieve(seg(_sigma(q)), M_before.flatten(0, 1), z_before.flatten(0, 1))
     mem = mem.reshape(b, n_seg * segment_len, h, dv)
     return _mix(mem, local, w)[:, :length], M, z
 
