@@ -5,6 +5,8 @@
 
 The vocabulary: 256 byte symbols, <|endoftext|> (the end-of-document token) and the learned merges.
 Ends with one machine-readable summary line (including bytes per token on the val split).
+Measured on CPython 3.11.7's stdlib with the first command above: 15.7 s on 2 shared CPU cores, 3.657 val
+bytes per token (the byte tokenizer: 1.0); prepared, train holds 2,866,111 tokens for 9,923,712 bytes.
 """
 import argparse
 import json

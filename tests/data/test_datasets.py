@@ -25,7 +25,8 @@ def split(tmp_path):
 def test_sampled_windows(split, cross_doc, batch_size, seq_len):
     ds = TokenDataset(split, cross_doc=cross_doc)
     tokens = np.asarray(ds.file.tokens)
-    doc_of = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(zip(ds.file.offsets[:-1], ds.file.offsets[1:]))])
+    bounds = zip(ds.file.offsets[:-1], ds.file.offsets[1:])
+    doc_of = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(bounds)])
     batch = ds.sample(batch_size, seq_len, 3, 7)
     assert _equal(batch, ds.sample(batch_size, seq_len, 3, 7))
     assert batch["input_ids"].shape == (batch_size, seq_len)

@@ -21,6 +21,7 @@ def test_round_trip(tmp_path, vocab_size, dtype, eos_id):
     f = TokenFile(tmp_path / "train")
     ended = [np.append(d, eos_id) if eos_id is not None else d for d in docs]
     assert f.header == w.header and f.header["corpus"] == "x" and f.tokens.dtype == np.dtype(dtype)
+    assert isinstance(f.tokens, np.memmap) and isinstance(f.offsets, np.memmap)   # read lazily, not loaded
     assert f.header["num_docs"] == len(docs) and f.header["num_bytes"] == 3 * sum(map(len, docs))
     assert np.array_equal(f.tokens, np.concatenate(ended))
     assert os.path.getsize(tmp_path / "train.bin") == len(f) * np.dtype(dtype).itemsize
