@@ -2,8 +2,8 @@
 Infinite Context Transformers with Infini-attention", arXiv 2404.07143.
 
 Per segment of `segment_len` tokens: causal softmax attention inside the segment, retrieval from a
-compressive memory (M, z) built from all earlier segments, a learned per-head gate mixing the two
-(eq. 6), then the memory update, linear (eq. 4) or delta rule (eq. 5). The math lives in
+compressive memory (M, z) built from all earlier segments, a learned per-head gate mixing the two,
+then the memory update, linear or delta rule (section 2.1 of the paper). The math lives in
 `zoo.ops.infini`; this module owns the projections, the gate and the cache.
 
 RoPE is applied on the local path only: the memory path reads and writes the un-rotated q, k, since
@@ -31,10 +31,10 @@ from zoo.registry import register_block
 @dataclass
 class InfiniConfig(AttnConfig):
     segment_len: int = 128        # tokens per segment: local attention span and memory-update stride
-    delta_rule: bool = True       # eq. 5 (write only what the memory does not already return) vs eq. 4
+    delta_rule: bool = True       # write only what the memory does not already return; False: linear update
     # Learning-rate multiplier of the per-head gate logit beta. Adam moves a parameter by about lr per
     # step, which suits weights of scale init_std (0.02) but leaves a logit that must travel O(1) to
-    # specialise a head (the paper's figure 3: gates near 0 or 1) at 0.5 for most of a short run. We
+    # specialise a head (the paper reports trained gates near 0 or 1) at 0.5 for most of a short run. We
     # found no value in the paper; 10 is our choice, not a tuned optimum (1.0 disables the hook).
     gate_lr_mult: float = 10.0
 
@@ -52,7 +52,7 @@ class InfiniAttention(CausalSelfAttention):
 
     def __init__(self, d_model: int, cfg: InfiniConfig, layer_idx: int):
         super().__init__(d_model, cfg, layer_idx)
-        # beta = 0: an even mix of memory and local attention at the start (eq. 6).
+        # beta = 0: an even mix of memory and local attention at the start.
         self.gate = nn.Parameter(torch.zeros(self.n_heads))
         self.gate._lr_mult = cfg.gate_lr_mult
         self.gate._no_weight_decay = True   # decay would pull every head toward the 50/50 mix

@@ -11,7 +11,7 @@ at most that many keys, evicting those with the largest accumulated F (never the
 whole-sequence forward (training, no cache) never prunes. Through the cache a chunk is attended at
 once only while no eviction would fall inside it; once the cache is full the tokens go one at a
 time, so a pruned stream gives the same output whatever its chunking, equal to decoding token by
-token. Per-layer budgets, as the paper tunes them, are per-letter entries in a recipe.
+token. Different budgets per layer are different letters in a recipe's pattern.
 """
 from __future__ import annotations
 
