@@ -1,0 +1,71 @@
+"""Train a recipe.
+
+    python scripts/train.py recipes/transformer.yaml [model.d_model=128 train.max_steps=200 ...] --out runs/x
+    torchrun --nproc-per-node 2 scripts/train.py recipes/mamba2.yaml --out runs/y      # DDP (gloo on CPU)
+
+Prints the parameter count and the layer table, shows a progress bar (loss, tokens/s, lr, ETA), writes
+metrics.jsonl and checkpoints under --out, and ends with one machine-readable summary line.
+"""
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.train.checkpoint import CheckpointError  # noqa: E402
+from zoo.data import DataError  # noqa: E402
+from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<recipe name>)")
+    ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --out) or a path")
+    ap.add_argument("--data", default=None, help="prepared data directory (default: prepare train.corpus)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tensorboard", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        recipe = zoo.load_recipe(args.recipe, args.overrides)
+        out = Path(args.out or Path("runs") / recipe.name)
+        data = prepared_data(recipe, args.data, log=say)
+        trainer = Trainer(recipe, data, out, device=args.device, resume=args.resume,
+                          progress=not args.no_progress, tensorboard=args.tensorboard, log=say)
+        say(trainer.model.describe())
+        n = trainer.model.num_params()
+        say(f"parameters: {n['total']:,} ({n['non_embedding']:,} non-embedding); data: {data.describe()}")
+        result = trainer.train()
+    except (zoo.RecipeError, CheckpointError, TrainingError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    summary = {"recipe": recipe.name, "step": result.step, "train_loss": round(result.train_loss, 4),
+               "val_loss": result.val_loss and round(result.val_loss, 4),
+               "val_bpb": result.val_bpb and round(result.val_bpb, 4), "tokens": result.tokens,
+               "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}
+    say("summary: " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
