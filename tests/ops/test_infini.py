@@ -42,7 +42,8 @@ def forward_and_grads(fn, x, memory=None, **kw):
     cot = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype)
     loss = (out * cot(out)).sum() + (M * cot(M)).sum() + (z * cot(z)).sum()
     leaves = list(x.values()) + (list(memory) if memory is not None else [])
-    return [out, M, z, *torch.autograd.grad(loss, leaves, materialize_grads=True)], ["out", "M", "z", *x] + (["M_in", "z_in"] if memory else [])
+    names = ["out", "M", "z", *x] + (["M_in", "z_in"] if memory else [])
+    return [out, M, z, *torch.autograd.grad(loss, leaves, materialize_grads=True)], names
 
 
 def assert_all_close(got, want, names, tol=TOL):

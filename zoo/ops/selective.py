@@ -2,8 +2,8 @@
 arXiv 2410.02703): causal attention whose logits are lowered by how strongly earlier tokens
 "selected" (asked to forget) each key, plus the context pruning that this makes safe.
 
-Our reading of section 2 and of the sketch in figure 2, for query i and key j (positions in the
-key sequence), with scale = 1/sqrt(head_dim) unless given:
+Our reading of the paper's definition and of its sketch implementation (figure 2), for query i
+and key j (positions in the key sequence), with scale = 1/sqrt(head_dim) unless given:
 
     S[i, j] = ReLU(scale * q0_i . k0_j)   for 0 < j < i, else 0
         - head 0's ordinary scaled logits are reused: no parameters are added;
@@ -15,14 +15,16 @@ key sequence), with scale = 1/sqrt(head_dim) unless given:
     out^h_i = sum_j softmax_j(scale * q^h_i . k^h_j - F[i, j]) v^h_j,   j <= i, every head h
                                           (head 0 included).
 
-Context pruning (section 4 of the paper, as we read it): S >= 0 makes F[., j] non-decreasing in
-the query, so a key whose F is already large stays suppressed for every later query; under a KV
-budget the keys with the largest F are dropped. Here the accumulated F of each key after the last
-query ("scores", [batch, keys]) is what a cache keeps beside K and V: `selective_attention(...,
-scores=..., return_scores=True)` continues a cached sequence, `selective_evict` drops keys under
-a budget (never the first key, so position 0 of a cache stays the BOS token), and
-`selective_cache_step` does append, attend and evict for one decoding or prefill step. With a
-budget at least the number of keys nothing is dropped and the result is exact.
+Context pruning (the paper's "Context Pruning" section, as we read it): S >= 0 makes F[., j]
+non-decreasing in the query, so a key whose F is already large stays suppressed for every later
+query; under a KV budget the keys with the largest F are dropped. Here the accumulated F of each
+key after the last query ("scores", [batch, keys]) is what a cache keeps beside K and V:
+`selective_attention(..., scores=..., return_scores=True)` continues a cached sequence (the same
+hand-over serves context parallelism: a rank's keys arrive with the F of earlier ranks' queries),
+`selective_evict` drops keys under a budget, and `selective_cache_step` appends, attends and evicts
+for one decoding or prefill step. Two choices are ours: the first key is never evicted (so position
+0 of a cache stays the BOS token whose column S never touches), and among equal F the older key
+goes first. With a budget at least the number of keys nothing is dropped and the result is exact.
 
 Layout as flash-attn: q [batch, Lq, heads, head_dim], k, v [batch, Lk, kv_heads, head_dim],
 kv_heads dividing heads (query head i reads kv head i // (heads // kv_heads); the selection uses
