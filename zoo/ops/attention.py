@@ -293,6 +293,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size):
         # l = 0: their output is 0 and their lse -inf, as merge_attention expects of an empty side.
         out[:, qs:qe] = (o / l.clamp_min(torch.finfo(acc).tiny)[..., None]).view(n, qe - qs, groups, d)
         lse[:, qs:qe] = (m + l.log()).view(n, qe - qs, groups)
+    del qr, kr, vr  # the layout change below then reuses their memory: peak stays at fewer copies
     lse_out = lse.view(b, hk, lq, groups).permute(0, 1, 3, 2).reshape(b, h, lq)
     return _from_rows(out, b, q.dtype), lse_out
 
@@ -335,6 +336,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
             dqb.baddbmm_(ds, kb)
             # Summing over the rows of a kv head sums its query heads: the GQA reduction is free.
             dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), qb)
+    del qr, kr, vr, do
     dq.mul_(scale)
     dk, dv = dk.view(b, hk, lk, d).transpose(1, 2), dv.view(b, hk, lk, d).transpose(1, 2)
     return _from_rows(dq, b, q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
