@@ -122,8 +122,7 @@ def mqar_eval(recipe, budget_steps: int, seq_len: int, num_kv_pairs: int, num_qu
         trainer = Trainer(rec, data, out_dir or tmp, device=device, progress=False, log=lambda s: None)
         result = trainer.train()
     seconds = time.perf_counter() - start
-    # held out: seeds of a third stream, disjoint from both train and the Trainer's validation batches
-    held_out = [data._batch([seed, 2, i], rec.train.batch_size, seq_len) for i in range(eval_batches)]
+    held_out = data.test_batches(eval_batches, rec.train.batch_size, seq_len)
     acc, exact = mqar_accuracy(trainer.model, held_out)
     return {"task": "mqar", "recipe": rec.name, "steps": budget_steps, "seq_len": seq_len,
             "num_kv_pairs": num_kv_pairs, "num_queries": num_queries or num_kv_pairs, "vocab_size": vocab,

@@ -93,6 +93,9 @@ def test_mqar_data_interface_deterministic_and_held_out():
     assert not torch.equal(a["input_ids"], d.train_batch(3, 1, 4, 20)["input_ids"])
     val = d.val_batches(2, 4, 20)
     assert len(val) == 2 and not torch.equal(val[0]["input_ids"], d.train_batch(0, 0, 4, 20)["input_ids"])
+    test = d.test_batches(2, 4, 20)
+    assert torch.equal(test[1]["input_ids"], d.test_batches(2, 4, 20)[1]["input_ids"])
+    assert not any(torch.equal(t["input_ids"], v["input_ids"]) for t in test for v in val)
     assert d.bytes_per_token == 1.0
 
 

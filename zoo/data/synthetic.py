@@ -160,3 +160,7 @@ class MQARData:
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list:
         return [self._batch([self.seed, 1, i], batch_size, seq_len) for i in range(n)]
+
+    def test_batches(self, n: int, batch_size: int, seq_len: int) -> list:
+        """A third seed stream, disjoint from train and validation: for scoring after training."""
+        return [self._batch([self.seed, 2, i], batch_size, seq_len) for i in range(n)]
