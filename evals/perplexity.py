@@ -1,0 +1,268 @@
+"""Perplexity by context length on a held-out split, under three schemes (issue 7).
+
+    records = evaluate_perplexity(model, data.val, contexts=[256, 1024], scheme="sliding", stride=128,
+                                  max_tokens=16384)
+    records[0] -> {"scheme": "sliding", "context": 256, "stride": 128, "tokens_scored": 16384,
+                   "loss_nats": 1.21, "ppl": 3.35, "bits_per_byte": 1.75, "buckets": [...], ...}
+
+What is scored. Every scheme works document by document (the split's document boundaries), and in
+every document it scores the same targets: each token after the first (the first has no history
+without a beginning-of-document token; the end-of-document token, when the tokenizer has one, is a
+target like any other). So the schemes differ only in how much history each target sees:
+- `blocks`: the document's inputs cut into disjoint windows of `context` tokens; a target's history
+  is its offset in its window (0 .. context - 1 tokens).
+- `sliding`: windows of `context` tokens starting every `stride` tokens (the last one cut at the
+  document's end); each window scores only the targets its predecessor did not, so every target has
+  at least context - stride tokens of history (or all of its document before it), as in the Hugging
+  Face perplexity guide. stride == context is `blocks`.
+- `streaming`: the whole document fed in chunks of `chunk_size` through `model.init_cache`, which by
+  the block contract equals one forward over the whole document; a target's history is everything
+  before it. When `context` covers a document, `blocks` is one window of it, so both agree.
+Per-document windows rather than windows over the concatenated split: otherwise "history" would
+include unrelated documents, and streaming (which must reset its caches at a document boundary) could
+not agree with the other schemes.
+
+Budget. `max_tokens` targets at most, taken from the documents in split order (the last one
+truncated to fit), so a run is deterministic and every scheme and context scores the same tokens.
+
+Units. `loss_nats`: mean negative log-likelihood per scored token, in nats; `ppl` = exp(loss_nats),
+per token; `bits_per_byte` = total nats / ln 2 / bytes of the scored targets' text. Bytes: for the byte
+tokenizer exactly one per target, zero for the end-of-document token (it has no text; its nats still
+count, as a compressor's end-of-stream does in its file size); for any other tokenizer each non-EOS
+target is given the split's average (header num_bytes over non-EOS tokens), which is exact over a
+whole split and fair between tokenizers, and the record says so (`bytes_method`).
+`buckets` split the same sums by the target's position in its document (the number of tokens before
+it): [0, 1K), [1K, 2K), [2K, 4K), ... which is where recurrent and compressive-memory models show
+what long history buys them under `streaming`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from zoo.data import TokenDataset, TokenFile
+
+SCHEMES = ("blocks", "sliding", "streaming")
+LN2 = math.log(2)
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _token_file(data_split) -> TokenFile:
+    if isinstance(data_split, TokenDataset):
+        return data_split.file
+    if isinstance(data_split, TokenFile):
+        return data_split
+    if isinstance(data_split, (str, Path)):
+        return TokenFile(data_split)
+    raise ValueError(f"data_split: expected a TokenDataset, TokenFile or split prefix path, "
+                     f"got {type(data_split).__name__}")
+
+
+def select_documents(file: TokenFile, max_tokens: Optional[int] = None, min_doc_tokens: int = 2) -> list:
+    """(document index, tokens used) in split order until `max_tokens` targets; a document of n tokens
+    has n - 1 targets, and the last one is cut to n' = remaining + 1 tokens."""
+    _check_positive_int("max_tokens", max_tokens, allow_none=True)
+    _check_positive_int("min_doc_tokens", min_doc_tokens)
+    lengths = np.diff(np.asarray(file.offsets))
+    chosen, left = [], max_tokens
+    for i, n in enumerate(lengths.tolist()):
+        if n < max(2, min_doc_tokens):
+            continue
+        if left is not None:
+            n = min(n, left + 1)
+            left -= n - 1
+        chosen.append((i, n))
+        if left == 0:
+            break
+    if not chosen:
+        raise ValueError(f"data_split: {file.prefix} has no document with at least {max(2, min_doc_tokens)} "
+                         f"tokens (min_doc_tokens)")
+    return chosen
+
+
+def windows(n_inputs: int, scheme: str, context: Optional[int] = None, stride: Optional[int] = None) -> list:
+    """(start, end, score_from) over a document's input positions [0, n_inputs): feed inputs
+    [start, end), score the targets of inputs [score_from, end). Together they score every input once."""
+    if scheme == "streaming":
+        return [(0, n_inputs, 0)]
+    stride = context if scheme == "blocks" else stride
+    out, end = [], min(context, n_inputs)
+    out.append((0, end, 0))
+    while end < n_inputs:
+        # the start is not pulled back when the end is capped: the last window is short, as the others'
+        # history would be, so that stride == context is exactly `blocks`
+        out.append((end + stride - context, min(end + stride, n_inputs), end))
+        end = out[-1][1]
+    return out
+
+
+def _nll(model, ids: torch.Tensor, targets: torch.Tensor, cache=None) -> torch.Tensor:
+    logits = model(ids, cache=cache).logits
+    # the log-softmax in at least float32: in bf16 the normaliser over the vocabulary loses ~2 digits
+    logits = logits.float() if logits.element_size() < 4 else logits
+    return -torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def _bucket_edges(max_position: int, edges: Optional[Sequence[int]]) -> list:
+    if edges is None:
+        edges, e = [], 1024
+        while e < max_position + 1:
+            edges.append(e)
+            e *= 2
+    edges = [int(e) for e in edges]
+    if any(b <= a for a, b in zip([0] + edges, edges)):
+        raise ValueError(f"bucket_edges: must be positive and strictly increasing, got {edges}")
+    return [0] + [e for e in edges if e <= max_position] + [max_position + 1]
+
+
+def _label(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
+def _summary(nats: float, tokens: int, n_bytes: float) -> dict:
+    loss = nats / tokens if tokens else float("nan")
+    return {"tokens_scored": tokens, "bytes_scored": n_bytes, "loss_nats": loss, "ppl": math.exp(loss),
+            "bits_per_byte": nats / LN2 / n_bytes if n_bytes else float("nan")}
+
+
+def _byte_weights(file: TokenFile) -> tuple[np.ndarray, str]:
+    """Bytes of text per token id (float64 [vocab]) and how they were counted."""
+    h = file.header
+    eos = h.get("eos_id")
+    if h.get("tokenizer") == "byte":
+        w = np.ones(h["vocab_size"], dtype=np.float64)
+        method = "exact: byte tokenizer, 1 byte per token"
+    else:
+        text_tokens = h["num_tokens"] - (h["num_docs"] if eos is not None else 0)
+        w = np.full(h["vocab_size"], h["num_bytes"] / text_tokens, dtype=np.float64)
+        method = f"estimated: split's {w[0]:.4f} bytes per non-EOS token (header num_bytes / tokens)"
+    if eos is not None:
+        w[eos] = 0.0
+    return w, method + ("; EOS 0 bytes" if eos is not None else "")
+
+
+def _score_documents(model, docs: list, scheme: str, context, stride, chunk_size: int, batch_size: int,
+                     device) -> list:
+    """Per-document float64 arrays of target NLLs (entry t-1: the NLL of token t)."""
+    nll = [np.full(len(d) - 1, np.nan) for d in docs]
+    if scheme == "streaming":
+        for k, doc in enumerate(docs):
+            ids = torch.as_tensor(doc, device=device)[None]
+            cache = model.init_cache(1)
+            for s in range(0, len(doc) - 1, chunk_size):
+                e = min(s + chunk_size, len(doc) - 1)
+                nll[k][s:e] = _nll(model, ids[:, s:e], ids[:, s + 1:e + 1], cache=cache)[0].double().cpu().numpy()
+        return nll
+    # windows of equal length share a batch, across documents
+    by_len = {}
+    for k, doc in enumerate(docs):
+        for w in windows(len(doc) - 1, scheme, context, stride):
+            by_len.setdefault(w[1] - w[0], []).append((k, *w))
+    for length in sorted(by_len):
+        group = by_len[length]
+        for b in range(0, len(group), batch_size):
+            part = group[b:b + batch_size]
+            ids = torch.as_tensor(np.stack([docs[k][s:e + 1] for k, s, e, _ in part]), device=device)
+            out = _nll(model, ids[:, :-1], ids[:, 1:]).double().cpu().numpy()
+            for row, (k, s, e, f) in zip(out, part):
+                nll[k][f:e] = row[f - s:]
+    return nll
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 1024, 2048),
+                        scheme: str = "blocks", stride: Optional[int] = None, max_tokens: Optional[int] = 16384,
+                        batch_size: int = 8, device=None, chunk_size: int = 1024, min_doc_tokens: int = 2,
+                        bucket_edges: Optional[Sequence[int]] = None) -> list:
+    """One record per context (`streaming`: one record, `context` None) — see the module docstring.
+
+    stride: `sliding` only; default context // 2. chunk_size: tokens per forward call under `streaming`
+    (the result does not depend on it beyond float rounding). bucket_edges: position bucket bounds,
+    default 1024, 2048, 4096, ... device: default the model's."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if stride is not None and scheme != "sliding":
+        raise ValueError(f"stride: only the sliding scheme takes a stride (scheme {scheme!r})")
+    contexts = [None] if scheme == "streaming" else list(contexts)
+    if scheme != "streaming":
+        if not contexts:
+            raise ValueError("contexts: give at least one context length")
+        for c in contexts:
+            _check_positive_int("contexts", c)
+    _check_positive_int("stride", stride, allow_none=True)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("chunk_size", chunk_size)
+    file = _token_file(data_split)
+    device = device if device is not None else next(model.parameters()).device
+    chosen = select_documents(file, max_tokens, min_doc_tokens)
+    docs = [np.asarray(file.document(i)[:n], dtype=np.int64) for i, n in chosen]
+    weights, bytes_method = _byte_weights(file)
+    max_position = max(len(d) for d in docs) - 1
+    edges = _bucket_edges(max_position, bucket_edges)
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        for context in contexts:
+            window_stride = None
+            if scheme == "sliding":
+                window_stride = stride if stride is not None else max(1, context // 2)
+                if window_stride > context:
+                    raise ValueError(f"stride: {window_stride} exceeds the context {context}; "
+                                     "allowed 1 .. context")
+            start = time.perf_counter()
+            nll = _score_documents(model, docs, scheme, context, window_stride, chunk_size, batch_size, device)
+            seconds = time.perf_counter() - start
+            assert not any(np.isnan(a).any() for a in nll), "a target was never scored"
+            # sums per position bucket; the totals are the sums of the buckets
+            b_nats = np.zeros(len(edges) - 1)
+            b_tok = np.zeros(len(edges) - 1, dtype=np.int64)
+            b_bytes = np.zeros(len(edges) - 1)
+            for doc, a in zip(docs, nll):
+                which = np.searchsorted(edges, np.arange(1, len(doc)), side="right") - 1
+                b_nats += np.bincount(which, weights=a, minlength=len(b_nats))
+                b_tok += np.bincount(which, minlength=len(b_tok))
+                b_bytes += np.bincount(which, weights=weights[doc[1:]], minlength=len(b_bytes))
+            buckets = [{"positions": [int(lo), int(hi)], "label": f"{_label(lo)}-{_label(hi)}",
+                        **_summary(float(n), int(t), float(by))}
+                       for lo, hi, n, t, by in zip(edges[:-1], edges[1:], b_nats, b_tok, b_bytes) if t]
+            records.append({"scheme": scheme, "context": context, "stride": window_stride,
+                            "chunk": chunk_size if scheme == "streaming" else None,
+                            "split": str(file.prefix), "documents": len(docs),
+                            **_summary(float(b_nats.sum()), int(b_tok.sum()), float(b_bytes.sum())),
+                            "bytes_method": bytes_method, "buckets": buckets, "seconds": seconds})
+    finally:
+        model.train(was_training)
+    return records
+
+
+def documents_text(data_split, max_tokens: Optional[int] = None, min_doc_tokens: int = 2,
+                   tokenizer=None) -> bytes:
+    """UTF-8 text of the documents `evaluate_perplexity` scores with the same budget, concatenated
+    (whole documents, EOS left out): what the compression reference lines compress. `tokenizer` (a
+    zoo.data tokenizer) decodes non-byte splits; the byte tokenizer needs none."""
+    file = _token_file(data_split)
+    eos = file.header.get("eos_id")
+    parts = []
+    for i, n in select_documents(file, max_tokens, min_doc_tokens):
+        ids = np.asarray(file.document(i)[:n])
+        ids = ids[ids != eos] if eos is not None else ids
+        if file.header.get("tokenizer") == "byte":
+            parts.append(ids.astype(np.uint8).tobytes())
+        elif tokenizer is None:
+            raise ValueError(f"tokenizer: the split {file.prefix} was made with tokenizer "
+                             f"{file.header.get('tokenizer')!r}; pass it to decode the text")
+        else:
+            parts.append(tokenizer.decode(ids.tolist()).encode("utf-8"))
+    return b"".join(parts)
