@@ -223,3 +223,37 @@ def test_windows_cover_every_input_once():
 def test_errors_name_the_argument(split, kwargs, match):
     with pytest.raises(ValueError, match=match):
         evaluate_perplexity(tiny_model(), split, **kwargs)
+
+
+def test_eval_script_end_to_end(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).resolve().parents[2] / "scripts/eval.py")
+    eval_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_script)
+    from zoo.train.checkpoint import save_checkpoint
+
+    model = zoo.build_model(recipe(vocab=256))
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints", 1, model.state_dict(), model.recipe)
+    for name in ("train", "val", "test"):
+        write_split(tmp_path / "data" / name, lengths=(30, 50, 9), vocab=256)
+    out = tmp_path / "results.json"
+    rc = eval_script.main([str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--contexts", "4,16",
+                           "--schemes", "blocks,sliding,streaming", "--max-tokens", "60", "--chunk-size", "8",
+                           "--out", str(out), "--plot", str(tmp_path / "ppl.png")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "gzip-9" in printed and "xz-9" in printed and "streaming by position" in printed
+    summary = json.loads(printed.strip().splitlines()[-1].removeprefix("summary: "))
+    assert set(summary["bits_per_byte"]) == {"blocks@4", "blocks@16", "sliding@4", "sliding@16", "streaming@doc"}
+    result = json.loads(out.read_text())
+    assert result["checkpoint"] == str(ckpt) and len(result["records"]) == 5
+    assert all(r["tokens_scored"] == 60 for r in result["records"])
+    direct = evaluate_perplexity(zoo.load_checkpoint(ckpt), TokenDataset(tmp_path / "data" / "val"), [16],
+                                 scheme="sliding", max_tokens=60)[0]
+    assert result["records"][3]["loss_nats"] == pytest.approx(direct["loss_nats"], rel=1e-6)
+    assert result["reference_bits_per_byte"]["text_bytes"] == 29 + 32   # 29 text + EOS, then 31 targets need 32 tokens
+    assert (tmp_path / "ppl.png").stat().st_size > 0
+    assert eval_script.main([str(tmp_path / "run"), "--data", str(tmp_path / "nope")]) == 2
