@@ -230,7 +230,8 @@ def test_eval_script_end_to_end(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).resolve().parents[2] / "scripts/eval.py")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "eval.py"
+    spec = importlib.util.spec_from_file_location("eval_script", script)
     eval_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_script)
     from zoo.train.checkpoint import save_checkpoint
