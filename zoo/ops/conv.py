@@ -1,0 +1,107 @@
+"""Depthwise causal 1-D convolution, the short convolution in front of the Mamba scans
+(Gu & Dao, arXiv 2312.00752, section 3.4; Mamba-2, arXiv 2405.21060, section 7).
+
+    x [batch, dim, length], weight [dim, width], bias [dim]
+    states [batch, dim, width - 1]: the last width - 1 inputs, so a sequence can continue in pieces
+    out[:, c, t] = act(bias[c] + sum_k weight[c, k] * x_padded[:, c, t + k]),  x_padded = states ++ x
+
+Same arguments and layout as `causal_conv1d_fn` of the causal-conv1d package, which this module calls
+on CUDA when it is installed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
+    """Returns out [b, d, l] in x's dtype, or (out, final_states [b, d, width - 1]) when asked."""
+    _check(x, weight, bias, initial_states, activation)
+    if _cuda_kernel_applies(x, weight, initial_states, return_final_states):
+        from causal_conv1d import causal_conv1d_fn
+        return causal_conv1d_fn(x, weight, bias, activation=activation)
+    b, d, _ = x.shape
+    width = weight.shape[1]
+    acc = _acc_dtype(x)
+    prefix = (torch.zeros(b, d, width - 1, device=x.device, dtype=acc) if initial_states is None
+              else initial_states.to(acc))
+    padded = torch.cat([prefix, x.to(acc)], dim=-1)
+    out = F.conv1d(padded, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=d)
+    if activation is not None:
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    if not return_final_states:
+        return out
+    return out, _last_inputs(padded, width).to(x.dtype)
+
+
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
+    """The twin: a loop over time keeping a window of the last `width` inputs."""
+    _check(x, weight, bias, initial_states, activation)
+    b, d, length = x.shape
+    width = weight.shape[1]
+    acc = _acc_dtype(x)
+    w = weight.to(acc)
+    window = (torch.zeros(b, d, width - 1, device=x.device, dtype=acc) if initial_states is None
+              else initial_states.to(acc))
+    outs = []
+    for t in range(length):
+        window = torch.cat([window, x[:, :, t:t + 1].to(acc)], dim=-1)
+        y = (window * w).sum(-1)
+        if bias is not None:
+            y = y + bias.to(acc)
+        outs.append(F.silu(y) if activation is not None else y)
+        window = window[:, :, 1:]
+    out = torch.stack(outs, dim=-1).to(x.dtype) if outs else x.new_empty(b, d, 0)
+    return (out, window.to(x.dtype)) if return_final_states else out
+
+
+def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:
+    # padded already starts with the width - 1 earlier inputs, so a short x still yields a full state.
+    return padded[:, :, padded.shape[-1] - (width - 1):]
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(x, weight, bias, initial_states, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: must be one of None, 'silu', 'swish', got {activation!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [batch, dim, length], got shape {tuple(x.shape)}")
+    b, d, _ = x.shape
+    if weight.dim() != 2 or weight.shape[0] != d or weight.shape[1] < 1:
+        raise ValueError(f"weight: expected [dim={d}, width >= 1], got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (d,):
+        raise ValueError(f"bias: expected [dim={d}], got shape {tuple(bias.shape)}")
+    want = (b, d, weight.shape[1] - 1)
+    if initial_states is not None and tuple(initial_states.shape) != want:
+        raise ValueError(f"initial_states: expected [batch, dim, width - 1] = {list(want)}, "
+                         f"got shape {tuple(initial_states.shape)}")
+
+
+def _cuda_kernel_applies(x, weight, initial_states, return_final_states) -> bool:
+    # The kernel's state arguments need a channel-last x; those calls stay on the F.conv1d path,
+    # which is exact and fast on GPUs too.
+    if not x.is_cuda or initial_states is not None or return_final_states or not 2 <= weight.shape[1] <= 4:
+        return False
+    return _has_causal_conv1d()
+
+
+_HAS_KERNEL: Optional[bool] = None
+
+
+def _has_causal_conv1d() -> bool:
+    global _HAS_KERNEL
+    if _HAS_KERNEL is None:
+        try:
+            import causal_conv1d  # noqa: F401
+            _HAS_KERNEL = True
+        except Exception:  # an installed but broken build (ABI mismatch) must not break the pure path
+            _HAS_KERNEL = False
+    return _HAS_KERNEL
