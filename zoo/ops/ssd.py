@@ -25,23 +25,24 @@ the first document only. Internally the ids become a running document number (ho
 far), which is non-decreasing, so "same document" is a plain equality: steps 1-4 drop every term
 whose source and target positions lie in different documents.
 
-Numerics: the decay mask is built from differences of cumulative sums, filled with -inf above the
-diagonal (and between documents) *before* exp, so exp only ever sees non-positive arguments (for
-A < 0, dt > 0) and never overflows into an inf * 0. Arithmetic runs in float32 for float32 and
-narrower inputs and in float64 for float64 inputs; y comes back in x's dtype, final states stay in
-that accumulation dtype.
+Numerics: the decay mask comes from differences of cumulative sums and exp never sees an argument
+above 0 where the mask is kept (for A < 0, dt > 0) nor a value that could overflow anywhere
+(`_GroupWork.decay_matrix`). Arithmetic runs in float32 for float32 and narrower inputs and in
+float64 for float64 inputs; y comes back in x's dtype, final states stay in the accumulation dtype.
 
-Memory. The pure path is one autograd Function with its own backward: the forward keeps only the
-chunked inputs, the cumulative decays and the chunk-boundary states ([b, h, n_chunks + 1, p, n]),
-and both directions build the [Q, Q] matrices for a bounded group of chunks at a time, so memory
-grows linearly in the length.
+Speed and memory (the pure path). One autograd Function with its own backward runs the chunks in
+groups, in order forward and in reverse order backward, carrying the state (or its gradient)
+from group to group, so every temporary, the [Q, Q] matrices included, is the size of one group.
+It keeps only the inputs, the cumulative decays, the chunk-boundary states and the output
+without its diagonal term, so memory grows linearly in the length. Full-length temporaries
+would cost more than their arithmetic on CPU: each fresh allocation beyond glibc's mmap threshold
+(32 MiB) is paid again in page faults.
 
 On CUDA, when mamba_ssm imports, `ssd_scan` calls its Triton `mamba_chunk_scan_combined`.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,8 @@ from einops import rearrange
 
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
-# Elements of one [b, h, chunks, Q, Q] working tensor per group of chunks (4 Mi * 4 B = 16 MiB in
-# float32); the backward holds four of them at once.
+# Elements of one [chunks, b, h, Q, Q] working tensor per group of chunks (4 Mi * 4 B = 16 MiB in
+# float32); the backward holds three of them.
 _GROUP_ELEMENTS = 1 << 22
 
 
@@ -70,25 +71,12 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
                       seq_idx=None if doc is None else doc.to(torch.int32), dt_softplus=dt_softplus,
                       return_final_states=return_final_states)
 
-    length, Q = x.shape[1], chunk_size
     acc = _accumulation_dtype(x.dtype)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)
-    xa = x.to(acc)
-    pad = (-length) % Q
-    # Padding steps have dt = 0: decay exp(0 * A) = 1 and input 0, so they leave the state as is.
-    # Chunk-major layout [chunks, b, ...]: a group of chunks is one contiguous slice.
-    u = rearrange(F.pad(xa * dt[..., None], (0, 0, 0, 0, 0, pad)), "b (c q) h p -> c b h q p", q=Q)
-    log_decay = rearrange(F.pad(dt * A.to(acc), (0, 0, 0, pad)), "b (c q) h -> c b h q", q=Q)
-    Bc, Cc = (rearrange(F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)), "b (c q) g n -> c b g q n", q=Q) for t in (B, C))
-    if doc is not None:
-        # Padding continues the last document, so it cannot reset the final state.
-        doc = rearrange(torch.cat([doc, doc[:, -1:].expand(-1, pad)], 1), "b (c q) -> c b q", q=Q)
-    h0 = None if initial_states is None else initial_states.to(acc)
-
-    y, final_states = _ChunkedSSD.apply(u.contiguous(), log_decay.contiguous(), Bc.contiguous(),
-                                        Cc.contiguous(), h0, doc)
-    y = rearrange(y, "c b h q p -> b (c q) h p")[:, :length]
-    y = _skip_and_gate(y, xa, D, z)
+    D = None if D is None else (D[:, None] if D.dim() == 1 else D).to(acc)
+    cast = lambda t: None if t is None else t.to(acc)
+    y, final_states = _SSDScan.apply(cast(x), dt, cast(A), cast(B), cast(C), D, cast(z),
+                                     cast(initial_states), doc, chunk_size)
     y = y.to(x.dtype)
     return (y, final_states) if return_final_states else y
 
@@ -113,108 +101,166 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=No
         write = (dt[:, t, :, None] * xa[:, t])[..., None] * Bh[:, t, :, None, :]
         state = decay[..., None, None] * state + write
         ys.append((state * Ch[:, t, :, None, :]).sum(-1))
-    y = _skip_and_gate(torch.stack(ys, dim=1), xa, D, z).to(x.dtype)
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + xa * (D[:, None] if D.dim() == 1 else D).to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    y = y.to(x.dtype)
     return (y, state) if return_final_states else y
 
 
-class _ChunkedSSD(torch.autograd.Function):
-    """Steps 1-4 on chunked tensors, with a backward that rebuilds the [Q, Q] matrices group by
-    group instead of keeping them.
 
-    u [c, b, h, Q, p] (dt * x), log_decay [c, b, h, Q] (dt * A), B, C [c, b, g, Q, n],
-    h0 [b, h, p, n] or None, doc [c, b, Q] non-decreasing document numbers or None.
-    Returns y [c, b, h, Q, p] (without the D term) and the final state [b, h, p, n].
+class _SSDScan(torch.autograd.Function):
+    """The chunked scan with D and the z gate, group of chunks by group of chunks.
 
-    Backward, with cs the in-chunk cumulative sum of log_decay: every term of y and of the chunk
+    x [b, l, h, p] and dt [b, l, h] (after bias and softplus), A [h], B, C [b, l, g, n],
+    D [h, 1] or [h, p] or None, z like x or None, h0 [b, h, p, n] or None, doc [b, l]
+    non-decreasing document numbers or None, Q the chunk size. Returns y [b, l, h, p] and the
+    final state [b, h, p, n]. Inside, tensors are chunk-major: [c, b, h, Q, ...] per head and
+    [c, b, g, Q, ...] per group.
+
+    Backward, with cs the in-chunk cumulative sum of a = dt A: every term of y and of the chunk
     states is exp(cs_target - cs_source) times something free of cs, so
         dL/dcs_i = dy_i . y_i - u_i . du_i     (+ at a chunk's last position, the terms of its
                                                  end state and of its decay)
     which spares the backward the [Q, Q] matrix d(segsum) and its row and column sums. Terms with
     no decay at all (source = target: the diagonal C_i.B_i u_i, and the last token's write into
-    the end state) cancel exactly in the sum that turns dcs into d log_decay; they are kept out of
-    both sides, because under strong decay they dominate what is left and their rounding would
-    swamp d(dt A) (the trap behind mamba_ssm's "ddAcs_stable" kernels).
+    the end state) cancel exactly in the sum that turns dcs into da; they are kept out of both
+    sides, because under strong decay they dominate what is left and their rounding would swamp
+    da (the trap behind mamba_ssm's "ddAcs_stable" kernels).
     """
 
     @staticmethod
-    def forward(ctx, u, log_decay, B, C, h0, doc):
-        cs = log_decay.cumsum(-1)
-        masks = _document_masks(doc)
-        S = _chunk_states(u, cs, B, masks)
-        H = _state_passing(S, _chunk_decay(cs, masks), h0)
-        y_off_diag = torch.empty_like(u)
-        eC = _entry_decay_times_C(cs, C, masks)
-        for sl in _chunk_groups(u):
-            _intra_chunk(u[sl], cs[sl], B[sl], C[sl], _slice(doc, sl), out=y_off_diag[sl])
-            _inter_chunk(eC[sl], H[sl], out=y_off_diag[sl])
-        ctx.save_for_backward(u, cs, B, C, H, doc, y_off_diag)
-        ctx.has_h0 = h0 is not None
-        return y_off_diag + _diagonal_term(u, B, C), H[-1].clone()
+    def forward(ctx, x, dt, A, B, C, D, z, h0, doc, Q):
+        nc = -(-x.shape[1] // Q)
+        dt_c = _to_chunks(dt, Q)
+        cs = (dt_c * A[:, None]).cumsum(-1)
+        doc_c = None if doc is None else _to_chunks(doc, Q, pad_with_last=True)
+        masks = _document_masks(doc_c)
+        dec = _chunk_decay(cs, masks)
+        H = x.new_empty(nc + 1, *x.shape[:1], x.shape[2], x.shape[3], B.shape[3])
+        H[0] = 0 if h0 is None else h0
+        y = torch.empty_like(x)
+        y_off_diag = x.new_empty(nc, x.shape[0], x.shape[2], Q, x.shape[3])
+        work = _GroupWork(y_off_diag, B.shape[2])
+        for sl in work.groups:
+            xg, Bg, Cg = (_group(t, sl, Q) for t in (x, B, C))
+            ug = xg * dt_c[sl, ..., None]
+            mg = _slice_masks(masks, sl)
+            _state_passing(_chunk_states(ug, cs[sl], Bg, mg), dec[sl], H[sl.start:sl.stop + 1])
+            _intra_chunk(ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, out=y_off_diag[sl])
+            _inter_chunk(_entry_decay(cs[sl], mg), Cg, H[sl], out=y_off_diag[sl])
+            yg = _skip_and_gate(y_off_diag[sl] + _diagonal_term(ug, Bg, Cg), xg, D, _group(z, sl, Q))
+            _ungroup(yg, y, sl, Q)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, doc, cs, H, y_off_diag)
+        ctx.Q, ctx.has_h0 = Q, h0 is not None
+        return y, H[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        u, cs, B, C, H, doc, y_off_diag = ctx.saved_tensors
-        dy = dy.contiguous()
-        masks = _document_masks(doc)
+        x, dt, A, B, C, D, z, doc, cs, H, y_off_diag = ctx.saved_tensors
+        Q = ctx.Q
+        dt_c = _to_chunks(dt, Q)
+        doc_c = None if doc is None else _to_chunks(doc, Q, pad_with_last=True)
+        masks = _document_masks(doc_c)
         dec = _chunk_decay(cs, masks)
-        eC = _entry_decay_times_C(cs, C, masks)
-
-        dH_in, dC = _inter_chunk_bwd(dy, C, H, eC, cs, masks)
-        del eC
-        dH, ddec = _state_passing_bwd(dH_in, dfinal, dec, H)
-        du_states, dB, u_du_states = _chunk_states_bwd(dH[1:], u, cs, B, masks)
-        du = torch.empty_like(u)
-        for sl in _chunk_groups(u):
-            _intra_chunk_bwd(dy[sl], u[sl], cs[sl], B[sl], C[sl], _slice(doc, sl), du[sl], dB[sl], dC[sl])
-        # cs = cumsum(log_decay) within each chunk, so d log_decay_k = sum over i >= k of dcs_i.
-        dcs = (dy * y_off_diag).sum(-1) - (u * du).sum(-1)
-        dlog_decay = dcs.flip(-1).cumsum(-1).flip(-1) + (ddec * dec)[..., None]
-        # The end state's terms, -u_j.du_j at j and +u_j.du_j at the chunk's end, leave
-        # sum_{j < k} u_j.du_j to log_decay_k: summed directly, nothing cancels.
-        dlog_decay[..., 1:] += u_du_states[..., :-1].cumsum(-1)
-        du += du_states
-        du += _diagonal_term(dy, B, C)
-        return du, dlog_decay, dB, dC, dH[0] if ctx.has_h0 else None, None
+        dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
+        dz = None if z is None else torch.empty_like(z)
+        dD = None if D is None else torch.zeros(D.shape[0], x.shape[3], dtype=x.dtype, device=x.device)
+        ddt_c, da_c = torch.empty_like(dt_c), torch.empty_like(dt_c)
+        dH_next = dfinal
+        work = _GroupWork(y_off_diag, B.shape[2], backward=True)
+        for sl in reversed(work.groups):
+            xg, Bg, Cg, dyg = (_group(t, sl, Q) for t in (x, B, C, dy))
+            ug = xg * dt_c[sl, ..., None]
+            mg = _slice_masks(masks, sl)
+            y_off = y_off_diag[sl]
+            if z is not None or D is not None:
+                dyg, dzg, dDg = _skip_and_gate_bwd(dyg, y_off + _diagonal_term(ug, Bg, Cg), xg, D, _group(z, sl, Q))
+                if dzg is not None:
+                    _ungroup(dzg, dz, sl, Q)
+                if dDg is not None:
+                    dD += dDg
+            e = _entry_decay(cs[sl], mg)
+            dH_in, dCg = _inter_chunk_bwd(dyg, Cg, H[sl], e)
+            dH, ddec = _state_passing_bwd(dH_in, dH_next, dec[sl], H[sl])
+            dH_next = dH[0]
+            du_states, dBg, u_du_states = _chunk_states_bwd(dH[1:], ug, cs[sl], Bg, mg)
+            du = torch.empty_like(ug)
+            _intra_chunk_bwd(dyg, ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, du, dBg, dCg)
+            # cs = cumsum(a) within each chunk, so da_k = sum over i >= k of dcs_i.
+            dcs = (dyg * y_off).sum(-1) - (ug * du).sum(-1)
+            da = dcs.flip(-1).cumsum(-1).flip(-1) + (ddec * dec[sl])[..., None]
+            # The end state's terms, -u_j.du_j at j and +u_j.du_j at the chunk's end, leave
+            # sum_{j < k} u_j.du_j to a_k: summed directly, nothing cancels.
+            da[..., 1:] += u_du_states[..., :-1].cumsum(-1)
+            du += du_states
+            du += _diagonal_term(dyg, Bg, Cg)
+            da_c[sl] = da
+            ddt_c[sl] = (du * xg).sum(-1) + da * A[:, None]
+            dxg = du.mul_(dt_c[sl, ..., None])
+            if D is not None:
+                dxg += dyg * D[:, None]
+            _ungroup(dxg, dx, sl, Q)
+            _ungroup(dBg, dB, sl, Q)
+            _ungroup(dCg, dC, sl, Q)
+        dA = (da_c * dt_c).sum((0, 1, 3))
+        ddt = _from_chunks(ddt_c, dt.shape[1])
+        if D is not None and D.shape[1] == 1:
+            dD = dD.sum(1, keepdim=True)
+        return dx, ddt, dA, dB, dC, dD, dz, dH_next if ctx.has_h0 else None, None, None
 
 
 # ---- steps of the chunked algorithm -------------------------------------------------------------
-# Shapes: chunk-major, [c, b, h, Q, ...] for heads and [c, b, g, Q, ...] for groups; r = h // g.
 
-def _decay_matrix(cs):
-    """exp(segsum(dt A)) of every chunk, [c, b, h, Q, Q]: exp(cs_i - cs_j) for j <= i.
+class _GroupWork:
+    """The [Q, Q] work runs over groups of chunks, at most _GROUP_ELEMENTS elements per
+    [chunks, b, h, Q, Q] tensor; its buffers are allocated once per call and reused by every group
+    (a fresh tensor per group costs its page faults again, which on CPU takes longer than the
+    arithmetic done in it). Also holds the [Q, Q] triangle constants."""
 
-    The difference of cumulative sums is clamped to [-80, 80] on and below the diagonal and set to
-    -80 above it, instead of being filled with -inf: exp then never overflows and never produces
-    an inf that a 0 would turn into NaN, and exp stays out of its underflow range (inputs below
-    about -87 in float32, and -inf, run 3 to 20 times slower on CPU). exp(-80) < 2e-35 is
-    negligible beside the terms that matter, and the causal (and document) mask is applied
-    exactly, as zeros in C B^T (_masked_CB). For A < 0 and dt > 0 every argument is <= 0."""
-    Q = cs.shape[-1]
-    lower = torch.ones(Q, Q, dtype=torch.bool, device=cs.device).tril()
-    hi = torch.full((Q, Q), -80.0, dtype=cs.dtype, device=cs.device).masked_fill_(lower, 80.0)
-    seg = cs[..., :, None] - cs[..., None, :]
-    return torch.clamp(seg, min=hi.new_tensor(-80.0), max=hi, out=seg).exp_()
+    def __init__(self, y, groups, backward=False):
+        nc, b, h, Q, _ = y.shape
+        step = max(1, _GROUP_ELEMENTS // (b * h * Q * Q))
+        self.groups = [slice(c, min(c + step, nc)) for c in range(0, nc, step)]
+        step = min(step, nc)
+        self.L = y.new_empty(step, b, h, Q, Q)
+        self.M = y.new_empty(step, b, h, Q, Q) if backward else None
+        self.CB = y.new_empty(step, b, groups, Q, Q)
+        self.lower = torch.ones(Q, Q, dtype=torch.bool, device=y.device).tril()
+        self.hi = torch.full((Q, Q), -80.0, dtype=y.dtype, device=y.device).masked_fill_(self.lower, 80.0)
+        self.lo = self.hi.new_tensor(-80.0)
+
+    def decay_matrix(self, cs):
+        """exp(segsum(dt A)) of every chunk in the group, [G, b, h, Q, Q]: exp(cs_i - cs_j), j <= i.
+
+        The difference of cumulative sums is clamped to [-80, 80] on and below the diagonal and
+        set to -80 above it, instead of being filled with -inf: exp then never overflows, never
+        yields an inf that a 0 would turn into NaN, and stays out of its underflow range (inputs
+        below about -87 in float32, and -inf, run 3 to 20 times slower on CPU). exp(-80) < 2e-35
+        is negligible beside the terms that matter; the causal (and document) mask is applied
+        exactly, as zeros in C B^T (masked_CB). For A < 0 and dt > 0 every argument is <= 0."""
+        L = self.L[: cs.shape[0]]
+        torch.sub(cs[..., :, None], cs[..., None, :], out=L)
+        return torch.clamp(L, min=self.lo, max=self.hi, out=L).exp_()
+
+    def causal_mask(self, doc):
+        """[Q, Q], or [G, b, 1, Q, Q] with documents: j <= i, in the same document."""
+        if doc is None:
+            return self.lower
+        return self.lower & (doc[:, :, None, :, None] == doc[:, :, None, None, :])
+
+    def masked_CB(self, B, C, keep):
+        """C B^T per group, [G, b, g, Q, Q], zero where the causal mask `keep` is False."""
+        return torch.matmul(C, B.mT, out=self.CB[: B.shape[0]]).mul_(keep)
 
 
-def _causal_mask(doc, Q, device):
-    """[Q, Q] (or [c, b, 1, Q, Q] with documents): j <= i, in the same document."""
-    keep = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
-    if doc is not None:
-        keep = keep & (doc[:, :, None, :, None] == doc[:, :, None, None, :])
-    return keep
-
-
-def _masked_CB(B, C, doc):
-    """C B^T per group, [c, b, g, Q, Q], zero above the diagonal and between documents."""
-    CB = C @ B.mT
-    return CB.mul_(_causal_mask(doc, B.shape[-2], B.device))
-
-
-def _intra_chunk(u, cs, B, C, doc, out):
+def _intra_chunk(u, cs, B, C, doc, work, out):
     """Step 1 without its diagonal: Y_diag = (L * C B^T) U per chunk, C B^T shared by the heads of
     a group; the diagonal, C_i.B_i u_i, is `_diagonal_term`."""
-    M = _decay_matrix(cs)
-    _by_group(M, B.shape[2]).mul_(_masked_CB(B, C, doc)[:, :, :, None])
+    M = work.decay_matrix(cs)
+    _by_group(M, B.shape[2]).mul_(work.masked_CB(B, C, work.causal_mask(doc))[:, :, :, None])
     M.diagonal(dim1=-2, dim2=-1).zero_()
     torch.matmul(M, u, out=out)
 
@@ -242,99 +288,141 @@ def _chunk_decay(cs, masks):
     return dec if masks is None else dec * masks["no_reset"][:, :, None]
 
 
-def _state_passing(S, dec, h0):
-    """Step 3: H_{c+1} = dec_c H_c + S_c; H [c + 1, b, h, p, n] holds the state entering each chunk
-    and, last, the final state. A loop over chunks: n_chunks steps of b*h*p*n, where the
+def _state_passing(S, dec, H):
+    """Step 3 over a group's chunks: H[k + 1] = dec_k H[k] + S_k, with H [G + 1, b, h, p, n] and
+    H[0] the state entering the group. A loop over chunks: n_chunks steps of b*h*p*n, where the
     segsum-matrix form over chunks would cost n_chunks^2 * b*h*p*n."""
-    H = S.new_empty(S.shape[0] + 1, *S.shape[1:])
-    H[0] = 0 if h0 is None else h0
-    for c in range(S.shape[0]):
-        torch.addcmul(S[c], dec[c, :, :, None, None], H[c], out=H[c + 1])
-    return H
+    for k in range(S.shape[0]):
+        torch.addcmul(S[k], dec[k, :, :, None, None], H[k], out=H[k + 1])
 
 
-def _entry_decay_times_C(cs, C, masks):
-    """exp(cs_i) C_i per head, [c, b, h, Q, n]: how position i reads the state entering its chunk;
-    zero from the chunk's first document change on."""
+def _entry_decay(cs, masks):
+    """exp(cs_i): how much of the state entering the chunk is left at position i; zero from the
+    chunk's first document change on."""
     e = torch.exp(cs)
-    if masks is not None:
-        e = e * masks["first_doc"][:, :, None]
-    return (_by_group(e, C.shape[2])[..., None] * C[:, :, :, None]).flatten(2, 3)
+    return e if masks is None else e * masks["first_doc"][:, :, None]
 
 
-def _inter_chunk(eC, H, out):
+def _inter_chunk(e, C, H, out):
     """Step 4: Y_off_i = exp(cs_i) H_c C_i from the state H_c entering chunk c, added to out."""
-    Q, p = out.shape[-2:]
-    out.view(-1, Q, p).baddbmm_(eC.view(-1, Q, eC.shape[-1]), H.view(-1, p, H.shape[-1]).mT)
+    Q, p, n = out.shape[-2], out.shape[-1], C.shape[-1]
+    eC = (_by_group(e, C.shape[2])[..., None] * C[:, :, :, None]).flatten(2, 3)
+    out.view(-1, Q, p).baddbmm_(eC.view(-1, Q, n), H.reshape(-1, p, n).mT)
 
 
 # ---- their backward -----------------------------------------------------------------------------
 
-def _inter_chunk_bwd(dy, C, H, eC, cs, masks):
-    """Gradients of step 4: dH_c from this chunk's outputs only, and dC (its only dC terms so
-    far; step 1 adds the rest). The dcs terms are in the dy . y identity."""
+def _inter_chunk_bwd(dy, C, H, e):
+    """Gradients of step 4: dH_c from this chunk's outputs only, and the first terms of dC (step 1
+    adds the rest). The dcs terms are in the dy . y identity."""
+    eC = (_by_group(e, C.shape[2])[..., None] * C[:, :, :, None]).flatten(2, 3)
     dH_in = dy.mT @ eC
-    e = torch.exp(cs)
-    if masks is not None:
-        e = e * masks["first_doc"][:, :, None]
-    dyH = (dy @ H[:-1]).mul_(e[..., None])
+    dyH = (dy @ H).mul_(e[..., None])
     return dH_in, _by_group(dyH, C.shape[2]).sum(3)
 
 
-def _state_passing_bwd(dH_in, dfinal, dec, H):
-    """Reverse recurrence of step 3: dH_c = dH_in_c + dec_c dH_{c+1}, dH_{n_chunks} = dfinal.
-    Returns dH [c + 1, b, h, p, n] (dH[c + 1] is also dS_c) and d dec [c, b, h]."""
+def _state_passing_bwd(dH_in, dH_end, dec, H):
+    """Reverse recurrence of step 3 over a group's chunks: dH[k] = dH_in[k] + dec_k dH[k + 1],
+    dH[G] = dH_end (the gradient of the state leaving the group). Returns dH [G + 1, b, h, p, n]
+    (dH[k + 1] is also dS_k) and d dec [G, b, h]."""
     dH = dH_in.new_empty(dH_in.shape[0] + 1, *dH_in.shape[1:])
-    dH[-1] = dfinal
-    for c in reversed(range(dH_in.shape[0])):
-        torch.addcmul(dH_in[c], dec[c, :, :, None, None], dH[c + 1], out=dH[c])
-    ddec = (dH[1:] * H[:-1]).sum((-1, -2))
-    return dH, ddec
+    dH[-1] = dH_end
+    for k in reversed(range(dH_in.shape[0])):
+        torch.addcmul(dH_in[k], dec[k, :, :, None, None], dH[k + 1], out=dH[k])
+    return dH, (dH[1:] * H).sum((-1, -2))
 
 
 def _chunk_states_bwd(dS, u, cs, B, masks):
-    """Gradients of step 2 given dS_c: du, dB (the first terms of dB) and u_j . du_j, the dcs_j
-    terms (with a minus sign; their sum goes to cs_end)."""
+    """Gradients of step 2 given dS_c: du, dB (its first terms) and u_j . du_j, the dcs_j terms
+    (with a minus sign; their sum goes to cs_end)."""
     g = B.shape[2]
     w = _state_weights(cs, masks)
     dSg = _by_group(dS, g)
-    du = (torch.einsum("cbgqn,cbgrpn->cbgrqp", B, dSg).flatten(2, 3) * w[..., None]).contiguous()
+    du = torch.einsum("cbgqn,cbgrpn->cbgrqp", B, dSg).flatten(2, 3) * w[..., None]
     dB = torch.einsum("cbgrqp,cbgrpn->cbgqn", _by_group(u * w[..., None], g), dSg).contiguous()
     return du, dB, (u * du).sum(-1)
 
 
-def _intra_chunk_bwd(dy, u, cs, B, C, doc, du, dB, dC):
+def _intra_chunk_bwd(dy, u, cs, B, C, doc, work, du, dB, dC):
     """Gradients of step 1 for one group of chunks: du without the diagonal's term written to du,
     dB and dC added in place."""
-    g, Q, p = B.shape[2], u.shape[-2], u.shape[-1]
-    L = _decay_matrix(cs)
-    CB = _masked_CB(B, C, doc)
-    M = _by_group(L, g) * CB[:, :, :, None]
+    g, Q, n = B.shape[2], u.shape[-2], B.shape[-1]
+    L = work.decay_matrix(cs)
+    keep = work.causal_mask(doc)
+    CB = work.masked_CB(B, C, keep)
+    M = work.M[: u.shape[0]]
+    torch.mul(_by_group(L, g), CB[:, :, :, None], out=_by_group(M, g))
     M.diagonal(dim1=-2, dim2=-1).zero_()
-    torch.matmul(M.view_as(L).mT, dy, out=du)
-    dM = torch.matmul(dy, u.mT, out=M.view_as(L))
-    dCB = _by_group(dM.mul_(L), g).sum(3).mul_(_causal_mask(doc, Q, B.device))
-    n = B.shape[-1]
+    torch.matmul(M.mT, dy, out=du)
+    dM = torch.matmul(dy, u.mT, out=M).mul_(L)
+    # C B^T is used masked, so its gradient is masked too (the matrix is reused for it).
+    dCB = torch.sum(_by_group(dM, g), 3, out=CB).mul_(keep)
     dC.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q), B.view(-1, Q, n))
     dB.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q).mT, C.view(-1, Q, n))
 
 
-# ---- helpers --------------------------------------------------------------------------------------
+def _skip_and_gate_bwd(dout, y, x, D, z):
+    """Backward of out = (y + D x) * silu(z): returns dy, dz, dD (None where not given)."""
+    dz = dD = None
+    if z is not None:
+        sig = torch.sigmoid(z)
+        if D is not None:
+            y = y + x * D[:, None]
+        dz = dout * y * sig * (1 + z * (1 - sig))
+        dout = dout * (z * sig)
+    if D is not None:
+        dD = (dout * x).sum((0, 1, 3))
+    return dout, dz, dD
+
+
+# ---- layout and helpers ---------------------------------------------------------------------------
+
+def _group(t, sl, Q):
+    """Chunks sl of t [b, l, X, Y] as [G, b, X, Q, Y], zero-padded past the end (None stays None)."""
+    if t is None:
+        return None
+    b, length, X, Y = t.shape
+    t0, t1 = sl.start * Q, min(sl.stop * Q, length)
+    out = t.new_empty(sl.stop - sl.start, b, X, Q, Y)
+    full = (t1 - t0) // Q
+    out[:full] = rearrange(t[:, t0:t0 + full * Q], "b (c q) x y -> c b x q y", q=Q)
+    if full < out.shape[0]:
+        rest = t1 - t0 - full * Q
+        out[full, :, :, :rest] = t[:, t0 + full * Q:t1].transpose(1, 2)
+        out[full, :, :, rest:] = 0
+    return out
+
+
+def _ungroup(tg, out, sl, Q):
+    """Writes [G, b, X, Q, Y] chunks back into out [b, l, X, Y] (dropping the padding)."""
+    t0, t1 = sl.start * Q, min(sl.stop * Q, out.shape[1])
+    out[:, t0:t1] = rearrange(tg, "c b x q y -> b (c q) x y")[:, : t1 - t0]
+
+
+def _to_chunks(t, Q, pad_with_last=False):
+    """[b, l] -> [c, b, Q] or [b, l, h] -> [c, b, h, Q], padded with zeros (or the last value)."""
+    pad = -t.shape[1] % Q
+    fill = t[:, -1:] if pad_with_last else t.new_zeros(1).expand(t.shape[0], 1, *t.shape[2:])
+    t = torch.cat([t, fill.expand(-1, pad, *t.shape[2:])], 1)
+    return rearrange(t, "b (c q) ... -> c b ... q", q=Q).contiguous()
+
+
+def _from_chunks(t, length):
+    """[c, b, h, Q] -> [b, length, h]."""
+    return rearrange(t, "c b h q -> b (c q) h")[:, :length]
+
 
 def _by_group(t, groups):
     """[c, b, h, ...] -> [c, b, g, h // g, ...] (head i in group i // (h // g)), a view."""
     return t.unflatten(2, (groups, t.shape[2] // groups))
 
 
-def _chunk_groups(u):
-    """Slices over the chunk axis with at most _GROUP_ELEMENTS elements per [chunks, b, h, Q, Q]."""
-    nc, b, h, Q, _ = u.shape
-    step = max(1, _GROUP_ELEMENTS // (b * h * Q * Q))
-    return [slice(c, min(c + step, nc)) for c in range(0, nc, step)]
-
-
 def _slice(doc, sl):
     return None if doc is None else doc[sl]
+
+
+def _slice_masks(masks, sl):
+    return None if masks is None else {k: v[sl] for k, v in masks.items()}
 
 
 def _document_number(seq_idx):
@@ -366,10 +454,11 @@ def _discretize_dt(dt, dt_bias, dt_softplus, acc):
 
 
 def _skip_and_gate(y, x, D, z):
+    """(y + D x) * silu(z) for chunked [c, b, h, Q, p] tensors, D [h, 1] or [h, p]."""
     if D is not None:
-        y = y + x * (D[:, None] if D.dim() == 1 else D).to(y.dtype)
+        y = y + x * D[:, None]
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y * F.silu(z)
     return y
 
 
