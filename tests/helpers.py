@@ -28,6 +28,27 @@ def assert_grads_close(got: dict, want: dict, tol: float):
         assert_close(got[name], want[name], tol, f"grad {name}")
 
 
+def check_block_vs_reference(block, reference, x: torch.Tensor, tol: float = 1e-10):
+    """The block's forward vs `reference(block, x)` (the same math through an op's `_ref` twin):
+    outputs, the input gradient and every parameter gradient."""
+    x = x.detach().requires_grad_(True)
+    got = block(x)
+    got.pow(2).sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    assert set(got_grads) == {n for n, _ in block.named_parameters()}, "a parameter got no gradient"
+    got_dx = x.grad.clone()
+    block.zero_grad()
+    x.grad = None
+    want = reference(block, x)
+    want.pow(2).sum().backward()
+    assert_close(got, want, tol)
+    assert_close(got_dx, x.grad, tol, "grad x")
+    for n, p in block.named_parameters():
+        # floor 1: some gradients are zero in theory (dq at length 1); compare them on the O(1) scale
+        assert_close(got_grads[n], p.grad, tol, f"grad {n}", floor=1.0)
+    return got_grads
+
+
 def run_chunks(block, x: torch.Tensor, sizes) -> torch.Tensor:
     """Feed x through `block` in chunks of the given sizes (cycled) via a fresh cache."""
     cache = block.init_cache(x.shape[0], x.device, x.dtype)

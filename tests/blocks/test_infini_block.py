@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import zoo.blocks.infini  # noqa: F401  (registers `infini` until zoo.blocks imports it)
-from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
+from tests.helpers import assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, run_chunks
 from zoo.config import RecipeError, load_recipe
 from zoo.model import ZooLM
 from zoo.ops.infini import infini_attention_ref
@@ -45,21 +45,7 @@ def ref_forward(block, x):
 @pytest.mark.parametrize("length", [1, 13, 29])
 def test_block_matches_reference(case, length):
     block = make(case)
-    x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
-    got = block(x)
-    got.pow(2).sum().backward()
-    got_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-    got_dx = x.grad.clone()
-    block.zero_grad()
-    x.grad = None
-    want = ref_forward(block, x)
-    want.pow(2).sum().backward()
-    assert_close(got, want, 1e-10)
-    assert_close(got_dx, x.grad, 1e-10, "grad x")
-    assert set(got_grads) == {n for n, _ in block.named_parameters()} and "gate" in got_grads
-    for n, p in block.named_parameters():
-        # floor 1: at length 1 dq/dk are zero in theory, so compare them on the scale of O(1) gradients
-        assert_close(got_grads[n], p.grad, 1e-10, f"grad {n}", floor=1.0)
+    check_block_vs_reference(block, ref_forward, torch.randn(2, length, D_MODEL, dtype=torch.float64))
 
 
 def test_memory_path_is_used():

@@ -86,6 +86,17 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=cfg.out_bias)
 
+    def _project(self, x):
+        """Un-rotated q [b, t, heads, hd], k and v [b, t, kv_heads, hd]."""
+        b, t, _ = x.shape
+        return (self.q_proj(x).view(b, t, self.n_heads, self.head_dim),
+                self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim),
+                self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
+
+    def _rope(self, start: int, end: int, device):
+        """cos, sin for absolute positions [start, end)."""
+        return rope_cos_sin(torch.arange(start, end, device=device), self.head_dim, self.cfg.rope_base)
+
     def _attend(self, q, k, v):
         return attention(q, k, v, causal=True)
 
@@ -98,10 +109,8 @@ class CausalSelfAttention(nn.Module):
             raise NotImplementedError("context parallel attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.head_dim, self.cfg.rope_base)
+        q, k, v = self._project(x)
+        cos, sin = self._rope(start, start + t, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
 from zoo.ops.infini import infini_attention
-from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.rope import apply_rope
 from zoo.registry import register_block
 
 
@@ -63,9 +63,7 @@ class InfiniAttention(CausalSelfAttention):
             raise NotImplementedError("context parallel Infini-attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         cos, sin = self._rope(start, start + t, x.device)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local)
@@ -84,8 +82,6 @@ class InfiniAttention(CausalSelfAttention):
             cache["M"], cache["z"], cache["pos"] = M, z, start + t
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
-    def _rope(self, start: int, end: int, device):
-        return rope_cos_sin(torch.arange(start, end, device=device), self.head_dim, self.cfg.rope_base)
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
         mem = _memory_dtype(dtype)

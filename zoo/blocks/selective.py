@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
-from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.rope import apply_rope
 from zoo.ops.selective import selective_attention, selective_cache_step
 from zoo.registry import register_block
 
@@ -49,10 +49,8 @@ class SelectiveAttention(CausalSelfAttention):
             raise NotImplementedError("context parallel selective attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.head_dim, self.cfg.rope_base)
+        q, k, v = self._project(x)
+        cos, sin = self._rope(start, start + t, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = selective_attention(q, k, v, block_size=self.cfg.block_size)
