@@ -1,0 +1,261 @@
+"""Mamba blocks: `mamba`, the Mamba-1 mixer (Gu & Dao, arXiv 2312.00752, section 3.4, figure 3),
+and `mamba2`, the Mamba-2 mixer (Dao & Gu, arXiv 2405.21060, section 7.1, figure 6).
+
+    mamba:  x, z = in_proj(u);  x = silu(conv(x));  dt, B, C = x_proj(x);  dt = dt_proj(dt)
+            y = selective_scan(x, dt, A, B, C, D, z);  out_proj(y)
+    mamba2: z, xBC, dt = in_proj(u);  x, B, C = silu(conv(xBC));  y = ssd_scan(x, dt, A, B, C, D)
+            out_proj(rmsnorm(y * silu(z)))              per head of head_dim, B and C per group
+
+Parameter names follow mamba_ssm and transformers (in_proj, conv1d, x_proj, dt_proj, dt_bias, A_log,
+D, norm, out_proj). The cache is a dict of two tensors updated in place: "conv", the last d_conv - 1
+inputs of the convolution, and "ssm", the recurrent state; its size does not grow with the length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.ops.conv import causal_conv1d
+from zoo.ops.ssd import ssd_scan
+from zoo.ops.ssm import selective_scan, selective_scan_step
+from zoo.registry import register_block
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Union[int, str] = "auto"   # "auto": ceil(d_model / 16)
+    dt_min: float = 0.001               # initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False                  # in_proj and out_proj
+
+    def __post_init__(self):
+        _at_least_one(self, "d_state", "d_conv", "expand")
+        if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
+                                       or self.dt_rank < 1):
+            raise ValueError(f"dt_rank: must be 'auto' or an integer >= 1, got {self.dt_rank!r}")
+        _check_dt_range(self)
+
+
+@dataclass
+class Mamba2Config:
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 32
+    n_groups: int = 1                   # B and C are shared by n_heads / n_groups heads
+    chunk_size: int = 64
+    conv_bias: bool = True
+    bias: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    a_init_min: float = 1.0             # -A per head is uniform in [a_init_min, a_init_max]
+    a_init_max: float = 16.0
+
+    def __post_init__(self):
+        _at_least_one(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")
+        _check_dt_range(self)
+        if not 0 < self.a_init_min <= self.a_init_max:
+            raise ValueError(f"a_init_min: must satisfy 0 < a_init_min <= a_init_max = {self.a_init_max}, "
+                             f"got {self.a_init_min}")
+
+    def check(self, d_model: int, seq_len: int) -> None:
+        """Checks that need the model's width."""
+        self.heads(d_model)
+
+    def heads(self, d_model: int) -> int:
+        d_inner = self.expand * d_model
+        if d_inner % self.head_dim:
+            raise ValueError(f"head_dim: {self.head_dim} does not divide expand * model.d_model = {d_inner}")
+        n_heads = d_inner // self.head_dim
+        if n_heads % self.n_groups:
+            raise ValueError(f"n_groups: {self.n_groups} does not divide the {n_heads} heads "
+                             f"(expand * model.d_model / head_dim)")
+        return n_heads
+
+
+def _at_least_one(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value!r}")
+
+
+def _check_dt_range(cfg):
+    if not 0 < cfg.dt_min <= cfg.dt_max:
+        raise ValueError(f"dt_min: must satisfy 0 < dt_min <= dt_max = {cfg.dt_max}, got {cfg.dt_min}")
+    if cfg.dt_init_floor < 0:
+        raise ValueError(f"dt_init_floor: must be >= 0, got {cfg.dt_init_floor}")
+
+
+@register_block("mamba", config=MambaConfig)
+class MambaBlock(nn.Module):
+    """The Mamba-1 mixer: selective SSM with a [d_inner, d_state] diagonal A and a gate."""
+
+    def __init__(self, d_model: int, cfg: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.d_inner = cfg.expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if cfg.dt_rank == "auto" else cfg.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, cfg.d_conv, groups=self.d_inner, bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * cfg.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # S4D-real initialisation (arXiv 2206.11893): A = -(1, 2, ..., d_state) in every channel
+        A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
+        with torch.no_grad():
+            # dt_proj's weight at the scale that keeps dt_proj(dt) O(1) (mamba_ssm's "random" init)
+            bound = self.dt_rank ** -0.5
+            self.dt_proj.weight.uniform_(-bound, bound)
+            self.dt_proj.bias.copy_(_initial_dt_bias(self.d_inner, cfg))
+        for p in (self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D):
+            p._no_reinit = True
+        for p in (self.A_log, self.D):
+            p._no_weight_decay = True   # decay toward 0 would change the dynamics, not only the scale
+
+    def forward(self, x, *, cache=None, cp=None):
+        if cp is not None:
+            raise NotImplementedError("context parallel for mamba arrives with issue 8")
+        n = self.cfg.d_state
+        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
+        xs = _conv(self.conv1d, xs, cache)
+        dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # its bias goes in as delta_bias
+        A = -torch.exp(_float(self.A_log))
+        if cache is not None and x.shape[1] == 1:
+            y, state = selective_scan_step(cache["ssm"], xs[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D,
+                                           z[..., 0], self.dt_proj.bias, dt_softplus=True)
+            y = y[..., None]
+        else:
+            y = selective_scan(xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias,
+                               delta_softplus=True, return_last_state=cache is not None,
+                               initial_state=None if cache is None else cache["ssm"])
+            if cache is not None:
+                y, state = y
+        if cache is not None:
+            cache["ssm"] = state.to(cache["ssm"].dtype)
+        return self.out_proj(y.transpose(1, 2))
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        return {"conv": torch.zeros(batch_size, self.d_inner, self.cfg.d_conv - 1, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.d_inner, self.cfg.d_state, device=device, dtype=dtype)}
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return batch_size * self.d_inner * (self.cfg.d_conv - 1 + self.cfg.d_state) * elem
+
+
+@register_block("mamba2", config=Mamba2Config)
+class Mamba2Block(nn.Module):
+    """The Mamba-2 mixer: heads with a scalar decay each (SSD), grouped B and C, gated RMSNorm."""
+
+    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads = cfg.heads(d_model)
+        self.d_inner = cfg.expand * d_model
+        self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
+        # in_proj packs [z, x, B, C, dt], as in mamba_ssm
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(_initial_dt_bias(self.n_heads, cfg))
+        A = torch.empty(self.n_heads).uniform_(cfg.a_init_min, cfg.a_init_max)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // cfg.n_groups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_reinit = True
+            p._no_weight_decay = True
+
+    def forward(self, x, *, cache=None, cp=None):
+        if cp is not None:
+            raise NotImplementedError("context parallel for mamba arrives with issue 8")
+        b, length, _ = x.shape
+        h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache).transpose(1, 2)
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        A = -torch.exp(_float(self.A_log))
+        if cache is not None and length == 1:
+            # Heads flattened into channels, A and dt repeated over head_dim: the Mamba-1 step.
+            per_head = lambda t: t.repeat_interleave(p, dim=-1)
+            y, state = selective_scan_step(cache["ssm"].flatten(1, 2), xs[:, 0], per_head(dt[:, 0]),
+                                           per_head(A)[:, None].expand(h * p, n), B[:, 0].view(b, g, n),
+                                           C[:, 0].view(b, g, n), per_head(self.D), None, per_head(self.dt_bias),
+                                           dt_softplus=True)
+            y, state = y[:, None], state.view(b, h, p, n)
+        else:
+            y = ssd_scan(xs.reshape(b, length, h, p), dt, A, B.reshape(b, length, g, n), C.reshape(b, length, g, n),
+                         self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                         initial_states=None if cache is None else cache["ssm"],
+                         return_final_states=cache is not None)
+            if cache is not None:
+                y, state = y
+            y = y.reshape(b, length, self.d_inner)
+        if cache is not None:
+            cache["ssm"] = state.to(cache["ssm"].dtype)
+        return self.out_proj(self.norm(y, z))
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        cfg = self.cfg
+        return {"conv": torch.zeros(batch_size, self.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.n_heads, cfg.head_dim, cfg.d_state, device=device, dtype=dtype)}
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        cfg = self.cfg
+        return batch_size * (self.conv_dim * (cfg.d_conv - 1) + self.d_inner * cfg.d_state) * elem
+
+
+class GatedRMSNorm(nn.Module):
+    """rmsnorm(y * silu(z)) * weight over groups of `group_size` channels: Mamba-2's output norm
+    (norm_before_gate=False), per group so that it is unchanged under tensor parallel over groups."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y, z):
+        acc = _float(y).dtype
+        gated = (y.to(acc) * F.silu(z.to(acc))).unflatten(-1, (-1, self.group_size))
+        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
+
+
+def _conv(conv: nn.Conv1d, x, cache):
+    """Depthwise causal conv + SiLU of x [b, c, l], continuing from and updating cache["conv"]."""
+    weight = conv.weight[:, 0]
+    if cache is None:
+        return causal_conv1d(x, weight, conv.bias, activation="silu")
+    out, states = causal_conv1d(x, weight, conv.bias, initial_states=cache["conv"], return_final_states=True,
+                                activation="silu")
+    cache["conv"] = states.to(cache["conv"].dtype)
+    return out
+
+
+def _initial_dt_bias(size: int, cfg) -> torch.Tensor:
+    """softplus^-1 of step sizes log-uniform in [dt_min, dt_max] (floored), so that
+    softplus(dt_proj(.) + bias) starts in that range, as mamba_ssm initialises it."""
+    dt = torch.exp(torch.rand(size) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+    dt = dt.clamp(min=cfg.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: exp(A_log) and the norm's statistics lose too much in half precision."""
+    return t if t.dtype == torch.float64 else t.float()
