@@ -50,9 +50,10 @@ from einops import rearrange
 
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
-# Elements of one [chunks, b, h, Q, Q] working tensor per group of chunks (4 Mi * 4 B = 16 MiB in
-# float32); the backward holds three of them.
-_GROUP_ELEMENTS = 1 << 22
+# Elements of one [chunks, b, h, Q, Q] working tensor per group of chunks (1 Mi * 4 B = 4 MiB in
+# float32; the backward holds three of them): small enough that a group's working set stays in
+# cache, which measured faster than larger groups on CPU (scripts/bench_ssm.py shapes).
+_GROUP_ELEMENTS = 1 << 20
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, initial_states=None,
@@ -143,7 +144,7 @@ class _SSDScan(torch.autograd.Function):
         H[0] = 0 if h0 is None else h0
         y = torch.empty_like(x)
         y_off_diag = x.new_empty(nc, x.shape[0], x.shape[2], Q, x.shape[3])
-        work = _GroupWork(y_off_diag, B.shape[2])
+        work = _GroupWork(y_off_diag, B.shape[2], B.shape[3])
         for sl in work.groups:
             xg, Bg, Cg = (_group(t, sl, Q) for t in (x, B, C))
             ug = xg * dt_c[sl, ..., None]
@@ -151,7 +152,7 @@ class _SSDScan(torch.autograd.Function):
             _state_passing(_chunk_states(ug, cs[sl], Bg, mg), dec[sl], H[sl.start:sl.stop + 1])
             _intra_chunk(ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, out=y_off_diag[sl])
             _inter_chunk(_entry_decay(cs[sl], mg), Cg, H[sl], out=y_off_diag[sl])
-            yg = _skip_and_gate(y_off_diag[sl] + _diagonal_term(ug, Bg, Cg), xg, D, _group(z, sl, Q))
+            yg = _skip_and_gate(_add_diagonal_term(y_off_diag[sl], ug, Bg, Cg), xg, D, _group(z, sl, Q))
             _ungroup(yg, y, sl, Q)
         ctx.save_for_backward(x, dt, A, B, C, D, z, doc, cs, H, y_off_diag)
         ctx.Q, ctx.has_h0 = Q, h0 is not None
@@ -170,14 +171,15 @@ class _SSDScan(torch.autograd.Function):
         dD = None if D is None else torch.zeros(D.shape[0], x.shape[3], dtype=x.dtype, device=x.device)
         ddt_c, da_c = torch.empty_like(dt_c), torch.empty_like(dt_c)
         dH_next = dfinal
-        work = _GroupWork(y_off_diag, B.shape[2], backward=True)
+        work = _GroupWork(y_off_diag, B.shape[2], B.shape[3], backward=True)
         for sl in reversed(work.groups):
             xg, Bg, Cg, dyg = (_group(t, sl, Q) for t in (x, B, C, dy))
             ug = xg * dt_c[sl, ..., None]
             mg = _slice_masks(masks, sl)
             y_off = y_off_diag[sl]
             if z is not None or D is not None:
-                dyg, dzg, dDg = _skip_and_gate_bwd(dyg, y_off + _diagonal_term(ug, Bg, Cg), xg, D, _group(z, sl, Q))
+                dyg, dzg, dDg = _skip_and_gate_bwd(dyg, lambda: _add_diagonal_term(y_off, ug, Bg, Cg), xg, D,
+                                                   _group(z, sl, Q))
                 if dzg is not None:
                     _ungroup(dzg, dz, sl, Q)
                 if dDg is not None:
@@ -196,12 +198,12 @@ class _SSDScan(torch.autograd.Function):
             # sum_{j < k} u_j.du_j to a_k: summed directly, nothing cancels.
             da[..., 1:] += u_du_states[..., :-1].cumsum(-1)
             du += du_states
-            du += _diagonal_term(dyg, Bg, Cg)
+            _add_diagonal_term(du, dyg, Bg, Cg, inplace=True)
             da_c[sl] = da
             ddt_c[sl] = (du * xg).sum(-1) + da * A[:, None]
             dxg = du.mul_(dt_c[sl, ..., None])
             if D is not None:
-                dxg += dyg * D[:, None]
+                dxg.addcmul_(dyg, D[:, None])
             _ungroup(dxg, dx, sl, Q)
             _ungroup(dBg, dB, sl, Q)
             _ungroup(dCg, dC, sl, Q)
@@ -220,9 +222,10 @@ class _GroupWork:
     (a fresh tensor per group costs its page faults again, which on CPU takes longer than the
     arithmetic done in it). Also holds the [Q, Q] triangle constants."""
 
-    def __init__(self, y, groups, backward=False):
-        nc, b, h, Q, _ = y.shape
-        step = max(1, _GROUP_ELEMENTS // (b * h * Q * Q))
+    def __init__(self, y, groups, n, backward=False):
+        nc, b, h, Q, p = y.shape
+        # Per group: [Q, Q] matrices per head, and chunk tensors [b, h, Q, p or n].
+        step = max(1, _GROUP_ELEMENTS // (b * h * Q * max(Q, p, n)))
         self.groups = [slice(c, min(c + step, nc)) for c in range(0, nc, step)]
         step = min(step, nc)
         self.L = y.new_empty(step, b, h, Q, Q)
@@ -265,21 +268,31 @@ def _intra_chunk(u, cs, B, C, doc, work, out):
     torch.matmul(M, u, out=out)
 
 
-def _diagonal_term(u, B, C):
-    """(C_i . B_i) u_i per head: the undecayed diagonal of step 1 (and its transpose's action)."""
-    CB_ii = (C * B).sum(-1)
-    return (_by_group(u, B.shape[2]) * CB_ii[:, :, :, None, :, None]).flatten(2, 3)
+def _add_diagonal_term(y, u, B, C, inplace=False):
+    """y + (C_i . B_i) u_i per head: the undecayed diagonal of step 1 (C B^T is symmetric there,
+    so the same term carries dy to du)."""
+    g = B.shape[2]
+    CB_ii = torch.linalg.vecdot(C, B)[:, :, :, None, :, None]
+    if inplace:
+        _by_group(y, g).addcmul_(_by_group(u, g), CB_ii)
+        return y
+    return torch.addcmul(_by_group(y, g), _by_group(u, g), CB_ii).flatten(2, 3)
 
 
 def _chunk_states(u, cs, B, masks):
     """Step 2: S_c = sum_j exp(cs_end - cs_j) u_j B_j^T, only from the chunk's last document."""
-    uw = _by_group(u * _state_weights(cs, masks)[..., None], B.shape[2])
-    return torch.einsum("cbgrqp,cbgqn->cbgrpn", uw, B).flatten(2, 3)
+    return u.mT @ _per_head(_state_weights(cs, masks), B)
 
 
 def _state_weights(cs, masks):
+    """exp(cs_end - cs_j) [G, b, h, Q], zero outside the chunk's last document."""
     w = torch.exp(cs[..., -1:] - cs)
     return w if masks is None else w * masks["last_doc"][:, :, None]
+
+
+def _per_head(w, B):
+    """w_j B_j for every head, [G, b, h, Q, n], from w [G, b, h, Q] and B [G, b, g, Q, n]."""
+    return (_by_group(w, B.shape[2])[..., None] * B[:, :, :, None]).flatten(2, 3)
 
 
 def _chunk_decay(cs, masks):
@@ -306,8 +319,7 @@ def _entry_decay(cs, masks):
 def _inter_chunk(e, C, H, out):
     """Step 4: Y_off_i = exp(cs_i) H_c C_i from the state H_c entering chunk c, added to out."""
     Q, p, n = out.shape[-2], out.shape[-1], C.shape[-1]
-    eC = (_by_group(e, C.shape[2])[..., None] * C[:, :, :, None]).flatten(2, 3)
-    out.view(-1, Q, p).baddbmm_(eC.view(-1, Q, n), H.reshape(-1, p, n).mT)
+    out.view(-1, Q, p).baddbmm_(_per_head(e, C).view(-1, Q, n), H.reshape(-1, p, n).mT)
 
 
 # ---- their backward -----------------------------------------------------------------------------
@@ -315,10 +327,9 @@ def _inter_chunk(e, C, H, out):
 def _inter_chunk_bwd(dy, C, H, e):
     """Gradients of step 4: dH_c from this chunk's outputs only, and the first terms of dC (step 1
     adds the rest). The dcs terms are in the dy . y identity."""
-    eC = (_by_group(e, C.shape[2])[..., None] * C[:, :, :, None]).flatten(2, 3)
-    dH_in = dy.mT @ eC
+    dH_in = dy.mT @ _per_head(e, C)
     dyH = (dy @ H).mul_(e[..., None])
-    return dH_in, _by_group(dyH, C.shape[2]).sum(3)
+    return dH_in, _sum_heads(dyH, C.shape[2])
 
 
 def _state_passing_bwd(dH_in, dH_end, dec, H):
@@ -335,12 +346,10 @@ def _state_passing_bwd(dH_in, dH_end, dec, H):
 def _chunk_states_bwd(dS, u, cs, B, masks):
     """Gradients of step 2 given dS_c: du, dB (its first terms) and u_j . du_j, the dcs_j terms
     (with a minus sign; their sum goes to cs_end)."""
-    g = B.shape[2]
     w = _state_weights(cs, masks)
-    dSg = _by_group(dS, g)
-    du = torch.einsum("cbgqn,cbgrpn->cbgrqp", B, dSg).flatten(2, 3) * w[..., None]
-    dB = torch.einsum("cbgrqp,cbgrpn->cbgqn", _by_group(u * w[..., None], g), dSg).contiguous()
-    return du, dB, (u * du).sum(-1)
+    du = _per_head(w, B) @ dS.mT
+    dB = _sum_heads((u @ dS).mul_(w[..., None]), B.shape[2])
+    return du, dB, torch.linalg.vecdot(u, du)
 
 
 def _intra_chunk_bwd(dy, u, cs, B, C, doc, work, du, dB, dC):
@@ -356,19 +365,22 @@ def _intra_chunk_bwd(dy, u, cs, B, C, doc, work, du, dB, dC):
     torch.matmul(M.mT, dy, out=du)
     dM = torch.matmul(dy, u.mT, out=M).mul_(L)
     # C B^T is used masked, so its gradient is masked too (the matrix is reused for it).
-    dCB = torch.sum(_by_group(dM, g), 3, out=CB).mul_(keep)
+    dCB = (torch.sum(_by_group(dM, g), 3, out=CB) if dM.shape[2] > g else dM).mul_(keep)
     dC.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q), B.view(-1, Q, n))
     dB.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q).mT, C.view(-1, Q, n))
 
 
-def _skip_and_gate_bwd(dout, y, x, D, z):
-    """Backward of out = (y + D x) * silu(z): returns dy, dz, dD (None where not given)."""
+def _skip_and_gate_bwd(dout, y_fn, x, D, z):
+    """Backward of out = (y + D x) * silu(z), y = y_fn() recomputed only if z is given: returns
+    dy, dz, dD (None where not given)."""
     dz = dD = None
     if z is not None:
         sig = torch.sigmoid(z)
+        y = y_fn()
         if D is not None:
-            y = y + x * D[:, None]
-        dz = dout * y * sig * (1 + z * (1 - sig))
+            y.addcmul_(x, D[:, None])
+        # d silu(z) / dz = sig (1 + z (1 - sig))
+        dz = (1 - sig).mul_(z).add_(1).mul_(sig).mul_(y).mul_(dout)
         dout = dout * (z * sig)
     if D is not None:
         dD = (dout * x).sum((0, 1, 3))
@@ -410,6 +422,11 @@ def _to_chunks(t, Q, pad_with_last=False):
 def _from_chunks(t, length):
     """[c, b, h, Q] -> [b, length, h]."""
     return rearrange(t, "c b h q -> b (c q) h")[:, :length]
+
+
+def _sum_heads(t, groups):
+    """[c, b, h, ...] -> [c, b, g, ...]: the sum over each group's heads."""
+    return t if t.shape[2] == groups else _by_group(t, groups).sum(3)
 
 
 def _by_group(t, groups):
@@ -454,11 +471,11 @@ def _discretize_dt(dt, dt_bias, dt_softplus, acc):
 
 
 def _skip_and_gate(y, x, D, z):
-    """(y + D x) * silu(z) for chunked [c, b, h, Q, p] tensors, D [h, 1] or [h, p]."""
+    """(y + D x) * silu(z), in place in y, for chunked [c, b, h, Q, p] tensors, D [h, 1] or [h, p]."""
     if D is not None:
-        y = y + x * D[:, None]
+        y.addcmul_(x, D[:, None])
     if z is not None:
-        y = y * F.silu(z)
+        y.mul_(F.silu(z))
     return y
 
 
