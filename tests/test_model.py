@@ -36,7 +36,7 @@ def test_loss_is_shifted_with_ignore_index():
 
 
 def test_tied_and_untied_head():
-    tied, untied = tiny(), tiny(tie_embeddings=False)
+    tied, untied = tiny(tie_embeddings=True), tiny()
     assert tied.lm_head.weight is tied.embed.weight
     assert untied.lm_head.weight is not untied.embed.weight
     n_tied, n_untied = tied.num_params(), untied.num_params()
