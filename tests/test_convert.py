@@ -29,6 +29,27 @@ def test_llama(tied, bias):
     assert model.recipe.layers[0].cfg.rope_base == 500.0 and model.recipe.model.tie_embeddings == tied
 
 
+@pytest.mark.parametrize("tied,bias", [(True, False), (False, True)])
+def test_mamba(tied, bias):
+    cfg = transformers.MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=2, vocab_size=97, expand=2,
+                                   conv_kernel=4, time_step_rank=6, tie_word_embeddings=tied, use_bias=bias)
+    torch.manual_seed(0)
+    _compare(transformers.MambaForCausalLM(cfg), 97)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mamba2(groups):
+    cfg = transformers.Mamba2Config(hidden_size=64, state_size=16, num_hidden_layers=2, vocab_size=97, expand=2,
+                                    head_dim=16, num_heads=8, n_groups=groups, chunk_size=16, conv_kernel=4)
+    torch.manual_seed(0)
+    hf = transformers.Mamba2ForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial D, dt_bias and norm weights, so the test sees every path
+        for layer in hf.backbone.layers:
+            layer.mixer.D.normal_()
+            layer.mixer.norm.weight.normal_(1.0, 0.2)
+    _compare(hf, 97)
+
+
 def test_unknown_model_class():
     with pytest.raises(ValueError, match="no converter for Linear"):
         from_transformers(torch.nn.Linear(2, 2))

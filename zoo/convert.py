@@ -57,7 +57,54 @@ def _llama(hf) -> tuple[dict, dict]:
     return recipe, names
 
 
-CONVERTERS: dict[str, Callable] = {"LlamaForCausalLM": _llama}
+def _mamba_common(c, block: dict, mixer_params: list) -> tuple[dict, dict]:
+    recipe = {"name": f"{block['type']}-import",
+              "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+                        "pattern": "M", "norm_eps": c.layer_norm_epsilon,
+                        "tie_embeddings": bool(c.tie_word_embeddings), "blocks": {"M": {**block, "ffn": "none"}}},
+              "train": {"seq_len": 2048}}
+    names = {"backbone.embeddings.weight": "embed.weight", "backbone.norm_f.weight": "norm.weight"}
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(c.num_hidden_layers):
+        names[f"backbone.layers.{i}.norm.weight"] = f"layers.{i}.mixer_norm.weight"
+        for p in mixer_params:  # zoo's Mamba mixers keep mamba_ssm's parameter names
+            names[f"backbone.layers.{i}.mixer.{p}"] = f"layers.{i}.mixer.{p}"
+    return recipe, names
+
+
+def _conv_and_proj_params(c) -> list:
+    params = ["in_proj.weight", "conv1d.weight", "out_proj.weight", "A_log", "D"]
+    params += ["conv1d.bias"] if c.use_conv_bias else []
+    params += ["in_proj.bias", "out_proj.bias"] if c.use_bias else []
+    return params
+
+
+def _mamba(hf) -> tuple[dict, dict]:
+    c = hf.config
+    if c.intermediate_size != c.expand * c.hidden_size:
+        raise ValueError(f"intermediate_size: {c.intermediate_size} != expand * hidden_size; zoo derives it")
+    block = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+             "dt_rank": int(c.time_step_rank), "conv_bias": bool(c.use_conv_bias), "bias": bool(c.use_bias)}
+    params = _conv_and_proj_params(c) + ["x_proj.weight", "dt_proj.weight", "dt_proj.bias"]
+    return _mamba_common(c, block, params)
+
+
+def _mamba2(hf) -> tuple[dict, dict]:
+    c = hf.config
+    if tuple(c.time_step_limit) != (0.0, float("inf")):
+        raise ValueError(f"time_step_limit: only the unclamped (0, inf) converts exactly, got {c.time_step_limit}")
+    if c.expand * c.hidden_size != c.num_heads * c.head_dim:
+        raise ValueError(f"num_heads: {c.num_heads} x head_dim {c.head_dim} != expand x hidden_size")
+    block = {"type": "mamba2", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+             "head_dim": c.head_dim, "n_groups": c.n_groups, "chunk_size": c.chunk_size,
+             "conv_bias": bool(c.use_conv_bias), "bias": bool(c.use_bias)}
+    params = _conv_and_proj_params(c) + ["dt_bias", "norm.weight"]
+    return _mamba_common(c, block, params)
+
+
+CONVERTERS: dict[str, Callable] = {"LlamaForCausalLM": _llama, "MambaForCausalLM": _mamba,
+                                   "Mamba2ForCausalLM": _mamba2}
 
 
 def register_converter(hf_class_name: str):
