@@ -191,10 +191,12 @@ def main():
         print("| " + " | ".join(row) + " |")
         summary[n] = {"blockwise_over_dense_mem": mem_ratio and round(mem_ratio, 4),
                       "blockwise_over_sdpa_time": round(time_ratio, 3),
-                      "swa_mib": round(mem["swa", n]["peak_bytes"] / 2**20, 1)}
-    swa = [mem["swa", n]["peak_bytes"] for n in args.lengths]
-    print(f"\nswa peak memory, {args.lengths[-1]} vs {args.lengths[0]}: x{swa[-1] / swa[0]:.2f} "
-          f"for x{args.lengths[-1] / args.lengths[0]:g} the length")
+                      "swa_kib_per_token": round(mem["swa", n]["peak_bytes"] / n / 1024, 2)}
+    # Activations and gradients are per token, so "flat" means flat per token: no L x L term.
+    per_token = lambda m: ", ".join(f"{n}: {mem[m, n]['peak_bytes'] / n / 1024:.1f}" for n in args.lengths
+                                    if mem[m, n]["status"] == "ok")
+    print(f"\npeak memory per token (KiB) - swa: {per_token('swa')}; sdpa: {per_token('sdpa')}; "
+          f"blockwise: {per_token('blockwise')}; dense: {per_token('dense')}")
     if any(n <= args.window for n in args.lengths):
         print(f"swa at lengths <= window {args.window} is plain causal attention: `attention` runs SDPA for it")
     if any(mem["dense", n]["status"] == "skipped" for n in args.lengths):

@@ -39,7 +39,8 @@ __all__ = [
 def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None):
     """Exact attention: `F.scaled_dot_product_attention` when unwindowed, the blockwise path otherwise.
 
-    Returns out [batch, Lq, heads, head_dim] in q's dtype.
+    Returns out [batch, Lq, heads, head_dim] in q's dtype. Chunked prefill (1 < Lq < Lk, causal)
+    hands SDPA an Lq x Lk bool mask; self-attention (Lq = Lk) and decoding (Lq = 1) need none.
     """
     _check_inputs(q, k, v, causal, window)
     lq, lk = q.shape[1], k.shape[1]
