@@ -1,0 +1,322 @@
+"""results.json of a comparison -> report.md tables and PNG plots (issue 7, item 5).
+
+Layout of results.json (written by scripts/compare.py, read here):
+
+    {"meta": {"torch": ..., "device": "cpu", "world_size": 1, ...},
+     "recipes": {name: {"params": {...}, "d_model": ..., "checkpoint": ...}},
+     "cells": {"<recipe>|<eval>|<scheme>|<context>": {"recipe", "eval", "scheme", "context", ..., "units": {...}}}}
+
+A cell is the unit of work and of resumption: `cell_key` names it. Evals and their schemes:
+`train` (scheme `budget`), `ppl` (blocks / sliding / streaming; the streaming context is `doc`),
+`compression` (gzip-9 / xz-9, recipe `-`), `memory` (forward / decode / train), `throughput`
+(prefill / decode / train), `passkey` (scheme `greedy`, context = prompt length).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+MIB = 2**20
+
+
+def cell_key(recipe: str, eval_name: str, scheme: str, context) -> str:
+    return f"{recipe}|{eval_name}|{scheme}|{'doc' if context is None else context}"
+
+
+def cells(results: dict, eval_name: str, scheme: Optional[str] = None) -> list:
+    return [c for c in results.get("cells", {}).values()
+            if c["eval"] == eval_name and (scheme is None or c["scheme"] == scheme)]
+
+
+def _recipes(results: dict) -> list:
+    return list(results.get("recipes", {}))
+
+
+def _lookup(results: dict, recipe, eval_name, scheme, context) -> Optional[dict]:
+    return results.get("cells", {}).get(cell_key(recipe, eval_name, scheme, context))
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _memory_cell_text(c: Optional[dict]) -> str:
+    if c is None:
+        return "-"
+    if c["status"] != "ok":
+        return c["status"]
+    return _fmt_bytes(c["peak_bytes"])
+
+
+def _table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _contexts(cs: list) -> list:
+    return sorted({c["context"] for c in cs if isinstance(c["context"], int)})
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+
+def summary_table(results: dict) -> str:
+    """One row per recipe: size, training, bits per byte at the longest context, streaming, decode speed,
+    decode memory at the longest context, passkey accuracy."""
+    ppl_ctx = _contexts(cells(results, "ppl", "blocks"))
+    mem_ctx = _contexts(cells(results, "memory", "decode"))
+    thr_ctx = _contexts(cells(results, "throughput", "decode"))
+    L = ppl_ctx[-1] if ppl_ctx else None
+    M = mem_ctx[-1] if mem_ctx else None
+    T = thr_ctx[-1] if thr_ctx else None
+    header = ["recipe", "params", "train tokens", "train s", "train loss (nats)",
+              f"bits/byte blocks@{L}", "bits/byte streaming", f"decode tok/s @{T}",
+              f"decode peak mem @{M}", f"state @{M} (analytic)", "passkey acc"]
+    rows = []
+    for name in _recipes(results):
+        info = results["recipes"][name]
+        tr = _lookup(results, name, "train", "budget", info.get("seq_len"))
+        pb = _lookup(results, name, "ppl", "blocks", L)
+        ps = _lookup(results, name, "ppl", "streaming", None)
+        th = _lookup(results, name, "throughput", "decode", T)
+        me = _lookup(results, name, "memory", "decode", M)
+        pk = [c for c in cells(results, "passkey") if c["recipe"] == name]
+        acc = [a for c in pk for a in c["accuracy"]]
+        state = me.get("result", {}).get("state_bytes") if me and me.get("status") == "ok" else None
+        rows.append([name, f"{info['params']['total']:,}",
+                     f"{tr['tokens']:,}" if tr else "-", f"{tr['seconds']:.1f}" if tr else "-",
+                     f"{tr['train_loss']:.3f}" if tr else "-",
+                     f"{pb['bits_per_byte']:.3f}" if pb else "-", f"{ps['bits_per_byte']:.3f}" if ps else "-",
+                     f"{th['tokens_per_s']:.0f}" if th else "-", _memory_cell_text(me), _fmt_bytes(state),
+                     f"{100 * sum(acc) / len(acc):.0f}%" if acc else "-"])
+    return _table(header, rows)
+
+
+def perplexity_table(results: dict) -> str:
+    schemes = sorted({c["scheme"] for c in cells(results, "ppl")}, key=["blocks", "sliding", "streaming"].index)
+    cols = [(s, c) for s in schemes for c in (_contexts(cells(results, "ppl", s)) or [None])]
+    header = ["recipe"] + [f"{s}@{'doc' if c is None else c}" for s, c in cols]
+    rows = []
+    for name in _recipes(results):
+        row = [name]
+        for s, c in cols:
+            cell = _lookup(results, name, "ppl", s, c)
+            row.append(f"{cell['bits_per_byte']:.3f}" if cell else "-")
+        rows.append(row)
+    table = _table(header, rows)
+    refs = cells(results, "compression")
+    if refs:
+        table += ("\n\nReference on the same text: " + ", ".join(f"{c['scheme']} {c['bits_per_byte']:.3f}" for c in refs)
+                  + " bits/byte.")
+    return table
+
+
+def memory_table(results: dict) -> str:
+    kinds = [k for k in ("forward", "decode", "train") if cells(results, "memory", k)]
+    ctx = _contexts(cells(results, "memory"))
+    header = ["recipe", "kind"] + [str(c) for c in ctx]
+    rows = []
+    for name in _recipes(results):
+        for k in kinds:
+            rows.append([name, k] + [_memory_cell_text(_lookup(results, name, "memory", k, c)) for c in ctx])
+        states = []
+        for c in ctx:
+            d = _lookup(results, name, "memory", "decode", c)
+            states.append(_fmt_bytes(d["result"]["state_bytes"]) if d and d.get("status") == "ok" else "-")
+        rows.append([name, "state (analytic)"] + states)
+    return _table(header, rows)
+
+
+def throughput_table(results: dict) -> str:
+    kinds = [k for k in ("prefill", "decode", "train") if cells(results, "throughput", k)]
+    ctx = _contexts(cells(results, "throughput"))
+    header = ["recipe", "kind"] + [str(c) for c in ctx]
+    rows = []
+    for name in _recipes(results):
+        for k in kinds:
+            row = [name, k]
+            for c in ctx:
+                cell = _lookup(results, name, "throughput", k, c)
+                row.append(f"{cell['tokens_per_s']:,.0f}" if cell else "-")
+            rows.append(row)
+    return _table(header, rows)
+
+
+def passkey_tables(results: dict) -> str:
+    out = []
+    for name in _recipes(results):
+        pk = sorted((c for c in cells(results, "passkey") if c["recipe"] == name), key=lambda c: c["context"])
+        if not pk:
+            continue
+        depths = pk[0]["depths"]
+        rows = [[f"{d:g}"] + [f"{100 * c['accuracy'][j]:.0f}%" for c in pk] for j, d in enumerate(depths)]
+        out.append(f"**{name}** ({pk[0]['n_trials']} trials per cell, greedy exact match)\n\n"
+                   + _table(["depth \\ length"] + [str(c["context"]) for c in pk], rows))
+    return "\n\n".join(out)
+
+
+# -- plots -------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_perplexity(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    if not cells(results, "ppl"):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, name in enumerate(_recipes(results)):
+        for scheme, style in (("blocks", "o-"), ("sliding", "s--")):
+            cs = sorted((c for c in cells(results, "ppl", scheme) if c["recipe"] == name), key=lambda c: c["context"])
+            if cs:
+                ax.plot([c["context"] for c in cs], [c["bits_per_byte"] for c in cs], style, color=f"C{i}",
+                        label=f"{name} ({scheme})")
+        s = _lookup(results, name, "ppl", "streaming", None)
+        if s:
+            ax.axhline(s["bits_per_byte"], color=f"C{i}", linestyle=":", linewidth=1,
+                       label=f"{name} (streaming, whole document)")
+    for k, c in enumerate(cells(results, "compression")):
+        ax.axhline(c["bits_per_byte"], color="grey", linestyle=("--", "-.")[k % 2], label=c["scheme"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(title or "Held-out bits per byte by context length")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    """Measured peak above the weights vs context, log-log, one panel per kind; the analytic inference state
+    (sum of `state_bytes`) drawn as a dashed line of the same colour in the decode panel."""
+    kinds = [k for k in ("forward", "decode", "train") if cells(results, "memory", k)]
+    if not kinds:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for i, name in enumerate(_recipes(results)):
+            cs = sorted((c for c in cells(results, "memory", kind) if c["recipe"] == name), key=lambda c: c["context"])
+            ok = [c for c in cs if c["status"] == "ok"]
+            if ok:
+                above = [max(c["peak_bytes"] - c["result"]["weights_bytes"], 1) / MIB for c in ok]
+                ax.plot([c["context"] for c in ok], above, "o-", color=f"C{i}", label=f"{name} measured")
+            if kind == "decode" and ok:
+                ax.plot([c["context"] for c in ok], [max(c["result"]["state_bytes"], 1) / MIB for c in ok], "--",
+                        color=f"C{i}", label=f"{name} state_bytes (analytic)")
+            for c in cs:
+                if c["status"] != "ok":
+                    ax.annotate(c["status"], (c["context"], ax.get_ylim()[1]), color=f"C{i}", fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("peak RSS above weights (MiB)" if kind != "decode" else "MiB")
+        ax.set_title({"forward": "inference forward (no cache)", "decode": "prefill + decode through the cache",
+                      "train": "training forward + backward"}[kind], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title or "Measured peak memory vs context (fresh process per point)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    kinds = [k for k in ("prefill", "decode", "train") if cells(results, "throughput", k)]
+    if not kinds:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for i, name in enumerate(_recipes(results)):
+            cs = sorted((c for c in cells(results, "throughput", kind) if c["recipe"] == name),
+                        key=lambda c: c["context"])
+            if cs:
+                ax.plot([c["context"] for c in cs], [c["tokens_per_s"] for c in cs], "o-", color=f"C{i}", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("tokens / s (higher is better)")
+        ax.set_title({"prefill": "prefill (forward through the cache)", "decode": "decode (1 token per step)",
+                      "train": "training forward + backward"}[kind], fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Throughput vs context", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    names = [n for n in _recipes(results) if any(c["recipe"] == n for c in cells(results, "passkey"))]
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1.2, 3.4), squeeze=False)
+    image = None
+    for ax, name in zip(axes[0], names):
+        pk = sorted((c for c in cells(results, "passkey") if c["recipe"] == name), key=lambda c: c["context"])
+        grid = [[100 * c["accuracy"][j] for c in pk] for j in range(len(pk[0]["depths"]))]
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(pk)), [str(c["context"]) for c in pk], fontsize=8)
+        ax.set_yticks(range(len(pk[0]["depths"])), [f"{d:g}" for d in pk[0]["depths"]], fontsize=8)
+        for j, row in enumerate(grid):
+            for i, v in enumerate(row):
+                ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("passkey depth (fraction)")
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), label="exact-match accuracy (%)")
+    fig.suptitle(title or "Passkey retrieval accuracy (greedy decoding)", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+
+def write_report(results: dict, out_dir) -> tuple:
+    """Write report.md and the PNGs into `out_dir`; returns (report path, [png paths])."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [p for p in (plot_perplexity(results, out / "perplexity.png"), plot_memory(results, out / "memory.png"),
+                        plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"))
+            if p is not None]
+    meta = results.get("meta", {})
+    sizes = _table(["recipe", "d_model", "params (total)", "non-embedding", "checkpoint"],
+                   [[n, r.get("d_model", "-"), f"{r['params']['total']:,}", f"{r['params']['non_embedding']:,}",
+                     r.get("checkpoint") or "-"] for n, r in results.get("recipes", {}).items()])
+    parts = [
+        "# Comparison report",
+        f"device {meta.get('device')}, world size {meta.get('world_size')}, torch {meta.get('torch')}, "
+        f"{meta.get('threads')} threads, zoo commit {meta.get('commit')}; float32. "
+        f"Command: `{meta.get('command', '?')}`",
+        "## Summary", summary_table(results),
+        "## Models", sizes,
+        "## Bits per byte by context (held-out split; lower is better)",
+        "Units: bits per byte of the scored targets' text; compressors on the same text for reference. "
+        "See evals/perplexity.py for the schemes.", perplexity_table(results),
+        "## Measured peak memory (fresh process per cell; includes the weights)",
+        "CPU: peak RSS above the process baseline; `OOM`: the cap was hit. The analytic state is the sum of "
+        "the blocks' `state_bytes` at float32 after the prefill and decode.", memory_table(results),
+        "## Throughput (tokens/s, batch 1, best of repeats after a warm-up)", throughput_table(results),
+        "## Passkey retrieval", passkey_tables(results) or "(not run)",
+        "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),
+    ]
+    path = out / "report.md"
+    path.write_text("\n\n".join(parts) + "\n")
+    return path, pngs

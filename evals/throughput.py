@@ -1,0 +1,188 @@
+"""Throughput and measured memory by context length (issue 7, items 2 and 3).
+
+Throughput, in tokens per second of wall-clock time, one model in this process:
+- `prefill`: one forward of `batch_size` x `context` tokens through a fresh cache (what a prompt costs);
+- `decode`: after a `context`-token prefill, `decode_tokens` single-token steps through the cache
+  (generation's steady state at that context; the prefill is not timed);
+- `train`: forward + backward of the language-model loss on `batch_size` x `context` tokens (no optimizer
+  step: it does not depend on the context, and the training run itself reports whole-step tokens/s).
+Every figure is the best of `repeats` timed calls after one untimed warm-up call at the same shape:
+the warm-up takes allocator growth and one-time kernel selection out of the figure; the best rather
+than the mean because on a shared machine other processes only ever add time.
+
+Memory: the `peak_*` functions below are the targets `evals.memory.measure` runs in a fresh process
+(a recipe as a plain dict in, JSON out). The measured peak includes the weights, which the functions
+build inside the measurement; they return `weights_bytes` so a report can subtract them.
+
+    recs = throughput(model, contexts=[256, 1024])
+    rec = measure("evals.throughput:peak_decode", {"recipe": recipe.to_dict(), "context": 1024}, cap_gb=4)
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Sequence
+
+import torch
+
+KINDS = ("prefill", "decode", "train")
+MEMORY_KINDS = {"forward": "peak_forward", "decode": "peak_decode", "train": "peak_train"}
+
+
+def _check_positive_int(name: str, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _tokens(model, batch_size: int, length: int, seed: int) -> torch.Tensor:
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.recipe.model.vocab_size, (batch_size, length), generator=g).to(p.device)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def prefill_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+    ids = _tokens(model, batch_size, context, 0)
+
+    @torch.no_grad()
+    def run():
+        model(ids, cache=model.init_cache(batch_size))
+    return _best_time(run, repeats, ids.device)
+
+
+def decode_seconds(model, context: int, decode_tokens: int = 32, batch_size: int = 1, repeats: int = 2) -> float:
+    """Seconds for `decode_tokens` single-token steps after a `context`-token prefill (not timed)."""
+    prompt = _tokens(model, batch_size, context, 0)
+    steps = _tokens(model, batch_size, decode_tokens, 1)
+    device = prompt.device
+    best = float("inf")
+    with torch.no_grad():
+        for attempt in range(repeats + 1):  # attempt 0 is the warm-up
+            cache = model.init_cache(batch_size)
+            model(prompt, cache=cache)
+            _sync(device)
+            start = time.perf_counter()
+            for t in range(decode_tokens):
+                model(steps[:, t:t + 1], cache=cache)
+            _sync(device)
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def train_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+    ids = _tokens(model, batch_size, context, 0)
+
+    def run():
+        out = model(ids, labels=ids)
+        loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.train()
+    try:
+        return _best_time(run, repeats, ids.device)
+    finally:
+        model.train(was_training)
+
+
+def throughput(model, contexts: Iterable[int], kinds: Sequence[str] = KINDS, batch_size: int = 1,
+               decode_tokens: int = 32, repeats: int = 2) -> list:
+    """One record per (kind, context): {"kind", "context", "tokens_per_s", "seconds", "tokens", ...}."""
+    contexts = list(contexts)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"kinds: {bad[0]!r} is not one of {', '.join(KINDS)}")
+    if not contexts:
+        raise ValueError("contexts: give at least one context length")
+    for c in contexts:
+        _check_positive_int("contexts", c)
+    for name, v in (("batch_size", batch_size), ("decode_tokens", decode_tokens), ("repeats", repeats)):
+        _check_positive_int(name, v)
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        for kind in kinds:
+            for context in contexts:
+                records.append(throughput_record(model, kind, context, batch_size, decode_tokens, repeats))
+    finally:
+        model.train(was_training)
+    return records
+
+
+def throughput_record(model, kind: str, context: int, batch_size: int = 1, decode_tokens: int = 32,
+                      repeats: int = 2) -> dict:
+    """The record of one (kind, context) cell; see `throughput`."""
+    if kind == "prefill":
+        seconds, tokens = prefill_seconds(model, context, batch_size, repeats), batch_size * context
+    elif kind == "decode":
+        seconds = decode_seconds(model, context, decode_tokens, batch_size, repeats)
+        tokens = batch_size * decode_tokens
+    elif kind == "train":
+        seconds, tokens = train_seconds(model, context, batch_size, repeats), batch_size * context
+    else:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
+    return {"kind": kind, "context": context, "batch_size": batch_size, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "repeats": repeats, "timing": "best of repeats after a warm-up",
+            "decode_tokens": decode_tokens if kind == "decode" else None,
+            "units": {"tokens_per_s": "tokens/s", "seconds": "s"}}
+
+
+# -- memory targets for evals.memory.measure (each runs in a fresh process) ------------------------------------
+
+def _model(recipe: dict):
+    from zoo.model import build_model
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, weights
+
+
+def analytic_state_bytes(model, context: int, batch_size: int = 1, dtype=torch.float32) -> int:
+    """Sum over layers of the blocks' `state_bytes`: the cache inference holds after `context` tokens."""
+    return int(sum(layer.mixer.state_bytes(context, batch_size, dtype=dtype) for layer in model.layers))
+
+
+def peak_forward(recipe: dict, context: int, batch_size: int = 1) -> dict:
+    """Inference forward of `batch_size` x `context` tokens without a cache (logits of every position)."""
+    model, weights = _model(recipe)
+    with torch.no_grad():
+        model.eval()(_tokens(model, batch_size, context, 0))
+    return {"weights_bytes": weights}
+
+
+def peak_decode(recipe: dict, context: int, batch_size: int = 1, decode_tokens: int = 8) -> dict:
+    """Prefill of `context` tokens through a cache, then `decode_tokens` single-token steps."""
+    model, weights = _model(recipe)
+    model.eval()
+    with torch.no_grad():
+        cache = model.init_cache(batch_size)
+        model(_tokens(model, batch_size, context, 0), cache=cache)
+        for t in _tokens(model, batch_size, decode_tokens, 1).unbind(1):
+            model(t[:, None], cache=cache)
+    return {"weights_bytes": weights, "state_bytes": analytic_state_bytes(model, context + decode_tokens, batch_size)}
+
+
+def peak_train(recipe: dict, context: int, batch_size: int = 1) -> dict:
+    """Forward + backward of the loss on `batch_size` x `context` tokens (gradients are allocated too)."""
+    model, weights = _model(recipe)
+    ids = _tokens(model, batch_size, context, 0)
+    out = model.train()(ids, labels=ids)
+    (out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
+    return {"weights_bytes": weights}

@@ -1,0 +1,113 @@
+"""scripts/compare.py end to end on tiny recipes and a tiny corpus: results.json with units, report.md,
+the PNGs; a second run skips every cell and trains nothing; --match-params lands within 2%."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare  # noqa: E402
+
+TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "ffn": {"type": "swiglu", "mult": 2}}
+BLOCKS = {"tiny-attn": {"pattern": "A", "blocks": {"A": {"type": "attn", "n_heads": 2}}},
+          "tiny-swa": {"pattern": "S", "blocks": {"S": {"type": "swa", "n_heads": 2, "window": 16}}}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(24):
+        text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12 + i))
+        (corpus / f"mod{i:02d}.py").write_text(text)
+    paths = []
+    for name, model in BLOCKS.items():
+        spec = {"name": name, "model": {**TINY, **model},
+                "train": {"seq_len": 32, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_batches": 1,
+                          "corpus": str(corpus)}}
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        paths.append(str(path))
+    return root, paths
+
+
+def args(root, paths, *extra):
+    return [*paths, "--out", str(root / "out"), "--data-root", str(root / "data"), "--budget", "512",
+            "--contexts", "16,32", "--max-tokens", "128", "--memory", "decode", "--memory-contexts", "32",
+            "--decode-tokens", "4", "--repeats", "1", "--passkey-lengths", "256", "--passkey-depths", "0,1",
+            "--passkey-trials", "2", "--no-progress", *extra]
+
+
+def summary(capsys) -> dict:
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("summary: ")][-1]
+    return json.loads(line[len("summary: "):])
+
+
+@pytest.mark.slow
+def test_end_to_end_then_resume(setup, capsys):
+    root, paths = setup
+    assert compare.main(args(root, paths)) == 0
+    first = summary(capsys)
+    out = root / "out"
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    # per recipe: train, ppl 2 blocks + 2 sliding + streaming, memory 1, throughput 3 x 2, passkey 1
+    per_recipe = 1 + 5 + 1 + 6 + 1
+    assert first["cells_run"] == 2 * per_recipe + 1 and first["cells_skipped"] == 0
+    assert len([k for k in cells if not k.startswith("-|")]) == 2 * per_recipe
+    assert {c["scheme"] for c in cells.values() if c["eval"] == "compression"} == {"gzip-9", "xz-9"}
+    for c in cells.values():
+        assert c["units"], c
+        if c["recipe"] != "-":
+            assert c["device"] == "cpu" and c["world_size"] == 1 and c["params"] > 0 and c["torch"]
+    mem = cells["tiny-attn|memory|decode|32"]
+    assert mem["status"] == "ok" and mem["peak_bytes"] > 0 and mem["result"]["state_bytes"] > 0
+    train = cells["tiny-swa|train|budget|32"]
+    assert train["tokens"] == 512 and train["steps"] == 4 and Path(train["checkpoint"]).is_dir()
+    assert 0 < cells["tiny-attn|ppl|streaming|doc"]["bits_per_byte"] < 20
+    assert all(0 <= a <= 1 for a in cells["tiny-swa|passkey|greedy|256"]["accuracy"])
+    report = (out / "report.md").read_text()
+    assert "tiny-attn" in report and "## Summary" in report
+    for png in ("perplexity.png", "memory.png", "throughput.png", "passkey.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert results["meta"]["world_size"] == 1 and results["meta"]["torch"]
+
+    before = (out / "results.json").read_text()
+    mtime = (Path(train["checkpoint"]) / "model.safetensors").stat().st_mtime_ns \
+        if (Path(train["checkpoint"]) / "model.safetensors").exists() else None
+    assert compare.main(args(root, paths)) == 0
+    second = summary(capsys)
+    assert second["cells_run"] == 0 and second["cells_skipped"] == 2 * per_recipe
+    after = json.loads((out / "results.json").read_text())
+    assert after["cells"] == json.loads(before)["cells"]  # nothing was measured again
+    if mtime is not None:
+        assert (Path(train["checkpoint"]) / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_match_params_within_two_percent(setup):
+    root, paths = setup
+    attn, _ = compare.resolve(paths[0], [])
+    step = compare.d_model_step(attn)
+    assert step == 4  # 2 heads, even head_dim
+    target = 1_000_000
+    d, n = compare.match_d_model(attn, target)
+    assert d % step == 0 and n == compare.params_at(attn, d)
+    assert abs(n - target) / target < 0.02
+    # no other multiple of the step is closer (parameters grow with d_model, so neighbours suffice)
+    for other in (d - step, d + step):
+        assert abs(compare.params_at(attn, other) - target) >= abs(n - target)
+
+
+def test_bad_recipe_is_a_clear_error(setup, capsys):
+    root, _ = setup
+    assert compare.main(["no-such-recipe", "--out", str(root / "bad"), "--no-progress"]) == 2
+    assert "no-such-recipe" in capsys.readouterr().err
+
+
+def test_count_parses_suffixes():
+    assert compare.count("300K") == 300_000 and compare.count("1.5M") == 1_500_000 and compare.count("7") == 7
