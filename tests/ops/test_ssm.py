@@ -171,3 +171,20 @@ def test_bad_shapes_name_the_argument(fn, name, value, message):
     with pytest.raises(ValueError) as err:
         fn(**inputs)
     assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("x", torch.zeros(2, 6, 1), "x: expected [batch, dim]"),
+    ("dt", torch.zeros(2, 5), "dt: expected the shape of x"),
+    ("A", torch.zeros(6), "A: expected [dim=6, d_state]"),
+    ("B", torch.zeros(2, 4, 3), "B: expected [batch, d_state]"),
+    ("D", torch.zeros(3), "D: expected [dim=6]"),
+    ("state", torch.zeros(2, 6, 2), "state: expected [batch, dim, d_state]"),
+])
+def test_step_bad_shapes_name_the_argument(name, value, message):
+    i = scan_inputs(length=1)
+    args = {"state": i["initial_state"], "x": i["u"][..., 0], "dt": i["delta"][..., 0], "A": i["A"],
+            "B": i["B"][..., 0], "C": i["C"][..., 0], name: value.double()}
+    with pytest.raises(ValueError) as err:
+        selective_scan_step(**args)
+    assert str(err.value).startswith(message), str(err.value)

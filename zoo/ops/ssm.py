@@ -85,10 +85,7 @@ def selective_scan_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     state [b, d, n]; x, dt, z [b, d]; A [d, n]; B, C [b, n] or [b, g, n]; D, dt_bias [d].
     Mamba-2 heads fit by flattening (head, head_dim) into d and repeating A, dt per head.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x: expected [batch, dim], got shape {tuple(x.shape)}")
-    _check(x[..., None], dt[..., None], A, B[..., None], C[..., None], D, None if z is None else z[..., None],
-           dt_bias, state)
+    _check_step(state, x, dt, A, B, C, D, z, dt_bias)
     acc = _acc_dtype(x)
     d = x.shape[1]
     step = _discretisation_step(dt, dt_bias, dt_softplus, acc)
@@ -286,6 +283,28 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if initial_state is not None and tuple(initial_state.shape) != (b, d, n):
         raise ValueError(f"initial_state: expected [batch, dim, d_state] = {[b, d, n]}, "
                          f"got shape {tuple(initial_state.shape)}")
+
+
+def _check_step(state, x, dt, A, B, C, D, z, dt_bias):
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [batch, dim], got shape {tuple(x.shape)}")
+    b, d = x.shape
+    for name, t in (("dt", dt), ("z", z)):
+        if t is not None and tuple(t.shape) != (b, d):
+            raise ValueError(f"{name}: expected the shape of x {list(x.shape)}, got {tuple(t.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A: expected [dim={d}, d_state], got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if not (tuple(t.shape) == (b, n) or (t.dim() == 3 and t.shape[0] == b and t.shape[2] == n
+                                             and d % t.shape[1] == 0)):
+            raise ValueError(f"{name}: expected [batch, d_state] = {[b, n]} or [batch, groups, d_state] with "
+                             f"groups dividing dim {d}, got shape {tuple(t.shape)}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) != (d,):
+            raise ValueError(f"{name}: expected [dim={d}], got shape {tuple(t.shape)}")
+    if tuple(state.shape) != (b, d, n):
+        raise ValueError(f"state: expected [batch, dim, d_state] = {[b, d, n]}, got shape {tuple(state.shape)}")
 
 
 _HAS_MAMBA_SSM: Optional[bool] = None
