@@ -121,86 +121,79 @@ class _SSDScan(torch.autograd.Function):
     final state [b, h, p, n]. Inside, tensors are chunk-major: [c, b, h, Q, ...] per head and
     [c, b, g, Q, ...] per group.
 
-    Backward, with cs the in-chunk cumulative sum of a = dt A: every term of y and of the chunk
-    states is exp(cs_target - cs_source) times something free of cs, so
-        dL/dcs_i = dy_i . y_i - u_i . du_i     (+ at a chunk's last position, the terms of its
-                                                 end state and of its decay)
-    which spares the backward the [Q, Q] matrix d(segsum) and its row and column sums. Terms with
-    no decay at all (source = target: the diagonal C_i.B_i u_i, and the last token's write into
-    the end state) cancel exactly in the sum that turns dcs into da; they are kept out of both
-    sides, because under strong decay they dominate what is left and their rounding would swamp
-    da (the trap behind mamba_ssm's "ddAcs_stable" kernels).
+    Backward, with cs the in-chunk cumulative sum of a = dt A: a_k enters every term whose path
+    from source j to target i crosses k (j < k <= i), so da_k sums exactly those terms' gradients;
+    no sum over all terms minus the ones that do not cross (the identity dy.y - u.du of
+    mamba_ssm's "unstable" kernel, which cancels catastrophically under strong decay).
     """
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, h0, doc, Q):
         nc = -(-x.shape[1] // Q)
         dt_c = _to_chunks(dt, Q)
-        cs = (dt_c * A[:, None]).cumsum(-1)
+        # In float64: exp(cs_i - cs_j) needs the difference accurate to its own size, and cs
+        # reaches hundreds within a chunk (float32 differences would carry ~|cs| * 6e-8).
+        cs = (dt_c * A[:, None]).cumsum(-1, dtype=torch.float64)
         doc_c = None if doc is None else _to_chunks(doc, Q, pad_with_last=True)
         masks = _document_masks(doc_c)
-        dec = _chunk_decay(cs, masks)
-        H = x.new_empty(nc + 1, *x.shape[:1], x.shape[2], x.shape[3], B.shape[3])
+        dec = _chunk_decay(cs, masks, x.dtype)
+        H = x.new_empty(nc + 1, x.shape[0], x.shape[2], x.shape[3], B.shape[3])
         H[0] = 0 if h0 is None else h0
         y = torch.empty_like(x)
-        y_off_diag = x.new_empty(nc, x.shape[0], x.shape[2], Q, x.shape[3])
-        work = _GroupWork(y_off_diag, B.shape[2], B.shape[3])
+        # The gate's input, kept for dz.
+        y_pre = None if z is None else x.new_empty(nc, x.shape[0], x.shape[2], Q, x.shape[3])
+        work = _GroupWork(nc, x, B, Q)
         for sl in work.groups:
             xg, Bg, Cg = (_group(t, sl, Q) for t in (x, B, C))
             ug = xg * dt_c[sl, ..., None]
             mg = _slice_masks(masks, sl)
             _state_passing(_chunk_states(ug, cs[sl], Bg, mg), dec[sl], H[sl.start:sl.stop + 1])
-            _intra_chunk(ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, out=y_off_diag[sl])
-            _inter_chunk(_entry_decay(cs[sl], mg), Cg, H[sl], out=y_off_diag[sl])
-            yg = _skip_and_gate(_add_diagonal_term(y_off_diag[sl], ug, Bg, Cg), xg, D, _group(z, sl, Q))
+            yg = _intra_chunk(ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work)
+            _inter_chunk(_entry_decay(cs[sl], mg, x.dtype), Cg, H[sl], out=yg)
+            if D is not None:
+                yg.addcmul_(xg, D[:, None])
+            if z is not None:
+                y_pre[sl] = yg
+                yg.mul_(F.silu(_group(z, sl, Q)))
             _ungroup(yg, y, sl, Q)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, doc, cs, H, y_off_diag)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, doc, cs, H, y_pre)
         ctx.Q, ctx.has_h0 = Q, h0 is not None
         return y, H[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, z, doc, cs, H, y_off_diag = ctx.saved_tensors
+        x, dt, A, B, C, D, z, doc, cs, H, y_pre = ctx.saved_tensors
         Q = ctx.Q
+        nc = cs.shape[0]
         dt_c = _to_chunks(dt, Q)
         doc_c = None if doc is None else _to_chunks(doc, Q, pad_with_last=True)
         masks = _document_masks(doc_c)
-        dec = _chunk_decay(cs, masks)
+        dec = _chunk_decay(cs, masks, x.dtype)
         dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
         dz = None if z is None else torch.empty_like(z)
         dD = None if D is None else torch.zeros(D.shape[0], x.shape[3], dtype=x.dtype, device=x.device)
         ddt_c, da_c = torch.empty_like(dt_c), torch.empty_like(dt_c)
         dH_next = dfinal
-        work = _GroupWork(y_off_diag, B.shape[2], B.shape[3], backward=True)
+        work = _GroupWork(nc, x, B, Q, backward=True)
         for sl in reversed(work.groups):
             xg, Bg, Cg, dyg = (_group(t, sl, Q) for t in (x, B, C, dy))
             ug = xg * dt_c[sl, ..., None]
             mg = _slice_masks(masks, sl)
-            y_off = y_off_diag[sl]
-            if z is not None or D is not None:
-                dyg, dzg, dDg = _skip_and_gate_bwd(dyg, lambda: _add_diagonal_term(y_off, ug, Bg, Cg), xg, D,
-                                                   _group(z, sl, Q))
-                if dzg is not None:
-                    _ungroup(dzg, dz, sl, Q)
-                if dDg is not None:
-                    dD += dDg
-            e = _entry_decay(cs[sl], mg)
-            dH_in, dCg = _inter_chunk_bwd(dyg, Cg, H[sl], e)
+            if z is not None:
+                dyg, dzg = _gate_bwd(dyg, y_pre[sl], _group(z, sl, Q))
+                _ungroup(dzg, dz, sl, Q)
+            if D is not None:
+                dD += torch.linalg.vecdot(dyg, xg, dim=-2).sum((0, 1))
+            e = _entry_decay(cs[sl], mg, x.dtype)
+            dH_in, dCg, da_entry = _inter_chunk_bwd(dyg, Cg, H[sl], e)
             dH, ddec = _state_passing_bwd(dH_in, dH_next, dec[sl], H[sl])
             dH_next = dH[0]
-            du_states, dBg, u_du_states = _chunk_states_bwd(dH[1:], ug, cs[sl], Bg, mg)
-            du = torch.empty_like(ug)
-            _intra_chunk_bwd(dyg, ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, du, dBg, dCg)
-            # cs = cumsum(a) within each chunk, so da_k = sum over i >= k of dcs_i.
-            dcs = (dyg * y_off).sum(-1) - (ug * du).sum(-1)
-            da = dcs.flip(-1).cumsum(-1).flip(-1) + (ddec * dec[sl])[..., None]
-            # The end state's terms, -u_j.du_j at j and +u_j.du_j at the chunk's end, leave
-            # sum_{j < k} u_j.du_j to a_k: summed directly, nothing cancels.
-            da[..., 1:] += u_du_states[..., :-1].cumsum(-1)
+            du_states, dBg, da_states = _chunk_states_bwd(dH[1:], ug, cs[sl], Bg, mg)
+            du, da_intra = _intra_chunk_bwd(dyg, ug, cs[sl], Bg, Cg, _slice(doc_c, sl), work, dBg, dCg)
+            da = da_intra.add_(da_entry).add_(da_states).add_((ddec * dec[sl])[..., None])
             du += du_states
-            _add_diagonal_term(du, dyg, Bg, Cg, inplace=True)
             da_c[sl] = da
-            ddt_c[sl] = (du * xg).sum(-1) + da * A[:, None]
+            ddt_c[sl] = torch.linalg.vecdot(du, xg) + da * A[:, None]
             dxg = du.mul_(dt_c[sl, ..., None])
             if D is not None:
                 dxg.addcmul_(dyg, D[:, None])
@@ -218,21 +211,23 @@ class _SSDScan(torch.autograd.Function):
 
 class _GroupWork:
     """The [Q, Q] work runs over groups of chunks, at most _GROUP_ELEMENTS elements per
-    [chunks, b, h, Q, Q] tensor; its buffers are allocated once per call and reused by every group
-    (a fresh tensor per group costs its page faults again, which on CPU takes longer than the
-    arithmetic done in it). Also holds the [Q, Q] triangle constants."""
+    [chunks, b, h, Q, Q] or [chunks, b, h, Q, p or n] tensor; the group buffers are allocated
+    once per call and reused by every group. Also holds the [Q, Q] triangle constants."""
 
-    def __init__(self, y, groups, n, backward=False):
-        nc, b, h, Q, p = y.shape
-        # Per group: [Q, Q] matrices per head, and chunk tensors [b, h, Q, p or n].
+    def __init__(self, nc, x, B, Q, backward=False):
+        b, _, h, p = x.shape
+        g, n = B.shape[2], B.shape[3]
         step = max(1, _GROUP_ELEMENTS // (b * h * Q * max(Q, p, n)))
         self.groups = [slice(c, min(c + step, nc)) for c in range(0, nc, step)]
         step = min(step, nc)
-        self.L = y.new_empty(step, b, h, Q, Q)
-        self.M = y.new_empty(step, b, h, Q, Q) if backward else None
-        self.CB = y.new_empty(step, b, groups, Q, Q)
-        self.lower = torch.ones(Q, Q, dtype=torch.bool, device=y.device).tril()
-        self.hi = torch.full((Q, Q), -80.0, dtype=y.dtype, device=y.device).masked_fill_(self.lower, 80.0)
+        self.L = x.new_empty(step, b, h, Q, Q)
+        self.M = x.new_empty(step, b, h, Q, Q) if backward else None
+        self.CB = x.new_empty(step, b, g, Q, Q)
+        self.dCB = x.new_empty(step, b, g, Q, Q) if backward and g < h else None
+        self.Y = None if backward else x.new_empty(step, b, h, Q, p)
+        self.lower = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+        self.strictly_lower = self.lower.tril(-1).to(x.dtype)
+        self.hi = torch.full((Q, Q), -80.0, dtype=x.dtype, device=x.device).masked_fill_(self.lower, 80.0)
         self.lo = self.hi.new_tensor(-80.0)
 
     def decay_matrix(self, cs):
@@ -245,7 +240,13 @@ class _GroupWork:
         is negligible beside the terms that matter; the causal (and document) mask is applied
         exactly, as zeros in C B^T (masked_CB). For A < 0 and dt > 0 every argument is <= 0."""
         L = self.L[: cs.shape[0]]
-        torch.sub(cs[..., :, None], cs[..., None, :], out=L)
+        # cs (float64) = hi + lo in L's dtype; hi_i - hi_j is exact where it is small (Sterbenz),
+        # so (hi_i - hi_j) + lo_i - lo_j keeps the precision of float64 at float32 speed.
+        hi = cs.to(L.dtype)
+        torch.sub(hi[..., :, None], hi[..., None, :], out=L)
+        if hi.dtype != cs.dtype:
+            lo = (cs - hi).to(L.dtype)
+            L.add_(lo[..., :, None]).sub_(lo[..., None, :])
         return torch.clamp(L, min=self.lo, max=self.hi, out=L).exp_()
 
     def causal_mask(self, doc):
@@ -259,34 +260,22 @@ class _GroupWork:
         return torch.matmul(C, B.mT, out=self.CB[: B.shape[0]]).mul_(keep)
 
 
-def _intra_chunk(u, cs, B, C, doc, work, out):
-    """Step 1 without its diagonal: Y_diag = (L * C B^T) U per chunk, C B^T shared by the heads of
-    a group; the diagonal, C_i.B_i u_i, is `_diagonal_term`."""
+def _intra_chunk(u, cs, B, C, doc, work):
+    """Step 1: Y_diag = (L * C B^T) U per chunk, C B^T shared by the heads of a group. Returns a
+    view of a group buffer."""
     M = work.decay_matrix(cs)
     _by_group(M, B.shape[2]).mul_(work.masked_CB(B, C, work.causal_mask(doc))[:, :, :, None])
-    M.diagonal(dim1=-2, dim2=-1).zero_()
-    torch.matmul(M, u, out=out)
-
-
-def _add_diagonal_term(y, u, B, C, inplace=False):
-    """y + (C_i . B_i) u_i per head: the undecayed diagonal of step 1 (C B^T is symmetric there,
-    so the same term carries dy to du)."""
-    g = B.shape[2]
-    CB_ii = torch.linalg.vecdot(C, B)[:, :, :, None, :, None]
-    if inplace:
-        _by_group(y, g).addcmul_(_by_group(u, g), CB_ii)
-        return y
-    return torch.addcmul(_by_group(y, g), _by_group(u, g), CB_ii).flatten(2, 3)
+    return torch.matmul(M, u, out=work.Y[: u.shape[0]])
 
 
 def _chunk_states(u, cs, B, masks):
     """Step 2: S_c = sum_j exp(cs_end - cs_j) u_j B_j^T, only from the chunk's last document."""
-    return u.mT @ _per_head(_state_weights(cs, masks), B)
+    return u.mT @ _per_head(_state_weights(cs, masks, u.dtype), B)
 
 
-def _state_weights(cs, masks):
+def _state_weights(cs, masks, dtype):
     """exp(cs_end - cs_j) [G, b, h, Q], zero outside the chunk's last document."""
-    w = torch.exp(cs[..., -1:] - cs)
+    w = torch.exp(cs[..., -1:] - cs).to(dtype)
     return w if masks is None else w * masks["last_doc"][:, :, None]
 
 
@@ -295,9 +284,9 @@ def _per_head(w, B):
     return (_by_group(w, B.shape[2])[..., None] * B[:, :, :, None]).flatten(2, 3)
 
 
-def _chunk_decay(cs, masks):
+def _chunk_decay(cs, masks, dtype):
     """exp(sum of dt A over the chunk), zeroed for chunks in which a new document starts."""
-    dec = torch.exp(cs[..., -1])
+    dec = torch.exp(cs[..., -1]).to(dtype)
     return dec if masks is None else dec * masks["no_reset"][:, :, None]
 
 
@@ -309,10 +298,10 @@ def _state_passing(S, dec, H):
         torch.addcmul(S[k], dec[k, :, :, None, None], H[k], out=H[k + 1])
 
 
-def _entry_decay(cs, masks):
+def _entry_decay(cs, masks, dtype):
     """exp(cs_i): how much of the state entering the chunk is left at position i; zero from the
     chunk's first document change on."""
-    e = torch.exp(cs)
+    e = torch.exp(cs).to(dtype)
     return e if masks is None else e * masks["first_doc"][:, :, None]
 
 
@@ -325,11 +314,14 @@ def _inter_chunk(e, C, H, out):
 # ---- their backward -----------------------------------------------------------------------------
 
 def _inter_chunk_bwd(dy, C, H, e):
-    """Gradients of step 4: dH_c from this chunk's outputs only, and the first terms of dC (step 1
-    adds the rest). The dcs terms are in the dy . y identity."""
+    """Gradients of step 4: dH_c from this chunk's outputs only, the first terms of dC (step 1
+    adds the rest) and da, a_k reaching every Y_off_i with i >= k through exp(cs_i)."""
+    g = C.shape[2]
     dH_in = dy.mT @ _per_head(e, C)
-    dyH = (dy @ H).mul_(e[..., None])
-    return dH_in, _sum_heads(dyH, C.shape[2])
+    dyH = dy @ H
+    de = torch.linalg.vecdot(_by_group(dyH, g), C[:, :, :, None]).flatten(2, 3).mul_(e)
+    dC = _sum_heads(dyH.mul_(e[..., None]), g)
+    return dH_in, dC, de.flip(-1).cumsum(-1).flip(-1)
 
 
 def _state_passing_bwd(dH_in, dH_end, dec, H):
@@ -344,47 +336,45 @@ def _state_passing_bwd(dH_in, dH_end, dec, H):
 
 
 def _chunk_states_bwd(dS, u, cs, B, masks):
-    """Gradients of step 2 given dS_c: du, dB (its first terms) and u_j . du_j, the dcs_j terms
-    (with a minus sign; their sum goes to cs_end)."""
-    w = _state_weights(cs, masks)
+    """Gradients of step 2 given dS_c: du, dB (their first terms) and da, a_k reaching the writes
+    of every j < k through exp(cs_end - cs_j)."""
+    w = _state_weights(cs, masks, u.dtype)
     du = _per_head(w, B) @ dS.mT
     dB = _sum_heads((u @ dS).mul_(w[..., None]), B.shape[2])
-    return du, dB, torch.linalg.vecdot(u, du)
+    dw = torch.linalg.vecdot(u, du)
+    return du, dB, F.pad(dw[..., :-1].cumsum(-1), (1, 0))
 
 
-def _intra_chunk_bwd(dy, u, cs, B, C, doc, work, du, dB, dC):
-    """Gradients of step 1 for one group of chunks: du without the diagonal's term written to du,
-    dB and dC added in place."""
+def _intra_chunk_bwd(dy, u, cs, B, C, doc, work, dB, dC):
+    """Gradients of step 1 for one group of chunks: returns du and da, adds to dB and dC in place.
+
+    With G = dY U^T and M = L * C B^T: dU = M^T dY, d(C B^T) = G * L summed over a group's heads,
+    and a_k reaches M_ij for j < k <= i, so da_k = sum over i >= k, j < k of G_ij M_ij: a prefix
+    sum along j, then a column sum over i > j."""
     g, Q, n = B.shape[2], u.shape[-2], B.shape[-1]
     L = work.decay_matrix(cs)
     keep = work.causal_mask(doc)
     CB = work.masked_CB(B, C, keep)
     M = work.M[: u.shape[0]]
     torch.mul(_by_group(L, g), CB[:, :, :, None], out=_by_group(M, g))
-    M.diagonal(dim1=-2, dim2=-1).zero_()
-    torch.matmul(M.mT, dy, out=du)
-    dM = torch.matmul(dy, u.mT, out=M).mul_(L)
-    # C B^T is used masked, so its gradient is masked too (the matrix is reused for it).
-    dCB = (torch.sum(_by_group(dM, g), 3, out=CB) if dM.shape[2] > g else dM).mul_(keep)
+    du = M.mT @ dy
+    GL = torch.matmul(dy, u.mT, out=M).mul_(L)
+    dCB = GL if work.dCB is None else torch.sum(_by_group(GL, g), 3, out=work.dCB[: u.shape[0]])
+    # C B^T is used masked, so its gradient is masked too.
+    dCB.mul_(keep)
     dC.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q), B.view(-1, Q, n))
     dB.view(-1, Q, n).baddbmm_(dCB.view(-1, Q, Q).mT, C.view(-1, Q, n))
+    dM_M = _by_group(GL, g).mul_(CB[:, :, :, None]).flatten(2, 3)
+    prefix = dM_M.cumsum_(-1).mul_(work.strictly_lower)
+    return du, F.pad(prefix.sum(-2)[..., :-1], (1, 0))
 
 
-def _skip_and_gate_bwd(dout, y_fn, x, D, z):
-    """Backward of out = (y + D x) * silu(z), y = y_fn() recomputed only if z is given: returns
-    dy, dz, dD (None where not given)."""
-    dz = dD = None
-    if z is not None:
-        sig = torch.sigmoid(z)
-        y = y_fn()
-        if D is not None:
-            y.addcmul_(x, D[:, None])
-        # d silu(z) / dz = sig (1 + z (1 - sig))
-        dz = (1 - sig).mul_(z).add_(1).mul_(sig).mul_(y).mul_(dout)
-        dout = dout * (z * sig)
-    if D is not None:
-        dD = (dout * x).sum((0, 1, 3))
-    return dout, dz, dD
+def _gate_bwd(dout, y, z):
+    """Backward of out = y * silu(z): returns dy, dz."""
+    sig = torch.sigmoid(z)
+    # d silu(z) / dz = sig (1 + z (1 - sig))
+    dz = (1 - sig).mul_(z).add_(1).mul_(sig).mul_(y).mul_(dout)
+    return dout * sig.mul_(z), dz
 
 
 # ---- layout and helpers ---------------------------------------------------------------------------
@@ -468,15 +458,6 @@ def _discretize_dt(dt, dt_bias, dt_softplus, acc):
     if dt_bias is not None:
         dt = dt + dt_bias.to(acc)
     return F.softplus(dt) if dt_softplus else dt
-
-
-def _skip_and_gate(y, x, D, z):
-    """(y + D x) * silu(z), in place in y, for chunked [c, b, h, Q, p] tensors, D [h, 1] or [h, p]."""
-    if D is not None:
-        y.addcmul_(x, D[:, None])
-    if z is not None:
-        y.mul_(F.silu(z))
-    return y
 
 
 def _accumulation_dtype(dtype):
