@@ -219,9 +219,11 @@ def _doubling_scan(a, x):
     a_next, x_next = torch.empty_like(a), torch.empty_like(x)  # the shifted operand overlaps the output
     k = 1
     while k < T:
-        x_next[:k] = x[:k]
+        # Steps before k are final; the buffer written now already holds those before k // 2,
+        # final two passes ago, so only [k // 2, k) is carried over.
+        x_next[k // 2:k] = x[k // 2:k]
         torch.addcmul(x[k:], a[k:], x[:-k], out=x_next[k:])
-        a_next[:k] = a[:k]
+        a_next[k // 2:k] = a[k // 2:k]
         torch.mul(a[k:], a[:-k], out=a_next[k:])
         a, a_next, x, x_next = a_next, a, x_next, x
         k *= 2
