@@ -81,8 +81,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)
     D = None if D is None else (D[:, None] if D.dim() == 1 else D).to(acc)
     cast = lambda t: None if t is None else t.to(acc)
+    # A sequence shorter than a chunk is one chunk of its own length: no [Q, Q] work on padding
+    # (a token-by-token decode would otherwise pay for a whole chunk per token).
     y, final_states = _SSDScan.apply(cast(x), dt, cast(A), cast(B), cast(C), D, cast(z),
-                                     cast(initial_states), doc, chunk_size)
+                                     cast(initial_states), doc, min(chunk_size, x.shape[1]))
     y = y.to(x.dtype)
     return (y, final_states) if return_final_states else y
 
