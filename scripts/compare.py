@@ -149,14 +149,32 @@ def d_model_step(recipe) -> int:
     return step
 
 
-def params_at(recipe, d_model: int) -> int:
-    return zoo.build_model(zoo.load_recipe(recipe.to_dict(), [f"model.d_model={d_model}"])).num_params()["total"]
+def ffn_overrides(recipe, mult: float) -> list:
+    """Set the feed-forward width `mult` of the default FFN and of every block that inherits it (a loaded
+    recipe spells each block's FFN out, so the default alone would change nothing)."""
+    default = recipe.model.ffn
+    if default.type == "none" or default.hidden is not None:
+        return []
+    out = [f"model.blocks.{letter}.ffn.mult={mult}" for letter, block in recipe.to_dict()["model"]["blocks"].items()
+           if isinstance(block.get("ffn"), dict) and block["ffn"].get("type") != "none"
+           and block["ffn"].get("hidden") is None and block["ffn"].get("mult") == default.mult]
+    return [f"model.ffn.mult={mult}"] + out if out else []
 
 
-def match_d_model(recipe, target: int) -> tuple:
-    """(d_model, params) closest to `target` over multiples of `d_model_step`; parameters grow with d_model,
-    so a binary search finds the first multiple at or above the target and its predecessor is the other
-    candidate."""
+def params_at(recipe, d_model: int, ffn_mult=None) -> int:
+    overrides = [f"model.d_model={d_model}"] + (ffn_overrides(recipe, ffn_mult) if ffn_mult is not None else [])
+    return zoo.build_model(zoo.load_recipe(recipe.to_dict(), overrides)).num_params()["total"]
+
+
+def match_params(recipe, target: int, tolerance: float = 0.02) -> tuple:
+    """(overrides, params) that bring `recipe` closest to `target` parameters.
+
+    First d_model, over multiples of `d_model_step`: parameters grow with d_model, so a binary search finds
+    the first multiple at or above the target and its predecessor is the other candidate. At small widths
+    those steps are coarse (d_model 112 -> 120 with 4 heads is +15% parameters), so when the closest one
+    still misses by more than `tolerance` and the recipe has feed-forward layers, their width (model.ffn.mult,
+    a float) is then searched the same way at that d_model. A recipe without either stays off target, and
+    the printed sizes say by how much."""
     step = d_model_step(recipe)
     lo, hi = 1, 1
     while params_at(recipe, hi * step) < target:
@@ -167,8 +185,23 @@ def match_d_model(recipe, target: int) -> tuple:
             lo = mid + 1
         else:
             hi = mid
-    candidates = [(k * step, params_at(recipe, k * step)) for k in {max(1, hi - 1), hi}]
-    return min(candidates, key=lambda c: abs(c[1] - target))
+    d, n = min(((k * step, params_at(recipe, k * step)) for k in {max(1, hi - 1), hi}),
+               key=lambda c: abs(c[1] - target))
+    overrides = [f"model.d_model={d}"]
+    if abs(n - target) <= tolerance * target or not ffn_overrides(recipe, 1.0):
+        return overrides, n
+    lo_m, hi_m = 0.25, 4 * recipe.model.ffn.mult
+    for _ in range(30):
+        mid_m = (lo_m + hi_m) / 2
+        if params_at(recipe, d, mid_m) < target:
+            lo_m = mid_m
+        else:
+            hi_m = mid_m
+    mult, n_m = min(((m, params_at(recipe, d, m)) for m in (round(lo_m, 4), round(hi_m, 4))),
+                    key=lambda c: abs(c[1] - target))
+    if abs(n_m - target) < abs(n - target):
+        return overrides + ffn_overrides(recipe, mult), n_m
+    return overrides, n
 
 
 # -- results file ------------------------------------------------------------------------------------------------
@@ -310,10 +343,12 @@ def main(argv=None):
             for recipe, ckpt in resolved:
                 if ckpt is not None:
                     raise ValueError(f"--match-params: {recipe.name} is a given checkpoint; its size is fixed")
-                d, n = match_d_model(recipe, target)
-                say(f"  {recipe.name:<16} d_model {recipe.model.d_model} -> {d}: {n:,} params "
-                    f"({100 * (n - target) / target:+.1f}%)")
-                matched.append((zoo.load_recipe(recipe.to_dict(), [f"model.d_model={d}"]), None))
+                overrides, n = match_params(recipe, target)
+                miss = abs(n - target) > 0.02 * target
+                say(f"  {recipe.name:<16} {' '.join(overrides)} (was d_model {recipe.model.d_model}, ffn mult "
+                    f"{recipe.model.ffn.mult:g}): {n:,} params ({100 * (n - target) / target:+.1f}%"
+                    + (", outside 2%: no finer knob in this recipe)" if miss else ")"))
+                matched.append((zoo.load_recipe(recipe.to_dict(), overrides), None))
             resolved = matched
     except (zoo.RecipeError, CheckpointError, ValueError, argparse.ArgumentTypeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -95,12 +95,25 @@ def test_match_params_within_two_percent(setup):
     step = compare.d_model_step(attn)
     assert step == 4  # 2 heads, even head_dim
     target = 1_000_000
-    d, n = compare.match_d_model(attn, target)
+    overrides, n = compare.match_params(attn, target)
+    [d_set] = overrides  # fine enough at this width: d_model alone
+    d = int(d_set.split("=")[1])
     assert d % step == 0 and n == compare.params_at(attn, d)
     assert abs(n - target) / target < 0.02
     # no other multiple of the step is closer (parameters grow with d_model, so neighbours suffice)
     for other in (d - step, d + step):
         assert abs(compare.params_at(attn, other) - target) >= abs(n - target)
+
+
+def test_match_params_tunes_the_ffn_when_d_model_steps_are_coarse(setup):
+    root, paths = setup
+    attn, _ = compare.resolve(paths[0], [])
+    target = 58_000  # between d_model 44 (55,132) and 48 (61,680): both miss by more than 2%
+    overrides, n = compare.match_params(attn, target)
+    assert overrides[0] == "model.d_model=44" and overrides[1].startswith("model.ffn.mult=")
+    assert overrides[2].startswith("model.blocks.A.ffn.mult=")
+    assert abs(n - target) / target < 0.02
+    assert n == compare.zoo.build_model(compare.zoo.load_recipe(attn.to_dict(), overrides)).num_params()["total"]
 
 
 def test_bad_recipe_is_a_clear_error(setup, capsys):
