@@ -162,6 +162,26 @@ def test_streaming_through_initial_states(split):
     assert_close(final2, final, TOL, "streamed final state")
 
 
+def test_strided_views_as_inputs():
+    """Blocks pass slices of one projection (x, z, B, C, dt side by side in the last dim), and
+    the upstream gradient may be strided too."""
+    batch, length, heads, head_dim, groups, d_state = 2, 21, 4, 3, 2, 5
+    width = 2 * heads * head_dim + 2 * groups * d_state + heads
+    proj = torch.randn(batch, length, width, dtype=F64, requires_grad=True)
+    cuts = [heads * head_dim, heads * head_dim, groups * d_state, groups * d_state, heads]
+    x, z, B, C, dt = torch.split(proj, cuts, dim=-1)
+    views = dict(x=x.unflatten(-1, (heads, head_dim)), z=z.unflatten(-1, (heads, head_dim)),
+                 B=B.unflatten(-1, (groups, d_state)), C=C.unflatten(-1, (groups, d_state)), dt=dt)
+    A = -torch.rand(heads, dtype=F64)
+    y = ssd_scan(**views, A=A, chunk_size=8, dt_softplus=True)
+    y_ref = ssd_scan_ref(**{k: v.contiguous() for k, v in views.items()}, A=A, dt_softplus=True)
+    assert_close(y, y_ref, TOL, "output")
+    cot = torch.randn(batch, heads, length, head_dim, dtype=F64).transpose(1, 2)  # strided
+    got = torch.autograd.grad(y, proj, cot)[0]
+    want = torch.autograd.grad(y_ref, proj, cot)[0]
+    assert_close(got, want, TOL, "gradient of the projection")
+
+
 def test_padding_is_invisible():
     """Outputs and final states do not depend on how the length is padded to whole chunks."""
     inputs = make_inputs(21)
