@@ -46,6 +46,9 @@ def _child(spec: dict):
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     cuda = spec.get("device", "cpu").startswith("cuda")
+    # Warm-up before the baseline: the first parallel op starts OpenMP's thread pool (MiBs of stacks) and
+    # the allocator's arenas; counting them would charge every measurement a constant ~8 MiB.
+    torch.ones(1 << 20).add_(1).sum().item()
     if spec.get("cap_bytes"):
         base = _status_kb("VmRSS") * 1024
         threading.Thread(target=_watchdog, args=(base + spec["cap_bytes"],), daemon=True).start()
