@@ -53,9 +53,11 @@ from einops import rearrange
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
 # Elements of one [chunks, b, h, Q, Q] (or [chunks, b, h, Q, p]) working tensor per group of
-# chunks: 1 Mi, 4 MiB in float32. At h=8, p=n=64, Q=256, 16K tokens on CPU, groups of 1 Mi ran
-# as fast as groups of 4 Mi with 40% less peak memory.
-_GROUP_ELEMENTS = 1 << 20
+# chunks: 4 Mi, 16 MiB in float32. Measured at h=8, p=n=64, Q=256, 16K tokens, fwd + bwd on CPU:
+# with one thread, groups of 1, 4 and 16 Mi take the same time; with two threads on a busy
+# machine, 1 Mi took 1.7x as long as 4 Mi (twice the parallel regions to synchronise), and 16 Mi
+# gained nothing for 2.3x the peak memory.
+_GROUP_ELEMENTS = 1 << 22
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, initial_states=None,
