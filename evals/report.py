@@ -45,12 +45,21 @@ def _fmt_bytes(n) -> str:
         n /= 1024
 
 
-def _memory_cell_text(c: Optional[dict]) -> str:
+def run_peak(c: dict) -> Optional[int]:
+    """The memory the measured run itself took (see evals/throughput.py); the process peak above the
+    weights where a record has no such figure."""
+    r = c.get("result") or {}
+    if r.get("run_peak_bytes") is not None:
+        return r["run_peak_bytes"]
+    return c["peak_bytes"] - r.get("weights_bytes", 0)
+
+
+def _memory_cell_text(c: Optional[dict], total: bool = False) -> str:
     if c is None:
         return "-"
     if c["status"] != "ok":
         return c["status"]
-    return _fmt_bytes(c["peak_bytes"])
+    return _fmt_bytes(run_peak(c)) + (f" ({_fmt_bytes(c['peak_bytes'])})" if total else "")
 
 
 def _table(header: list, rows: list) -> str:
@@ -76,7 +85,7 @@ def summary_table(results: dict) -> str:
     T = thr_ctx[-1] if thr_ctx else None
     header = ["recipe", "params", "train tokens", "train s", "train loss (nats)",
               f"bits/byte blocks@{L}", "bits/byte streaming", f"decode tok/s @{T}",
-              f"decode peak mem @{M}", f"state @{M} (analytic)", "passkey acc"]
+              f"decode run mem @{M}", f"state @{M} (analytic)", "passkey acc"]
     rows = []
     for name in _recipes(results):
         info = results["recipes"][name]
@@ -123,7 +132,8 @@ def memory_table(results: dict) -> str:
     rows = []
     for name in _recipes(results):
         for k in kinds:
-            rows.append([name, k] + [_memory_cell_text(_lookup(results, name, "memory", k, c)) for c in ctx])
+            rows.append([name, k] + [_memory_cell_text(_lookup(results, name, "memory", k, c), total=True)
+                                     for c in ctx])
         states = []
         for c in ctx:
             d = _lookup(results, name, "memory", "decode", c)
@@ -211,8 +221,8 @@ def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
             cs = sorted((c for c in cells(results, "memory", kind) if c["recipe"] == name), key=lambda c: c["context"])
             ok = [c for c in cs if c["status"] == "ok"]
             if ok:
-                above = [max(c["peak_bytes"] - c["result"]["weights_bytes"], 1) / MIB for c in ok]
-                ax.plot([c["context"] for c in ok], above, "o-", color=f"C{i}", label=f"{name} measured")
+                ax.plot([c["context"] for c in ok], [max(run_peak(c), 1) / MIB for c in ok], "o-", color=f"C{i}",
+                        label=f"{name} measured")
             if kind == "decode" and ok:
                 ax.plot([c["context"] for c in ok], [max(c["result"]["state_bytes"], 1) / MIB for c in ok], "--",
                         color=f"C{i}", label=f"{name} state_bytes (analytic)")
@@ -222,12 +232,13 @@ def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("peak RSS above weights (MiB)" if kind != "decode" else "MiB")
+        ax.set_ylabel("MiB (log scale)")
         ax.set_title({"forward": "inference forward (no cache)", "decode": "prefill + decode through the cache",
                       "train": "training forward + backward"}[kind], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(title or "Measured peak memory vs context (fresh process per point)", fontsize=11)
+    fig.suptitle(title or "Memory the run takes vs context: peak RSS above a warmed-up model (fresh process "
+                 "per point); dashed: analytic inference state", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,7 +277,8 @@ def plot_passkey(results: dict, path: Path, title: str = "") -> Optional[Path]:
     if not names:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1.2, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.9 * len(names) + 1.5, 3.4), squeeze=False, sharey=True,
+                             layout="constrained")
     image = None
     for ax, name in zip(axes[0], names):
         pk = sorted((c for c in cells(results, "passkey") if c["recipe"] == name), key=lambda c: c["context"])
@@ -278,7 +290,8 @@ def plot_passkey(results: dict, path: Path, title: str = "") -> Optional[Path]:
             for i, v in enumerate(row):
                 ax.text(i, j, f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v < 60 else "black")
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("passkey depth (fraction)")
+        if ax is axes[0][0]:
+            ax.set_ylabel("passkey depth (fraction of the prompt)")
         ax.set_title(name, fontsize=10)
     fig.colorbar(image, ax=list(axes[0]), label="exact-match accuracy (%)")
     fig.suptitle(title or "Passkey retrieval accuracy (greedy decoding)", fontsize=11)
@@ -310,9 +323,11 @@ def write_report(results: dict, out_dir) -> tuple:
         "## Bits per byte by context (held-out split; lower is better)",
         "Units: bits per byte of the scored targets' text; compressors on the same text for reference. "
         "See evals/perplexity.py for the schemes.", perplexity_table(results),
-        "## Measured peak memory (fresh process per cell; includes the weights)",
-        "CPU: peak RSS above the process baseline; `OOM`: the cap was hit. The analytic state is the sum of "
-        "the blocks' `state_bytes` at float32 after the prefill and decode.", memory_table(results),
+        "## Measured memory (fresh process per cell)",
+        "Each cell: the memory the run takes (peak RSS above a model warmed up on a few tokens: activations, "
+        "cache, gradients), and in brackets the whole process peak above its baseline as evals.memory measures "
+        "it (weights and torch's one-time setup included). `OOM`: the cap was hit. The analytic state is the "
+        "sum of the blocks' `state_bytes` in float32 after the prefill and decode.", memory_table(results),
         "## Throughput (tokens/s, batch 1, best of repeats after a warm-up)", throughput_table(results),
         "## Passkey retrieval", passkey_tables(results) or "(not run)",
         "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),

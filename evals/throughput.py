@@ -11,8 +11,11 @@ the warm-up takes allocator growth and one-time kernel selection out of the figu
 than the mean because on a shared machine other processes only ever add time.
 
 Memory: the `peak_*` functions below are the targets `evals.memory.measure` runs in a fresh process
-(a recipe as a plain dict in, JSON out). The measured peak includes the weights, which the functions
-build inside the measurement; they return `weights_bytes` so a report can subtract them.
+(a recipe as a plain dict in, JSON out). The peak that `measure` reports includes the weights and
+everything torch sets up on its first forward (thread pools, kernels, allocator arenas: ~20 MiB on CPU,
+more than the whole cache of a small model), so each function also reports its own figure on CPU,
+`run_peak_bytes`: a warm-up forward of a few tokens first, then the peak RSS of the measured run above
+the RSS after the warm-up. That is the memory the context costs: activations, the cache, gradients.
 
     recs = throughput(model, contexts=[256, 1024])
     rec = measure("evals.throughput:peak_decode", {"recipe": recipe.to_dict(), "context": 1024}, cap_gb=4)
@@ -146,6 +149,34 @@ def throughput_record(model, kind: str, context: int, batch_size: int = 1, decod
 
 # -- memory targets for evals.memory.measure (each runs in a fresh process) ------------------------------------
 
+WARMUP_TOKENS = 4
+
+
+def _rss_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+class _RunPeak:
+    """Peak RSS of a block of code above the RSS on entry (VmHWM - VmRSS, Linux; None elsewhere). The
+    high-water mark also holds whatever came before, so the warm-up that precedes must stay smaller
+    than the measured run, which a few tokens do."""
+
+    def __enter__(self):
+        self.base = _rss_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _rss_kb("VmHWM")
+        self.bytes = max(0, peak - self.base) * 1024 if self.base >= 0 and peak >= 0 else None
+
+
 def _model(recipe: dict):
     from zoo.model import build_model
     torch.manual_seed(0)
@@ -159,30 +190,50 @@ def analytic_state_bytes(model, context: int, batch_size: int = 1, dtype=torch.f
     return int(sum(layer.mixer.state_bytes(context, batch_size, dtype=dtype) for layer in model.layers))
 
 
+@torch.no_grad()
+def _forward(model, context: int, batch_size: int):
+    model.eval()(_tokens(model, batch_size, context, 0))
+
+
+@torch.no_grad()
+def _decode(model, context: int, batch_size: int, decode_tokens: int):
+    model.eval()
+    cache = model.init_cache(batch_size)
+    model(_tokens(model, batch_size, context, 0), cache=cache)
+    for t in _tokens(model, batch_size, decode_tokens, 1).unbind(1):
+        model(t[:, None], cache=cache)
+
+
+def _train(model, context: int, batch_size: int):
+    ids = _tokens(model, batch_size, context, 0)
+    out = model.train()(ids, labels=ids)
+    (out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
+
+
 def peak_forward(recipe: dict, context: int, batch_size: int = 1) -> dict:
     """Inference forward of `batch_size` x `context` tokens without a cache (logits of every position)."""
     model, weights = _model(recipe)
-    with torch.no_grad():
-        model.eval()(_tokens(model, batch_size, context, 0))
-    return {"weights_bytes": weights}
+    _forward(model, WARMUP_TOKENS, batch_size)
+    with _RunPeak() as run:
+        _forward(model, context, batch_size)
+    return {"weights_bytes": weights, "run_peak_bytes": run.bytes}
 
 
 def peak_decode(recipe: dict, context: int, batch_size: int = 1, decode_tokens: int = 8) -> dict:
     """Prefill of `context` tokens through a cache, then `decode_tokens` single-token steps."""
     model, weights = _model(recipe)
-    model.eval()
-    with torch.no_grad():
-        cache = model.init_cache(batch_size)
-        model(_tokens(model, batch_size, context, 0), cache=cache)
-        for t in _tokens(model, batch_size, decode_tokens, 1).unbind(1):
-            model(t[:, None], cache=cache)
-    return {"weights_bytes": weights, "state_bytes": analytic_state_bytes(model, context + decode_tokens, batch_size)}
+    _decode(model, WARMUP_TOKENS, batch_size, 1)
+    with _RunPeak() as run:
+        _decode(model, context, batch_size, decode_tokens)
+    return {"weights_bytes": weights, "run_peak_bytes": run.bytes,
+            "state_bytes": analytic_state_bytes(model, context + decode_tokens, batch_size)}
 
 
 def peak_train(recipe: dict, context: int, batch_size: int = 1) -> dict:
-    """Forward + backward of the loss on `batch_size` x `context` tokens (gradients are allocated too)."""
+    """Forward + backward of the loss on `batch_size` x `context` tokens. The warm-up's gradients are
+    kept, so the measured run's figure holds activations, not the gradient buffers (weights-sized)."""
     model, weights = _model(recipe)
-    ids = _tokens(model, batch_size, context, 0)
-    out = model.train()(ids, labels=ids)
-    (out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)).backward()
-    return {"weights_bytes": weights}
+    _train(model, WARMUP_TOKENS, batch_size)
+    with _RunPeak() as run:
+        _train(model, context, batch_size)
+    return {"weights_bytes": weights, "run_peak_bytes": run.bytes}

@@ -112,6 +112,9 @@ def parse_args(argv):
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare each recipe's corpus)")
     ap.add_argument("--data-root", default="data", help="where corpora are prepared and cached")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads here and in the memory subprocesses (default: torch's). On a CPU shared "
+                         "with other work, 1 avoids threads spinning while they wait for a core")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -294,7 +297,8 @@ def plan(run: RecipeRun, args, given: bool) -> list:
         for context in args.memory_contexts or args.contexts:
             def mem(kind=kind, context=context):
                 rec = measure(f"evals.throughput:{MEMORY_KINDS[kind]}", {"recipe": run.recipe.to_dict(),
-                              "context": context}, cap_gb=args.cap_gb, device=args.device, timeout=600)
+                              "context": context}, cap_gb=args.cap_gb, device=args.device, timeout=600,
+                              threads=args.threads)
                 rec["units"] = {"peak_bytes": "bytes", "seconds": "s", "weights_bytes": "bytes",
                                 "state_bytes": "bytes"}
                 rec["method"] = ("peak RSS of a fresh process above its baseline, weights included"
@@ -322,6 +326,8 @@ def plan(run: RecipeRun, args, given: bool) -> list:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"

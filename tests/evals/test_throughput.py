@@ -54,6 +54,10 @@ def test_decode_target_reports_analytic_state():
 def test_measure_targets_ok_and_oom():
     rec = measure("evals.throughput:peak_forward", {"recipe": RECIPE, "context": 64}, cap_gb=2)
     assert rec["status"] == "ok" and rec["peak_bytes"] >= rec["result"]["weights_bytes"] > 0
+    assert 0 <= rec["result"]["run_peak_bytes"] <= rec["peak_bytes"]
+    # the run's own figure grows with the context: 2048 x 64 float32 logits alone are 512 KiB
+    big = measure("evals.throughput:peak_train", {"recipe": RECIPE, "context": 2048}, cap_gb=2)
+    assert big["result"]["run_peak_bytes"] > 2**19
     # 1 MiB cap: importing the model code and building it alone passes that
     rec = measure("evals.throughput:peak_train", {"recipe": RECIPE, "context": 4096}, cap_gb=1 / 1024)
     assert rec["status"] == "OOM"
@@ -69,7 +73,7 @@ def _results():
         cell("a", "ppl", "streaming", None, bits_per_byte=4.4),
         cell("-", "compression", "gzip-9", None, bits_per_byte=4.0),
         cell("a", "memory", "decode", 16, status="ok", peak_bytes=3 * 2**20,
-             result={"weights_bytes": 2**20, "state_bytes": 4096}),
+             result={"weights_bytes": 2**20, "run_peak_bytes": 2**19, "state_bytes": 4096}),
         cell("a", "memory", "decode", 32, status="OOM", cap_gb=1),
         cell("a", "throughput", "decode", 16, tokens_per_s=100.0), cell("a", "throughput", "decode", 32, tokens_per_s=90.0),
         cell("a", "passkey", "greedy", 256, depths=[0, 1], accuracy=[1.0, 0.5], n_trials=2),
@@ -86,4 +90,4 @@ def test_report_from_results(tmp_path):
     path, pngs = write_report(results, tmp_path)
     assert {p.name for p in pngs} == {"perplexity.png", "memory.png", "throughput.png", "passkey.png"}
     text = path.read_text()
-    assert "gzip-9 4.000" in text and "| a | decode | 3.0 MiB | OOM |" in text
+    assert "gzip-9 4.000" in text and "| a | decode | 512.0 KiB (3.0 MiB) | OOM |" in text
