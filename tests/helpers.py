@@ -18,6 +18,19 @@ def assert_close(a, b, tol: float, what: str = "output", floor: float = 1e-6):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def assert_each_close(names, got, want, tol: float):
+    """Compare named results pairwise (outputs, states, gradients); a reference that is exactly zero
+    (dq when each query sees only its own key) is compared absolutely. `None` references are skipped."""
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            continue
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        if b.numel() and b.abs().max() == 0:
+            assert a.abs().max() <= tol, f"{name}: {a.abs().max():.3e} where the reference is 0"
+        else:
+            assert_close(a, b, tol, name)
+
+
 def grads(module: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
