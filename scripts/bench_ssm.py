@@ -1,0 +1,275 @@
+"""Mamba-1 and Mamba-2 on CPU, float32, forward + backward: zoo's pure-PyTorch paths against the
+pure-PyTorch fallbacks of transformers 5.x, op to op and mixer to mixer, on the same weights.
+
+    transformers: mamba_selective_scan, mamba2_chunk_scan, MambaMixer, Mamba2Mixer (no mamba-ssm)
+    zoo:          zoo.ops.ssm.selective_scan, zoo.ops.ssd.ssd_scan, blocks `mamba`, `mamba2`
+
+d_model 256 (d_inner 512); Mamba-1 with d_state 16; Mamba-2 with d_state 64, head_dim 64 (8 heads),
+one group, chunk 256; batch 1. Every measurement runs in a fresh subprocess: time is the best of
+`repeats` forward + backward passes, memory the peak RSS above the subprocess's own baseline taken
+after building the inputs (/proc/self/status VmHWM after resetting it through clear_refs, minus
+VmRSS); one torch thread unless --threads says otherwise. Before timing, the outputs and gradients
+of both sides are compared on one short input.
+
+    .venv/bin/python scripts/bench_ssm.py            # the full table (about 15 minutes on 2 cores)
+    .venv/bin/python scripts/bench_ssm.py --quick    # short lengths only, a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # transformers' kernel hub must not reach for the network
+
+D_MODEL = 256
+MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2}
+MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1, "chunk_size": 256}
+TIMEOUT_S = 900
+
+# (arch, what, length, impls to run, repeats). transformers' Mamba-1 backward grows about cubically
+# with the length (every step's slice of the [b, d, l, n] tensors gets a full-size gradient buffer),
+# so it is timed once at 2K and not at all at 8K; its Mamba-2 path is not run at 64K.
+FULL = [
+    ("mamba", "op", 512, ("zoo", "hf"), 3),
+    ("mamba", "op", 2048, ("zoo", "hf"), 1),
+    ("mamba", "op", 8192, ("zoo",), 3),
+    ("mamba", "mixer", 512, ("zoo", "hf"), 3),
+    ("mamba", "mixer", 2048, ("zoo", "hf"), 1),
+    ("mamba", "mixer", 8192, ("zoo",), 3),
+    ("mamba2", "op", 4096, ("zoo", "hf"), 3),
+    ("mamba2", "op", 16384, ("zoo", "hf"), 3),
+    ("mamba2", "op", 65536, ("zoo",), 1),
+    ("mamba2", "mixer", 4096, ("zoo", "hf"), 3),
+    ("mamba2", "mixer", 16384, ("zoo", "hf"), 3),
+    ("mamba2", "mixer", 65536, ("zoo",), 1),
+]
+QUICK = [
+    ("mamba", "op", 256, ("zoo", "hf"), 2),
+    ("mamba", "mixer", 256, ("zoo", "hf"), 2),
+    ("mamba2", "op", 1024, ("zoo", "hf"), 2),
+    ("mamba2", "mixer", 1024, ("zoo", "hf"), 2),
+]
+NOT_RUN = {("mamba", 8192): "not run: backward grows ~cubically (2K takes minutes)",
+           ("mamba2", 65536): "not run: above the 4 GiB benchmark budget"}
+
+
+# ---------------------------------------------------------------- what is measured (in the worker)
+
+def hf_mixer(arch):
+    import torch
+    from transformers import Mamba2Config, MambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+    torch.manual_seed(0)
+    if arch == "mamba":
+        cfg = MambaConfig(hidden_size=D_MODEL, state_size=MAMBA["d_state"], conv_kernel=MAMBA["d_conv"],
+                          expand=MAMBA["expand"], num_hidden_layers=1)
+        return MambaMixer(cfg, 0)
+    heads = MAMBA2["expand"] * D_MODEL // MAMBA2["head_dim"]
+    cfg = Mamba2Config(hidden_size=D_MODEL, state_size=MAMBA2["d_state"], conv_kernel=MAMBA2["d_conv"],
+                       expand=MAMBA2["expand"], head_dim=MAMBA2["head_dim"], num_heads=heads,
+                       n_groups=MAMBA2["n_groups"], chunk_size=MAMBA2["chunk_size"], num_hidden_layers=1)
+    return Mamba2Mixer(cfg, 0)
+
+
+def zoo_mixer(arch, weights_from):
+    """zoo's block with the transformers mixer's weights (the parameter names are the same)."""
+    from zoo.blocks.mamba import Mamba2Block, Mamba2Config, MambaBlock, MambaConfig
+    block = (MambaBlock(D_MODEL, MambaConfig(**MAMBA), 0) if arch == "mamba"
+             else Mamba2Block(D_MODEL, Mamba2Config(**MAMBA2), 0))
+    block.load_state_dict(weights_from.state_dict())
+    return block
+
+
+def op_inputs(arch, length, dtype):
+    """Inputs at the scale the mixers feed their scans (dt from the usual init, A = -exp(A_log))."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    d_inner = 2 * D_MODEL
+    if arch == "mamba":
+        n = MAMBA["d_state"]
+        return dict(u=rand(1, d_inner, length), delta=rand(1, d_inner, length) * 0.1,
+                    A=-torch.arange(1, n + 1, dtype=dtype).repeat(d_inner, 1), B=rand(1, n, length),
+                    C=rand(1, n, length), D=torch.ones(d_inner, dtype=dtype), z=rand(1, d_inner, length),
+                    delta_bias=torch.full((d_inner,), -4.0, dtype=dtype))
+    h, p, n = d_inner // MAMBA2["head_dim"], MAMBA2["head_dim"], MAMBA2["d_state"]
+    return dict(x=rand(1, length, h, p), dt=rand(1, length, h) * 0.1, A=-torch.arange(1, h + 1, dtype=dtype),
+                B=rand(1, length, 1, n), C=rand(1, length, 1, n), D=torch.ones(h, dtype=dtype),
+                dt_bias=torch.full((h,), -4.0, dtype=dtype))
+
+
+def op_fn(arch, impl):
+    if arch == "mamba":
+        if impl == "zoo":
+            from zoo.ops.ssm import selective_scan as scan
+        else:
+            from transformers.models.mamba.modeling_mamba import mamba_selective_scan as scan
+        # positional: the two libraries name u / delta differently (hidden_states / dt)
+        return lambda i: scan(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"],
+                              delta_softplus=True)
+    if impl == "zoo":
+        from zoo.ops.ssd import ssd_scan as scan
+    else:
+        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan as scan
+    return lambda i: scan(i["x"], i["dt"], i["A"], i["B"], i["C"], MAMBA2["chunk_size"], D=i["D"],
+                          dt_bias=i["dt_bias"], dt_softplus=True)
+
+
+def setup(arch, what, impl, length, dtype):
+    """(run, leaves): run() does one forward + backward; leaves, by name, get gradients."""
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()   # one "falling back to PyTorch" warning per function
+    if what == "op":
+        inputs = {k: v.requires_grad_() for k, v in op_inputs(arch, length, dtype).items()}
+        fn = op_fn(arch, impl)
+        leaves = inputs
+        forward = lambda: fn(inputs)
+    else:
+        hf = hf_mixer(arch).to(dtype)
+        module = hf if impl == "hf" else zoo_mixer(arch, hf)
+        del hf
+        module.train()
+        x = torch.randn(1, length, D_MODEL, generator=torch.Generator().manual_seed(1), dtype=dtype,
+                        requires_grad=True)
+        leaves = {"x": x, **dict(module.named_parameters())}
+        forward = lambda: module(x)
+    probe = forward()
+    cotangent = torch.randn(probe.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    del probe
+
+    def run():
+        for t in leaves.values():
+            t.grad = None
+        out = forward()
+        out.backward(cotangent)
+        return out
+
+    return run, leaves
+
+
+def _status_kib(key):
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker(spec):
+    import torch
+    torch.set_num_threads(spec["threads"])
+    run, _ = setup(spec["arch"], spec["what"], spec["impl"], spec["length"], torch.float32)
+    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS: the peak of the work alone
+    base = _status_kib("VmRSS")
+    cpu, wall = [], []
+    for _ in range(spec["repeats"]):
+        c0, w0 = time.process_time(), time.perf_counter()
+        run()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    print(json.dumps({"time_s": min(cpu), "wall_s": min(wall), "peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+
+
+# ---------------------------------------------------------------- the driver
+
+def agreement():
+    """Max relative difference between zoo and transformers on the same weights and inputs."""
+    import torch
+    rows = []
+    for arch in ("mamba", "mamba2"):
+        for what in ("op", "mixer"):
+            length = 300
+            got = []
+            for impl in ("zoo", "hf"):
+                run, leaves = setup(arch, what, impl, length, torch.float32)
+                out = run()
+                got.append({"output": out.detach(), **{k: t.grad for k, t in leaves.items()}})
+            zoo, hf = got
+            assert zoo.keys() == hf.keys(), sorted(zoo.keys() ^ hf.keys())
+            err = max(((zoo[k] - hf[k]).abs().max() / hf[k].abs().max().clamp_min(1e-30)).item() for k in hf)
+            rows.append(f"{arch} {what}: {err:.1e}")
+    return rows
+
+
+def measure(arch, what, length, impl, repeats, threads):
+    spec = json.dumps({"arch": arch, "what": what, "length": length, "impl": impl, "repeats": repeats,
+                       "threads": threads})
+    try:
+        res = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
+                             timeout=TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {TIMEOUT_S} s"
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode or not lines:
+        return None, f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+    return json.loads(lines[-1]), None
+
+
+def fmt_time(r):
+    return f"{r['time_s']:.3f}" if r else "-"
+
+
+def fmt_mem(r):
+    return f"{r['peak_mib']:.0f}" if r else "-"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short lengths only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per measurement (default 1: on a shared machine a descheduled "
+                             "thread stalls every parallel region of the other)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    import torch
+    import transformers
+    print(f"`{shlex.join(['python', *sys.argv])}`\n")
+    print(f"CPU float32, {args.threads} thread(s) per measurement on a {os.cpu_count()}-core "
+          f"{platform.machine()} machine, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"load average at start {os.getloadavg()[0]:.1f}. Time: CPU seconds of one forward + backward, the "
+          f"best of `runs` (CPU time rather than wall time, which other processes on a shared machine "
+          f"inflate); the summary line also has the best wall times. Peak: RSS above the subprocess's "
+          f"baseline. Speedup and memory ratio are transformers / zoo.\n")
+    print("zoo vs transformers on the same weights, max relative difference of output and all gradients "
+          "(length 300): " + "; ".join(agreement()) + "\n")
+    print("| model | level | length | runs | zoo s | transformers s | speedup | zoo peak MiB | transformers peak MiB | memory ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    summary = {}
+    for arch, what, length, impls, repeats in (QUICK if args.quick else FULL):
+        got = {}
+        for impl in ("zoo", "hf"):
+            if impl in impls:
+                got[impl], err = measure(arch, what, length, impl, repeats, args.threads)
+                if err:
+                    got[impl] = None
+                    got[impl + "_note"] = err
+        zoo, hf = got.get("zoo"), got.get("hf")
+        hf_time = fmt_time(hf) if "hf" in impls else NOT_RUN.get((arch, length), "not run")
+        hf_time = got.get("hf_note", hf_time)
+        speed = f"{hf['time_s'] / zoo['time_s']:.1f}x" if zoo and hf else "-"
+        mem = f"{hf['peak_mib'] / max(zoo['peak_mib'], 1e-9):.1f}x" if zoo and hf else "-"
+        print(f"| {arch} | {what} | {length} | {repeats} | {got.get('zoo_note', fmt_time(zoo))} | {hf_time} | {speed} | "
+              f"{fmt_mem(zoo)} | {fmt_mem(hf)} | {mem} |", flush=True)
+        summary[f"{arch}_{what}_{length}"] = {"zoo_s": zoo and round(zoo["time_s"], 4),
+                                              "hf_s": hf and round(hf["time_s"], 4),
+                                              "zoo_wall_s": zoo and round(zoo["wall_s"], 4),
+                                              "hf_wall_s": hf and round(hf["wall_s"], 4),
+                                              "zoo_peak_mib": zoo and round(zoo["peak_mib"]),
+                                              "hf_peak_mib": hf and round(hf["peak_mib"])}
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+    print("SUMMARY " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
