@@ -36,28 +36,28 @@ MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2}
 MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1, "chunk_size": 256}
 TIMEOUT_S = 900
 
-# (arch, what, length, impls to run, repeats). transformers' Mamba-1 backward grows about cubically
-# with the length (every step's slice of the [b, d, l, n] tensors gets a full-size gradient buffer),
-# so it is timed once at 2K and not at all at 8K; its Mamba-2 path is not run at 64K.
+# (arch, what, length, {impl: repeats}). transformers' Mamba-1 backward grows about cubically with
+# the length (every step's slice of the [b, d, l, n] tensors gets a full-size gradient buffer), so
+# it runs once at 2K and not at all at 8K; its Mamba-2 path is not run at 64K.
 FULL = [
-    ("mamba", "op", 512, ("zoo", "hf"), 3),
-    ("mamba", "op", 2048, ("zoo", "hf"), 1),
-    ("mamba", "op", 8192, ("zoo",), 3),
-    ("mamba", "mixer", 512, ("zoo", "hf"), 3),
-    ("mamba", "mixer", 2048, ("zoo", "hf"), 1),
-    ("mamba", "mixer", 8192, ("zoo",), 3),
-    ("mamba2", "op", 4096, ("zoo", "hf"), 3),
-    ("mamba2", "op", 16384, ("zoo", "hf"), 3),
-    ("mamba2", "op", 65536, ("zoo",), 1),
-    ("mamba2", "mixer", 4096, ("zoo", "hf"), 3),
-    ("mamba2", "mixer", 16384, ("zoo", "hf"), 3),
-    ("mamba2", "mixer", 65536, ("zoo",), 1),
+    ("mamba", "op", 512, {"zoo": 3, "hf": 3}),
+    ("mamba", "op", 2048, {"zoo": 3, "hf": 1}),
+    ("mamba", "op", 8192, {"zoo": 3}),
+    ("mamba", "mixer", 512, {"zoo": 3, "hf": 3}),
+    ("mamba", "mixer", 2048, {"zoo": 3, "hf": 1}),
+    ("mamba", "mixer", 8192, {"zoo": 3}),
+    ("mamba2", "op", 4096, {"zoo": 3, "hf": 3}),
+    ("mamba2", "op", 16384, {"zoo": 3, "hf": 3}),
+    ("mamba2", "op", 65536, {"zoo": 2}),
+    ("mamba2", "mixer", 4096, {"zoo": 3, "hf": 3}),
+    ("mamba2", "mixer", 16384, {"zoo": 3, "hf": 3}),
+    ("mamba2", "mixer", 65536, {"zoo": 2}),
 ]
 QUICK = [
-    ("mamba", "op", 256, ("zoo", "hf"), 2),
-    ("mamba", "mixer", 256, ("zoo", "hf"), 2),
-    ("mamba2", "op", 1024, ("zoo", "hf"), 2),
-    ("mamba2", "mixer", 1024, ("zoo", "hf"), 2),
+    ("mamba", "op", 256, {"zoo": 2, "hf": 2}),
+    ("mamba", "mixer", 256, {"zoo": 2, "hf": 2}),
+    ("mamba2", "op", 1024, {"zoo": 2, "hf": 2}),
+    ("mamba2", "mixer", 1024, {"zoo": 2, "hf": 2}),
 ]
 NOT_RUN = {("mamba", 8192): "not run: backward grows ~cubically (2K takes minutes)",
            ("mamba2", 65536): "not run: above the 4 GiB benchmark budget"}
@@ -243,14 +243,14 @@ def main():
           f"baseline. Speedup and memory ratio are transformers / zoo.\n")
     print("zoo vs transformers on the same weights, max relative difference of output and all gradients "
           "(length 300): " + "; ".join(agreement()) + "\n")
-    print("| model | level | length | runs | zoo s | transformers s | speedup | zoo peak MiB | transformers peak MiB | memory ratio |")
+    print("| model | level | length | runs zoo/hf | zoo s | transformers s | speedup | zoo peak MiB | transformers peak MiB | memory ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
-    for arch, what, length, impls, repeats in (QUICK if args.quick else FULL):
+    for arch, what, length, impls in (QUICK if args.quick else FULL):
         got = {}
         for impl in ("zoo", "hf"):
             if impl in impls:
-                got[impl], err = measure(arch, what, length, impl, repeats, args.threads)
+                got[impl], err = measure(arch, what, length, impl, impls[impl], args.threads)
                 if err:
                     got[impl] = None
                     got[impl + "_note"] = err
@@ -259,7 +259,8 @@ def main():
         hf_time = got.get("hf_note", hf_time)
         speed = f"{hf['time_s'] / zoo['time_s']:.1f}x" if zoo and hf else "-"
         mem = f"{hf['peak_mib'] / max(zoo['peak_mib'], 1e-9):.1f}x" if zoo and hf else "-"
-        print(f"| {arch} | {what} | {length} | {repeats} | {got.get('zoo_note', fmt_time(zoo))} | {hf_time} | {speed} | "
+        runs = "/".join(str(impls.get(impl, "-")) for impl in ("zoo", "hf"))
+        print(f"| {arch} | {what} | {length} | {runs} | {got.get('zoo_note', fmt_time(zoo))} | {hf_time} | {speed} | "
               f"{fmt_mem(zoo)} | {fmt_mem(hf)} | {mem} |", flush=True)
         summary[f"{arch}_{what}_{length}"] = {"zoo_s": zoo and round(zoo["time_s"], 4),
                                               "hf_s": hf and round(hf["time_s"], 4),

@@ -24,18 +24,25 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     if _cuda_kernel_applies(x, weight, initial_states, return_final_states):
         from causal_conv1d import causal_conv1d_fn
         return causal_conv1d_fn(x, weight, bias, activation=activation)
-    b, d, _ = x.shape
+    b, d, length = x.shape
     width = weight.shape[1]
     acc = _acc_dtype(x)
-    prefix = (torch.zeros(b, d, width - 1, device=x.device, dtype=acc) if initial_states is None
-              else initial_states.to(acc))
-    padded = torch.cat([prefix, x.to(acc)], dim=-1)
-    out = F.conv1d(padded, weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc), groups=d)
+    w, bias = weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc)
+    if initial_states is None:
+        # zero history: the convolution's own padding, whose extra right-hand outputs are dropped,
+        # saves a padded copy of x (and its gradient) on long inputs
+        padded = None
+        out = F.conv1d(x.to(acc), w, bias, padding=width - 1, groups=d)[..., :length]
+    else:
+        padded = torch.cat([initial_states.to(acc), x.to(acc)], dim=-1)
+        out = F.conv1d(padded, w, bias, groups=d)
     if activation is not None:
         out = F.silu(out)
     out = out.to(x.dtype)
     if not return_final_states:
         return out
+    if padded is None:
+        padded = F.pad(x[..., max(0, length - (width - 1)):], (max(0, width - 1 - length), 0))
     return out, _last_inputs(padded, width).to(x.dtype)
 
 
@@ -61,7 +68,7 @@ def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_st
 
 
 def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:
-    # padded already starts with the width - 1 earlier inputs, so a short x still yields a full state.
+    # padded starts with width - 1 earlier inputs (zeros if none), so a short x still yields a full state.
     return padded[:, :, padded.shape[-1] - (width - 1):]
 
 
