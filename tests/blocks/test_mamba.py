@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-import zoo.blocks.mamba  # noqa: F401  (registers `mamba`, `mamba2` until zoo.blocks imports it)
+from zoo.blocks.mamba import MambaBlock  # registers `mamba`, `mamba2` until zoo.blocks imports it
 from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
 from zoo.config import RecipeError
 from zoo.ops.conv import causal_conv1d_ref
@@ -66,10 +66,7 @@ def mamba2_ref(block, x):
 
 
 def reference(block, x):
-    return mamba_ref(block, x) if CASES_KIND[type(block).__name__] == "mamba" else mamba2_ref(block, x)
-
-
-CASES_KIND = {"MambaBlock": "mamba", "Mamba2Block": "mamba2"}
+    return mamba_ref(block, x) if isinstance(block, MambaBlock) else mamba2_ref(block, x)
 
 
 @pytest.mark.parametrize("case", list(CASES))
