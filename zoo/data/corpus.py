@@ -82,37 +82,16 @@ def _stat_fingerprint(root: Path, rels: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-class StdlibCorpus:
-    """The standard library's `*.py` sources (see the module docstring for what is in and out)."""
+class _FileTreeCorpus:
+    """Files below a root, one document each, read in sorted order of their relative paths and split by
+    `hash_split`. Subclasses decide which files belong (`_walk`)."""
 
-    name = "stdlib"
-
-    def __init__(self, root: Optional[Union[str, Path]] = None, holdout_bytes: int = STDLIB_HOLDOUT_BYTES):
-        self.root = Path(root or sysconfig.get_paths()["stdlib"])
-        if not self.root.is_dir():
-            raise DataError(f"corpus: the standard library directory {self.root} does not exist")
-        rels, sizes = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-")]
-            for fn in filenames:
-                if not fn.endswith(".py") or fn.startswith("_sysconfigdata"):
-                    continue
-                path = Path(dirpath, fn)
-                data = path.read_bytes()
-                try:
-                    data.decode("utf-8")
-                except UnicodeDecodeError:
-                    continue
-                if data:
-                    rels.append(path.relative_to(self.root).as_posix())
-                    sizes.append(len(data))
-        if not rels:
-            raise DataError(f"corpus: no *.py files under the standard library directory {self.root}")
-        order = sorted(range(len(rels)), key=rels.__getitem__)
-        self._rels = [rels[i] for i in order]
-        self._sizes = [sizes[i] for i in order]
-        self._split = hash_split(self._rels, self._sizes, holdout_bytes, holdout_bytes)
-        self.python = f"{sys.implementation.name} {'.'.join(map(str, sys.version_info[:3]))}"
+    def _index(self, root: Path, found: list[tuple[str, int]], val_bytes: int, test_bytes: int):
+        self.root = root
+        found.sort()
+        self._rels = [rel for rel, _ in found]
+        self._sizes = [size for _, size in found]
+        self._split = hash_split(self._rels, self._sizes, val_bytes, test_bytes)
 
     def files(self, split: str) -> list[str]:
         """Relative paths (posix) of the split's files, in reading order."""
@@ -126,19 +105,48 @@ class StdlibCorpus:
     def fingerprint(self) -> str:
         return _stat_fingerprint(self.root, self._rels)
 
+
+class StdlibCorpus(_FileTreeCorpus):
+    """The standard library's `*.py` sources (see the module docstring for what is in and out)."""
+
+    name = "stdlib"
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, holdout_bytes: int = STDLIB_HOLDOUT_BYTES):
+        root = Path(root or sysconfig.get_paths()["stdlib"])
+        if not root.is_dir():
+            raise DataError(f"corpus: the standard library directory {root} does not exist")
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-")]
+            for fn in filenames:
+                if not fn.endswith(".py") or fn.startswith("_sysconfigdata"):
+                    continue
+                path = Path(dirpath, fn)
+                data = path.read_bytes()
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if data:
+                    found.append((path.relative_to(root).as_posix(), len(data)))
+        if not found:
+            raise DataError(f"corpus: no *.py files under the standard library directory {root}")
+        self._index(root, found, holdout_bytes, holdout_bytes)
+        self.python = f"{sys.implementation.name} {'.'.join(map(str, sys.version_info[:3]))}"
+
     def describe(self) -> str:
         return f"stdlib of {self.python} ({self.root}, {len(self._rels)} files)"
 
 
-class DirectoryCorpus:
+class DirectoryCorpus(_FileTreeCorpus):
     """Every regular non-hidden file below `path` is one UTF-8 document."""
 
     def __init__(self, path: Union[str, Path], holdout: float = 0.05):
         _check_holdout(holdout)
-        self.root = Path(path)
-        self.name = self.root.resolve().name
-        rels, sizes = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        root = Path(path)
+        self.name = root.resolve().name
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for fn in filenames:
                 path_ = Path(dirpath, fn)
@@ -146,26 +154,11 @@ class DirectoryCorpus:
                     continue
                 size = path_.stat().st_size
                 if size:
-                    rels.append(path_.relative_to(self.root).as_posix())
-                    sizes.append(size)
-        if not rels:
-            raise DataError(f"corpus: directory {self.root} holds no non-empty files")
-        order = sorted(range(len(rels)), key=rels.__getitem__)
-        self._rels = [rels[i] for i in order]
-        sizes = [sizes[i] for i in order]
-        target = max(1, round(holdout * sum(sizes)))
-        self._split = hash_split(self._rels, sizes, target, target)
-
-    def files(self, split: str) -> list[str]:
-        _check_split(split)
-        return [r for r, s in zip(self._rels, self._split) if s == split]
-
-    def documents(self, split: str) -> Iterator[str]:
-        for rel in self.files(split):
-            yield _read_text(self.root / rel)
-
-    def fingerprint(self) -> str:
-        return _stat_fingerprint(self.root, self._rels)
+                    found.append((path_.relative_to(root).as_posix(), size))
+        if not found:
+            raise DataError(f"corpus: directory {root} holds no non-empty files")
+        target = max(1, round(holdout * sum(size for _, size in found)))
+        self._index(root, found, target, target)
 
     def describe(self) -> str:
         return f"directory {self.root} ({len(self._rels)} files)"
