@@ -95,3 +95,24 @@ def cache_bytes(cache) -> int:
     if isinstance(cache, (list, tuple)):
         return sum(cache_bytes(v) for v in cache)
     return 0
+
+
+def make_block(name: str, d_model: int, dtype=torch.float64, std: float = 0.3, **cfg):
+    """A registered block with every parameter drawn N(0, std): non-zero biases, gates and scales, so a
+    comparison sees every path (std 0.3 gives attention logits of order 5, so masks and selection matter)."""
+    from zoo.registry import get_block
+    entry = get_block(name)
+    block = entry.cls(d_model, entry.config(**cfg), layer_idx=0).to(dtype)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return block
+
+
+def projected_qkv(block, x: torch.Tensor):
+    """q, k, v [b, t, heads, head_dim] of an attention-style block, and q, k rotated at positions 0..t-1."""
+    from zoo.ops.rope import apply_rope, rope_cos_sin
+    b, t, _ = x.shape
+    hd = block.head_dim
+    q, k, v = (proj(x).view(b, t, -1, hd) for proj in (block.q_proj, block.k_proj, block.v_proj))
+    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
+    return q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin)

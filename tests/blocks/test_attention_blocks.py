@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from tests.helpers import cache_bytes, check_block_vs_reference, check_cache_contract, run_chunks
+from tests.helpers import (cache_bytes, check_block_vs_reference, check_cache_contract, make_block, projected_qkv,
+                           run_chunks)
 from zoo.ops.attention import attention_ref
 from zoo.ops.rope import apply_rope, rope_cos_sin
-from zoo.registry import get_block
 
 D_MODEL = 24
 CASES = {
@@ -18,25 +18,14 @@ CASES = {
 
 
 def make(case, **extra):
-    name = case.split("_")[0]
-    entry = get_block(name)
-    block = entry.cls(D_MODEL, entry.config(**{**CASES[case], **extra}), layer_idx=0).double()
-    for p in block.parameters():  # non-trivial biases / scales so the test sees every path
-        torch.nn.init.normal_(p, std=0.3)
-    return block
+    return make_block(case.split("_")[0], D_MODEL, **{**CASES[case], **extra})
 
 
 def dense_forward(block, x):
     """The block's math written out with the dense masked-softmax reference."""
-    b, t, _ = x.shape
-    hd = block.head_dim
-    q = block.q_proj(x).view(b, t, -1, hd)
-    k = block.k_proj(x).view(b, t, -1, hd)
-    v = block.v_proj(x).view(b, t, -1, hd)
-    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    _, _, v, q, k = projected_qkv(block, x)
     out = attention_ref(q, k, v, causal=True, window=getattr(block.cfg, "window", None))
-    return block.out_proj(out.reshape(b, t, -1))
+    return block.out_proj(out.reshape(*x.shape[:2], -1))
 
 
 @pytest.mark.parametrize("case", list(CASES))

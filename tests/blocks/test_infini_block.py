@@ -3,12 +3,11 @@ import pytest
 import torch
 
 import zoo.blocks.infini  # noqa: F401  (registers `infini` until zoo.blocks imports it)
-from tests.helpers import assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, run_chunks
+from tests.helpers import (assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, make_block,
+                           projected_qkv, run_chunks)
 from zoo.config import RecipeError, load_recipe
 from zoo.model import ZooLM
 from zoo.ops.infini import infini_attention_ref
-from zoo.ops.rope import apply_rope, rope_cos_sin
-from zoo.registry import get_block
 from zoo.train.optim import build_optimizer, param_groups
 
 D_MODEL = 24
@@ -21,24 +20,15 @@ CASES = {
 
 
 def make(case, dtype=torch.float64, **extra):
-    entry = get_block("infini")
-    block = entry.cls(D_MODEL, entry.config(**{**CASES[case], **extra}), layer_idx=0).to(dtype)
-    for p in block.parameters():  # non-trivial biases and gates so the test sees every path
-        torch.nn.init.normal_(p, std=0.3)
-    return block
+    return make_block("infini", D_MODEL, dtype, **{**CASES[case], **extra})
 
 
 def ref_forward(block, x):
     """The block's math with the segment-loop reference: RoPE on the local path only."""
-    b, t, _ = x.shape
-    hd = block.head_dim
-    q = block.q_proj(x).view(b, t, -1, hd)
-    k = block.k_proj(x).view(b, t, -1, hd)
-    v = block.v_proj(x).view(b, t, -1, hd)
-    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
+    q, k, v, q_rot, k_rot = projected_qkv(block, x)
     out = infini_attention_ref(q, k, v, block.gate, block.cfg.segment_len, delta_rule=block.cfg.delta_rule,
-                               q_local=apply_rope(q, cos, sin), k_local=apply_rope(k, cos, sin))
-    return block.out_proj(out.reshape(b, t, -1))
+                               q_local=q_rot, k_local=k_rot)
+    return block.out_proj(out.reshape(*x.shape[:2], -1))
 
 
 @pytest.mark.parametrize("case", list(CASES))

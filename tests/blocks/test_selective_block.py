@@ -4,12 +4,11 @@ import pytest
 import torch
 
 import zoo.blocks.selective  # noqa: F401  (registers `selective` until zoo.blocks imports it)
-from tests.helpers import assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, run_chunks
+from tests.helpers import (assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, make_block,
+                           projected_qkv, run_chunks)
 from zoo.config import RecipeError, load_recipe
 from zoo.ops.attention import attention_ref
-from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention_ref
-from zoo.registry import get_block
 
 D_MODEL = 24
 CASES = {
@@ -20,21 +19,12 @@ CASES = {
 
 
 def make(case, dtype=torch.float64, **extra):
-    entry = get_block("selective")
-    block = entry.cls(D_MODEL, entry.config(**{**CASES[case], **extra}), layer_idx=0).to(dtype)
-    for p in block.parameters():  # std 0.3: head-0 logits of order 5, so the selection F matters
-        torch.nn.init.normal_(p, std=0.3)
-    return block
+    return make_block("selective", D_MODEL, dtype, **{**CASES[case], **extra})
 
 
 def qkv(block, x):
-    b, t, _ = x.shape
-    hd = block.head_dim
-    q = block.q_proj(x).view(b, t, -1, hd)
-    k = block.k_proj(x).view(b, t, -1, hd)
-    v = block.v_proj(x).view(b, t, -1, hd)
-    cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    _, _, v, q, k = projected_qkv(block, x)
+    return q, k, v
 
 
 def ref_forward(block, x, op=selective_attention_ref):
