@@ -9,19 +9,21 @@ import torch
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype=torch.float32):
-    """cos, sin of shape [len(positions), head_dim] for integer `positions`."""
+    """cos, sin of shape [*positions.shape, head_dim] for integer `positions`: [length] for one
+    sequence, or [batch, length] when positions differ per row (packed documents restart at 0, see
+    `zoo.ops.documents.document_positions`)."""
     if head_dim % 2:
         raise ValueError(f"head_dim: rotary embedding needs an even head_dim, got {head_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
     # float64 angles: at positions ~1e5 float32 loses the low frequencies' phase.
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, length, heads, head_dim]; cos/sin: [length, head_dim]."""
+    """x: [batch, length, heads, head_dim]; cos/sin: [length, head_dim] or [batch, length, head_dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotated * sin
