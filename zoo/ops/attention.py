@@ -17,6 +17,11 @@ including itself (flash-attn's window_size=(window - 1, 0)); None means unbounde
 Arithmetic runs in float32 for float32 and narrower inputs and in float64 for float64 inputs;
 outputs come back in the input dtype and lse in that accumulation dtype (float32 unless the
 inputs are float64, where float32 would spoil exactness checks of merged results).
+
+Packed documents: `seq_idx` [batch, Lk] (document ids of the key positions, see
+`zoo.ops.documents`) adds document masking to the causal and window masks: a query sees only keys
+of its own document. The blockwise path builds that mask per tile from the ids, skips tiles whose
+keys all lie in other documents and drops the mask from tiles inside one document.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from zoo.ops.documents import check_seq_idx, document_number
 
 __all__ = [
     "attention",
@@ -36,21 +43,35 @@ __all__ = [
 ]
 
 
-def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None):
+# Largest batch x Lq x Lk document mask `attention` hands SDPA (32 Mi bools); beyond it the
+# blockwise path, which builds the mask one tile at a time.
+_DENSE_DOCUMENT_MASK = 1 << 25
+
+
+def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+              seq_idx=None):
     """Exact attention: `F.scaled_dot_product_attention` when unwindowed, the blockwise path otherwise.
 
     Returns out [batch, Lq, heads, head_dim] in q's dtype. Chunked prefill (1 < Lq < Lk, causal)
     hands SDPA an Lq x Lk bool mask; self-attention (Lq = Lk) and decoding (Lq = 1) need none.
+    seq_idx [batch, Lk]: document masking (module docstring); SDPA then gets a [batch, 1, Lq, Lk]
+    bool mask while that stays under 32 Mi elements, the blockwise path beyond.
     """
-    _check_inputs(q, k, v, causal, window)
+    _check_inputs(q, k, v, causal, window, seq_idx)
     lq, lk = q.shape[1], k.shape[1]
     if window is not None and window >= lk:
         window = None  # every query already sees all of its causal keys
-    if window is not None or lq == 0 or lk == 0:
+    if (window is not None or lq == 0 or lk == 0
+            or (seq_idx is not None and q.shape[0] * lq * lk > _DENSE_DOCUMENT_MASK)):
         # A windowed mask through SDPA would be an Lq x Lk tensor; the blockwise path never builds one.
-        return blockwise_attention(q, k, v, causal=causal, window=window, scale=scale)
+        return blockwise_attention(q, k, v, causal=causal, window=window, scale=scale, seq_idx=seq_idx)
     mask, is_causal = None, False
-    if causal and lq > 1:
+    if seq_idx is not None:
+        doc = document_number(seq_idx)
+        mask = (doc[:, lk - lq:, None] == doc[:, None, :])[:, None]
+        if causal:
+            mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    elif causal and lq > 1:
         if lq == lk:
             is_causal = True
         else:
@@ -64,16 +85,18 @@ def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale:
 
 
 def blockwise_attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
-                        block_size: int = 512, return_lse: bool = False):
+                        block_size: int = 512, return_lse: bool = False, seq_idx=None):
     """Exact attention by query/key blocks with online softmax; memory linear in length.
 
     Returns out [batch, Lq, heads, head_dim] in q's dtype, and with `return_lse` also
     lse [batch, heads, Lq] (differentiable: partial results merge by it, see `merge_attention`).
+    seq_idx [batch, Lk]: document masking (module docstring).
     """
-    _check_inputs(q, k, v, causal, window)
+    _check_inputs(q, k, v, causal, window, seq_idx)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-    out, lse = _BlockwiseAttention.apply(q, k, v, causal, window, _default_scale(q, scale), block_size)
+    doc = None if seq_idx is None else document_number(seq_idx)
+    out, lse = _BlockwiseAttention.apply(q, k, v, causal, window, _default_scale(q, scale), block_size, doc)
     return (out, lse) if return_lse else out
 
 
@@ -113,22 +136,32 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 # References: dense masked softmax, obviously correct, O(Lq * Lk) memory.
 
 
-def attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None):
+def attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+                  seq_idx=None):
     """Dense twin of `attention` (explicit mask, kv heads repeated for GQA)."""
-    return blockwise_attention_ref(q, k, v, causal=causal, window=window, scale=scale)
+    return blockwise_attention_ref(q, k, v, causal=causal, window=window, scale=scale, seq_idx=seq_idx)
 
 
 def blockwise_attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None,
-                            scale: Optional[float] = None, return_lse: bool = False):
+                            scale: Optional[float] = None, return_lse: bool = False, seq_idx=None):
     """Dense twin of `blockwise_attention`, also returning lse [batch, heads, Lq] on request."""
-    _check_inputs(q, k, v, causal, window)
+    _check_inputs(q, k, v, causal, window, seq_idx)
     acc = _acc_dtype(q.dtype)
     groups = q.shape[2] // k.shape[2]
     qh = q.to(acc).transpose(1, 2)
     kh = k.to(acc).repeat_interleave(groups, dim=2).transpose(1, 2)
     vh = v.to(acc).repeat_interleave(groups, dim=2).transpose(1, 2)
     s = qh @ kh.transpose(-1, -2) * _default_scale(q, scale)
-    s = s.masked_fill(~_visible(q.shape[1], k.shape[1], causal, window, q.device), -math.inf)
+    visible = _visible(q.shape[1], k.shape[1], causal, window, q.device)
+    if seq_idx is not None:
+        # same document: no id change between the key's position and the query's (inclusive scan)
+        lk, lq = k.shape[1], q.shape[1]
+        changed = torch.zeros(q.shape[0], lk, dtype=torch.bool, device=q.device)
+        changed[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        run = changed.long().cumsum(1)
+        visible = visible & (run[:, lk - lq:, None] == run[:, None, :])
+        visible = visible[:, None]
+    s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     out = (torch.exp(s - lse[..., None]) @ vh).transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
@@ -166,7 +199,7 @@ def _default_scale(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _check_inputs(q, k, v, causal, window):
+def _check_inputs(q, k, v, causal, window, seq_idx=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name}: expected [batch, length, heads, head_dim], got shape {tuple(t.shape)}")
@@ -189,6 +222,11 @@ def _check_inputs(q, k, v, causal, window):
     if causal and q.shape[1] > k.shape[1]:
         raise ValueError(f"q: under causal masking the queries are the last Lq of the Lk keys, so Lq "
                          f"({q.shape[1]}) must not exceed Lk ({k.shape[1]})")
+    if seq_idx is not None:
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(f"seq_idx: the ids of the key positions place the queries as the last Lq of "
+                             f"them, so Lq ({q.shape[1]}) must not exceed Lk ({k.shape[1]})")
+        check_seq_idx(seq_idx, k.shape[0], k.shape[1])
 
 
 def _to_rows(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
@@ -228,14 +266,44 @@ def _key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Option
         yield ks, ke, full
 
 
-def _hidden(qs, qe, ks, ke, lq, lk, window, device) -> torch.Tensor:
-    """[qe - qs, ke - ks] bool: True where the key is masked for the query (causal case)."""
+def _document_tile(doc, qs, qe, ks, ke, off) -> tuple[bool, bool]:
+    """(seen, inside): some query of [qs, qe) shares a document with some key of [ks, ke) in some
+    batch row; every query and key of the tile lie in one document in every row. doc: the
+    non-decreasing document numbers of the key positions, on the host; queries sit at + off."""
+    q0, q1, k0, k1 = doc[:, qs + off], doc[:, qe - 1 + off], doc[:, ks], doc[:, ke - 1]
+    seen = bool(((k1 >= q0) & (k0 <= q1)).any())
+    inside = bool((torch.minimum(q0, k0) == torch.maximum(q1, k1)).all())
+    return seen, inside
+
+
+def _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
+    """The key blocks of `_key_blocks`, less those all in other documents; `full` also needs one document."""
+    for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+        if doc_host is not None:
+            seen, inside = _document_tile(doc_host, qs, qe, ks, ke, lk - lq)
+            if not seen:
+                continue
+            full = full and inside
+        yield ks, ke, full
+
+
+def _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor:
+    """[1 or batch, qe - qs, ke - ks] bool: True where the key is masked for the query."""
     qpos = torch.arange(qs, qe, device=device)[:, None] + (lk - lq)
     kpos = torch.arange(ks, ke, device=device)[None, :]
-    hidden = kpos > qpos
+    hidden = kpos > qpos if causal else torch.zeros(qe - qs, ke - ks, dtype=torch.bool, device=device)
     if window is not None:
         hidden |= kpos <= qpos - window
+    hidden = hidden[None]
+    if doc is not None:
+        hidden = hidden | (doc[:, qs + lk - lq:qe + lk - lq, None] != doc[:, None, ks:ke])
     return hidden
+
+
+def _mask_tile(s, hidden, groups):
+    """Fill s [batch * kv_heads, q rows * groups, keys] with -inf where hidden [1 or batch, q rows, keys]."""
+    rows, keys = hidden.shape[1:]
+    s.view(hidden.shape[0], -1, rows, groups, keys).masked_fill_(hidden[:, None, :, None, :], -math.inf)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,10 +312,10 @@ def _hidden(qs, qe, ks, ke, lq, lk, window, device) -> torch.Tensor:
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, window, scale, block_size):
-        out, lse = _blockwise_forward(q, k, v, causal, window, scale, block_size)
+    def forward(ctx, q, k, v, causal, window, scale, block_size, doc):
+        out, lse = _blockwise_forward(q, k, v, causal, window, scale, block_size, doc)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, window, scale, block_size)
+        ctx.args = (causal, window, scale, block_size, doc)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -255,10 +323,10 @@ class _BlockwiseAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _blockwise_backward(q, k, v, out, lse, dout, dlse, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _blockwise_forward(q, k, v, causal, window, scale, block_size):
+def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     groups, acc = h // hk, _acc_dtype(q.dtype)
@@ -266,6 +334,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size):
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
+    doc_host = None if doc is None else doc.cpu()  # tile decisions on the host: no device sync per tile
     out = torch.empty(n, lq, groups, d, dtype=acc, device=q.device)
     lse = torch.empty(n, lq, groups, dtype=acc, device=q.device)
     # Key blocks run from the diagonal backwards, so every row meets its own key in its first
@@ -279,11 +348,10 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size):
         m = torch.full((n, rows), floor, dtype=acc, device=q.device)
         l = torch.zeros(n, rows, dtype=acc, device=q.device)
         o = torch.zeros(n, rows, d, dtype=acc, device=q.device)
-        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+        for ks, ke, full in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
             s = torch.bmm(qb, kr[:, ks:ke].transpose(1, 2))
             if not full:
-                hidden = _hidden(qs, qe, ks, ke, lq, lk, window, q.device)
-                s.view(n, qe - qs, groups, ke - ks).masked_fill_(hidden[:, None, :], -math.inf)
+                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             m_new = torch.maximum(m, s.amax(dim=-1))
             p = s.sub_(m_new[..., None]).exp_()
             alpha = (m - m_new).exp_()  # FA-2 eq. for the rescaling of earlier partial sums
@@ -299,13 +367,14 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size):
     return _from_rows(out, b, q.dtype), lse_out
 
 
-def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, block_size):
+def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, block_size, doc=None):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     groups, acc = h // hk, _acc_dtype(q.dtype)
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
+    doc_host = None if doc is None else doc.cpu()
     lse_r = lse.view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
     if dout is not None:
         do = _to_rows(dout, groups, acc)
@@ -325,12 +394,11 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
         qb, dob, dqb = (t[:, qs:qe].view(n, rows, d) for t in (qr, do, dq))
         lse_b = lse_r[:, qs:qe].reshape(n, rows, 1)
         delta_b = delta[:, qs:qe].reshape(n, rows, 1)
-        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+        for ks, ke, full in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
             kb, vb = kr[:, ks:ke], vr[:, ks:ke]
             s = torch.bmm(qb, kb.transpose(1, 2))
             if not full:
-                hidden = _hidden(qs, qe, ks, ke, lq, lk, window, q.device)
-                s.view(n, qe - qs, groups, ke - ks).masked_fill_(hidden[:, None, :], -math.inf)
+                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             p = s.sub_(lse_b).exp_()  # probabilities recomputed, never stored
             dv[:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
             ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_b).mul_(p)
