@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from zoo.ops.attention import attention, blockwise_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
@@ -93,9 +94,13 @@ class CausalSelfAttention(nn.Module):
                 self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim),
                 self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
 
-    def _rope(self, start: int, end: int, device):
-        """cos, sin for absolute positions [start, end)."""
-        return rope_cos_sin(torch.arange(start, end, device=device), self.head_dim, self.cfg.rope_base)
+    def _rope(self, start: int, end: int, device, row_start=None):
+        """cos, sin for absolute positions [start, end); with `row_start` [batch] (a left-padded batch, see
+        `_attend_left_padded`) per row, counted from the row's first token: [batch, end - start, head_dim]."""
+        positions = torch.arange(start, end, device=device)
+        if row_start is not None:
+            positions = (positions[None] - row_start[:, None]).clamp(min=0)
+        return rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
 
     def _attend(self, q, k, v):
         return attention(q, k, v, causal=True)
@@ -109,20 +114,39 @@ class CausalSelfAttention(nn.Module):
             raise NotImplementedError("context parallel attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
+        row_start = None if cache is None else cache.get("row_start")
         q, k, v = self._project(x)
-        cos, sin = self._rope(start, start + t, x.device)
+        cos, sin = self._rope(start, start + t, x.device, row_start)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)
             v = torch.cat([cache["v"], v.to(cache["v"].dtype)], dim=1)
             cache["k"], cache["v"], cache["pos"] = self._kept(k), self._kept(v), start + t
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = self._attend(q, k, v)
+        out = self._attend(q, k, v) if row_start is None else self._attend_left_padded(q, k, v, start + t, row_start)
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
         return {"k": empty, "v": empty.clone(), "pos": 0}
+
+    def _attend_left_padded(self, q, k, v, end: int, row_start):
+        """Attention for a left-padded batch decoding through one cache (zoo.hf): row r's own tokens begin
+        at position row_start[r] of the shared timeline, the cached keys before it are padding and stay
+        masked, so each row attends exactly as it would alone. q holds positions [end - Lq, end), k and v
+        the last Lk. The mask is dense, [batch, Lq, Lk]: meant for decoding steps, where Lq is 1."""
+        lq, lk = q.shape[1], k.shape[1]
+        q_pos = torch.arange(end - lq, end, device=q.device)[:, None]
+        k_pos = torch.arange(end - lk, end, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        window = getattr(self.cfg, "window", None)
+        if window is not None:
+            visible = visible & (k_pos > q_pos - window)
+        # a query at a padding position (none while decoding) sees itself, so no row of the softmax is empty
+        visible = (visible[None] & (k_pos[None] >= row_start[:, None, None])) | (k_pos == q_pos)[None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=visible[:, None], enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
 
     def _cached_tokens(self, seq_len: int) -> int:
         return seq_len

@@ -290,7 +290,12 @@ class TaipanBlock(nn.Module):
 
         q, k, v = self._project(x, rows)
         if self.cfg.rope_base is not None:
-            cos, sin = rope_cos_sin(torch.arange(start, start + t, device=x.device), self.head_dim, self.cfg.rope_base)
+            positions = torch.arange(start, start + t, device=x.device)
+            if cache is not None and cache.get("row_start") is not None:
+                # a left-padded batch decoding through one cache (zoo.hf): positions count from each row's
+                # first token; its padding keys need no mask, they are cached as unselected
+                positions = (positions[None] - cache["row_start"][:, None]).clamp(min=0)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         selected = hard
         if cache is not None:
