@@ -7,6 +7,11 @@
 
 Same arguments and layout as `causal_conv1d_fn` of the causal-conv1d package, which this module calls
 on CUDA when it is installed.
+
+Packed documents: with `seq_idx` [batch, length] (see `zoo.ops.documents`) no output reads an input of
+another document: inputs before a document's first token count as zeros, as they would for the document
+alone. The initial states belong to the first document; the final states keep only the last
+document's inputs (zeros before its start), so a stream continues that document.
 """
 from __future__ import annotations
 
@@ -15,12 +20,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from zoo.ops.documents import check_seq_idx, document_number
+
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
+def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
+                  seq_idx=None):
     """Returns out [b, d, l] in x's dtype, or (out, final_states [b, d, width - 1]) when asked."""
-    _check(x, weight, bias, initial_states, activation)
+    _check(x, weight, bias, initial_states, activation, seq_idx)
+    if seq_idx is not None:
+        return _document_conv(x, weight, bias, initial_states, return_final_states, activation, seq_idx)
     if _cuda_kernel_applies(x, weight, initial_states, return_final_states):
         from causal_conv1d import causal_conv1d_fn
         return causal_conv1d_fn(x, weight, bias, activation=activation)
@@ -46,9 +56,10 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     return out, _last_inputs(padded, width).to(x.dtype)
 
 
-def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
-    """The twin: a loop over time keeping a window of the last `width` inputs."""
-    _check(x, weight, bias, initial_states, activation)
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
+                      seq_idx=None):
+    """The twin: a loop over time keeping a window of the last `width` inputs, emptied where a document starts."""
+    _check(x, weight, bias, initial_states, activation, seq_idx)
     b, d, length = x.shape
     width = weight.shape[1]
     acc = _acc_dtype(x)
@@ -57,6 +68,8 @@ def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_st
               else initial_states.to(acc))
     outs = []
     for t in range(length):
+        if seq_idx is not None and t > 0:
+            window = window * (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc)[:, None, None]
         window = torch.cat([window, x[:, :, t:t + 1].to(acc)], dim=-1)
         y = (window * w).sum(-1)
         if bias is not None:
@@ -65,6 +78,33 @@ def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_st
         window = window[:, :, 1:]
     out = torch.stack(outs, dim=-1).to(x.dtype) if outs else x.new_empty(b, d, 0)
     return (out, window.to(x.dtype)) if return_final_states else out
+
+
+def _document_conv(x, weight, bias, initial_states, return_final_states, activation, seq_idx):
+    """The convolution as `width` shifted, masked multiply-adds: tap k reads the input k - (width - 1)
+    steps back only where that input is in the output's document (no loop over time)."""
+    b, d, length = x.shape
+    width = weight.shape[1]
+    acc = _acc_dtype(x)
+    history = (x.new_zeros(b, d, width - 1, dtype=acc) if initial_states is None else initial_states.to(acc))
+    padded = torch.cat([history, x.to(acc)], dim=-1)
+    doc = document_number(seq_idx)
+    # the initial states are the first document's history: document number 0
+    doc_padded = F.pad(doc, (width - 1, 0))
+    w = weight.to(acc)
+    out = None if bias is None else bias.to(acc)[:, None].expand(d, length)
+    for k in range(width):
+        same = (doc_padded[:, k:k + length] == doc)[:, None, :]
+        term = (padded[..., k:k + length] * w[:, k:k + 1]).masked_fill(~same, 0.0)
+        out = term if out is None else out + term
+    if activation is not None:
+        out = F.silu(out)
+    out = out.to(x.dtype)
+    if not return_final_states:
+        return out
+    tail = _last_inputs(padded, width)
+    keep = _last_inputs(doc_padded[:, None, :], width) == doc[:, None, -1:]
+    return out, tail.masked_fill(~keep, 0.0).to(x.dtype)
 
 
 def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:
@@ -76,7 +116,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check(x, weight, bias, initial_states, activation):
+def _check(x, weight, bias, initial_states, activation, seq_idx=None):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: must be one of None, 'silu', 'swish', got {activation!r}")
     if x.dim() != 3:
@@ -90,6 +130,8 @@ def _check(x, weight, bias, initial_states, activation):
     if initial_states is not None and tuple(initial_states.shape) != want:
         raise ValueError(f"initial_states: expected [batch, dim, width - 1] = {list(want)}, "
                          f"got shape {tuple(initial_states.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, b, x.shape[2])
 
 
 def _cuda_kernel_applies(x, weight, initial_states, return_final_states) -> bool:
