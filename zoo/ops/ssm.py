@@ -26,6 +26,10 @@ A block of steps is computed at a time, as many chunks as keep one [b, d, n, blo
 the allocator rather than page-faulted in afresh each pass; blocks are chained by their end
 state. The backward recomputes one block at a time from its entering state (saved by the
 forward), so training memory is O(b d l + b d n l / block).
+
+Packed documents: with `seq_idx` [batch, length] (see `zoo.ops.documents`) the state is zeroed where
+a document starts, i.e. that step's decay exp(delta A) is replaced by 0, so no state crosses a
+boundary; the initial state belongs to the first document and the last state to the last one.
 """
 from __future__ import annotations
 
@@ -35,15 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from zoo.ops.documents import check_seq_idx
+
 CHUNK = 16                # steps per chunk of the inner doubling scan
 BLOCK_ELEMENTS = 1 << 19  # elements of one [b, d, n, block] tensor in a pass of the outer loop
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None):
-    """out [b, d, l] in u's dtype, or (out, last_state [b, d, n]) with return_last_state."""
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if u.is_cuda and initial_state is None and _has_mamba_ssm():
+                   return_last_state=False, initial_state=None, seq_idx=None):
+    """out [b, d, l] in u's dtype, or (out, last_state [b, d, n]) with return_last_state.
+    seq_idx [b, l]: state resets at document starts (module docstring)."""
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if u.is_cuda and initial_state is None and seq_idx is None and _has_mamba_ssm():
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     b, d, length = u.shape
@@ -55,16 +62,17 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     grouped = lambda t: t.reshape(b, g, d // g, *t.shape[2:])
     h0 = (torch.zeros(b, d, n, device=u.device, dtype=acc) if initial_state is None
           else initial_state.to(acc))
+    keep = None if seq_idx is None else _continues(seq_idx).to(acc)
     y, last = _ChunkedScan.apply(grouped(u.to(acc)), grouped(dt), A.to(acc).reshape(g, d // g, n),
-                                 B.to(acc), C.to(acc), grouped(h0), CHUNK, _block_len(b * d * n, CHUNK))
+                                 B.to(acc), C.to(acc), grouped(h0), CHUNK, _block_len(b * d * n, CHUNK), keep)
     out = _skip_and_gate(y.reshape(b, d, length), u, D, z, acc)
     return (out, last.reshape(b, d, n).to(u.dtype)) if return_last_state else out
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):
-    """The twin: the recurrence one step at a time."""
-    _check(u, delta, A, B, C, D, z, delta_bias, initial_state)
+                       return_last_state=False, initial_state=None, seq_idx=None):
+    """The twin: the recurrence one step at a time, the state zeroed where the document id changes."""
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     b, d, length = u.shape
     acc = _acc_dtype(u)
     dt = _discretisation_step(delta, delta_bias, delta_softplus, acc)
@@ -72,6 +80,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = torch.zeros(b, d, A.shape[1], device=u.device, dtype=acc) if initial_state is None else initial_state.to(acc)
     ys = []
     for t in range(length):
+        if seq_idx is not None and t > 0:
+            h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).to(acc)[:, None, None]
         h = torch.exp(dt[:, :, t, None] * A.to(acc)) * h + (dt[:, :, t] * u[:, :, t].to(acc))[..., None] * B[..., t].to(acc)
         ys.append((h * C[..., t].to(acc)).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else torch.zeros(b, d, 0, device=u.device, dtype=acc)
@@ -95,6 +105,14 @@ def selective_scan_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     return _skip_and_gate(y, x, D, z, acc), h.to(x.dtype)
 
 
+def _continues(seq_idx):
+    """[b, l] bool: the step continues the previous step's document (the first step continues the
+    initial state's)."""
+    keep = torch.ones_like(seq_idx, dtype=torch.bool)
+    keep[:, 1:] = seq_idx[:, 1:] == seq_idx[:, :-1]
+    return keep
+
+
 def _block_len(states: int, chunk: int) -> int:
     return chunk * max(1, BLOCK_ELEMENTS // (states * chunk))
 
@@ -111,18 +129,18 @@ class _ChunkedScan(torch.autograd.Function):
     `_block_states`; the forward states it needs are recomputed block by block."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0, chunk, block):
+    def forward(ctx, u, dt, A, B, C, h0, chunk, block, keep):
         y = u.new_empty(u.shape)
         entering = []
         h = h0
         for part in _blocks(u.shape[-1], block):
             entering.append(h)
             u_, dt_, B_, C_ = (_time_major(t[..., part]) for t in (u, dt, B, C))
-            states = _block_states(_decay(dt_, A), _inputs(u_, dt_, B_), h, chunk)
+            states = _block_states(_decay(dt_, A, keep, part), _inputs(u_, dt_, B_), h, chunk)
             y[..., part] = _outputs(states, C_).permute(1, 2, 3, 0)
             h = states[-1].clone()  # not a view: it would keep the block's states alive
         ctx.save_for_backward(u, dt, A, B, C, torch.stack(entering) if entering else h0[None])
-        ctx.chunk, ctx.block = chunk, block
+        ctx.chunk, ctx.block, ctx.keep = chunk, block, keep
         return y, h
 
     @staticmethod
@@ -135,7 +153,7 @@ class _ChunkedScan(torch.autograd.Function):
         for i, part in reversed(list(enumerate(_blocks(u.shape[-1], ctx.block)))):
             u_, dt_, B_, C_, gy = (_time_major(t[..., part]) for t in (u, dt, B, C, grad_y))
             h0 = entering[i]
-            a = _decay(dt_, A)
+            a = _decay(dt_, A, ctx.keep, part)
             states = _block_states(a.clone(), _inputs(u_, dt_, B_), h0, ctx.chunk)
             # The adjoint runs from the block's end: its decay at t is the forward decay at t + 1,
             # and 1 where it takes over the gradient of the block's last state.
@@ -152,7 +170,7 @@ class _ChunkedScan(torch.autograd.Function):
             grad_B[..., part] = ((dt_ * u_)[:, :, :, None] @ lam)[:, :, :, 0].permute(1, 2, 3, 0)
             grad_C[..., part] = (gy[:, :, :, None] @ states)[:, :, :, 0].permute(1, 2, 3, 0)
             lam_next = a[0] * lam[0]
-        return grad_u, grad_dt, grad_A, grad_B, grad_C, lam_next, None, None
+        return grad_u, grad_dt, grad_A, grad_B, grad_C, lam_next, None, None, None
 
 
 def _blocks(length: int, block: int):
@@ -165,10 +183,15 @@ def _time_major(t):
     return t.permute(3, 0, 1, 2).contiguous()
 
 
-def _decay(dt, A):
-    """exp(delta A), [l, b, g, e, n]: in [0, 1] for the A <= 0 that Mamba uses."""
+def _decay(dt, A, keep=None, part=None):
+    """exp(delta A), [l, b, g, e, n]: in [0, 1] for the A <= 0 that Mamba uses; 0 where a document
+    starts (keep [b, l], sliced by `part`), which both resets the forward state and stops the
+    adjoint, and gives d(delta A) = lam a h = 0 there, as the reset state does not depend on it."""
     out = dt.new_empty(*dt.shape, A.shape[-1])
-    return torch.mul(dt[..., None], A, out=out).exp_()
+    out = torch.mul(dt[..., None], A, out=out).exp_()
+    if keep is not None:
+        out.mul_(keep[:, part].t()[:, :, None, None, None])
+    return out
 
 
 def _inputs(u, dt, B):
@@ -259,7 +282,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):
     if u.dim() != 3:
         raise ValueError(f"u: expected [batch, dim, length], got shape {tuple(u.shape)}")
     b, d, length = u.shape
@@ -285,6 +308,8 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if initial_state is not None and tuple(initial_state.shape) != (b, d, n):
         raise ValueError(f"initial_state: expected [batch, dim, d_state] = {[b, d, n]}, "
                          f"got shape {tuple(initial_state.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, b, length)
 
 
 def _check_step(state, x, dt, A, B, C, D, z, dt_bias):
