@@ -15,25 +15,24 @@ document's inputs (zeros before its start), so a stream continues that document.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
+from zoo.ops.dispatch import choose, cuda_kernel
 from zoo.ops.documents import check_seq_idx, document_number
 
 ACTIVATIONS = (None, "silu", "swish")
 
 
 def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
-                  seq_idx=None):
-    """Returns out [b, d, l] in x's dtype, or (out, final_states [b, d, width - 1]) when asked."""
+                  seq_idx=None, impl: str = "auto"):
+    """Returns out [b, d, l] in x's dtype, or (out, final_states [b, d, width - 1]) when asked.
+    impl: "auto" | "torch" | "cuda" (causal-conv1d's kernel), see `zoo.ops.dispatch`."""
     _check(x, weight, bias, initial_states, activation, seq_idx)
+    if choose("causal_conv1d", impl, x, _unsupported(x, weight, initial_states, return_final_states, seq_idx)) == "cuda":
+        return cuda_kernel("causal_conv1d")(x, weight, bias, activation=activation)
     if seq_idx is not None:
         return _document_conv(x, weight, bias, initial_states, return_final_states, activation, seq_idx)
-    if _cuda_kernel_applies(x, weight, initial_states, return_final_states):
-        from causal_conv1d import causal_conv1d_fn
-        return causal_conv1d_fn(x, weight, bias, activation=activation)
     b, d, length = x.shape
     width = weight.shape[1]
     acc = _acc_dtype(x)
@@ -134,23 +133,11 @@ def _check(x, weight, bias, initial_states, activation, seq_idx=None):
         check_seq_idx(seq_idx, b, x.shape[2])
 
 
-def _cuda_kernel_applies(x, weight, initial_states, return_final_states) -> bool:
-    # The kernel's state arguments need a channel-last x; those calls stay on the F.conv1d path,
-    # which is exact and fast on GPUs too.
-    if not x.is_cuda or initial_states is not None or return_final_states or not 2 <= weight.shape[1] <= 4:
-        return False
-    return _has_causal_conv1d()
-
-
-_HAS_KERNEL: Optional[bool] = None
-
-
-def _has_causal_conv1d() -> bool:
-    global _HAS_KERNEL
-    if _HAS_KERNEL is None:
-        try:
-            import causal_conv1d  # noqa: F401
-            _HAS_KERNEL = True
-        except Exception:  # an installed but broken build (ABI mismatch) must not break the pure path
-            _HAS_KERNEL = False
-    return _HAS_KERNEL
+def _unsupported(x, weight, initial_states, return_final_states, seq_idx) -> dict:
+    # The kernel's state and seq_idx arguments need a channel-last x; those calls stay on the
+    # F.conv1d path, which is exact and fast on GPUs too.
+    if initial_states is not None or return_final_states or seq_idx is not None:
+        return {"cuda": "initial_states, return_final_states and seq_idx need a channel-last x"}
+    if not 2 <= weight.shape[1] <= 4:
+        return {"cuda": f"width {weight.shape[1]} outside the kernel's 2..4"}
+    return {}
