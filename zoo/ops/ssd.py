@@ -40,15 +40,16 @@ Between the passes it keeps the inputs, the cumulative decays [c, b, h, Q], the 
 states [c + 1, b, h, p, n] and, only when z is given, the gate's input: memory grows linearly in
 the length.
 
-On CUDA, when mamba_ssm imports, `ssd_scan` calls its Triton `mamba_chunk_scan_combined`.
+Dispatch (`zoo.ops.dispatch`): on CUDA, mamba_ssm's `mamba_chunk_scan_combined` when it imports, else
+zoo's own Triton kernels (`zoo.ops.triton.ssd`), else this path.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from zoo.ops.dispatch import choose, cuda_kernel
 
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
@@ -61,7 +62,7 @@ _GROUP_ELEMENTS = 1 << 22
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, initial_states=None,
-             seq_idx=None, dt_softplus: bool = False, return_final_states: bool = False):
+             seq_idx=None, dt_softplus: bool = False, return_final_states: bool = False, impl: str = "auto"):
     """Chunked SSD scan; returns y [b, l, h, p] or (y, final_states [b, h, p, n]).
 
     dt is shifted by dt_bias and passed through softplus (if dt_softplus) before use, as in
@@ -70,14 +71,22 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
     decay nor write the state. seq_idx: see the module docstring (documents). CUDA tensors go to
     mamba_ssm's kernel when it imports (seq_idx passed as the running document number, which it
     treats the same way); everything else, float64 included, runs the pure path below.
+    impl: "auto" | "torch" | "triton" (zoo.ops.triton.ssd) | "cuda" (mamba_chunk_scan_combined),
+    see `zoo.ops.dispatch`.
     """
     _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
     doc = None if seq_idx is None else _document_number(seq_idx)
-    kernel = _mamba_kernel() if x.is_cuda and x.dtype != torch.float64 else None
-    if kernel is not None:
-        return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                      seq_idx=None if doc is None else doc.to(torch.int32), dt_softplus=dt_softplus,
-                      return_final_states=return_final_states)
+    unsupported = {"cuda": "mamba_chunk_scan_combined has no float64"} if x.dtype == torch.float64 else {}
+    impl = choose("ssd", impl, x, unsupported)
+    if impl == "triton":
+        from zoo.ops.triton.ssd import ssd_scan_triton
+        return ssd_scan_triton(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                               doc=doc, dt_softplus=dt_softplus, return_final_states=return_final_states)
+    if impl == "cuda":
+        return cuda_kernel("ssd")(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                  initial_states=initial_states,
+                                  seq_idx=None if doc is None else doc.to(torch.int32), dt_softplus=dt_softplus,
+                                  return_final_states=return_final_states)
 
     acc = _accumulation_dtype(x.dtype)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)
@@ -470,15 +479,6 @@ def _discretize_dt(dt, dt_bias, dt_softplus, acc):
 
 def _accumulation_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _mamba_kernel():
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # absent, or installed without a working CUDA/Triton build: use the pure path
-        return None
-    return mamba_chunk_scan_combined
 
 
 def _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx):

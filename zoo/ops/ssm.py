@@ -33,12 +33,11 @@ boundary; the initial state belongs to the first document and the last state to 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from zoo.ops.dispatch import choose, cuda_kernel
 from zoo.ops.documents import check_seq_idx
 
 CHUNK = 16                # steps per chunk of the inner doubling scan
@@ -46,13 +45,24 @@ BLOCK_ELEMENTS = 1 << 19  # elements of one [b, d, n, block] tensor in a pass of
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, seq_idx=None):
+                   return_last_state=False, initial_state=None, seq_idx=None, impl: str = "auto"):
     """out [b, d, l] in u's dtype, or (out, last_state [b, d, n]) with return_last_state.
-    seq_idx [b, l]: state resets at document starts (module docstring)."""
+    seq_idx [b, l]: state resets at document starts (module docstring).
+    impl: "auto" | "torch" | "triton" (zoo.ops.triton.ssm) | "cuda" (mamba-ssm's selective_scan_fn),
+    see `zoo.ops.dispatch`."""
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    if u.is_cuda and initial_state is None and seq_idx is None and _has_mamba_ssm():
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    unsupported = {}
+    if initial_state is not None or seq_idx is not None or u.dtype == torch.float64:
+        unsupported["cuda"] = "selective_scan_fn takes no initial_state, seq_idx or float64"
+    if seq_idx is not None:
+        unsupported["triton"] = "the Triton scan has no seq_idx yet"
+    impl = choose("selective_scan", impl, u, unsupported)
+    if impl == "cuda":
+        return cuda_kernel("selective_scan")(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if impl == "triton":
+        from zoo.ops.triton.ssm import selective_scan_triton
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state)
     b, d, length = u.shape
     n = A.shape[1]
     acc = _acc_dtype(u)
@@ -332,17 +342,3 @@ def _check_step(state, x, dt, A, B, C, D, z, dt_bias):
             raise ValueError(f"{name}: expected [dim={d}], got shape {tuple(t.shape)}")
     if tuple(state.shape) != (b, d, n):
         raise ValueError(f"state: expected [batch, dim, d_state] = {[b, d, n]}, got shape {tuple(state.shape)}")
-
-
-_HAS_MAMBA_SSM: Optional[bool] = None
-
-
-def _has_mamba_ssm() -> bool:
-    global _HAS_MAMBA_SSM
-    if _HAS_MAMBA_SSM is None:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
-            _HAS_MAMBA_SSM = True
-        except Exception:  # an installed but broken build (ABI mismatch) must not break the pure path
-            _HAS_MAMBA_SSM = False
-    return _HAS_MAMBA_SSM
