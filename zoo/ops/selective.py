@@ -36,6 +36,8 @@ only one block's [heads, block, Lk] logits exist at a time; under autograd each 
 checkpointed and recomputed in the backward, which keeps activation memory at the inputs plus one
 [batch, Lk] carry per block. Arithmetic runs in float32 for float32 and narrower inputs and in
 float64 for float64 inputs; the output comes back in q's dtype, scores in that accumulation dtype.
+`impl="triton"` runs the same math as fused Triton kernels (`zoo.ops.triton.selective`: a column-sum
+pass, a flash-style forward and a key-block-parallel backward, derived in that module's docstring).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from zoo.ops.dispatch import choose
 
 __all__ = [
     "selective_attention",
@@ -58,14 +62,19 @@ Cache = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def selective_attention(q, k, v, scale: Optional[float] = None, *, scores: Optional[torch.Tensor] = None,
-                        block_size: int = 256, return_scores: bool = False):
+                        block_size: int = 256, return_scores: bool = False, impl: str = "auto"):
     """Causal selective attention by query blocks.
 
     scores: [batch, Lk - Lq] accumulated F of the cached keys (required when Lk > Lq).
     Returns out [batch, Lq, heads, head_dim] in q's dtype, and with `return_scores` also the
     accumulated F of all Lk keys after the last query, [batch, Lk] in the accumulation dtype.
+    impl: "auto" | "torch" (the blocked path below) | "triton" (`zoo.ops.triton.selective`, fused
+    forward and backward kernels; block_size is then unused), see `zoo.ops.dispatch`.
     """
     _check_inputs(q, k, v, scores)
+    if choose("selective_attention", impl, q) == "triton":
+        from zoo.ops.triton.selective import selective_attention_triton
+        return selective_attention_triton(q, k, v, scale, scores=scores, return_scores=return_scores)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
     acc = _acc_dtype(q.dtype)
@@ -142,7 +151,7 @@ def selective_evict(k, v, scores, budget: int) -> Cache:
 
 
 def selective_cache_step(q, k, v, cache: Optional[Cache] = None, *, scale: Optional[float] = None,
-                         budget: Optional[int] = None, block_size: int = 256):
+                         budget: Optional[int] = None, block_size: int = 256, impl: str = "auto"):
     """One streaming step through a KV cache: append the new keys, attend, then evict under `budget`.
 
     q [batch, n, heads, head_dim], k, v [batch, n, kv_heads, head_dim]: the n new tokens (n = 1 when
@@ -156,7 +165,8 @@ def selective_cache_step(q, k, v, cache: Optional[Cache] = None, *, scale: Optio
         k, v = torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1)
     else:
         scores = None
-    out, scores = selective_attention(q, k, v, scale, scores=scores, block_size=block_size, return_scores=True)
+    out, scores = selective_attention(q, k, v, scale, scores=scores, block_size=block_size, return_scores=True,
+                                      impl=impl)
     new_cache = (k, v, scores)
     if budget is not None:
         new_cache = selective_evict(k, v, scores, budget)
