@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from zoo.blocks.ffn import FfnConfig
+from zoo.ops.dispatch import check_kernels
 from zoo.registry import get_block, list_blocks, unknown_name_message
 
 
@@ -38,11 +39,14 @@ class ModelConfig:
     # ~0.35 nats above ln V for plain Mamba at d_model 256).
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # op -> implementation, e.g. {ssd: triton}; ops left out choose by device (zoo.ops.dispatch)
+    kernels: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         _positive(self, "d_model", "n_layers", "init_std", "norm_eps")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size: must be >= 2, got {self.vocab_size}")
+        check_kernels(self.kernels)
 
 
 @dataclass

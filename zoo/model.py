@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
+from zoo.ops.dispatch import chosen, describe_kernels
 from zoo.registry import get_block
 
 IGNORE_INDEX = -100
@@ -63,6 +64,8 @@ class ZooLM(nn.Module):
         m = recipe.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps) for i, spec in enumerate(recipe.layers))
+        for layer in self.layers:
+            layer.mixer.kernels = dict(m.kernels)  # passed by the blocks to their ops as impl=
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -153,7 +156,13 @@ class ZooLM(nn.Module):
         total_state = sum(layer.mixer.state_bytes(context) for layer in self.layers)
         lines.append(f"recipe {self.recipe.name}: {n['total']:,} params ({n['non_embedding']:,} non-embedding, "
                      f"{n['embedding']:,} embedding); inference state @{context} tokens: {_human_bytes(total_state)}")
+        device = next(self.parameters()).device
+        lines.append(f"kernels ({device.type}): {describe_kernels(device, self.recipe.model.kernels)}")
         return "\n".join(lines)
+
+    def kernels(self) -> dict:
+        """op -> the implementation its calls run with on the model's device (zoo.ops.dispatch)."""
+        return chosen(next(self.parameters()).device, self.recipe.model.kernels)
 
 
 def _human_bytes(n: float) -> str:
