@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.ops.attention import attention, blockwise_attention
+from zoo.ops.documents import check_block_documents, document_positions
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
 
@@ -72,9 +73,13 @@ class SwaConfig(BlockwiseConfig):
 
 
 class CausalSelfAttention(nn.Module):
-    """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V."""
+    """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V.
+
+    seq_idx (packed documents): RoPE at each token's position in its document and document masking
+    in the attention op, so every token gets what its document alone would give."""
 
     window: Optional[int] = None
+    supports_seq_idx = True
 
     def __init__(self, d_model: int, cfg: AttnConfig, layer_idx: int):
         super().__init__()
@@ -102,28 +107,35 @@ class CausalSelfAttention(nn.Module):
             positions = (positions[None] - row_start[:, None]).clamp(min=0)
         return rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
 
-    def _attend(self, q, k, v):
-        return attention(q, k, v, causal=True)
+    def _attend(self, q, k, v, seq_idx=None):
+        return attention(q, k, v, causal=True, seq_idx=seq_idx)
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
         """The part of the K/V history the cache must keep for future queries."""
         return t
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         row_start = None if cache is None else cache.get("row_start")
         q, k, v = self._project(x)
-        cos, sin = self._rope(start, start + t, x.device, row_start)
+        if seq_idx is None:
+            cos, sin = self._rope(start, start + t, x.device, row_start)
+        else:
+            cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)
             v = torch.cat([cache["v"], v.to(cache["v"].dtype)], dim=1)
             cache["k"], cache["v"], cache["pos"] = self._kept(k), self._kept(v), start + t
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = self._attend(q, k, v) if row_start is None else self._attend_left_padded(q, k, v, start + t, row_start)
+        if row_start is None:
+            out = self._attend(q, k, v) if seq_idx is None else self._attend(q, k, v, seq_idx)
+        else:
+            out = self._attend_left_padded(q, k, v, start + t, row_start)
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
@@ -165,8 +177,8 @@ class Attention(CausalSelfAttention):
 class BlockwiseAttention(CausalSelfAttention):
     """Exact causal attention by query/key blocks with online softmax; memory linear in length."""
 
-    def _attend(self, q, k, v):
-        return blockwise_attention(q, k, v, causal=True, block_size=self.cfg.block_size)
+    def _attend(self, q, k, v, seq_idx=None):
+        return blockwise_attention(q, k, v, causal=True, block_size=self.cfg.block_size, seq_idx=seq_idx)
 
 
 @register_block("ring", config=BlockwiseConfig)
@@ -178,8 +190,9 @@ class RingAttention(BlockwiseAttention):
 class SlidingWindowAttention(CausalSelfAttention):
     """Each query sees the `window` most recent keys (itself included); the cache keeps window - 1."""
 
-    def _attend(self, q, k, v):
-        return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size)
+    def _attend(self, q, k, v, seq_idx=None):
+        return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size,
+                                   seq_idx=seq_idx)
 
     def _kept(self, t):
         keep = self.cfg.window - 1

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.infini import infini_attention
-from zoo.ops.rope import apply_rope
+from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
 
 
@@ -58,16 +59,28 @@ class InfiniAttention(CausalSelfAttention):
         self.gate._no_weight_decay = True   # decay would pull every head toward the 50/50 mix
         self.gate._no_reinit = True
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        """seq_idx (packed documents): each document runs alone (`per_document`), so its segments and
+        its memory start at its first token, as they would for the document by itself. Exact, at one
+        op call per document: fusing it would mean segment boundaries and memory resets at every
+        document start inside the batched segment layout, which packed rows of few documents do not need."""
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel Infini-attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)
-        cos, sin = self._rope(start, start + t, x.device)
+        if seq_idx is None:
+            cos, sin = self._rope(start, start + t, x.device)
+        else:
+            cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local)
-        if cache is None:
+        if seq_idx is not None:
+            out = per_document(lambda q_, k_, v_, ql, kl: infini_attention(
+                q_, k_, v_, self.gate, segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule,
+                q_local=ql, k_local=kl), seq_idx, q, k, v, q_local, k_local)
+        elif cache is None:
             out = infini_attention(q, k, v, self.gate, **kw)
         else:
             pk, pv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)

@@ -9,6 +9,9 @@ and `mamba2`, the Mamba-2 mixer (Dao & Gu, arXiv 2405.21060, section 7.1, figure
 Parameter names follow mamba_ssm and transformers (in_proj, conv1d, x_proj, dt_proj, dt_bias, A_log,
 D, norm, out_proj). The cache is a dict of two tensors updated in place: "conv", the last d_conv - 1
 inputs of the convolution, and "ssm", the recurrent state; its size does not grow with the length.
+
+Packed documents (seq_idx): the convolution reads no input of another document and the scan's state
+is zeroed where a document starts, both inside the ops (no per-document loop).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.ops.conv import causal_conv1d
+from zoo.ops.documents import check_block_documents
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan, selective_scan_step
 from zoo.registry import register_block
@@ -102,6 +106,8 @@ def _check_dt_range(cfg):
 class MambaBlock(nn.Module):
     """The Mamba-1 mixer: selective SSM with a [d_inner, d_state] diagonal A and a gate."""
 
+    supports_seq_idx = True
+
     def __init__(self, d_model: int, cfg: MambaConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -126,12 +132,13 @@ class MambaBlock(nn.Module):
         for p in (self.A_log, self.D):
             p._no_weight_decay = True   # decay toward 0 would change the dynamics, not only the scale
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel for mamba arrives with issue 8")
         n = self.cfg.d_state
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
-        xs = _conv(self.conv1d, xs, cache)
+        xs = _conv(self.conv1d, xs, cache, seq_idx)
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # its bias goes in as delta_bias
         A = -torch.exp(_float(self.A_log))
@@ -142,7 +149,7 @@ class MambaBlock(nn.Module):
         else:
             y = selective_scan(xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias,
                                delta_softplus=True, return_last_state=cache is not None,
-                               initial_state=None if cache is None else cache["ssm"])
+                               initial_state=None if cache is None else cache["ssm"], seq_idx=seq_idx)
             if cache is not None:
                 y, state = y
         if cache is not None:
@@ -161,6 +168,8 @@ class MambaBlock(nn.Module):
 @register_block("mamba2", config=Mamba2Config)
 class Mamba2Block(nn.Module):
     """The Mamba-2 mixer: heads with a scalar decay each (SSD), grouped B and C, gated RMSNorm."""
+
+    supports_seq_idx = True
 
     def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int):
         super().__init__()
@@ -181,13 +190,14 @@ class Mamba2Block(nn.Module):
             p._no_reinit = True
             p._no_weight_decay = True
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel for mamba arrives with issue 8")
         b, length, _ = x.shape
         h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache).transpose(1, 2)
+        xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx).transpose(1, 2)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and length == 1:
@@ -201,7 +211,7 @@ class Mamba2Block(nn.Module):
         else:
             y = ssd_scan(xs.reshape(b, length, h, p), dt, A, B.reshape(b, length, g, n), C.reshape(b, length, g, n),
                          self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                         initial_states=None if cache is None else cache["ssm"],
+                         initial_states=None if cache is None else cache["ssm"], seq_idx=seq_idx,
                          return_final_states=cache is not None)
             if cache is not None:
                 y, state = y
@@ -237,11 +247,11 @@ class GatedRMSNorm(nn.Module):
         return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
 
 
-def _conv(conv: nn.Conv1d, x, cache):
+def _conv(conv: nn.Conv1d, x, cache, seq_idx=None):
     """Depthwise causal conv + SiLU of x [b, c, l], continuing from and updating cache["conv"]."""
     weight = conv.weight[:, 0]
     if cache is None:
-        return causal_conv1d(x, weight, conv.bias, activation="silu")
+        return causal_conv1d(x, weight, conv.bias, activation="silu", seq_idx=seq_idx)
     out, states = causal_conv1d(x, weight, conv.bias, initial_states=cache["conv"], return_final_states=True,
                                 activation="silu")
     cache["conv"] = states.to(cache["conv"].dtype)

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
-from zoo.ops.rope import apply_rope
+from zoo.ops.documents import check_block_documents, document_positions, per_document
+from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention, selective_cache_step
 from zoo.registry import register_block
 
@@ -44,15 +45,25 @@ class SelectiveConfig(AttnConfig):
 class SelectiveAttention(CausalSelfAttention):
     """Causal attention minus accumulated selection F; the cache keeps K, V and each key's F."""
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        """seq_idx (packed documents): each document runs alone (`per_document`), so its first token
+        is the BOS column that selection never touches and F accumulates from its own queries only,
+        as for the document by itself. Exact, at one op call per document (packed rows hold few)."""
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel selective attention arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)
-        cos, sin = self._rope(start, start + t, x.device)
+        if seq_idx is None:
+            cos, sin = self._rope(start, start + t, x.device)
+        else:
+            cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if seq_idx is not None:
+            out = per_document(lambda q_, k_, v_: selective_attention(q_, k_, v_, block_size=self.cfg.block_size),
+                               seq_idx, q, k, v)
+        elif cache is None:
             out = selective_attention(q, k, v, block_size=self.cfg.block_size)
         else:
             out = self._through_cache(q, k, v, cache)

@@ -39,6 +39,11 @@ had if selected. Training therefore attends from every token (its own key plus t
 its window); forward values of unselected tokens are still exactly h_i. At evaluation only selected
 tokens are projected and attended.
 
+Packed documents (seq_idx): each document's attention runs alone (`zoo.ops.documents.per_document`), so
+no window reaches across a boundary and RoPE positions restart; selection, gate and alpha are per token
+already. Exact, at one op call per document (packed rows hold few). The capacity loss stays a mean over
+the whole row (eq. 7 budgets a training sequence), the one quantity not computed per document.
+
 Inference state: K, V and the selection flag of the last window - 1 positions (zeros for unselected
 ones), so `state_bytes` stops growing at the window.
 
@@ -54,6 +59,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
 
@@ -249,6 +255,8 @@ class TaipanConfig:
 class TaipanBlock(nn.Module):
     """Gate -> (Gumbel) selection -> windowed attention among selected tokens -> alpha-mix update."""
 
+    supports_seq_idx = True
+
     def __init__(self, d_model: int, cfg: TaipanConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -265,7 +273,8 @@ class TaipanBlock(nn.Module):
         self.out_proj = nn.Linear(inner, d_model, bias=False)
         self.aux_loss: Optional[torch.Tensor] = None
 
-    def forward(self, x, *, cache=None, cp=None):
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             raise NotImplementedError("context parallel taipan arrives with the context-parallel issue (#8)")
         b, t, _ = x.shape
@@ -290,7 +299,8 @@ class TaipanBlock(nn.Module):
 
         q, k, v = self._project(x, rows)
         if self.cfg.rope_base is not None:
-            positions = torch.arange(start, start + t, device=x.device)
+            positions = (torch.arange(start, start + t, device=x.device) if seq_idx is None
+                         else document_positions(seq_idx))
             if cache is not None and cache.get("row_start") is not None:
                 # a left-padded batch decoding through one cache (zoo.hf): positions count from each row's
                 # first token; its padding keys need no mask, they are cached as unselected
@@ -305,7 +315,12 @@ class TaipanBlock(nn.Module):
             cache["k"], cache["v"], cache["selected"] = self._kept(k), self._kept(v), self._kept(selected)
             cache["pos"] = start + t
             k, v = k.to(q.dtype), v.to(q.dtype)
-        o = selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows, block_size=self.cfg.block_size)
+        if seq_idx is None:
+            o = selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows, block_size=self.cfg.block_size)
+        else:
+            o = per_document(lambda q_, k_, v_, sel, rows_: selective_window_attention(
+                q_, k_, v_, sel, self.cfg.window, rows=rows_, block_size=self.cfg.block_size),
+                seq_idx, q, k, v, selected, rows)
         y = self._out(o.reshape(b, t, -1), rows)
         return ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
 

@@ -14,7 +14,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["check_seq_idx", "document_number", "document_positions", "document_spans", "per_document"]
+__all__ = ["check_seq_idx", "document_number", "document_positions", "document_spans", "per_document",
+           "check_block_documents", "reject_streaming"]
 
 
 def check_seq_idx(seq_idx: torch.Tensor, batch: int, length: int, name: str = "seq_idx") -> None:
@@ -22,6 +23,26 @@ def check_seq_idx(seq_idx: torch.Tensor, batch: int, length: int, name: str = "s
         raise ValueError(f"{name}: expected an integer dtype, got {seq_idx.dtype}")
     if tuple(seq_idx.shape) != (batch, length):
         raise ValueError(f"{name}: expected shape {(batch, length)} (batch, length), got {tuple(seq_idx.shape)}")
+
+
+def check_block_documents(x: torch.Tensor, seq_idx, cache=None, cp=None) -> None:
+    """A block's checks on seq_idx for its input x [batch, length, d_model] (see `reject_streaming`)."""
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, x.shape[0], x.shape[1])
+        reject_streaming(seq_idx, cache, cp)
+
+
+def reject_streaming(seq_idx, cache=None, cp=None) -> None:
+    """Blocks take seq_idx for whole packed rows only: a cache would have to carry a document boundary
+    across calls, and context parallel the ids across ranks; neither is supported."""
+    if seq_idx is None:
+        return
+    if cache is not None:
+        raise ValueError("seq_idx: packed documents do not stream through a cache (the cache continues one "
+                         "sequence); pass either cache or seq_idx, not both")
+    if cp is not None:
+        raise ValueError("seq_idx: packed documents are not supported under context parallel; "
+                         "pass either cp or seq_idx, not both")
 
 
 def document_number(seq_idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""Packed documents (seq_idx) in every block: the packed output equals each document run alone, and so
+do the gradients (of the input and of every parameter); streaming with seq_idx is refused."""
+import pytest
+import torch
+
+import zoo
+from tests.helpers import assert_close, make_block
+
+D_MODEL = 24
+CASES = {
+    "attn": {"n_heads": 4, "n_kv_heads": 2},
+    "blockwise": {"n_heads": 3, "block_size": 5},
+    "ring": {"n_heads": 2, "n_kv_heads": 1, "block_size": 4},
+    "swa": {"n_heads": 4, "n_kv_heads": 2, "window": 6, "block_size": 4},
+    "infini": {"n_heads": 2, "segment_len": 4},
+    "infini_linear": {"n_heads": 2, "segment_len": 3, "delta_rule": False},
+    "selective": {"n_heads": 2, "block_size": 4},
+    "taipan": {"n_heads": 2, "window": 6, "capacity": 0.5, "block_size": 4},
+    "taipan_rope": {"n_heads": 2, "window": 5, "capacity": 0.5, "block_size": 3, "rope_base": 10000.0},
+    "mamba": {"d_state": 4},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+}
+
+# Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle
+# and at the end, an id that comes back after another document (a new document all the same), a whole row.
+DOC_LENGTHS = [[1, 7, 1, 14], [9, 13, 1], [23]]
+DOC_IDS = [[3, 0, 3, 1], [7, 2, 7], [4]]
+
+
+def packed_seq_idx():
+    return torch.stack([torch.repeat_interleave(torch.tensor(ids), torch.tensor(lengths))
+                        for ids, lengths in zip(DOC_IDS, DOC_LENGTHS)])
+
+
+def make(case):
+    block = make_block(case.split("_")[0], D_MODEL, **CASES[case])
+    if case.startswith("taipan"):
+        block.eval()  # training draws Gumbel noise per call: only the evaluation selection is reproducible
+    return block
+
+
+def param_grads(block):
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_equals_each_document_alone(case):
+    block = make(case)
+    seq_idx = packed_seq_idx()
+    x = torch.randn(len(DOC_LENGTHS), seq_idx.shape[1], D_MODEL, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(x.shape, dtype=torch.float64)  # a loss that weighs every output differently
+
+    packed = block(x, seq_idx=seq_idx)
+    (packed * weight).sum().backward()
+    packed_dx, packed_grads = x.grad.clone(), param_grads(block)
+    assert all(g is not None and torch.isfinite(g).all() for g in packed_grads.values()), \
+        [n for n, g in packed_grads.items() if g is None]
+
+    block.zero_grad()
+    x.grad = None
+    rows = []
+    for r, lengths in enumerate(DOC_LENGTHS):
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        rows.append(torch.cat([block(x[r:r + 1, s:s + n]) for s, n in zip(starts, lengths)], dim=1))
+    alone = torch.cat(rows)
+    (alone * weight).sum().backward()
+
+    assert_close(packed, alone, 1e-10, "packed vs alone")
+    assert_close(packed_dx, x.grad, 1e-10, "grad x")
+    for name, want in param_grads(block).items():
+        assert_close(packed_grads[name], want, 1e-10, f"grad {name}", floor=1.0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_document_is_no_seq_idx(case):
+    block = make(case)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x, seq_idx=torch.full((2, 11), 5)), block(x), 1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.list_blocks()))
+def test_every_block_supports_seq_idx_and_refuses_it_with_a_cache(name):
+    case = next(c for c in CASES if c.split("_")[0] == name)
+    block = make(case)
+    assert getattr(block, "supports_seq_idx", False)
+    x = torch.randn(1, 5, D_MODEL, dtype=torch.float64)
+    with pytest.raises(ValueError, match="seq_idx: packed documents do not stream through a cache"):
+        block(x, cache=block.init_cache(1, dtype=torch.float64), seq_idx=torch.zeros(1, 5, dtype=torch.int64))
+
+
+def test_bad_seq_idx_names_the_field():
+    block = make("attn")
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"seq_idx: expected shape \(2, 5\)"):
+        block(x, seq_idx=torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seq_idx: expected an integer dtype"):
+        block(x, seq_idx=torch.zeros(2, 5))
