@@ -90,8 +90,13 @@ class ZooLM(nn.Module):
 
     def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None,
                 seq_idx=None) -> ZooOutput:
-        """seq_idx [batch, length] int (optional): document ids of packed sequences; tokens of different
-        documents then see neither each other nor each other's recurrent state."""
+        """seq_idx [batch, length] int (optional): document ids of packed sequences (`train.cross_doc:
+        false`). A document is a maximal run of equal consecutive ids (a change of id starts a new one,
+        so ids may repeat non-adjacently). Contract: with seq_idx the output at every token equals what
+        that token's document alone, run through the same model from its own position 0, would give:
+        attention is masked at document boundaries, recurrent and convolution state is zeroed at them,
+        rotary positions restart (zoo.ops.documents). Every block supports it; with a cache it is
+        refused (streaming continues one sequence)."""
         if cp_group is not None:
             raise NotImplementedError("context parallel arrives with the context-parallel issue (#8)")
         if seq_idx is not None:
