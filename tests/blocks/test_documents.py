@@ -96,3 +96,80 @@ def test_bad_seq_idx_names_the_field():
         block(x, seq_idx=torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="seq_idx: expected an integer dtype"):
         block(x, seq_idx=torch.zeros(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model: every block in one stack, and training with train.cross_doc: false.
+
+def every_block_recipe(**train):
+    from tests.recipes.test_hybrid_every_block import RECIPE
+    return zoo.load_recipe({**RECIPE, "train": {**RECIPE["train"], **train}})
+
+
+def test_model_packed_equals_each_document_alone():
+    torch.manual_seed(0)
+    model = zoo.build_model(every_block_recipe()).double().eval()
+    seq_idx = packed_seq_idx()
+    ids = torch.randint(0, 61, seq_idx.shape)
+    with torch.no_grad():
+        packed = model(ids, seq_idx=seq_idx).logits
+        for r, lengths in enumerate(DOC_LENGTHS):
+            s = 0
+            for n in lengths:
+                assert_close(packed[r:r + 1, s:s + n], model(ids[r:r + 1, s:s + n]).logits, 1e-10,
+                             f"row {r} document [{s}, {s + n})")
+                s += n
+    with pytest.raises(ValueError, match="seq_idx: packed documents do not stream through a cache"):
+        model(ids[:, :4], cache=model.init_cache(ids.shape[0]), seq_idx=seq_idx[:, :4])
+
+
+class PackedToyData:
+    """Packed rows of documents 3 to 9 tokens long, each an arithmetic run from its own start, through
+    the data pipeline's own packing (labels at document starts ignored, seq_idx per row)."""
+    bytes_per_token = 1.0
+
+    def _batch(self, seed, batch_size, seq_len):
+        import numpy as np
+        from zoo.data.packing import pack_batch
+        g = np.random.default_rng(seed)
+        tokens, docs = np.zeros((batch_size, seq_len), np.int64), np.zeros((batch_size, seq_len), np.int64)
+        for r in range(batch_size):
+            t, doc = 0, int(g.integers(0, 100))
+            while t < seq_len:
+                n = min(int(g.integers(3, 10)), seq_len - t)
+                tokens[r, t:t + n] = (g.integers(0, 61) + 2 * np.arange(n)) % 61
+                docs[r, t:t + n] = doc
+                t, doc = t + n, doc + 1
+        return pack_batch(tokens, docs)
+
+    def train_batch(self, step, micro, batch_size, seq_len):
+        return self._batch(1000 * step + micro, batch_size, seq_len)
+
+    def val_batches(self, n, batch_size, seq_len):
+        return [self._batch(10**9 + i, batch_size, seq_len) for i in range(n)]
+
+
+def test_every_block_trains_with_cross_doc_false(tmp_path):
+    from zoo.train.trainer import Trainer
+    recipe = every_block_recipe(cross_doc=False, seq_len=24, batch_size=3, lr=3e-3, max_steps=4, warmup_steps=1,
+                                eval_every=4, eval_batches=1, save_every=4)
+    data = PackedToyData()
+    batch = data.train_batch(0, 0, 3, 24)
+    assert "seq_idx" in batch and (batch["labels"] == -100).any()
+    trainer = Trainer(recipe, data, tmp_path, device="cpu", progress=False, log=lambda s: None)
+    seen = []
+    original = trainer.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("seq_idx"))
+        return original(*args, **kwargs)
+
+    trainer.model.forward = spy
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    losses = [trainer.train_step() for _ in range(4)]
+    assert seen and all(s is not None for s in seen), "the trainer did not pass seq_idx"
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before), sorted(set(before) - set(changed))
+    val_loss, _ = trainer.evaluate()
+    assert val_loss < losses[0]
