@@ -37,6 +37,9 @@ gives the same outputs and memory.
 
 Arithmetic runs in float32 for float32 and narrower inputs and in float64 for float64 inputs; the
 output comes back in q's dtype and the memory stays in that accumulation dtype.
+
+`impl="triton"` computes the memory path of the segment-aligned part (retrieval and update, fused
+per segment, forward and backward) with `zoo.ops.triton.infini`; the local attention stays SDPA.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from zoo.ops.dispatch import choose
+
 __all__ = ["infini_attention", "infini_attention_ref"]
 
 Memory = Tuple[torch.Tensor, torch.Tensor]
@@ -53,7 +58,8 @@ Memory = Tuple[torch.Tensor, torch.Tensor]
 
 def infini_attention(q, k, v, gate, segment_len: int, memory: Optional[Memory] = None, delta_rule: bool = True,
                      return_memory: bool = False, *, q_local=None, k_local=None,
-                     prefix: Optional[Sequence[torch.Tensor]] = None, scale: Optional[float] = None):
+                     prefix: Optional[Sequence[torch.Tensor]] = None, scale: Optional[float] = None,
+                     impl: str = "auto"):
     """Infini-attention over whole segments at once.
 
     The local attention of every segment runs in one SDPA call ([batch * segments, segment_len]);
@@ -64,9 +70,13 @@ def infini_attention(q, k, v, gate, segment_len: int, memory: Optional[Memory] =
     memory: (M, z) carried in, or None for an empty memory.
     prefix: the current partial segment's earlier tokens, (k, v) or, when k_local is given,
         (k, v, k_local), each [batch, P, kv_heads, *] with 0 <= P < segment_len (see module doc).
+    impl: "auto" | "torch" | "triton" (the memory retrieval and update of the segment-aligned part
+        fused per segment by `zoo.ops.triton.infini`; the local attention stays SDPA, the prefix's
+        segment stays torch), see `zoo.ops.dispatch`.
     Returns out [batch, length, heads, d_v] in q's dtype, and with `return_memory` (out, (M, z)).
     """
     q_local, k_local, prefix = _check_inputs(q, k, v, gate, segment_len, memory, q_local, k_local, prefix)
+    use_triton = choose("infini", impl, q) == "triton"
     acc, out_dtype = _acc_dtype(q.dtype), q.dtype
     b, length, h, dk = q.shape
     M, z = _initial_memory(memory, b, k.shape[2], dk, v.shape[3], acc, q.device)
@@ -89,13 +99,13 @@ def infini_attention(q, k, v, gate, segment_len: int, memory: Optional[Memory] =
     if start < length:
         sl = slice(start, length)
         out, M, z = _aligned_segments(q[:, sl], k[:, sl], v[:, sl], q_local[:, sl], k_local[:, sl], w, M, z,
-                                      scale, segment_len, delta_rule)
+                                      scale, segment_len, delta_rule, use_triton)
         outs.append(out)
     out = (torch.cat(outs, 1) if outs else q.new_zeros(b, 0, h, v.shape[3])).to(out_dtype)
     return (out, (M, z)) if return_memory else out
 
 
-def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, delta_rule):
+def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, delta_rule, use_triton=False):
     """Segments starting at token 0 of the given tensors; a trailing partial segment is not folded."""
     b, length, h, dk = q.shape
     hk, dv = k.shape[2], v.shape[3]
@@ -110,6 +120,10 @@ def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, de
     q_local, k_local = q if q_local is None else q_local, k if k_local is None else k_local
     seg = lambda t: t.reshape(b * n_seg, segment_len, *t.shape[2:])
     local = _local_attention(seg(q_local), seg(k_local), seg(v), scale).reshape(b, n_seg * segment_len, h, dv)
+    if use_triton:
+        from zoo.ops.triton.infini import infini_memory_triton
+        mem, M, z = infini_memory_triton(q[:, :length], k[:, :length], v[:, :length], M, z, segment_len, delta_rule)
+        return _mix(mem, local[:, :length], w), M, z
 
     sk = _sigma(k).view(b, n_seg, segment_len, hk, dk)
     vs = v.view(b, n_seg, segment_len, hk, dv)
