@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.distributed.window import swa_cp
 from zoo.ops.attention import attention, blockwise_attention
 from zoo.ops.documents import check_block_documents, document_positions
 from zoo.ops.rope import apply_rope, rope_cos_sin
@@ -189,6 +190,11 @@ class RingAttention(BlockwiseAttention):
 @register_block("swa", config=SwaConfig)
 class SlidingWindowAttention(CausalSelfAttention):
     """Each query sees the `window` most recent keys (itself included); the cache keeps window - 1."""
+
+    def forward(self, x, *, cp=None, **kw):
+        if cp is not None:
+            return swa_cp(self, x, cp, **kw)   # a halo exchange, not the ring of the other attentions
+        return super().forward(x, **kw)
 
     def _attend(self, q, k, v, seq_idx=None):
         return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size,

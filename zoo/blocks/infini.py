@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
 from zoo.ops.documents import check_block_documents, document_positions, per_document
+from zoo.distributed.infini import infini_cp
 from zoo.ops.infini import infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
@@ -66,7 +67,7 @@ class InfiniAttention(CausalSelfAttention):
         document start inside the batched segment layout, which packed rows of few documents do not need."""
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel Infini-attention arrives with the context-parallel issue (#8)")
+            return infini_cp(self, x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)

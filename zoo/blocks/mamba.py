@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.distributed.state_passing import mamba2_cp, mamba_cp
 from zoo.ops.conv import causal_conv1d
 from zoo.ops.documents import check_block_documents
 from zoo.ops.ssd import ssd_scan
@@ -135,7 +136,7 @@ class MambaBlock(nn.Module):
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel for mamba arrives with issue 8")
+            return mamba_cp(self, x, cp, cache)
         n = self.cfg.d_state
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
         xs = _conv(self.conv1d, xs, cache, seq_idx)
@@ -193,7 +194,7 @@ class Mamba2Block(nn.Module):
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel for mamba arrives with issue 8")
+            return mamba2_cp(self, x, cp, cache)
         b, length, _ = x.shape
         h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)

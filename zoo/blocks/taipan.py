@@ -59,6 +59,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from zoo.distributed.window import taipan_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
@@ -276,7 +277,7 @@ class TaipanBlock(nn.Module):
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel taipan arrives with the context-parallel issue (#8)")
+            return taipan_cp(self, x, cp, selective_window_attention, cache)
         b, t, _ = x.shape
         acc = _acc_dtype(x.dtype)
         start = 0 if cache is None else cache["pos"]
