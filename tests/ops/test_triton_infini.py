@@ -5,7 +5,8 @@ GQA, two d_v blocks, float64 and float32; streaming through `prefix` equals the 
 import pytest
 import torch
 
-from tests.helpers import assert_each_close
+import zoo.ops.triton.infini as triton_infini
+from tests.helpers import assert_each_close, check_block_vs_reference, check_cache_contract, make_block, projected_qkv
 from zoo.ops.infini import infini_attention, infini_attention_ref
 
 pytest.importorskip("triton")
@@ -94,3 +95,24 @@ def test_tile_size_must_be_a_power_of_two(bad):
     (q, k, v, *_), (M, z) = inputs(4, 1, 1)
     with pytest.raises(ValueError, match="block_t: must be a power of two >= 16"):
         infini_memory_triton(q, k, v, M, z, 2, True, block_t=bad)
+
+
+@pytest.mark.parametrize("delta_rule", [False, True], ids=["linear", "delta"])
+def test_block_runs_the_kernel_when_its_model_chooses_it(monkeypatch, delta_rule):
+    # ZooLM hands a recipe's model.kernels to every mixer as `kernels`; set it as ZooLM does.
+    calls = []
+    kernel = triton_infini.infini_memory_triton
+    monkeypatch.setattr(triton_infini, "infini_memory_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    block = make_block("infini", 24, n_heads=4, n_kv_heads=2, segment_len=6, delta_rule=delta_rule)
+    block.kernels = {"infini": "triton"}
+
+    def reference(block, x):
+        q, k, v, q_rot, k_rot = projected_qkv(block, x)
+        out = infini_attention_ref(q, k, v, block.gate, 6, delta_rule=delta_rule, q_local=q_rot, k_local=k_rot)
+        return block.out_proj(out.reshape(*x.shape[:2], -1))
+
+    check_block_vs_reference(block, reference, torch.randn(2, 17, 24, dtype=F64))
+    assert calls, "the block did not run the Triton kernel"
+    n_whole = len(calls)
+    check_cache_contract(block, torch.randn(2, 17, 24, dtype=F64), splits=((7,),))
+    assert len(calls) > n_whole, "the cache path did not run the Triton kernel"

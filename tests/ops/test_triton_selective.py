@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers import assert_each_close
+import zoo.ops.triton.selective as triton_selective
+from tests.helpers import assert_each_close, check_block_vs_reference, check_cache_contract, make_block, projected_qkv
 from zoo.ops.selective import selective_attention, selective_attention_ref, selective_cache_step
 
 pytest.importorskip("triton")
@@ -103,3 +104,22 @@ def test_tile_sizes_must_be_powers_of_two(bad):
     q, k, v = qkv(4, 4, 1, 1)
     with pytest.raises(ValueError, match="block_m: must be a power of two >= 16"):
         selective_attention_triton(q, k, v, block_m=bad)
+
+
+def test_block_runs_the_kernel_when_its_model_chooses_it(monkeypatch):
+    # ZooLM hands a recipe's model.kernels to every mixer as `kernels`; set it as ZooLM does.
+    calls = []
+    kernel = triton_selective.selective_attention_triton
+    monkeypatch.setattr(triton_selective, "selective_attention_triton", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    block = make_block("selective", 24, n_heads=4, n_kv_heads=2)
+    block.kernels = {"selective_attention": "triton"}
+
+    def reference(block, x):
+        _, _, v, q, k = projected_qkv(block, x)
+        return block.out_proj(selective_attention_ref(q, k, v).reshape(*x.shape[:2], -1))
+
+    check_block_vs_reference(block, reference, torch.randn(2, 19, 24, dtype=F64))
+    assert calls, "the block did not run the Triton kernel"
+    n_whole = len(calls)
+    check_cache_contract(block, torch.randn(2, 11, 24, dtype=F64), splits=((4,),))
+    assert len(calls) > n_whole, "the cache path did not run the Triton kernel"

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.distributed.infini import infini_cp
 from zoo.ops.infini import infini_attention
@@ -76,11 +77,12 @@ class InfiniAttention(CausalSelfAttention):
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local)
+        kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local,
+                  impl=kernels_of(self).get("infini", "auto"))
         if seq_idx is not None:
             out = per_document(lambda q_, k_, v_, ql, kl: infini_attention(
                 q_, k_, v_, self.gate, segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule,
-                q_local=ql, k_local=kl), seq_idx, q, k, v, q_local, k_local)
+                q_local=ql, k_local=kl, impl=kw["impl"]), seq_idx, q, k, v, q_local, k_local)
         elif cache is None:
             out = infini_attention(q, k, v, self.gate, **kw)
         else:

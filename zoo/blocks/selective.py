@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention, selective_cache_step
@@ -60,11 +61,12 @@ class SelectiveAttention(CausalSelfAttention):
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        impl = kernels_of(self).get("selective_attention", "auto")
         if seq_idx is not None:
-            out = per_document(lambda q_, k_, v_: selective_attention(q_, k_, v_, block_size=self.cfg.block_size),
-                               seq_idx, q, k, v)
+            out = per_document(lambda q_, k_, v_: selective_attention(q_, k_, v_, block_size=self.cfg.block_size,
+                                                                      impl=impl), seq_idx, q, k, v)
         elif cache is None:
-            out = selective_attention(q, k, v, block_size=self.cfg.block_size)
+            out = selective_attention(q, k, v, block_size=self.cfg.block_size, impl=impl)
         else:
             out = self._through_cache(q, k, v, cache)
             cache["pos"] = start + t
@@ -81,7 +83,8 @@ class SelectiveAttention(CausalSelfAttention):
                 n = max(1, min(n, budget + 1 - cache["k"].shape[1]))
             prev = (cache["k"].to(q.dtype), cache["v"].to(q.dtype), cache["scores"])
             out, (kc, vc, scores) = selective_cache_step(q[:, i:i + n], k[:, i:i + n], v[:, i:i + n], prev,
-                                                         budget=budget, block_size=self.cfg.block_size)
+                                                         budget=budget, block_size=self.cfg.block_size,
+                                                         impl=kernels_of(self).get("selective_attention", "auto"))
             cache["k"], cache["v"], cache["scores"] = kc.to(cache["k"].dtype), vc.to(cache["v"].dtype), scores
             outs.append(out)
             i += n
