@@ -1,0 +1,240 @@
+"""transformers integration (zoo.hf): generate through every block's cache, left padding, save/load."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoo
+from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, cache_nbytes
+
+V = 61   # vocabulary: odd, so no size lines up by accident
+
+# One tiny layer stack per block type, with windows, segments and chunks short enough that the
+# prompts and generations below cross them.
+BLOCKS = {
+    "attn": {"type": "attn", "n_heads": 2, "n_kv_heads": 1},
+    "blockwise": {"type": "blockwise", "n_heads": 2, "block_size": 3},
+    "ring": {"type": "ring", "n_heads": 2, "block_size": 4},
+    "swa": {"type": "swa", "n_heads": 2, "window": 5, "block_size": 3},
+    "infini": {"type": "infini", "n_heads": 2, "segment_len": 4},
+    "selective": {"type": "selective", "n_heads": 2},
+    "taipan": {"type": "taipan", "n_heads": 2, "window": 5, "capacity": 0.5, "block_size": 3},
+    "mamba": {"type": "mamba", "d_state": 4, "d_conv": 4, "expand": 2},
+    "mamba2": {"type": "mamba2", "d_state": 8, "d_conv": 4, "expand": 2, "head_dim": 8, "chunk_size": 4},
+}
+# variants that only decoding through the cache can show (the whole-sequence forward never prunes)
+CACHE_ONLY = {
+    "selective_budget": {"type": "selective", "n_heads": 2, "kv_budget": 6},
+    "taipan_rope": {"type": "taipan", "n_heads": 2, "window": 5, "capacity": 0.5, "rope_base": 10000.0},
+}
+SMALL = ["model.d_model=32", "model.vocab_size=61", "model.init_std=0.3"]
+HYBRIDS = {
+    "taipan": SMALL + ["model.blocks.M.head_dim=8", "model.blocks.M.d_state=8", "model.blocks.M.chunk_size=4",
+                       "model.blocks.T.window=5", "model.blocks.T.capacity=0.5", "model.blocks.T.n_heads=2"],
+    "samba": SMALL + ["model.n_layers=4", "model.blocks.S.window=5", "model.blocks.S.block_size=4",
+                      "model.blocks.S.n_heads=2", "model.blocks.M.d_state=4"],
+    "jamba": SMALL + ["model.blocks.A.n_heads=2", "model.blocks.A.n_kv_heads=1", "model.blocks.M.d_state=4"],
+}
+
+
+def tiny_recipe(block: dict, n_layers: int = 2):
+    return {"name": f"tiny-{block['type']}",
+            "model": {"d_model": 32, "n_layers": n_layers, "vocab_size": V, "pattern": "B", "blocks": {"B": block},
+                      "ffn": {"type": "swiglu", "mult": 2}, "init_std": 0.3},
+            "train": {"seq_len": 64}}
+
+
+def hf_model(recipe, overrides=()) -> ZooForCausalLM:
+    lm = zoo.build_model(recipe, overrides).double().eval()
+    return ZooForCausalLM.from_zoo(lm)
+
+
+def greedy_by_full_forward(lm, ids, n):
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = lm(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+def generate(model, ids, n, **kw):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("name", list(BLOCKS) + [f"hybrid:{h}" for h in HYBRIDS])
+def test_greedy_generate_equals_argmax_of_full_forward(name):
+    if name.startswith("hybrid:"):
+        h = name.split(":")[1]
+        model = hf_model(f"recipes/{h}.yaml", HYBRIDS[h])
+    else:
+        model = hf_model(tiny_recipe(BLOCKS[name]))
+    ids = torch.randint(1, V, (2, 9))
+    out = generate(model, ids, 12)
+    assert torch.equal(out, greedy_by_full_forward(model.model, ids, 12))
+
+
+def left_pad(prompts, pad=0):
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, n - len(p):] = torch.tensor(p)
+        mask[r, n - len(p):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(BLOCKS) + list(CACHE_ONLY) + [f"hybrid:{h}" for h in HYBRIDS])
+def test_left_padded_batch_equals_each_row_alone(name):
+    if name.startswith("hybrid:"):
+        h = name.split(":")[1]
+        model = hf_model(f"recipes/{h}.yaml", HYBRIDS[h])
+    else:
+        model = hf_model(tiny_recipe({**BLOCKS, **CACHE_ONLY}[name]))
+    g = torch.Generator().manual_seed(1)
+    # lengths: shorter than a conv width (4) and than an infini segment (4), across a window (5), longer
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (2, 11, 5, 1, 7)]
+    ids, mask = left_pad(prompts)
+    batch = generate(model, ids, 10, attention_mask=mask)
+    for r, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), 10)
+        assert batch[r, ids.shape[1]:].tolist() == alone[0, len(p):].tolist(), f"row {r} (prompt length {len(p)})"
+
+
+def test_sampling_processors_and_stopping_run():
+    model = hf_model(f"recipes/samba.yaml", HYBRIDS["samba"])
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12]])
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=10, top_p=0.9, temperature=0.8,
+                         repetition_penalty=1.3, max_new_tokens=8, pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 8) and (out[:, ids.shape[1]:] < V).all()
+    # stopping: an eos that greedy decoding produces ends the generation there
+    greedy = generate(model, ids[1:, 0:], 6)   # row 1 has no padding
+    eos = int(greedy[0, ids.shape[1] + 2])
+    stopped = model.generate(ids[1:], do_sample=False, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert stopped.shape[1] <= ids.shape[1] + 3 and int(stopped[0, -1]) == eos
+
+
+def test_beam_search_reorders_every_cache():
+    model = hf_model(f"recipes/jamba.yaml", HYBRIDS["jamba"])
+    ids = torch.randint(1, V, (1, 6))
+    out = model.generate(ids, num_beams=3, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    # the winning beam's score is its log-probability under the full forward
+    seq = out.sequences[0:1]
+    with torch.no_grad():
+        logp = torch.log_softmax(model.model(seq).logits[0, :-1], -1)
+    total = sum(float(logp[t - 1, seq[0, t]]) for t in range(ids.shape[1], seq.shape[1]))
+    # generate keeps beam scores in float32
+    assert abs(total / (seq.shape[1] - ids.shape[1]) - float(out.sequences_scores[0])) < 1e-6
+
+
+def test_bad_attention_masks_are_named():
+    model = hf_model(tiny_recipe(BLOCKS["attn"]))
+    ids = torch.randint(1, V, (2, 4))
+    with pytest.raises(ValueError, match="attention_mask: row 1 has a 0 after a 1"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="attention_mask: row 0 is all padding"):
+        model(ids, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+
+
+# -- decode memory -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(BLOCKS) + list(CACHE_ONLY))
+def test_cache_bytes_equal_state_bytes(name):
+    model = hf_model(tiny_recipe({**BLOCKS, **CACHE_ONLY}[name], n_layers=1)).float()
+    block = model.model.layers[0].mixer
+    cache = model.init_cache(1)
+    ids = torch.randint(1, V, (1, 30))
+    measured = []
+    with torch.no_grad():
+        model(ids[:, :3], past_key_values=cache)
+        for t in range(3, 30):
+            measured.append(cache_nbytes(cache.zoo.layers[0]))
+            assert measured[-1] == block.state_bytes(t, dtype=torch.float32), f"after {t} tokens"
+            model(ids[:, t:t + 1], past_key_values=cache)
+    assert cache.nbytes() == block.state_bytes(30, dtype=torch.float32)
+    if name in ("swa", "mamba", "mamba2", "taipan"):
+        # constant past the window (swa, taipan: 5 - 1 cached positions) or from the start (SSMs)
+        assert len(set(measured[4 - 3:])) == 1
+
+
+def test_left_padded_cache_bytes_are_the_padded_batch():
+    model = hf_model(f"recipes/samba.yaml", HYBRIDS["samba"]).float()
+    ids, mask = left_pad([[3] * 2, [4] * 9])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+    cache = out.past_key_values
+    for layer, c in zip(model.model.layers, cache.zoo.layers):
+        # the batch holds both rows at the longest row's length (swa: its window)
+        assert cache_nbytes(c) == layer.mixer.state_bytes(9, batch_size=2, dtype=torch.float32)
+
+
+# -- save / load ----------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(tmp_path):
+    model = hf_model(f"recipes/taipan.yaml", HYBRIDS["taipan"]).float()
+    model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "recipe.yaml"} <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "zoo"
+    loaded = ZooForCausalLM.from_pretrained(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(1, V, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # zoo's own tools read the recipe next to the weights
+    assert zoo.load_recipe(tmp_path / "recipe.yaml").to_dict() == model.model.recipe.to_dict()
+
+
+def test_auto_classes_after_import_zoo(tmp_path):
+    hf_model(tiny_recipe(BLOCKS["mamba2"])).save_pretrained(tmp_path)
+    code = ("import zoo, torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+            "print(type(m).__name__, m.model.recipe.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ZooForCausalLM", "tiny-mamba2"]
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = hf_model(tiny_recipe(BLOCKS["attn"]) | {"model": {**tiny_recipe(BLOCKS["attn"])["model"],
+                                                             "tie_embeddings": True}})
+    assert model.model.lm_head.weight is model.model.embed.weight
+    model.save_pretrained(tmp_path)
+    loaded = ZooForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert loaded.model.lm_head.weight is loaded.model.embed.weight
+    assert torch.equal(loaded.model.embed.weight, model.model.embed.weight)
+
+
+def test_loading_another_recipes_weights_names_the_file(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    hf_model(tiny_recipe(BLOCKS["attn"])).save_pretrained(a)
+    hf_model(tiny_recipe({**BLOCKS["attn"], "n_heads": 4, "head_dim": 16})).save_pretrained(b)
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    with pytest.raises(ZooLoadError, match=r"model\.safetensors: weights for another model: .*q_proj.* has shape"):
+        ZooForCausalLM.from_pretrained(a)
+    c = tmp_path / "c"
+    hf_model(tiny_recipe(BLOCKS["mamba"])).save_pretrained(c)
+    (a / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes())
+    with pytest.raises(ZooLoadError, match=r"weights for another model: model\.layers\.0\.mixer\.q_proj\.weight .* is missing"):
+        ZooForCausalLM.from_pretrained(a)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_names_the_file(tmp_path, damage):
+    hf_model(tiny_recipe(BLOCKS["mamba"])).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x07" * 64 + data[64:])
+    with pytest.raises(ZooLoadError, match=r"model\.safetensors: (truncated|unreadable or corrupt)"):
+        ZooForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_rejects_a_bad_recipe():
+    with pytest.raises(zoo.RecipeError, match="model.blocks.B.type: unknown block 'atn'"):
+        ZooConfig(recipe=tiny_recipe({"type": "atn"}))
