@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.distributed.ring import ring_attention
 from zoo.distributed.window import swa_cp
 from zoo.ops.attention import attention, blockwise_attention
 from zoo.ops.documents import check_block_documents, document_positions
@@ -118,7 +119,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel attention arrives with the context-parallel issue (#8)")
+            return self._forward_cp(x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         row_start = None if cache is None else cache.get("row_start")
@@ -137,6 +138,17 @@ class CausalSelfAttention(nn.Module):
             out = self._attend(q, k, v) if seq_idx is None else self._attend(q, k, v, seq_idx)
         else:
             out = self._attend_left_padded(q, k, v, start + t, row_start)
+        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _forward_cp(self, x, cp, cache=None):
+        """Context parallel (x: this rank's shard): RoPE at the shard's global positions, the ring over ranks."""
+        if cache is not None:
+            raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp")
+        b, t, _ = x.shape
+        q, k, v = self._project(x)
+        cos, sin = rope_cos_sin(cp.positions(x.device), self.head_dim, self.cfg.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ring_attention(q, k, v, cp, causal=True, block_size=getattr(self.cfg, "block_size", 512))
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
