@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from zoo.distributed.state_passing import mamba2_cp, mamba_cp
 from zoo.ops.conv import causal_conv1d
+from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan, selective_scan_step
@@ -139,7 +140,7 @@ class MambaBlock(nn.Module):
             return mamba_cp(self, x, cp, cache)
         n = self.cfg.d_state
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
-        xs = _conv(self.conv1d, xs, cache, seq_idx)
+        xs = _conv(self.conv1d, xs, cache, seq_idx, kernels_of(self).get("causal_conv1d", "auto"))
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # its bias goes in as delta_bias
         A = -torch.exp(_float(self.A_log))
@@ -150,7 +151,8 @@ class MambaBlock(nn.Module):
         else:
             y = selective_scan(xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias,
                                delta_softplus=True, return_last_state=cache is not None,
-                               initial_state=None if cache is None else cache["ssm"], seq_idx=seq_idx)
+                               initial_state=None if cache is None else cache["ssm"], seq_idx=seq_idx,
+                               impl=kernels_of(self).get("selective_scan", "auto"))
             if cache is not None:
                 y, state = y
         if cache is not None:
@@ -198,7 +200,8 @@ class Mamba2Block(nn.Module):
         b, length, _ = x.shape
         h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx).transpose(1, 2)
+        xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx,
+                    kernels_of(self).get("causal_conv1d", "auto")).transpose(1, 2)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and length == 1:
@@ -213,7 +216,7 @@ class Mamba2Block(nn.Module):
             y = ssd_scan(xs.reshape(b, length, h, p), dt, A, B.reshape(b, length, g, n), C.reshape(b, length, g, n),
                          self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                          initial_states=None if cache is None else cache["ssm"], seq_idx=seq_idx,
-                         return_final_states=cache is not None)
+                         return_final_states=cache is not None, impl=kernels_of(self).get("ssd", "auto"))
             if cache is not None:
                 y, state = y
             y = y.reshape(b, length, self.d_inner)
@@ -248,13 +251,13 @@ class GatedRMSNorm(nn.Module):
         return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
 
 
-def _conv(conv: nn.Conv1d, x, cache, seq_idx=None):
+def _conv(conv: nn.Conv1d, x, cache, seq_idx=None, impl="auto"):
     """Depthwise causal conv + SiLU of x [b, c, l], continuing from and updating cache["conv"]."""
     weight = conv.weight[:, 0]
     if cache is None:
-        return causal_conv1d(x, weight, conv.bias, activation="silu", seq_idx=seq_idx)
+        return causal_conv1d(x, weight, conv.bias, activation="silu", seq_idx=seq_idx, impl=impl)
     out, states = causal_conv1d(x, weight, conv.bias, initial_states=cache["conv"], return_final_states=True,
-                                activation="silu")
+                                activation="silu", impl=impl)
     cache["conv"] = states.to(cache["conv"].dtype)
     return out
 
