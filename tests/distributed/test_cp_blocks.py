@@ -27,6 +27,8 @@ CASES = [
     ("infini", dict(n_heads=4, n_kv_heads=2, segment_len=3, delta_rule=True), False),
     ("infini", dict(n_heads=2, segment_len=4, delta_rule=False), False),
     ("infini", dict(n_heads=2, segment_len=2, delta_rule=True), False),
+    ("selective", dict(n_heads=4, n_kv_heads=2, block_size=3), False),
+    ("selective", dict(n_heads=2, block_size=16), False),
 ]
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.distributed.selective import selective_cp
 from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
@@ -52,7 +53,7 @@ class SelectiveAttention(CausalSelfAttention):
         as for the document by itself. Exact, at one op call per document (packed rows hold few)."""
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
-            raise NotImplementedError("context parallel selective attention arrives with the context-parallel issue (#8)")
+            return selective_cp(self, x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)
