@@ -129,23 +129,73 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+def _launch(worker, world, *args, timeout=180):
+    """Run worker(rank, world, port, *args) in `world` spawned processes; all must exit cleanly."""
+    ctx = mp.get_context("spawn")
+    port = 29500 + (os.getpid() + hash(worker.__name__)) % 1000
+    procs = [ctx.Process(target=worker, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * world, f"{worker.__name__}: exit codes {[p.exitcode for p in procs]}"
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_single(tmp_path):
     single = Trainer(recipe(max_steps=4), ToyData(), tmp_path / "s", device="cpu", progress=False, log=lambda s: None)
     for _ in range(4):
         single.train_step()
-    ctx = mp.get_context("spawn")
-    port = 29500 + os.getpid() % 1000
     (tmp_path / "d").mkdir()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, tmp_path / "d")) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-        assert p.exitcode == 0
+    _launch(_ddp_worker, 2, tmp_path / "d")
     state = torch.load(tmp_path / "d" / "rank0.pt", weights_only=True)
     for name, want in single.model.state_dict().items():
         assert torch.allclose(state[name], want, rtol=1e-4, atol=1e-6), name
+
+
+def _fsdp_worker(rank, world, port, out, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(recipe(max_steps=4, save_every=2, fsdp=True), ToyData(), out, device="cpu", resume=resume,
+                          progress=False, log=lambda s: None)
+        assert isinstance(trainer.model.embed.weight, torch.distributed.tensor.DTensor)  # sharded, not replicated
+        result = trainer.train()
+        state = trainer._full_model_state()  # a collective: every rank takes part
+        if rank == 0:
+            torch.save({"state": state, "loss": result.train_loss, "val_loss": result.val_loss}, out / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_single_and_resume(tmp_path):
+    """FSDP2 (fully_shard per layer and at the root) on gloo: the same updates as one process with the same
+    global batch; its checkpoints hold full weights that load in one process, and it resumes from them."""
+    single, result = run(tmp_path / "s", max_steps=4, save_every=2)
+    (tmp_path / "f").mkdir()
+    _launch(_fsdp_worker, 2, tmp_path / "f", None)
+    sharded = torch.load(tmp_path / "f" / "rank0.pt", weights_only=True)
+    for name, want in single.model.state_dict().items():
+        assert torch.allclose(sharded["state"][name], want, rtol=1e-4, atol=1e-6), name
+    assert math.isclose(sharded["loss"], result.train_loss, rel_tol=1e-4)
+    assert math.isclose(sharded["val_loss"], result.val_loss, rel_tol=1e-4)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "f" / "checkpoints")] == ["step-00000002", "step-00000004"]
+    loaded = zoo.load_checkpoint(tmp_path / "f")
+    for name, want in sharded["state"].items():
+        assert torch.equal(loaded.state_dict()[name], want), name
+
+    # resume under FSDP2 from the step-2 checkpoint alone: the same weights as the straight FSDP2 run
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "r" / "checkpoints" / "step-00000002")
+    _launch(_fsdp_worker, 2, tmp_path / "r", "auto")
+    resumed = torch.load(tmp_path / "r" / "rank0.pt", weights_only=True)
+    for name, want in sharded["state"].items():
+        assert torch.allclose(resumed["state"][name], want, rtol=1e-6, atol=1e-9), name
+    assert math.isclose(resumed["loss"], sharded["loss"], rel_tol=1e-6)
 
 
 def test_batch_not_divisible_by_world():

@@ -125,7 +125,14 @@ class Trainer:
         ckpt.check_same_model(load_recipe(path / "recipe.yaml"), self.recipe, path)
         self._load_model_state(ckpt.read_model_state(path))
         state, info = ckpt.read_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.fsdp and self.world > 1:
+            # the checkpoint holds the full (unsharded, name-keyed) optimizer state that `save` gathered;
+            # a plain load_state_dict would put whole tensors beside sharded parameters
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         random.setstate(tuple(_tuplify(info["python_rng"])))
