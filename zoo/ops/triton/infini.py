@@ -97,6 +97,7 @@ class _InfiniMemory(torch.autograd.Function):
 def _meta(q, k, v, segment_len, delta_rule, block_t):
     b, length, h, dk = q.shape
     hk, dv = k.shape[2], v.shape[3]
+    # the length is a runtime argument (a new length must not compile a new kernel), shapes are not
     return dict(L=length, H=h, HK=hk, DK=dk, DV=dv, SEG=segment_len, DELTA=delta_rule, BLOCK_T=block_t,
                 BLOCK_DK=max(16, triton.next_power_of_2(dk)), BLOCK_DV=min(64, max(16, triton.next_power_of_2(dv))))
 
@@ -123,10 +124,10 @@ def _read(s, M, z):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, M0, Z0, MEM, MB, ZB, MF, ZF, n_seg,
-                L: tl.constexpr, H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                L, H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 SEG: tl.constexpr, DELTA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
-    vb, bn = tl.program_id(0), tl.program_id(1)
+    vb, bn = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: b * L * H * D may pass 2^31
     b, n = bn // HK, bn % HK
     G: tl.constexpr = H // HK
     dd = tl.arange(0, BLOCK_DK)
@@ -174,10 +175,10 @@ def _fwd_kernel(Q, K, V, M0, Z0, MEM, MB, ZB, MF, ZF, n_seg,
 
 @triton.jit
 def _bwd_kernel(Q, K, V, MB, ZB, DMEM, DMF, DZF, DQ, DKK, DVV, DM0, DZ0, n_seg,
-                L: tl.constexpr, H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                L, H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 SEG: tl.constexpr, DELTA: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DK: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
-    vb, bn = tl.program_id(0), tl.program_id(1)
+    vb, bn = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: b * L * H * D may pass 2^31
     b, n = bn // HK, bn % HK
     B = tl.num_programs(1) // HK
     G: tl.constexpr = H // HK

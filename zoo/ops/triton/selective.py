@@ -95,6 +95,7 @@ class _SelectiveAttention(torch.autograd.Function):
         final = torch.empty(b, lk, dtype=acc, device=q.device)
         out = torch.empty(b, lq, h, dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h, lq, dtype=acc, device=q.device)
+        # Lengths are runtime arguments: a decode step (Lk + 1 each time) must not compile a new kernel.
         common = dict(LQ=lq, LK=lk, H=h, HK=hk, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), IEEE=q.dtype != torch.bfloat16 and q.dtype != torch.float16)
         if lq:
@@ -147,7 +148,7 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _head0_scores(q0, k0, rows, cols, p, scale, LQ: tl.constexpr, IEEE: tl.constexpr):
+def _head0_scores(q0, k0, rows, cols, p, scale, LQ, IEEE: tl.constexpr):
     """Head 0's logits of one tile and S = ReLU(logits) where 0 < j < p_i on a real query row."""
     if IEEE:
         l0 = tl.dot(q0, tl.trans(k0), input_precision="ieee") * scale
@@ -167,10 +168,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _colsum_kernel(Q, K, C, FBLK, FINAL, scale, off, n_carried,
-                   LQ: tl.constexpr, LK: tl.constexpr, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                   LQ, LK, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
                    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    kb, b = tl.program_id(0), tl.program_id(1)
+    kb, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: b * L * H * D may pass 2^31
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     k0 = tl.load(K + ((b * LK + cols[:, None]) * HK) * D + dd[None, :], mask=(cols[:, None] < LK) & (dd[None, :] < D),
@@ -191,11 +192,11 @@ def _colsum_kernel(Q, K, C, FBLK, FINAL, scale, off, n_carried,
 
 @triton.jit
 def _fwd_kernel(Q, K, V, FBLK, OUT, LSE, scale, off,
-                LQ: tl.constexpr, LK: tl.constexpr, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                LQ, LK, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
                 DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     qb, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H
     hk = h // (H // HK)
     n_qb = tl.cdiv(LQ, BLOCK_M)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,11 +237,11 @@ def _fwd_kernel(Q, K, V, FBLK, OUT, LSE, scale, off,
 
 @triton.jit
 def _bwd_kernel(Q, K, V, DO, LSE, DELTA, FBLK, DFINAL, DQ, DK, DK0, DVH, DCARRY, scale, off,
-                LQ: tl.constexpr, LK: tl.constexpr, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
+                LQ, LK, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,
                 DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     kb, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), bh % H
     hk = h // (H // HK)
     n_qb = tl.cdiv(LQ, BLOCK_M)
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
