@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zoo
+import zoo.convert
 from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, cache_nbytes
 
 V = 61   # vocabulary: odd, so no size lines up by accident
@@ -238,3 +239,90 @@ def test_corrupt_safetensors_names_the_file(tmp_path, damage):
 def test_config_rejects_a_bad_recipe():
     with pytest.raises(zoo.RecipeError, match="model.blocks.B.type: unknown block 'atn'"):
         ZooConfig(recipe=tiny_recipe({"type": "atn"}))
+
+
+def _tiny_transformers_models():
+    import transformers
+
+    yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=V, tie_word_embeddings=True))
+    yield "mamba", transformers.MambaForCausalLM(transformers.MambaConfig(
+        hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=V, expand=2, conv_kernel=4, time_step_rank=4))
+    yield "mamba2", transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=V, expand=2, head_dim=8, num_heads=8,
+        n_groups=2, chunk_size=8, conv_kernel=4))
+
+
+def test_from_transformers_save_load_round_trip(tmp_path):
+    for kind, hf in _tiny_transformers_models():
+        model = ZooForCausalLM.from_zoo(zoo.convert.from_transformers(hf.eval()).eval())
+        model.save_pretrained(tmp_path / kind)
+        loaded = ZooForCausalLM.from_pretrained(tmp_path / kind)
+        a, b = model.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+        ids = torch.randint(0, V, (2, 19))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, loaded(ids).logits), kind
+            # and still the transformers model's logits (float32 agreement, as tests/test_convert.py)
+            want = hf(ids).logits
+            assert ((loaded(ids).logits - want).abs().max() / want.abs().max()) < 1e-4, kind
+
+
+def _script(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1].removeprefix("summary: "))
+
+
+def test_export_then_generate_scripts(tmp_path, capsys):
+    from zoo.train.checkpoint import save_checkpoint
+
+    recipe = zoo.load_recipe("recipes/samba.yaml", HYBRIDS["samba"] + ["model.vocab_size=256"])
+    lm = zoo.build_model(recipe)
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints", 10, lm.state_dict(), recipe)
+    _script("export").main([str(tmp_path / "run"), str(tmp_path / "out")])
+    summary = _summary(capsys.readouterr().out)
+    assert summary["checkpoint"] == str(ckpt) and {"config.json", "model.safetensors", "recipe.yaml"} <= set(summary["files"])
+    exported = ZooForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(exported.model.state_dict()[k], v) for k, v in lm.state_dict().items())
+    gen = _script("generate")
+    # one prompt streams; the byte tokenizer is the recipe's; from the exported dir and the checkpoint alike
+    for source in ("out", "run"):
+        gen.main([str(tmp_path / source), "--prompt", "héllo", "--max-new-tokens", "7", "--greedy", "--no-stop"])
+        out = capsys.readouterr().out
+        s = _summary(out)
+        assert out.startswith("héllo") and s["new_tokens"] == 7 and s["cache_tokens"] == len("héllo".encode()) + 6
+        assert s["cache_bytes"] == s["state_bytes"] > 0
+    gen.main([str(tmp_path / "out"), "--prompt", "a", "--prompt", "three", "--max-new-tokens", "4", "--top-k", "5"])
+    s = _summary(capsys.readouterr().out)
+    assert s["batch"] == 2 and s["new_tokens"] == 4
+
+
+def test_export_and_generate_with_a_transformers_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from zoo.data.tokenizer import train_bpe
+    from zoo.train.checkpoint import save_checkpoint
+
+    tok = train_bpe(["the cat sat on the mat. " * 20, "a dog ran to the cat. " * 20], 300, tmp_path / "tok")
+    recipe = zoo.load_recipe(tiny_recipe(BLOCKS["mamba2"]) | {"train": {"seq_len": 64, "tokenizer": str(tmp_path / "tok")}},
+                             [f"model.vocab_size={tok.vocab_size}"])
+    save_checkpoint(tmp_path / "ckpt", 1, zoo.build_model(recipe).state_dict(), recipe)
+    _script("export").main([str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    capsys.readouterr()
+    # the exported directory carries the tokenizer and its end-of-text id
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token_id == tok.eos_id
+    assert ZooForCausalLM.from_pretrained(tmp_path / "out").generation_config.eos_token_id == tok.eos_id
+    _script("generate").main([str(tmp_path / "out"), "--prompt", "the cat", "--max-new-tokens", "5", "--greedy",
+                              "--no-stop"])
+    out = capsys.readouterr().out
+    assert out.startswith("the cat") and _summary(out)["new_tokens"] == 5
