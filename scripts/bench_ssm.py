@@ -268,6 +268,8 @@ def main():
                                               "hf_wall_s": hf and round(hf["wall_s"], 4),
                                               "zoo_peak_mib": zoo and round(zoo["peak_mib"]),
                                               "hf_peak_mib": hf and round(hf["peak_mib"])}
+    from zoo.ops.dispatch import chosen
+    summary["kernels"] = chosen("cpu")   # what zoo's ops ran: every subprocess uses the defaults
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     print("SUMMARY " + json.dumps(summary))
 

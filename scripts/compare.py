@@ -41,6 +41,7 @@ from evals.recall import passkey_grid  # noqa: E402
 from evals.report import cell_key, summary_table, write_report  # noqa: E402
 from evals.throughput import KINDS, MEMORY_KINDS, throughput_record  # noqa: E402
 from zoo.data import DataError, load_tokenizer  # noqa: E402
+from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
 
@@ -373,7 +374,8 @@ def main(argv=None):
         results["recipes"][recipe.name] = {"params": n, "d_model": recipe.model.d_model,
                                            "n_layers": recipe.model.n_layers, "seq_len": recipe.train.seq_len,
                                            "checkpoint": str(run.checkpoint) if run.checkpoint else None,
-                                           "recipe": recipe.to_dict()}
+                                           "recipe": recipe.to_dict(),
+                                           "kernels": chosen(args.device, recipe.model.kernels)}
         runs.append(run)
         todo += [(run, *c) for c in plan(run, args, given=ckpt is not None)]
     if not any(c["eval"] == "compression" for c in results["cells"].values()) and args.schemes:
@@ -404,6 +406,7 @@ def main(argv=None):
             params = results["recipes"][name]["params"]["total"]
             results["cells"][key] = {"recipe": name, "eval": eval_name, "scheme": scheme, "context": context,
                                      **record, "params": params, "device": args.device, "world_size": 1,
+                                     "kernels": results["recipes"][name]["kernels"],
                                      "torch": torch.__version__, "cell_seconds": time.perf_counter() - start}
             if eval_name == "train":
                 results["recipes"][name]["checkpoint"] = record["checkpoint"]

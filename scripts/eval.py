@@ -21,6 +21,7 @@ import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity  # noqa: E402
 from zoo.data import DataError, PreparedData, load_tokenizer  # noqa: E402
+from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from zoo.train.trainer import prepared_data  # noqa: E402
 
@@ -145,7 +146,8 @@ def main(argv=None):
         if r["scheme"] == "streaming":
             print(f"streaming by position in document (chunks of {r['chunk']} tokens):")
             print(bucket_table(r))
-    result = {"checkpoint": str(path), "recipe": model.recipe.name, "train_seq_len": train_len,
+    kernels = chosen(args.device, model.recipe.model.kernels)
+    result = {"checkpoint": str(path), "recipe": model.recipe.name, "train_seq_len": train_len, "kernels": kernels,
               "split": args.split, "data": str(data.directory),
               "reference_bits_per_byte": {**reference, "text_bytes": len(text)}, "records": records}
     if args.out:
@@ -155,7 +157,7 @@ def main(argv=None):
     summary = {"checkpoint": str(path), "split": args.split, "tokens_scored": records[0]["tokens_scored"],
                "bits_per_byte": {f"{r['scheme']}@{r['context'] or 'doc'}": round(r["bits_per_byte"], 5)
                                  for r in records},
-               **{k: round(v, 5) for k, v in reference.items()}, "out": args.out}
+               **{k: round(v, 5) for k, v in reference.items()}, "out": args.out, "kernels": kernels}
     print("summary: " + json.dumps(summary))
     return 0
 

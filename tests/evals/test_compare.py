@@ -65,6 +65,7 @@ def test_end_to_end_then_resume(setup, capsys):
         assert c["units"], c
         if c["recipe"] != "-":
             assert c["device"] == "cpu" and c["world_size"] == 1 and c["params"] > 0 and c["torch"]
+            assert c["kernels"]["ssd"] == "torch" and set(c["kernels"]) >= {"selective_attention", "infini"}
     mem = cells["tiny-attn|memory|decode|32"]
     assert mem["status"] == "ok" and mem["peak_bytes"] > 0 and mem["result"]["state_bytes"] > 0
     train = cells["tiny-swa|train|budget|32"]
