@@ -80,22 +80,29 @@ def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_st
 
 
 def _document_conv(x, weight, bias, initial_states, return_final_states, activation, seq_idx):
-    """The convolution as `width` shifted, masked multiply-adds: tap k reads the input k - (width - 1)
-    steps back only where that input is in the output's document (no loop over time)."""
+    """The plain convolution, then the few outputs whose window reaches into an earlier document
+    recomputed with those taps dropped. Document numbers never decrease, so the window of output t
+    crosses a boundary exactly when its oldest input (t - width + 1) lies in another document: at
+    most width - 1 outputs after each document start, gathered at once (no loop over time)."""
     b, d, length = x.shape
     width = weight.shape[1]
     acc = _acc_dtype(x)
-    history = (x.new_zeros(b, d, width - 1, dtype=acc) if initial_states is None else initial_states.to(acc))
+    history = x.new_zeros(b, d, width - 1, dtype=acc) if initial_states is None else initial_states.to(acc)
     padded = torch.cat([history, x.to(acc)], dim=-1)
+    w = weight.to(acc)
+    out = F.conv1d(padded, w.unsqueeze(1), None if bias is None else bias.to(acc), groups=d)
     doc = document_number(seq_idx)
     # the initial states are the first document's history: document number 0
     doc_padded = F.pad(doc, (width - 1, 0))
-    w = weight.to(acc)
-    out = None if bias is None else bias.to(acc)[:, None].expand(d, length)
-    for k in range(width):
-        same = (doc_padded[:, k:k + length] == doc)[:, None, :]
-        term = (padded[..., k:k + length] * w[:, k:k + 1]).masked_fill(~same, 0.0)
-        out = term if out is None else out + term
+    rows, cols = (doc_padded[:, :length] != doc).nonzero(as_tuple=True)
+    if rows.numel():
+        taps = cols[:, None] + torch.arange(width, device=x.device)                      # [m, width]
+        windows = padded[rows[:, None], :, taps]                                         # [m, width, d]
+        same = doc_padded[rows[:, None], taps] == doc[rows, cols][:, None]               # [m, width]
+        fixed = (windows * same[..., None] * w.t()).sum(1)
+        if bias is not None:
+            fixed = fixed + bias.to(acc)
+        out = out.transpose(1, 2).index_put((rows, cols), fixed).transpose(1, 2)
     if activation is not None:
         out = F.silu(out)
     out = out.to(x.dtype)
