@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.distributed.halo import fetch, gather_chunks, refuse_cache
 from zoo.distributed.layout import ContextParallel
+from zoo.ops.dispatch import kernels_of
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention
 
@@ -39,11 +40,12 @@ def selective_cp(block, x, cp: ContextParallel, cache=None):
     q, k, v = block._project(x)
     cos, sin = rope_cos_sin(cp.positions(x.device), block.head_dim, block.cfg.rope_base)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = selective_attention_cp(q, k, v, cp, block.cfg.block_size)
+    impl = kernels_of(block).get("selective_attention", "auto")
+    out = selective_attention_cp(q, k, v, cp, block.cfg.block_size, impl)
     return block.out_proj(out.reshape(b, t, -1))
 
 
-def selective_attention_cp(q, k, v, cp: ContextParallel, block_size: int):
+def selective_attention_cp(q, k, v, cp: ContextParallel, block_size: int, impl: str = "auto"):
     """Selective attention of this rank's shard; q [b, local, heads, d], k, v [b, local, kv_heads, d],
     rotated at their global positions. Returns out like q."""
     d = k.shape[-1]
@@ -63,7 +65,7 @@ def selective_attention_cp(q, k, v, cp: ContextParallel, block_size: int):
         for earlier in range(c.index):
             carry = carry + every[earlier]
         outs.append(selective_attention(q[:, c.local], keys[:, :c.end], values[:, :c.end], scores=carry[:, :c.start],
-                                        block_size=block_size))
+                                        block_size=block_size, impl=impl))
     return torch.cat(outs, 1)
 
 

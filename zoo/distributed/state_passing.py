@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from zoo.distributed.halo import gather_chunks, preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
 from zoo.ops.conv import causal_conv1d
+from zoo.ops.dispatch import kernels_of
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan
 
 __all__ = ["conv_cp", "incoming_states", "mamba_cp", "mamba2_cp"]
 
 
-def conv_cp(x, weight, bias, cp: ContextParallel):
+def conv_cp(x, weight, bias, cp: ContextParallel, impl: str = "auto"):
     """Depthwise causal conv + SiLU of this rank's shard x [b, channels, local] (chunks in shard order):
     each chunk continues from the width - 1 inputs before it. Returns [b, channels, local]."""
     width = weight.shape[1]
@@ -41,7 +42,7 @@ def conv_cp(x, weight, bias, cp: ContextParallel):
     for c, halo in zip(cp.chunks(), halos):
         # fewer than width - 1 tokens before the sequence start: the zeros of the conv's own padding
         state = F.pad(halo.transpose(1, 2), (width - 1 - halo.shape[1], 0))
-        outs.append(causal_conv1d(x[..., c.local], weight, bias, initial_states=state, activation="silu"))
+        outs.append(causal_conv1d(x[..., c.local], weight, bias, initial_states=state, activation="silu", impl=impl))
     return torch.cat(outs, -1)
 
 
@@ -72,9 +73,11 @@ def incoming_states(log_decay, end_state, cp: ContextParallel) -> list[torch.Ten
 def mamba_cp(block, x, cp: ContextParallel, cache=None):
     """`MambaBlock.forward` on this rank's shard."""
     refuse_cache(cache, "mamba")
+    kernels = kernels_of(block)
+    scan = kernels.get("selective_scan", "auto")
     n = block.cfg.d_state
     xs, z = block.in_proj(x).transpose(1, 2).chunk(2, dim=1)
-    xs = conv_cp(xs, block.conv1d.weight[:, 0], block.conv1d.bias, cp)
+    xs = conv_cp(xs, block.conv1d.weight[:, 0], block.conv1d.bias, cp, kernels.get("causal_conv1d", "auto"))
     dt, B, C = block.x_proj(xs.transpose(1, 2)).split([block.dt_rank, n, n], dim=-1)
     dt = F.linear(dt, block.dt_proj.weight).transpose(1, 2)
     B, C = B.transpose(1, 2), C.transpose(1, 2)
@@ -86,7 +89,7 @@ def mamba_cp(block, x, cp: ContextParallel, cache=None):
     for c in chunks:
         sl = c.local
         _, end = selective_scan(xs[..., sl], dt[..., sl], A, B[..., sl], C[..., sl], delta_bias=bias,
-                                delta_softplus=True, return_last_state=True)
+                                delta_softplus=True, return_last_state=True, impl=scan)
         steps = F.softplus(dt[..., sl].to(acc) + bias.to(acc)[:, None]).sum(-1)      # [b, d_inner]
         log_decay.append(A * steps[..., None])                                        # [b, d_inner, n]
         ends.append(end.to(acc))
@@ -95,17 +98,19 @@ def mamba_cp(block, x, cp: ContextParallel, cache=None):
     for c, h in zip(chunks, H):
         sl = c.local
         ys.append(selective_scan(xs[..., sl], dt[..., sl], A, B[..., sl], C[..., sl], block.D, z[..., sl], bias,
-                                 delta_softplus=True, initial_state=h.to(xs.dtype)))
+                                 delta_softplus=True, initial_state=h, impl=scan))
     return block.out_proj(torch.cat(ys, -1).transpose(1, 2))
 
 
 def mamba2_cp(block, x, cp: ContextParallel, cache=None):
     """`Mamba2Block.forward` on this rank's shard."""
     refuse_cache(cache, "mamba2")
+    kernels = kernels_of(block)
     b, length, _ = x.shape
     h, p, g, n = block.n_heads, block.cfg.head_dim, block.cfg.n_groups, block.cfg.d_state
     z, xBC, dt = block.in_proj(x).split([block.d_inner, block.conv_dim, block.n_heads], dim=-1)
-    xBC = conv_cp(xBC.transpose(1, 2), block.conv1d.weight[:, 0], block.conv1d.bias, cp).transpose(1, 2)
+    xBC = conv_cp(xBC.transpose(1, 2), block.conv1d.weight[:, 0], block.conv1d.bias, cp,
+                  kernels.get("causal_conv1d", "auto")).transpose(1, 2)
     xs, B, C = xBC.split([block.d_inner, g * n, g * n], dim=-1)
     xs, B, C = xs.reshape(b, length, h, p), B.reshape(b, length, g, n), C.reshape(b, length, g, n)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -115,7 +120,8 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
     for c in chunks:
         sl = c.local
         y, end = ssd_scan(xs[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], block.cfg.chunk_size, D=block.D,
-                          dt_bias=block.dt_bias, dt_softplus=True, return_final_states=True)
+                          dt_bias=block.dt_bias, dt_softplus=True, return_final_states=True,
+                          impl=kernels.get("ssd", "auto"))
         cs = F.softplus(dt[:, sl].to(acc) + block.dt_bias.to(acc)).cumsum(1) * A   # [b, len, h], <= 0
         ys.append(y)
         cums.append(cs)
