@@ -74,8 +74,11 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = False
+    cp_layout: str = "zigzag"          # context parallel: which chunks each rank holds (zoo.distributed)
 
     def __post_init__(self):
+        if self.cp_layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"cp_layout: must be one of contiguous, zigzag, got {self.cp_layout!r}")
         _positive(self, "seq_len", "batch_size", "grad_accum", "lr", "max_steps", "eval_every",
                   "eval_batches", "save_every", "keep_last", "log_every")
         if not 0 <= self.warmup_steps <= self.max_steps:

@@ -14,10 +14,12 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 import torch.utils.checkpoint
 
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
+from zoo.distributed import ContextParallel, all_reduce_sum
 from zoo.ops.dispatch import chosen, describe_kernels
 from zoo.registry import get_block
 
@@ -89,16 +91,27 @@ class ZooLM(nn.Module):
                     nn.init.zeros_(bias)
 
     def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None,
-                seq_idx=None) -> ZooOutput:
+                seq_idx=None, cp_layout: Optional[str] = None) -> ZooOutput:
         """seq_idx [batch, length] int (optional): document ids of packed sequences (`train.cross_doc:
         false`). A document is a maximal run of equal consecutive ids (a change of id starts a new one,
         so ids may repeat non-adjacently). Contract: with seq_idx the output at every token equals what
         that token's document alone, run through the same model from its own position 0, would give:
         attention is masked at document boundaries, recurrent and convolution state is zeroed at them,
         rotary positions restart (zoo.ops.documents). Every block supports it; with a cache it is
-        refused (streaming continues one sequence)."""
+        refused (streaming continues one sequence).
+
+        cp_group (a process group, or the default group's `torch.distributed.group.WORLD`): context
+        parallel. input_ids and labels are this rank's shards in layout `cp_layout` (default the recipe's
+        train.cp_layout, zigzag), cut by `zoo.distributed.shard`; logits come back for the local tokens,
+        and loss / aux_loss hold the global values on every rank. Each rank's backward yields its share of
+        the parameter gradients: sum them over the group (DDP over the cp ranks, or
+        `zoo.distributed.all_reduce_grads`) to get the single-process gradients."""
+        cp = None
         if cp_group is not None:
-            raise NotImplementedError("context parallel arrives with the context-parallel issue (#8)")
+            if cache is not None:
+                raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp_group")
+            layout = cp_layout or getattr(self.recipe.train, "cp_layout", "zigzag")
+            cp = ContextParallel.from_shard(cp_group, input_ids.shape[1], layout)
         if seq_idx is not None:
             unsupported = sorted({l.block_type for l in self.layers if not getattr(l.mixer, "supports_seq_idx", False)})
             if unsupported:
@@ -109,9 +122,9 @@ class ZooLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.checkpoint_layers and self.training and layer_cache is None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, None, None, seq_idx, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, cp, seq_idx, use_reentrant=False)
             else:
-                x = layer(x, cache=layer_cache, seq_idx=seq_idx)
+                x = layer(x, cache=layer_cache, cp=cp, seq_idx=seq_idx)
             block_aux = getattr(layer.mixer, "aux_loss", None)
             if block_aux is not None:
                 aux = block_aux if aux is None else aux + block_aux
@@ -119,7 +132,9 @@ class ZooLM(nn.Module):
             cache.seen += input_ids.shape[1]
         logits = self.lm_head(self.norm(x))
         loss = None
-        if labels is not None:
+        if labels is not None and cp is not None:
+            loss = _context_parallel_loss(logits, labels, cp)
+        elif labels is not None:
             # labels are aligned with input_ids: position t predicts labels[t + 1].
             # the loss in at least float32: a bf16 log-softmax over the vocabulary loses ~2 digits
             pred = logits[:, :-1].flatten(0, 1)
@@ -168,6 +183,29 @@ class ZooLM(nn.Module):
     def kernels(self) -> dict:
         """op -> the implementation its calls run with on the model's device (zoo.ops.dispatch)."""
         return chosen(next(self.parameters()).device, self.recipe.model.kernels)
+
+
+def _context_parallel_loss(logits, labels, cp: ContextParallel):
+    """The single-process loss from shards: each chunk's last token predicts the first label of the next
+    chunk, which another rank may hold (all-gathered: one label per chunk and row); the sum over
+    predicted tokens and their count are summed over the group (the sum with an identity backward, so
+    each rank's backward covers its own tokens once)."""
+    chunks = cp.chunks()
+    firsts = torch.stack([labels[:, c.local_start] for c in chunks])  # [chunks per rank, batch]
+    gathered = [torch.empty_like(firsts) for _ in range(cp.world_size)]
+    dist.all_gather(gathered, firsts.contiguous(), group=cp.group)
+    first_of = {c.index: gathered[c.rank][i] for r in range(cp.world_size) for i, c in enumerate(cp.chunks(r))}
+    targets = []
+    for c in chunks:
+        nxt = first_of[c.index + 1] if c.index + 1 < cp.n_chunks else torch.full_like(firsts[0], IGNORE_INDEX)
+        targets.append(torch.cat([labels[:, c.local_start + 1:c.local_end], nxt[:, None]], dim=1))
+    targets = torch.cat(targets, dim=1).flatten()
+    pred = logits.flatten(0, 1)
+    pred = pred.float() if pred.element_size() < 4 else pred
+    total = all_reduce_sum(F.cross_entropy(pred, targets, ignore_index=IGNORE_INDEX, reduction="sum"), cp.group)
+    count = (targets != IGNORE_INDEX).sum()
+    dist.all_reduce(count, group=cp.group)
+    return total / count
 
 
 def _human_bytes(n: float) -> str:
