@@ -107,11 +107,14 @@ def test_blockwise_non_causal_matches_ref(block_size):
     compare(got, run_attention(blockwise_attention_ref, q, k, v, causal=False, seq_idx=seq_idx))
 
 
-@pytest.mark.parametrize("dense_limit", [attention_ops._DENSE_DOCUMENT_MASK, 0])
+@pytest.mark.parametrize("per_document_calls,dense_limit", [(attention_ops._PER_DOCUMENT_CALLS, 1 << 25),
+                                                              (0, 1 << 25), (0, 0)])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("lq,lk", [(23, 23), (9, 23), (1, 23)])
-def test_attention_matches_ref(monkeypatch, dense_limit, window, lq, lk):
-    """SDPA with a dense document mask, and past the size limit the blockwise path."""
+def test_attention_matches_ref(monkeypatch, per_document_calls, dense_limit, window, lq, lk):
+    """SDPA per document; with too many documents SDPA with a dense document mask; past the mask's size
+    limit the blockwise path."""
+    monkeypatch.setattr(attention_ops, "_PER_DOCUMENT_CALLS", per_document_calls)
     monkeypatch.setattr(attention_ops, "_DENSE_DOCUMENT_MASK", dense_limit)
     q, k, v = qkv(3, lq, lk)
     seq_idx = packed_ids(3, lk)

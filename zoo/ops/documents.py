@@ -72,16 +72,17 @@ def document_spans(seq_idx: torch.Tensor) -> List[List[Tuple[int, int]]]:
     return spans
 
 
-def per_document(fn: Callable[..., torch.Tensor], seq_idx: torch.Tensor, *tensors: Optional[torch.Tensor]):
+def per_document(fn: Callable[..., torch.Tensor], seq_idx: torch.Tensor, *tensors: Optional[torch.Tensor],
+                 spans: Optional[List[List[Tuple[int, int]]]] = None):
     """Run `fn` on each document alone and stitch the results back: out[r, s:e] = fn(*(t[r:r+1, s:e])).
 
     tensors are [batch, length, ...] (None passes through as None); fn returns one [batch', length', ...]
     tensor. The exact path for ops whose document masking would be costly to fuse: packed training rows
     hold few documents, so this is a handful of calls per row. When every row has the same boundaries
-    each document runs for the whole batch at once."""
+    each document runs for the whole batch at once. `spans`: `document_spans(seq_idx)` if already known."""
     if seq_idx.numel() == 0:
         return fn(*tensors)
-    spans = document_spans(seq_idx)
+    spans = document_spans(seq_idx) if spans is None else spans
     cut = lambda rows, s, e: [None if t is None else t[rows, s:e] for t in tensors]
     if all(row == spans[0] for row in spans):
         return torch.cat([fn(*cut(slice(None), s, e)) for s, e in spans[0]], dim=1)
