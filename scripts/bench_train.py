@@ -16,7 +16,7 @@ training alone. The learning rate warms up linearly over `train.warmup_steps`, t
 so a run ends annealed whatever the machine's speed; the recipe's max_steps is not used.
 
 Validation: a fixed slice of the val split, `--eval-segments` contiguous segments of `--eval-segment`
-tokens at evenly spaced offsets (the default 4 x 65,536 = 262,144 tokens, about 256 KiB), each cut into
+tokens at evenly spaced offsets (the default 8 x 32,768 = 262,144 tokens, about 256 KiB), each cut into
 windows of the recipe's seq_len that start from an empty context; every token of a segment after its
 first is predicted once. bits per byte = summed -log2 p over those tokens / their UTF-8 bytes (the
 end-of-document byte 0 carries none). gzip -9's figure is computed here on the same bytes, the
@@ -133,8 +133,24 @@ class Clock:
         self.wall += time.perf_counter() - self._w
 
 
+def full_val_bpb(model, data, seq_len: int, batch: int = 16) -> tuple[float, float, int]:
+    """(model bpb, gzip -9 bpb, bytes) over the whole val split in windows of seq_len, on the same bytes."""
+    tokens = torch.from_numpy(np.asarray(data.val.file.tokens, dtype=np.int64))
+    n = (len(tokens) - 1) // seq_len
+    inputs, targets = tokens[:n * seq_len].view(n, seq_len), tokens[1:n * seq_len + 1].view(n, seq_len)
+    eos = data.val.file.header.get("eos_id")
+    text = bytes(targets[targets != eos].to(torch.uint8).numpy())
+    model.eval()
+    nats = 0.0
+    with torch.no_grad():
+        for x, y in zip(inputs.split(batch), targets.split(batch)):
+            nats += F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+    return nats / math.log(2) / len(text), compression_bpb(text)["gzip-9"], len(text)
+
+
 def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval_every: float,
-                val: ValSlice, gzip_bpb: float, out: Path, log=print) -> dict:
+                val: ValSlice, gzip_bpb: float, out: Path, wall_limit: float = math.inf,
+                full_val: bool = False, log=print) -> dict:
     recipe = zoo.load_recipe(recipe_path(name), overrides)
     cfg = recipe.train
     data = prepared_data(recipe, log=log)
@@ -150,7 +166,15 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, factor)
     params = trainer.model.num_params()
     log(f"{recipe.name}: {params['total']:,} params, seq_len {cfg.seq_len}, batch {cfg.batch_size} x "
-        f"{cfg.grad_accum}, lr {cfg.lr}, warmup {warm}, budget {budget:.0f} s ({clock_kind} clock)")
+        f"{cfg.grad_accum}, lr {cfg.lr}, warmup {warm}, budget {budget:.0f} s ({clock_kind} clock), "
+        f"wall limit {wall_limit:.0f} s")
+    result = {"recipe": recipe.name, "source": recipe_path(name), "overrides": list(overrides),
+              "params": params, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+              "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup_steps": warm, "min_lr_ratio": cfg.min_lr_ratio,
+              "weight_decay": cfg.weight_decay, "budget_s": budget, "clock": clock_kind,
+              "wall_limit_s": wall_limit if math.isfinite(wall_limit) else None,
+              "threads": torch.get_num_threads(), "val_tokens": val.num_targets, "val_bytes": val.num_bytes,
+              "gzip9_bpb": gzip_bpb, "complete": False}
     clock = Clock()
     points, losses = [], []
     next_eval, start = eval_every, time.perf_counter()   # no point at step 0: untrained is 8 bpb
@@ -163,30 +187,37 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
                  "train_loss": round(statistics.fmean(losses[-20:]), 4) if losses else None,
                  "lr": trainer.scheduler.get_last_lr()[0], "val_bpb": round(bpb, 4)}
         points.append(point)
+        result.update(points=points, final_bpb=point["val_bpb"],
+                      tokens_per_cpu_s=round(trainer.tokens / max(clock.cpu, 1e-9), 1),
+                      first_below_gzip=next(({k: p[k] for k in ("cpu_s", "wall_s", "tokens", "step")}
+                                             for p in points if p["val_bpb"] < gzip_bpb), None))
+        (out / f"{recipe.name}.json").write_text(json.dumps(result, indent=1))   # partial results survive a kill
         log(f"  {recipe.name} step {point['step']:>5}  tokens {point['tokens']:>10,}  cpu {clock.cpu:7.1f} s  "
             f"wall {clock.wall:7.1f} s  val {bpb:.4f} bpb (gzip {gzip_bpb:.4f})  eval {time.perf_counter() - t0:.0f} s")
 
     while True:
         used = clock.cpu if clock_kind == "cpu" else clock.wall
-        spent[0] = used / budget
-        if used >= next_eval or used >= budget:
+        # a shared machine may not grant the budget in time: the wall limit then ends the run, and the
+        # schedule follows whichever limit is nearer so that the run still ends annealed
+        spent[0] = max(used / budget, (time.perf_counter() - start) / wall_limit)
+        if used >= next_eval or spent[0] >= 1:
             evaluate()
             next_eval += eval_every
-        if used >= budget:
+        if spent[0] >= 1:
             break
         with clock:
             losses.append(trainer.train_step())
         if not math.isfinite(losses[-1]):
             raise SystemExit(f"{recipe.name}: non-finite loss at step {trainer.step}")
-    result = {"recipe": recipe.name, "source": recipe_path(name), "overrides": list(overrides),
-              "params": params, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-              "grad_accum": cfg.grad_accum, "lr": cfg.lr, "warmup_steps": warm, "min_lr_ratio": cfg.min_lr_ratio,
-              "weight_decay": cfg.weight_decay, "budget_s": budget, "clock": clock_kind,
-              "threads": torch.get_num_threads(), "val_tokens": val.num_targets, "val_bytes": val.num_bytes,
-              "gzip9_bpb": gzip_bpb, "tokens_per_cpu_s": round(trainer.tokens / max(clock.cpu, 1e-9), 1),
-              "final_bpb": points[-1]["val_bpb"], "points": points,
-              "first_below_gzip": next(({k: p[k] for k in ("cpu_s", "wall_s", "tokens", "step")}
-                                        for p in points if p["val_bpb"] < gzip_bpb), None)}
+    result["checkpoint"] = str(trainer.save())
+    result["stopped_by"] = "budget" if used >= budget else "wall limit"
+    if full_val:
+        t0 = time.process_time()
+        bpb, gz, nbytes = full_val_bpb(trainer.model, data, cfg.seq_len)
+        result["full_val"] = {"bpb": round(bpb, 4), "gzip9_bpb": round(gz, 4), "bytes": nbytes}
+        log(f"  {recipe.name} whole val split ({nbytes:,} bytes): {bpb:.4f} bpb, gzip -9 {gz:.4f} "
+            f"(eval {time.process_time() - t0:.0f} CPU s)")
+    result["complete"] = True
     (out / f"{recipe.name}.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -301,9 +332,12 @@ def main(argv=None):
     ap.add_argument("--budget", type=duration, default=duration("30m"), help="training time per recipe")
     ap.add_argument("--budgets", default="", help="per recipe, e.g. mamba2=15m,taipan=12m (overrides --budget)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--wall-limit", type=duration, default=math.inf,
+                    help="also stop each recipe this long after its start, evaluations included (a shared machine)")
+    ap.add_argument("--full-val", action="store_true", help="at the end, bits per byte on the whole val split")
     ap.add_argument("--eval-every", type=duration, default=duration("2m"), help="on the budget's clock")
-    ap.add_argument("--eval-segments", type=int, default=4)
-    ap.add_argument("--eval-segment", type=int, default=65536)
+    ap.add_argument("--eval-segments", type=int, default=8)
+    ap.add_argument("--eval-segment", type=int, default=32768)
     ap.add_argument("--set", nargs="*", default=[], help="dotlist overrides for every recipe")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llama", default=None, metavar="RECIPE", help="also time RECIPE beside LlamaForCausalLM")
@@ -344,7 +378,8 @@ def main(argv=None):
         summary["gzip9_bpb_slice"], summary["gzip9_bpb_val"] = round(gzip_slice, 4), round(gzip_full, 4)
         for name in args.recipes:
             budget = budgets.get(Path(name).stem, args.budget)
-            res = train_curve(name, args.set, budget, args.clock, args.eval_every, val, gzip_slice, args.out)
+            res = train_curve(name, args.set, budget, args.clock, args.eval_every, val, gzip_slice, args.out,
+                              wall_limit=args.wall_limit, full_val=args.full_val)
             summary[res["recipe"]] = {"final_bpb": res["final_bpb"], "budget_s": budget,
                                       "first_below_gzip": res["first_below_gzip"], "tokens": res["points"][-1]["tokens"]}
         summary["plot"] = str(plot(args.out))
