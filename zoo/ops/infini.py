@@ -127,24 +127,34 @@ def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, de
 
     sk = _sigma(k).view(b, n_seg, segment_len, hk, dk)
     vs = v.view(b, n_seg, segment_len, hk, dv)
+    # z never reads M, under either rule: its value before each segment is an exclusive prefix sum.
+    cz = sk[:, :n_full].sum(2).cumsum(1)
+    z_before = z[:, None] + F.pad(cz, (0, 0, 0, 0, 1, 0))[:, :n_seg]
     if delta_rule:
-        # The correction of segment s reads M_{s-1}: an ordered loop over segments.
-        M_before, z_before = [], []
-        for s in range(n_seg):
+        # The correction of segment s reads M_{s-1}: an ordered loop over segments. Its
+        # denominators sigma(K_s) z_{s-1} are known up front (z does not depend on M), so the loop
+        # holds two matrix products per segment and nothing else; keys and values are laid out
+        # [b, segment, kv_head, token, dim] once, and taken apart with unbind (indexing sk[:, s]
+        # would give every segment's backward its own zeroed full-size gradient buffer).
+        den = torch.einsum("bstnk,bsnk->bsnt", sk, z_before)[..., None]
+        filled = den > 0
+        inv = torch.where(filled, den, torch.ones_like(den)).reciprocal() * filled   # 0 where empty
+        sk_t, vs_t = sk.permute(0, 1, 3, 2, 4).contiguous(), vs.permute(0, 1, 3, 2, 4).contiguous()
+        M_before = []
+        for s, (sk_s, vs_s, inv_s) in enumerate(zip(sk_t.unbind(1), vs_t.unbind(1), inv.unbind(1))):
             M_before.append(M)
-            z_before.append(z)
             if s < n_full:
-                M, z = _fold(sk[:, s], vs[:, s], M, z, delta_rule=True)
-        M_before, z_before = torch.stack(M_before, 1), torch.stack(z_before, 1)
+                M = M + sk_s.transpose(-1, -2) @ (vs_s - (sk_s @ M) * inv_s)
+        M_before = torch.stack(M_before, 1)
     else:
         dM = torch.einsum("bstnk,bstnv->bsnkv", sk[:, :n_full], vs[:, :n_full])
-        dz = sk[:, :n_full].sum(2)
         # M before segment s = M_0 + sum_{s' < s} dM_s': an exclusive prefix sum over segments.
-        cM, cz = dM.cumsum(1), dz.cumsum(1)
+        cM = dM.cumsum(1)
         M_before = M[:, None] + F.pad(cM, (0, 0, 0, 0, 0, 0, 1, 0))[:, :n_seg]
-        z_before = z[:, None] + F.pad(cz, (0, 0, 0, 0, 1, 0))[:, :n_seg]
         if n_full:
-            M, z = M + cM[:, -1], z + cz[:, -1]
+            M = M + cM[:, -1]
+    if n_full:
+        z = z + cz[:, -1]
     # Every segment's queries read their memory in one batched product.
     mem = _retrieve(seg(_sigma(q)), M_before.flatten(0, 1), z_before.flatten(0, 1))
     mem = mem.reshape(b, n_seg * segment_len, h, dv)
@@ -179,8 +189,9 @@ def _retrieve(sq, M, z):
     num = torch.einsum("btngk,bnkv->btngv", sq, M)
     den = torch.einsum("btngk,bnk->btng", sq, z)[..., None]
     filled = den > 0
-    out = torch.where(filled, num / torch.where(filled, den, torch.ones_like(den)), torch.zeros_like(num))
-    return out.reshape(B, T, h, M.shape[-1])
+    # A masked reciprocal of the small denominator, then one product: no full-size divide or where.
+    inv = torch.where(filled, den, torch.ones_like(den)).reciprocal() * filled
+    return (num * inv).reshape(B, T, h, M.shape[-1])
 
 
 def _fold(sk, v, M, z, delta_rule):
@@ -192,8 +203,7 @@ def _fold(sk, v, M, z, delta_rule):
 
 
 def _mix(mem, local, w):
-    w = w[:, None]
-    return w * mem + (1 - w) * local
+    return local + w[:, None] * (mem - local)   # = w mem + (1 - w) local, one product fewer
 
 
 def _sigma(x):
