@@ -90,9 +90,20 @@ def _compare(name, cfg, training, layout, length):
     return errs
 
 
+@pytest.mark.slow   # 15-60 s per world size on a shared 2-core machine (W processes, 52 comparisons each)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_blocks_match_single_process(ranks, world_size):
     results = ranks.run(world_size, _check_cases, CASES, _lengths(world_size))
     bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
     assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
     assert len(results[0]) > 0
+
+
+@pytest.mark.parametrize("name, cfg", list({name: (name, cfg) for name, cfg, _ in reversed(CASES)}.values()))
+def test_cache_with_cp_is_refused(name, cfg):
+    # refused before any communication, so a handle without a process group is enough
+    block = make_block(name, D_MODEL, **cfg)
+    cp = ContextParallel(None, "zigzag", 0, 1, 6)
+    x = torch.randn(1, 6, D_MODEL, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"cache: {name} got both a cache and a context-parallel handle"):
+        block(x, cache=block.init_cache(1, dtype=torch.float64), cp=cp)
