@@ -90,7 +90,8 @@ def mamba_cp(block, x, cp: ContextParallel, cache=None):
         sl = c.local
         _, end = selective_scan(xs[..., sl], dt[..., sl], A, B[..., sl], C[..., sl], delta_bias=bias,
                                 delta_softplus=True, return_last_state=True, impl=scan)
-        steps = F.softplus(dt[..., sl].to(acc) + bias.to(acc)[:, None]).sum(-1)      # [b, d_inner]
+        # sums of dt in float64: long chunks add thousands of steps, and exp() magnifies their rounding
+        steps = F.softplus(dt[..., sl].to(acc) + bias.to(acc)[:, None]).double().sum(-1).to(acc)   # [b, d_inner]
         log_decay.append(A * steps[..., None])                                        # [b, d_inner, n]
         ends.append(end.to(acc))
     H = incoming_states(torch.stack(log_decay), torch.stack(ends), cp)
@@ -122,7 +123,8 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
         y, end = ssd_scan(xs[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], block.cfg.chunk_size, D=block.D,
                           dt_bias=block.dt_bias, dt_softplus=True, return_final_states=True,
                           impl=kernels.get("ssd", "auto"))
-        cs = F.softplus(dt[:, sl].to(acc) + block.dt_bias.to(acc)).cumsum(1) * A   # [b, len, h], <= 0
+        steps = F.softplus(dt[:, sl].to(acc) + block.dt_bias.to(acc))
+        cs = (steps.double().cumsum(1) * A.double()).to(acc)                           # [b, len, h], <= 0
         ys.append(y)
         cums.append(cs)
         log_decay.append(cs[:, -1, :, None, None])                                    # [b, h, 1, 1]
