@@ -2,6 +2,7 @@
 
     python scripts/train.py recipes/transformer.yaml [model.d_model=128 train.max_steps=200 ...] --out runs/x
     torchrun --nproc-per-node 2 scripts/train.py recipes/mamba2.yaml --out runs/y      # DDP (gloo on CPU)
+    torchrun --nproc-per-node 4 scripts/train.py recipes/jamba.yaml --cp 2             # 2 dp x 2 cp mesh
 
 Prints the parameter count and the layer table, shows a progress bar (loss, tokens/s, lr, ETA), writes
 metrics.jsonl and checkpoints under --out, and ends with one machine-readable summary line.
@@ -34,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--tensorboard", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--cp", type=int, default=1,
+                    help="context parallel: ranks that share one sequence (must divide the world size; the "
+                         "remaining factor is data parallel); layout from train.cp_layout")
     args = ap.parse_args(argv)
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -48,7 +52,7 @@ def main(argv=None):
         out = Path(args.out or Path("runs") / recipe.name)
         data = prepared_data(recipe, args.data, log=say)
         trainer = Trainer(recipe, data, out, device=args.device, resume=args.resume,
-                          progress=not args.no_progress, tensorboard=args.tensorboard, log=say)
+                          progress=not args.no_progress, tensorboard=args.tensorboard, log=say, cp=args.cp)
         say(trainer.model.describe())
         n = trainer.model.num_params()
         say(f"parameters: {n['total']:,} ({n['non_embedding']:,} non-embedding); data: {data.describe()}")

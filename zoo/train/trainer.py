@@ -6,6 +6,12 @@ step count besides model, optimizer, scheduler and RNG states.
 
 Data parallel: train.batch_size is the *global* batch per micro-step; each of W data-parallel ranks
 takes its contiguous slice, so W processes compute the same update as one (up to summation order).
+
+Context parallel (`cp` > 1): the W ranks form a 2-D mesh (dp = W / cp, cp); the ranks of one cp group
+take the same rows and each holds its shard of the sequence (zoo.distributed, layout train.cp_layout).
+DDP (or FSDP2) runs over all W ranks and averages gradients over W; each rank's backward gives its
+share of its cp group's gradient, so the loss is scaled by cp before backward: the average over W of
+cp * share is the average over the dp groups of each group's full gradient.
 """
 from __future__ import annotations
 
@@ -73,14 +79,16 @@ class Trainer:
     `val_batches(n, batch_size, seq_len)` and `bytes_per_token`), writing to `out_dir`."""
 
     def __init__(self, recipe: Recipe, data, out_dir, device=None, resume: Optional[str] = None,
-                 log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False):
+                 log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False,
+                 cp: int = 1):
         self.recipe, self.data, self.out = recipe, data, Path(out_dir)
         self.cfg = recipe.train
         self.rank, self.world = dp_info()
-        if self.cfg.batch_size % self.world:
-            raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
-                                f"data-parallel world size {self.world}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cp, self.cp_group, self.dp_rank, self.dp_world = self._mesh(cp)
+        if self.cfg.batch_size % self.dp_world:
+            raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
+                                f"data-parallel world size {self.dp_world}")
         self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
         seed_everything(self.cfg.seed)
         self.model = ZooLM(recipe).to(self.device)
@@ -98,6 +106,27 @@ class Trainer:
             self.tb = SummaryWriter(self.out / "tensorboard")
 
     # -- setup -------------------------------------------------------------------------------
+    def _mesh(self, cp: int):
+        """(cp, cp group or None, data-parallel rank, data-parallel world size) on a (dp, cp) mesh."""
+        if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1 or self.world % cp:
+            raise TrainingError(f"cp: must be a positive integer dividing the world size {self.world}, got {cp!r}")
+        if cp == 1:
+            return 1, None, self.rank, self.world
+        if not self.cfg.cross_doc:
+            raise TrainingError("train.cross_doc: false (packed documents) is not supported with context parallel "
+                                "(cp > 1); use train.cross_doc: true")
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(self.device.type, (self.world // cp, cp), mesh_dim_names=("dp", "cp"))
+        return cp, mesh["cp"].get_group(), mesh["dp"].get_local_rank(), self.world // cp
+
+    def _forward(self, batch: dict):
+        if self.cp_group is None:
+            return self.train_module(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"))
+        from zoo.distributed import shard
+        layout = self.cfg.cp_layout
+        return self.train_module(shard(batch["input_ids"], self.cp_group, layout),
+                                 labels=shard(batch["labels"], self.cp_group, layout), cp_group=self.cp_group)
+
     def _wrap(self, model):
         module = model
         if self.world > 1 and self.cfg.fsdp:
@@ -174,8 +203,8 @@ class Trainer:
         return nullcontext()
 
     def _local(self, batch: dict) -> dict:
-        per = self.cfg.batch_size // self.world
-        sl = slice(self.rank * per, (self.rank + 1) * per)
+        per = self.cfg.batch_size // self.dp_world
+        sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
         return {k: v[sl].to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self) -> float:
@@ -186,9 +215,9 @@ class Trainer:
             batch = self._local(self.data.train_batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len))
             sync = micro == accum - 1 or not hasattr(self.train_module, "no_sync")
             with (nullcontext() if sync else self.train_module.no_sync()), self._autocast():
-                out = self.train_module(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"))
+                out = self._forward(batch)
                 loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
-            (loss / accum).backward()
+            (loss * (self.cp / accum)).backward()
             total += out.loss.detach().float().item() / accum
         if self.world > 1:
             t = torch.tensor([total], device=self.device)
@@ -214,7 +243,7 @@ class Trainer:
         for batch in self.data.val_batches(self.cfg.eval_batches, self.cfg.batch_size, self.cfg.seq_len):
             batch = self._local(batch)
             with self._autocast():
-                out = self.train_module(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"))
+                out = self._forward(batch)
             losses.append(out.loss.float())
         loss = torch.stack(losses).mean()
         if self.world > 1:
