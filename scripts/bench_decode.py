@@ -1,0 +1,208 @@
+"""Decode speed and cache size by context length: zoo recipes beside transformers' own Llama and Mamba-2.
+
+    .venv/bin/python scripts/bench_decode.py                       # contexts 1K, 8K, 32K; every model
+    .venv/bin/python scripts/bench_decode.py --contexts 1024 --models zoo:mamba2,hf:mamba2 --steps 8
+
+Each cell (model, context C) runs in a fresh subprocess: build the model (float32, eval, one torch thread
+unless --threads), prefill C random tokens in one forward through the model's cache, then decode --steps
+tokens one at a time (greedy, after 2 untimed warm-up steps), each step timed on its own; tokens/s is 1 /
+the median step. The cache is measured from its tensors after the last step (bytes of every tensor the
+cache object holds) and, for zoo, set beside the blocks' analytic `state_bytes(C + steps)`.
+
+Models: every zoo recipe named in MODELS at its own size (d_model 256), and two same-weights pairs: a
+random `LlamaForCausalLM` shaped like recipes/transformer.yaml and a random `Mamba2ForCausalLM` shaped like
+recipes/mamba2.yaml, each run by transformers (its DynamicCache / Mamba-2 cache, its forward) and by zoo
+after `zoo.convert.from_transformers` (ZooLM and its ZooCache). A cell that runs past --timeout is recorded
+as skipped with that reason, and the model's longer contexts are then skipped without running. Writes
+--out (JSON) and prints a markdown table; the last line is a machine-readable `summary:`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ZOO_RECIPES = ["transformer", "swa", "infini", "selective", "mamba", "mamba2", "samba", "jamba", "taipan"]
+MODELS = [f"zoo:{r}" for r in ZOO_RECIPES] + ["hf:llama", "zoo:llama", "hf:mamba2", "zoo:mamba2-hf"]
+
+
+def _hf_model(kind: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "llama":   # recipes/transformer.yaml: d_model 256, 6 layers, 4 heads, SwiGLU mult 4 (hidden 688)
+        cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                                       num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                       max_position_embeddings=65536, tie_word_embeddings=False)
+        return transformers.LlamaForCausalLM(cfg)
+    # recipes/mamba2.yaml: d_model 256, 8 layers, d_state 64, head_dim 32 (16 heads), chunk 64
+    cfg = transformers.Mamba2Config(hidden_size=256, state_size=64, num_hidden_layers=8, vocab_size=256, expand=2,
+                                    head_dim=32, num_heads=16, n_groups=1, chunk_size=64, conv_kernel=4)
+    return transformers.Mamba2ForCausalLM(cfg)
+
+
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor reachable from a cache object (attributes, lists, dicts)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel())
+        if key in seen or obj.numel() == 0:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def run_cell(model_name: str, context: int, steps: int) -> dict:
+    import torch
+
+    import zoo
+    import zoo.convert
+
+    side, name = model_name.split(":")
+    torch.manual_seed(0)
+    if side == "hf":
+        model = _hf_model(name).float().eval()
+    elif name in ("llama", "mamba2-hf"):
+        model = zoo.convert.from_transformers(_hf_model("llama" if name == "llama" else "mamba2")).float().eval()
+    else:
+        model = zoo.build_model(ROOT / "recipes" / f"{name}.yaml").float().eval()
+    ids = torch.randint(0, 256, (1, context + steps + 2))
+
+    if side == "hf":
+        cache_key = "cache_params" if name == "mamba2" else "past_key_values"
+
+        def prefill(x):
+            out = model(x, use_cache=True)
+            return out.logits[:, -1], getattr(out, cache_key)
+
+        def step(x, cache):
+            out = model(x, use_cache=True, **{cache_key: cache})
+            return out.logits[:, -1], getattr(out, cache_key)
+    else:
+        def prefill(x):
+            cache = model.init_cache(1)
+            return model(x, cache=cache).logits[:, -1], cache
+
+        def step(x, cache):
+            return model(x, cache=cache).logits[:, -1], cache
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits, cache = prefill(ids[:, :context])
+        prefill_s = time.perf_counter() - t0
+        times = []
+        for i in range(steps + 2):
+            nxt = logits.argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            logits, cache = step(nxt, cache)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    seen = context + steps + 2
+    row = {"model": model_name, "context": context, "steps": steps, "prefill_s": round(prefill_s, 3),
+           "step_ms_median": round(1000 * statistics.median(times), 3),
+           "tokens_per_s": round(1 / statistics.median(times), 2),
+           "cache_bytes": _tensor_bytes(cache.layers if side == "zoo" else cache)}
+    if side == "zoo":
+        row["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in model.layers)
+    return row
+
+
+def table(rows, contexts) -> str:
+    label = lambda c: f"{c // 1024}K" if c % 1024 == 0 else str(c)
+    head = "| model | " + " | ".join(f"{label(c)} tok/s | {label(c)} cache MiB" for c in contexts) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(contexts))]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for c in contexts:
+            r = next((r for r in rows if r["model"] == model and r["context"] == c), None)
+            if r is None or "skipped" in r:
+                cells += ["skipped", "-"]
+            else:
+                mib = r["cache_bytes"] / 2 ** 20
+                check = "" if "state_bytes" not in r else ("" if r["state_bytes"] == r["cache_bytes"] else " (!= state_bytes)")
+                cells += [f"{r['tokens_per_s']:.1f}", f"{mib:.2f}{check}"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="1024,8192,32768")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per cell (prefill + decode)")
+    ap.add_argument("--out", default="bench_decode.json")
+    ap.add_argument("--cell", nargs=2, metavar=("MODEL", "CONTEXT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cell:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args.steps)))
+        return
+    contexts = [int(c) for c in args.contexts.split(",")]
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        ap.error(f"--models: unknown {bad[0]!r} (known: {', '.join(MODELS)})")
+    rows = []
+    for model in models:
+        skip_reason = None
+        for c in contexts:
+            if skip_reason is not None:
+                rows.append({"model": model, "context": c, "skipped": skip_reason})
+                continue
+            cmd = [sys.executable, __file__, "--cell", model, str(c), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            t = time.perf_counter()
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                skip_reason = f"context {c} ran past {args.timeout:.0f} s"
+                rows.append({"model": model, "context": c, "skipped": skip_reason})
+                print(f"{model} @{c}: {skip_reason}", file=sys.stderr, flush=True)
+                continue
+            if res.returncode != 0:
+                reason = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+                skip_reason = f"context {c} failed: {reason}"
+                rows.append({"model": model, "context": c, "skipped": skip_reason})
+                print(f"{model} @{c}: {skip_reason}", file=sys.stderr, flush=True)
+                continue
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["cell_s"] = round(time.perf_counter() - t, 1)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
+    import torch
+    import transformers
+
+    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+            "steps": args.steps, "cpu": platform.processor() or platform.machine(), "contexts": contexts}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(table(rows, contexts))
+    print("summary: " + json.dumps({"cells": len(rows), "skipped": sum("skipped" in r for r in rows), "out": args.out}))
+
+
+if __name__ == "__main__":
+    main()
