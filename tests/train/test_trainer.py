@@ -2,6 +2,7 @@
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import time
 
@@ -190,12 +191,19 @@ def test_fsdp2_two_processes_match_single_and_resume(tmp_path):
 
     # resume under FSDP2 from the step-2 checkpoint alone: the same weights as the straight FSDP2 run
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
-    os.rename(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "r" / "checkpoints" / "step-00000002")
+    shutil.copytree(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "r" / "checkpoints" / "step-00000002")
     _launch(_fsdp_worker, 2, tmp_path / "r", "auto")
     resumed = torch.load(tmp_path / "r" / "rank0.pt", weights_only=True)
     for name, want in sharded["state"].items():
         assert torch.allclose(resumed["state"][name], want, rtol=1e-6, atol=1e-9), name
     assert math.isclose(resumed["loss"], sharded["loss"], rel_tol=1e-6)
+
+    # and one process resumes the same checkpoint (its optimizer state is keyed by parameter name)
+    (tmp_path / "one" / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "one" / "checkpoints" / "step-00000002")
+    alone, _ = run(tmp_path / "one", resume="auto", max_steps=4, save_every=2)
+    for name, want in sharded["state"].items():
+        assert torch.allclose(alone.model.state_dict()[name], want, rtol=1e-4, atol=1e-6), name
 
 
 def test_batch_not_divisible_by_world():
