@@ -173,3 +173,23 @@ def test_every_block_trains_with_cross_doc_false(tmp_path):
     assert len(changed) == len(before), sorted(set(before) - set(changed))
     val_loss, _ = trainer.evaluate()
     assert val_loss < losses[0]
+
+
+def test_activation_checkpointing_passes_seq_idx():
+    """Recomputing each layer in the backward sees the same documents: loss and gradients unchanged."""
+    torch.manual_seed(0)
+    model = zoo.build_model(every_block_recipe()).double().eval()  # eval: taipan's selection is deterministic
+    seq_idx = packed_seq_idx()
+    ids = torch.randint(0, 61, seq_idx.shape)
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.checkpoint_layers = checkpointing
+        model.training = True  # the checkpointed path runs in training mode only; blocks stay in eval
+        out = model(ids, labels=ids, seq_idx=seq_idx)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert_close(loss_b, loss_a, 1e-12, "loss")
+    for name in grads_a:
+        assert_close(grads_b[name], grads_a[name], 1e-10, f"grad {name}", floor=1.0)
