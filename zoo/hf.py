@@ -64,7 +64,10 @@ __all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", 
 # How each block family's per-row caches become one batched cache (module docstring).
 _STACKED = {"mamba", "mamba2"}
 _LEFT_PADDED = {"attn", "blockwise", "ring", "swa", "taipan"}
-_PAD_VALUE = {"selected": False}   # taipan: padding slots are unselected, so no query ever sees them
+_FIRST_THEN_PADDED = {"selective"}
+# taipan: padding slots are unselected, so no query ever sees them; selective: padding keys carry an
+# infinite accumulated selection F, so their softmax weight is exp(-inf) = 0 and eviction drops them first
+_PAD_VALUE = {"selected": False, "scores": float("inf")}
 
 
 class ZooLoadError(ValueError):
@@ -335,9 +338,7 @@ def _left_padding(attention_mask, input_ids, cache: Optional[ZooGenerationCache]
     have = cache.row_start if cache is not None and cache.row_start is not None else None
     if seen > 0 and not torch.equal(pads.cpu(), (have if have is not None else torch.zeros_like(pads)).cpu()):
         raise ValueError("attention_mask: its padding differs from the padding the cache was prefilled with")
-    if seen == 0 and not pads.any():
-        return None
-    return pads
+    return pads if pads.any() else None
 
 
 @torch.no_grad()
@@ -358,8 +359,9 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
         per_row = [rc.layers[i] for rc in rows]
         if layer.block_type in _STACKED:
             layers.append({k: torch.cat([c[k] for c in per_row]) for k in per_row[0]})
-        elif layer.block_type in _LEFT_PADDED:
-            merged = {k: _cat_left_padded([c[k] for c in per_row], _PAD_VALUE.get(k, 0))
+        elif layer.block_type in _LEFT_PADDED | _FIRST_THEN_PADDED:
+            first = 1 if layer.block_type in _FIRST_THEN_PADDED else 0
+            merged = {k: _cat_left_padded([c[k] for c in per_row], _PAD_VALUE.get(k, 0), first)
                       for k, v in per_row[0].items() if isinstance(v, torch.Tensor)}
             merged["pos"], merged["row_start"] = length, row_start
             layers.append(merged)
@@ -369,13 +371,15 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
     return logits
 
 
-def _cat_left_padded(tensors, value):
-    """[1, n_i, ...] tensors -> [batch, max n_i, ...], each row right-aligned after `value` padding."""
+def _cat_left_padded(tensors, value, first: int = 0):
+    """[1, n_i, ...] tensors -> [batch, max n_i, ...], each row right-aligned after `value` padding; with
+    `first` = 1 the row's first entry stays in front of the padding (selective attention's first key, which
+    the op recognises by its index 0: never selected against, never evicted)."""
     n = max(t.shape[1] for t in tensors)
     out = []
     for t in tensors:
         pad = t.new_full((1, n - t.shape[1], *t.shape[2:]), value)
-        out.append(torch.cat([pad, t], 1))
+        out.append(torch.cat([t[:, :first], pad, t[:, first:]], 1))
     return torch.cat(out)
 
 

@@ -58,7 +58,8 @@ class SelectiveAttention(CausalSelfAttention):
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)
         if seq_idx is None:
-            cos, sin = self._rope(start, start + t, x.device)
+            # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
+            cos, sin = self._rope(start, start + t, x.device, None if cache is None else cache.get("row_start"))
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
