@@ -36,11 +36,17 @@ every row) must leave each row generating exactly what it generates alone. One m
         queries and keys at its own positions (`CausalSelfAttention._attend_left_padded`).
       - taipan: K, V and the selection flags are left-padded with unselected slots, which its attention
         already never shows to another token; RoPE (when enabled) reads `row_start` as above.
-      - selective, infini (and any block type not listed here): the rows keep separate batch-1 caches and
-        these layers decode row by row; every other layer is still batched. Why not batched: selective
-        attention's first-key rule and eviction, and infini's segment boundaries, are defined on the
-        position in the row's own key sequence, which the ops take as one origin per batch; batching them
-        needs a per-row origin inside zoo/ops/selective.py and zoo/ops/infini.py.
+      - selective: the op recognises the first (BOS) key by its index 0 (never selected against, never
+        evicted), so each row keeps its first key at index 0 and the padding goes after it: [first,
+        padding, rest]. Padding keys carry an infinite accumulated selection F: their softmax weight is
+        exp(-inf) = 0, their selection column stays infinite, and under a KV budget eviction (largest F
+        first) drops them before any real key, so the real keys kept are the row's own. RoPE reads
+        `row_start` as above.
+      - infini (and any block type not listed here): the rows keep separate batch-1 caches and these
+        layers decode row by row; every other layer is still batched. Why not batched: a row's segment
+        boundaries (when its unfinished segment is folded into the memory) fall at its own length modulo
+        segment_len, while zoo.ops.infini takes one segment phase per batch; batching it needs a per-row
+        phase inside that op.
 Without padding (batch 1, or equal lengths) everything runs batched through ZooLM with one ZooCache.
 """
 from __future__ import annotations
