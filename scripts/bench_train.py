@@ -77,6 +77,12 @@ def recipe_path(name: str) -> str:
 
 # -- validation slice ------------------------------------------------------------------------------------------
 
+def _nats(logits, targets) -> float:
+    """Summed -ln p of the targets; the log-softmax in at least float32 (bf16 loses ~2 digits)."""
+    logits = logits.float() if logits.element_size() < 4 else logits
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+
+
 class ValSlice:
     """`n` contiguous segments of `length` + 1 tokens at evenly spaced offsets of the val split; the last
     `length` tokens of each are predicted, in windows of the model's seq_len."""
@@ -110,8 +116,7 @@ class ValSlice:
         model.eval()
         nats = 0.0
         for x, y in zip(inputs.split(batch), targets.split(batch)):
-            logits = model(x).logits
-            nats += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            nats += _nats(model(x).logits, y)
         model.train(was_training)
         return nats / math.log(2) / self.num_bytes
 
@@ -144,7 +149,7 @@ def full_val_bpb(model, data, seq_len: int, batch: int = 16) -> tuple[float, flo
     nats = 0.0
     with torch.no_grad():
         for x, y in zip(inputs.split(batch), targets.split(batch)):
-            nats += F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            nats += _nats(model(x).logits, y)
     return nats / math.log(2) / len(text), compression_bpb(text)["gzip-9"], len(text)
 
 
