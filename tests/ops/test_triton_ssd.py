@@ -1,7 +1,8 @@
 """zoo.ops.triton.ssd (ssd_scan(impl="triton")) against the step-by-step reference under Triton's
 interpreter: outputs, final states and every gradient, in float64 (tolerance 1e-10, the interpreter
-runs float64 dots in float64) and float32 (1e-4 relative to the float64 reference), odd lengths
-that the chunk does not divide, batch 2, groups, documents, chunk_size above the kernels' 64."""
+runs float64 dots in float64), float32 (1e-4 relative to the float64 reference) and bfloat16
+(2e-2), odd lengths that the chunk does not divide, batch 2, groups, documents, chunk_size above
+the kernels' 64."""
 import pytest
 import torch
 
@@ -46,3 +47,9 @@ def test_triton_ssd_float32():
 def test_triton_ssd_strong_decay():
     # decays exp(dt A) near exp(-40) per step: the direct sums of the dA gradient stay exact
     compare(make_inputs(21, 2, 1, A_scale=40.0), 8)
+
+
+def test_triton_ssd_bfloat16():
+    # bf16 inputs, float32 arithmetic inside: the outputs and gradients are rounded to bf16 (2^-8
+    # relative), so 2e-2 against the float64 reference on the same bf16 inputs
+    compare(make_inputs(21, 2, 2, dtype=torch.bfloat16), 8, tol=2e-2, dt_softplus=True)

@@ -1,6 +1,6 @@
 """zoo.ops.triton.ssm (selective_scan(impl="triton")) against the loop over time under Triton's
-interpreter: output, last state and every gradient, in float64 (tolerance 1e-10) and float32 (1e-4
-relative to the float64 reference), lengths that the chunk does not divide, batch 2, groups,
+interpreter: output, last state and every gradient, in float64 (tolerance 1e-10), float32 (1e-4)
+and bfloat16 (2e-2, both relative to the float64 reference), lengths that the chunk does not divide, batch 2, groups,
 channel blocks of one and of several channels."""
 import pytest
 import torch
@@ -42,3 +42,8 @@ def test_triton_scan_default_chunk():
 
 def test_triton_scan_float32(short_chunks):
     compare(scan_inputs(d=4, length=19, groups=2, dtype=torch.float32), tol=1e-4)
+
+
+def test_triton_scan_bfloat16(short_chunks):
+    # bf16 inputs, float32 arithmetic inside, results rounded to bf16 (2^-8 relative): 2e-2
+    compare(scan_inputs(d=4, length=19, groups=2, dtype=torch.bfloat16), tol=2e-2)
