@@ -1,7 +1,7 @@
 """zoo.ops.triton.ssm (selective_scan(impl="triton")) against the loop over time under Triton's
 interpreter: output, last state and every gradient, in float64 (tolerance 1e-10), float32 (1e-4)
-and bfloat16 (2e-2, both relative to the float64 reference), lengths that the chunk does not divide, batch 2, groups,
-channel blocks of one and of several channels."""
+and bfloat16 (2e-2, both relative to the float64 reference), lengths that the chunk does not
+divide, batch 2, groups, channel blocks of one and of several channels."""
 import pytest
 import torch
 
