@@ -99,6 +99,18 @@ def test_op_dispatches_to_the_kernel():
     assert_each_close(["streamed out", "cache scores"], [torch.cat([out1, out2], 1), cache[2]], [want, final], 1e-12)
 
 
+def test_keys_with_infinite_scores_get_no_weight():
+    # Cached keys with F = inf get weight exp(-inf) = 0 (zoo.hf pads a batched cache so). Keys 0..19 here:
+    # every query meets a whole tile it sees nothing of before its first visible key.
+    q, k, v = (t.detach() for t in qkv(5, 40, 2, 2))
+    scores = torch.rand(2, 35, dtype=F64)
+    scores[:, :20] = math.inf
+    got, final = selective_attention_triton(q, k, v, scores=scores, return_scores=True, block_m=16, block_n=16)
+    want, want_final = selective_attention_ref(q, k, v, scores=scores, return_scores=True)
+    assert_each_close(["out", "scores"], [got, final[:, 20:]], [want, want_final[:, 20:]], 1e-12)
+    assert torch.isinf(final[:, :20]).all()
+
+
 @pytest.mark.parametrize("bad", [8, 24, True])
 def test_tile_sizes_must_be_powers_of_two(bad):
     q, k, v = qkv(4, 4, 1, 1)
