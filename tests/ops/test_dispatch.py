@@ -11,7 +11,6 @@ from tests.helpers import assert_close
 from zoo.config import RecipeError
 from zoo.ops import dispatch
 from zoo.ops.dispatch import OPS, choose, chosen, set_kernels, use_kernels
-from zoo.ops.ssm import selective_scan
 
 CPU = torch.device("cpu")
 
@@ -49,15 +48,15 @@ def test_unknown_impl_and_op_name_the_allowed_values():
 
 
 def test_unsupported_call_falls_back_with_a_warning():
-    g = torch.Generator().manual_seed(0)
-    u, delta = torch.randn(1, 2, 5, generator=g), torch.randn(1, 2, 5, generator=g)
-    A, B, C = -torch.rand(2, 3, generator=g), torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
-    seq_idx = torch.tensor([[0, 0, 1, 1, 1]])
+    # an op marks an impl it has but that cannot handle the call's arguments
     dispatch._warned.clear()
-    with pytest.warns(UserWarning, match=r"selective_scan: impl 'triton' does not handle this call .*seq_idx.*"
+    with pytest.warns(UserWarning, match=r"ssd: impl 'triton' does not handle this call \(no such argument\); "
                                          r"running 'torch' instead"):
-        got = selective_scan(u, delta, A, B, C, seq_idx=seq_idx, impl="triton")
-    assert_close(got, selective_scan(u, delta, A, B, C, seq_idx=seq_idx, impl="torch"), 0.0)
+        assert choose("ssd", "triton", CPU, {"triton": "no such argument"}) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once per reason
+        assert choose("ssd", "triton", CPU, {"triton": "no such argument"}) == "torch"
+        assert choose("ssd", "auto", CPU, {"triton": "no such argument"}) == "torch"
 
 
 def test_process_setting_and_context_manager():

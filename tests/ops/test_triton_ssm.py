@@ -1,7 +1,7 @@
 """zoo.ops.triton.ssm (selective_scan(impl="triton")) against the loop over time under Triton's
 interpreter: output, last state and every gradient, in float64 (tolerance 1e-10), float32 (1e-4)
 and bfloat16 (2e-2, both relative to the float64 reference), lengths that the chunk does not
-divide, batch 2, groups, channel blocks of one and of several channels."""
+divide, batch 2, groups, channel blocks of one and of several channels, documents (seq_idx)."""
 import pytest
 import torch
 
@@ -18,9 +18,10 @@ def short_chunks(monkeypatch):
     monkeypatch.setattr(triton_ssm, "CHUNK", 8)
 
 
-def compare(inputs, tol=1e-10, **kw):
-    got = run(lambda **a: selective_scan(**a, impl="triton"), inputs, **kw)
-    want = run(selective_scan_ref, {k: None if v is None else v.double() for k, v in inputs.items()}, **kw)
+def compare(inputs, tol=1e-10, seq_idx=None, **kw):
+    got = run(lambda **a: selective_scan(**a, seq_idx=seq_idx, impl="triton"), inputs, **kw)
+    want = run(lambda **a: selective_scan_ref(**a, seq_idx=seq_idx),
+               {k: None if v is None else v.double() for k, v in inputs.items()}, **kw)
     assert_all_close(got, {k: v.to(got[k].dtype) for k, v in want.items()}, tol)
 
 
@@ -47,3 +48,9 @@ def test_triton_scan_float32(short_chunks):
 def test_triton_scan_bfloat16(short_chunks):
     # bf16 inputs, float32 arithmetic inside, results rounded to bf16 (2^-8 relative): 2e-2
     compare(scan_inputs(d=4, length=19, groups=2, dtype=torch.bfloat16), tol=2e-2)
+
+
+def test_triton_scan_documents(short_chunks):
+    # a document start inside a chunk, one on a chunk boundary (8), one at the last step, ids repeated
+    seq_idx = torch.tensor([[0] * 3 + [1] * 5 + [2] * 8 + [0] * 2 + [5], [4] * 19])
+    compare(scan_inputs(d=4, length=19, groups=2), seq_idx=seq_idx)

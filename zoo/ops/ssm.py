@@ -54,15 +54,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     unsupported = {}
     if initial_state is not None or seq_idx is not None or u.dtype == torch.float64:
         unsupported["cuda"] = "selective_scan_fn takes no initial_state, seq_idx or float64"
-    if seq_idx is not None:
-        unsupported["triton"] = "the Triton scan has no seq_idx yet"
     impl = choose("selective_scan", impl, u, unsupported)
     if impl == "cuda":
         return cuda_kernel("selective_scan")(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl == "triton":
         from zoo.ops.triton.ssm import selective_scan_triton
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state)
+                                     initial_state, keep=None if seq_idx is None else _continues(seq_idx))
     b, d, length = u.shape
     n = A.shape[1]
     acc = _acc_dtype(u)

@@ -31,7 +31,10 @@ recomputed from its saved entering state. dB and dC sum over the channels of a g
 several programs share: each program sums its own channels and adds the result to a float32
 buffer atomically (so their order, and the last bits of dB and dC, vary from run to run on GPUs).
 
-seq_idx is not handled here (`zoo.ops.ssm.selective_scan` falls back to torch for it).
+Documents (seq_idx): `keep` [b, l], 1 where a step continues the previous step's document and 0
+where one starts, multiplies the step's decay, so the state restarts from the step's own input and
+the adjoint does not flow back across the boundary (as in the torch path). The initial state
+belongs to the first document, the last state to the last.
 Arithmetic in float32 (float64 for float64 inputs). Untuned: no GPU was lent when these were
 written; T and the channel block are chosen to keep one [channels, d_state, T] tile near 4K
 elements.
@@ -47,11 +50,13 @@ TILE_ELEMENTS = 4096  # elements of one [channels, d_state, T] tile
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, initial_state=None):
-    """`zoo.ops.ssm.selective_scan` on Triton kernels (arguments checked by the caller)."""
+                          return_last_state=False, initial_state=None, keep=None):
+    """`zoo.ops.ssm.selective_scan` on Triton kernels (arguments checked by the caller); keep [b, l]:
+    the step continues the previous step's document (see the module docstring), or None."""
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)
-    out, last = _ScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    keep = None if keep is None else keep.to(torch.int8).contiguous()
+    out, last = _ScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), keep)
     return (out, last.to(u.dtype)) if return_last_state else out
 
 
@@ -70,7 +75,7 @@ def _meta(u, B):
 class _ScanTriton(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias, h0, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, bias, h0, softplus, keep):
         b, d, length = u.shape
         g, n = B.shape[1], B.shape[2]
         acc = torch.promote_types(u.dtype, torch.float32)
@@ -84,17 +89,17 @@ class _ScanTriton(torch.autograd.Function):
         grid = (d // meta["BLOCK_D"], b)
         _scan_fwd[grid](u, *u.stride(), delta, *delta.stride(), A_, B, *B.stride(), C, *C.stride(),
                         opt["D"], opt["z"], *opt["z"].stride(), opt["bias"], opt["h0"], out, *out.stride(),
-                        entering, last, length, d, n, d // g, nc,
+                        entering, last, keep if keep is not None else u, length, d, n, d // g, nc,
                         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-                        HAS_H0=h0 is not None, **meta)
-        ctx.save_for_backward(u, delta, A_, B, C, D, z, bias, entering)
+                        HAS_H0=h0 is not None, HAS_KEEP=keep is not None, **meta)
+        ctx.save_for_backward(u, delta, A_, B, C, D, z, bias, entering, keep)
         ctx.softplus, ctx.has_h0, ctx.A_dtype = softplus, h0 is not None, A.dtype
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A_, B, C, D, z, bias, entering = ctx.saved_tensors
+        u, delta, A_, B, C, D, z, bias, entering, keep = ctx.saved_tensors
         b, d, length = u.shape
         g, n = B.shape[1], B.shape[2]
         acc = A_.dtype
@@ -116,13 +121,13 @@ class _ScanTriton(torch.autograd.Function):
         _scan_bwd[grid](u, *u.stride(), delta, *delta.stride(), A_, B, *B.stride(), C, *C.stride(),
                         opt["D"], opt["z"], *opt["z"].stride(), opt["bias"], entering, dout_, *dout_.stride(),
                         dlast_, du, ddelta, dz, dA, dD, dB, *dB.stride(), dC, *dC.stride(), dh0,
-                        length, d, n, d // g, nc,
+                        keep if keep is not None else u, length, d, n, d // g, nc,
                         SOFTPLUS=ctx.softplus, HAS_D=D is not None, HAS_Z=z is not None,
-                        HAS_BIAS=bias is not None, HAS_DLAST=dlast is not None, **meta)
+                        HAS_BIAS=bias is not None, HAS_DLAST=dlast is not None, HAS_KEEP=keep is not None, **meta)
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(ctx.A_dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.sum(0).to(D.dtype), None if z is None else dz.to(z.dtype),
                 None if bias is None else ddelta.sum((0, 2)).to(bias.dtype),
-                dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None)
+                dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None)
 
 
 def _optional(u, D, z, bias, h0, acc):
@@ -135,6 +140,14 @@ def _optional(u, D, z, bias, h0, acc):
 @triton.jit
 def _combine(a1, x1, a2, x2):
     return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _continues(keep_ptr, bi, pos, length):
+    """[1, 1, T]: 1 where step pos continues the previous step's document, 0 where one starts
+    (1 past the end, where the steps are padding)."""
+    keep = tl.load(keep_ptr + bi * length + pos, mask=pos < length, other=1)
+    return keep.to(tl.float32)[None, None, :]
 
 
 @triton.jit
@@ -159,9 +172,9 @@ def _step_size(delta_ptr, sd_b, sd_d, sd_l, bias_ptr, bi, rd, pos, ok,
 def _scan_fwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
               B_ptr, sB_b, sB_g, sB_n, sB_l, C_ptr, sC_b, sC_g, sC_n, sC_l,
               D_ptr, z_ptr, sz_b, sz_d, sz_l, bias_ptr, h0_ptr, out_ptr, so_b, so_d, so_l,
-              entering_ptr, last_ptr, length, Dm, N, DPG, nc,
+              entering_ptr, last_ptr, keep_ptr, length, Dm, N, DPG, nc,
               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_H0: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     bi = tl.program_id(1).to(tl.int64)
     rd = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     gi = (tl.program_id(0).to(tl.int64) * BLOCK_D) // DPG
@@ -183,6 +196,8 @@ def _scan_fwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
         Bm = tl.load(B_ptr + bi * sB_b + gi * sB_g + rn[:, None] * sB_n + pos[None, :] * sB_l, mask=okn, other=0.0)
         Cm = tl.load(C_ptr + bi * sC_b + gi * sC_g + rn[:, None] * sC_n + pos[None, :] * sC_l, mask=okn, other=0.0)
         a = tl.exp(dt[:, None, :] * A[:, :, None])                              # [BLOCK_D, BLOCK_N, T]
+        if HAS_KEEP:
+            a = a * _continues(keep_ptr, bi, pos, length)
         x = (dt * u)[:, None, :] * Bm.to(A.dtype)[None, :, :]
         tl.store(entering_ptr + (bi * nc + c) * Dm * N + state_offs, h, mask=mn[None, :])
         decay, local = tl.associative_scan((a, x), 2, _combine)
@@ -206,9 +221,9 @@ def _scan_bwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
               B_ptr, sB_b, sB_g, sB_n, sB_l, C_ptr, sC_b, sC_g, sC_n, sC_l,
               D_ptr, z_ptr, sz_b, sz_d, sz_l, bias_ptr, entering_ptr, dout_ptr, sg_b, sg_d, sg_l,
               dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, sdB_b, sdB_g, sdB_n, sdB_l,
-              dC_ptr, sdC_b, sdC_g, sdC_n, sdC_l, dh0_ptr, length, Dm, N, DPG, nc,
+              dC_ptr, sdC_b, sdC_g, sdC_n, sdC_l, dh0_ptr, keep_ptr, length, Dm, N, DPG, nc,
               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_DLAST: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_DLAST: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     bi = tl.program_id(1).to(tl.int64)
     rd = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     gi = (tl.program_id(0).to(tl.int64) * BLOCK_D) // DPG
@@ -238,6 +253,8 @@ def _scan_bwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
         Bm = Bm.to(A.dtype)
         Cm = Cm.to(A.dtype)
         a = tl.exp(dt[:, None, :] * A[:, :, None])
+        if HAS_KEEP:
+            a = a * _continues(keep_ptr, bi, pos, length)
         x = (dt * u)[:, None, :] * Bm[None, :, :]
         h_in = tl.load(entering_ptr + (bi * nc + c) * Dm * N + state_offs, mask=mn[None, :], other=0.0)
         decay, local = tl.associative_scan((a, x), 2, _combine)
@@ -255,6 +272,9 @@ def _scan_bwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
             gy = gy * zv * sig
         # the adjoint, backwards in time from the gradient of the state after the chunk
         a_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
+        if HAS_KEEP:
+            # a document starting at t + 1 takes nothing from h_t: no gradient flows back across it
+            a_next = a_next * _continues(keep_ptr, bi, tl.where(rt + 1 < T, pos + 1, length), length)
         v = gy[:, None, :] * Cm[None, :, :] + tl.where(rt == T - 1, carry[:, :, None], 0.0)
         _, lam = tl.associative_scan((a_next, v), 2, _combine, reverse=True)
         lam_B = tl.sum(lam * Bm[None, :, :], 1)
