@@ -233,3 +233,21 @@ def test_selective_scan_is_each_document_alone(small_blocks):
             alone, alone_last = selective_scan_ref(**piece, delta_softplus=True, return_last_state=True)
             assert_close(out[r:r + 1, :, s:e], alone, TOL, f"row {r} [{s}, {e})")
         assert_close(last[r:r + 1], alone_last, TOL, f"last state of row {r}")
+
+
+def test_blockwise_masks_only_the_rows_a_boundary_crosses(monkeypatch):
+    """A tile the causal mask leaves whole but a document boundary crosses in some batch rows gets a
+    document mask in those rows alone (the rest of the batch computes it unmasked)."""
+    masked_rows = []
+    mask_fn = attention_ops._mask_documents
+
+    def record(s, doc, rows, *args):
+        masked_rows.append(list(rows))
+        return mask_fn(s, doc, rows, *args)
+
+    monkeypatch.setattr(attention_ops, "_mask_documents", record)
+    q, k, v = qkv(3, 23, 23)
+    seq_idx = packed_ids(3, 23)  # the last row is one document: never masked
+    got = run_attention(blockwise_attention, q, k, v, block_size=4, seq_idx=seq_idx)
+    compare(got, run_attention(blockwise_attention_ref, q, k, v, seq_idx=seq_idx))
+    assert masked_rows and all(rows and 2 not in rows for rows in masked_rows)

@@ -279,25 +279,38 @@ def _key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Option
         yield ks, ke, full
 
 
-def _document_tile(doc, qs, qe, ks, ke, off) -> tuple[bool, bool]:
-    """(seen, inside): some query of [qs, qe) shares a document with some key of [ks, ke) in some
-    batch row; every query and key of the tile lie in one document in every row. doc: the
-    non-decreasing document numbers of the key positions, on the host; queries sit at + off."""
+def _document_tile(doc, qs, qe, ks, ke, off):
+    """(seen, crossing) for queries [qs, qe) and keys [ks, ke): whether some query shares a document
+    with some key in some batch row, and the batch rows where the tile is not inside one document.
+    doc: the non-decreasing document numbers of the key positions, on the host; queries sit at + off."""
     q0, q1, k0, k1 = doc[:, qs + off], doc[:, qe - 1 + off], doc[:, ks], doc[:, ke - 1]
     seen = bool(((k1 >= q0) & (k0 <= q1)).any())
-    inside = bool((torch.minimum(q0, k0) == torch.maximum(q1, k1)).all())
-    return seen, inside
+    crossing = (torch.minimum(q0, k0) != torch.maximum(q1, k1)).nonzero()[:, 0].tolist()
+    return seen, crossing
 
 
 def _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
-    """The key blocks of `_key_blocks`, less those all in other documents; `full` also needs one document."""
+    """The key blocks of `_key_blocks`, less those all in other documents, each with `full` (no mask
+    needed) and the batch rows that need only a document mask (when the positions need none), so a
+    tile crossed by a boundary in one row of the batch masks that row alone."""
     for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+        rows = None
         if doc_host is not None:
-            seen, inside = _document_tile(doc_host, qs, qe, ks, ke, lk - lq)
+            seen, crossing = _document_tile(doc_host, qs, qe, ks, ke, lk - lq)
             if not seen:
                 continue
-            full = full and inside
-        yield ks, ke, full
+            if full and crossing:
+                full, rows = False, crossing
+        yield ks, ke, full, rows
+
+
+def _mask_documents(s, doc, rows, q0, q1, ks, ke, groups):
+    """Fill -inf where query positions [q0, q1) and keys [ks, ke) are in different documents, in the
+    given batch rows of s [batch * kv_heads, q rows * groups, keys] only."""
+    sv = s.view(doc.shape[0], -1, q1 - q0, groups, ke - ks)
+    for r in rows:
+        hidden = doc[r, q0:q1, None] != doc[r, None, ks:ke]
+        sv[r].masked_fill_(hidden[None, :, None, :], -math.inf)
 
 
 def _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor:
@@ -361,9 +374,11 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
         m = torch.full((n, rows), floor, dtype=acc, device=q.device)
         l = torch.zeros(n, rows, dtype=acc, device=q.device)
         o = torch.zeros(n, rows, d, dtype=acc, device=q.device)
-        for ks, ke, full in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
+        for ks, ke, full, rows_ in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
             s = torch.bmm(qb, kr[:, ks:ke].transpose(1, 2))
-            if not full:
+            if rows_ is not None:
+                _mask_documents(s, doc, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
+            elif not full:
                 _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             m_new = torch.maximum(m, s.amax(dim=-1))
             p = s.sub_(m_new[..., None]).exp_()
@@ -407,10 +422,12 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
         qb, dob, dqb = (t[:, qs:qe].view(n, rows, d) for t in (qr, do, dq))
         lse_b = lse_r[:, qs:qe].reshape(n, rows, 1)
         delta_b = delta[:, qs:qe].reshape(n, rows, 1)
-        for ks, ke, full in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
+        for ks, ke, full, rows_ in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
             kb, vb = kr[:, ks:ke], vr[:, ks:ke]
             s = torch.bmm(qb, kb.transpose(1, 2))
-            if not full:
+            if rows_ is not None:
+                _mask_documents(s, doc, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
+            elif not full:
                 _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             p = s.sub_(lse_b).exp_()  # probabilities recomputed, never stored
             dv[:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
