@@ -22,8 +22,9 @@ Packed documents: `seq_idx` [batch, Lk] (document ids of the key positions, see
 `zoo.ops.documents`) adds document masking to the causal and window masks: a query sees only keys
 of its own document. `attention` runs causal self-attention one document at a time through SDPA
 (no mask at all; what SDPA skips is the cross-document work); the blockwise path builds the mask per
-tile from the ids, skips tiles whose keys all lie in other documents and drops the mask from tiles
-inside one document.
+tile from the ids, skips tiles whose keys all lie in other documents, drops the mask from tiles
+inside one document and, where only documents (not positions) need masking, masks just the batch
+rows that a boundary crosses.
 """
 from __future__ import annotations
 
