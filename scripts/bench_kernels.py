@@ -79,8 +79,8 @@ def ssd_case(length, batch, dtype, device):
     inputs = dict(x=r(batch, length, h, p).to(dtype), dt=r(batch, length, h).to(dtype),
                   A=-torch.rand(h, generator=gen, device=device).add(0.5), B=r(batch, length, g, n).to(dtype),
                   C=r(batch, length, g, n).to(dtype), D=r(h), dt_bias=r(h) - 2)
-    run = lambda impl: lambda a: ssd_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk, D=a["D"], dt_bias=a["dt_bias"],
-                                          dt_softplus=True, impl=impl)
+    run = lambda impl: lambda a: ssd_scan(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk, D=a["D"],
+                                          dt_bias=a["dt_bias"], dt_softplus=True, impl=impl)
     return inputs, {impl: run(impl) for impl in ("torch", "triton", "cuda")}
 
 
@@ -88,9 +88,9 @@ def scan_case(length, batch, dtype, device):
     d, n = SHAPES["selective_scan"]["d"], SHAPES["selective_scan"]["n"]
     gen = torch.Generator(device).manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen, device=device)
-    inputs = dict(u=r(batch, d, length).to(dtype), delta=r(batch, d, length).to(dtype), A=-torch.rand(d, n, device=device),
-                  B=r(batch, n, length).to(dtype), C=r(batch, n, length).to(dtype), D=r(d), z=r(batch, d, length).to(dtype),
-                  bias=r(d) - 2)
+    inputs = dict(u=r(batch, d, length).to(dtype), delta=r(batch, d, length).to(dtype),
+                  A=-torch.rand(d, n, device=device), B=r(batch, n, length).to(dtype), C=r(batch, n, length).to(dtype),
+                  D=r(d), z=r(batch, d, length).to(dtype), bias=r(d) - 2)
     run = lambda impl: lambda a: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["bias"],
                                                 delta_softplus=True, impl=impl)
     return inputs, {impl: run(impl) for impl in ("torch", "triton", "cuda")}
@@ -106,7 +106,8 @@ def attention_inputs(length, batch, dtype, device):
 def selective_case(length, batch, dtype, device):
     run = lambda impl: lambda a: selective_attention(a["q"], a["k"], a["v"], impl=impl)
     sdpa = lambda a: F.scaled_dot_product_attention(*(a[t].transpose(1, 2) for t in "qkv"), is_causal=True)
-    return attention_inputs(length, batch, dtype, device), {"torch": run("torch"), "triton": run("triton"), "sdpa": sdpa}
+    impls = {"torch": run("torch"), "triton": run("triton"), "sdpa": sdpa}
+    return attention_inputs(length, batch, dtype, device), impls
 
 
 def infini_case(length, batch, dtype, device):

@@ -174,7 +174,8 @@ def _scan_fwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
               D_ptr, z_ptr, sz_b, sz_d, sz_l, bias_ptr, h0_ptr, out_ptr, so_b, so_d, so_l,
               entering_ptr, last_ptr, keep_ptr, length, Dm, N, DPG, nc,
               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     bi = tl.program_id(1).to(tl.int64)
     rd = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     gi = (tl.program_id(0).to(tl.int64) * BLOCK_D) // DPG
@@ -223,7 +224,8 @@ def _scan_bwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
               dlast_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dB_ptr, sdB_b, sdB_g, sdB_n, sdB_l,
               dC_ptr, sdC_b, sdC_g, sdC_n, sdC_l, dh0_ptr, keep_ptr, length, Dm, N, DPG, nc,
               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_DLAST: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_DLAST: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr, T: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     bi = tl.program_id(1).to(tl.int64)
     rd = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     gi = (tl.program_id(0).to(tl.int64) * BLOCK_D) // DPG
@@ -245,7 +247,8 @@ def _scan_bwd(u_ptr, su_b, su_d, su_l, delta_ptr, sd_b, sd_d, sd_l, A_ptr,
         ok = (pos < length)[None, :] & (rd < Dm)[:, None]
         dt, slope = _step_size(delta_ptr, sd_b, sd_d, sd_l, bias_ptr, bi, rd, pos, ok, SOFTPLUS, HAS_BIAS, ACC)
         ok_next = ((pos + 1 < length) & (rt + 1 < T))[None, :] & (rd < Dm)[:, None]
-        dt_next, _ = _step_size(delta_ptr, sd_b, sd_d, sd_l, bias_ptr, bi, rd, pos + 1, ok_next, SOFTPLUS, HAS_BIAS, ACC)
+        dt_next, _ = _step_size(delta_ptr, sd_b, sd_d, sd_l, bias_ptr, bi, rd, pos + 1, ok_next,
+                                SOFTPLUS, HAS_BIAS, ACC)
         u = tl.load(u_ptr + bi * su_b + rd[:, None] * su_d + pos[None, :] * su_l, mask=ok, other=0.0).to(A.dtype)
         okn = mn[:, None] & (pos < length)[None, :]
         Bm = tl.load(B_ptr + bi * sB_b + gi * sB_g + rn[:, None] * sB_n + pos[None, :] * sB_l, mask=okn, other=0.0)
