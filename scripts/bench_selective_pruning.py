@@ -1,0 +1,211 @@
+"""KV-memory saving of selective attention's context pruning at equal perplexity (Leviathan, Kalman &
+Matias, arXiv 2410.02703, "Context Pruning"), on the built-in corpus (stdlib, byte tokens).
+
+    .venv/bin/python scripts/bench_selective_pruning.py --contexts 512 --train     # train if absent, evaluate
+
+Per context C: a small `selective` model and a plain `transformer` of the same shape (the paper's
+reference "without selective attention") are trained with the same overrides, then the selective
+model's validation perplexity is measured with every selective layer's `kv_budget` set to K for a
+decreasing grid of K (the same validation windows for every K). The cache holds at most K keys per
+layer, evicting the keys with the largest accumulated selection F (zoo.ops.selective); a budget
+K >= C never evicts and equals the unpruned model. Reported per context: the smallest K whose
+perplexity is no worse (within --tol-nats) than (a) the unpruned selective model and (b) the transformer, and the KV
+saving factor C / K (the paper's figure: attention-module memory of the model without selective
+attention over that of the pruned selective model, at the same validation perplexity).
+
+Scoring: disjoint windows of C + 1 tokens from the validation documents at least that long (split
+order), the first --max-windows of them; every window starts from an empty cache and is fed whole,
+the block attending at once until its cache is full and token by token after that (so the result is
+that of decoding); all C targets of a window are scored. Perplexity = exp(mean NLL per byte-token).
+
+Differences from the paper (which trains ~100M-parameter models on C4): tiny models trained for a
+few minutes of one CPU core on ~1.6M tokens; one budget shared by all layers first (the paper sets
+per-layer budgets), then a greedy per-layer pass that halves one layer's budget at a time while the
+perplexity stays no worse; no auxiliary memory loss during training (see docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.blocks.selective import SelectiveAttention  # noqa: E402
+from zoo.train.checkpoint import latest_checkpoint  # noqa: E402
+from zoo.train.trainer import prepared_data  # noqa: E402
+
+RECIPES = ("selective", "transformer")
+
+
+def train_overrides(context: int, steps: int) -> list[str]:
+    # Same tokens per step at every context (4096), so longer contexts see as many tokens.
+    return [f"model.d_model=128", "model.n_layers=4", f"train.seq_len={context}",
+            f"train.batch_size={max(1, 4096 // context)}", f"train.max_steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=100", "train.eval_batches=4",
+            f"train.save_every={steps}", "train.log_every=50"]
+
+
+def ensure_trained(recipe: str, context: int, steps: int, runs: Path, train: bool) -> Path:
+    out = runs / f"{recipe}-{context}"
+    if latest_checkpoint(out / "checkpoints") is None:
+        if not train:
+            sys.exit(f"no checkpoint under {out}: pass --train to train it ({recipe}, context {context})")
+        cmd = [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / f"recipes/{recipe}.yaml"),
+               *train_overrides(context, steps), "--out", str(out), "--no-progress"]
+        print("training: " + shlex.join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return latest_checkpoint(out / "checkpoints")
+
+
+def val_windows(model, context: int, max_windows: int) -> torch.Tensor:
+    data = prepared_data(model.recipe, root=str(ROOT / "data"), log=lambda *a, **k: None)
+    file = data.val.file
+    tokens, offsets = file.tokens, np.asarray(file.offsets)
+    wins = []
+    for d in range(len(offsets) - 1):
+        doc = np.asarray(tokens[offsets[d]:offsets[d + 1]])
+        for s in range(0, len(doc) - context, context):   # windows of context + 1 tokens
+            wins.append(doc[s:s + context + 1].astype(np.int64))
+            if len(wins) == max_windows:
+                return torch.from_numpy(np.stack(wins))
+    return torch.from_numpy(np.stack(wins))
+
+
+def selective_layers(model) -> list:
+    return [layer.mixer for layer in model.layers if isinstance(layer.mixer, SelectiveAttention)]
+
+
+def set_budgets(model, budgets) -> None:
+    for mixer, k in zip(selective_layers(model), budgets):
+        # one config object per layer, so layers can hold different budgets
+        mixer.cfg = dataclasses.replace(mixer.cfg, kv_budget=k)
+
+
+@torch.no_grad()
+def mean_nll(model, windows: torch.Tensor, batch_size: int, through_cache: bool) -> float:
+    total, count = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        ids = windows[b:b + batch_size]
+        cache = model.init_cache(ids.shape[0]) if through_cache else None
+        logits = model(ids[:, :-1], cache=cache).logits
+        total += F.cross_entropy(logits.double().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+def budget_grid(context: int, smallest: int) -> list[int]:
+    """context, then about 1.41x apart down to `smallest` (powers of two and their midpoints)."""
+    grid, k = [], context
+    while k >= smallest:
+        grid.append(int(k))
+        k = k / math.sqrt(2)
+    return sorted(set(grid), reverse=True)
+
+
+def evaluate_context(args, context: int, runs: Path) -> dict:
+    ckpt = {r: ensure_trained(r, context, args.steps, runs, args.train) for r in RECIPES}
+    models = {r: zoo.load_checkpoint(ckpt[r]).eval() for r in RECIPES}
+    sel = models["selective"]
+    n_layers = len(selective_layers(sel))
+    windows = val_windows(sel, context, args.max_windows)
+    t0 = time.time()
+    ref = {"selective": mean_nll(sel, windows, args.batch_size, through_cache=False),
+           "transformer": mean_nll(models["transformer"], windows, args.batch_size, through_cache=False)}
+    print(f"\ncontext {context}: {len(windows)} windows x {context} targets; checkpoints "
+          f"{', '.join(f'{r}: {ckpt[r]}' for r in RECIPES)}")
+    print(f"unpruned validation perplexity: selective {math.exp(ref['selective']):.4f}, "
+          f"transformer {math.exp(ref['transformer']):.4f}", flush=True)
+
+    curve = {}
+    print("\n| kv_budget K (every layer) | KV saving C/K | ppl | vs unpruned selective | vs transformer |")
+    print("|---:|---:|---:|---:|---:|")
+    for k in budget_grid(context, args.smallest_budget):
+        set_budgets(sel, [k] * n_layers)
+        curve[k] = mean_nll(sel, windows, args.batch_size, through_cache=True)
+        print(f"| {k} | {context / k:.1f}x | {math.exp(curve[k]):.4f} | "
+              f"{math.exp(curve[k] - ref['selective']) - 1:+.2%} | {math.exp(curve[k] - ref['transformer']) - 1:+.2%} |",
+              flush=True)
+    # K = context never evicts: through the cache it must equal the whole-sequence forward.
+    exact_gap = abs(curve[context] - ref["selective"])
+
+    result = {"context": context, "windows": len(windows), "ppl_selective": math.exp(ref["selective"]),
+              "ppl_transformer": math.exp(ref["transformer"]),
+              "ppl_by_budget": {k: round(math.exp(v), 5) for k, v in curve.items()},
+              "no_eviction_vs_whole_nll_gap": exact_gap}
+    for name in RECIPES:
+        ok = [k for k, v in curve.items() if v <= ref[name] + args.tol_nats]
+        if not ok:
+            result[f"vs_{name}"] = None
+            continue
+        uniform = min(ok)
+        budgets = [uniform] * n_layers
+        # Greedy per-layer pass, as the paper's per-layer budgets: halve one layer at a time (deepest
+        # first is no better a priori; we go in layer order) while the perplexity stays no worse.
+        if args.per_layer:
+            for i in range(n_layers):
+                while budgets[i] // 2 >= args.smallest_budget:
+                    trial = budgets[:i] + [budgets[i] // 2] + budgets[i + 1:]
+                    set_budgets(sel, trial)
+                    if mean_nll(sel, windows, args.batch_size, through_cache=True) <= ref[name] + args.tol_nats:
+                        budgets = trial
+                    else:
+                        break
+        result[f"vs_{name}"] = {"uniform_budget": uniform, "uniform_saving": context / uniform,
+                                "per_layer_budgets": budgets if args.per_layer else None,
+                                "per_layer_saving": (context * n_layers / sum(budgets)) if args.per_layer else None}
+    set_budgets(sel, [None] * n_layers)
+    print(f"\nno-eviction cache run vs whole forward: |mean NLL gap| {exact_gap:.2e} nats "
+          f"(evaluation took {time.time() - t0:.0f} s)")
+    for name in RECIPES:
+        r = result[f"vs_{name}"]
+        ref_name = "the unpruned selective model" if name == "selective" else "the transformer"
+        if r is None:
+            print(f"no budget on the grid reaches the perplexity of {ref_name}")
+            continue
+        line = (f"equal to {ref_name}: smallest uniform K = {r['uniform_budget']} -> {r['uniform_saving']:.1f}x less KV")
+        if args.per_layer:
+            line += f"; per-layer greedy {r['per_layer_budgets']} -> {r['per_layer_saving']:.1f}x"
+        print(line)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512])
+    ap.add_argument("--train", action="store_true", help="train the models that have no checkpoint yet")
+    ap.add_argument("--steps", type=int, default=400, help="training steps (4096 tokens each)")
+    ap.add_argument("--runs", default="runs/pruning", help="run directories <recipe>-<context> live here")
+    ap.add_argument("--max-windows", type=int, default=64, help="validation windows scored per context")
+    ap.add_argument("--batch-size", type=int, default=64, help="windows per forward (past the budget the "
+                    "cache steps token by token, so one wide batch costs little more than one window)")
+    ap.add_argument("--tol-nats", type=float, default=1e-4,
+                    help="'no worse' allows this much mean NLL (1e-4 nats = 0.01%% ppl: rounding, not a loss)")
+    ap.add_argument("--smallest-budget", type=int, default=4)
+    ap.add_argument("--no-per-layer", dest="per_layer", action="store_false",
+                    help="skip the greedy per-layer budget pass")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"command: `{shlex.join(['python', os.path.relpath(__file__, ROOT), *sys.argv[1:]])}`")
+    print(f"CPU, {args.threads} thread(s), torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
+    runs = (ROOT / args.runs) if not Path(args.runs).is_absolute() else Path(args.runs)
+    results = [evaluate_context(args, c, runs) for c in args.contexts]
+    print("summary: " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
