@@ -47,7 +47,18 @@ def selective_cp(block, x, cp: ContextParallel, cache=None):
 
 def selective_attention_cp(q, k, v, cp: ContextParallel, block_size: int, impl: str = "auto"):
     """Selective attention of this rank's shard; q [b, local, heads, d], k, v [b, local, kv_heads, d],
-    rotated at their global positions. Returns out like q."""
+    rotated at their global positions. Returns out like q.
+
+    Under autograd the whole exchange is checkpointed: the fetched K and V of the prefix (up to the
+    whole sequence's) would otherwise be kept for the backward, which under zigzag leaves a rank nearly
+    the single process's attention memory whatever W. Kept instead: the local q, k, v; the backward
+    fetches and recomputes once more (every rank reaches it in the same layer order)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return checkpoint(_attention, q, k, v, cp, block_size, impl, use_reentrant=False)
+    return _attention(q, k, v, cp, block_size, impl)
+
+
+def _attention(q, k, v, cp: ContextParallel, block_size: int, impl: str):
     d = k.shape[-1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     ends = lambda rank: [(0, max(c.end for c in cp.chunks(rank)))]

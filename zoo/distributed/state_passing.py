@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from zoo.distributed.halo import gather_chunks, preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
@@ -68,6 +69,15 @@ def incoming_states(log_decay, end_state, cp: ContextParallel) -> list[torch.Ten
         entering.append(H)
         H = torch.exp(a[c]) * H + S[c]
     return [entering[c] for c in cp.chunk_ids()]
+
+
+def _incoming_contribution(C, cs, H):
+    """y_t = exp(cs_t) C_t . H per head: C [b, len, g, n], cs = A * cumulative dt [b, len, h], H [b, h, p, n];
+    head i reads group i // (h / g). Returns [b, len, h, p] in H's dtype."""
+    b, length, g, n = C.shape
+    h, p = H.shape[1], H.shape[2]
+    per_group = torch.einsum("blgn,bgjpn->blgjp", C.to(H.dtype), H.view(b, g, h // g, p, n)).reshape(b, length, h, p)
+    return torch.exp(cs)[..., None] * per_group
 
 
 def mamba_cp(block, x, cp: ContextParallel, cache=None):
@@ -132,9 +142,9 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
     H = incoming_states(torch.stack(log_decay), torch.stack(ends), cp)
     out = []
     for c, y, cs, state in zip(chunks, ys, cums, H):
-        # y_t += exp(A cs_t) C_t . H (zero for chunk 0, kept so the gather stays in every rank's graph);
-        # head i reads group i // (h / g)
-        Cg = C[:, c.local].to(acc).repeat_interleave(h // g, dim=2)                     # [b, len, h, n]
-        out.append(y + (torch.exp(cs)[..., None] * torch.einsum("blhn,bhpn->blhp", Cg, state)).to(y.dtype))
+        # zero for chunk 0, kept so that the gather stays in every rank's graph; checkpointed, so that
+        # the backward keeps only its small inputs, not a [b, len, heads, head_dim] product
+        correction = checkpoint(_incoming_contribution, C[:, c.local], cs, state, use_reentrant=False)
+        out.append(y + correction.to(y.dtype))
     y = torch.cat(out, 1).reshape(b, length, block.d_inner)
     return block.out_proj(block.norm(y, z))
