@@ -28,6 +28,7 @@ rows that a boundary crosses.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Iterator, Optional
 
@@ -305,13 +306,31 @@ def _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
         yield ks, ke, full, rows
 
 
-def _mask_documents(s, doc, rows, q0, q1, ks, ke, groups):
+def _mask_documents(s, spans, rows, q0, q1, ks, ke, groups):
     """Fill -inf where query positions [q0, q1) and keys [ks, ke) are in different documents, in the
-    given batch rows of s [batch * kv_heads, q rows * groups, keys] only."""
-    sv = s.view(doc.shape[0], -1, q1 - q0, groups, ke - ks)
+    given batch rows of s [batch * kv_heads, q rows * groups, keys] only. Documents are contiguous, so
+    what a run of queries in one document must not see is at most two key ranges: rectangles filled
+    through views, no mask tensor. spans: per batch row, the documents' [start, end) (host lists)."""
+    sv = s.view(len(spans), -1, q1 - q0, groups, ke - ks)
     for r in rows:
-        hidden = doc[r, q0:q1, None] != doc[r, None, ks:ke]
-        sv[r].masked_fill_(hidden[None, :, None, :], -math.inf)
+        i = bisect.bisect_right(spans[r], (q0, math.inf)) - 1   # the document holding query q0
+        while i < len(spans[r]) and spans[r][i][0] < q1:
+            start, end = spans[r][i]
+            a, b = max(start, q0) - q0, min(end, q1) - q0
+            if start > ks:
+                sv[r, :, a:b, :, :min(start, ke) - ks] = -math.inf
+            if end < ke:
+                sv[r, :, a:b, :, max(end, ks) - ks:] = -math.inf
+            i += 1
+
+
+def _document_spans_host(doc_host):
+    """Per batch row, the [start, end) of each document, from the document numbers on the host."""
+    spans = []
+    for row in doc_host.tolist():
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    return spans
 
 
 def _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor:
@@ -362,6 +381,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
     doc_host = None if doc is None else doc.cpu()  # tile decisions on the host: no device sync per tile
+    spans = None if doc is None else _document_spans_host(doc_host)
     out = torch.empty(n, lq, groups, d, dtype=acc, device=q.device)
     lse = torch.empty(n, lq, groups, dtype=acc, device=q.device)
     # Key blocks run from the diagonal backwards, so every row meets its own key in its first
@@ -378,7 +398,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
         for ks, ke, full, rows_ in _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
             s = torch.bmm(qb, kr[:, ks:ke].transpose(1, 2))
             if rows_ is not None:
-                _mask_documents(s, doc, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
+                _mask_documents(s, spans, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
             elif not full:
                 _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             m_new = torch.maximum(m, s.amax(dim=-1))
@@ -404,6 +424,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
     doc_host = None if doc is None else doc.cpu()
+    spans = None if doc is None else _document_spans_host(doc_host)
     lse_r = lse.view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
     if dout is not None:
         do = _to_rows(dout, groups, acc)
@@ -427,7 +448,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
             kb, vb = kr[:, ks:ke], vr[:, ks:ke]
             s = torch.bmm(qb, kb.transpose(1, 2))
             if rows_ is not None:
-                _mask_documents(s, doc, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
+                _mask_documents(s, spans, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
             elif not full:
                 _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             p = s.sub_(lse_b).exp_()  # probabilities recomputed, never stored
