@@ -8,8 +8,9 @@
    H_0 = 0, H_{c+1} = exp(a_c) H_c + S_c (the recurrence of the scan itself, one step per chunk; a
    few tiny tensors, so every rank runs it for all chunks rather than communicating again).
 3. Each chunk adds what its incoming state H_c contributes:
-   - Mamba-2: analytically, y_t += exp(A cs_t) C_t . H_c with cs the chunk's cumulative dt: a
-     [batch, len, heads, head_dim] term, the size of y (arXiv 2405.21060, section 6, step 4);
+   - Mamba-2: analytically, y_t += exp(A cs_t) C_t . H_c with cs the chunk's cumulative dt
+     (arXiv 2405.21060, section 6, step 4): a [batch, len, heads, head_dim] term, the size of y,
+     recomputed in the backward rather than kept;
    - Mamba-1: its decay exp(A cs_t) is per (channel, state) element, so the same term would need a
      [batch, d_inner, d_state, len] tensor; instead the chunk's scan runs a second time from H_c,
      which gives y exactly and keeps memory at the scan's own (compute: two scans per chunk).
