@@ -326,3 +326,18 @@ def test_export_and_generate_with_a_transformers_tokenizer(tmp_path, capsys):
                               "--no-stop"])
     out = capsys.readouterr().out
     assert out.startswith("the cat") and _summary(out)["new_tokens"] == 5
+
+
+def test_left_padded_mixed_row_and_batched_layers():
+    """infini layers decode row by row between batched layers (mamba2, selective): the stack stays exact."""
+    recipe = tiny_recipe(BLOCKS["infini"], n_layers=3)
+    recipe["model"]["pattern"] = "IMS"
+    recipe["model"]["blocks"] = {"I": BLOCKS["infini"], "M": BLOCKS["mamba2"], "S": CACHE_ONLY["selective_budget"]}
+    model = hf_model(recipe)
+    prompts = [[7, 3], [9, 9, 1, 4, 4, 2, 8, 5, 5], [6, 6, 6, 6, 6]]
+    ids, mask = left_pad(prompts)
+    out = generate(model, ids, 9, attention_mask=mask)
+    cache = model(ids, attention_mask=mask).past_key_values
+    assert cache.row_cached == [True, False, False]
+    for r, p in enumerate(prompts):
+        assert out[r, ids.shape[1]:].tolist() == generate(model, torch.tensor([p]), 9)[0, len(p):].tolist()
