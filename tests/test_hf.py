@@ -341,3 +341,15 @@ def test_left_padded_mixed_row_and_batched_layers():
     assert cache.row_cached == [True, False, False]
     for r, p in enumerate(prompts):
         assert out[r, ids.shape[1]:].tolist() == generate(model, torch.tensor([p]), 9)[0, len(p):].tolist()
+
+
+def test_padded_logits_without_cache_are_each_rows_own():
+    model = hf_model(f"recipes/samba.yaml", HYBRIDS["samba"])
+    prompts = [[4, 5], [6, 7, 8, 9, 10, 11]]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=False)
+        assert out.past_key_values is None
+        for r, p in enumerate(prompts):
+            alone = model.model(torch.tensor([p])).logits[0]
+            assert (out.logits[r, ids.shape[1] - len(p):] - alone).abs().max() < 1e-12

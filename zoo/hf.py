@@ -179,7 +179,7 @@ def cache_nbytes(layer_cache) -> int:
         return sum(cache_nbytes(v) for k, v in layer_cache.items() if k != "row_start")
     if isinstance(layer_cache, torch.Tensor):
         return layer_cache.numel() * layer_cache.element_size()
-    if isinstance(layer_cache, (tuple, list)):
+    if isinstance(layer_cache, tuple):
         return sum(cache_nbytes(v) for v in layer_cache)
     return 0
 
@@ -239,12 +239,14 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         pads = _left_padding(attention_mask, input_ids, past_key_values)
         if pads is not None and labels is not None:
             raise ValueError("labels: training with padding is not supported here; pass unpadded sequences")
-        if past_key_values is None:
-            out = self.model(input_ids, labels=labels)
-            logits, loss, aux = out.logits, out.loss, out.aux_loss
-        elif past_key_values.zoo.seen == 0 and pads is not None:
+        if pads is not None and (past_key_values is None or past_key_values.zoo.seen == 0):
+            # without use_cache too: a padded row's logits are those of the row alone
+            past_key_values = past_key_values or self.init_cache(input_ids.shape[0])
             logits = _prefill_rows(self.model, input_ids, pads, past_key_values)
             loss = aux = None
+        elif past_key_values is None:
+            out = self.model(input_ids, labels=labels)
+            logits, loss, aux = out.logits, out.loss, out.aux_loss
         elif any(past_key_values.row_cached):
             logits = _forward_mixed(self.model, input_ids, past_key_values)
             loss = aux = None
