@@ -12,7 +12,10 @@ cache object holds) and, for zoo, set beside the blocks' analytic `state_bytes(C
 Models: every zoo recipe named in MODELS at its own size (d_model 256), and two same-weights pairs: a
 random `LlamaForCausalLM` shaped like recipes/transformer.yaml and a random `Mamba2ForCausalLM` shaped like
 recipes/mamba2.yaml, each run by transformers (its DynamicCache / Mamba-2 cache, its forward) and by zoo
-after `zoo.convert.from_transformers` (ZooLM and its ZooCache). A cell that runs past --timeout is recorded
+after `zoo.convert.from_transformers` (ZooLM and its ZooCache). `pair:*` runs both sides in one process with
+their decode steps alternating (the ratio zoo / transformers is then taken under the same load; the table
+shows it beside zoo's tokens/s); `hf:*` and `zoo:llama` / `zoo:mamba2-hf` run one side per cell. The first
+greedy token after the prefill must agree between the two sides. A cell that runs past --timeout is recorded
 as skipped with that reason, and the model's longer contexts are then skipped without running. Writes
 --out (JSON) and prints a markdown table; the last line is a machine-readable `summary:`.
 """
@@ -33,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ZOO_RECIPES = ["transformer", "swa", "infini", "selective", "mamba", "mamba2", "samba", "jamba", "taipan"]
-MODELS = [f"zoo:{r}" for r in ZOO_RECIPES] + ["hf:llama", "zoo:llama", "hf:mamba2", "zoo:mamba2-hf"]
+MODELS = [f"zoo:{r}" for r in ZOO_RECIPES] + ["pair:llama", "pair:mamba2", "hf:llama", "zoo:llama", "hf:mamba2",
+                                                "zoo:mamba2-hf"]
 
 
 def _hf_model(kind: str):
@@ -72,6 +76,55 @@ def _tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
+def run_pair(kind: str, context: int, steps: int) -> list:
+    """transformers' model and zoo's conversion of it (same weights) in one process: both prefill, then
+    their decode steps alternate, so the two medians see the same machine load."""
+    import torch
+
+    import zoo.convert
+
+    torch.manual_seed(0)
+    hf = _hf_model(kind).float().eval()
+    ours = zoo.convert.from_transformers(hf).float().eval()
+    cache_key = "cache_params" if kind == "mamba2" else "past_key_values"
+    ids = torch.randint(0, 256, (1, context))
+    rows, state = [], {}
+    with torch.no_grad():
+        for side in ("hf", "zoo"):
+            t0 = time.perf_counter()
+            if side == "hf":
+                out = hf(ids, use_cache=True)
+                state[side] = [out.logits[:, -1], getattr(out, cache_key)]
+            else:
+                cache = ours.init_cache(1)
+                state[side] = [ours(ids, cache=cache).logits[:, -1], cache]
+            rows.append({"model": f"{side}:{kind}" + (" (same weights)" if side == "zoo" else ""),
+                         "context": context, "steps": steps, "prefill_s": round(time.perf_counter() - t0, 3)})
+        if not torch.equal(state["hf"][0].argmax(-1), state["zoo"][0].argmax(-1)):
+            raise RuntimeError("transformers and zoo disagree on the next token after the prefill")
+        times = {"hf": [], "zoo": []}
+        for i in range(steps + 2):
+            for side in ("hf", "zoo"):
+                logits, cache = state[side]
+                nxt = logits.argmax(-1, keepdim=True)
+                t = time.perf_counter()
+                if side == "hf":
+                    out = hf(nxt, use_cache=True, **{cache_key: cache})
+                    state[side] = [out.logits[:, -1], getattr(out, cache_key)]
+                else:
+                    state[side] = [ours(nxt, cache=cache).logits[:, -1], cache]
+                if i >= 2:
+                    times[side].append(time.perf_counter() - t)
+    seen = context + steps + 2
+    for row, side in zip(rows, ("hf", "zoo")):
+        med = statistics.median(times[side])
+        row.update(step_ms_median=round(1000 * med, 3), tokens_per_s=round(1 / med, 2),
+                   cache_bytes=_tensor_bytes(state[side][1].layers if side == "zoo" else state[side][1]))
+    rows[1]["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in ours.layers)
+    rows[1]["ratio_vs_hf"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
+    return rows
+
+
 def run_cell(model_name: str, context: int, steps: int) -> dict:
     import torch
 
@@ -79,6 +132,8 @@ def run_cell(model_name: str, context: int, steps: int) -> dict:
     import zoo.convert
 
     side, name = model_name.split(":")
+    if side == "pair":
+        return run_pair(name, context, steps)
     torch.manual_seed(0)
     if side == "hf":
         model = _hf_model(name).float().eval()
@@ -140,7 +195,8 @@ def table(rows, contexts) -> str:
             else:
                 mib = r["cache_bytes"] / 2 ** 20
                 check = "" if "state_bytes" not in r else ("" if r["state_bytes"] == r["cache_bytes"] else " (!= state_bytes)")
-                cells += [f"{r['tokens_per_s']:.1f}", f"{mib:.2f}{check}"]
+                ratio = f" ({r['ratio_vs_hf']:.2f}x)" if "ratio_vs_hf" in r else ""
+                cells += [f"{r['tokens_per_s']:.1f}{ratio}", f"{mib:.2f}{check}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -189,10 +245,11 @@ def main(argv=None):
                 rows.append({"model": model, "context": c, "skipped": skip_reason})
                 print(f"{model} @{c}: {skip_reason}", file=sys.stderr, flush=True)
                 continue
-            row = json.loads(res.stdout.strip().splitlines()[-1])
-            row["cell_s"] = round(time.perf_counter() - t, 1)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            result = json.loads(res.stdout.strip().splitlines()[-1])
+            for row in result if isinstance(result, list) else [result]:
+                row["cell_s"] = round(time.perf_counter() - t, 1)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
             Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
     import torch
     import transformers
