@@ -284,10 +284,14 @@ def _key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Option
 def _document_tile(doc, qs, qe, ks, ke, off):
     """(seen, crossing) for queries [qs, qe) and keys [ks, ke): whether some query shares a document
     with some key in some batch row, and the batch rows where the tile is not inside one document.
-    doc: the non-decreasing document numbers of the key positions, on the host; queries sit at + off."""
-    q0, q1, k0, k1 = doc[:, qs + off], doc[:, qe - 1 + off], doc[:, ks], doc[:, ke - 1]
-    seen = bool(((k1 >= q0) & (k0 <= q1)).any())
-    crossing = (torch.minimum(q0, k0) != torch.maximum(q1, k1)).nonzero()[:, 0].tolist()
+    doc: per batch row, the non-decreasing document numbers of the key positions (host lists, so the
+    per-tile decision costs no tensor ops); queries sit at + off."""
+    seen, crossing = False, []
+    for r, row in enumerate(doc):
+        q0, q1, k0, k1 = row[qs + off], row[qe - 1 + off], row[ks], row[ke - 1]
+        seen = seen or (k1 >= q0 and k0 <= q1)
+        if min(q0, k0) != max(q1, k1):
+            crossing.append(r)
     return seen, crossing
 
 
@@ -325,9 +329,9 @@ def _mask_documents(s, spans, rows, q0, q1, ks, ke, groups):
 
 
 def _document_spans_host(doc_host):
-    """Per batch row, the [start, end) of each document, from the document numbers on the host."""
+    """Per batch row, the [start, end) of each document, from the document numbers (host lists)."""
     spans = []
-    for row in doc_host.tolist():
+    for row in doc_host:
         starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
         spans.append(list(zip(starts, starts[1:] + [len(row)])))
     return spans
@@ -380,7 +384,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
-    doc_host = None if doc is None else doc.cpu()  # tile decisions on the host: no device sync per tile
+    doc_host = None if doc is None else doc.tolist()  # tile decisions on the host: no device sync per tile
     spans = None if doc is None else _document_spans_host(doc_host)
     out = torch.empty(n, lq, groups, d, dtype=acc, device=q.device)
     lse = torch.empty(n, lq, groups, dtype=acc, device=q.device)
@@ -423,7 +427,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
-    doc_host = None if doc is None else doc.cpu()
+    doc_host = None if doc is None else doc.tolist()
     spans = None if doc is None else _document_spans_host(doc_host)
     lse_r = lse.view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
     if dout is not None:
