@@ -94,23 +94,23 @@ def mamba_cp(block, x, cp: ContextParallel, cache=None):
     B, C = B.transpose(1, 2), C.transpose(1, 2)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     A = -torch.exp(block.A_log.to(acc))
-    bias = block.dt_proj.bias
+    # the step sizes once, shared by both scans of a chunk (each would otherwise keep its own copy)
+    steps = F.softplus(dt.to(acc) + block.dt_proj.bias.to(acc)[:, None])                 # [b, d_inner, local]
     chunks = cp.chunks()
     log_decay, ends = [], []
     for c in chunks:
         sl = c.local
-        _, end = selective_scan(xs[..., sl], dt[..., sl], A, B[..., sl], C[..., sl], delta_bias=bias,
-                                delta_softplus=True, return_last_state=True, impl=scan)
+        _, end = selective_scan(xs[..., sl], steps[..., sl], A, B[..., sl], C[..., sl], return_last_state=True,
+                                impl=scan)
         # sums of dt in float64: long chunks add thousands of steps, and exp() magnifies their rounding
-        steps = F.softplus(dt[..., sl].to(acc) + bias.to(acc)[:, None]).double().sum(-1).to(acc)   # [b, d_inner]
-        log_decay.append(A * steps[..., None])                                        # [b, d_inner, n]
+        log_decay.append(A * steps[..., sl].double().sum(-1).to(acc)[..., None])       # [b, d_inner, n]
         ends.append(end.to(acc))
     H = incoming_states(torch.stack(log_decay), torch.stack(ends), cp)
     ys = []
     for c, h in zip(chunks, H):
         sl = c.local
-        ys.append(selective_scan(xs[..., sl], dt[..., sl], A, B[..., sl], C[..., sl], block.D, z[..., sl], bias,
-                                 delta_softplus=True, initial_state=h, impl=scan))
+        ys.append(selective_scan(xs[..., sl], steps[..., sl], A, B[..., sl], C[..., sl], block.D, z[..., sl],
+                                 initial_state=h, impl=scan))
     return block.out_proj(torch.cat(ys, -1).transpose(1, 2))
 
 
