@@ -70,10 +70,10 @@ def selective_attention_triton(q, k, v, scale: Optional[float] = None, *, scores
     queries being the last Lq keys; scores [batch, Lk - Lq] for the cached keys (None when Lk = Lq).
     Returns out, then (with `return_scores`) final scores [batch, Lk], then (with `return_lse`)
     lse [batch, heads, Lq], which carries no gradient. block_m, block_n: query / key tile sizes,
-    powers of two >= 16; by default 64, and 32 for float64, whose 64-wide tiles need more shared
-    memory than an H100 has (compiled for sm_90: 280 KB forward, 413 KB backward at head_dim 64).
+    powers of two >= 16; by default the largest of 64, 32, 16 that fits an H100's shared memory
+    (`_default_tile`).
     """
-    tile = 32 if q.dtype == torch.float64 else 64
+    tile = _default_tile(q.dtype, max(q.shape[-1], v.shape[-1]))
     block_m, block_n = (tile if blk is None else blk for blk in (block_m, block_n))
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(blk, bool) or not isinstance(blk, int) or blk < 16 or blk & (blk - 1):
@@ -144,6 +144,16 @@ class _SelectiveAttention(torch.autograd.Function):
         dvv = dv_h.view(b, lk, hk, g, dv).sum(3)
         dscores = dcarry.sum(1)[:, :lk - lq] if ctx.has_scores else None
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), dscores, None, None, None
+
+
+def _default_tile(dtype: torch.dtype, head_dim: int) -> int:
+    """64-wide tiles while an element row of a tile (bytes x padded head_dim) is at most 256 bytes,
+    32 up to 512, else 16. Shared memory per block compiled for sm_90 (scripts/compile_attention_kernels.py),
+    forward / backward: bf16 d128 at 64: 81 / 98 KiB; fp32 d64 at 64: 145 / 146 KiB; fp32 d128 at 64:
+    273 / 290 KiB, at 32: 132 / 145 KiB; fp64 d64 at 64: 273 / 403 KiB, at 32: 137 / 190 KiB. An H100
+    allows 227 KiB."""
+    row = torch.empty((), dtype=dtype).element_size() * _pow2(head_dim)
+    return 64 if row <= 256 else 32 if row <= 512 else 16
 
 
 def _pow2(n: int) -> int:
