@@ -16,6 +16,12 @@ fresh process per cell (inference forward, prefill + decode, training forward + 
 A second run skips every cell already in results.json (and reuses the trained checkpoints), so an
 interrupted comparison resumes where it stopped. Ends with the summary table, where the report and plots
 are, and one machine-readable `summary:` line.
+
+Context parallel (`--world-sizes 1,2,4`): for every world size W and every `--cp-contexts` length, the
+trained model runs one sequence of validation text spread over W gloo processes (evals.context_parallel):
+per-rank peak memory of a training step and the perplexity of that sequence (the same for every W: the
+sharded run is exact). With `--cp-cap-gb` a rank outgrowing the cap gives an OOM cell, and the report
+names the longest context each recipe fits per rank at each W, beside a memory-vs-context plot.
 """
 import argparse
 import json
@@ -35,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
+from evals.context_parallel import cp_cell, cp_section  # noqa: E402
 from evals.memory import measure  # noqa: E402
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity  # noqa: E402
 from evals.recall import passkey_grid  # noqa: E402
@@ -117,6 +124,10 @@ def parse_args(argv):
                     help="torch threads here and in the memory subprocesses (default: torch's). On a CPU shared "
                          "with other work, 1 avoids threads spinning while they wait for a core")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--world-sizes", type=int_list, default=[],
+                    help="context parallel: measure memory and perplexity with the sequence over W gloo processes")
+    ap.add_argument("--cp-contexts", type=int_list, default=None, help="default: --memory-contexts or --contexts")
+    ap.add_argument("--cp-cap-gb", type=float, default=None, help="per-rank memory cap of the cp cells (gives OOM)")
     return ap.parse_args(argv)
 
 
@@ -311,6 +322,17 @@ def plan(run: RecipeRun, args, given: bool) -> list:
             cells.append(("throughput", kind, context,
                           lambda kind=kind, context=context: throughput_record(
                               run.model(), kind, context, decode_tokens=args.decode_tokens, repeats=args.repeats)))
+    for world in args.world_sizes:
+        for context in args.cp_contexts or args.memory_contexts or args.contexts:
+            def cp(world=world, context=context):
+                run.model()  # trained or loaded: the checkpoint exists
+                tokens = run.data().val.eval_batches(1, 1, context)[0]["input_ids"][0].tolist()
+                rec = cp_cell(run.recipe.to_dict(), context, world, checkpoint=str(run.checkpoint), tokens=tokens,
+                              cap_gb=args.cp_cap_gb, layout=run.recipe.train.cp_layout)
+                rec["units"] = {"peak_bytes": "bytes per rank", "seconds": "s", "loss_nats": "nats/token",
+                                "ppl": "per token"}
+                return rec
+            cells.append(("cp", f"W{world}", context, cp))
     if not args.no_passkey:
         for length in args.passkey_lengths:
             def passkey(length=length):
@@ -405,7 +427,8 @@ def main(argv=None):
             record = fn()
             params = results["recipes"][name]["params"]["total"]
             results["cells"][key] = {"recipe": name, "eval": eval_name, "scheme": scheme, "context": context,
-                                     **record, "params": params, "device": args.device, "world_size": 1,
+                                     **record, "params": params, "device": args.device,
+                                     "world_size": record.get("world_size", 1) if eval_name == "cp" else 1,
                                      "kernels": results["recipes"][name]["kernels"],
                                      "torch": torch.__version__, "cell_seconds": time.perf_counter() - start}
             if eval_name == "train":
@@ -421,6 +444,11 @@ def main(argv=None):
     results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save_results(results_path, results)
     report, pngs = write_report(results, out)
+    section, cp_pngs = cp_section(results, out)
+    if section:
+        with open(report, "a") as f:
+            f.write("\n" + section)
+        pngs = list(pngs) + cp_pngs
     print(summary_table(results))
     print(f"report: {report}")
     print("plots: " + ", ".join(str(p) for p in pngs))
