@@ -156,14 +156,14 @@ def _aligned_segments(q, k, v, q_local, k_local, w, M, z, scale, segment_len, de
     if n_full:
         z = z + cz[:, -1]
     # Every segment's queries read their memory in one batched product.
-    mem = _retrieve(seg(_sigma(q)), M_before.flatten(0, 1), z_before.flatten(0, 1))
+    mem = _retrieve(seg(_sigma(q)), M_before.flatten(0, 1), z_before.flatten(0, 1), weight=w)
     mem = mem.reshape(b, n_seg * segment_len, h, dv)
-    return _mix(mem, local, w)[:, :length], M, z
+    return _mix(mem, local, w, weighted=True)[:, :length], M, z
 
 
 def _segment(q, k, v, q_local, k_local, w, M, z, scale, delta_rule, fold):
     """One segment whose Lq queries are the last Lq of its Lk keys (Lk - Lq from the prefix)."""
-    out = _mix(_retrieve(_sigma(q), M, z), _local_attention(q_local, k_local, v, scale), w)
+    out = _mix(_retrieve(_sigma(q), M, z, weight=w), _local_attention(q_local, k_local, v, scale), w, weighted=True)
     if fold:
         M, z = _fold(_sigma(k), v, M, z, delta_rule)
     return out, M, z
@@ -181,16 +181,20 @@ def _local_attention(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def _retrieve(sq, M, z):
-    """sigma(Q) M / (sigma(Q) z) per kv head, 0 where the memory is empty. sq [B, T, h, dk]."""
+def _retrieve(sq, M, z, weight=None):
+    """sigma(Q) M / (sigma(Q) z) per kv head, 0 where the memory is empty. sq [B, T, h, dk].
+    weight [h]: scales each query head's result (the gate), folded into the small reciprocal."""
     B, T, h, dk = sq.shape
-    hk = M.shape[1]
+    hk, dv = M.shape[1], M.shape[-1]
     sq = sq.reshape(B, T, hk, h // hk, dk)
-    num = torch.einsum("btngk,bnkv->btngv", sq, M)
-    den = torch.einsum("btngk,bnk->btng", sq, z)[..., None]
+    # z rides along as one more value column: numerator and denominator from one product.
+    r = torch.einsum("btngk,bnkv->btngv", sq, torch.cat([M, z[..., None]], -1))
+    num, den = r[..., :dv], r[..., dv:]
     filled = den > 0
     # A masked reciprocal of the small denominator, then one product: no full-size divide or where.
     inv = torch.where(filled, den, torch.ones_like(den)).reciprocal() * filled
+    if weight is not None:
+        inv = inv * weight.view(hk, h // hk, 1)
     return (num * inv).reshape(B, T, h, M.shape[-1])
 
 
@@ -202,7 +206,10 @@ def _fold(sk, v, M, z, delta_rule):
     return M + torch.einsum("btnk,btnv->bnkv", sk, v), z + sk.sum(1)
 
 
-def _mix(mem, local, w):
+def _mix(mem, local, w, weighted=False):
+    """sigmoid(beta) mem + (1 - sigmoid(beta)) local; `weighted`: mem already carries its factor."""
+    if weighted:
+        return torch.addcmul(mem, local, (1 - w)[:, None])
     return local + w[:, None] * (mem - local)   # = w mem + (1 - w) local, one product fewer
 
 
