@@ -219,8 +219,9 @@ def run_blocks(args) -> dict:
                 print(f"{name} @ {n}: skipped, estimated {est_t:.0f} s per fwd+bwd and {est_m / 2**20:.0f} MiB "
                       f"(caps {args.time_cap_s:g} s, {args.mem_cap_gb:g} GiB)", flush=True)
                 continue
-            # The child runs 1 + repeats passes; the timeout catches an estimate that was far too low.
-            timeout = (1 + args.repeats) * args.time_cap_s * 2 + 120
+            # The child runs 1 + repeats passes; the timeout (wall seconds, which other processes on a
+            # shared machine stretch several-fold past CPU seconds) catches an estimate far too low.
+            timeout = (1 + args.repeats) * args.time_cap_s * 10 + 300
             done[n] = _measure("cell", {"impl": name, "length": n, "repeats": args.repeats}, args, timeout)
             r = done[n]
             print(f"{name} @ {n}: {r['status']}" + (f", {r['cpu_s']:.3f} s, {r['peak_bytes'] / 2**20:.0f} MiB"
@@ -291,7 +292,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement (default 1)")
     ap.add_argument("--repeats", type=int, default=2, help="timed fwd+bwd passes after the memory pass; best kept")
     ap.add_argument("--mem-cap-gb", type=float, default=8.0)
-    ap.add_argument("--time-cap-s", type=float, default=120.0, help="skip a cell estimated slower per fwd+bwd")
+    ap.add_argument("--time-cap-s", type=float, default=30.0,
+                    help="skip a cell whose estimated CPU seconds per fwd+bwd exceed this")
     ap.add_argument("--no-infini-package", action="store_true", help="skip the infini-transformer-pytorch table")
     ap.add_argument("--only-infini-package", action="store_true", help="only the infini-transformer-pytorch table")
     ap.add_argument("--package-lengths", type=int, nargs="+", default=[2048, 8192])
