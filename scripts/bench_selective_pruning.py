@@ -107,12 +107,12 @@ def mean_nll(model, windows: torch.Tensor, batch_size: int, through_cache: bool)
     return total / count
 
 
-def budget_grid(context: int, smallest: int) -> list[int]:
-    """context, then about 1.41x apart down to `smallest` (powers of two and their midpoints)."""
-    grid, k = [], context
+def budget_grid(context: int, smallest: int, ratio: float) -> list[int]:
+    """context, then `ratio` apart (rounded) down to `smallest`."""
+    grid, k = [], float(context)
     while k >= smallest:
-        grid.append(int(k))
-        k = k / math.sqrt(2)
+        grid.append(round(k))
+        k = k / ratio
     return sorted(set(grid), reverse=True)
 
 
@@ -133,7 +133,7 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
     curve = {}
     print("\n| kv_budget K (every layer) | KV saving C/K | ppl | vs unpruned selective | vs transformer |")
     print("|---:|---:|---:|---:|---:|")
-    for k in budget_grid(context, args.smallest_budget):
+    for k in budget_grid(context, args.smallest_budget, args.grid_ratio):
         set_budgets(sel, [k] * n_layers)
         curve[k] = mean_nll(sel, windows, args.batch_size, through_cache=True)
         print(f"| {k} | {context / k:.1f}x | {math.exp(curve[k]):.4f} | "
@@ -195,6 +195,7 @@ def main():
     ap.add_argument("--tol-nats", type=float, default=1e-4,
                     help="'no worse' allows this much mean NLL (1e-4 nats = 0.01%% ppl: rounding, not a loss)")
     ap.add_argument("--smallest-budget", type=int, default=4)
+    ap.add_argument("--grid-ratio", type=float, default=math.sqrt(2), help="ratio between successive budgets")
     ap.add_argument("--no-per-layer", dest="per_layer", action="store_false",
                     help="skip the greedy per-layer budget pass")
     ap.add_argument("--threads", type=int, default=1)
