@@ -53,3 +53,31 @@ def test_triton_ssd_bfloat16():
     # bf16 inputs, float32 arithmetic inside: the outputs and gradients are rounded to bf16 (2^-8
     # relative), so 2e-2 against the float64 reference on the same bf16 inputs
     compare(make_inputs(21, 2, 2, dtype=torch.bfloat16), 8, tol=2e-2, dt_softplus=True)
+
+
+@pytest.mark.parametrize("kernel", ["_chunk_state_fwd", "_chunk_bwd"])
+def test_triton_ssd_out_of_resources_falls_back_to_torch(kernel, monkeypatch):
+    """A device that refuses a kernel (shared memory) gets the torch path, forward or backward, with a
+    warning, and still the reference's results."""
+    import zoo.ops.triton.ssd as triton_ssd
+    from triton.runtime.errors import OutOfResources
+
+    class Refused:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(240000, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(triton_ssd, kernel, Refused())
+    with pytest.warns(UserWarning, match="ssd: the Triton kernels do not fit this device"):
+        compare(make_inputs(13, 2, 1), 4, dt_softplus=True)
+
+
+def test_triton_ssd_refuses_tiles_beyond_its_shared_memory():
+    # head_dim 64 x d_state 256 does not fit the backward kernel: the torch path runs, with the reason
+    import zoo.ops.dispatch as dispatch
+    dispatch._warned.clear()
+    inputs = make_inputs(3, heads=1, groups=1, head_dim=64, d_state=256, batch=1, extras=False)
+    with pytest.warns(UserWarning, match=r"exceeds the Triton kernels' 8192 \(64 x 128\)\); running 'torch'"):
+        got = ssd_scan(**inputs, chunk_size=4, impl="triton")
+    assert torch.equal(got, ssd_scan(**inputs, chunk_size=4, impl="torch"))

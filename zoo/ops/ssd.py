@@ -77,6 +77,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
     _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
     doc = None if seq_idx is None else _document_number(seq_idx)
     unsupported = {"cuda": "mamba_chunk_scan_combined has no float64"} if x.dtype == torch.float64 else {}
+    tile = _padded(x.shape[3]) * _padded(B.shape[3])
+    if tile > _TRITON_MAX_TILE:
+        unsupported["triton"] = (f"head_dim x d_state padded to {tile} elements exceeds the Triton kernels' "
+                                 f"{_TRITON_MAX_TILE} (64 x 128)")
     impl = choose("ssd", impl, x, unsupported)
     if impl == "triton":
         from zoo.ops.triton.ssd import ssd_scan_triton
@@ -475,6 +479,15 @@ def _discretize_dt(dt, dt_bias, dt_softplus, acc):
     if dt_bias is not None:
         dt = dt + dt_bias.to(acc)
     return F.softplus(dt) if dt_softplus else dt
+
+
+# zoo.ops.triton.ssd.MAX_TILE, repeated here so that the choice needs no Triton import
+_TRITON_MAX_TILE = 64 * 128
+
+
+def _padded(size):
+    """The power-of-two tile (at least 16) a Triton kernel uses for a dimension of `size`."""
+    return max(16, 1 << (size - 1).bit_length())
 
 
 def _accumulation_dtype(dtype):

@@ -35,6 +35,9 @@ sums dB and dC over the group's heads in registers (deterministic, no atomics).
 Chunks. One chunk is one tile: the kernels run chunks of min(chunk_size, 64) steps whatever the
 caller's chunk_size (results agree across chunk sizes up to rounding, as for the torch path), so
 every [Q, Q] product is a single `tl.dot` and the backward's sums over a chunk stay in registers.
+head_dim x d_state is limited to 64 x 128 (padded to powers of two; `MAX_TILE`), which fits an
+H100's shared memory. Should a device still refuse a kernel (OutOfResources), the call warns and
+computes through the torch path (the backward by recomputing the forward there).
 
 Documents (seq_idx, as the running document number of `zoo.ops.ssd`): the masks of the torch
 path, from the document of the chunk's last position and of the position before the chunk.
@@ -46,12 +49,21 @@ Untuned: no GPU was lent when these were written; block shapes are the obvious o
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 MAX_CHUNK = 64       # steps per chunk: one [Q, Q] tile
+# The backward kernel keeps [head_dim, d_state] tiles (the state, its gradient and their products)
+# in shared memory. Compiled for sm_90 without a GPU (triton.compile, bf16 inputs), of the 227 KiB
+# an H100 block may use: head_dim 64, d_state 128: 209 KiB at Q 64, 157 KiB at Q 32; head_dim 64,
+# d_state 256 at Q 32: 285 KiB; head_dim 128, d_state 128 at Q 32: 305 KiB. Larger tiles are
+# refused (`zoo.ops.ssd` runs the torch path for them) until the kernel splits d_state.
+MAX_TILE = 64 * 128
 STATE_BLOCK = 256    # elements of the [p, n] state per program of the state passing
 
 
@@ -68,8 +80,27 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     h, p = x.shape[2], x.shape[3]
     D = None if D is None else (D[:, None] if D.dim() == 1 else D).expand(h, p)
     Q = max(1, min(chunk_size, MAX_CHUNK, x.shape[1]))
-    y, final = _SSDTriton.apply(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
+    try:
+        y, final = _SSDTriton.apply(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
+    except OutOfResources as err:
+        _warn_out_of_resources(err)
+        y, final = _torch_path(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
     return (y, final) if return_final_states else y
+
+
+def _torch_path(x, dt, A, B, C, D, z, h0, doc, Q):
+    """`zoo.ops.ssd`'s torch path on the same (already discretised) arguments: the document numbers
+    change where seq_idx did, so they serve as seq_idx."""
+    from zoo.ops.ssd import ssd_scan
+    return ssd_scan(x, dt, A, B, C, Q, D=D, z=z, initial_states=h0, seq_idx=doc, return_final_states=True,
+                    impl="torch")
+
+
+def _warn_out_of_resources(err):
+    # Untested shapes on a device with less shared memory than the kernels were sized for: correct
+    # results through the torch path rather than a failed step.
+    warnings.warn(f"ssd: the Triton kernels do not fit this device ({str(err).splitlines()[0]}); this call "
+                  "runs the torch path instead", stacklevel=3)
 
 
 def _block(n: int) -> int:
@@ -77,7 +108,11 @@ def _block(n: int) -> int:
 
 
 def _dot_precision(dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """float64: exact; float32: TF32 only where torch's own float32 matmuls use it
+    (torch.backends.cuda.matmul.allow_tf32); half precision: TF32, finer than the inputs."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 class _SSDTriton(torch.autograd.Function):
@@ -145,16 +180,39 @@ class _SSDTriton(torch.autograd.Function):
         dB = torch.empty_like(B, dtype=acc)
         dC = torch.empty_like(C, dtype=acc)
         dA = x.new_empty(b, nc, h, dtype=acc)
-        _chunk_bwd[(nc, b * g)](
-            x, *x.stride(), dt, *dt.stride(), A, B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
-            states, dS, dec, ddec, dx, *dx.stride(), ddt, *ddt.stride(), dB, *dB.stride(), dC, *dC.stride(),
-            dA, *doc_args, length, h, g, h // g, p, n, **meta)
+        try:
+            _chunk_bwd[(nc, b * g)](
+                x, *x.stride(), dt, *dt.stride(), A, B, *B.stride(), C, *C.stride(), dy, *dy.stride(),
+                states, dS, dec, ddec, dx, *dx.stride(), ddt, *ddt.stride(), dB, *dB.stride(), dC, *dC.stride(),
+                dA, *doc_args, length, h, g, h // g, p, n, **meta)
+        except OutOfResources as err:
+            _warn_out_of_resources(err)
+            return _torch_backward(ctx, dout, dfinal)
         dD = None
         if D is not None:
             dx += dy * D.to(acc)
             dD = (dy * x.to(acc)).sum((0, 1))   # [h, p]; a D given as [h] was expanded outside
         return (dx.to(x.dtype), ddt, dA.sum((0, 1)), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.to(D.dtype), dz, dh0 if ctx.has_h0 else None, None, None)
+
+
+def _torch_backward(ctx, dout, dfinal):
+    """The gradients by recomputing the forward through the torch path (the initial state is the
+    state entering chunk 0)."""
+    x, dt, A, B, C, D, z, doc, states, _, _ = ctx.saved_tensors
+    wants = list(ctx.needs_input_grad[:8])
+    h0 = states[:, 0] if ctx.has_h0 else None
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in
+                  zip((x, dt, A, B, C, D, z, h0), wants)]
+        y, final = _torch_path(*leaves, doc, ctx.Q)
+        outputs, grads = [y], [dout]
+        if dfinal is not None:
+            outputs.append(final)
+            grads.append(dfinal)
+        need = [t for t in leaves if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad(outputs, need, grads, allow_unused=True))
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in leaves) + (None, None)
 
 
 def _meta(x, B, Q):
