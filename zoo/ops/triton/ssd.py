@@ -32,18 +32,18 @@ is strong). `_chunk_dstate_bwd` and `_state_passing_bwd` run the state recurrenc
 `_chunk_bwd`, one program per chunk and group of heads sharing B and C, computes all the rest and
 sums dB and dC over the group's heads in registers (deterministic, no atomics).
 
-Chunks. One chunk is one tile: the kernels run chunks of min(chunk_size, 64) steps whatever the
-caller's chunk_size (results agree across chunk sizes up to rounding, as for the torch path), so
-every [Q, Q] product is a single `tl.dot` and the backward's sums over a chunk stay in registers.
-head_dim x d_state is limited to 64 x 128 (padded to powers of two; `MAX_TILE`), which fits an
+Chunks. One chunk is one tile: the kernels run chunks of min(chunk_size, 64) steps (32 for float32
+inputs with large state tiles, see `MAX_TILE`) whatever the caller's chunk_size (results agree
+across chunk sizes up to rounding, as for the torch path), so every [Q, Q] product is a single
+`tl.dot` and the backward's sums over a chunk stay in registers. head_dim x d_state is limited to 64 x 128 (padded to powers of two; `MAX_TILE`), which fits an
 H100's shared memory. Should a device still refuse a kernel (OutOfResources), the call warns and
 computes through the torch path (the backward by recomputing the forward there).
 
 Documents (seq_idx, as the running document number of `zoo.ops.ssd`): the masks of the torch
 path, from the document of the chunk's last position and of the position before the chunk.
 
-Arithmetic: float32 (float64 for float64 inputs); products of float32 inputs in IEEE float32,
-of half-precision inputs in TF32. Decays are exp of differences of float32 cumulative sums inside
+Arithmetic: float32 (float64 for float64 inputs); products of float32 inputs in IEEE float32
+unless torch.backends.cuda.matmul.allow_tf32, of half-precision inputs in TF32. Decays are exp of differences of float32 cumulative sums inside
 one chunk of at most 64 steps (the torch path's float64 care is for its chunks of up to 256).
 Untuned: no GPU was lent when these were written; block shapes are the obvious ones.
 """
@@ -62,7 +62,9 @@ MAX_CHUNK = 64       # steps per chunk: one [Q, Q] tile
 # in shared memory. Compiled for sm_90 without a GPU (triton.compile, bf16 inputs), of the 227 KiB
 # an H100 block may use: head_dim 64, d_state 128: 209 KiB at Q 64, 157 KiB at Q 32; head_dim 64,
 # d_state 256 at Q 32: 285 KiB; head_dim 128, d_state 128 at Q 32: 305 KiB. Larger tiles are
-# refused (`zoo.ops.ssd` runs the torch path for them) until the kernel splits d_state.
+# refused (`zoo.ops.ssd` runs the torch path for them) until the kernel splits d_state. float32
+# inputs take more (head_dim 64, d_state 128: 273 KiB at Q 64, 177 KiB at Q 32), so they run chunks
+# of 32 once the tile is above 64 x 64.
 MAX_TILE = 64 * 128
 STATE_BLOCK = 256    # elements of the [p, n] state per program of the state passing
 
@@ -79,7 +81,8 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
         dt = F.softplus(dt)
     h, p = x.shape[2], x.shape[3]
     D = None if D is None else (D[:, None] if D.dim() == 1 else D).expand(h, p)
-    Q = max(1, min(chunk_size, MAX_CHUNK, x.shape[1]))
+    wide = x.element_size() > 2 and _block(p) * _block(B.shape[3]) > 64 * 64
+    Q = max(1, min(chunk_size, MAX_CHUNK // 2 if wide else MAX_CHUNK, x.shape[1]))
     try:
         y, final = _SSDTriton.apply(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
     except OutOfResources as err:
