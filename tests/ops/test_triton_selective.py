@@ -86,6 +86,17 @@ def test_kernel_float32_odd_head_dims():
     assert_each_close(NAMES, got, want, 2e-5)
 
 
+def test_kernel_float16():
+    # The 16-bit path: tile products in the input dtype with float32 accumulation, P, dx and the
+    # head-0 term rounded to float16 before their products (as flash attention does), so the error is
+    # of float16's order (unit roundoff 4.9e-4). bfloat16 takes the same path on GPUs but cannot be
+    # checked here: Triton 3.9's interpreter multiplies bfloat16 tiles as their uint16 bit patterns.
+    q, k, v = qkv(29, 29, 2, 2, dtype=torch.float16)
+    got = results(q, k, v, None, dict(block_m=16, block_n=16))
+    want = results(*(t.detach().double().requires_grad_() for t in (q, k, v)), None)
+    assert_each_close(NAMES, got, want, 2e-3)
+
+
 def test_op_dispatches_to_the_kernel():
     # The public op with impl="triton" (default tiles, one block at this length) and the cache step.
     q, k, v = qkv(21, 21, 2, 2)
