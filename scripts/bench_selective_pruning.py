@@ -107,6 +107,25 @@ def mean_nll(model, windows: torch.Tensor, batch_size: int, through_cache: bool)
     return total / count
 
 
+class PrunedNLL:
+    """Mean NLL of the selective model under per-layer budgets, memoised on disk (keyed by checkpoint,
+    windows and budgets), so a re-run, e.g. once the reference model has trained, repeats nothing."""
+
+    def __init__(self, model, windows, batch_size: int, ckpt: Path):
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.path = Path(ckpt).parent.parent / "pruning_nll.json"
+        self.prefix = f"{Path(ckpt).resolve()}|{windows.shape[0]}x{windows.shape[1]}|"
+        self.memo = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def __call__(self, budgets) -> float:
+        key = self.prefix + ",".join(map(str, budgets))
+        if key not in self.memo:
+            set_budgets(self.model, budgets)
+            self.memo[key] = mean_nll(self.model, self.windows, self.batch_size, through_cache=True)
+            self.path.write_text(json.dumps(self.memo, indent=0))
+        return self.memo[key]
+
+
 def budget_grid(context: int, smallest: int, ratio: float) -> list[int]:
     """context, then `ratio` apart (rounded) down to `smallest`."""
     grid, k = [], float(context)
@@ -117,36 +136,33 @@ def budget_grid(context: int, smallest: int, ratio: float) -> list[int]:
 
 
 def evaluate_context(args, context: int, runs: Path) -> dict:
-    ckpt = {r: ensure_trained(r, context, args.steps, runs, args.train) for r in RECIPES}
-    models = {r: zoo.load_checkpoint(ckpt[r]).eval() for r in RECIPES}
+    refs = ["selective"] + [r for r in args.references if r != "selective"]
+    ckpt = {r: ensure_trained(r, context, args.steps, runs, args.train) for r in refs}
+    models = {r: zoo.load_checkpoint(ckpt[r]).eval() for r in refs}
     sel = models["selective"]
     n_layers = len(selective_layers(sel))
     windows = val_windows(sel, context, args.max_windows)
     t0 = time.time()
-    ref = {"selective": mean_nll(sel, windows, args.batch_size, through_cache=False),
-           "transformer": mean_nll(models["transformer"], windows, args.batch_size, through_cache=False)}
+    ref = {r: mean_nll(models[r], windows, args.batch_size, through_cache=False) for r in refs}
+    pruned = PrunedNLL(sel, windows, args.batch_size, ckpt["selective"])
     print(f"\ncontext {context}: {len(windows)} windows x {context} targets; checkpoints "
-          f"{', '.join(f'{r}: {ckpt[r]}' for r in RECIPES)}")
-    print(f"unpruned validation perplexity: selective {math.exp(ref['selective']):.4f}, "
-          f"transformer {math.exp(ref['transformer']):.4f}", flush=True)
+          f"{', '.join(f'{r}: {ckpt[r]}' for r in refs)}")
+    print("unpruned validation perplexity: " + ", ".join(f"{r} {math.exp(ref[r]):.4f}" for r in refs), flush=True)
 
     curve = {}
     print("\n| kv_budget K (every layer) | KV saving C/K | ppl | vs unpruned selective | vs transformer |")
     print("|---:|---:|---:|---:|---:|")
     for k in budget_grid(context, args.smallest_budget, args.grid_ratio):
-        set_budgets(sel, [k] * n_layers)
-        curve[k] = mean_nll(sel, windows, args.batch_size, through_cache=True)
-        print(f"| {k} | {context / k:.1f}x | {math.exp(curve[k]):.4f} | "
-              f"{math.exp(curve[k] - ref['selective']) - 1:+.2%} | {math.exp(curve[k] - ref['transformer']) - 1:+.2%} |",
-              flush=True)
+        curve[k] = pruned([k] * n_layers)
+        vs = [f"{math.exp(curve[k] - ref[r]) - 1:+.2%}" if r in ref else "-" for r in RECIPES]
+        print(f"| {k} | {context / k:.1f}x | {math.exp(curve[k]):.4f} | {vs[0]} | {vs[1]} |", flush=True)
     # K = context never evicts: through the cache it must equal the whole-sequence forward.
     exact_gap = abs(curve[context] - ref["selective"])
 
-    result = {"context": context, "windows": len(windows), "ppl_selective": math.exp(ref["selective"]),
-              "ppl_transformer": math.exp(ref["transformer"]),
+    result = {"context": context, "windows": len(windows), **{f"ppl_{r}": math.exp(ref[r]) for r in refs},
               "ppl_by_budget": {k: round(math.exp(v), 5) for k, v in curve.items()},
               "no_eviction_vs_whole_nll_gap": exact_gap}
-    for name in RECIPES:
+    for name in refs:
         ok = [k for k, v in curve.items() if v <= ref[name] + args.tol_nats]
         if not ok:
             result[f"vs_{name}"] = None
@@ -159,8 +175,7 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
             for i in range(n_layers):
                 while budgets[i] // 2 >= args.smallest_budget:
                     trial = budgets[:i] + [budgets[i] // 2] + budgets[i + 1:]
-                    set_budgets(sel, trial)
-                    if mean_nll(sel, windows, args.batch_size, through_cache=True) <= ref[name] + args.tol_nats:
+                    if pruned(trial) <= ref[name] + args.tol_nats:
                         budgets = trial
                     else:
                         break
@@ -170,7 +185,7 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
     set_budgets(sel, [None] * n_layers)
     print(f"\nno-eviction cache run vs whole forward: |mean NLL gap| {exact_gap:.2e} nats "
           f"(evaluation took {time.time() - t0:.0f} s)")
-    for name in RECIPES:
+    for name in refs:
         r = result[f"vs_{name}"]
         ref_name = "the unpruned selective model" if name == "selective" else "the transformer"
         if r is None:
@@ -199,6 +214,8 @@ def main():
     ap.add_argument("--no-per-layer", dest="per_layer", action="store_false",
                     help="skip the greedy per-layer budget pass")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--references", nargs="+", choices=RECIPES, default=list(RECIPES),
+                    help="perplexities to match (selective, the unpruned model itself, is always loaded)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"command: `{shlex.join(['python', os.path.relpath(__file__, ROOT), *sys.argv[1:]])}`")
