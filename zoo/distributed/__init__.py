@@ -21,6 +21,7 @@ The contract every block's context-parallel path meets (`forward(x, cp=handle)`)
 """
 from zoo.distributed.comm import all_gather, all_reduce_grads, all_reduce_sum
 from zoo.distributed.layout import LAYOUTS, Chunk, ContextParallel, chunk_bounds, shard, unshard
+from zoo.distributed.ring import ring_attention
 
 __all__ = ["LAYOUTS", "Chunk", "ContextParallel", "all_gather", "all_reduce_grads", "all_reduce_sum",
-           "chunk_bounds", "shard", "unshard"]
+           "chunk_bounds", "ring_attention", "shard", "unshard"]
