@@ -198,9 +198,3 @@ def test_recipe_errors_name_the_field(fields, message):
     with pytest.raises(RecipeError) as err:
         zoo.load_recipe(raw)
     assert str(err.value).startswith(message), str(err.value)
-
-
-@pytest.mark.parametrize("case", ["mamba", "mamba2"])
-def test_context_parallel_is_not_there_yet(case):
-    with pytest.raises(NotImplementedError, match="issue 8"):
-        make(case)(torch.randn(1, 3, D_MODEL, dtype=torch.float64), cp=object())
