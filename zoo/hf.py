@@ -52,7 +52,6 @@ Without padding (batch 1, or equal lengths) everything runs batched through ZooL
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List, Optional
 
