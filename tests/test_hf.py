@@ -353,3 +353,19 @@ def test_padded_logits_without_cache_are_each_rows_own():
         for r, p in enumerate(prompts):
             alone = model.model(torch.tensor([p])).logits[0]
             assert (out.logits[r, ids.shape[1] - len(p):] - alone).abs().max() < 1e-12
+
+
+def test_left_padded_beam_search_equals_each_row_alone():
+    """Beam reordering through every cache form: stacked (mamba2), left-padded (attn, selective) and
+    grouped by phase (infini)."""
+    recipe = tiny_recipe(BLOCKS["infini"], n_layers=4)
+    recipe["model"]["pattern"] = "IMAS"
+    recipe["model"]["blocks"] = {"I": BLOCKS["infini"], "M": BLOCKS["mamba2"], "A": BLOCKS["attn"],
+                                 "S": BLOCKS["selective"]}
+    model = hf_model(recipe)
+    prompts = [[7, 3], [9, 9, 1, 4, 4, 2], [6, 6, 6, 6, 6, 1, 2, 3, 4, 5]]
+    ids, mask = left_pad(prompts)
+    kw = dict(num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for r, p in enumerate(prompts):
+        assert batch[r, ids.shape[1]:].tolist() == model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist()

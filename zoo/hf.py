@@ -42,11 +42,13 @@ every row) must leave each row generating exactly what it generates alone. One m
         exp(-inf) = 0, their selection column stays infinite, and under a KV budget eviction (largest F
         first) drops them before any real key, so the real keys kept are the row's own. RoPE reads
         `row_start` as above.
-      - infini (and any block type not listed here): the rows keep separate batch-1 caches and these
-        layers decode row by row; every other layer is still batched. Why not batched: a row's segment
-        boundaries (when its unfinished segment is folded into the memory) fall at its own length modulo
-        segment_len, while zoo.ops.infini takes one segment phase per batch; batching it needs a per-row
-        phase inside that op.
+      - infini: a row's segment boundaries (when its unfinished segment is folded into the memory) fall
+        at its own length modulo segment_len, and zoo.ops.infini takes one segment phase per call. Rows
+        are therefore grouped by phase (length mod segment_len): a group's unfinished segments have one
+        length, so its caches stack exactly, and the groups never change while decoding (every row
+        advances one token per step). Each group decodes batched, one block call per group; RoPE reads
+        `row_start`. Prompts of equal length modulo segment_len form one group.
+      - any block type not listed here: groups of one row, decoded row by row (exact by construction).
 Without padding (batch 1, or equal lengths) everything runs batched through ZooLM with one ZooCache.
 """
 from __future__ import annotations
@@ -70,6 +72,7 @@ __all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", 
 _STACKED = {"mamba", "mamba2"}
 _LEFT_PADDED = {"attn", "blockwise", "ring", "swa", "taipan"}
 _FIRST_THEN_PADDED = {"selective"}
+_BY_PHASE = {"infini"}
 # taipan: padding slots are unselected, so no query ever sees them; selective: padding keys carry an
 # infinite accumulated selection F, so their softmax weight is exp(-inf) = 0 and eviction drops them first
 _PAD_VALUE = {"selected": False, "scores": float("inf")}
@@ -106,8 +109,8 @@ class ZooConfig(PretrainedConfig):
 class ZooGenerationCache(Cache):
     """The blocks' own caches (a `zoo.model.ZooCache`) as a transformers `Cache`.
 
-    `zoo.layers[i]` is layer i's block cache, or for a layer decoded row by row (module docstring) a
-    list of batch-1 caches. `row_start` [batch] (None without padding): where each row's own tokens
+    `zoo.layers[i]` is layer i's block cache, or for a layer decoded in groups of rows (module docstring)
+    a list of {"rows": LongTensor, "cache": the group's block cache}. `row_start` [batch] (None without padding): where each row's own tokens
     begin on the shared timeline. `seen` counts the timeline's positions, padding included, as
     transformers' `get_seq_length` expects."""
 
@@ -135,7 +138,7 @@ class ZooGenerationCache(Cache):
 
     @property
     def row_cached(self) -> List[bool]:
-        """Per layer: whether its rows keep separate caches (decoded row by row)."""
+        """Per layer: whether its rows are decoded in groups (module docstring)."""
         return [isinstance(c, list) for c in self.zoo.layers]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -144,7 +147,7 @@ class ZooGenerationCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor):
         idx = indices.tolist()
-        self.zoo.layers = [[c[i] for i in idx] if isinstance(c, list) else _index_rows(c, indices)
+        self.zoo.layers = [_select_groups(c, indices) if isinstance(c, list) else _index_rows(c, indices)
                            for c in self.zoo.layers]
         if self.row_start is not None:
             self.row_start = self.row_start[indices.to(self.row_start.device)]
@@ -171,9 +174,9 @@ class ZooGenerationCache(Cache):
 
 def cache_nbytes(layer_cache) -> int:
     """Measured bytes of one layer's block cache: its tensors' storage (the bookkeeping `row_start` and
-    integer positions excluded); a list of per-row caches counts every row."""
+    integer positions excluded); a layer decoded in groups of rows counts every group."""
     if isinstance(layer_cache, list):
-        return sum(cache_nbytes(c) for c in layer_cache)
+        return sum(cache_nbytes(g["cache"]) for g in layer_cache)
     if isinstance(layer_cache, dict):
         return sum(cache_nbytes(v) for k, v in layer_cache.items() if k != "row_start")
     if isinstance(layer_cache, torch.Tensor):
@@ -364,8 +367,23 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
     layers = []
     for i, layer in enumerate(model.layers):
         per_row = [rc.layers[i] for rc in rows]
-        if layer.block_type in _STACKED:
-            layers.append({k: torch.cat([c[k] for c in per_row]) for k in per_row[0]})
+        if layer.block_type in _STACKED | _BY_PHASE:
+            phase = layer.mixer.cfg.segment_len if layer.block_type in _BY_PHASE else 1
+            groups = {}
+            for r in range(b):
+                groups.setdefault(int(length - pads[r]) % phase, []).append(r)
+            stacked = []
+            for rows_ in groups.values():
+                c = {k: torch.cat([per_row[r][k] for r in rows_]) for k, v in per_row[0].items()
+                     if isinstance(v, torch.Tensor)}
+                if "pos" in per_row[0]:
+                    c["pos"] = length
+                rows_t = torch.tensor(rows_, device=input_ids.device)
+                if layer.block_type in _BY_PHASE:
+                    c["row_start"] = row_start[rows_t]
+                stacked.append({"rows": rows_t, "cache": c})
+            # SSM states carry no position: one group of all rows is the plain batched cache
+            layers.append(stacked[0]["cache"] if layer.block_type in _STACKED else stacked)
         elif layer.block_type in _LEFT_PADDED | _FIRST_THEN_PADDED:
             first = 1 if layer.block_type in _FIRST_THEN_PADDED else 0
             merged = {k: _cat_left_padded([c[k] for c in per_row], _PAD_VALUE.get(k, 0), first)
@@ -373,7 +391,8 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
             merged["pos"], merged["row_start"] = length, row_start
             layers.append(merged)
         else:
-            layers.append(per_row)
+            layers.append([{"rows": torch.tensor([r], device=input_ids.device), "cache": c}
+                           for r, c in enumerate(per_row)])
     cache.zoo.layers, cache.zoo.seen, cache.row_start = layers, length, row_start
     return logits
 
@@ -391,18 +410,40 @@ def _cat_left_padded(tensors, value, first: int = 0):
 
 
 def _forward_mixed(model: ZooLM, input_ids, cache: ZooGenerationCache):
-    """ZooLM's layer stack with some layers decoded row by row (their caches are per-row lists)."""
+    """ZooLM's layer stack (as ZooLayer.forward) with some layers decoded in groups of rows."""
     x = model.embed(input_ids)
     for layer, layer_cache in zip(model.layers, cache.zoo.layers):
         if isinstance(layer_cache, list):
             h = layer.mixer_norm(x)
-            x = x + torch.cat([layer.mixer(h[r:r + 1], cache=c) for r, c in enumerate(layer_cache)])
+            y = torch.empty_like(h)
+            for g in layer_cache:
+                y[g["rows"]] = layer.mixer(h[g["rows"]], cache=g["cache"])
+            x = x + y
             if layer.ffn is not None:
                 x = x + layer.ffn(layer.ffn_norm(x))
         else:
             x = layer(x, cache=layer_cache)
     cache.zoo.seen += input_ids.shape[1]
     return model.lm_head(model.norm(x))
+
+
+def _select_groups(groups, indices):
+    """Row i of the result is row indices[i]: each group keeps the new rows that come from its own."""
+    where = {}
+    for gi, g in enumerate(groups):
+        for p, r in enumerate(g["rows"].tolist()):
+            where[r] = (gi, p)
+    picked = [where[j] for j in indices.tolist()]
+    out = []
+    for gi, g in enumerate(groups):
+        new_rows = [i for i, (gj, _) in enumerate(picked) if gj == gi]
+        if new_rows:
+            pos = torch.tensor([picked[i][1] for i in new_rows], device=g["rows"].device)
+            c = _index_rows(g["cache"], pos)
+            if "row_start" in g["cache"]:
+                c["row_start"] = g["cache"]["row_start"][pos]
+            out.append({"rows": torch.tensor(new_rows, device=g["rows"].device), "cache": c})
+    return out
 
 
 def _index_rows(c, indices):
@@ -416,7 +457,7 @@ def _index_rows(c, indices):
 def _batch_size(layers) -> int:
     for c in layers:
         if isinstance(c, list):
-            return len(c)
+            return sum(len(g["rows"]) for g in c)
         for v in (c.values() if isinstance(c, dict) else ()):
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 return v.shape[0]

@@ -72,8 +72,10 @@ class InfiniAttention(CausalSelfAttention):
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
         q, k, v = self._project(x)
+        # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
+        row_start = None if cache is None else cache.get("row_start")
         if seq_idx is None:
-            cos, sin = self._rope(start, start + t, x.device)
+            cos, sin = self._rope(start, start + t, x.device, row_start)
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -87,7 +89,7 @@ class InfiniAttention(CausalSelfAttention):
             out = infini_attention(q, k, v, self.gate, **kw)
         else:
             pk, pv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
-            cos_p, sin_p = self._rope(start - pk.shape[1], start, x.device)
+            cos_p, sin_p = self._rope(start - pk.shape[1], start, x.device, row_start)
             out, (M, z) = infini_attention(q, k, v, self.gate, memory=(cache["M"], cache["z"]),
                                            prefix=(pk, pv, apply_rope(pk, cos_p, sin_p)), return_memory=True, **kw)
             seen_k, seen_v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
