@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.attention import _acc_dtype, _blockwise_backward, _blockwise_forward, _check_inputs, merge_attention
+from zoo.ops.attention import _acc_dtype, _blockwise_backward, _blockwise_forward, _check_inputs
 
 __all__ = ["ring_attention"]
 
-_KV_TAG, _GRAD_TAG = 0, 1
+_K_TAG, _V_TAG, _GRAD_TAG = 0, 1, 2
 
 
 def ring_attention(q, k, v, cp: ContextParallel, causal: bool = True, scale: Optional[float] = None,
@@ -82,6 +82,18 @@ def _pairs(cp: ContextParallel, owner: int, causal: bool):
             yield qc, kc, causal and kc.index == qc.index
 
 
+def _merge_into(out, lse, o, l):
+    """out, lse (views, accumulation dtype) := the log-sum-exp merge of themselves with (o, l), in place:
+    one temporary of the chunk's size instead of merge_attention's three. Every row here has seen a key
+    (the diagonal block comes first for causal rows), so `l` is finite and no both-empty row occurs."""
+    m = torch.maximum(lse, l)
+    w_old, w_new = torch.exp(lse - m), torch.exp(l - m)
+    total = w_old + w_new
+    out.mul_((w_old / total).transpose(1, 2)[..., None])
+    out.add_(o.to(out.dtype) * (w_new / total).transpose(1, 2)[..., None])
+    lse.copy_(m + torch.log(total))
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp, causal, scale, block_size):
@@ -90,17 +102,19 @@ class _RingAttention(torch.autograd.Function):
         b, length, h, d = q.shape
         out = torch.zeros(b, length, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, h, length), -math.inf, dtype=acc, device=q.device)
-        kv = torch.stack([k, v])  # one message per step
+        kv = (k.contiguous(), v.contiguous())  # sent as they are (no copy when contiguous), not stacked
         for step in range(w):
             owner = (cp.rank - step) % w
             works, incoming = [], None
             if step < w - 1:
-                incoming = kv.new_empty(2, b, cp.shard_len((owner - 1) % w), *kv.shape[3:])
-                works = _exchange(cp, [(kv, _KV_TAG)], [(incoming, _KV_TAG)])
+                n = cp.shard_len((owner - 1) % w)
+                incoming = (k.new_empty(b, n, *k.shape[2:]), v.new_empty(b, n, *v.shape[2:]))
+                works = _exchange(cp, [(kv[0], _K_TAG), (kv[1], _V_TAG)],
+                                  [(incoming[0], _K_TAG), (incoming[1], _V_TAG)])
             for qc, kc, diagonal in _pairs(cp, owner, causal):
                 o, l = _blockwise_forward(q[:, qc.local], kv[0][:, kc.local], kv[1][:, kc.local],
                                           diagonal, None, scale, block_size)
-                out[:, qc.local], lse[..., qc.local] = merge_attention(out[:, qc.local], lse[..., qc.local], o, l)
+                _merge_into(out[:, qc.local], lse[..., qc.local], o, l)
             _wait(works)
             if incoming is not None:
                 kv = incoming
@@ -118,15 +132,16 @@ class _RingAttention(torch.autograd.Function):
         acc = _acc_dtype(q.dtype)
         b, _, hk, d = k.shape
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack([k, v])
+        kv = (k.contiguous(), v.contiguous())
         done = None  # the dK/dV accumulator finished in the previous step, sent along during this one
         for step in range(w):
             owner = (cp.rank - step) % w
             sends, recvs, incoming, arriving = [], [], None, None
             if step < w - 1:
-                incoming = kv.new_empty(2, b, cp.shard_len((owner - 1) % w), hk, d)
-                sends.append((kv, _KV_TAG))
-                recvs.append((incoming, _KV_TAG))
+                n = cp.shard_len((owner - 1) % w)
+                incoming = (k.new_empty(b, n, hk, d), v.new_empty(b, n, hk, d))
+                sends += [(kv[0], _K_TAG), (kv[1], _V_TAG)]
+                recvs += [(incoming[0], _K_TAG), (incoming[1], _V_TAG)]
             if done is not None:
                 # what rank - 1 accumulated for `owner` over steps 0..step-1
                 arriving = torch.empty(2, b, cp.shard_len(owner), hk, d, dtype=acc, device=q.device)
