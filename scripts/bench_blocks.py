@@ -212,8 +212,10 @@ def run_blocks(args) -> dict:
         for n in sorted(args.lengths):
             est_t, est_m = _estimate(done, n, "cpu_s"), _estimate(done, n, "peak_bytes")
             if (est_t and est_t > args.time_cap_s) or (est_m and est_m > cap_bytes):
-                why_t = f"not run: est. {est_t:.0f} s" + (f" > {args.time_cap_s:g} s cap" if est_t > args.time_cap_s else "")
-                why_m = f"not run: est. {est_m / 2**20:.0f} MiB" + (f" > {args.mem_cap_gb:g} GiB cap" if est_m > cap_bytes else "")
+                why_t = f"not run: est. {est_t:.0f} s"
+                why_t += f" > {args.time_cap_s:g} s cap" if est_t > args.time_cap_s else ""
+                why_m = f"not run: est. {est_m / 2**20:.0f} MiB"
+                why_m += f" > {args.mem_cap_gb:g} GiB cap" if est_m > cap_bytes else ""
                 done[n] = {"status": "skipped", "est_cpu_s": est_t, "est_peak_bytes": est_m,
                            "reason_time": why_t, "reason_mem": why_m}
                 print(f"{name} @ {n}: skipped, estimated {est_t:.0f} s per fwd+bwd and {est_m / 2**20:.0f} MiB "

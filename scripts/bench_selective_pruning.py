@@ -53,7 +53,7 @@ RECIPES = ("selective", "transformer")
 
 def train_overrides(context: int, steps: int) -> list[str]:
     # Same tokens per step at every context (4096), so longer contexts see as many tokens.
-    return [f"model.d_model=128", "model.n_layers=4", f"train.seq_len={context}",
+    return ["model.d_model=128", "model.n_layers=4", f"train.seq_len={context}",
             f"train.batch_size={max(1, 4096 // context)}", f"train.max_steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=100", "train.eval_batches=4",
             f"train.save_every={steps}", "train.log_every=50"]
@@ -191,7 +191,7 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
         if r is None:
             print(f"no budget on the grid reaches the perplexity of {ref_name}")
             continue
-        line = (f"equal to {ref_name}: smallest uniform K = {r['uniform_budget']} -> {r['uniform_saving']:.1f}x less KV")
+        line = f"equal to {ref_name}: smallest uniform K = {r['uniform_budget']} -> {r['uniform_saving']:.1f}x less KV"
         if args.per_layer:
             line += f"; per-layer greedy {r['per_layer_budgets']} -> {r['per_layer_saving']:.1f}x"
         print(line)
