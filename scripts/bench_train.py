@@ -322,6 +322,7 @@ def plot(out: Path):
         ax.set_xlabel(label)
         ax.set_ylabel("validation bits per byte")
         ax.set_ylim(1.0, 4.0)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"stdlib corpus, byte tokenizer; validation {curves[0]['val_bytes']:,} bytes")
