@@ -13,7 +13,9 @@ which is what a shared machine does not inflate (with one thread it equals wall 
 machine), `wall` is elapsed time. Evaluation is not charged to the budget; both clocks are recorded for
 training alone. The learning rate warms up linearly over `train.warmup_steps`, then follows a cosine to
 `lr * min_lr_ratio` over the rest of the budget (the fraction of the budget spent, not of max_steps),
-so a run ends annealed whatever the machine's speed; the recipe's max_steps is not used.
+so a run ends annealed whatever the machine's speed; the recipe's max_steps is not used. On a shared
+machine `--wall-limit` also ends a run that long after its start (evaluations included); the schedule then
+follows whichever limit is nearer, and the JSON says which one stopped the run.
 
 Validation: a fixed slice of the val split, `--eval-segments` contiguous segments of `--eval-segment`
 tokens at evenly spaced offsets (the default 8 x 32,768 = 262,144 tokens, about 256 KiB), each cut into
