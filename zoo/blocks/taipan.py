@@ -118,9 +118,17 @@ def selective_window_attention(q, k, v, selected, window: int, rows=None, scale:
         lo = torch.searchsorted(k_pos, (first - window + 1).contiguous())
         hi = torch.searchsorted(k_pos, last.contiguous())
         spans = (hi - lo).amax(0).tolist()
-        for j, (qs, qe) in enumerate(zip(starts, ends)):
-            outs.append(_attend_block(qc[:, qs:qe], k_self[:, qs:qe], v_self[:, qs:qe], q_pos[:, qs:qe],
-                                      kc, vc, k_pos, lo[:, j], spans[j], nk, window, scale, far))
+        # One gather of every block's key span and one split of the queries: slicing or indexing the
+        # full tensors per block would make each block's backward zero-fill a full-size gradient
+        # (quadratic in length).
+        idx, inside = zip(*(_span_index(lo[:, j], span, nk) for j, span in enumerate(spans)))
+        batch = torch.arange(b, device=q.device)[:, None]
+        flat = torch.cat(idx, dim=1)
+        kbs, vbs = kc[batch, flat].split(spans, dim=1), vc[batch, flat].split(spans, dim=1)
+        kps = torch.where(torch.cat(inside, dim=1), k_pos.gather(1, flat), far).split(spans, dim=1)
+        sizes = [e - s_ for s_, e in zip(starts, ends)]
+        blocks = zip(*(t.split(sizes, dim=1) for t in (qc, k_self, v_self, q_pos)), kbs, vbs, kps)
+        outs = [_attend_block(*blk, window, scale) for blk in blocks]
     out_c = torch.cat(outs, dim=1) if outs else qc.new_zeros(b, 0, h, d)
     return _put(out_c, qi, q_ok, lq).to(q.dtype)
 
@@ -142,16 +150,16 @@ def selective_window_attention_ref(q, k, v, selected, window: int, rows=None, sc
     return out.to(q.dtype)
 
 
-def _attend_block(qb, ksb, vsb, qpb, kc, vc, k_pos, lo, span, nk, window, scale, far):
-    """One query block against its key span plus each query's own key (the softmax's last column)."""
-    b = qb.shape[0]
-    idx = lo[:, None] + torch.arange(span, device=qb.device)
-    inside = idx < nk
-    idx = idx.clamp(max=max(nk - 1, 0))
-    batch = torch.arange(b, device=qb.device)[:, None]
-    kb, vb = kc[batch, idx], vc[batch, idx]
-    # Indices clamped past the last key repeat it: mark them far so no key is counted twice.
-    kp = torch.where(inside, k_pos.gather(1, idx), far)
+def _span_index(lo, span, nk):
+    """Key indices [b, span] from each row's start `lo`, clamped to the last key, and which are real."""
+    idx = lo[:, None] + torch.arange(span, device=lo.device)
+    return idx.clamp(max=max(nk - 1, 0)), idx < nk
+
+
+def _attend_block(qb, ksb, vsb, qpb, kb, vb, kp, window, scale):
+    """One query block against its key span plus each query's own key (the softmax's last column).
+    kp: the span's key positions, `far` where an index was clamped past the last key (so no key is
+    counted twice)."""
     visible = (kp[:, None, :] < qpb[:, :, None]) & (kp[:, None, :] > qpb[:, :, None] - window)
     s = torch.einsum("bqhd,bkhd->bhqk", qb, kb) * scale
     s = s.masked_fill(~visible[:, None], -math.inf)
