@@ -179,6 +179,24 @@ def _pyplot():
     return plt
 
 
+def _context_panel(ax, ylabel: str, title: str, legend_size: int):
+    """A log-log panel against context length (powers of two on x)."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_perplexity(results: dict, path: Path, title: str = "") -> Optional[Path]:
     if not cells(results, "ppl"):
         return None
@@ -202,10 +220,7 @@ def plot_perplexity(results: dict, path: Path, title: str = "") -> Optional[Path
     ax.set_title(title or "Held-out bits per byte by context length")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
@@ -229,20 +244,11 @@ def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
             for c in cs:
                 if c["status"] != "ok":
                     ax.annotate(c["status"], (c["context"], ax.get_ylim()[1]), color=f"C{i}", fontsize=7)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("MiB (log scale)")
-        ax.set_title({"forward": "inference forward (no cache)", "decode": "prefill + decode through the cache",
-                      "train": "training forward + backward"}[kind], fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        _context_panel(ax, "MiB (log scale)", {"forward": "inference forward (no cache)", "train":
+                       "training forward + backward", "decode": "prefill + decode through the cache"}[kind], 6)
     fig.suptitle(title or "Memory the run takes vs context: peak RSS above a warmed-up model (fresh process "
                  "per point); dashed: analytic inference state", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_throughput(results: dict, path: Path, title: str = "") -> Optional[Path]:
@@ -257,19 +263,10 @@ def plot_throughput(results: dict, path: Path, title: str = "") -> Optional[Path
                         key=lambda c: c["context"])
             if cs:
                 ax.plot([c["context"] for c in cs], [c["tokens_per_s"] for c in cs], "o-", color=f"C{i}", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("tokens / s (higher is better)")
-        ax.set_title({"prefill": "prefill (forward through the cache)", "decode": "decode (1 token per step)",
-                      "train": "training forward + backward"}[kind], fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        _context_panel(ax, "tokens / s (higher is better)", {"prefill": "prefill (forward through the cache)",
+                       "decode": "decode (1 token per step)", "train": "training forward + backward"}[kind], 7)
     fig.suptitle(title or "Throughput vs context", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_passkey(results: dict, path: Path, title: str = "") -> Optional[Path]:
