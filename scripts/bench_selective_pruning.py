@@ -21,7 +21,11 @@ that of decoding); all C targets of a window are scored. Perplexity = exp(mean N
 Differences from the paper (which trains ~100M-parameter models on C4): tiny models trained for a
 few minutes of one CPU core on ~1.6M tokens; one budget shared by all layers first (the paper sets
 per-layer budgets), then a greedy per-layer pass that halves one layer's budget at a time while the
-perplexity stays no worse; no auxiliary memory loss during training (see docs/benchmarks.md).
+perplexity stays no worse. `--mem-loss EPS` trains the selective model with the paper's auxiliary
+memory loss (`mem_loss_weight` of the `selective` block, tau = 1); without it the selective model
+learns from the language-modelling loss alone.
+
+    .venv/bin/python scripts/bench_selective_pruning.py --contexts 512 1024 2048 --train --mem-loss 0.1
 """
 from __future__ import annotations
 
@@ -49,23 +53,31 @@ from zoo.train.checkpoint import latest_checkpoint  # noqa: E402
 from zoo.train.trainer import prepared_data  # noqa: E402
 
 RECIPES = ("selective", "transformer")
+N_LAYERS = 4
 
 
-def train_overrides(context: int, steps: int) -> list[str]:
+def train_overrides(context: int, steps: int, mem_loss: float = 0.0) -> list[str]:
     # Same tokens per step at every context (4096), so longer contexts see as many tokens.
-    return ["model.d_model=128", "model.n_layers=4", f"train.seq_len={context}",
+    # mem_loss: the paper's eps, averaged over the layers, so each layer's weight is eps / N_LAYERS.
+    return ["model.d_model=128", f"model.n_layers={N_LAYERS}", f"train.seq_len={context}",
             f"train.batch_size={max(1, 4096 // context)}", f"train.max_steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=100", "train.eval_batches=4",
-            f"train.save_every={steps}", "train.log_every=50"]
+            f"train.save_every={steps}", "train.log_every=50",
+            *([f"model.blocks.A.mem_loss_weight={mem_loss / N_LAYERS}"] if mem_loss else [])]
 
 
-def ensure_trained(recipe: str, context: int, steps: int, runs: Path, train: bool) -> Path:
-    out = runs / f"{recipe}-{context}"
+def run_name(recipe: str, context: int, mem_loss: float) -> str:
+    return f"selective-mem{mem_loss:g}-{context}" if recipe == "selective" and mem_loss else f"{recipe}-{context}"
+
+
+def ensure_trained(recipe: str, context: int, steps: int, runs: Path, train: bool, mem_loss: float = 0.0) -> Path:
+    out = runs / run_name(recipe, context, mem_loss)
     if latest_checkpoint(out / "checkpoints") is None:
         if not train:
             sys.exit(f"no checkpoint under {out}: pass --train to train it ({recipe}, context {context})")
+        overrides = train_overrides(context, steps, mem_loss if recipe == "selective" else 0.0)
         cmd = [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / f"recipes/{recipe}.yaml"),
-               *train_overrides(context, steps), "--out", str(out), "--no-progress"]
+               *overrides, "--out", str(out), "--no-progress"]
         print("training: " + shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return latest_checkpoint(out / "checkpoints")
@@ -137,7 +149,7 @@ def budget_grid(context: int, smallest: int, ratio: float) -> list[int]:
 
 def evaluate_context(args, context: int, runs: Path) -> dict:
     refs = ["selective"] + [r for r in args.references if r != "selective"]
-    ckpt = {r: ensure_trained(r, context, args.steps, runs, args.train) for r in refs}
+    ckpt = {r: ensure_trained(r, context, args.steps, runs, args.train, args.mem_loss) for r in refs}
     models = {r: zoo.load_checkpoint(ckpt[r]).eval() for r in refs}
     sel = models["selective"]
     n_layers = len(selective_layers(sel))
@@ -159,7 +171,8 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
     # K = context never evicts: through the cache it must equal the whole-sequence forward.
     exact_gap = abs(curve[context] - ref["selective"])
 
-    result = {"context": context, "windows": len(windows), **{f"ppl_{r}": math.exp(ref[r]) for r in refs},
+    result = {"context": context, "mem_loss": args.mem_loss, "windows": len(windows),
+              **{f"ppl_{r}": math.exp(ref[r]) for r in refs},
               "ppl_by_budget": {k: round(math.exp(v), 5) for k, v in curve.items()},
               "no_eviction_vs_whole_nll_gap": exact_gap}
     for name in refs:
@@ -213,6 +226,9 @@ def main():
     ap.add_argument("--grid-ratio", type=float, default=math.sqrt(2), help="ratio between successive budgets")
     ap.add_argument("--no-per-layer", dest="per_layer", action="store_false",
                     help="skip the greedy per-layer budget pass")
+    ap.add_argument("--mem-loss", type=float, default=0.0, metavar="EPS",
+                    help="train the selective model with the paper's memory loss, weight EPS averaged over its "
+                         "layers (run directory selective-mem<EPS>-<context>); 0: language-modelling loss only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--references", nargs="+", choices=RECIPES, default=list(RECIPES),
                     help="perplexities to match (selective, the unpruned model itself, is always loaded)")

@@ -8,7 +8,8 @@ from tests.helpers import (assert_close, cache_bytes, check_block_vs_reference, 
                            projected_qkv, run_chunks)
 from zoo.config import RecipeError, load_recipe
 from zoo.ops.attention import attention_ref
-from zoo.ops.selective import selective_attention_ref
+from zoo.ops.documents import document_spans
+from zoo.ops.selective import selective_attention_ref, selective_memory_ref
 
 D_MODEL = 24
 CASES = {
@@ -112,7 +113,69 @@ def test_budget_bounds_state_bytes():
     assert make("mha").state_bytes(2000) == 2 * make("mha").state_bytes(1000)
 
 
-@pytest.mark.parametrize("field,value", [("kv_budget", 0), ("block_size", 0), ("n_kv_heads", 2)])
+def memory_loss_ref(block, x, w):
+    _, _, _, q, k = projected_qkv(block, x)
+    return w * (selective_memory_ref(q, k, tau=block.cfg.mem_loss_tau).max(1).values / x.shape[1]).mean()
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("case", ["mha", "gqa"])
+def test_memory_loss_is_set_in_training_only(case, tau):
+    block = make(case, mem_loss_weight=0.25, mem_loss_tau=tau)
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    block.train()(x)
+    want = memory_loss_ref(block, x, 0.25)
+    assert_close(block.aux_loss, want, 1e-12)
+    g_got = torch.autograd.grad(block.aux_loss, [block.q_proj.weight, block.k_proj.weight])
+    g_want = torch.autograd.grad(want, [block.q_proj.weight, block.k_proj.weight])
+    for got, ref in zip(g_got, g_want):
+        assert_close(got, ref, 1e-10)
+    assert g_got[0].abs().sum() > 0
+    block.eval()(x)
+    assert block.aux_loss is None
+    block.train()(x[:, :5], cache=block.init_cache(2, dtype=x.dtype))
+    assert block.aux_loss is None  # a cached (inference) step never adds it
+    make(case).train()(x)
+    assert getattr(make(case), "aux_loss", None) is None
+
+
+def test_memory_loss_counts_keys_within_each_document():
+    block = make("gqa", mem_loss_weight=1.0).train()
+    x = torch.randn(2, 17, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 11, [0] * 13 + [1] * 4])
+    block(x, seq_idx=seq_idx)
+    peaks = [max(float(selective_memory_ref(*projected_qkv(block, x[r:r + 1, s:e])[3:]).detach().max()) for s, e in row)
+             for r, row in enumerate(document_spans(seq_idx))]
+    assert_close(block.aux_loss, torch.tensor(sum(peaks) / 2 / 17, dtype=torch.float64), 1e-12)
+
+
+def test_memory_loss_refused_under_context_parallelism():
+    block = make("mha", mem_loss_weight=0.1).train()
+    with pytest.raises(ValueError, match="mem_loss_weight"):
+        block(torch.randn(1, 8, D_MODEL, dtype=torch.float64), cp=object())
+
+
+def test_training_on_the_memory_loss_frees_keys():
+    # The loss's gradient lowers the keys needed: a few steps on it alone shrink max_i M[i]. (Masking
+    # needs a later query, so query i always keeps key 0, key i - 1 and itself: M[i] >= 3.)
+    torch.manual_seed(0)
+    block = make("mha", dtype=torch.float32, std=0.1, mem_loss_weight=1.0).train()
+    x = torch.randn(4, 48, D_MODEL)
+    opt = torch.optim.Adam(block.parameters(), lr=3e-2)
+    block(x)
+    first = block.aux_loss.item()
+    for _ in range(30):
+        opt.zero_grad()
+        block(x)
+        block.aux_loss.backward()
+        opt.step()
+    block(x)
+    # From ~10 of 48 keys to ~5 (3 is the floor: BOS, the previous key and the query's own).
+    assert block.aux_loss.item() < 0.6 * first
+
+
+@pytest.mark.parametrize("field,value", [("kv_budget", 0), ("block_size", 0), ("n_kv_heads", 2),
+                                         ("mem_loss_weight", -0.1), ("mem_loss_tau", 0.0)])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(RecipeError, match=f"model.blocks.S.{field}"):
         load_recipe({"model": {"d_model": 24, "n_layers": 1, "pattern": "S",

@@ -12,6 +12,8 @@ from zoo.ops.selective import (
     selective_cache_step,
     selective_evict,
     selective_keep_index,
+    selective_memory,
+    selective_memory_ref,
 )
 
 F64 = torch.float64
@@ -87,6 +89,53 @@ def test_first_two_tokens_are_plain_causal_attention():
     logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
     p = logits.masked_fill(torch.ones(2, 2, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
     assert_close(selective_attention(q, k, v), torch.einsum("bhij,bjhd->bihd", p, v), TOL)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("block_size", BLOCKS)
+@pytest.mark.parametrize("length", LENGTHS)
+def test_memory_blocked_matches_ref(length, block_size, heads, kv_heads, tau):
+    q, k, _ = qkv(length, length, heads, kv_heads)
+    w = torch.randn(2, length, dtype=F64, generator=torch.Generator().manual_seed(3))
+    got = selective_memory(q, k, tau=tau, block_size=block_size)
+    want = selective_memory_ref(q, k, tau=tau)
+    grads = lambda m: torch.autograd.grad((m * w).sum(), [q, k])
+    assert_each_close(("M", "dq", "dk"), [got, *grads(got)], [want, *grads(want)], TOL)
+
+
+def test_memory_ref_counts_kept_keys_element_by_element():
+    # M[i] = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau with F[i, j] = sum over earlier queries of S.
+    q, k, _ = (t.detach() for t in qkv(7, 7, 2, 2, batch=1))
+    scale, L, tau = 1 / math.sqrt(q.shape[-1]), 7, 1.5
+    S = [[max(0.0, scale * float(q[0, i, 0] @ k[0, j, 0])) if 0 < j < i else 0.0 for j in range(L)] for i in range(L)]
+    Fm = [[sum(S[r][j] for r in range(i)) for j in range(L)] for i in range(L)]
+    want = [i + 1 - sum(min(Fm[i][j], tau) for j in range(i + 1)) / tau for i in range(L)]
+    got = selective_memory_ref(q, k, tau=tau)[0]
+    assert_close(got, torch.tensor(want, dtype=F64), 1e-12)
+    assert got[0] == 1 and got[1] == 2 and got.min() < L - 1  # selection starts at the third query
+
+
+def test_memory_reads_head_zero_only_and_is_all_keys_without_selection():
+    q, k, _ = (t.detach() for t in qkv(11, 11, 3, 3))
+    base = selective_memory(q, k, block_size=4)
+    q2, k2 = q.clone(), k.clone()
+    q2[:, :, 1:] += 5.0
+    k2[:, :, 1:] -= 5.0
+    assert_close(selective_memory(q2, k2, block_size=4), base, 1e-12)
+    # Head 0's logits all negative: S = 0, nothing is masked, M[i] = i + 1.
+    none = selective_memory(torch.ones_like(q), -torch.ones_like(k), block_size=4)
+    assert torch.equal(none, torch.arange(1, 12, dtype=F64).expand(2, 11))
+
+
+def test_memory_bad_inputs_raise():
+    q, k, _ = (t.detach() for t in qkv(5, 5, 2, 2))
+    with pytest.raises(ValueError, match="tau"):
+        selective_memory(q, k, tau=0.0)
+    with pytest.raises(ValueError, match="block_size"):
+        selective_memory(q, k, block_size=0)
+    with pytest.raises(ValueError, match="q, k"):
+        selective_memory(q, k[:, :4])
 
 
 def saved_numel(fn):

@@ -25,7 +25,7 @@ from zoo.distributed.selective import selective_cp
 from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
-from zoo.ops.selective import selective_attention, selective_cache_step
+from zoo.ops.selective import selective_attention, selective_cache_step, selective_memory
 from zoo.registry import register_block
 
 
@@ -33,6 +33,8 @@ from zoo.registry import register_block
 class SelectiveConfig(AttnConfig):
     block_size: int = 128              # queries per step of the memory-efficient path
     kv_budget: Optional[int] = None    # cached keys kept at inference; None: no pruning (exact)
+    mem_loss_weight: float = 0.0       # w of the memory loss (module docstring); 0: off
+    mem_loss_tau: float = 1.0          # F at which a key counts as gone in that loss
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,6 +43,10 @@ class SelectiveConfig(AttnConfig):
         if self.kv_budget is not None and (isinstance(self.kv_budget, bool) or self.kv_budget < 1):
             raise ValueError(f"kv_budget: must be null (no pruning) or an integer >= 1 (the first token is "
                              f"always kept), got {self.kv_budget}")
+        if not self.mem_loss_weight >= 0:
+            raise ValueError(f"mem_loss_weight: must be >= 0 (0 turns the memory loss off), got {self.mem_loss_weight}")
+        if not self.mem_loss_tau > 0:
+            raise ValueError(f"mem_loss_tau: must be > 0, got {self.mem_loss_tau}")
 
 
 @register_block("selective", config=SelectiveConfig)
@@ -52,7 +58,12 @@ class SelectiveAttention(CausalSelfAttention):
         is the BOS column that selection never touches and F accumulates from its own queries only,
         as for the document by itself. Exact, at one op call per document (packed rows hold few)."""
         check_block_documents(x, seq_idx, cache, cp)
+        self.aux_loss = None
+        wants_mem_loss = self.training and self.cfg.mem_loss_weight > 0 and cache is None
         if cp is not None:
+            if wants_mem_loss:
+                raise ValueError("mem_loss_weight: the memory loss is not computed under context parallelism; "
+                                 "set it to 0 or train without cp")
             return selective_cp(self, x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache["pos"]
@@ -63,6 +74,8 @@ class SelectiveAttention(CausalSelfAttention):
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if wants_mem_loss:
+            self.aux_loss = self._memory_loss(q, k, seq_idx)
         impl = kernels_of(self).get("selective_attention", "auto")
         if seq_idx is not None:
             out = per_document(lambda q_, k_, v_: selective_attention(q_, k_, v_, block_size=self.cfg.block_size,
@@ -73,6 +86,11 @@ class SelectiveAttention(CausalSelfAttention):
             out = self._through_cache(q, k, v, cache)
             cache["pos"] = start + t
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _memory_loss(self, q, k, seq_idx):
+        memory = lambda q_, k_: selective_memory(q_, k_, tau=self.cfg.mem_loss_tau, block_size=self.cfg.block_size)
+        kept = memory(q, k) if seq_idx is None else per_document(memory, seq_idx, q, k)
+        return self.cfg.mem_loss_weight * (kept.max(1).values / q.shape[1]).mean()
 
     def _through_cache(self, q, k, v, cache):
         budget, t = self.cfg.kv_budget, q.shape[1]

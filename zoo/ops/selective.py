@@ -38,6 +38,15 @@ checkpointed and recomputed in the backward, which keeps activation memory at th
 float64 for float64 inputs; the output comes back in q's dtype, scores in that accumulation dtype.
 `impl="triton"` runs the same math as fused Triton kernels (`zoo.ops.triton.selective`: a column-sum
 pass, a flash-style forward and a key-block-parallel backward, derived in that module's docstring).
+
+Memory loss (the paper's auxiliary loss that trains a model to need fewer keys, as we read it): a key
+whose F reached tau counts as gone for query i, one below it as partly kept, so query i needs
+
+    M[i] = (i + 1) - sum_{j <= i} min(F[i, j], tau) / tau          keys (of the i + 1 it can see);
+
+`selective_memory` returns M for every query (head 0's logits only, by query blocks like the forward,
+torch only), and the block turns max_i M[i] / length into its auxiliary loss (`zoo.blocks.selective`).
+Its gradient raises S (through head 0's q and k) on keys whose F is still below tau.
 """
 from __future__ import annotations
 
@@ -56,6 +65,8 @@ __all__ = [
     "selective_cache_step",
     "selective_evict",
     "selective_keep_index",
+    "selective_memory",
+    "selective_memory_ref",
 ]
 
 Cache = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -112,6 +123,47 @@ def _query_block(q, k, v, carry, first, scale):
     p = (logits - f[:, None, None]).masked_fill(kpos > qpos, -math.inf).softmax(-1)
     out = torch.einsum("bngij,bjnd->bingd", p, v).reshape(b, n, h, v.shape[3])
     return out, s.sum(1)
+
+
+def selective_memory(q, k, scale: Optional[float] = None, *, tau: float = 1.0, block_size: int = 256):
+    """Keys each query still needs, M [batch, L] (see the module docstring), for a whole sequence.
+
+    q [batch, L, heads, head_dim], k [batch, L, kv_heads, head_dim]; only head 0 is read (the
+    selection head). Blocks of queries carry the column sums of S as the forward does, so one block's
+    [batch, block, L] logits exist at a time (checkpointed under autograd). Accumulates in float32
+    (float64 for float64 inputs) and returns that dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q, k: expected [batch, L, heads, head_dim] with the same batch, L and head_dim, got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if not tau > 0:
+        raise ValueError(f"tau: must be > 0, got {tau}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
+    acc = _acc_dtype(q.dtype)
+    q0, k0 = q[:, :, 0].to(acc), k[:, :, 0].to(acc)
+    scale = _default_scale(q, scale)
+    b, length = q0.shape[:2]
+    track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    carry, kept = q0.new_zeros(b, length), []
+    for qs in range(0, length, block_size):
+        qe = min(qs + block_size, length)
+        args = (q0[:, qs:qe], k0[:, :qe], carry[:, :qe], qs, scale, float(tau))
+        m, colsum = checkpoint(_memory_block, *args, use_reentrant=False) if track else _memory_block(*args)
+        kept.append(m)
+        carry = torch.cat([carry[:, :qe] + colsum, carry[:, qe:]], 1)
+    return torch.cat(kept, 1) if kept else q0.new_zeros(b, 0)
+
+
+def _memory_block(q0, k0, carry, first, scale, tau):
+    """Queries first.. (head 0) against keys [0, kend): (M [b, n], column sums of S [b, kend])."""
+    n, kend = q0.shape[1], k0.shape[1]
+    qpos = torch.arange(first, first + n, device=q0.device)[:, None]
+    kpos = torch.arange(kend, device=q0.device)[None, :]
+    s = (q0 @ k0.transpose(1, 2) * scale).relu().masked_fill((kpos >= qpos) | (kpos == 0), 0.0)
+    f = carry[:, None, :] + F.pad(s.cumsum(1), (0, 0, 1, 0))[:, :n]
+    gone = f.clamp(max=tau).masked_fill(kpos > qpos, 0.0).sum(-1) / tau
+    return (qpos[:, 0] + 1).to(f.dtype) - gone, s.sum(1)
 
 
 def selective_keep_index(scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -201,6 +253,20 @@ def selective_attention_ref(q, k, v, scale: Optional[float] = None, *, scores: O
         return out
     final = s.sum(1) + (F.pad(scores.to(acc), (0, lq)) if scores is not None else 0)
     return out, final
+
+
+def selective_memory_ref(q, k, scale: Optional[float] = None, *, tau: float = 1.0):
+    """Dense twin of `selective_memory`: the whole [L, L] F of head 0 at once."""
+    acc = _acc_dtype(q.dtype)
+    q0, k0 = q[:, :, 0].to(acc), k[:, :, 0].to(acc)
+    length = q0.shape[1]
+    qpos = torch.arange(length, device=q.device)[:, None]
+    kpos = torch.arange(length, device=q.device)[None, :]
+    logits = q0 @ k0.transpose(1, 2) * _default_scale(q, scale)
+    s = torch.where((kpos < qpos) & (kpos > 0), logits.relu(), torch.zeros_like(logits))
+    f = torch.cumsum(s, dim=1) - s
+    gone = torch.where(kpos <= qpos, torch.clamp(f, max=tau), torch.zeros_like(f)).sum(-1) / tau
+    return (qpos[:, 0] + 1).to(acc) - gone
 
 
 # ----------------------------------------------------------------------------------------------
