@@ -27,6 +27,7 @@ OOM_EXIT = 77
 
 
 def _kb(field: str) -> int:
+    """A /proc/self/status field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -98,20 +99,18 @@ def _rank(rank, world, init_file, spec, results):
         os._exit(0)
 
 
-def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[str] = None,
-            tokens: Optional[list] = None, cap_gb: Optional[float] = None, layout: str = "zigzag",
-            timeout: float = 1800.0) -> dict:
-    """One measurement on `world_size` fresh gloo processes; a record with status ok / OOM / error / timeout."""
+def run_ranks(target, world_size: int, args_of, timeout: float):
+    """Run `target(*args_of(rank, init_file), results)` in `world_size` spawned processes that meet at a
+    fresh gloo rendezvous file, and collect the (rank, status, payload) each puts on `results` until every
+    rank reported, a rank left with OOM_EXIT, all exited, or `timeout` passed. Stragglers are killed.
+    Returns ({rank: payload} of "ok" ranks, {rank: payload} of the others, exit codes)."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="zoo_cp_cell_")
+    fd, init_file = tempfile.mkstemp(prefix="zoo_ranks_")
     os.close(fd)
-    os.unlink(init_file)
-    spec = {"recipe": recipe, "checkpoint": checkpoint, "context": int(context), "layout": layout,
-            "tokens": None if tokens is None else [int(t) for t in tokens[:context]],
-            "cap_bytes": int(cap_gb * 2**30) if cap_gb else None, "timeout": timeout}
+    os.unlink(init_file)  # gloo's file store wants to create it
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world_size, init_file, spec, results)) for r in range(world_size)]
+    procs = [ctx.Process(target=target, args=(*args_of(r, init_file), results)) for r in range(world_size)]
     for p in procs:
         p.start()
     got, errors = {}, {}
@@ -125,14 +124,26 @@ def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[st
             continue
         (got if status == "ok" else errors)[rank] = payload
     for p in procs:
-        p.join(timeout=10 if len(got) == world_size else 1)
+        p.join(timeout=30 if len(got) == world_size else 1)
         if p.is_alive():
             p.kill()
             p.join()
     if os.path.exists(init_file):
         os.unlink(init_file)
+    return got, errors, [p.exitcode for p in procs]
+
+
+def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[str] = None,
+            tokens: Optional[list] = None, cap_gb: Optional[float] = None, layout: str = "zigzag",
+            timeout: float = 1800.0) -> dict:
+    """One measurement on `world_size` fresh gloo processes; a record with status ok / OOM / error / timeout."""
+    spec = {"recipe": recipe, "checkpoint": checkpoint, "context": int(context), "layout": layout,
+            "tokens": None if tokens is None else [int(t) for t in tokens[:context]],
+            "cap_bytes": int(cap_gb * 2**30) if cap_gb else None, "timeout": timeout}
+    got, errors, exitcodes = run_ranks(_rank, world_size, lambda rank, init_file: (rank, world_size, init_file, spec),
+                                       timeout)
     base = {"world_size": world_size, "context": int(context), "layout": layout}
-    if any(p.exitcode == OOM_EXIT for p in procs):
+    if OOM_EXIT in exitcodes:
         return {**base, "status": "OOM", "cap_gb": cap_gb}
     if len(got) < world_size and not errors:
         return {**base, "status": "timeout", "timeout_s": timeout}

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
-import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -38,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+from evals.context_parallel import _kb, run_ranks  # noqa: E402
 
 BLOCKS = {
     "attn": dict(n_heads=4),
@@ -53,14 +52,6 @@ BLOCKS = {
 }
 RECIPES = ("taipan", "jamba")
 RING_HEADS, RING_HEAD_DIM, RING_BLOCK = 4, 64, 512
-
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def _reset_peak():
@@ -209,31 +200,8 @@ def _ring_errors(impl, length, world, rank, group):
 # The parent: one fresh set of W processes per measurement.
 
 def measure(case, d_model, length, world, check_length=0, timeout=3600):
-    ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="zoo_bench_cp_")
-    os.close(fd)
-    os.unlink(init_file)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(case, d_model, length, check_length, r, world, init_file, results))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    got, errors = {}, {}
-    deadline = time.monotonic() + timeout
-    while len(got) + len(errors) < world and time.monotonic() < deadline:
-        try:
-            rank, status, payload = results.get(timeout=5)
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                break
-            continue
-        (got if status == "ok" else errors)[rank] = payload
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    if os.path.exists(init_file):
-        os.unlink(init_file)
+    got, errors, _ = run_ranks(_rank_main, world, lambda rank, init_file: (case, d_model, length, check_length, rank,
+                                                                          world, init_file), timeout)
     if errors or len(got) < world:
         raise RuntimeError(f"{case} W={world} failed: " + "\n".join(f"rank {r}: {e}" for r, e in errors.items()))
     rec = {"case": case, "world_size": world, "length": length,
