@@ -116,3 +116,27 @@ def projected_qkv(block, x: torch.Tensor):
     q, k, v = (proj(x).view(b, t, -1, hd) for proj in (block.q_proj, block.k_proj, block.v_proj))
     cos, sin = rope_cos_sin(torch.arange(t), hd, block.cfg.rope_base)
     return q, k, v, apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+# Small configurations of every registered block, one pattern letter each: the hybrid that the model,
+# decoding and context-parallel tests build (`every_block_recipe`).
+EVERY_BLOCK = {
+    "A": {"type": "attn", "n_heads": 2, "n_kv_heads": 1},
+    "S": {"type": "swa", "n_heads": 2, "window": 5, "block_size": 4},
+    "B": {"type": "blockwise", "n_heads": 2, "block_size": 4, "ffn": {"chunk": 5}},
+    "R": {"type": "ring", "n_heads": 2, "block_size": 3},
+    "I": {"type": "infini", "n_heads": 2, "segment_len": 4},
+    "L": {"type": "selective", "n_heads": 2, "block_size": 4},
+    "T": {"type": "taipan", "n_heads": 2, "window": 6, "capacity": 0.5},
+    "M": {"type": "mamba", "d_state": 4, "ffn": "none"},
+    "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
+}
+
+
+def every_block_recipe(name: str, d_model: int, vocab_size: int, seq_len: int, **model) -> dict:
+    """A recipe mapping with one layer of each block in EVERY_BLOCK (MLP FFNs, mult 2)."""
+    return {"name": name,
+            "model": {"d_model": d_model, "n_layers": len(EVERY_BLOCK), "vocab_size": vocab_size,
+                      "pattern": "".join(EVERY_BLOCK), "blocks": EVERY_BLOCK, "ffn": {"type": "mlp", "mult": 2},
+                      **model},
+            "train": {"seq_len": seq_len}}

@@ -7,31 +7,17 @@ import torch
 import torch.distributed as dist
 
 import zoo
-from tests.helpers import rel_err
+from tests.helpers import EVERY_BLOCK, every_block_recipe, rel_err
 from zoo.distributed import ContextParallel, all_reduce_grads, shard
 from zoo.model import IGNORE_INDEX
 
 TOL = 1e-10
 VOCAB = 37
-BLOCKS = {
-    "A": {"type": "attn", "n_heads": 2, "n_kv_heads": 1},
-    "S": {"type": "swa", "n_heads": 2, "window": 5, "block_size": 4},
-    "B": {"type": "blockwise", "n_heads": 2, "block_size": 4},
-    "R": {"type": "ring", "n_heads": 2, "block_size": 3},
-    "I": {"type": "infini", "n_heads": 2, "segment_len": 4},
-    "L": {"type": "selective", "n_heads": 2, "block_size": 4},
-    "T": {"type": "taipan", "n_heads": 2, "window": 6, "capacity": 0.5},
-    "M": {"type": "mamba", "d_state": 4, "ffn": "none"},
-    "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
-}
-RECIPE = {"name": "every-block-cp",
-          "model": {"d_model": 16, "n_layers": len(BLOCKS), "vocab_size": VOCAB, "pattern": "".join(BLOCKS),
-                    "blocks": BLOCKS, "ffn": {"type": "mlp", "mult": 2}, "init_std": 0.2},
-          "train": {"seq_len": 64}}
+RECIPE = every_block_recipe("every-block-cp", d_model=16, vocab_size=VOCAB, seq_len=64, init_std=0.2)
 
 
 def test_covers_every_registered_block():
-    assert {b["type"] for b in BLOCKS.values()} == set(zoo.list_blocks())
+    assert {b["type"] for b in EVERY_BLOCK.values()} == set(zoo.list_blocks())
 
 
 def _model_vs_single(recipe, lengths):

@@ -2,27 +2,13 @@
 import torch
 
 import zoo
-from tests.helpers import assert_close
+from tests.helpers import EVERY_BLOCK, assert_close, every_block_recipe
 
-BLOCKS = {
-    "A": {"type": "attn", "n_heads": 2},
-    "S": {"type": "swa", "n_heads": 2, "window": 5, "block_size": 4},
-    "B": {"type": "blockwise", "n_heads": 2, "block_size": 4, "ffn": {"chunk": 5}},
-    "R": {"type": "ring", "n_heads": 2, "block_size": 3},
-    "I": {"type": "infini", "n_heads": 2, "segment_len": 4},
-    "L": {"type": "selective", "n_heads": 2, "block_size": 4},
-    "T": {"type": "taipan", "n_heads": 2, "window": 6, "capacity": 0.5},
-    "M": {"type": "mamba", "d_state": 4, "ffn": "none"},
-    "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
-}
-RECIPE = {"name": "every-block",
-          "model": {"d_model": 32, "n_layers": len(BLOCKS), "vocab_size": 61, "pattern": "".join(BLOCKS),
-                    "blocks": BLOCKS, "ffn": {"type": "mlp", "mult": 2}},
-          "train": {"seq_len": 32}}
+RECIPE = every_block_recipe("every-block", d_model=32, vocab_size=61, seq_len=32)
 
 
 def test_covers_every_registered_block():
-    assert {b["type"] for b in BLOCKS.values()} == set(zoo.list_blocks())
+    assert {b["type"] for b in EVERY_BLOCK.values()} == set(zoo.list_blocks())
 
 
 def test_forward_backward_and_decoding():
