@@ -1,4 +1,5 @@
 """Trainer: exact resume, kill-safe checkpoints, DDP == single process, clear errors."""
+import json
 import math
 import multiprocessing as mp
 import os
@@ -254,3 +255,19 @@ def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match=r"non-finite loss nan at step 3; the last good checkpoint is .*step-00000002"):
         trainer.train()
     zoo.load_checkpoint(tmp_path)
+
+
+def test_blocks_auxiliary_losses_are_trained_and_logged(tmp_path):
+    # The selective block's memory loss (and taipan's capacity loss) join the objective; the metrics log
+    # shows their sum per step, and plain blocks log none.
+    selective = {"type": "selective", "n_heads": 2, "mem_loss_weight": 0.5}
+    rec = zoo.load_recipe({**RECIPE, "model": {**RECIPE["model"], "pattern": "LA",
+                                               "blocks": {**RECIPE["model"]["blocks"], "L": selective}}})
+    trainer = Trainer(rec, ToyData(), tmp_path / "mem", device="cpu", progress=False, log=lambda s: None)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "mem" / "metrics.jsonl").read_text().splitlines()]
+    aux = [r["aux_loss"] for r in lines]
+    assert len(aux) == 6 and all(0 < a <= 0.5 for a in aux)  # w * max_i M / L is at most w
+    run(tmp_path / "plain", max_steps=2)
+    assert all("aux_loss" not in json.loads(line)
+               for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())

@@ -95,6 +95,7 @@ class Trainer:
         self.model.checkpoint_layers = self.cfg.activation_checkpointing
         self.step = 0
         self.tokens = 0
+        self.last_aux_loss: Optional[float] = None
         self.train_module = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
@@ -209,7 +210,7 @@ class Trainer:
 
     def train_step(self) -> float:
         self.train_module.train()
-        total = 0.0
+        total, aux_total = 0.0, None
         accum = self.cfg.grad_accum
         for micro in range(accum):
             batch = self._local(self.data.train_batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len))
@@ -219,10 +220,14 @@ class Trainer:
                 loss = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
             (loss * (self.cp / accum)).backward()
             total += out.loss.detach().float().item() / accum
+            if out.aux_loss is not None:
+                aux_total = (aux_total or 0.0) + out.aux_loss.detach().float().item() / accum
         if self.world > 1:
-            t = torch.tensor([total], device=self.device)
+            t = torch.tensor([total, aux_total or 0.0], device=self.device)
             dist.all_reduce(t)
-            total = t.item() / self.world
+            total = t[0].item() / self.world
+            aux_total = None if aux_total is None else t[1].item() / self.world
+        self.last_aux_loss = aux_total  # the blocks' auxiliary losses (taipan capacity, selective memory)
         if not math.isfinite(total):
             raise TrainingError(f"non-finite loss {total} at step {self.step}; the last good checkpoint is "
                                 f"{ckpt.latest_checkpoint(self.out / 'checkpoints')}")
@@ -270,6 +275,8 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tok_s": tok_s,
                           "time": elapsed}
+                if self.last_aux_loss is not None:
+                    record["aux_loss"] = self.last_aux_loss
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
                     val_loss, val_bpb = self.evaluate()
                     record.update(val_loss=val_loss, val_bpb=val_bpb)
@@ -279,11 +286,13 @@ class Trainer:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 if self.tb is not None:
-                    for k in ("loss", "lr", "tok_s", "val_loss", "val_bpb"):
+                    for k in ("loss", "aux_loss", "lr", "tok_s", "val_loss", "val_bpb"):
                         if k in record:
                             self.tb.add_scalar(k, record[k], self.step)
                 if bar is not None:
                     post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}", "lr": f"{lr:.2e}"}
+                    if self.last_aux_loss is not None:
+                        post["aux"] = f"{self.last_aux_loss:.3g}"
                     if val_bpb is not None:
                         post["val_bpb"] = f"{val_bpb:.3f}"
                     bar.set_postfix(post)
