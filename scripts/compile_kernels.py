@@ -4,8 +4,13 @@ pipeline and ptxas, and reports each kernel's shared memory against the target's
 runs, so the ops' outputs are garbage; the point is the errors that the interpreter (which the tests
 use) cannot show: types the compiler rejects, and kernels that would not fit the device.
 
-    .venv/bin/python scripts/compile_kernels.py                     # bf16, Mamba-2 / Mamba-1 shapes
+    .venv/bin/python scripts/compile_kernels.py                     # bf16, every op, default shapes
     .venv/bin/python scripts/compile_kernels.py --dtype fp32 --ops ssd
+    .venv/bin/python scripts/compile_kernels.py --ops selective_attention infini --head-dim 128 --dtype fp32
+
+Shapes: Mamba-2's head_dim 64 / d_state 128 (ssd), Mamba-1's d_state 16 (selective_scan), --head-dim
+for selective attention (8 heads over 4 kv heads) and Infini's memory kernels (both update rules; the
+op hands them float32, or float64 for float64 inputs).
 
 ptxas on large float32 tiles is slow (minutes per kernel on a small CPU). Ends with a `summary:` line;
 exits 1 if a kernel failed to compile or needs more shared memory than the target has.
@@ -28,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+OPS = ("ssd", "selective_scan", "selective_attention", "infini")
 SHARED_LIMIT = {90: 232448, 80: 166912}   # bytes of shared memory one block may use (opt-in maximum)
 DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
           torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
@@ -54,16 +60,18 @@ def signature(kernel, args, kwargs):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    ap.add_argument("--ops", nargs="+", choices=["ssd", "selective_scan"], default=["ssd", "selective_scan"])
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp64"], default="bf16")
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    ap.add_argument("--head-dim", type=int, default=64, help="selective_attention and infini head size")
     args = ap.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[args.dtype]
     target, limit = GPUTarget("cuda", args.arch, 32), SHARED_LIMIT[args.arch]
     results = {}
 
     def compile_launch(kernel, launch_args, launch_kwargs):
         sig, const = signature(kernel, launch_args, launch_kwargs)
-        name = kernel.fn.__name__
+        name = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.fn.__name__}" + "".join(
+            f" {k}={v}" for k, v in launch_kwargs.items() if k in ("DELTA",))
         if name in results:
             return
         try:
@@ -94,6 +102,20 @@ def main(argv=None):
                                           r(b, n, length), r(b, n, length), r(d), r(b, d, length), r(d), True,
                                           True, None)
         (out.float().sum() + last.float().sum()).backward()
+    hd = args.head_dim
+    if "selective_attention" in args.ops:
+        from zoo.ops.triton.selective import selective_attention_triton
+        out, final = selective_attention_triton(r(1, 100, 8, hd), r(1, 130, 4, hd), r(1, 130, 4, hd),
+                                                scores=torch.rand(1, 30), return_scores=True)
+        (out.float().sum() + final.sum()).backward()
+    if "infini" in args.ops:
+        from zoo.ops.triton.infini import infini_memory_triton
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        ra = lambda *shape: torch.randn(*shape, dtype=acc).requires_grad_()
+        for delta in (False, True):
+            mem, M, z = infini_memory_triton(ra(1, 130, 8, hd), ra(1, 130, 4, hd), ra(1, 130, 4, hd),
+                                             ra(1, 4, hd, hd), ra(1, 4, hd), 64, delta)
+            (mem.sum() + M.sum() + z.sum()).backward()
     bad = [k for k, v in results.items() if not v.get("fits", False)]
     print("summary: " + json.dumps({"target": f"sm_{args.arch}", "dtype": args.dtype, "kernels": results,
                                     "failed_or_too_big": bad}))
