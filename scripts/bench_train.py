@@ -319,7 +319,8 @@ def plot(out: Path):
         for c in curves:
             pts = [p for p in c["points"] if p["step"] > 0]
             ax.plot([p[key] for p in pts], [p["val_bpb"] for p in pts], marker=".",
-                    label=f"{c['recipe']} ({c['params']['total'] / 1e6:.1f}M)")
+                    label=f"{c['recipe']} ({c['params']['total'] / 1e6:.1f}M, {c['seq_len']} x {c['batch_size']}, "
+                          f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}, {c['budget_s'] / 60:.0f} {c['clock']} min)")
         ax.axhline(curves[0]["gzip9_bpb"], color="k", ls="--", lw=1, label=f"gzip -9 ({curves[0]['gzip9_bpb']:.3f})")
         ax.set_xlabel(label)
         ax.set_ylabel("validation bits per byte")
@@ -353,6 +354,9 @@ def main(argv=None):
     ap.add_argument("--llama-steps", type=int, default=5)
     ap.add_argument("--no-curves", action="store_true")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--score", default=None, metavar="CHECKPOINT",
+                    help="only score a trained checkpoint on the slice in windows of each --score-windows length")
+    ap.add_argument("--score-windows", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_train"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -360,6 +364,15 @@ def main(argv=None):
     summary = {}
     if args.plot_only:
         print(f"plot: {plot(args.out)}")
+        return 0
+    if args.score:
+        # What a shorter training window costs at evaluation: the same model, less context per window.
+        model = zoo.load_checkpoint(args.score).eval()
+        val = ValSlice(prepared_data(model.recipe), args.eval_segments, args.eval_segment)
+        scores = {w: round(val.bits_per_byte(model, w), 4) for w in args.score_windows}
+        for w, bpb in scores.items():
+            print(f"windows of {w}: {bpb:.4f} bpb")
+        print("summary: " + json.dumps({"checkpoint": args.score, "bpb_by_window": scores}))
         return 0
     budgets = {}
     for item in filter(None, args.budgets.split(",")):
