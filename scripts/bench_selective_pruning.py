@@ -66,18 +66,14 @@ def train_overrides(context: int, steps: int, mem_loss: float = 0.0) -> list[str
             *([f"model.blocks.A.mem_loss_weight={mem_loss / N_LAYERS}"] if mem_loss else [])]
 
 
-def run_name(recipe: str, context: int, mem_loss: float) -> str:
-    return f"selective-mem{mem_loss:g}-{context}" if recipe == "selective" and mem_loss else f"{recipe}-{context}"
-
-
 def ensure_trained(recipe: str, context: int, steps: int, runs: Path, train: bool, mem_loss: float = 0.0) -> Path:
-    out = runs / run_name(recipe, context, mem_loss)
+    mem_loss = mem_loss if recipe == "selective" else 0.0   # the transformer has nothing to prune
+    out = runs / (f"selective-mem{mem_loss:g}-{context}" if mem_loss else f"{recipe}-{context}")
     if latest_checkpoint(out / "checkpoints") is None:
         if not train:
             sys.exit(f"no checkpoint under {out}: pass --train to train it ({recipe}, context {context})")
-        overrides = train_overrides(context, steps, mem_loss if recipe == "selective" else 0.0)
         cmd = [sys.executable, str(ROOT / "scripts/train.py"), str(ROOT / f"recipes/{recipe}.yaml"),
-               *overrides, "--out", str(out), "--no-progress"]
+               *train_overrides(context, steps, mem_loss), "--out", str(out), "--no-progress"]
         print("training: " + shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return latest_checkpoint(out / "checkpoints")

@@ -146,7 +146,6 @@ class ZooGenerationCache(Cache):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor):
-        idx = indices.tolist()
         self.zoo.layers = [_select_groups(c, indices) if isinstance(c, list) else _index_rows(c, indices)
                            for c in self.zoo.layers]
         if self.row_start is not None:

@@ -113,16 +113,24 @@ def selective_attention(q, k, v, scale: Optional[float] = None, *, scores: Optio
 def _query_block(q, k, v, carry, first, scale):
     """Queries at key positions first.. against keys [0, kend): (out [b, B, h, d], column sums of S [b, kend])."""
     b, n, h, d = q.shape
-    kend, hk = k.shape[1], k.shape[2]
-    qpos = torch.arange(first, first + n, device=q.device)[:, None]
-    kpos = torch.arange(kend, device=q.device)[None, :]
+    hk = k.shape[2]
     logits = torch.einsum("bingd,bjnd->bngij", q.view(b, n, hk, h // hk, d), k) * scale
-    s = logits[:, 0, 0].relu().masked_fill((kpos >= qpos) | (kpos == 0), 0.0)
-    # Row i of F is the carry plus the rows above i within this block (strictly earlier queries).
-    f = carry[:, None, :] + F.pad(s.cumsum(1), (0, 0, 1, 0))[:, :n]
+    s, f, qpos, kpos = _selection(logits[:, 0, 0], carry, first)
     p = (logits - f[:, None, None]).masked_fill(kpos > qpos, -math.inf).softmax(-1)
     out = torch.einsum("bngij,bjnd->bingd", p, v).reshape(b, n, h, v.shape[3])
     return out, s.sum(1)
+
+
+def _selection(logits0, carry, first):
+    """Head 0's scaled logits [b, n, kend] of the queries at key positions first.. -> (S, F rows, qpos
+    [n, 1], kpos [1, kend]): S with the BOS column, the diagonal and the future zeroed, F = the carried
+    column sums plus the rows of S above each query within the block (strictly earlier queries)."""
+    n, kend = logits0.shape[-2:]
+    qpos = torch.arange(first, first + n, device=logits0.device)[:, None]
+    kpos = torch.arange(kend, device=logits0.device)[None, :]
+    s = logits0.relu().masked_fill((kpos >= qpos) | (kpos == 0), 0.0)
+    f = carry[:, None, :] + F.pad(s.cumsum(1), (0, 0, 1, 0))[:, :n]
+    return s, f, qpos, kpos
 
 
 def selective_memory(q, k, scale: Optional[float] = None, *, tau: float = 1.0, block_size: int = 256):
@@ -157,11 +165,7 @@ def selective_memory(q, k, scale: Optional[float] = None, *, tau: float = 1.0, b
 
 def _memory_block(q0, k0, carry, first, scale, tau):
     """Queries first.. (head 0) against keys [0, kend): (M [b, n], column sums of S [b, kend])."""
-    n, kend = q0.shape[1], k0.shape[1]
-    qpos = torch.arange(first, first + n, device=q0.device)[:, None]
-    kpos = torch.arange(kend, device=q0.device)[None, :]
-    s = (q0 @ k0.transpose(1, 2) * scale).relu().masked_fill((kpos >= qpos) | (kpos == 0), 0.0)
-    f = carry[:, None, :] + F.pad(s.cumsum(1), (0, 0, 1, 0))[:, :n]
+    s, f, qpos, kpos = _selection(q0 @ k0.transpose(1, 2) * scale, carry, first)
     gone = f.clamp(max=tau).masked_fill(kpos > qpos, 0.0).sum(-1) / tau
     return (qpos[:, 0] + 1).to(f.dtype) - gone, s.sum(1)
 
