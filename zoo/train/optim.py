@@ -3,6 +3,10 @@
 No weight decay on norms, biases, embeddings or anything a block marks `_no_weight_decay` (Mamba's
 A_log and D: decaying them toward 0 changes the dynamics, not just the scale). A block may ask for a
 per-parameter learning-rate multiplier with `param._lr_mult = x` (Infini-attention's gate).
+
+The groups are decided by parameter name and bound to the parameters only when the optimizer is built:
+FSDP2's `fully_shard` replaces every parameter, and with it these tags, but keeps the names; so a wrapped
+model gets the groups of `param_groups(model)` taken before wrapping.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def _no_decay_names(model: nn.Module) -> set:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[{"names", "weight_decay", "lr_mult"}]: the trainable parameters by name, grouped by their settings."""
     no_decay = _no_decay_names(model)
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[tuple, dict] = {}
@@ -32,17 +37,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         decay = 0.0 if (name in no_decay or id(p) in emb_ids) else weight_decay
         mult = float(getattr(p, "_lr_mult", 1.0))
-        group = groups.setdefault((decay, mult), {"params": [], "names": [], "weight_decay": decay, "lr_mult": mult})
-        group["params"].append(p)
+        group = groups.setdefault((decay, mult), {"names": [], "weight_decay": decay, "lr_mult": mult})
         group["names"].append(name)
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
-    groups = param_groups(model, train_cfg.weight_decay)
-    for g in groups:
-        g["lr"] = train_cfg.lr * g["lr_mult"]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
+def build_optimizer(model: nn.Module, train_cfg, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over `groups` (from `param_groups`; by default those of `model` as it is now), each name bound
+    to the parameter `model` holds under it now: pass the groups taken before `fully_shard`."""
+    if groups is None:
+        groups = param_groups(model, train_cfg.weight_decay)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grouped = [n for g in groups for n in g["names"]]
+    if sorted(grouped) != sorted(params):
+        raise ValueError(f"optimizer groups name other parameters than the model's: only in the groups "
+                         f"{sorted(set(grouped) - set(params))}, "
+                         f"only in the model {sorted(set(params) - set(grouped))}")
+    return torch.optim.AdamW(
+        [{**g, "params": [params[n] for n in g["names"]], "lr": train_cfg.lr * g["lr_mult"]} for g in groups],
+        lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

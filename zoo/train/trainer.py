@@ -31,7 +31,7 @@ import torch.distributed as dist
 from zoo.config import Recipe
 from zoo.model import ZooLM
 from zoo.train import checkpoint as ckpt
-from zoo.train.optim import build_optimizer, build_scheduler
+from zoo.train.optim import build_optimizer, build_scheduler, param_groups
 
 
 class TrainingError(RuntimeError):
@@ -96,8 +96,9 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.last_aux_loss: Optional[float] = None
+        groups = param_groups(self.model, self.cfg.weight_decay)  # by name: fully_shard drops the blocks' tags
         self.train_module = self._wrap(self.model)
-        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.optimizer = build_optimizer(self.model, self.cfg, groups)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         if resume:
             self._resume(resume)
