@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -165,15 +166,37 @@ def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
     if not path.is_file():
         where = f" (extended from {seen[-1]})" if seen else ""
         raise RecipeError(f"recipe file not found: {path}{where}")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        raise RecipeError(_yaml_error(path, err)) from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file (a recipe is YAML)") from None
     if not isinstance(raw, DictConfig):
         raise RecipeError(f"{path}: a recipe is a mapping with keys name, extends, model, train")
+    if not raw:
+        raise RecipeError(f"{path}: empty recipe file (expected a mapping with keys name, extends, model, train)")
+    # A file without its own name is named after itself, not after the file it extends, so two recipes
+    # extending one base never share runs/<name>.
+    own_name = "name" in raw
     if "extends" in raw:
         base = _load_raw(path.parent / str(raw.extends), (*seen, path))
         raw = OmegaConf.merge(base, {k: v for k, v in raw.items() if k != "extends"})
-    if "name" not in raw and not seen:
+    if not own_name and not seen:
         raw.name = path.stem
     return raw
+
+
+def _yaml_error(path: Path, err) -> str:
+    """One line from PyYAML's multi-line message: where the parser stopped, what it found, and where the
+    construct it was reading began."""
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
+    context = ""
+    if err.context and err.problem and err.context_mark is not None:
+        context = f" ({err.context} at line {err.context_mark.line + 1}, column {err.context_mark.column + 1})"
+    return f"{where}: YAML syntax error: {problem}{context}"
 
 
 def _ffn_config(default: FfnConfig, override, path: str) -> FfnConfig:
@@ -238,12 +261,19 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     name = raw.get("name") or ""
     if not isinstance(name, str):
         raise RecipeError(f"name: expected a string, got {name!r}")
-    layers_by_letter = {letter: _layer_spec(letter, spec, model, train.seq_len)
-                        for letter, spec in model.blocks.items() if letter in model.pattern}
-    layers = [layers_by_letter[letter] for letter in _expand_pattern(model)]
-    # Keep the block specs as plain, fully-defaulted dicts so to_yaml() round-trips.
+    # Every defined letter is validated, used by the pattern or not: a typo in a spare block (one a
+    # recipe extending this one may switch on) fails here, not in someone else's run.
+    for letter in model.blocks:
+        if len(str(letter)) != 1 or str(letter).isspace():
+            raise RecipeError(f"model.blocks.{letter}: a block letter is one non-space character, got {letter!r} "
+                              f"(model.pattern names one letter per layer)")
+    layers_by_letter = {letter: _layer_spec(letter, spec, model, train.seq_len) for letter, spec in model.blocks.items()}
+    letters = _expand_pattern(model)
+    layers = [layers_by_letter[letter] for letter in letters]
+    # Keep the used block specs as plain, fully-defaulted dicts so to_yaml() round-trips (and describes
+    # the model built, as checkpoints' recipe.yaml always has).
     model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn)}
-                    for letter, s in layers_by_letter.items()}
+                    for letter, s in layers_by_letter.items() if letter in letters}
     return Recipe(name or "recipe", model, train, layers, source)
 
 

@@ -93,3 +93,61 @@ def test_registry_miss_suggests():
     with pytest.raises(KeyError) as err:
         zoo.get_block("mamba3" if "mamba2" in zoo.list_blocks() else "blockwize")
     assert "did you mean" in str(err.value) and "known:" in str(err.value)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("model:\n  d_model: [64, 2\n  n_layers: 2\n", ["line 3, column 11", "YAML syntax error", "expected ',' or ']'",
+                                                    "flow sequence at line 2, column 12"]),
+    ("model:\n  d_model: 64\n   n_layers: 2\n", ["line 3, column 12", "mapping values are not allowed"]),
+    ("model: {d_model: 64}\nmodel: {d_model: 32}\n", ["line 2, column 1", "duplicate key model"]),
+], ids=["flow", "indent", "duplicate"])
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text, words):
+    path = _write(tmp_path, text)
+    with pytest.raises(RecipeError) as err:
+        zoo.load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line ") and "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "{}\n"])
+def test_empty_recipe_file(tmp_path, text):
+    path = _write(tmp_path, text)
+    with pytest.raises(RecipeError, match=rf"^{path}: empty recipe file \(expected a mapping with keys name, extends"):
+        zoo.load_recipe(path)
+
+
+def test_empty_base_file_is_named(tmp_path):
+    _write(tmp_path, "", "base.yaml")
+    child = _write(tmp_path, "extends: base.yaml\nname: child\n", "child.yaml")
+    with pytest.raises(RecipeError, match=r"base\.yaml: empty recipe file"):
+        zoo.load_recipe(child)
+
+
+# Letters the pattern does not use are validated all the same (a recipe extending this one may use them).
+SPARE = [
+    ("Z: {type: swq, n_heads: 4}", ["model.blocks.Z.type", "'swq'", "did you mean 'swa'", "known:"]),
+    ("Z: {type: swa, n_heads: 4, windw: 8}", ["model.blocks.Z.windw", "unknown key", "window"]),
+    ("Z: {type: swa, n_heads: 4, window: 8192}", ["model.blocks.Z.window", "8192", "train.seq_len 64"]),
+    ("Z: {type: swa, n_heads: 4, ffn: {type: geglu}}", ["model.blocks.Z.ffn.type", "'geglu'"]),
+    ("Z: {n_heads: 4}", ["model.blocks.Z.type: missing", "known:"]),
+    ("ZZ: {type: swa, n_heads: 4}", ["model.blocks.ZZ", "one non-space character", "'ZZ'"]),
+]
+
+
+@pytest.mark.parametrize("spec,words", SPARE, ids=[s[0].split(":")[0] + str(i) for i, s in enumerate(SPARE)])
+def test_unused_block_letter_is_validated(tmp_path, spec, words):
+    path = _write(tmp_path, GOOD.replace("    S: {type: swa, n_heads: 4, window: 16}",
+                                         "    S: {type: swa, n_heads: 4, window: 16}\n    " + spec))
+    with pytest.raises(RecipeError) as err:
+        zoo.load_recipe(path)
+    for word in words:
+        assert word in str(err.value), f"{word!r} missing from: {err.value}"
+
+
+def test_valid_unused_letter_loads_and_is_left_out_of_the_resolved_recipe(tmp_path):
+    path = _write(tmp_path, GOOD.replace("    S: {type: swa, n_heads: 4, window: 16}",
+                                         "    S: {type: swa, n_heads: 4, window: 16}\n    Z: {type: mamba2}"))
+    recipe = zoo.load_recipe(path)
+    assert sorted(recipe.model.blocks) == ["A", "S"]

@@ -73,3 +73,16 @@ def test_resolved_yaml_round_trips(recipes_dir, tmp_path):
     again = zoo.load_recipe(_write(tmp_path, "again.yaml", recipe.to_yaml()))
     assert again.to_dict() == recipe.to_dict()
     assert [(layer.type, layer.cfg) for layer in again.layers] == [(layer.type, layer.cfg) for layer in recipe.layers]
+
+
+def test_a_recipe_extending_another_without_a_name_is_named_after_its_file(tmp_path):
+    _write(tmp_path, "base.yaml", """
+        name: base
+        model: {d_model: 32, n_layers: 1, pattern: "A", blocks: {A: {type: attn, n_heads: 2}}}
+        train: {seq_len: 16}
+    """)
+    _write(tmp_path, "wide.yaml", "extends: base.yaml\nmodel: {d_model: 64}\n")
+    _write(tmp_path, "deep.yaml", "extends: base.yaml\nmodel: {n_layers: 2}\n")
+    _write(tmp_path, "deeper.yaml", "extends: deep.yaml\nmodel: {n_layers: 4}\n")
+    names = {stem: zoo.load_recipe(tmp_path / f"{stem}.yaml").name for stem in ("base", "wide", "deep", "deeper")}
+    assert names == {"base": "base", "wide": "wide", "deep": "deep", "deeper": "deeper"}
