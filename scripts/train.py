@@ -6,6 +6,10 @@
 
 Prints the parameter count and the layer table, shows a progress bar (loss, tokens/s, lr, ETA), writes
 metrics.jsonl and checkpoints under --out, and ends with one machine-readable summary line.
+
+--out holds one run: a directory with another run's checkpoints or metrics is refused unless --resume auto
+continues it or --overwrite moves it aside. SIGTERM or Ctrl-C saves a checkpoint after the current step
+and exits 0 (a second Ctrl-C exits at once); --resume auto then continues where it stopped.
 """
 import argparse
 import json
@@ -21,6 +25,7 @@ import torch.distributed as dist  # noqa: E402
 
 import zoo  # noqa: E402
 from zoo.train.checkpoint import CheckpointError  # noqa: E402
+from zoo.train.run_dir import RunDirError  # noqa: E402
 from zoo.data import DataError  # noqa: E402
 from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
 
@@ -30,7 +35,9 @@ def main(argv=None):
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=100")
     ap.add_argument("--out", default=None, help="run directory (default runs/<recipe name>)")
-    ap.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --out) or a path")
+    ap.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --out that loads) or a path")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--out holds another run: move it into --out/replaced-<time>/ and start over")
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare train.corpus)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tensorboard", action="store_true")
@@ -51,15 +58,18 @@ def main(argv=None):
         recipe = zoo.load_recipe(args.recipe, args.overrides)
         out = Path(args.out or Path("runs") / recipe.name)
         data = prepared_data(recipe, args.data, log=say)
-        trainer = Trainer(recipe, data, out, device=args.device, resume=args.resume,
+        trainer = Trainer(recipe, data, out, device=args.device, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress, tensorboard=args.tensorboard, log=say, cp=args.cp)
         say(trainer.model.describe())
         n = trainer.model.num_params()
         say(f"parameters: {n['total']:,} ({n['non_embedding']:,} non-embedding); data: {data.describe()}")
         result = trainer.train()
-    except (zoo.RecipeError, CheckpointError, TrainingError, DataError) as err:
+    except (zoo.RecipeError, CheckpointError, TrainingError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one before it started
+        print("interrupted: stopped at once, without a checkpoint", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -67,6 +77,8 @@ def main(argv=None):
                "val_loss": result.val_loss and round(result.val_loss, 4),
                "val_bpb": result.val_bpb and round(result.val_bpb, 4), "tokens": result.tokens,
                "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}
+    if result.stopped:
+        summary["stopped"] = result.stopped
     say("summary: " + json.dumps(summary))
     return 0
 

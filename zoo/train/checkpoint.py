@@ -7,9 +7,13 @@ renamed into place: a rename is atomic, so a kill at any moment leaves either th
 checkpoints or the old set plus the new one, never a half-written `step-*`. Old checkpoints are
 first renamed out of the `step-*` namespace, then deleted. Loading never unpickles arbitrary
 objects: weights come from safetensors, the rest from JSON and `torch.load(weights_only=True)`.
+A save that fails (disk full, no permission) removes its temporary directory and raises one
+CheckpointError naming the checkpoint and the OS error; a file that fails to load is a CheckpointError
+naming the file, never a library's traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -61,25 +65,46 @@ def save_checkpoint(root, step: int, model_state: dict, recipe: Recipe, train_st
     (optimizer, scheduler, RNG) loadable with weights_only=True; info: JSON-serialisable trainer state.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors, aliases = _dedup_tied(model_state)
-    save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-    torch.save(train_state or {}, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **(info or {})}, indent=1))
-    (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-    for name in FILES:
-        _fsync(tmp / name)
-    _fsync(tmp)
-    if final.exists():  # re-saving the same step: move the old one out of the namespace first
-        final.rename(root / f".old-{final.name}-{os.getpid()}")
-    os.rename(tmp, final)
-    _fsync(root)
+    old = root / f".old-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors, aliases = _dedup_tied(model_state)
+        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        torch.save(train_state or {}, tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **(info or {})}, indent=1))
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():  # re-saving the same step: move the old one out of the namespace first
+            final.rename(old)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException as err:  # a KeyboardInterrupt too: never leave a .tmp-* behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        if not isinstance(err, (OSError, RuntimeError, SafetensorError)):
+            raise
+        previous = latest_checkpoint(root)
+        raise CheckpointError(f"checkpoint: could not write {final} ({reason(err)}); "
+                              + (f"the previous checkpoint {previous} is kept" if previous else
+                                 "no earlier checkpoint exists")) from None
     _prune(root, keep_last)
     return final
+
+
+def reason(err: BaseException) -> str:
+    """An OS error as 'No space left on device (ENOSPC)'; a library's error as its first sentence,
+    without the paragraph of advice that torch appends."""
+    if isinstance(err, OSError) and err.errno in errno.errorcode:
+        return f"{err.strerror or os.strerror(err.errno)} ({errno.errorcode[err.errno]})"
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(err).__name__
 
 
 def _prune(root: Path, keep_last: int):
@@ -110,6 +135,27 @@ def latest_checkpoint(root) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def step_dirs(root) -> list[Path]:
+    """Every `step-*` directory under `root`, complete or not, oldest first (what `resume auto` walks)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path) -> Optional[int]:
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _check_files(path: Path):
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint: {path / missing[0]} is missing"
+                              + (f" (and {', '.join(missing[1:])})" if missing[1:] else ""))
+
+
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory, a directory of checkpoints, or a run directory (…/checkpoints)."""
     path = Path(path)
@@ -117,6 +163,8 @@ def resolve_checkpoint(path) -> Path:
         raise CheckpointError(f"checkpoint: {path} does not exist")
     if all((path / f).is_file() for f in FILES):
         return path
+    if checkpoint_step(path) is not None:  # a step-* directory that lacks a file
+        _check_files(path)
     for root in (path, path / "checkpoints"):
         latest = latest_checkpoint(root)
         if latest is not None:
@@ -132,9 +180,11 @@ def read_model_state(path) -> dict:
         with open(path / "model.safetensors", "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             meta = json.loads(f.read(header_len)).get("__metadata__", {})
+        aliases = json.loads(meta.get("aliases", "{}"))
     except (SafetensorError, ValueError, OSError) as err:
-        raise CheckpointError(f"checkpoint: {path / 'model.safetensors'} is unreadable or corrupt ({err})") from None
-    for alias, source in json.loads(meta.get("aliases", "{}")).items():
+        raise CheckpointError(f"checkpoint: {path / 'model.safetensors'} is unreadable or corrupt "
+                              f"({reason(err)})") from None
+    for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     return tensors
 
@@ -142,9 +192,39 @@ def read_model_state(path) -> dict:
 def read_train_state(path) -> tuple[dict, dict]:
     """(train_state tensors/containers, trainer info) of a checkpoint, without unpickling objects."""
     path = resolve_checkpoint(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    info = json.loads((path / "trainer.json").read_text())
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+        raise CheckpointError(f"checkpoint: {path / 'state.pt'} is unreadable or corrupt ({reason(err)})") from None
+    try:
+        info = json.loads((path / "trainer.json").read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"checkpoint: {path / 'trainer.json'} is unreadable or corrupt ({reason(err)})") from None
     return state, info
+
+
+def read_recipe(path) -> Recipe:
+    path = Path(path) / "recipe.yaml"
+    try:
+        return load_recipe(path)
+    except Exception as err:  # RecipeError, a YAML parse error, an unreadable file
+        raise CheckpointError(f"checkpoint: {path} is unreadable or not a valid recipe ({reason(err)})") from None
+
+
+def read_checkpoint(path) -> tuple[Recipe, dict, dict, dict]:
+    """(recipe, model state, train state, trainer info) of one checkpoint directory, every file read and
+    its keys checked before the caller applies any of it."""
+    path = Path(path)
+    _check_files(path)
+    recipe = read_recipe(path)
+    model_state = read_model_state(path)
+    state, info = read_train_state(path)
+    for name, have, keys in (("state.pt", state, ("optimizer", "scheduler", "rng")),
+                             ("trainer.json", info, ("step", "tokens", "python_rng"))):
+        lacking = [k for k in keys if not isinstance(have, dict) or k not in have]
+        if lacking:
+            raise CheckpointError(f"checkpoint: {path / name} lacks {', '.join(map(repr, lacking))}")
+    return recipe, model_state, state, info
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -169,7 +249,7 @@ def load_checkpoint(path, device=None):
     from zoo.model import ZooLM  # train -> model, never the other way
 
     path = resolve_checkpoint(path)
-    recipe = load_recipe(path / "recipe.yaml")
+    recipe = read_recipe(path)
     model = ZooLM(recipe)
     state = read_model_state(path)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -12,12 +12,19 @@ take the same rows and each holds its shard of the sequence (zoo.distributed, la
 DDP (or FSDP2) runs over all W ranks and averages gradients over W; each rank's backward gives its
 share of its cp group's gradient, so the loss is scaled by cp before backward: the average over W of
 cp * share is the average over the dp groups of each group's full gradient.
+
+A run directory belongs to one run (`zoo.train.run_dir`): rank 0 locks it and refuses another run's
+checkpoints or metrics unless told to resume or overwrite. SIGTERM or a first Ctrl-C finishes the current
+optimizer step, saves, and returns; under torchrun the stop flag rides on each step's loss all-reduce, so
+every rank stops at the same step and saves together. A second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import json
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 from zoo.config import Recipe
+from zoo.data.errors import DataError
 from zoo.model import ZooLM
 from zoo.train import checkpoint as ckpt
+from zoo.train.run_dir import RunDirError, RunLock, claim, trim_metrics
 from zoo.train.optim import build_optimizer, build_scheduler, param_groups
 
 
@@ -47,6 +56,7 @@ class TrainResult:
     tokens: int
     seconds: float
     checkpoint: Optional[str]
+    stopped: Optional[str] = None  # the signal that ended the run early ("SIGTERM", "SIGINT")
 
 
 def seed_everything(seed: int):
@@ -76,11 +86,14 @@ def dp_info() -> tuple[int, int]:
 
 class Trainer:
     """Trains `recipe` on `data` (an object with `train_batch(step, micro, batch_size, seq_len)`,
-    `val_batches(n, batch_size, seq_len)` and `bytes_per_token`), writing to `out_dir`."""
+    `val_batches(n, batch_size, seq_len)` and `bytes_per_token`), writing to `out_dir`.
+
+    resume: "auto" (the newest checkpoint in out_dir that loads) or a checkpoint path. Without it, an
+    out_dir that holds another run is refused, unless overwrite=True, which moves that run aside."""
 
     def __init__(self, recipe: Recipe, data, out_dir, device=None, resume: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False,
-                 cp: int = 1):
+                 cp: int = 1, overwrite: bool = False):
         self.recipe, self.data, self.out = recipe, data, Path(out_dir)
         self.cfg = recipe.train
         self.rank, self.world = dp_info()
@@ -90,12 +103,16 @@ class Trainer:
             raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
                                 f"data-parallel world size {self.dp_world}")
         self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
+        self._check_validation_data()
+        self.lock: Optional[RunLock] = self._claim(resume, overwrite)  # rank 0 only
         seed_everything(self.cfg.seed)
         self.model = ZooLM(recipe).to(self.device)
         self.model.checkpoint_layers = self.cfg.activation_checkpointing
         self.step = 0
         self.tokens = 0
         self.last_aux_loss: Optional[float] = None
+        self._stop_signal: Optional[int] = None  # set by the SIGTERM / SIGINT handler during train()
+        self._stop_agreed = False  # some rank was signalled (all-reduced with the step's loss)
         groups = param_groups(self.model, self.cfg.weight_decay)  # by name: fully_shard drops the blocks' tags
         self.train_module = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg, groups)
@@ -105,7 +122,7 @@ class Trainer:
         self.tb = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(self.out / "tensorboard")
+            self.tb = SummaryWriter(self.out / "tensorboard", purge_step=self.step or None)
 
     # -- setup -------------------------------------------------------------------------------
     def _mesh(self, cp: int):
@@ -120,6 +137,48 @@ class Trainer:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(self.device.type, (self.world // cp, cp), mesh_dim_names=("dp", "cp"))
         return cp, mesh["cp"].get_group(), mesh["dp"].get_local_rank(), self.world // cp
+
+    def _check_validation_data(self):
+        """Validation data that cannot give train.eval_batches batches of train.seq_len tokens is an error
+        now, not at the first evaluation after training."""
+        n, b, t = self.cfg.eval_batches, self.cfg.batch_size, self.cfg.seq_len
+        val = getattr(self.data, "val", None)  # PreparedData's val split: its size is known
+        if val is not None and hasattr(val, "__len__"):
+            where = getattr(getattr(val, "file", None), "prefix", "the validation split")
+            if len(val) < t:
+                raise DataError(f"validation data: {where} holds {len(val):,} tokens, fewer than train.seq_len {t}")
+            if len(val) - t + 1 < n * b:
+                raise DataError(f"validation data: {where} holds {len(val):,} tokens, {len(val) - t + 1:,} distinct "
+                                f"windows of train.seq_len {t}, fewer than the train.eval_batches x train.batch_size "
+                                f"= {n} x {b} = {n * b} that an evaluation takes; lower train.eval_batches")
+        try:
+            batches = list(self.data.val_batches(n, b, t))
+        except DataError as err:
+            raise DataError(f"validation data: {err}") from None
+        if len(batches) < n:
+            raise DataError(f"validation data: {len(batches)} batches, fewer than train.eval_batches {n}")
+        shapes = {tuple(batch["input_ids"].shape) for batch in batches}
+        if shapes != {(b, t)}:
+            raise DataError(f"validation data: batches of shape {sorted(shapes)}, expected train.batch_size x "
+                            f"train.seq_len = ({b}, {t})")
+
+    def _claim(self, resume: Optional[str], overwrite: bool) -> Optional[RunLock]:
+        """Rank 0 locks the run directory and checks it (zoo.train.run_dir.claim); when it refuses, every
+        rank raises, instead of the others waiting for it in the first collective."""
+        lock, err = None, None
+        if self.rank == 0:
+            try:
+                lock = claim(self.out, resume, overwrite, self.log)
+            except (RunDirError, ckpt.CheckpointError) as e:
+                err = e
+        if self.world > 1:
+            msg = [None if err is None else str(err)]
+            dist.broadcast_object_list(msg, src=0)
+            if msg[0] is not None and err is None:
+                raise RunDirError(msg[0])
+        if err is not None:
+            raise err
+        return lock
 
     def _forward(self, batch: dict):
         if self.cp_group is None:
@@ -144,31 +203,58 @@ class Trainer:
         return module
 
     def _resume(self, resume: str):
-        root = self.out / "checkpoints"
         if resume == "auto":
-            path = ckpt.latest_checkpoint(root)
+            path, loaded = self._newest_loadable(self.out / "checkpoints")
             if path is None:
-                self.log(f"resume auto: no checkpoint in {root}, starting from step 0")
                 return
         else:
             path = ckpt.resolve_checkpoint(resume)
-        from zoo.config import load_recipe
-        ckpt.check_same_model(load_recipe(path / "recipe.yaml"), self.recipe, path)
-        self._load_model_state(ckpt.read_model_state(path))
-        state, info = ckpt.read_train_state(path)
-        if self.cfg.fsdp and self.world > 1:
-            # the checkpoint holds the full (unsharded, name-keyed) optimizer state that `save` gathered;
-            # a plain load_state_dict would put whole tensors beside sharded parameters
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        random.setstate(tuple(_tuplify(info["python_rng"])))
+            loaded = ckpt.read_checkpoint(path)
+        saved_recipe, model_state, state, info = loaded
+        ckpt.check_same_model(saved_recipe, self.recipe, path)
+        try:
+            self._load_model_state(model_state)
+            if self.cfg.fsdp and self.world > 1:
+                # the checkpoint holds the full (unsharded, name-keyed) optimizer state that `save` gathered;
+                # a plain load_state_dict would put whole tensors beside sharded parameters
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            random.setstate(tuple(_tuplify(info["python_rng"])))
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this trainer ({ckpt.reason(err)})") from None
         self.step, self.tokens = info["step"], info["tokens"]
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _newest_loadable(self, root: Path):
+        """(path, ckpt.read_checkpoint(path)) of the newest checkpoint under `root` that loads, or (None, None)
+        when there is none. A newer one that fails to load is skipped with a warning and moved out of the
+        step-* namespace, so that neither pruning nor the next resume takes it for the newest."""
+        found = ckpt.step_dirs(root)
+        if not found:
+            self.log(f"resume auto: no checkpoint in {root}, starting from step 0")
+            return None, None
+        for path in reversed(found):
+            try:
+                return path, ckpt.read_checkpoint(path)
+            except ckpt.CheckpointError as err:
+                why = str(err).removeprefix("checkpoint: ")
+                broken = path.with_name(f"broken-{path.name}")
+                moved = False
+                if self.rank == 0 and not broken.exists():
+                    try:
+                        path.rename(broken)
+                        moved = True
+                    except OSError:
+                        pass
+                self.log(f"warning: resume auto: skipped {path} ({why})"
+                         + (f"; moved it to {broken}" if moved else ""))
+        raise ckpt.CheckpointError(f"resume auto: no checkpoint in {root} loads ({len(found)} skipped, see the "
+                                   "warnings above); repair or remove them, or start over with --overwrite")
 
     def _load_model_state(self, state: dict):
         if self.cfg.fsdp and self.world > 1:
@@ -224,10 +310,13 @@ class Trainer:
             if out.aux_loss is not None:
                 aux_total = (aux_total or 0.0) + out.aux_loss.detach().float().item() / accum
         if self.world > 1:
-            t = torch.tensor([total, aux_total or 0.0], device=self.device)
+            # the stop flag rides on the loss's all-reduce: every rank learns at the same step that a rank
+            # was signalled, and they save together
+            t = torch.tensor([total, aux_total or 0.0, float(self._stop_signal is not None)], device=self.device)
             dist.all_reduce(t)
             total = t[0].item() / self.world
             aux_total = None if aux_total is None else t[1].item() / self.world
+            self._stop_agreed = t[2].item() > 0
         self.last_aux_loss = aux_total  # the blocks' auxiliary losses (taipan capacity, selective memory)
         if not math.isfinite(total):
             raise TrainingError(f"non-finite loss {total} at step {self.step}; the last good checkpoint is "
@@ -260,14 +349,21 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        if self.rank == 0 and not (self.lock is not None and self.lock.held):
+            self.lock = RunLock(self.out, self.log)  # a second train() after the first released it
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            dropped = trim_metrics(self.out / "metrics.jsonl", self.step)
+            if dropped:
+                self.log(f"metrics: dropped {dropped} rows after step {self.step} from {self.out / 'metrics.jsonl'}")
         metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True)
         start, start_tokens, start_step = time.perf_counter(), self.tokens, self.step
-        loss, val_loss, val_bpb, path = float("nan"), None, None, None
+        loss, val_loss, val_bpb, path, saved_at, stopped = float("nan"), None, None, None, None, None
+        handlers = self._catch_stop_signals()
         try:
             while self.step < self.cfg.max_steps:
                 loss = self.train_step()
@@ -299,15 +395,63 @@ class Trainer:
                     bar.set_postfix(post)
                     bar.update(1)
                 if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
-                    path = self.save()
+                    path, saved_at = self._save_together(), self.step
+                stop = self._stop_agreed if self.world > 1 else self._stop_signal is not None
+                if stop:
+                    if saved_at != self.step:
+                        path = self._save_together()
+                    stopped = (signal.Signals(self._stop_signal).name if self._stop_signal is not None
+                               else "a signal to another rank")
+                    break
         finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
             if metrics is not None:
                 metrics.close()
+            if self.tb is not None:
+                self.tb.flush()
+            if self.lock is not None:
+                self.lock.release()
+        if stopped:
+            self.log(f"stopped by {stopped} at step {self.step}: checkpoint {path} (continue with --resume auto)")
         seconds = time.perf_counter() - start
         return TrainResult(self.step, loss, val_loss, val_bpb, self.tokens - start_tokens if self.step > start_step
-                           else 0, seconds, str(path) if path else None)
+                           else 0, seconds, str(path) if path else None, stopped)
+
+    def _save_together(self) -> Optional[Path]:
+        """`save()` on every rank; when rank 0 fails to write, every rank stops (the others would otherwise
+        wait for it in the next step's all-reduce)."""
+        try:
+            path, failed = self.save(), None
+        except ckpt.CheckpointError as err:
+            path, failed = None, err
+        if self.world > 1:
+            flag = torch.tensor([float(failed is not None)], device=self.device)
+            dist.all_reduce(flag)
+            if flag.item() > 0 and failed is None:
+                raise TrainingError(f"checkpoint: rank 0 could not write the checkpoint of step {self.step} "
+                                    "(its error says why)")
+        if failed is not None:
+            raise failed
+        return path
+
+    def _catch_stop_signals(self) -> dict:
+        """Route SIGTERM and SIGINT to `_on_stop_signal` while training; returns the handlers to restore.
+        Python lets only the main thread set handlers: a trainer in another thread keeps the defaults."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, self._on_stop_signal)
+        return {s: h for s, h in previous.items() if h is not None}
+
+    def _on_stop_signal(self, signum, frame):
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once, without a checkpoint
+        if self._stop_signal is None:
+            self._stop_signal = signum
 
 
 def _tuplify(x):
