@@ -12,11 +12,20 @@ RECIPE = every_block_recipe("every-block-optim", d_model=16, vocab_size=37, seq_
 RECIPE["train"].update(batch_size=2, lr=1e-3, weight_decay=0.1, fsdp=True)
 
 
+class _ValidationOnly:
+    """Data for a Trainer that is built and never stepped: it checks the validation batches' shape."""
+    bytes_per_token = 1.0
+
+    def val_batches(self, n, batch_size, seq_len):
+        ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        return [{"input_ids": ids, "labels": ids} for _ in range(n)]
+
+
 def _groups(out_dir):
     """[(parameter names, weight_decay, peak lr) per group] of the Trainer's optimizer, after checking that
     it holds the model's current parameters (under FSDP2 the sharded ones, not those `fully_shard` replaced).
     The peak is `initial_lr`: the scheduler has already scaled `lr` by the first warmup factor."""
-    trainer = Trainer(zoo.load_recipe(RECIPE), data=None, out_dir=out_dir, device="cpu", progress=False,
+    trainer = Trainer(zoo.load_recipe(RECIPE), _ValidationOnly(), out_dir, device="cpu", progress=False,
                       log=lambda s: None)
     current = {id(p) for p in trainer.model.parameters()}
     held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
