@@ -42,7 +42,7 @@ def test_covers_every_registered_block():
     assert {b["type"] for b in EVERY_BLOCK.values()} == set(zoo.list_blocks())
 
 
-@pytest.mark.slow  # 13 s, most of it two processes importing torch
+@pytest.mark.slow  # 5 s here when quiet, 13 s loaded: mostly two processes importing torch
 def test_fsdp2_keeps_the_parameter_groups_of_one_process(tmp_path):
     sharded, want = _groups(tmp_path / "single")
     assert not sharded
