@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import zoo  # noqa: E402
 from zoo.data import DataError, load_tokenizer  # noqa: E402
-from zoo.hf import ZooForCausalLM  # noqa: E402
+from zoo.hf import ZooForCausalLM, output_cache  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 from zoo.train.checkpoint import CheckpointError  # noqa: E402
 
@@ -133,7 +133,7 @@ def main(argv=None):
     if streamer is None:
         for r, p in enumerate(args.prompt):
             print(f"--- [{r}] " + p + tok.decode(new[r].tolist()))
-    cache = out.past_key_values
+    cache = output_cache(out)
     generated = new.shape[1]
     decode_s = t1 - (streamer.first_token_time if streamer and streamer.first_token_time else t0)
     seen = cache.get_seq_length()

@@ -10,7 +10,7 @@ import torch
 
 import zoo
 import zoo.convert
-from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, cache_nbytes
+from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, cache_nbytes, output_cache
 
 V = 61   # vocabulary: odd, so no size lines up by accident
 
@@ -65,6 +65,38 @@ def greedy_by_full_forward(lm, ids, n):
 
 def generate(model, ids, n, **kw):
     return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+def record_calls(model: ZooForCausalLM) -> list:
+    """(new tokens per row, positions the given cache had seen) for each call of the ZooLM."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        calls.append((args[0].shape[-1], None if cache is None else cache.seen))
+    model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", ["attn", "mamba2", "hybrid:samba"])
+def test_generate_runs_on_the_models_own_cache(name, padded):
+    """Every step continues the cache the step before filled: the prompt once, then one token per call on a
+    cache that has seen everything before it (transformers 5.24 hands the cache over as `cache`, earlier
+    releases as `past_key_values`; a forward that drops it restarts every step from an empty cache)."""
+    if name.startswith("hybrid:"):
+        model = hf_model(f"recipes/{name[7:]}.yaml", HYBRIDS[name[7:]])
+    else:
+        model = hf_model(tiny_recipe(BLOCKS[name]))
+    calls = record_calls(model)
+    if padded:
+        ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]])
+        generate(model, ids, 10, attention_mask=mask)
+        # prefill: each row's own tokens alone on an empty cache, then the batch on the shared timeline
+        assert calls == [(3, 0), (7, 0)] + [(1, 7 + i) for i in range(9)]
+    else:
+        generate(model, torch.randint(1, V, (2, 7)), 10)
+        assert calls == [(7, 0)] + [(1, 7 + i) for i in range(9)]
 
 
 @pytest.mark.parametrize("name", list(BLOCKS) + [f"hybrid:{h}" for h in HYBRIDS])
@@ -169,7 +201,7 @@ def test_left_padded_cache_bytes_are_the_padded_batch():
     ids, mask = left_pad([[3] * 2, [4] * 9])
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-    cache = out.past_key_values
+    cache = output_cache(out)
     for layer, c in zip(model.model.layers, cache.zoo.layers):
         # the batch holds both rows at the longest row's length (swa: its window)
         assert cache_nbytes(c) == layer.mixer.state_bytes(9, batch_size=2, dtype=torch.float32)
@@ -337,7 +369,7 @@ def test_left_padded_mixed_row_and_batched_layers():
     prompts = [[7, 3], [9, 9, 1, 4, 4, 2, 8, 5, 5], [6, 6, 6, 6, 6]]
     ids, mask = left_pad(prompts)
     out = generate(model, ids, 9, attention_mask=mask)
-    cache = model(ids, attention_mask=mask).past_key_values
+    cache = output_cache(model(ids, attention_mask=mask))
     assert cache.row_cached == [True, False, False]
     for r, p in enumerate(prompts):
         assert out[r, ids.shape[1]:].tolist() == generate(model, torch.tensor([p]), 9)[0, len(p):].tolist()
@@ -349,7 +381,7 @@ def test_padded_logits_without_cache_are_each_rows_own():
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=False)
-        assert out.past_key_values is None
+        assert output_cache(out) is None
         for r, p in enumerate(prompts):
             alone = model.model(torch.tensor([p])).logits[0]
             assert (out.logits[r, ids.shape[1] - len(p):] - alone).abs().max() < 1e-12

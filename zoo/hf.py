@@ -1,7 +1,7 @@
 """transformers integration: `ZooConfig`, `ZooForCausalLM` (save_pretrained / from_pretrained / generate).
 
 ZooLM stays the model; `ZooForCausalLM` is a thin adapter that holds one (`.model`) and speaks
-transformers' conventions: `forward(input_ids, attention_mask, past_key_values, labels)` returning a
+transformers' conventions: `forward(input_ids, attention_mask, past_key_values | cache, labels)` returning a
 `CausalLMOutputWithPast`, a `Cache` subclass around the blocks' own caches, Auto* registration
 (done by `import zoo` once transformers is imported: see `zoo/__init__.py`).
 
@@ -53,6 +53,7 @@ Without padding (batch 1, or equal lengths) everything runs batched through ZooL
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -66,7 +67,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from zoo.config import Recipe, load_recipe
 from zoo.model import ZooCache, ZooLM
 
-__all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "cache_nbytes", "register"]
+__all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "cache_nbytes", "output_cache",
+           "register"]
 
 # How each block family's per-row caches become one batched cache (module docstring).
 _STACKED = {"mamba", "mamba2"}
@@ -224,7 +226,14 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[ZooGenerationCache] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs):
+                use_cache: Optional[bool] = None, return_dict: Optional[bool] = None,
+                cache: Optional[ZooGenerationCache] = None, **kwargs):
+        # transformers >= 5.24 hands the generation cache over as `cache`, earlier releases as
+        # `past_key_values`: dropping either one silently restarts every decoding step from an empty cache
+        if cache is not None:
+            if past_key_values is not None and past_key_values is not cache:
+                raise ValueError("cache, past_key_values: two different caches given; pass one")
+            past_key_values = cache
         for name in ("inputs_embeds", "position_ids"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: not supported by ZooForCausalLM (positions come from each block's cache "
@@ -256,7 +265,7 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
             logits, loss, aux = out.logits, out.loss, out.aux_loss
         if loss is not None and aux is not None:
             loss = loss + aux
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return _causal_lm_output(loss, logits, past_key_values if use_cache else None)
 
     # -- save / load ---------------------------------------------------------------------------------
 
@@ -273,6 +282,22 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
                 config = ZooConfig.from_pretrained(path)
             check_weights(path, config)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+# The output's cache field: `cache` from transformers 5.24 on (`past_key_values` is then a deprecated alias
+# that warns), `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _causal_lm_output(loss, logits, cache) -> CausalLMOutputWithPast:
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+
+def output_cache(output) -> Optional[ZooGenerationCache]:
+    """The cache of a `ZooForCausalLM` output or of `generate(..., return_dict_in_generate=True)`, under
+    whichever name this transformers uses."""
+    names = {f.name for f in dataclasses.fields(output)}
+    return getattr(output, "cache" if "cache" in names else "past_key_values")
 
 
 def check_weights(directory, config: ZooConfig) -> None:
