@@ -1,16 +1,18 @@
-# Everything runs inside .venv, created on first use. On a CPU-only machine torch is pinned to the
-# local CPU build first so that the unpinned dependency in pyproject.toml installs nothing more.
+# Everything runs inside .venv, created on first use from the committed lock (constraints.txt): a fresh
+# machine gets the versions the suite last passed with, not whatever was released since. On a CPU-only
+# machine torch is the local CPU build of the locked version; pass TORCH=torch for another build.
 PY      := .venv/bin/python
 TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
+LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare describe bench clean
+.PHONY: install test compare describe bench clean lock upgrade
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt pip setuptools
+	$(PY) -m pip install -q $(LOCK) "$(TORCH)"
+	$(PY) -m pip install -q $(LOCK) -e ".[dev]"
 	touch $@
 
 install: .venv/.installed
@@ -33,5 +35,25 @@ compare: install
 bench: install
 	$(PY) scripts/bench_attention.py
 
+# What the next release of a dependency breaks, before users meet it: resolve the newest versions that
+# pyproject.toml allows into a scratch venv (.venv-upgrade), show how they differ from the lock, and run
+# the suite there. torch stays at $(UPGRADE_TORCH) (default: the locked build; the newest wheel on PyPI is
+# a multi-GB CUDA build). If the suite passes, `make lock` adopts the new versions.
+UPGRADE_TORCH ?= $(TORCH)
+UP := .venv-upgrade/bin/python
+
+upgrade:
+	rm -rf .venv-upgrade && python3 -m venv .venv-upgrade
+	$(UP) -m pip install -q --upgrade pip setuptools
+	$(UP) -m pip install -q "$(UPGRADE_TORCH)"
+	$(UP) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(UP) scripts/lock.py --freeze .venv-upgrade/constraints.txt --diff constraints.txt
+	$(UP) -m pytest tests
+
+# Adopt the versions of the last passing `make upgrade` (or, with FROM=.venv, of the current venv).
+FROM ?= .venv-upgrade
+lock:
+	$(FROM)/bin/python scripts/lock.py --freeze constraints.txt
+
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .venv-upgrade build *.egg-info
