@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
+from zoo.memory import check_memory
 from zoo.ops.dispatch import chosen, describe_kernels
 from zoo.registry import get_block
 
@@ -60,8 +61,13 @@ class ZooLayer(nn.Module):
 
 
 class ZooLM(nn.Module):
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, max_memory=None):
+        """Refuses (RecipeError) a model whose weights would not fit in the memory available on the default
+        device, or in `max_memory` (bytes or "64GiB"; "inf" skips the check; zoo.memory)."""
         super().__init__()
+        device = torch.get_default_device()
+        if device.type != "meta":
+            check_memory(recipe, max_memory, device)
         self.recipe = recipe
         m = recipe.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
@@ -216,7 +222,7 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def build_model(recipe_or_path, overrides=()) -> ZooLM:
-    """Build a ZooLM from a Recipe, a recipe path, or a mapping."""
+def build_model(recipe_or_path, overrides=(), max_memory=None) -> ZooLM:
+    """Build a ZooLM from a Recipe, a recipe path, or a mapping (max_memory: see ZooLM)."""
     recipe = recipe_or_path if isinstance(recipe_or_path, Recipe) else load_recipe(recipe_or_path, overrides)
-    return ZooLM(recipe)
+    return ZooLM(recipe, max_memory=max_memory)

@@ -1,0 +1,83 @@
+"""The memory estimate: exact parameter counts from the recipe alone, and the refusal of a model that cannot fit
+before anything is allocated."""
+import pytest
+import torch
+
+import zoo
+from tests.helpers import every_block_recipe
+from zoo.memory import available_memory, check_memory, estimate_memory, memory_cap, parse_memory
+
+TINY = {"name": "tiny", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "A",
+                                  "blocks": {"A": {"type": "attn", "n_heads": 2}}}, "train": {"seq_len": 16}}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_estimate_counts_every_blocks_parameters_exactly(tie):
+    recipe = zoo.load_recipe(every_block_recipe("every", 32, 64, 16, tie_embeddings=tie))
+    est = estimate_memory(recipe)
+    model = zoo.build_model(recipe)
+    assert est.params == model.num_params()["total"]
+    assert est.weight_bytes == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_training_adds_gradients_adamw_and_activations():
+    recipe = zoo.load_recipe(TINY)
+    inference, training = estimate_memory(recipe), estimate_memory(recipe, training=True, batch_size=4, seq_len=8)
+    assert training.optimizer_bytes == 3 * inference.weight_bytes
+    assert training.activation_bytes > 0 and training.total > inference.total
+    assert "train.batch_size 4 x train.seq_len 8" in training.describe()
+
+
+def test_a_huge_d_model_is_refused_before_allocating():
+    # 7.2e13 parameters: 268,223 GiB in float32. Without the check this tries to allocate them.
+    with pytest.raises(zoo.RecipeError) as err:
+        zoo.build_model("recipes/transformer.yaml", ["model.d_model=1000000"])
+    message = str(err.value)
+    assert message.startswith("model.d_model: 1000000 (with model.n_layers 6, model.vocab_size 256) needs an estimated ")
+    for word in ("268,223.2 GiB", "72,000,621,000,000 parameters in float32", "GiB available on cpu", "--max-memory"):
+        assert word in message, f"{word!r} missing from: {message}"
+    assert "\n" not in message
+
+
+def test_a_huge_vocabulary_names_model_vocab_size():
+    with pytest.raises(zoo.RecipeError, match=r"^model\.vocab_size: 1000000000 \(with model\.d_model 256\) needs"):
+        zoo.build_model("recipes/transformer.yaml", ["model.vocab_size=1000000000"])
+
+
+def test_training_activations_name_the_batch():
+    recipe = zoo.load_recipe(TINY, ["train.batch_size=100000", "train.seq_len=100000"])
+    with pytest.raises(zoo.RecipeError, match=r"^train\.batch_size: 100000 x train\.seq_len 100000 needs .* of activations"):
+        check_memory(recipe, training=True)
+
+
+def test_max_memory_caps_and_lifts_the_check():
+    with pytest.raises(zoo.RecipeError, match=r"^model\.d_model: 32 .* more than the 1\.0 KiB max_memory cap"):
+        zoo.build_model(TINY, max_memory="1KiB")
+    with memory_cap("1KiB"), pytest.raises(zoo.RecipeError, match="max_memory cap"):
+        zoo.build_model(TINY)   # the cap reaches models built for you (load_checkpoint, Trainer)
+    zoo.build_model(TINY)       # ... and only inside the block
+    assert check_memory(zoo.load_recipe("recipes/transformer.yaml", ["model.d_model=1000000"]), "inf") is None
+
+
+def test_a_model_built_on_the_meta_device_is_not_checked():
+    with torch.device("meta"):
+        model = zoo.build_model("recipes/transformer.yaml", ["model.d_model=1000000"])
+    assert next(model.parameters()).is_meta
+
+
+@pytest.mark.parametrize("value,bytes_", [("64GiB", 64 * 2**30), ("512MB", 512e6), ("1.5e9", 1.5e9), (4096, 4096),
+                                          ("inf", float("inf")), (None, None)])
+def test_parse_memory(value, bytes_):
+    assert parse_memory(value) == bytes_
+
+
+@pytest.mark.parametrize("value,match", [("abc", "expected bytes or a size such as 64GiB"), ("12XB", "expected bytes"),
+                                         ("0", "must be > 0"), (-1, "must be > 0")])
+def test_parse_memory_errors_name_the_field(value, match):
+    with pytest.raises(zoo.RecipeError, match=rf"^--max-memory: {match}"):
+        parse_memory(value, "--max-memory")
+
+
+def test_available_memory_on_cpu():
+    found = available_memory("cpu")
+    assert found is None or (found[0] > 0 and "cpu" in found[1])

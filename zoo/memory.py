@@ -1,0 +1,213 @@
+"""What a recipe's model will take in memory, estimated before anything is allocated, and the refusal of a
+model that cannot fit (`model.d_model=1000000` would otherwise try to allocate terabytes).
+
+    check_memory(recipe)                      # RecipeError naming the field and the estimate, or None
+    estimate_memory(recipe, training=True)    # MemoryEstimate: weights, gradients + AdamW, activations
+    with memory_cap("64GiB"): ...             # the cap for every ZooLM built inside (load_checkpoint, ...)
+
+The cap is the memory available on the device (CPU: MemAvailable; CUDA: free memory) unless `max_memory`
+says otherwise; `max_memory="inf"` turns the check off.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from zoo.config import Recipe, RecipeError
+
+# Values that backward keeps per token, per layer and per d_model channel (float32), measured with
+# torch.autograd.graph.saved_tensors_hooks on the shipped recipes at batch 2 x 256: transformer 27,
+# swa 28, mamba 28, mamba2 29, taipan 29, jamba 36, samba 37, infini 38. Rounded up.
+ACTIVATION_VALUES_PER_CHANNEL = 40
+# Per token the logits also stay for the loss: the logits, their float32 log-softmax and its gradient.
+LOGIT_COPIES = 3
+# A generous bound on one layer's parameters in units of d_model^2 (attention ~4, a SwiGLU FFN of mult 4
+# ~12, a Mamba mixer of expand 2 ~6): models whose bound is far below the cap skip the exact count, which
+# builds each kind of layer on the meta device. Meta-device arithmetic imports torch's Python meta kernels
+# on first use (~2.5 s here), too slow for every small model a test builds.
+_ROUGH_PARAMS_PER_LAYER = 64
+_ROUGH_MARGIN = 8
+
+_CAP: contextvars.ContextVar = contextvars.ContextVar("zoo_max_memory", default=None)
+
+
+@dataclass
+class MemoryEstimate:
+    params: int                  # parameters (the tied LM head counted once)
+    weight_bytes: int            # parameters and buffers
+    dtype: torch.dtype
+    optimizer_bytes: int = 0     # training: gradients and AdamW's two moments
+    activation_bytes: int = 0    # training: what backward keeps (ACTIVATION_VALUES_PER_CHANNEL)
+    batch_size: int = 0
+    seq_len: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        parts = [f"{gib(self.weight_bytes)} of weights: {self.params:,} parameters in {dtype}"]
+        if self.optimizer_bytes:
+            parts.append(f"{gib(self.optimizer_bytes)} of gradients and AdamW state")
+        if self.activation_bytes:
+            parts.append(f"{gib(self.activation_bytes)} of activations at train.batch_size {self.batch_size} "
+                         f"x train.seq_len {self.seq_len}")
+        return f"{gib(self.total)} ({'; '.join(parts)})"
+
+
+def gib(n: float) -> str:
+    """GiB to one decimal; parts below 0.1 GiB in MiB (or KiB) so that they do not read as zero."""
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB")):
+        if n >= scale / 10:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def parse_memory(value: Union[None, int, float, str], name: str = "max_memory") -> Optional[float]:
+    """Bytes from an int / float, or a string such as "64GiB", "512MB", "1.5e9" or "inf"; None stays None.
+    `name` is the field the error names (a script's `--max-memory`)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+-]+|inf)\s*([KMGT]i?B?|B)?\s*", str(value), flags=re.IGNORECASE)
+        units = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+                 "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+        try:
+            number = float(m.group(1)) * units[(m.group(2) or "").lower().removesuffix("b")] if m else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise RecipeError(f"{name}: expected bytes or a size such as 64GiB, 512MB or inf, got {value!r}")
+    if number is not None and not number > 0:
+        raise RecipeError(f"{name}: must be > 0 (inf turns the check off), got {value!r}")
+    return number
+
+
+@contextlib.contextmanager
+def memory_cap(max_memory):
+    """Every ZooLM built inside is checked against `max_memory` (see parse_memory) rather than the memory
+    available: the way through for code that builds the model for you (zoo.load_checkpoint, Trainer,
+    from_pretrained). None leaves the cap as it is."""
+    token = _CAP.set(parse_memory(max_memory) if max_memory is not None else _CAP.get())
+    try:
+        yield
+    finally:
+        _CAP.reset(token)
+
+
+def available_memory(device=None) -> Optional[tuple[int, str]]:
+    """(bytes, where they were read) free for new tensors on `device`, or None where unknown."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+        return psutil.virtual_memory().available, "available on cpu"
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available on cpu (MemAvailable)"
+    except OSError:
+        pass
+    return None
+
+
+def estimate_memory(recipe: Recipe, training: bool = False, batch_size: Optional[int] = None,
+                    seq_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> MemoryEstimate:
+    """Weights counted exactly (one layer of each pattern letter built on the meta device); with `training`,
+    gradients and AdamW's two moments (three more copies) and activations for a batch of `batch_size` x
+    `seq_len` tokens (default: the recipe's train.batch_size and train.seq_len)."""
+    dtype = dtype or torch.get_default_dtype()
+    params, weight_bytes = _count_weights(recipe, dtype)
+    est = MemoryEstimate(params, weight_bytes, dtype)
+    if training:
+        est.batch_size = batch_size or recipe.train.batch_size
+        est.seq_len = seq_len or recipe.train.seq_len
+        est.optimizer_bytes = 3 * params * dtype.itemsize
+        est.activation_bytes = _activation_bytes(recipe, est.batch_size, est.seq_len)
+    return est
+
+
+def check_memory(recipe: Recipe, max_memory=None, device=None, training: bool = False,
+                 batch_size: Optional[int] = None, seq_len: Optional[int] = None) -> Optional[MemoryEstimate]:
+    """Raise RecipeError if the estimate exceeds `max_memory` (see parse_memory; default: the cap set by
+    memory_cap, else the memory available on `device`). Returns the estimate when one was made."""
+    cap = parse_memory(max_memory) if max_memory is not None else _CAP.get()
+    where = "max_memory cap"
+    if cap is None:
+        available = available_memory(device)
+        if available is None:
+            return None
+        cap, where = available
+    if math.isinf(cap):
+        return None
+    if _rough_bytes(recipe, training, batch_size, seq_len) * _ROUGH_MARGIN < cap:
+        return None
+    est = estimate_memory(recipe, training, batch_size, seq_len)
+    if est.total > cap:
+        raise RecipeError(_too_large(recipe, est, cap, where))
+    return est
+
+
+def _too_large(recipe: Recipe, est: MemoryEstimate, cap: float, where: str) -> str:
+    m = recipe.model
+    embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) * est.dtype.itemsize
+    if est.activation_bytes > est.weight_bytes + est.optimizer_bytes:
+        field, value = "train.batch_size", f"{est.batch_size} x train.seq_len {est.seq_len}"
+    elif 2 * embedding > est.weight_bytes:
+        field, value = "model.vocab_size", f"{m.vocab_size} (with model.d_model {m.d_model})"
+    else:
+        field, value = "model.d_model", f"{m.d_model} (with model.n_layers {m.n_layers}, model.vocab_size {m.vocab_size})"
+    return (f"{field}: {value} needs an estimated {est.describe()}, more than the {gib(cap)} {where}; "
+            f"allowed: at most that, or a higher max_memory (scripts: --max-memory 64GiB; inf skips the check)")
+
+
+def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
+    from zoo.model import ZooLayer  # model -> memory on import; this way round only when called
+
+    m = recipe.model
+    size = dtype.itemsize
+    params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model   # embedding, head, final norm
+    nbytes = params * size
+    counts = Counter(spec.letter for spec in recipe.layers)
+    first = {}
+    for i, spec in enumerate(recipe.layers):
+        first.setdefault(spec.letter, i)
+    with torch.device("meta"):
+        for letter, n in counts.items():
+            i = first[letter]
+            layer = ZooLayer(m.d_model, recipe.layers[i], i, m.norm_eps)
+            layer_params = sum(p.numel() for p in layer.parameters())
+            params += n * layer_params
+            nbytes += n * (layer_params * size + sum(b.numel() * b.element_size() for b in layer.buffers()))
+    return params, nbytes
+
+
+def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int) -> int:
+    m = recipe.model
+    # Checkpointed layers keep only their inputs; one layer at a time is recomputed in backward.
+    per_channel = (m.n_layers + ACTIVATION_VALUES_PER_CHANNEL if recipe.train.activation_checkpointing
+                   else m.n_layers * ACTIVATION_VALUES_PER_CHANNEL)
+    return batch_size * seq_len * (per_channel * m.d_model + LOGIT_COPIES * m.vocab_size) * 4
+
+
+def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_len: Optional[int]) -> int:
+    m = recipe.model
+    weights = torch.get_default_dtype().itemsize * (2 * m.vocab_size * m.d_model + m.n_layers * _ROUGH_PARAMS_PER_LAYER * m.d_model ** 2)
+    if not training:
+        return weights
+    return 4 * weights + _activation_bytes(recipe, batch_size or recipe.train.batch_size,
+                                           seq_len or recipe.train.seq_len)
