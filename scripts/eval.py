@@ -21,6 +21,7 @@ import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity  # noqa: E402
 from zoo.data import DataError, PreparedData, load_tokenizer  # noqa: E402
+from zoo.memory import check_memory, memory_cap, parse_memory  # noqa: E402
 from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from zoo.train.trainer import prepared_data  # noqa: E402
@@ -113,13 +114,21 @@ def main(argv=None):
     ap.add_argument("--min-doc-tokens", type=int, default=2, help="skip shorter documents (pick long ones)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-memory", default=None,
+                    help="refuse a model whose weights exceed this (e.g. 64GiB; inf: no check); default: the "
+                         "memory available on the device")
     ap.add_argument("--out", default=None, help="write the records as JSON here")
     ap.add_argument("--plot", default=None, help="write a PNG: bits per byte by context and by position")
     args = ap.parse_args(argv)
 
     try:
+        max_memory = parse_memory(args.max_memory, "--max-memory")
         path = resolve_checkpoint(args.checkpoint)
-        model = zoo.load_checkpoint(path, device=args.device)
+        with memory_cap(max_memory):   # built on the CPU, checked again against the device before it moves
+            model = zoo.load_checkpoint(path)
+            if torch.device(args.device).type != "cpu":
+                check_memory(model.recipe, max_memory, args.device)
+        model = model.to(args.device)
         data = PreparedData(args.data) if args.data else prepared_data(model.recipe)
         split = data.splits[args.split]
         tokenizer = None if data.tokenizer == "byte" else load_tokenizer(data.tokenizer)

@@ -26,6 +26,7 @@ import zoo  # noqa: E402
 from zoo.data import DataError, load_tokenizer  # noqa: E402
 from zoo.hf import ZooForCausalLM, output_cache  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+from zoo.memory import check_memory, memory_cap, parse_memory  # noqa: E402
 from zoo.train.checkpoint import CheckpointError  # noqa: E402
 
 
@@ -59,13 +60,39 @@ class Streamer:
         self.out.flush()
 
 
-def load(path, dtype, device):
+def load(path, dtype, device, max_memory=None):
+    """The model is built on the CPU (refused there if its weights cannot fit, zoo.memory), then checked
+    against the target device's free memory before it moves."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        model = ZooForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = ZooForCausalLM.from_zoo(zoo.load_checkpoint(path).to(dtype))
+    with memory_cap(max_memory):
+        if (path / "config.json").is_file():
+            model = ZooForCausalLM.from_pretrained(path, dtype=dtype)
+        else:
+            model = ZooForCausalLM.from_zoo(zoo.load_checkpoint(path).to(dtype))
+        if torch.device(device).type != "cpu":
+            check_memory(model.model.recipe, max_memory, device)
     return model.to(device).eval()
+
+
+def check_sampling(args):
+    """The first bad sampling option as a one-line message, or None. --temperature 0 means greedy."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}"
+    if not args.temperature >= 0:
+        return f"--temperature: must be >= 0 (0 is greedy decoding, as --greedy), got {args.temperature}"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p: must be in (0, 1] (1 turns top-p off), got {args.top_p}"
+    if args.top_k < 0:
+        return f"--top-k: must be >= 0 (0 turns top-k off), got {args.top_k}"
+    if not args.repetition_penalty > 0:
+        return f"--repetition-penalty: must be > 0 (1 turns it off), got {args.repetition_penalty}"
+    return None
+
+
+def fail(message) -> int:
+    """`error: <message>` as one line on stderr; the exit status of a bad input."""
+    print("error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()), file=sys.stderr)
+    return 2
 
 
 def pick_tokenizer(spec, path, model):
@@ -84,7 +111,7 @@ def main(argv=None):
     ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy, as --greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0: off")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -94,23 +121,32 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-memory", default=None,
+                    help="refuse a model whose weights exceed this (e.g. 64GiB; inf: no check); default: the "
+                         "memory available on the device")
     args = ap.parse_args(argv)
     hf_logging.disable_progress_bar()
-    if args.max_new_tokens < 1:
-        ap.error("--max-new-tokens: must be >= 1")
+    try:
+        parse_memory(args.max_memory, "--max-memory")
+    except zoo.RecipeError as err:
+        return fail(err)
+    bad = check_sampling(args)
+    if bad:
+        return fail(bad)
+    greedy = args.greedy or args.temperature == 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     try:
-        model = load(args.path, dtype, args.device)
+        model = load(args.path, dtype, args.device, args.max_memory)
         tok = pick_tokenizer(args.tokenizer, args.path, model)
     except (CheckpointError, DataError, zoo.RecipeError, ValueError, OSError) as err:
-        sys.exit(f"error: {err}")
+        return fail(err)
 
     prompts = [tok.encode(p) for p in args.prompt]
     if any(len(p) == 0 for p in prompts):
-        sys.exit("error: --prompt: an empty prompt encodes to no tokens")
+        return fail("--prompt: an empty prompt encodes to no tokens")
     n = max(len(p) for p in prompts)
     pad = tok.eos_id if tok.eos_id is not None else 0
     ids = torch.full((len(prompts), n), pad, dtype=torch.long)
@@ -119,9 +155,9 @@ def main(argv=None):
         ids[r, n - len(p):], mask[r, n - len(p):] = torch.tensor(p), 1
     streamer = Streamer(tok) if len(prompts) == 1 else None
     eos = None if args.no_stop or tok.eos_id is None else tok.eos_id
-    kwargs = dict(do_sample=not args.greedy, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+    kwargs = dict(do_sample=not greedy, max_new_tokens=args.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                   repetition_penalty=args.repetition_penalty, return_dict_in_generate=True, streamer=streamer)
-    if not args.greedy:
+    if not greedy:
         kwargs.update(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     if streamer is not None:
         sys.stdout.write(args.prompt[0])
@@ -141,7 +177,8 @@ def main(argv=None):
     summary = {"recipe": model.model.recipe.name, "batch": len(prompts), "prompt_tokens": n,
                "new_tokens": generated, "seconds": round(t1 - t0, 4),
                "tokens_per_s": round(len(prompts) * generated / (t1 - t0), 2),
-               "cache_tokens": seen, "cache_bytes": cache.nbytes(), "state_bytes": analytic, "dtype": args.dtype}
+               "cache_tokens": seen, "cache_bytes": cache.nbytes(), "state_bytes": analytic, "dtype": args.dtype,
+               "greedy": greedy}
     if streamer is not None and streamer.first_token_time is not None and generated > 1:
         summary["prefill_s"] = round(streamer.first_token_time - t0, 4)
         summary["decode_tokens_per_s"] = round((generated - 1) / decode_s, 2)
@@ -151,7 +188,8 @@ def main(argv=None):
           + f"); cache after {seen} positions: {cache.nbytes():,} bytes measured, {analytic:,} by state_bytes",
           file=sys.stderr)
     print("summary: " + json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

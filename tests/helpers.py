@@ -140,3 +140,14 @@ def every_block_recipe(name: str, d_model: int, vocab_size: int, seq_len: int, *
                       "pattern": "".join(EVERY_BLOCK), "blocks": EVERY_BLOCK, "ffn": {"type": "mlp", "mult": 2},
                       **model},
             "train": {"seq_len": seq_len}}
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, to call its main(argv) in-process."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
