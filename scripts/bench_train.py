@@ -161,7 +161,7 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
     recipe = zoo.load_recipe(recipe_path(name), overrides)
     cfg = recipe.train
     data = prepared_data(recipe, log=log)
-    trainer = Trainer(recipe, data, out / f"run-{recipe.name}", progress=False, log=log)
+    trainer = Trainer(recipe, data, out / f"run-{recipe.name}", progress=False, log=log, overwrite=True)  # a new curve
     spent = [0.0]   # fraction of the budget spent, read by the schedule at every step
     warm = cfg.warmup_steps
 

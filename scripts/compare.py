@@ -271,8 +271,9 @@ class RecipeRun:
         recipe = zoo.load_recipe(self.recipe.to_dict(), [
             f"train.max_steps={steps}", f"train.warmup_steps={warmup}", f"train.eval_every={steps}",
             f"train.save_every={steps}", "train.keep_last=1", f"train.log_every={max(1, steps // 50)}"])
+        # the train cell is not done: what the run directory holds is an interrupted or voided attempt
         trainer = Trainer(recipe, self.data(), self.run_dir, device=self.args.device, log=self.say,
-                          progress=not self.args.no_progress)
+                          progress=not self.args.no_progress, overwrite=True)
         result = trainer.train()
         self._model = trainer.model.eval()
         self.checkpoint = Path(result.checkpoint)

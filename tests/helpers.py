@@ -142,6 +142,63 @@ def every_block_recipe(name: str, d_model: int, vocab_size: int, seq_len: int, *
             "train": {"seq_len": seq_len}}
 
 
+# -- training: a two-layer recipe and data it learns in a few steps (tests/train) ---------------------------
+TOY_RECIPE = {
+    "name": "tiny-train",
+    "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "AS",
+              "blocks": {"A": {"type": "attn", "n_heads": 2}, "S": {"type": "swa", "n_heads": 2, "window": 8}},
+              "ffn": {"type": "swiglu", "mult": 2}},
+    "train": {"seq_len": 16, "batch_size": 4, "lr": 3e-3, "max_steps": 6, "warmup_steps": 2, "eval_every": 3,
+              "eval_batches": 2, "save_every": 3, "keep_last": 2, "log_every": 1},
+}
+
+
+class ToyData:
+    """Batches that are a pure function of (step, micro): a learnable pattern plus noise."""
+    bytes_per_token = 1.0
+
+    def _batch(self, seed, batch_size, seq_len):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, 64, (batch_size, 1), generator=g)
+        ids = (start + torch.arange(seq_len + 0)[None] * 3) % 64
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def train_batch(self, step, micro, batch_size, seq_len):
+        return self._batch(1000 * step + micro, batch_size, seq_len)
+
+    def val_batches(self, n, batch_size, seq_len):
+        return [self._batch(10**9 + i, batch_size, seq_len) for i in range(n)]
+
+
+def toy_recipe(**train):
+    import zoo
+    return zoo.load_recipe(TOY_RECIPE, [f"train.{k}={v}" for k, v in train.items()])
+
+
+def train_toy(out, resume=None, data=None, overwrite=False, **train):
+    """(trainer, result) of a quiet CPU run of `toy_recipe(**train)` in `out`."""
+    from zoo.train.trainer import Trainer
+    trainer = Trainer(toy_recipe(**train), data or ToyData(), out, device="cpu", resume=resume, overwrite=overwrite,
+                      progress=False, log=lambda s: None)
+    return trainer, trainer.train()
+
+
+def launch(worker, world, *args, timeout=180):
+    """Run worker(rank, world, port, *args) in `world` spawned processes; all must exit cleanly."""
+    import multiprocessing as mp
+    import os
+    ctx = mp.get_context("spawn")
+    port = 29500 + (os.getpid() + hash(worker.__name__)) % 1000
+    procs = [ctx.Process(target=worker, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * world, f"{worker.__name__}: exit codes {[p.exitcode for p in procs]}"
+
+
 def load_script(name: str):
     """scripts/<name>.py as a module, to call its main(argv) in-process."""
     import importlib.util
@@ -151,3 +208,28 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# scripts/train.py's tests: one attention layer on bytes, a few hundred steps in seconds on one CPU thread
+CLI_RECIPE = {
+    "name": "tiny-cli",
+    "model": {"d_model": 16, "n_layers": 1, "vocab_size": 256, "pattern": "A",
+              "blocks": {"A": {"type": "attn", "n_heads": 2}}, "ffn": {"type": "swiglu", "mult": 2}},
+    "train": {"seq_len": 16, "batch_size": 2, "lr": 3e-3, "max_steps": 8, "warmup_steps": 2, "eval_every": 4,
+              "eval_batches": 2, "save_every": 4, "keep_last": 2, "log_every": 1},
+}
+
+
+def write_prepared(root, train=6000, val=1000, test=500):
+    """A prepared directory (zoo.data.memmap format) of code-like byte text, one document per split."""
+    import numpy as np
+
+    from zoo.data.memmap import TokenWriter
+    rng = np.random.default_rng(0)
+    words = [b"def", b"return", b"self", b"import", b"class", b"for", b"in", b"if", b"else", b"print", b"(x)", b":\n"]
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        text = b" ".join(words[i] for i in rng.integers(0, len(words), size=n))[:n]
+        with TokenWriter(root / split, vocab_size=256, tokenizer="byte", tokenizer_fingerprint="byte",
+                         corpus="toy", corpus_fingerprint="toy") as w:
+            w.add_document(np.frombuffer(text, dtype=np.uint8), num_bytes=len(text))
+    return root

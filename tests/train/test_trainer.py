@@ -15,51 +15,16 @@ import zoo
 from zoo.train import checkpoint as ckpt
 from zoo.train.trainer import Trainer, TrainingError
 
-RECIPE = {
-    "name": "tiny-train",
-    "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "AS",
-              "blocks": {"A": {"type": "attn", "n_heads": 2}, "S": {"type": "swa", "n_heads": 2, "window": 8}},
-              "ffn": {"type": "swiglu", "mult": 2}},
-    "train": {"seq_len": 16, "batch_size": 4, "lr": 3e-3, "max_steps": 6, "warmup_steps": 2, "eval_every": 3,
-              "eval_batches": 2, "save_every": 3, "keep_last": 2, "log_every": 1},
-}
-
-
-class ToyData:
-    """Batches that are a pure function of (step, micro): a learnable pattern plus noise."""
-    bytes_per_token = 1.0
-
-    def _batch(self, seed, batch_size, seq_len):
-        g = torch.Generator().manual_seed(seed)
-        start = torch.randint(0, 64, (batch_size, 1), generator=g)
-        ids = (start + torch.arange(seq_len + 0)[None] * 3) % 64
-        return {"input_ids": ids, "labels": ids.clone()}
-
-    def train_batch(self, step, micro, batch_size, seq_len):
-        return self._batch(1000 * step + micro, batch_size, seq_len)
-
-    def val_batches(self, n, batch_size, seq_len):
-        return [self._batch(10**9 + i, batch_size, seq_len) for i in range(n)]
-
-
-def recipe(**train):
-    return zoo.load_recipe(RECIPE, [f"train.{k}={v}" for k, v in train.items()])
-
-
-def run(tmp, resume=None, **train):
-    trainer = Trainer(recipe(**train), ToyData(), tmp, device="cpu", resume=resume, progress=False, log=lambda s: None)
-    result = trainer.train()
-    return trainer, result
-
+from tests.helpers import TOY_RECIPE, ToyData, launch, toy_recipe, train_toy
 
 def test_resume_is_bitwise_exact(tmp_path):
-    straight, res = run(tmp_path / "a", max_steps=6)
-    run(tmp_path / "b", max_steps=6, save_every=3)  # writes step 3 and 6
+    straight, res = train_toy(tmp_path / "a", max_steps=6)
+    train_toy(tmp_path / "b", max_steps=6, save_every=3)  # writes step 3 and 6
     # resume from step 3 in a fresh directory holding only that checkpoint
     half = tmp_path / "c"
     (half / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "b" / "checkpoints" / "step-00000003", half / "checkpoints" / "step-00000003")
-    resumed, res2 = run(half, resume="auto", max_steps=6)
+    resumed, res2 = train_toy(half, resume="auto", max_steps=6)
     assert resumed.step == 6 and res2.train_loss == res.train_loss
     for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
@@ -67,7 +32,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 
 def test_keep_last_and_load_checkpoint(tmp_path):
-    trainer, _ = run(tmp_path, max_steps=6, save_every=2, keep_last=2)
+    trainer, _ = train_toy(tmp_path, max_steps=6, save_every=2, keep_last=2)
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step-00000004", "step-00000006"]
     model = zoo.load_checkpoint(tmp_path)
@@ -87,7 +52,7 @@ def _train_then_die_while_saving(out, ready):
         return original(*args, **kwargs)
 
     c.save_file = slow_save
-    trainer = Trainer(recipe(max_steps=6, save_every=3), ToyData(), out, device="cpu", progress=False,
+    trainer = Trainer(toy_recipe(max_steps=6, save_every=3), ToyData(), out, device="cpu", progress=False,
                       log=lambda s: None)
     for _ in range(3):
         trainer.train_step()
@@ -112,7 +77,7 @@ def test_sigkill_during_checkpoint_keeps_previous(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003"]
     assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
     zoo.load_checkpoint(tmp_path)  # loadable
-    trainer, _ = run(tmp_path, resume="auto", max_steps=6)
+    trainer, _ = train_toy(tmp_path, resume="auto", max_steps=6)
     assert trainer.step == 6
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-00000003", "step-00000006"]
 
@@ -122,7 +87,7 @@ def _ddp_worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        trainer = Trainer(recipe(max_steps=4), ToyData(), out, device="cpu", progress=False, log=lambda s: None)
+        trainer = Trainer(toy_recipe(max_steps=4), ToyData(), out, device="cpu", progress=False, log=lambda s: None)
         for _ in range(4):
             trainer.train_step()
         if rank == 0:  # a file, not a queue: shared-memory tensors die with the process
@@ -131,27 +96,14 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _launch(worker, world, *args, timeout=180):
-    """Run worker(rank, world, port, *args) in `world` spawned processes; all must exit cleanly."""
-    ctx = mp.get_context("spawn")
-    port = 29500 + (os.getpid() + hash(worker.__name__)) % 1000
-    procs = [ctx.Process(target=worker, args=(r, world, port, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * world, f"{worker.__name__}: exit codes {[p.exitcode for p in procs]}"
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_single(tmp_path):
-    single = Trainer(recipe(max_steps=4), ToyData(), tmp_path / "s", device="cpu", progress=False, log=lambda s: None)
+    single = Trainer(toy_recipe(max_steps=4), ToyData(), tmp_path / "s", device="cpu", progress=False,
+                     log=lambda s: None)
     for _ in range(4):
         single.train_step()
     (tmp_path / "d").mkdir()
-    _launch(_ddp_worker, 2, tmp_path / "d")
+    launch(_ddp_worker, 2, tmp_path / "d")
     state = torch.load(tmp_path / "d" / "rank0.pt", weights_only=True)
     for name, want in single.model.state_dict().items():
         assert torch.allclose(state[name], want, rtol=1e-4, atol=1e-6), name
@@ -162,7 +114,7 @@ def _fsdp_worker(rank, world, port, out, resume):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        trainer = Trainer(recipe(max_steps=4, save_every=2, fsdp=True), ToyData(), out, device="cpu", resume=resume,
+        trainer = Trainer(toy_recipe(max_steps=4, save_every=2, fsdp=True), ToyData(), out, device="cpu", resume=resume,
                           progress=False, log=lambda s: None)
         assert isinstance(trainer.model.embed.weight, torch.distributed.tensor.DTensor)  # sharded, not replicated
         result = trainer.train()
@@ -177,9 +129,9 @@ def _fsdp_worker(rank, world, port, out, resume):
 def test_fsdp2_two_processes_match_single_and_resume(tmp_path):
     """FSDP2 (fully_shard per layer and at the root) on gloo: the same updates as one process with the same
     global batch; its checkpoints hold full weights that load in one process, and it resumes from them."""
-    single, result = run(tmp_path / "s", max_steps=4, save_every=2)
+    single, result = train_toy(tmp_path / "s", max_steps=4, save_every=2)
     (tmp_path / "f").mkdir()
-    _launch(_fsdp_worker, 2, tmp_path / "f", None)
+    launch(_fsdp_worker, 2, tmp_path / "f", None)
     sharded = torch.load(tmp_path / "f" / "rank0.pt", weights_only=True)
     for name, want in single.model.state_dict().items():
         assert torch.allclose(sharded["state"][name], want, rtol=1e-4, atol=1e-6), name
@@ -193,7 +145,7 @@ def test_fsdp2_two_processes_match_single_and_resume(tmp_path):
     # resume under FSDP2 from the step-2 checkpoint alone: the same weights as the straight FSDP2 run
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "r" / "checkpoints" / "step-00000002")
-    _launch(_fsdp_worker, 2, tmp_path / "r", "auto")
+    launch(_fsdp_worker, 2, tmp_path / "r", "auto")
     resumed = torch.load(tmp_path / "r" / "rank0.pt", weights_only=True)
     for name, want in sharded["state"].items():
         assert torch.allclose(resumed["state"][name], want, rtol=1e-6, atol=1e-9), name
@@ -202,7 +154,7 @@ def test_fsdp2_two_processes_match_single_and_resume(tmp_path):
     # and one process resumes the same checkpoint (its optimizer state is keyed by parameter name)
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "f" / "checkpoints" / "step-00000002", tmp_path / "one" / "checkpoints" / "step-00000002")
-    alone, _ = run(tmp_path / "one", resume="auto", max_steps=4, save_every=2)
+    alone, _ = train_toy(tmp_path / "one", resume="auto", max_steps=4, save_every=2)
     for name, want in sharded["state"].items():
         assert torch.allclose(alone.model.state_dict()[name], want, rtol=1e-4, atol=1e-6), name
 
@@ -215,14 +167,14 @@ def test_batch_not_divisible_by_world():
     t.dp_info = lambda: (0, 3)
     try:
         with pytest.raises(TrainingError, match="train.batch_size: 4 is not divisible by the data-parallel world size 3"):
-            Trainer(recipe(), ToyData(), "unused", device="cpu")
+            Trainer(toy_recipe(), ToyData(), "unused", device="cpu")
     finally:
         t.dp_info = orig
 
 
 def test_checkpoint_from_another_recipe(tmp_path):
-    run(tmp_path, max_steps=3)
-    other = zoo.load_recipe(RECIPE, ["model.d_model=48", "model.blocks.A.n_heads=4", "model.blocks.S.n_heads=4"])
+    train_toy(tmp_path, max_steps=3)
+    other = zoo.load_recipe(TOY_RECIPE, ["model.d_model=48", "model.blocks.A.n_heads=4", "model.blocks.S.n_heads=4"])
     with pytest.raises(ckpt.CheckpointError, match=r"model\.d_model differs: checkpoint 32 vs recipe 48"):
         Trainer(other, ToyData(), tmp_path, device="cpu", resume="auto", progress=False)
 
@@ -233,7 +185,7 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         zoo.load_checkpoint(tmp_path / "empty")
-    run(tmp_path / "r", max_steps=3)
+    train_toy(tmp_path / "r", max_steps=3)
     path = ckpt.latest_checkpoint(tmp_path / "r" / "checkpoints")
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage")
     with pytest.raises(ckpt.CheckpointError, match="corrupt"):
@@ -241,7 +193,7 @@ def test_missing_and_corrupt_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch):
-    trainer = Trainer(recipe(max_steps=6, save_every=2), ToyData(), tmp_path, device="cpu", progress=False,
+    trainer = Trainer(toy_recipe(max_steps=6, save_every=2), ToyData(), tmp_path, device="cpu", progress=False,
                       log=lambda s: None)
     original = trainer.train_module.forward
 
@@ -261,13 +213,13 @@ def test_blocks_auxiliary_losses_are_trained_and_logged(tmp_path):
     # The selective block's memory loss (and taipan's capacity loss) join the objective; the metrics log
     # shows their sum per step, and plain blocks log none.
     selective = {"type": "selective", "n_heads": 2, "mem_loss_weight": 0.5}
-    rec = zoo.load_recipe({**RECIPE, "model": {**RECIPE["model"], "pattern": "LA",
-                                               "blocks": {**RECIPE["model"]["blocks"], "L": selective}}})
+    rec = zoo.load_recipe({**TOY_RECIPE, "model": {**TOY_RECIPE["model"], "pattern": "LA",
+                                               "blocks": {**TOY_RECIPE["model"]["blocks"], "L": selective}}})
     trainer = Trainer(rec, ToyData(), tmp_path / "mem", device="cpu", progress=False, log=lambda s: None)
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "mem" / "metrics.jsonl").read_text().splitlines()]
     aux = [r["aux_loss"] for r in lines]
     assert len(aux) == 6 and all(0 < a <= 0.5 for a in aux)  # w * max_i M / L is at most w
-    run(tmp_path / "plain", max_steps=2)
+    train_toy(tmp_path / "plain", max_steps=2)
     assert all("aux_loss" not in json.loads(line)
                for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
