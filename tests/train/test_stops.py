@@ -183,6 +183,7 @@ def test_no_checkpoint_loads(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=rf"resume auto: no checkpoint in {tmp_path}/checkpoints loads "
                                                    r"\(2 skipped, see the warnings above\)"):
         train_toy(tmp_path, resume="auto")
+    assert not (tmp_path / "train.lock").exists()  # released at once, not when the trainer is collected
 
 
 def test_explicit_corrupt_checkpoint_is_an_error_naming_the_file(cli_recipe, prepared_bytes, tmp_path, capsys):

@@ -118,7 +118,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg, groups)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         if resume:
-            self._resume(resume)
+            try:
+                self._resume(resume)
+            except BaseException:
+                if self.lock is not None:
+                    self.lock.release()  # a trainer that failed to start holds no directory
+                raise
         self.tb = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
