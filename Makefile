@@ -37,16 +37,17 @@ bench: install
 
 # What the next release of a dependency breaks, before users meet it: resolve the newest versions that
 # pyproject.toml allows into a scratch venv (.venv-upgrade), show how they differ from the lock, and run
-# the suite there. torch stays at $(UPGRADE_TORCH) (default: the locked build; the newest wheel on PyPI is
-# a multi-GB CUDA build). If the suite passes, `make lock` adopts the new versions.
+# the suite there. torch stays at UPGRADE_TORCH (default: the locked build; the newest wheel on PyPI is
+# a multi-GB CUDA build: UPGRADE_TORCH=torch tries it). If the suite passes, `make lock` adopts the new versions.
 UPGRADE_TORCH ?= $(TORCH)
 UP := .venv-upgrade/bin/python
 
 upgrade:
 	rm -rf .venv-upgrade && python3 -m venv .venv-upgrade
 	$(UP) -m pip install -q --upgrade pip setuptools
-	$(UP) -m pip install -q "$(UPGRADE_TORCH)"
-	$(UP) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "$(UPGRADE_TORCH)" > .venv-upgrade/torch.txt
+	$(UP) -m pip install -q -c .venv-upgrade/torch.txt torch
+	$(UP) -m pip install -q -c .venv-upgrade/torch.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(UP) scripts/lock.py --freeze .venv-upgrade/constraints.txt --diff constraints.txt
 	$(UP) -m pytest tests
 

@@ -27,6 +27,7 @@ import zoo  # noqa: E402
 from zoo.train.checkpoint import CheckpointError  # noqa: E402
 from zoo.train.run_dir import RunDirError  # noqa: E402
 from zoo.data import DataError  # noqa: E402
+from zoo.memory import parse_memory  # noqa: E402
 from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
 
 
@@ -45,6 +46,9 @@ def main(argv=None):
     ap.add_argument("--cp", type=int, default=1,
                     help="context parallel: ranks that share one sequence (must divide the world size; the "
                          "remaining factor is data parallel); layout from train.cp_layout")
+    ap.add_argument("--max-memory", default=None,
+                    help="refuse a model whose estimated training memory exceeds this (e.g. 64GiB; default: the "
+                         "memory available on the device; inf skips the check)")
     args = ap.parse_args(argv)
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -55,11 +59,13 @@ def main(argv=None):
     rank = dist.get_rank() if dist.is_initialized() else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
+        max_memory = parse_memory(args.max_memory, "--max-memory")
         recipe = zoo.load_recipe(args.recipe, args.overrides)
         out = Path(args.out or Path("runs") / recipe.name)
         data = prepared_data(recipe, args.data, log=say)
         trainer = Trainer(recipe, data, out, device=args.device, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress, tensorboard=args.tensorboard, log=say, cp=args.cp)
+                          progress=not args.no_progress, tensorboard=args.tensorboard, log=say, cp=args.cp,
+                          max_memory=max_memory)
         say(trainer.model.describe())
         n = trainer.model.num_params()
         say(f"parameters: {n['total']:,} ({n['non_embedding']:,} non-embedding); data: {data.describe()}")

@@ -91,3 +91,42 @@ def test_generate_and_export_refuse_a_model_above_max_memory(scripts, checkpoint
     assert "max_memory cap" in _error_line(capsys)
     assert scripts["eval"].main([str(checkpoint), "--max-memory", "1KiB"]) == 2
     assert "max_memory cap" in _error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return load_script("train")
+
+
+def _cli_recipe(tmp_path):
+    from omegaconf import OmegaConf
+    from tests.helpers import CLI_RECIPE
+    path = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(CLI_RECIPE), path)
+    return path
+
+
+@pytest.mark.parametrize("overrides, cap, start", [
+    # the weights alone exceed any machine: refused before a byte is allocated
+    (["model.d_model=1000000"], None, "error: model.d_model: 1000000 (with model.n_layers 1, model.vocab_size 256) "
+                                      "needs an estimated"),
+    # a small model whose training activations exceed the cap: the batch is named
+    (["train.batch_size=4096", "train.seq_len=4096"], "1GiB", "error: train.batch_size: 4096 x train.seq_len 4096 "
+                                                              "needs an estimated"),
+])
+def test_train_refuses_a_model_too_large_for_memory(train_script, tmp_path, capsys, overrides, cap, start):
+    from tests.helpers import write_prepared
+    data = write_prepared(tmp_path / "data", val=5000)
+    argv = [str(_cli_recipe(tmp_path)), *overrides, "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert train_script.main(argv + (["--max-memory", cap] if cap else [])) == 2
+    line = _error_line(capsys)
+    assert line.startswith(start), line
+    assert "allowed: at most that, or a higher max_memory" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_train_max_memory_must_be_a_size(train_script, tmp_path, capsys):
+    argv = [str(_cli_recipe(tmp_path)), "--out", str(tmp_path / "run"), "--max-memory", "lots"]
+    assert train_script.main(argv) == 2
+    assert _error_line(capsys) == ("error: --max-memory: expected bytes or a size such as 64GiB, 512MB or inf, "
+                                   "got 'lots'")

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from zoo.config import Recipe
 from zoo.data.errors import DataError
+from zoo.memory import check_memory
 from zoo.model import ZooLM
 from zoo.train import checkpoint as ckpt
 from zoo.train.run_dir import RunDirError, RunLock, claim, trim_metrics
@@ -93,7 +94,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, data, out_dir, device=None, resume: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False,
-                 cp: int = 1, overwrite: bool = False):
+                 cp: int = 1, overwrite: bool = False, max_memory=None):
         self.recipe, self.data, self.out = recipe, data, Path(out_dir)
         self.cfg = recipe.train
         self.rank, self.world = dp_info()
@@ -103,10 +104,14 @@ class Trainer:
             raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
                                 f"data-parallel world size {self.dp_world}")
         self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
+        # before anything is read, claimed or allocated: weights, gradients, AdamW and this rank's activations
+        # (its rows of the batch, its shard of the sequence) against the device's memory
+        check_memory(recipe, max_memory, self.device, training=True,
+                     batch_size=max(1, self.cfg.batch_size // self.dp_world), seq_len=max(1, self.cfg.seq_len // self.cp))
         self._check_validation_data()
         self.lock: Optional[RunLock] = self._claim(resume, overwrite)  # rank 0 only
         seed_everything(self.cfg.seed)
-        self.model = ZooLM(recipe).to(self.device)
+        self.model = ZooLM(recipe, max_memory=max_memory).to(self.device)
         self.model.checkpoint_layers = self.cfg.activation_checkpointing
         self.step = 0
         self.tokens = 0
