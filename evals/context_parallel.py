@@ -5,8 +5,11 @@ loads the model (a checkpoint, or the recipe built at seed 0), warms up on a sho
 shard of `context` tokens (validation text when given) runs
   a training forward + backward, whose peak RSS above the rank's RSS just before it (VmHWM, reset through
   /proc/self/clear_refs) is the rank's peak; the cell reports the largest rank's;
-  an evaluation forward (no grad): the global loss over the sequence, identical for every W up to
-  float rounding, so the perplexity column doubles as a check that the sharded run is the same model.
+  with `optimizer_step`, then the gradients summed over the ranks and an AdamW step (its two moments
+  are allocated inside the measured run, as in a training run's first step);
+  an evaluation forward (no grad; `evaluate=False` skips it): the global loss over the sequence, identical
+  for every W up to float rounding, so the perplexity column doubles as a check that the sharded run is the
+  same model.
 A per-rank cap turns a rank that outgrows it into an `OOM` cell (a watchdog thread in every rank), so a
 sweep over contexts finds the longest one that fits (`longest_fitting`).
 """
@@ -72,6 +75,12 @@ def _rank(rank, world, init_file, spec, results):
         (warm.loss + (warm.aux_loss if warm.aux_loss is not None else 0)).backward()
         model.zero_grad(set_to_none=True)
         del warm
+        if spec.get("optimizer_step"):
+            # the first optimizer step imports torch._dynamo (~140 MiB RSS): on a stand-in parameter, so that
+            # the measured step counts the model's moments and not the import
+            stand_in = torch.zeros(1, requires_grad=True)
+            stand_in.grad = torch.zeros(1)
+            torch.optim.AdamW([stand_in]).step()
         import gc
         gc.collect()
         dist.barrier()
@@ -83,13 +92,20 @@ def _rank(rank, world, init_file, spec, results):
         start = time.perf_counter()
         out = forward(ids)
         (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+        del out
+        if spec.get("optimizer_step"):
+            if world > 1:
+                from zoo.distributed import all_reduce_grads
+                all_reduce_grads(model, group)
+            torch.optim.AdamW(model.parameters(), lr=1e-4).step()
         seconds = time.perf_counter() - start
         peak = _kb("VmHWM") * 1024 - base
         model.zero_grad(set_to_none=True)
-        del out
-        model.eval()
-        with torch.no_grad():
-            loss = forward(ids).loss.item()
+        loss = None
+        if spec.get("evaluate", True):
+            model.eval()
+            with torch.no_grad():
+                loss = forward(ids).loss.item()
         results.put((rank, "ok", {"peak_bytes": max(0, peak), "seconds": seconds, "loss_nats": loss}))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -135,11 +151,14 @@ def run_ranks(target, world_size: int, args_of, timeout: float):
 
 def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[str] = None,
             tokens: Optional[list] = None, cap_gb: Optional[float] = None, layout: str = "zigzag",
-            timeout: float = 1800.0) -> dict:
-    """One measurement on `world_size` fresh gloo processes; a record with status ok / OOM / error / timeout."""
+            timeout: float = 1800.0, optimizer_step: bool = False, evaluate: bool = True) -> dict:
+    """One measurement on `world_size` fresh gloo processes; a record with status ok / OOM / error / timeout.
+    `optimizer_step`: the measured run is a whole training step (forward, backward, AdamW step);
+    `evaluate=False`: no evaluation forward (loss_nats and ppl are None)."""
     spec = {"recipe": recipe, "checkpoint": checkpoint, "context": int(context), "layout": layout,
             "tokens": None if tokens is None else [int(t) for t in tokens[:context]],
-            "cap_bytes": int(cap_gb * 2**30) if cap_gb else None, "timeout": timeout}
+            "cap_bytes": int(cap_gb * 2**30) if cap_gb else None, "timeout": timeout,
+            "optimizer_step": optimizer_step, "evaluate": evaluate}
     got, errors, exitcodes = run_ranks(_rank, world_size, lambda rank, init_file: (rank, world_size, init_file, spec),
                                        timeout)
     base = {"world_size": world_size, "context": int(context), "layout": layout}
@@ -152,8 +171,9 @@ def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[st
     loss = got[0]["loss_nats"]
     return {**base, "status": "ok", "peak_bytes": max(r["peak_bytes"] for r in got.values()),
             "per_rank_peak_bytes": [got[r]["peak_bytes"] for r in range(world_size)],
-            "seconds": max(r["seconds"] for r in got.values()), "loss_nats": loss, "ppl": math.exp(loss),
-            "cap_gb": cap_gb, "tokens": "validation text" if tokens is not None else "random ids"}
+            "seconds": max(r["seconds"] for r in got.values()), "loss_nats": loss,
+            "ppl": None if loss is None else math.exp(loss), "cap_gb": cap_gb,
+            "tokens": "validation text" if tokens is not None else "random ids", "optimizer_step": optimizer_step}
 
 
 def longest_fitting(cells: list) -> Optional[int]:

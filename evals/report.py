@@ -9,7 +9,9 @@ Layout of results.json (written by scripts/compare.py, read here):
 A cell is the unit of work and of resumption: `cell_key` names it. Evals and their schemes:
 `train` (scheme `budget`), `ppl` (blocks / sliding / streaming; the streaming context is `doc`),
 `compression` (gzip-9 / xz-9, recipe `-`), `memory` (forward / decode / train), `throughput`
-(prefill / decode / train), `passkey` (scheme `greedy`, context = prompt length).
+(prefill / decode / train), `passkey` (scheme `greedy`, context = prompt length), `decode_memory` (scheme
+`chunked`: decode memory after a chunked prefill, evals/context_memory.py), `longest_train` (scheme `W1`,
+`W2`, ...: the longest trainable context under a per-rank cap; no context, so its key ends in `doc`).
 """
 from __future__ import annotations
 
@@ -83,9 +85,11 @@ def summary_table(results: dict) -> str:
     L = ppl_ctx[-1] if ppl_ctx else None
     M = mem_ctx[-1] if mem_ctx else None
     T = thr_ctx[-1] if thr_ctx else None
+    D = _summary_decode_context(results)
     header = ["recipe", "params", "train tokens", "train s", "train loss (nats)",
               f"bits/byte blocks@{L}", "bits/byte streaming", f"decode tok/s @{T}",
-              f"decode run mem @{M}", f"state @{M} (analytic)", "passkey acc"]
+              f"decode run mem @{M}" if D is None else f"decode mem @{D} (chunked prefill)",
+              f"state @{M} (analytic)" if D is None else f"cache @{D}", "passkey acc"]
     rows = []
     for name in _recipes(results):
         info = results["recipes"][name]
@@ -97,13 +101,29 @@ def summary_table(results: dict) -> str:
         pk = [c for c in cells(results, "passkey") if c["recipe"] == name]
         acc = [a for c in pk for a in c["accuracy"]]
         state = me.get("result", {}).get("state_bytes") if me and me.get("status") == "ok" else None
+        if D is not None:
+            dm = _lookup(results, name, "decode_memory", "chunked", D)
+            ok = dm is not None and dm["status"] == "ok"
+            mem_text = _fmt_bytes(dm["result"]["decode_bytes"]) if ok else (dm["status"] if dm else "-")
+            state = dm["result"]["cache_bytes"] if ok else None
+        else:
+            mem_text = _memory_cell_text(me)
         rows.append([name, f"{info['params']['total']:,}",
                      f"{tr['tokens']:,}" if tr else "-", f"{tr['seconds']:.1f}" if tr else "-",
                      f"{tr['train_loss']:.3f}" if tr else "-",
                      f"{pb['bits_per_byte']:.3f}" if pb else "-", f"{ps['bits_per_byte']:.3f}" if ps else "-",
-                     f"{th['tokens_per_s']:.0f}" if th else "-", _memory_cell_text(me), _fmt_bytes(state),
+                     f"{th['tokens_per_s']:.0f}" if th else "-", mem_text, _fmt_bytes(state),
                      f"{100 * sum(acc) / len(acc):.0f}%" if acc else "-"])
     return _table(header, rows)
+
+
+def _summary_decode_context(results: dict) -> Optional[int]:
+    """The longest decode-memory context every recipe measured (else the longest any did); None without any."""
+    cs = cells(results, "decode_memory")
+    names = {c["recipe"] for c in cs}
+    ok = [c for c in _contexts(cs) if all((_lookup(results, n, "decode_memory", "chunked", c) or {}).get("status")
+                                          == "ok" for n in names)]
+    return ok[-1] if ok else (_contexts(cs)[-1] if cs else None)
 
 
 def perplexity_table(results: dict) -> str:
@@ -140,6 +160,82 @@ def memory_table(results: dict) -> str:
             states.append(_fmt_bytes(d["result"]["state_bytes"]) if d and d.get("status") == "ok" else "-")
         rows.append([name, "state (analytic)"] + states)
     return _table(header, rows)
+
+
+def decode_memory_table(results: dict) -> str:
+    """Per recipe, by context: the decode steps' peak RSS above the warmed-up model, the cache's tensor bytes
+    and the analytic state (when it differs from them), and how much the cache grew from the shortest to the
+    longest context measured."""
+    cs = cells(results, "decode_memory")
+    ctx = _contexts(cs)
+    header = ["recipe", "figure"] + [str(c) for c in ctx] + ["cache growth"]
+    rows = []
+    for name in _recipes(results):
+        row = {c: _lookup(results, name, "decode_memory", "chunked", c) for c in ctx}
+        if not any(row.values()):
+            continue
+        ok = {c: r for c, r in row.items() if r and r["status"] == "ok"}
+
+        def line(figure, fn):
+            return [name, figure] + [("-" if row[c] is None else row[c]["status"]) if c not in ok
+                                     else fn(ok[c]["result"]) for c in ctx]
+        caches = [ok[c]["result"]["cache_bytes"] for c in sorted(ok)]
+        growth = ("-" if len(caches) < 2 else "flat" if caches[-1] == caches[0]
+                  else f"x{caches[-1] / max(caches[0], 1):.1f} over x{max(ok) / min(ok):.0f} context")
+        rows.append(line("decode (measured)", lambda r: _fmt_bytes(r["decode_bytes"])) + [""])
+        rows.append(line("cache (tensors)", lambda r: _fmt_bytes(r["cache_bytes"])) + [growth])
+        if any(r["result"]["state_bytes"] != r["result"]["cache_bytes"] for r in ok.values()):
+            rows.append(line("state_bytes (analytic)", lambda r: _fmt_bytes(r["state_bytes"])) + [""])
+        rows.append(line("prefill peak (measured)", lambda r: _fmt_bytes(r["prefill_peak_bytes"])) + [""])
+    table = _table(header, rows)
+    skipped = [f"{c['recipe']}@{c['context']}: {c['reason']}" for c in cs if c["status"] == "skipped"]
+    return table + ("\n\nSkipped: " + "; ".join(skipped) + "." if skipped else "")
+
+
+# What the seed papers claim about training length, beside our measurement (issue 16).
+TRAINING_LENGTH_CLAIMS = (
+    "Claims of the seed papers, for comparison: Blockwise Parallel Transformer (arXiv 2305.19370) trains "
+    "sequences up to 32x longer than vanilla attention and 2-4x longer than memory-efficient attention at the "
+    "same memory; Ring Attention (arXiv 2310.01889) grows the trainable length with the number of devices "
+    "(W devices of the same memory: about W times the one-device length, less what every rank holds whatever "
+    "its share: weights, gradients, optimizer state).")
+
+
+def longest_train_table(results: dict) -> str:
+    """Per recipe, per world size W: the longest context a training step (forward + backward + AdamW step)
+    fits in the per-rank cap, and its ratio to W = 1."""
+    cs = cells(results, "longest_train")
+    if not cs:
+        return ""
+    worlds = sorted({c["world_size"] for c in cs})
+    header = ["recipe"] + [f"W={w}" for w in worlds] + [f"W={w} / W=1" for w in worlds if w > 1 and 1 in worlds]
+    rows = []
+    for name in _recipes(results):
+        row = {c["world_size"]: c for c in cs if c["recipe"] == name}
+        if not row:
+            continue
+        texts, longest = [], {}
+        for w in worlds:
+            c = row.get(w)
+            if c is None:
+                texts.append("-")
+            elif c.get("longest") is None:
+                texts.append(f"< {c['start']} ({c.get('failing_status')})")
+            else:
+                longest[w] = c["longest"]
+                texts.append(f">= {c['longest']} (search limit)" if c.get("first_failing") is None else
+                             f"{c['longest']:,}" + ("" if c.get("failing_status") == "OOM"
+                                                    else f" ({c.get('failing_status')} at {c['first_failing']:,})"))
+        ratios = [f"{longest[w] / longest[1]:.2f}x" if w in longest and 1 in longest else "-"
+                  for w in worlds if w > 1 and 1 in worlds]
+        rows.append([name] + texts + ratios)
+    caps = sorted({c["cap_gb"] for c in cs})
+    steps = sorted({c["step"] for c in cs})
+    return ("Per-rank cap " + ", ".join(_fmt_bytes(g * 2**30) for g in caps) + " above each rank's warmed-up "
+            "baseline (weights excluded; gradients, AdamW moments and activations counted); the search doubles "
+            "from " + ", ".join(str(c["start"]) for c in cs[:1]) + " tokens, then bisects on multiples of "
+            + ", ".join(map(str, steps)) + "; one fresh set of gloo processes per probe.\n\n"
+            + _table(header, rows) + "\n\n" + TRAINING_LENGTH_CLAIMS)
 
 
 def throughput_table(results: dict) -> str:
@@ -251,6 +347,39 @@ def plot_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
     return _save(plt, fig, path)
 
 
+def plot_decode_memory(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    """Decode memory vs context, log-log: per recipe the measured decode peak (solid) and the cache's tensor
+    bytes (dashed); a constant state is a horizontal line, a KV cache a line of slope 1."""
+    cs = cells(results, "decode_memory")
+    if not any(c["status"] == "ok" for c in cs):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, name in enumerate(_recipes(results)):
+        ok = sorted((c for c in cs if c["recipe"] == name and c["status"] == "ok"), key=lambda c: c["context"])
+        if not ok:
+            continue
+        x = [c["context"] for c in ok]
+        # floor at 1 KiB: a small state can leave the RSS unchanged (its pages reused from the warm-up)
+        ax.plot(x, [max(c["result"]["decode_bytes"], 1024) / MIB for c in ok], "o-", color=f"C{i}",
+                label=f"{name} decode peak (measured)")
+        ax.plot(x, [max(c["result"]["cache_bytes"], 1024) / MIB for c in ok], "s--", color=f"C{i}",
+                label=f"{name} cache tensors")
+        for c in cs:
+            if c["recipe"] == name and c["status"] != "ok":
+                ax.annotate(c["status"], (c["context"], ok[-1]["result"]["cache_bytes"] / MIB), color=f"C{i}",
+                            fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("MiB (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title or "Decode memory by context after a chunked prefill: constant state flat, KV cache growing",
+                 fontsize=9)
+    return _save(plt, fig, path)
+
+
 def plot_throughput(results: dict, path: Path, title: str = "") -> Optional[Path]:
     kinds = [k for k in ("prefill", "decode", "train") if cells(results, "throughput", k)]
     if not kinds:
@@ -297,6 +426,27 @@ def plot_passkey(results: dict, path: Path, title: str = "") -> Optional[Path]:
     return path
 
 
+def memory_by_context_sections(results: dict) -> list:
+    """The report's parts for the decode-memory and longest-trainable-context cells (none when absent)."""
+    parts = []
+    dm = [c for c in cells(results, "decode_memory") if c["status"] == "ok"]
+    if cells(results, "decode_memory"):
+        chunk = dm[0]["result"]["prefill_chunk"] if dm else "?"
+        steps = dm[0]["result"]["decode_tokens"] if dm else "?"
+        parts += ["## Decode memory by context (chunked prefill, fresh process per cell)",
+                  f"The prompt goes through the cache in chunks of {chunk} tokens, then {steps} decode steps. "
+                  "`decode (measured)`: peak RSS of those steps above the model warmed up on one chunk (float32 "
+                  "model, random weights at seed 0): the state decoding holds plus one step's transient; a few "
+                  "KiB of state can measure as 0 when its pages are reused from the warm-up. `cache (tensors)`: "
+                  "the bytes of the cache's tensors after the steps, what `state_bytes` predicts. A recipe whose "
+                  "state is constant in context is flat; a KV cache grows with it. `prefill peak`: the chunked "
+                  "prefill's own peak (the cache plus one chunk's activations).", decode_memory_table(results)]
+    lt = longest_train_table(results)
+    if lt:
+        parts += ["## Longest trainable context under a memory cap", lt]
+    return parts
+
+
 # -- the report --------------------------------------------------------------------------------------------------
 
 def write_report(results: dict, out_dir) -> tuple:
@@ -304,6 +454,7 @@ def write_report(results: dict, out_dir) -> tuple:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = [p for p in (plot_perplexity(results, out / "perplexity.png"), plot_memory(results, out / "memory.png"),
+                        plot_decode_memory(results, out / "decode_memory.png"),
                         plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"))
             if p is not None]
     meta = results.get("meta", {})
@@ -325,6 +476,7 @@ def write_report(results: dict, out_dir) -> tuple:
         "cache, gradients), and in brackets the whole process peak above its baseline as evals.memory measures "
         "it (weights and torch's one-time setup included). `OOM`: the cap was hit. The analytic state is the "
         "sum of the blocks' `state_bytes` in float32 after the prefill and decode.", memory_table(results),
+        *memory_by_context_sections(results),
         "## Throughput (tokens/s, batch 1, best of repeats after a warm-up)", throughput_table(results),
         "## Passkey retrieval", passkey_tables(results) or "(not run)",
         "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),

@@ -65,7 +65,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from zoo.config import Recipe, load_recipe
-from zoo.model import ZooCache, ZooLM
+from zoo.model import ZooCache, ZooLM, cache_nbytes
 
 __all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "cache_nbytes", "output_cache",
            "register"]
@@ -167,24 +167,10 @@ class ZooGenerationCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by the block caches' tensors (what `state_bytes` predicts, summed over layers)."""
-        return sum(cache_nbytes(c) for c in self.zoo.layers)
+        return self.zoo.nbytes()
 
     def __repr__(self):
         return f"ZooGenerationCache(seen={self.zoo.seen}, layers={len(self.zoo.layers)}, bytes={self.nbytes()})"
-
-
-def cache_nbytes(layer_cache) -> int:
-    """Measured bytes of one layer's block cache: its tensors' storage (the bookkeeping `row_start` and
-    integer positions excluded); a layer decoded in groups of rows counts every group."""
-    if isinstance(layer_cache, list):
-        return sum(cache_nbytes(g["cache"]) for g in layer_cache)
-    if isinstance(layer_cache, dict):
-        return sum(cache_nbytes(v) for k, v in layer_cache.items() if k != "row_start")
-    if isinstance(layer_cache, torch.Tensor):
-        return layer_cache.numel() * layer_cache.element_size()
-    if isinstance(layer_cache, tuple):
-        return sum(cache_nbytes(v) for v in layer_cache)
-    return 0
 
 
 class ZooForCausalLM(PreTrainedModel, GenerationMixin):

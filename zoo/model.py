@@ -42,6 +42,24 @@ class ZooCache:
     seen: int = 0
     extra: dict = field(default_factory=dict)
 
+    def nbytes(self) -> int:
+        """Bytes held by the block caches' tensors (what `state_bytes` predicts, summed over layers)."""
+        return sum(cache_nbytes(c) for c in self.layers)
+
+
+def cache_nbytes(layer_cache) -> int:
+    """Measured bytes of one layer's block cache: its tensors' storage (the bookkeeping `row_start` and
+    integer positions excluded); a layer decoded in groups of rows (zoo.hf) counts every group."""
+    if isinstance(layer_cache, list):
+        return sum(cache_nbytes(g["cache"]) for g in layer_cache)
+    if isinstance(layer_cache, dict):
+        return sum(cache_nbytes(v) for k, v in layer_cache.items() if k != "row_start")
+    if isinstance(layer_cache, torch.Tensor):
+        return layer_cache.numel() * layer_cache.element_size()
+    if isinstance(layer_cache, tuple):
+        return sum(cache_nbytes(v) for v in layer_cache)
+    return 0
+
 
 class ZooLayer(nn.Module):
     def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float):
