@@ -24,6 +24,19 @@ not agree with the other schemes.
 
 Budget. `max_tokens` targets at most, taken from the documents in split order (the last one
 truncated to fit), so a run is deterministic and every scheme and context scores the same tokens.
+`max_doc_tokens` caps each document's share (its first tokens), so that a budget of tens of thousands of
+tokens spans many documents instead of the first long one: the interval below needs documents.
+
+Uncertainty (issue 16). Documents, not tokens, are the independent unit: `bits_per_byte_ci` is the 95%
+percentile interval of total nats / total bytes under resampling the scored documents with replacement
+(evals/bootstrap.py; seeded), for the record and for every bucket. The per-document sums travel in the
+record (`per_document`, and per bucket) so that a report can pair two recipes or two buckets on the same
+documents.
+
+Context use and length extrapolation. `extrapolation` streams the longest documents of the split, cut
+to `factor` x the training length, with position buckets around the training length T (T/4, T/2, T,
+2T, ...), and `extrapolation_verdict` says from those numbers whether the loss keeps falling past T,
+stays flat, or breaks there (see its docstring for the rule).
 
 Units. `loss_nats`: mean negative log-likelihood per scored token, in nats; `ppl` = exp(loss_nats),
 per token; `bits_per_byte` = total nats / ln 2 / bytes of the scored targets' text. Bytes: for the byte
@@ -45,6 +58,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from evals.bootstrap import LEVEL, RESAMPLES, SEED, difference_interval, ratio_interval
 from zoo.data import TokenDataset, TokenFile
 
 SCHEMES = ("blocks", "sliding", "streaming")
@@ -69,16 +83,23 @@ def _token_file(data_split) -> TokenFile:
                      f"got {type(data_split).__name__}")
 
 
-def select_documents(file: TokenFile, max_tokens: Optional[int] = None, min_doc_tokens: int = 2) -> list:
+def select_documents(file: TokenFile, max_tokens: Optional[int] = None, min_doc_tokens: int = 2,
+                     max_doc_tokens: Optional[int] = None) -> list:
     """(document index, tokens used) in split order until `max_tokens` targets; a document of n tokens
-    has n - 1 targets, and the last one is cut to n' = remaining + 1 tokens."""
+    has n - 1 targets, and the last one is cut to n' = remaining + 1 tokens. `max_doc_tokens`: each
+    document's first tokens at most (after the `min_doc_tokens` test, which sees its whole length)."""
     _check_positive_int("max_tokens", max_tokens, allow_none=True)
     _check_positive_int("min_doc_tokens", min_doc_tokens)
+    _check_positive_int("max_doc_tokens", max_doc_tokens, allow_none=True)
+    if max_doc_tokens is not None and max_doc_tokens < 2:
+        raise ValueError(f"max_doc_tokens: a document needs at least 2 tokens to have a target, got {max_doc_tokens}")
     lengths = np.diff(np.asarray(file.offsets))
     chosen, left = [], max_tokens
     for i, n in enumerate(lengths.tolist()):
         if n < max(2, min_doc_tokens):
             continue
+        if max_doc_tokens is not None:
+            n = min(n, max_doc_tokens)
         if left is not None:
             n = min(n, left + 1)
             left -= n - 1
@@ -89,6 +110,16 @@ def select_documents(file: TokenFile, max_tokens: Optional[int] = None, min_doc_
         raise ValueError(f"data_split: {file.prefix} has no document with at least {max(2, min_doc_tokens)} "
                          f"tokens (min_doc_tokens)")
     return chosen
+
+
+def longest_documents(file: TokenFile, n_docs: int, length: int) -> list:
+    """(document index, `length`) for the `n_docs` longest documents of at least `length` tokens, in split
+    order (fewer when fewer are that long; ties in length go to the earlier document)."""
+    _check_positive_int("n_docs", n_docs)
+    _check_positive_int("length", length)
+    lengths = np.diff(np.asarray(file.offsets))
+    order = sorted((i for i in range(len(lengths)) if lengths[i] >= length), key=lambda i: (-lengths[i], i))
+    return [(i, length) for i in sorted(order[:n_docs])]
 
 
 def windows(n_inputs: int, scheme: str, context: Optional[int] = None, stride: Optional[int] = None) -> list:
@@ -184,12 +215,16 @@ def _score_documents(model, docs: list, scheme: str, context, stride, chunk_size
 def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 1024, 2048),
                         scheme: str = "blocks", stride: Optional[int] = None, max_tokens: Optional[int] = 16384,
                         batch_size: int = 8, device=None, chunk_size: int = 1024, min_doc_tokens: int = 2,
-                        bucket_edges: Optional[Sequence[int]] = None) -> list:
+                        bucket_edges: Optional[Sequence[int]] = None, max_doc_tokens: Optional[int] = None,
+                        documents: Optional[Sequence[tuple]] = None, resamples: int = RESAMPLES,
+                        seed: int = SEED) -> list:
     """One record per context (`streaming`: one record, `context` None) — see the module docstring.
 
     stride: `sliding` only; default context // 2. chunk_size: tokens per forward call under `streaming`
     (the result does not depend on it beyond float rounding). bucket_edges: position bucket bounds,
-    default 1024, 2048, 4096, ... device: default the model's."""
+    default 1024, 2048, 4096, ... device: default the model's. documents: (document index, tokens)
+    pairs to score instead of the budget's choice (e.g. `longest_documents`). resamples, seed: of the
+    bootstrap interval."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if stride is not None and scheme != "sliding":
@@ -205,7 +240,11 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
     _check_positive_int("chunk_size", chunk_size)
     file = _token_file(data_split)
     device = device if device is not None else next(model.parameters()).device
-    chosen = select_documents(file, max_tokens, min_doc_tokens)
+    _check_positive_int("resamples", resamples)
+    chosen = (select_documents(file, max_tokens, min_doc_tokens, max_doc_tokens) if documents is None
+              else [(int(i), int(n)) for i, n in documents])
+    if not chosen or min(n for _, n in chosen) < 2:
+        raise ValueError(f"documents: need at least one, each of at least 2 tokens, got {chosen}")
     docs = [np.asarray(file.document(i)[:n], dtype=np.int64) for i, n in chosen]
     weights, bytes_method = _byte_weights(file)
     max_position = max(len(d) for d in docs) - 1
@@ -225,37 +264,123 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
             nll = _score_documents(model, docs, scheme, context, window_stride, chunk_size, batch_size, device)
             seconds = time.perf_counter() - start
             assert not any(np.isnan(a).any() for a in nll), "a target was never scored"
-            # sums per position bucket; the totals are the sums of the buckets
-            b_nats = np.zeros(len(edges) - 1)
-            b_tok = np.zeros(len(edges) - 1, dtype=np.int64)
-            b_bytes = np.zeros(len(edges) - 1)
-            for doc, a in zip(docs, nll):
+            # sums per document and position bucket; the totals are the sums of the buckets
+            d_nats = np.zeros((len(docs), len(edges) - 1))
+            d_tok = np.zeros((len(docs), len(edges) - 1), dtype=np.int64)
+            d_bytes = np.zeros((len(docs), len(edges) - 1))
+            for k, (doc, a) in enumerate(zip(docs, nll)):
                 which = np.searchsorted(edges, np.arange(1, len(doc)), side="right") - 1
-                b_nats += np.bincount(which, weights=a, minlength=len(b_nats))
-                b_tok += np.bincount(which, minlength=len(b_tok))
-                b_bytes += np.bincount(which, weights=weights[doc[1:]], minlength=len(b_bytes))
+                d_nats[k] = np.bincount(which, weights=a, minlength=len(edges) - 1)
+                d_tok[k] = np.bincount(which, minlength=len(edges) - 1)
+                d_bytes[k] = np.bincount(which, weights=weights[doc[1:]], minlength=len(edges) - 1)
+            b_nats, b_tok, b_bytes = d_nats.sum(0), d_tok.sum(0), d_bytes.sum(0)
+            ci = dict(resamples=resamples, seed=seed)
             buckets = [{"positions": [int(lo), int(hi)], "label": f"{_label(lo)}-{_label(hi)}",
-                        **_summary(float(n), int(t), float(by))}
-                       for lo, hi, n, t, by in zip(edges[:-1], edges[1:], b_nats, b_tok, b_bytes) if t]
+                        **_summary(float(b_nats[j]), int(b_tok[j]), float(b_bytes[j])),
+                        "bits_per_byte_ci": list(ratio_interval(d_nats[:, j] / LN2, d_bytes[:, j], **ci)),
+                        "documents": int((d_tok[:, j] > 0).sum()),
+                        "per_document": {"nats": d_nats[:, j].tolist(), "bytes": d_bytes[:, j].tolist()}}
+                       for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])) if b_tok[j]]
             records.append({"scheme": scheme, "context": context, "stride": window_stride,
                             "chunk": chunk_size if scheme == "streaming" else None,
                             "split": str(file.prefix), "documents": len(docs),
                             **_summary(float(b_nats.sum()), int(b_tok.sum()), float(b_bytes.sum())),
+                            "bits_per_byte_ci": list(ratio_interval(d_nats.sum(1) / LN2, d_bytes.sum(1), **ci)),
+                            "interval": {"method": "percentile bootstrap over documents", "level": LEVEL, **ci},
+                            "per_document": {"index": [i for i, _ in chosen], "tokens": d_tok.sum(1).tolist(),
+                                             "nats": d_nats.sum(1).tolist(), "bytes": d_bytes.sum(1).tolist()},
                             "bytes_method": bytes_method, "buckets": buckets, "seconds": seconds})
     finally:
         model.train(was_training)
     return records
 
 
+# -- context use and length extrapolation ------------------------------------------------------------------------
+
+VERDICTS = ("keeps falling", "flat", "breaks")
+MARGIN = 0.02
+
+
+def extrapolation_edges(train_len: int, factor: int = 16) -> list:
+    """Position bucket edges around the training length T: T/4, T/2, T, 2T, 4T, ... below factor x T, so
+    the buckets are [0, T/4), [T/4, T/2), [T/2, T) inside the training length and [T, 2T), [2T, 4T), ...
+    past it, up to the documents' end at factor x T."""
+    _check_positive_int("train_len", train_len)
+    _check_positive_int("factor", factor)
+    if factor < 2:
+        raise ValueError(f"factor: must be at least 2 (a bucket past the training length), got {factor}")
+    edges = {e for e in (train_len // 4, train_len // 2) if e >= 1}
+    k = 1
+    while k < factor:
+        edges.add(train_len * k)
+        k *= 2
+    return sorted(edges)
+
+
+def extrapolation_verdict(record: dict, train_len: int, margin: float = MARGIN, resamples: int = RESAMPLES,
+                          seed: int = SEED, level: float = LEVEL) -> dict:
+    """Does the loss keep falling past the training length T, stay flat, or break there?
+
+    The reference is the last bucket inside T ([T/2, T) with `extrapolation_edges`); every bucket past T
+    is compared with it by the paired bootstrap interval of the bits/byte difference over the same
+    documents (`difference_interval`). With tol = `margin` x the reference's bits/byte:
+    - "breaks": some bucket past T is worse, its whole interval above +tol (`breaks_at` names the first);
+    - "keeps falling": none breaks and the furthest bucket is better, its whole interval below -tol;
+    - "flat": otherwise.
+    The margin is there because the documents' content changes along them too (imports and headers
+    first), so even a model with no memory past its window shows a small slope by position.
+    `verdict` None: no bucket on one side of T (documents too short, or T below the first edge)."""
+    buckets = record.get("buckets", [])
+    inside = [b for b in buckets if b["positions"][1] <= train_len]
+    past = [b for b in buckets if b["positions"][0] >= train_len]
+    if not inside or not past:
+        return {"verdict": None, "reference": None, "past": [], "breaks_at": None, "margin": margin}
+    ref = inside[-1]
+
+    def bits(b):
+        return np.asarray(b["per_document"]["nats"]) / LN2, np.asarray(b["per_document"]["bytes"])
+    rows = []
+    for b in past:
+        lo, hi = difference_interval(*bits(b), *bits(ref), resamples=resamples, seed=seed, level=level)
+        rows.append({"label": b["label"], "positions": b["positions"], "bits_per_byte": b["bits_per_byte"],
+                     "difference": b["bits_per_byte"] - ref["bits_per_byte"], "difference_ci": [lo, hi]})
+    tol = margin * ref["bits_per_byte"]
+    broken = [r for r in rows if r["difference_ci"][0] > tol]
+    verdict = "breaks" if broken else "keeps falling" if rows[-1]["difference_ci"][1] < -tol else "flat"
+    return {"verdict": verdict, "breaks_at": broken[0]["label"] if broken else None, "margin": margin,
+            "reference": {k: ref[k] for k in ("label", "positions", "bits_per_byte", "bits_per_byte_ci") if k in ref},
+            "past": rows}
+
+
+@torch.no_grad()
+def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs: int = 16, chunk_size: int = 1024,
+                  device=None, margin: float = MARGIN, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """Streaming bits/byte by position on the `max_docs` longest documents of the split, each cut to
+    `factor` x `train_len` tokens, bucketed by `extrapolation_edges`, with `extrapolation_verdict`'s keys.
+    A split with no document that long gives `status` saying so, `documents` 0 and verdict None."""
+    file = _token_file(data_split)
+    length = factor * train_len
+    base = {"scheme": "streaming", "train_len": train_len, "factor": factor, "length": length}
+    docs = longest_documents(file, max_docs, length)
+    if not docs:
+        longest = int(np.diff(np.asarray(file.offsets)).max(initial=0))
+        return {**base, "status": f"no document of {length} tokens in {file.prefix} (longest: {longest})",
+                "documents": 0, "verdict": None, "buckets": []}
+    [rec] = evaluate_perplexity(model, file, scheme="streaming", chunk_size=chunk_size, device=device,
+                                bucket_edges=extrapolation_edges(train_len, factor), documents=docs,
+                                resamples=resamples, seed=seed)
+    return {**rec, **base, "status": "ok", **extrapolation_verdict(rec, train_len, margin, resamples, seed)}
+
+
 def documents_text(data_split, max_tokens: Optional[int] = None, min_doc_tokens: int = 2,
-                   tokenizer=None) -> bytes:
+                   tokenizer=None, max_doc_tokens: Optional[int] = None) -> bytes:
     """UTF-8 text of the documents `evaluate_perplexity` scores with the same budget, concatenated
     (whole documents, EOS left out): what the compression reference lines compress. `tokenizer` (a
     zoo.data tokenizer) decodes non-byte splits; the byte tokenizer needs none."""
     file = _token_file(data_split)
     eos = file.header.get("eos_id")
     parts = []
-    for i, n in select_documents(file, max_tokens, min_doc_tokens):
+    for i, n in select_documents(file, max_tokens, min_doc_tokens, max_doc_tokens):
         ids = np.asarray(file.document(i)[:n])
         ids = ids[ids != eos] if eos is not None else ids
         if file.header.get("tokenizer") == "byte":

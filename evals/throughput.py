@@ -1,14 +1,19 @@
 """Throughput and measured memory by context length (issue 7, items 2 and 3).
 
-Throughput, in tokens per second of wall-clock time, one model in this process:
+Throughput, in tokens per second, one model in this process:
 - `prefill`: one forward of `batch_size` x `context` tokens through a fresh cache (what a prompt costs);
 - `decode`: after a `context`-token prefill, `decode_tokens` single-token steps through the cache
   (generation's steady state at that context; the prefill is not timed);
 - `train`: forward + backward of the language-model loss on `batch_size` x `context` tokens (no optimizer
   step: it does not depend on the context, and the training run itself reports whole-step tokens/s).
-Every figure is the best of `repeats` timed calls after one untimed warm-up call at the same shape:
-the warm-up takes allocator growth and one-time kernel selection out of the figure; the best rather
-than the mean because on a shared machine other processes only ever add time.
+Every cell times `repeats` calls after one untimed warm-up call at the same shape (the warm-up takes
+allocator growth and one-time kernel selection out of the figure), on two clocks: wall time
+(time.perf_counter) and the process's CPU time (time.process_time: all its threads, so with N busy
+threads about N x wall). On a shared machine other processes add wall time while this one waits for a
+core, but not CPU time, so the CPU clock is the steadier one there; on CUDA it counts only the host's
+work, and wall time is the figure. The record keeps every repeat and their min and median on both
+clocks (issue 16): the min because other processes only ever add time, the median to show how far one
+run strays. `tokens_per_s` stays the best wall figure, as before.
 
 Memory: the `peak_*` functions below are the targets `evals.memory.measure` runs in a fresh process
 (a recipe as a plain dict in, JSON out). The peak that `measure` reports includes the weights and
@@ -22,6 +27,7 @@ the RSS after the warm-up. That is the memory the context costs: activations, th
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Iterable, Sequence
 
@@ -47,48 +53,50 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
+def _times(fn, repeats: int, device: torch.device, setup=None) -> tuple:
+    """([wall seconds], [CPU seconds]) of `repeats` calls of fn after one untimed warm-up call;
+    `setup()`, untimed, runs before each call and its result is fn's argument."""
+    wall, cpu = [], []
+    for attempt in range(repeats + 1):  # attempt 0 is the warm-up
+        arg = setup() if setup is not None else None
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        w, c = time.perf_counter(), time.process_time()
+        fn(arg) if setup is not None else fn()
+        _sync(device)
+        if attempt:
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+    return wall, cpu
 
 
-def prefill_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+def prefill_times(model, context: int, batch_size: int = 1, repeats: int = 2) -> tuple:
     ids = _tokens(model, batch_size, context, 0)
 
     @torch.no_grad()
     def run():
         model(ids, cache=model.init_cache(batch_size))
-    return _best_time(run, repeats, ids.device)
+    return _times(run, repeats, ids.device)
 
 
-def decode_seconds(model, context: int, decode_tokens: int = 32, batch_size: int = 1, repeats: int = 2) -> float:
-    """Seconds for `decode_tokens` single-token steps after a `context`-token prefill (not timed)."""
+def decode_times(model, context: int, decode_tokens: int = 32, batch_size: int = 1, repeats: int = 2) -> tuple:
+    """`decode_tokens` single-token steps after a `context`-token prefill (not timed)."""
     prompt = _tokens(model, batch_size, context, 0)
     steps = _tokens(model, batch_size, decode_tokens, 1)
-    device = prompt.device
-    best = float("inf")
-    with torch.no_grad():
-        for attempt in range(repeats + 1):  # attempt 0 is the warm-up
-            cache = model.init_cache(batch_size)
-            model(prompt, cache=cache)
-            _sync(device)
-            start = time.perf_counter()
-            for t in range(decode_tokens):
-                model(steps[:, t:t + 1], cache=cache)
-            _sync(device)
-            if attempt:
-                best = min(best, time.perf_counter() - start)
-    return best
+
+    @torch.no_grad()
+    def prefill():
+        cache = model.init_cache(batch_size)
+        model(prompt, cache=cache)
+        return cache
+
+    @torch.no_grad()
+    def run(cache):
+        for t in range(decode_tokens):
+            model(steps[:, t:t + 1], cache=cache)
+    return _times(run, repeats, prompt.device, setup=prefill)
 
 
-def train_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+def train_times(model, context: int, batch_size: int = 1, repeats: int = 2) -> tuple:
     ids = _tokens(model, batch_size, context, 0)
 
     def run():
@@ -99,9 +107,22 @@ def train_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) ->
     was_training = model.training
     model.train()
     try:
-        return _best_time(run, repeats, ids.device)
+        return _times(run, repeats, ids.device)
     finally:
         model.train(was_training)
+
+
+def prefill_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+    return min(prefill_times(model, context, batch_size, repeats)[0])
+
+
+def decode_seconds(model, context: int, decode_tokens: int = 32, batch_size: int = 1, repeats: int = 2) -> float:
+    """Best wall seconds for `decode_tokens` single-token steps after a `context`-token prefill (not timed)."""
+    return min(decode_times(model, context, decode_tokens, batch_size, repeats)[0])
+
+
+def train_seconds(model, context: int, batch_size: int = 1, repeats: int = 2) -> float:
+    return min(train_times(model, context, batch_size, repeats)[0])
 
 
 def throughput(model, contexts: Iterable[int], kinds: Sequence[str] = KINDS, batch_size: int = 1,
@@ -132,19 +153,28 @@ def throughput(model, contexts: Iterable[int], kinds: Sequence[str] = KINDS, bat
 def throughput_record(model, kind: str, context: int, batch_size: int = 1, decode_tokens: int = 32,
                       repeats: int = 2) -> dict:
     """The record of one (kind, context) cell; see `throughput`."""
+    _check_positive_int("repeats", repeats)
     if kind == "prefill":
-        seconds, tokens = prefill_seconds(model, context, batch_size, repeats), batch_size * context
+        (wall, cpu), tokens = prefill_times(model, context, batch_size, repeats), batch_size * context
     elif kind == "decode":
-        seconds = decode_seconds(model, context, decode_tokens, batch_size, repeats)
+        wall, cpu = decode_times(model, context, decode_tokens, batch_size, repeats)
         tokens = batch_size * decode_tokens
     elif kind == "train":
-        seconds, tokens = train_seconds(model, context, batch_size, repeats), batch_size * context
+        (wall, cpu), tokens = train_times(model, context, batch_size, repeats), batch_size * context
     else:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
-    return {"kind": kind, "context": context, "batch_size": batch_size, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "repeats": repeats, "timing": "best of repeats after a warm-up",
+    wall_med, cpu_med = statistics.median(wall), statistics.median(cpu)
+    # a CPU clock's tick can exceed a tiny call: a zero reads as no figure, not infinitely fast
+    per_cpu = (lambda s: tokens / s if s > 0 else None)
+    return {"kind": kind, "context": context, "batch_size": batch_size, "tokens": tokens, "seconds": min(wall),
+            "tokens_per_s": tokens / min(wall), "repeats": repeats,
+            "timing": "best of repeats after a warm-up; wall and process CPU clocks, min and median",
             "decode_tokens": decode_tokens if kind == "decode" else None,
-            "units": {"tokens_per_s": "tokens/s", "seconds": "s"}}
+            "wall_seconds": wall, "cpu_seconds": cpu, "wall_median": wall_med, "cpu_min": min(cpu),
+            "cpu_median": cpu_med, "tokens_per_s_median": tokens / wall_med,
+            "tokens_per_cpu_s": per_cpu(min(cpu)), "tokens_per_cpu_s_median": per_cpu(cpu_med),
+            "units": {"tokens_per_s": "tokens/s", "seconds": "s", "wall_seconds": "s", "cpu_seconds": "CPU s",
+                      "tokens_per_cpu_s": "tokens per CPU second (all threads)"}}
 
 
 # -- memory targets for evals.memory.measure (each runs in a fresh process) ------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import zoo
-from evals.perplexity import documents_text, evaluate_perplexity, windows
+from evals.perplexity import (VERDICTS, documents_text, evaluate_perplexity, extrapolation, extrapolation_edges,
+                               extrapolation_verdict, longest_documents, windows)
 from zoo.data import TokenDataset, TokenWriter
 
 DOC_LENGTHS = (1, 2, 23, 40, 17)   # a 1-token document has no target and is skipped
@@ -187,6 +188,103 @@ def test_max_tokens_is_exact_and_shared_by_schemes(split):
     assert len(documents_text(split, max_tokens=30)) == 1 + 22 + 8
     again = evaluate_perplexity(model, split, [5], scheme="blocks", max_tokens=30)[0]
     assert again["loss_nats"] == recs[0]["loss_nats"]
+
+
+@pytest.mark.parametrize("scheme", ["blocks", "streaming"])
+def test_interval_per_record_and_bucket_from_the_documents(split, scheme):
+    model = tiny_model()
+    [rec] = evaluate_perplexity(model, split, [6], scheme=scheme, max_tokens=None, bucket_edges=[8, 16])
+    per = rec["per_document"]
+    assert per["index"] == [1, 2, 3, 4] and sum(per["tokens"]) == rec["tokens_scored"]
+    assert sum(per["nats"]) == pytest.approx(rec["loss_nats"] * rec["tokens_scored"], rel=1e-12)
+    assert sum(per["bytes"]) == rec["bytes_scored"]
+    lo, hi = rec["bits_per_byte_ci"]
+    assert lo < rec["bits_per_byte"] < hi and rec["interval"]["resamples"] == 1000
+    for b in rec["buckets"]:
+        assert len(b["per_document"]["nats"]) == 4
+        assert sum(b["per_document"]["bytes"]) == b["bytes_scored"]
+        assert b["bits_per_byte_ci"][0] <= b["bits_per_byte"] <= b["bits_per_byte_ci"][1]
+    assert [b["documents"] for b in rec["buckets"]] == [4, 3, 3]   # 17, 23 and 40 tokens reach past 16
+    [again] = evaluate_perplexity(model, split, [6], scheme=scheme, max_tokens=None, bucket_edges=[8, 16])
+    assert again["bits_per_byte_ci"] == rec["bits_per_byte_ci"]   # seeded
+
+
+def test_max_doc_tokens_spreads_the_budget_over_documents(split):
+    [rec] = evaluate_perplexity(tiny_model(), split, [5], max_tokens=30, max_doc_tokens=10)
+    # 2-token document: 1 target; then 23 -> 10 tokens (9), 40 -> 10 (9), 17 -> 10 (9), then 2 more of nothing left
+    assert rec["tokens_scored"] == 28 and rec["documents"] == 4 and rec["per_document"]["tokens"] == [1, 9, 9, 9]
+    assert len(documents_text(split, max_tokens=30, max_doc_tokens=10)) == 1 + 3 * 10   # whole cut documents
+    with pytest.raises(ValueError, match="max_doc_tokens"):
+        evaluate_perplexity(tiny_model(), split, [5], max_doc_tokens=1)
+
+
+def test_longest_documents_in_split_order(split):
+    f = split.file
+    assert longest_documents(f, 2, 17) == [(2, 17), (3, 17)]         # 23 and 40 tokens
+    assert longest_documents(f, 5, 17) == [(2, 17), (3, 17), (4, 17)]
+    assert longest_documents(f, 5, 41) == []
+
+
+def test_extrapolation_edges_surround_the_training_length():
+    assert extrapolation_edges(256, 16) == [64, 128, 256, 512, 1024, 2048]
+    assert extrapolation_edges(4, 4) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="factor"):
+        extrapolation_edges(256, 1)
+
+
+def curve(per_bucket_bpb, n_docs=12, seed=0, noise=0.02):
+    """A synthetic streaming record, T = 8, buckets 0-2 2-4 4-8 | 8-16 16-32: each document's bits/byte per
+    bucket is the curve plus its own offset (documents differ) plus noise."""
+    rng = np.random.default_rng(seed)
+    edges = [0, 2, 4, 8, 16, 32]
+    offset = rng.normal(0, 0.3, n_docs)
+    buckets = []
+    for j, v in enumerate(per_bucket_bpb):
+        n_bytes = np.full(n_docs, 100.0)
+        bpb = v + offset + rng.normal(0, noise, n_docs)
+        nats = bpb * n_bytes * math.log(2)
+        buckets.append({"positions": [edges[j], edges[j + 1]], "label": f"{edges[j]}-{edges[j + 1]}",
+                        "bits_per_byte": float(nats.sum() / math.log(2) / n_bytes.sum()),
+                        "per_document": {"nats": nats.tolist(), "bytes": n_bytes.tolist()}})
+    return {"buckets": buckets}
+
+
+@pytest.mark.parametrize("values,verdict,breaks_at", [
+    ([3.0, 2.6, 2.4, 2.2, 2.0], "keeps falling", None),
+    ([3.0, 2.6, 2.4, 2.41, 2.39], "flat", None),
+    ([3.0, 2.6, 2.4, 2.3, 3.5], "breaks", "16-32"),
+    ([3.0, 2.6, 2.4, 4.0, 6.0], "breaks", "8-16"),
+    ([3.0, 2.6, 2.4, 2.41, 2.42], "flat", None),          # 0.8% up, beyond noise but inside the 2% margin
+])
+def test_extrapolation_verdict(values, verdict, breaks_at):
+    out = extrapolation_verdict(curve(values), train_len=8)
+    assert out["verdict"] == verdict and out["breaks_at"] == breaks_at
+    assert out["reference"]["label"] == "4-8" and [r["label"] for r in out["past"]] == ["8-16", "16-32"]
+    for r in out["past"]:
+        lo, hi = r["difference_ci"]
+        assert lo <= r["difference"] <= hi
+    # a wide spread between documents alone does not hide a shift that all documents share (paired)
+    assert extrapolation_verdict(curve(values, noise=0.001), 8)["verdict"] == verdict
+
+
+def test_extrapolation_verdict_needs_both_sides():
+    rec = curve([3.0, 2.6, 2.4, 2.3, 2.2])
+    assert extrapolation_verdict(rec, train_len=64)["verdict"] is None      # nothing past 64
+    assert extrapolation_verdict(rec, train_len=1)["verdict"] is None       # nothing inside 1
+
+
+def test_extrapolation_streams_the_longest_documents(split):
+    model = tiny_model()
+    rec = extrapolation(model, split, train_len=4, factor=4, max_docs=5, chunk_size=5)
+    assert rec["status"] == "ok" and rec["documents"] == 3 and rec["length"] == 16   # 17, 23, 40 tokens
+    assert rec["tokens_scored"] == 3 * 15 and rec["verdict"] in VERDICTS
+    assert [b["label"] for b in rec["buckets"]] == ["1-2", "2-4", "4-8", "8-16"]   # [0, 1) holds no target
+    assert rec["reference"]["label"] == "2-4"
+    # the same numbers as streaming those documents cut to 16 tokens
+    [plain] = evaluate_perplexity(model, split, scheme="streaming", documents=[(2, 16), (3, 16), (4, 16)])
+    assert rec["loss_nats"] == pytest.approx(plain["loss_nats"], rel=1e-12)
+    none = extrapolation(model, split, train_len=8, factor=8)
+    assert none["documents"] == 0 and none["verdict"] is None and "longest: 40" in none["status"]
 
 
 def test_min_doc_tokens_picks_long_documents(split):

@@ -6,7 +6,7 @@ import torch
 import zoo
 from evals.memory import measure
 from evals.report import cell_key, memory_table, summary_table, write_report
-from evals.throughput import analytic_state_bytes, peak_decode, throughput, throughput_record
+from evals.throughput import _times, analytic_state_bytes, peak_decode, throughput, throughput_record
 
 RECIPE = {"name": "tiny-thr", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "AS",
                                         "blocks": {"A": {"type": "attn", "n_heads": 2},
@@ -30,6 +30,42 @@ def test_records_count_tokens(model, batch_size):
         assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["units"]["tokens_per_s"] == "tokens/s"
     assert model.training  # restored (build_model returns a module in training mode)
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode", "train"])
+def test_repeats_on_both_clocks(model, kind):
+    r = throughput_record(model, kind, 8, decode_tokens=3, repeats=3)
+    assert len(r["wall_seconds"]) == len(r["cpu_seconds"]) == 3
+    assert r["seconds"] == min(r["wall_seconds"]) and r["wall_median"] == sorted(r["wall_seconds"])[1]
+    assert r["cpu_min"] == min(r["cpu_seconds"]) and r["cpu_median"] == sorted(r["cpu_seconds"])[1]
+    assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+    assert r["tokens_per_s"] >= r["tokens_per_s_median"]
+    if r["cpu_min"] > 0:
+        assert r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["cpu_min"])
+        assert r["tokens_per_cpu_s"] >= r["tokens_per_cpu_s_median"]
+
+
+def test_times_warm_up_once_and_the_cpu_clock_skips_waiting():
+    import time
+    calls = []
+
+    def sleep():
+        calls.append(1)
+        time.sleep(0.02)
+    wall, cpu = _times(sleep, 4, torch.device("cpu"))
+    assert len(calls) == 5 and len(wall) == len(cpu) == 4   # one untimed warm-up
+    assert min(wall) >= 0.02 and max(cpu) < 0.01           # waiting (here: sleeping) costs no CPU time
+
+    def spin():
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+    wall, cpu = _times(spin, 2, torch.device("cpu"))
+    assert min(cpu) >= 0.02 and min(wall) >= 0.02
+    # setup runs untimed before every call and hands its result over
+    seen = []
+    _times(seen.append, 2, torch.device("cpu"), setup=lambda: len(seen))
+    assert seen == [0, 1, 2]
 
 
 def test_train_kind_leaves_no_gradients(model):
