@@ -21,8 +21,9 @@ def main():
             continue  # fragments meant for `extends:`
         try:
             model = zoo.build_model(path, args.override)
-        except zoo.RecipeError as err:
-            sys.exit(f"{path}: {err}")
+        except zoo.RecipeError as err:   # its message names the file where the file is at fault
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         print(f"\n== {path}\n{model.describe()}")
         built += 1
     print(f"\nsummary: built {built} recipes; blocks available: {', '.join(zoo.list_blocks())}")
