@@ -1,0 +1,52 @@
+"""scripts/pretrain.py: the shipped checkpoints' command: sized like compare.py, half-precision weights that load
+as a checkpoint, a model card from measured numbers, and a rerun that skips what is shipped."""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+import zoo
+from tests.helpers import CLI_RECIPE, load_script, write_prepared
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    return load_script("pretrain")
+
+
+def test_pretrain_ships_a_half_precision_checkpoint_with_its_card(pretrain, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(CLI_RECIPE), recipe)
+    data = write_prepared(tmp_path / "data", train=20000, val=4000)
+    out = tmp_path / "pretrained"
+    argv = [str(recipe), "--budget", "1024", "--data", str(data), "--out", str(out), "--evals", "2",
+            "--no-progress", "--threads", "1"]
+    assert pretrain.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
+    dest = out / "tiny-cli"
+    card = json.loads((dest / "card.json").read_text())
+    assert summary["tiny-cli"]["val_bpb"] == card["val_bpb"]
+    # 1024 tokens of 2 x 16 per step: 32 steps, evaluated twice along the way
+    assert (card["steps"], card["tokens"], card["dtype"]) == (32, 1024, "float16")
+    assert [row[0] for row in card["curve"]] == [16, 32]
+    assert card["cpu_seconds"] > 0 and card["gzip_bpb"] > 0
+    assert abs(card["val_bpb"] - card["val_bpb_float32"]) < 0.01   # rounding the weights costs little
+    assert "python scripts/pretrain.py" in (dest / "MODEL_CARD.md").read_text()
+    ckpt = dest / card["checkpoint"]
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    model = zoo.load_checkpoint(dest)   # what compare.py / eval.py do with a run directory
+    assert next(model.parameters()).dtype == torch.float32
+    # a rerun keeps what is shipped
+    mtime = (dest / "card.json").stat().st_mtime_ns
+    assert pretrain.main(argv) == 0
+    assert "shipped already" in capsys.readouterr().out
+    assert (dest / "card.json").stat().st_mtime_ns == mtime
+
+
+def test_pretrain_unknown_recipe_is_one_error_line(pretrain, tmp_path, capsys):
+    assert pretrain.main(["no-such-recipe", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: recipes: 'no-such-recipe' is not a recipe file") and err.count("\n") == 1
