@@ -75,3 +75,17 @@ def difference_interval(num_a, den_a, num_b, den_b, resamples: int = RESAMPLES, 
 def overlaps(a, b) -> bool:
     """Whether two intervals (lo, hi) share a point."""
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+def best_and_ties(items: dict, lower_is_better: bool = True) -> tuple:
+    """(best name, [names not ranked against it]) for {name: (value, (lo, hi) or None)}: the ties are the
+    names whose interval overlaps the best's, in the order given. Without an interval on either side
+    nothing is known about the spread, and the name is ranked by its value alone."""
+    if not items:
+        return None, []
+    sign = 1 if lower_is_better else -1
+    best = min(items, key=lambda n: sign * items[n][0])
+    ref = items[best][1]
+    ties = [n for n, (_, iv) in items.items() if n != best and ref is not None and iv is not None
+            and overlaps(iv, ref)]
+    return best, ties

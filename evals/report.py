@@ -11,12 +11,21 @@ A cell is the unit of work and of resumption: `cell_key` names it. Evals and the
 `compression` (gzip-9 / xz-9, recipe `-`), `memory` (forward / decode / train), `throughput`
 (prefill / decode / train), `passkey` (scheme `greedy`, context = prompt length), `decode_memory` (scheme
 `chunked`: decode memory after a chunked prefill, evals/context_memory.py), `longest_train` (scheme `W1`,
-`W2`, ...: the longest trainable context under a per-rank cap; no context, so its key ends in `doc`).
+`W2`, ...: the longest trainable context under a per-rank cap; no context, so its key ends in `doc`),
+`extrapolation` (scheme `streaming`, context = the streamed length: bits/byte by position around the
+training length, with a verdict; evals/perplexity.py).
+
+Ranking (issue 16): where cells carry an interval (`bits_per_byte_ci`; for throughput the range of the
+repeats from median to best), a column's best is bold and every recipe whose interval overlaps the best's
+is marked ≈: not ranked against it. report.md opens with findings computed from the cells (evals/findings.py).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
+
+from evals.bootstrap import best_and_ties
 
 MIB = 2**20
 
@@ -74,6 +83,47 @@ def _contexts(cs: list) -> list:
     return sorted({c["context"] for c in cs if isinstance(c["context"], int)})
 
 
+def bpb_interval(c: dict) -> Optional[tuple]:
+    """A cell's (or bucket's) bits/byte interval; None where it has none (results from before issue 16)."""
+    iv = c.get("bits_per_byte_ci")
+    if not iv or any(v is None or math.isnan(v) for v in iv):
+        return None
+    return tuple(iv)
+
+
+def throughput_range(c: dict, clock: str = "wall") -> tuple:
+    """(value, (median, best)) in tokens per second of `clock` (wall / cpu): the best repeat and the
+    range the repeats spanned; no range for a single-repeat or older cell."""
+    best, med = ((c.get("tokens_per_s"), c.get("tokens_per_s_median")) if clock == "wall"
+                 else (c.get("tokens_per_cpu_s"), c.get("tokens_per_cpu_s_median")))
+    return best, ((med, best) if med is not None and best is not None and c.get("repeats", 1) > 1 else None)
+
+
+def _marks(items: dict, lower_is_better: bool = True) -> dict:
+    """name -> "**" (best), "≈" (its interval overlaps the best's) or "" for {name: (value, interval)}."""
+    items = {n: v for n, v in items.items() if v[0] is not None}
+    if len(items) < 2:
+        return {}
+    best, ties = best_and_ties(items, lower_is_better)
+    return {best: "**", **{n: "≈" for n in ties}}
+
+
+def _marked(text: str, mark: str) -> str:
+    return f"**{text}**" if mark == "**" else f"≈ {text}" if mark == "≈" else text
+
+
+def _bpb_text(c: Optional[dict], mark: str = "") -> str:
+    if c is None:
+        return "-"
+    iv = bpb_interval(c)
+    text = f"{c['bits_per_byte']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+    return _marked(text, mark)
+
+
+RANKING_NOTE = ("**bold**: the lowest in its column; ≈: its 95% interval overlaps the lowest's, so the two are "
+                "not ranked. Intervals: bootstrap over the scored documents (evals/bootstrap.py).")
+
+
 # -- tables ------------------------------------------------------------------------------------------------------
 
 def summary_table(results: dict) -> str:
@@ -91,6 +141,11 @@ def summary_table(results: dict) -> str:
               f"decode run mem @{M}" if D is None else f"decode mem @{D} (chunked prefill)",
               f"state @{M} (analytic)" if D is None else f"cache @{D}", "passkey acc"]
     rows = []
+    ppl = {s: {n: c for n in _recipes(results) if (c := _lookup(results, n, "ppl", s, L if s == "blocks" else None))}
+           for s in ("blocks", "streaming")}
+    marks = {s: _marks({n: (c["bits_per_byte"], bpb_interval(c)) for n, c in ppl[s].items()}) for s in ppl}
+    marks["decode"] = _marks({n: throughput_range(c) for n in _recipes(results)
+                              if (c := _lookup(results, n, "throughput", "decode", T))}, lower_is_better=False)
     for name in _recipes(results):
         info = results["recipes"][name]
         tr = _lookup(results, name, "train", "budget", info.get("seq_len"))
@@ -111,8 +166,9 @@ def summary_table(results: dict) -> str:
         rows.append([name, f"{info['params']['total']:,}",
                      f"{tr['tokens']:,}" if tr else "-", f"{tr['seconds']:.1f}" if tr else "-",
                      f"{tr['train_loss']:.3f}" if tr else "-",
-                     f"{pb['bits_per_byte']:.3f}" if pb else "-", f"{ps['bits_per_byte']:.3f}" if ps else "-",
-                     f"{th['tokens_per_s']:.0f}" if th else "-", mem_text, _fmt_bytes(state),
+                     _bpb_text(pb, marks["blocks"].get(name, "")), _bpb_text(ps, marks["streaming"].get(name, "")),
+                     _marked(f"{th['tokens_per_s']:.0f}", marks["decode"].get(name, "")) if th else "-", mem_text,
+                     _fmt_bytes(state),
                      f"{100 * sum(acc) / len(acc):.0f}%" if acc else "-"])
     return _table(header, rows)
 
@@ -130,14 +186,12 @@ def perplexity_table(results: dict) -> str:
     schemes = sorted({c["scheme"] for c in cells(results, "ppl")}, key=["blocks", "sliding", "streaming"].index)
     cols = [(s, c) for s in schemes for c in (_contexts(cells(results, "ppl", s)) or [None])]
     header = ["recipe"] + [f"{s}@{'doc' if c is None else c}" for s, c in cols]
-    rows = []
-    for name in _recipes(results):
-        row = [name]
-        for s, c in cols:
-            cell = _lookup(results, name, "ppl", s, c)
-            row.append(f"{cell['bits_per_byte']:.3f}" if cell else "-")
-        rows.append(row)
-    table = _table(header, rows)
+    names = _recipes(results)
+    grid = {(n, col): _lookup(results, n, "ppl", *col) for n in names for col in cols}
+    marks = {col: _marks({n: (grid[n, col]["bits_per_byte"], bpb_interval(grid[n, col]))
+                          for n in names if grid[n, col]}) for col in cols}
+    rows = [[n] + [_bpb_text(grid[n, col], marks[col].get(n, "")) for col in cols] for n in names]
+    table = _table(header, rows) + "\n\n" + RANKING_NOTE
     refs = cells(results, "compression")
     if refs:
         table += ("\n\nReference on the same text: " + ", ".join(f"{c['scheme']} {c['bits_per_byte']:.3f}" for c in refs)
@@ -238,19 +292,62 @@ def longest_train_table(results: dict) -> str:
             + _table(header, rows) + "\n\n" + TRAINING_LENGTH_CLAIMS)
 
 
-def throughput_table(results: dict) -> str:
+def throughput_table(results: dict, clock: str = "wall") -> str:
+    """Per kind, per recipe, by context: tokens/s on `clock` (wall, or cpu: per CPU-second of the process),
+    best of the repeats with their median in brackets; per column the best bold, and ≈ where the repeats'
+    ranges (median to best) overlap the best's."""
     kinds = [k for k in ("prefill", "decode", "train") if cells(results, "throughput", k)]
     ctx = _contexts(cells(results, "throughput"))
-    header = ["recipe", "kind"] + [str(c) for c in ctx]
+    header = ["kind", "recipe"] + [str(c) for c in ctx]
     rows = []
-    for name in _recipes(results):
-        for k in kinds:
-            row = [name, k]
+    for k in kinds:
+        grid = {(n, c): _lookup(results, n, "throughput", k, c) for n in _recipes(results) for c in ctx}
+        marks = {c: _marks({n: throughput_range(grid[n, c], clock) for n in _recipes(results) if grid[n, c]},
+                           lower_is_better=False) for c in ctx}
+        for name in _recipes(results):
+            row = [k, name]
             for c in ctx:
-                cell = _lookup(results, name, "throughput", k, c)
-                row.append(f"{cell['tokens_per_s']:,.0f}" if cell else "-")
+                cell = grid[name, c]
+                best, rng = throughput_range(cell, clock) if cell else (None, None)
+                text = "-" if best is None else f"{best:,.0f}" + (f" ({rng[0]:,.0f})" if rng else "")
+                row.append(_marked(text, marks[c].get(name, "")))
             rows.append(row)
     return _table(header, rows)
+
+
+def extrapolation_table(results: dict) -> str:
+    """Per recipe: streaming bits/byte [interval] by position bucket, the buckets past the training
+    length marked, and the verdict of evals.perplexity.extrapolation_verdict."""
+    cs = [c for c in cells(results, "extrapolation") if c["recipe"] in _recipes(results)]
+    if not cs:
+        return ""
+    spans = sorted({tuple(b["positions"]) for c in cs for b in c.get("buckets", [])})
+    labels = {tuple(b["positions"]): b["label"] for c in cs for b in c.get("buckets", [])}
+    header = ["recipe", "train length", "documents"] + [labels[sp] for sp in spans] + ["past the training length"]
+    rows = []
+    for c in sorted(cs, key=lambda c: _recipes(results).index(c["recipe"])):
+        by = {tuple(b["positions"]): b for b in c.get("buckets", [])}
+        T = c.get("train_len")
+        ref = (c.get("reference") or {}).get("positions")
+        texts = [("-" if sp not in by else
+                  ("→ " if T is not None and sp[0] >= T else "") + _bpb_text(by[sp], "**" if list(sp) == ref else ""))
+                 for sp in spans]
+        verdict = c.get("verdict") or c.get("status", "-")
+        if c.get("breaks_at"):
+            row = next(r for r in c["past"] if r["label"] == c["breaks_at"])
+            verdict += f" at {c['breaks_at']} ({row['difference']:+.3f} [{row['difference_ci'][0]:+.3f}, " \
+                       f"{row['difference_ci'][1]:+.3f}])"
+        elif c.get("past"):
+            last = c["past"][-1]
+            verdict += f" ({last['label']}: {last['difference']:+.3f} [{last['difference_ci'][0]:+.3f}, " \
+                       f"{last['difference_ci'][1]:+.3f}])"
+        rows.append([c["recipe"], T if T is not None else "-", c.get("documents", "-")] + texts + [verdict])
+    margin = next((c["margin"] for c in cs if c.get("margin") is not None), None)
+    return (_table(header, rows) + "\n\nBold: the reference, the last bucket inside the training length; → : "
+            "buckets past it. The verdict compares each bucket past the training length with the reference by "
+            "the paired bootstrap interval of the difference over the same documents: `breaks` where one lies "
+            f"wholly above +{100 * (margin or 0):g}% of the reference, `keeps falling` where the furthest lies "
+            "wholly below -that, `flat` otherwise; in brackets the difference [95% interval] in bits/byte.")
 
 
 def passkey_tables(results: dict) -> str:
@@ -302,18 +399,22 @@ def plot_perplexity(results: dict, path: Path, title: str = "") -> Optional[Path
         for scheme, style in (("blocks", "o-"), ("sliding", "s--")):
             cs = sorted((c for c in cells(results, "ppl", scheme) if c["recipe"] == name), key=lambda c: c["context"])
             if cs:
-                ax.plot([c["context"] for c in cs], [c["bits_per_byte"] for c in cs], style, color=f"C{i}",
-                        label=f"{name} ({scheme})")
+                x, y = [c["context"] for c in cs], [c["bits_per_byte"] for c in cs]
+                ivs = [bpb_interval(c) for c in cs]
+                err = None if None in ivs else [[v - iv[0] for v, iv in zip(y, ivs)], [iv[1] - v for v, iv in zip(y, ivs)]]
+                ax.errorbar(x, y, yerr=err, fmt=style, color=f"C{i}", capsize=3, label=f"{name} ({scheme})")
         s = _lookup(results, name, "ppl", "streaming", None)
         if s:
             ax.axhline(s["bits_per_byte"], color=f"C{i}", linestyle=":", linewidth=1,
                        label=f"{name} (streaming, whole document)")
+            if bpb_interval(s):
+                ax.axhspan(*bpb_interval(s), color=f"C{i}", alpha=0.08)
     for k, c in enumerate(cells(results, "compression")):
         ax.axhline(c["bits_per_byte"], color="grey", linestyle=("--", "-.")[k % 2], label=c["scheme"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("bits per byte (lower is better)")
-    ax.set_title(title or "Held-out bits per byte by context length")
+    ax.set_title(title or "Held-out bits per byte by context\n(bars, bands: 95% interval over documents)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(plt, fig, path)
@@ -391,10 +492,48 @@ def plot_throughput(results: dict, path: Path, title: str = "") -> Optional[Path
             cs = sorted((c for c in cells(results, "throughput", kind) if c["recipe"] == name),
                         key=lambda c: c["context"])
             if cs:
-                ax.plot([c["context"] for c in cs], [c["tokens_per_s"] for c in cs], "o-", color=f"C{i}", label=name)
+                x = [c["context"] for c in cs]
+                ax.plot(x, [c["tokens_per_s"] for c in cs], "o-", color=f"C{i}", label=f"{name} wall")
+                if all(throughput_range(c)[1] for c in cs):
+                    ax.fill_between(x, [throughput_range(c)[1][0] for c in cs], [c["tokens_per_s"] for c in cs],
+                                    color=f"C{i}", alpha=0.2)
+                if all(c.get("tokens_per_cpu_s") for c in cs):
+                    ax.plot(x, [c["tokens_per_cpu_s"] for c in cs], ":", color=f"C{i}", label=f"{name} CPU")
         _context_panel(ax, "tokens / s (higher is better)", {"prefill": "prefill (forward through the cache)",
-                       "decode": "decode (1 token per step)", "train": "training forward + backward"}[kind], 7)
-    fig.suptitle(title or "Throughput vs context", fontsize=11)
+                       "decode": "decode (1 token per step)", "train": "training forward + backward"}[kind], 6)
+    fig.suptitle(title or "Throughput vs context: best of the repeats (solid), band down to their median;\n"
+                 "dotted: per CPU-second of the process", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def plot_extrapolation(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    """Streaming bits/byte by position bucket (at the bucket's middle, log x), a band for the 95% interval,
+    a dotted vertical line at each recipe's training length."""
+    cs = [c for c in cells(results, "extrapolation") if c.get("buckets")]
+    if not cs:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, name in enumerate(_recipes(results)):
+        c = next((c for c in cs if c["recipe"] == name), None)
+        if c is None:
+            continue
+        bs = c["buckets"]
+        x = [math.sqrt(max(b["positions"][0], 1) * b["positions"][1]) for b in bs]
+        ax.plot(x, [b["bits_per_byte"] for b in bs], "o-", color=f"C{i}",
+                label=f"{name}: {c.get('verdict') or '-'}")
+        ivs = [bpb_interval(b) for b in bs]
+        if None not in ivs:
+            ax.fill_between(x, [iv[0] for iv in ivs], [iv[1] for iv in ivs], color=f"C{i}", alpha=0.15)
+        if c.get("train_len"):
+            ax.axvline(c["train_len"], color=f"C{i}", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the document (tokens before the target)")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title or "Streaming loss by position; dotted: training length; bands: 95% interval over documents",
+                 fontsize=9)
     return _save(plt, fig, path)
 
 
@@ -455,14 +594,19 @@ def write_report(results: dict, out_dir) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     pngs = [p for p in (plot_perplexity(results, out / "perplexity.png"), plot_memory(results, out / "memory.png"),
                         plot_decode_memory(results, out / "decode_memory.png"),
+                        plot_extrapolation(results, out / "extrapolation.png"),
                         plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"))
             if p is not None]
     meta = results.get("meta", {})
     sizes = _table(["recipe", "d_model", "params (total)", "non-embedding", "checkpoint"],
                    [[n, r.get("d_model", "-"), f"{r['params']['total']:,}", f"{r['params']['non_embedding']:,}",
                      r.get("checkpoint") or "-"] for n, r in results.get("recipes", {}).items()])
+    # evals.findings reads the cells through this module's helpers, so it is imported here, not at the top
+    from evals.findings import findings
+    found = findings(results)
     parts = [
         "# Comparison report",
+        *(["## Findings", "\n".join(f"- {f}" for f in found)] if found else []),
         f"device {meta.get('device')}, world size {meta.get('world_size')}, torch {meta.get('torch')}, "
         f"{meta.get('threads')} threads, zoo commit {meta.get('commit')}; float32. "
         f"Command: `{meta.get('command', '?')}`",
@@ -471,13 +615,23 @@ def write_report(results: dict, out_dir) -> tuple:
         "## Bits per byte by context (held-out split; lower is better)",
         "Units: bits per byte of the scored targets' text; compressors on the same text for reference. "
         "See evals/perplexity.py for the schemes.", perplexity_table(results),
+        *(["## Context use and length extrapolation (streaming, by position in the document)",
+           "The longest documents of the held-out split, each cut to the same length, streamed through the cache; "
+           "bits/byte [95% interval over the documents] by the target's position.", extrapolation_table(results)]
+          if extrapolation_table(results) else []),
         "## Measured memory (fresh process per cell)",
         "Each cell: the memory the run takes (peak RSS above a model warmed up on a few tokens: activations, "
         "cache, gradients), and in brackets the whole process peak above its baseline as evals.memory measures "
         "it (weights and torch's one-time setup included). `OOM`: the cap was hit. The analytic state is the "
         "sum of the blocks' `state_bytes` in float32 after the prefill and decode.", memory_table(results),
         *memory_by_context_sections(results),
-        "## Throughput (tokens/s, batch 1, best of repeats after a warm-up)", throughput_table(results),
+        "## Throughput (tokens/s, batch 1, best of repeats after a warm-up)",
+        "Wall clock: the best repeat and, in brackets, their median (with repeats > 1); bold: the fastest in the "
+        "column; ≈: the repeats' ranges (median to best) overlap the fastest's, so the two are not ranked.",
+        throughput_table(results),
+        *(["Per CPU-second of the process (all its threads; waiting for a core on a shared machine costs none):",
+           throughput_table(results, "cpu")] if any(c.get("tokens_per_cpu_s") for c in cells(results, "throughput"))
+          else []),
         "## Passkey retrieval", passkey_tables(results) or "(not run)",
         "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),
     ]

@@ -13,6 +13,12 @@ Evaluations, each a cell of results.json keyed (recipe, eval, scheme, context): 
 `--schemes` by context (with gzip / xz reference lines on the same text), measured peak memory in a
 fresh process per cell (inference forward, prefill + decode, training forward + backward; a cap gives
 `OOM` and the sweep goes on), throughput (prefill, decode, training tokens/s), passkey retrieval.
+Uncertainty (issue 16): every bits/byte carries a 95% bootstrap interval over the scored documents
+(`--resamples`); `--max-doc-tokens` caps each document's share of `--max-tokens`, so the budget spans many
+documents. Throughput cells keep every one of `--repeats` on the wall and the process CPU clock. Length
+extrapolation (`--extrapolation-factor F`, 0 for none): the `--extrapolation-docs` longest held-out documents,
+cut to F x the recipe's train.seq_len, streamed through the cache; bits/byte by position and whether the loss
+keeps falling, stays flat or breaks past the training length (evals.perplexity.extrapolation).
 A second run skips every cell already in results.json (and reuses the trained checkpoints), so an
 interrupted comparison resumes where it stopped. Ends with the summary table, where the report and plots
 are, and one machine-readable `summary:` line.
@@ -43,7 +49,7 @@ import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from evals.context_parallel import cp_cell, cp_section  # noqa: E402
 from evals.memory import measure  # noqa: E402
-from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity  # noqa: E402
+from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, extrapolation  # noqa: E402
 from evals.recall import passkey_grid  # noqa: E402
 from evals.report import cell_key, summary_table, write_report  # noqa: E402
 from evals.throughput import KINDS, MEMORY_KINDS, throughput_record  # noqa: E402
@@ -105,6 +111,12 @@ def parse_args(argv):
                     help="dotlist overrides applied to every recipe, e.g. model.n_layers=4 train.seq_len=256")
     ap.add_argument("--schemes", type=name_list(SCHEMES), default=list(SCHEMES))
     ap.add_argument("--max-tokens", type=int, default=8192, help="targets scored per scheme and context")
+    ap.add_argument("--max-doc-tokens", type=int, default=None,
+                    help="each document's first tokens at most, so --max-tokens spans more documents (default: whole)")
+    ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the bits/byte intervals")
+    ap.add_argument("--extrapolation-factor", type=int, default=16,
+                    help="stream the longest documents to this many times train.seq_len, loss by position (0: off)")
+    ap.add_argument("--extrapolation-docs", type=int, default=16, help="how many of the longest documents")
     ap.add_argument("--memory", type=name_list(tuple(MEMORY_KINDS)), default=list(MEMORY_KINDS),
                     help="memory kinds to measure (comma-separated; '' for none)")
     ap.add_argument("--memory-contexts", type=int_list, default=None, help="default: --contexts")
@@ -301,11 +313,22 @@ def plan(run: RecipeRun, args, given: bool) -> list:
         for context in ([None] if scheme == "streaming" else args.contexts):
             def ppl(scheme=scheme, context=context):
                 [rec] = evaluate_perplexity(run.model(), run.data().val, [context or 1], scheme=scheme,
-                                            max_tokens=args.max_tokens, device=torch.device(args.device))
+                                            max_tokens=args.max_tokens, device=torch.device(args.device),
+                                            max_doc_tokens=args.max_doc_tokens, resamples=args.resamples)
                 rec["units"] = {"loss_nats": "nats/token", "ppl": "per token", "bits_per_byte": "bits/byte",
                                 "seconds": "s"}
                 return rec
             cells.append(("ppl", scheme, context, ppl))
+    if args.extrapolation_factor:
+        T = run.recipe.train.seq_len
+
+        def extra():
+            rec = extrapolation(run.model(), run.data().val, T, args.extrapolation_factor, args.extrapolation_docs,
+                                device=torch.device(args.device), resamples=args.resamples)
+            rec["units"] = {"loss_nats": "nats/token", "ppl": "per token", "bits_per_byte": "bits/byte",
+                            "seconds": "s", "train_len": "tokens", "length": "tokens"}
+            return rec
+        cells.append(("extrapolation", "streaming", args.extrapolation_factor * T, extra))
     for kind in args.memory:
         for context in args.memory_contexts or args.contexts:
             def mem(kind=kind, context=context):
@@ -411,7 +434,8 @@ def main(argv=None):
             if eval_name == "compression":
                 data = run.data()
                 tok = None if data.tokenizer == "byte" else load_tokenizer(data.tokenizer)
-                ref = compression_bpb(documents_text(data.val, args.max_tokens, tokenizer=tok))
+                ref = compression_bpb(documents_text(data.val, args.max_tokens, tokenizer=tok,
+                                                     max_doc_tokens=args.max_doc_tokens))
                 for comp, bpb in ref.items():
                     results["cells"][cell_key("-", "compression", comp, None)] = {
                         "recipe": "-", "eval": "compression", "scheme": comp, "context": None, "bits_per_byte": bpb,

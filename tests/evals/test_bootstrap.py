@@ -4,7 +4,7 @@ seed; the paired interval cancels what the documents share."""
 import numpy as np
 import pytest
 
-from evals.bootstrap import difference_interval, overlaps, ratio_interval, resample_indices
+from evals.bootstrap import best_and_ties, difference_interval, overlaps, ratio_interval, resample_indices
 
 
 def test_mean_of_normal_matches_normal_theory():
@@ -70,3 +70,10 @@ def test_paired_difference_cancels_the_shared_document_effect():
 
 def test_overlaps():
     assert overlaps((0, 1), (1, 2)) and overlaps((0, 3), (1, 2)) and not overlaps((0, 1), (1.5, 2))
+
+
+def test_best_and_ties():
+    items = {"a": (2.0, (1.9, 2.1)), "b": (1.8, (1.7, 1.95)), "c": (2.5, (2.4, 2.6)), "d": (1.99, None)}
+    assert best_and_ties(items) == ("b", ["a"])
+    assert best_and_ties(items, lower_is_better=False) == ("c", [])
+    assert best_and_ties({}) == (None, [])

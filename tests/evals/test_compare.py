@@ -56,8 +56,8 @@ def test_end_to_end_then_resume(setup, capsys):
     out = root / "out"
     results = json.loads((out / "results.json").read_text())
     cells = results["cells"]
-    # per recipe: train, ppl 2 blocks + 2 sliding + streaming, memory 1, throughput 3 x 2, passkey 1
-    per_recipe = 1 + 5 + 1 + 6 + 1
+    # per recipe: train, ppl 2 blocks + 2 sliding + streaming, extrapolation, memory 1, throughput 3 x 2, passkey 1
+    per_recipe = 1 + 5 + 1 + 1 + 6 + 1
     assert first["cells_run"] == 2 * per_recipe + 1 and first["cells_skipped"] == 0
     assert len([k for k in cells if not k.startswith("-|")]) == 2 * per_recipe
     assert {c["scheme"] for c in cells.values() if c["eval"] == "compression"} == {"gzip-9", "xz-9"}
@@ -71,9 +71,14 @@ def test_end_to_end_then_resume(setup, capsys):
     train = cells["tiny-swa|train|budget|32"]
     assert train["tokens"] == 512 and train["steps"] == 4 and Path(train["checkpoint"]).is_dir()
     assert 0 < cells["tiny-attn|ppl|streaming|doc"]["bits_per_byte"] < 20
+    lo, hi = cells["tiny-attn|ppl|blocks|32"]["bits_per_byte_ci"]
+    assert lo <= cells["tiny-attn|ppl|blocks|32"]["bits_per_byte"] <= hi
+    extra = cells["tiny-swa|extrapolation|streaming|512"]   # 16 x train.seq_len 32
+    assert extra["train_len"] == 32 and (extra["verdict"] is None) == (extra["documents"] == 0)
+    assert len(cells["tiny-attn|throughput|decode|16"]["cpu_seconds"]) == 1
     assert all(0 <= a <= 1 for a in cells["tiny-swa|passkey|greedy|256"]["accuracy"])
     report = (out / "report.md").read_text()
-    assert "tiny-attn" in report and "## Summary" in report
+    assert "tiny-attn" in report and "## Summary" in report and report.startswith("# Comparison report\n\n## Findings")
     for png in ("perplexity.png", "memory.png", "throughput.png", "passkey.png"):
         assert (out / png).stat().st_size > 1000, png
     assert results["meta"]["world_size"] == 1 and results["meta"]["torch"]
