@@ -197,7 +197,7 @@ def longest_trainable(recipe: dict, world_size: int = 1, cap_gb: float = 0.25, s
     found = longest_context(fits, start, step, limit)
     failing = cells.get(found["first_failing"])
     errors = [c.get("error") for c in cells.values() if c["status"] == "error"]
-    return {"world_size": world_size, "cap_gb": cap_gb, "start": start, "step": step, "limit": limit,
+    return {"status": "ok", "world_size": world_size, "cap_gb": cap_gb, "start": start, "step": step, "limit": limit,
             "timeout_s": timeout, "longest": found["longest"], "first_failing": found["first_failing"],
             "failing_status": failing["status"] if failing else None, "error": errors[0] if errors else None,
             "peak_bytes": cells[found["longest"]]["peak_bytes"] if found["longest"] else None,
