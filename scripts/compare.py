@@ -28,6 +28,18 @@ trained model runs one sequence of validation text spread over W gloo processes 
 per-rank peak memory of a training step and the perplexity of that sequence (the same for every W: the
 sharded run is exact). With `--cp-cap-gb` a rank outgrowing the cap gives an OOM cell, and the report
 names the longest context each recipe fits per rank at each W, beside a memory-vs-context plot.
+
+Memory as the architectures claim it (evals.context_memory), both on each recipe built at seed 0 (memory does
+not depend on the weights, so neither needs the trained checkpoint):
+`--decode-memory-contexts 1024,4096,16384,65536`: per context, a fresh process prefills the cache in chunks of
+`--prefill-chunk` tokens and decodes `--decode-memory-tokens` steps; the cell holds the cache's tensor bytes,
+the analytic state, and the peak RSS of the decode steps above the warmed-up model. Contexts are run
+shortest first; one whose time, extrapolated from the shorter ones, exceeds `--decode-memory-time-cap`
+seconds (attention's quadratic prefill) is recorded `skipped` with the prediction, and so is every longer
+one (a later run with a larger cap measures them). `--cap-gb` caps each cell's memory.
+`--longest-train-worlds 1,2,4`: the longest context each recipe trains at (forward + backward + AdamW step)
+with every rank's RSS capped at `--longest-train-cap-gb`, the sequence over W gloo processes: doubling from
+256, then bisection on multiples of `--longest-train-step`, one fresh set of processes per probe.
 """
 import argparse
 import json
@@ -47,6 +59,7 @@ from tqdm import tqdm  # noqa: E402
 
 import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
+from evals.context_memory import longest_trainable, predicted_seconds  # noqa: E402
 from evals.context_parallel import cp_cell, cp_section  # noqa: E402
 from evals.memory import measure  # noqa: E402
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, extrapolation  # noqa: E402
@@ -140,7 +153,23 @@ def parse_args(argv):
                     help="context parallel: measure memory and perplexity with the sequence over W gloo processes")
     ap.add_argument("--cp-contexts", type=int_list, default=None, help="default: --memory-contexts or --contexts")
     ap.add_argument("--cp-cap-gb", type=float, default=None, help="per-rank memory cap of the cp cells (gives OOM)")
-    return ap.parse_args(argv)
+    ap.add_argument("--decode-memory-contexts", type=int_list, default=[],
+                    help="decode memory after a chunked prefill at these contexts (default: none)")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill chunk of the decode-memory cells")
+    ap.add_argument("--decode-memory-tokens", type=int, default=8, help="decode steps measured per decode-memory cell")
+    ap.add_argument("--decode-memory-time-cap", type=float, default=120.0,
+                    help="seconds: a decode-memory context predicted to take longer is skipped, and longer ones too")
+    ap.add_argument("--longest-train-worlds", type=int_list, default=[],
+                    help="longest trainable context under --longest-train-cap-gb per world size (default: none)")
+    ap.add_argument("--longest-train-cap-gb", type=float, default=0.25, help="per-rank memory cap of that search")
+    ap.add_argument("--longest-train-step", type=int, default=256, help="the search's resolution in tokens")
+    ap.add_argument("--longest-train-max", type=int, default=65536, help="the search stops growing there")
+    ap.add_argument("--longest-train-timeout", type=float, default=120.0,
+                    help="seconds per probe; a probe past it ends the growth as an OOM does")
+    args = ap.parse_args(argv)
+    if args.prefill_chunk < 1 or args.decode_memory_tokens < 1:
+        ap.error("--prefill-chunk and --decode-memory-tokens: expected positive integers")
+    return args
 
 
 # -- recipes and sizes -------------------------------------------------------------------------------------------
@@ -304,7 +333,30 @@ class RecipeRun:
         return self._model
 
 
-def plan(run: RecipeRun, args, given: bool) -> list:
+def decode_memory_cell(recipe: dict, context: int, args, earlier: list) -> dict:
+    """One decode-memory cell; `earlier`: this recipe's decode-memory cells at shorter contexts."""
+    units = {"peak_bytes": "bytes", "seconds": "s", "cache_bytes": "bytes", "state_bytes": "bytes",
+             "decode_bytes": "bytes", "decode_step_bytes": "bytes", "held_bytes": "bytes",
+             "prefill_peak_bytes": "bytes", "weights_bytes": "bytes", "prefill_seconds": "s", "decode_seconds": "s"}
+    stopped = [c for c in earlier if c["status"] != "ok"]
+    if stopped:
+        return {"status": "skipped", "reason": f"context {stopped[0]['context']} was {stopped[0]['status']}",
+                "units": units}
+    predicted = predicted_seconds([(c["context"], c["seconds"]) for c in earlier], context)
+    if predicted is not None and predicted > args.decode_memory_time_cap:
+        return {"status": "skipped", "predicted_seconds": predicted, "units": units,
+                "reason": f"predicted {predicted:.0f} s > --decode-memory-time-cap {args.decode_memory_time_cap:g} s"}
+    rec = measure("evals.context_memory:decode_memory",
+                  {"recipe": recipe, "context": context, "prefill_chunk": args.prefill_chunk,
+                   "decode_tokens": args.decode_memory_tokens}, cap_gb=args.cap_gb, device="cpu",
+                  timeout=args.decode_memory_time_cap + 60, threads=args.threads)
+    rec["units"] = units
+    rec["method"] = ("peak RSS of a fresh process during decode steps above the model warmed up on one chunk; "
+                     "cache_bytes: the cache's tensors; state_bytes: the blocks' analytic float32 state")
+    return rec
+
+
+def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list:
     """[(eval, scheme, context, function returning the cell's record)] for one recipe, in running order."""
     name, cells = run.recipe.name, []
     if not given:
@@ -341,6 +393,24 @@ def plan(run: RecipeRun, args, given: bool) -> list:
                                  if args.device == "cpu" else "torch.cuda.max_memory_allocated")
                 return rec
             cells.append(("memory", kind, context, mem))
+    for context in sorted(args.decode_memory_contexts):
+        def decode_mem(context=context):
+            earlier = [c for c in (results or {}).get("cells", {}).values() if c["recipe"] == name
+                       and c["eval"] == "decode_memory" and c["context"] < context]
+            return decode_memory_cell(run.recipe.to_dict(), context, args, earlier)
+        cells.append(("decode_memory", "chunked", context, decode_mem))
+    for world in args.longest_train_worlds:
+        def longest(world=world):
+            rec = longest_trainable(run.recipe.to_dict(), world, cap_gb=args.longest_train_cap_gb,
+                                    step=args.longest_train_step, start=max(256, args.longest_train_step),
+                                    limit=args.longest_train_max, timeout=args.longest_train_timeout,
+                                    layout=run.recipe.train.cp_layout)
+            rec["units"] = {"longest": "tokens", "first_failing": "tokens", "peak_bytes": "bytes per rank",
+                            "cap_gb": "GiB per rank", "search_seconds": "s"}
+            rec["method"] = ("per-rank peak RSS of forward + backward + AdamW step above the rank's warmed-up "
+                             "baseline (weights excluded), W gloo processes, one fresh set per probe")
+            return rec
+        cells.append(("longest_train", f"W{world}", None, longest))
     for kind in args.throughput:
         for context in args.contexts:
             cells.append(("throughput", kind, context,
@@ -423,7 +493,7 @@ def main(argv=None):
                                            "recipe": recipe.to_dict(),
                                            "kernels": chosen(args.device, recipe.model.kernels)}
         runs.append(run)
-        todo += [(run, *c) for c in plan(run, args, given=ckpt is not None)]
+        todo += [(run, *c) for c in plan(run, args, given=ckpt is not None, results=results)]
     if not any(c["eval"] == "compression" for c in results["cells"].values()) and args.schemes:
         todo.append((runs[0], "-", "compression", None, None, None))
 
@@ -444,7 +514,7 @@ def main(argv=None):
                 ran += 1
                 continue
             key = cell_key(name, eval_name, scheme, context)
-            if key in results["cells"]:
+            if key in results["cells"] and results["cells"][key].get("status") != "skipped":
                 skipped += 1
                 continue
             bar.set_description(key)
@@ -453,7 +523,8 @@ def main(argv=None):
             params = results["recipes"][name]["params"]["total"]
             results["cells"][key] = {"recipe": name, "eval": eval_name, "scheme": scheme, "context": context,
                                      **record, "params": params, "device": args.device,
-                                     "world_size": record.get("world_size", 1) if eval_name == "cp" else 1,
+                                     "world_size": record.get("world_size", 1) if eval_name in ("cp", "longest_train")
+                                     else 1,
                                      "kernels": results["recipes"][name]["kernels"],
                                      "torch": torch.__version__, "cell_seconds": time.perf_counter() - start}
             if eval_name == "train":
