@@ -15,40 +15,24 @@ against the model the config builds before transformers touches it, so a directo
 or a damaged safetensors file, fails with an error naming the file instead of loading random weights.
 
 Generation. `generate` owns sampling, top-k/top-p, repetition penalty, beam reordering and stopping;
-this module only has to produce next-token logits and carry the cache. Each block keeps its own cache
-(KV for attention, a window for swa/taipan, conv + SSM state for Mamba, compressive memory for infini,
-the pruned cache for selective) inside `ZooGenerationCache`, which transformers sees as a `Cache`.
+this module only has to produce next-token logits and carry the cache. Each block keeps its own typed
+cache (`zoo.blocks.base.BlockCache`) inside `ZooGenerationCache`, which transformers sees as a `Cache`;
+beam search reorders it through each block's `reorder_cache` hook.
 
 Left padding (batch > 1 with prompts of different lengths; the attention mask is zeros then ones in
-every row) must leave each row generating exactly what it generates alone. One mechanism:
+every row) must leave each row generating exactly what it generates alone. One mechanism, generic over
+blocks:
 
   * Prefill runs row by row: each row's real tokens alone, batch 1, from an empty cache. Every block
     therefore sees exactly the sequence it would see alone (no padding reaches an SSM state, a conv
     window, an infini segment or selective attention's first-token column; RoPE positions start at 0),
     with each block's fast path. The logits at padding positions are zero.
-  * The per-row caches are then merged into one batched cache whose rows all end at the same position
-    of a shared timeline (the padded prompt length L); row r's own tokens start at `row_start[r]`
-    = L - (its length). How each block family is merged and decoded:
-      - mamba, mamba2: conv and SSM states have a fixed size per row and no notion of position; the
-        states are stacked and decoding is the batched recurrence, exact row by row since rows never mix.
-      - attn, blockwise, ring, swa: K and V are left-padded with zeros to the longest row; the cache
-        carries `row_start`, which the block reads to mask the padding keys and to rotate each row's
-        queries and keys at its own positions (`CausalSelfAttention._attend_left_padded`).
-      - taipan: K, V and the selection flags are left-padded with unselected slots, which its attention
-        already never shows to another token; RoPE (when enabled) reads `row_start` as above.
-      - selective: the op recognises the first (BOS) key by its index 0 (never selected against, never
-        evicted), so each row keeps its first key at index 0 and the padding goes after it: [first,
-        padding, rest]. Padding keys carry an infinite accumulated selection F: their softmax weight is
-        exp(-inf) = 0, their selection column stays infinite, and under a KV budget eviction (largest F
-        first) drops them before any real key, so the real keys kept are the row's own. RoPE reads
-        `row_start` as above.
-      - infini: a row's segment boundaries (when its unfinished segment is folded into the memory) fall
-        at its own length modulo segment_len, and zoo.ops.infini takes one segment phase per call. Rows
-        are therefore grouped by phase (length mod segment_len): a group's unfinished segments have one
-        length, so its caches stack exactly, and the groups never change while decoding (every row
-        advances one token per step). Each group decodes batched, one block call per group; RoPE reads
-        `row_start`. Prompts of equal length modulo segment_len form one group.
-      - any block type not listed here: groups of one row, decoded row by row (exact by construction).
+  * Each layer's per-row caches are then merged by its block's `merge_left_padded` hook into one cache
+    whose rows all end at the same position of a shared timeline (the padded prompt length L); row r's
+    own tokens start at `row_start[r]` = L - (its length). How each family merges (stacked states,
+    left-padded K/V read with `row_start`, groups of rows by segment phase) is written beside the family;
+    the default, for a block that defines no merge, decodes each row as its own group (`RowGroups`),
+    exact for any block. Decoding then runs through ZooLM's own layer loop.
 Without padding (batch 1, or equal lengths) everything runs batched through ZooLM with one ZooCache.
 """
 from __future__ import annotations
@@ -64,20 +48,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from zoo.blocks.base import RowGroups
 from zoo.config import Recipe, load_recipe
 from zoo.model import ZooCache, ZooLM, cache_nbytes
 
 __all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "cache_nbytes", "output_cache",
            "register"]
-
-# How each block family's per-row caches become one batched cache (module docstring).
-_STACKED = {"mamba", "mamba2"}
-_LEFT_PADDED = {"attn", "blockwise", "ring", "swa", "taipan"}
-_FIRST_THEN_PADDED = {"selective"}
-_BY_PHASE = {"infini"}
-# taipan: padding slots are unselected, so no query ever sees them; selective: padding keys carry an
-# infinite accumulated selection F, so their softmax weight is exp(-inf) = 0 and eviction drops them first
-_PAD_VALUE = {"selected": False, "scores": float("inf")}
 
 
 class ZooLoadError(ValueError):
@@ -111,17 +87,19 @@ class ZooConfig(PretrainedConfig):
 class ZooGenerationCache(Cache):
     """The blocks' own caches (a `zoo.model.ZooCache`) as a transformers `Cache`.
 
-    `zoo.layers[i]` is layer i's block cache, or for a layer decoded in groups of rows (module docstring)
-    a list of {"rows": LongTensor, "cache": the group's block cache}. `row_start` [batch] (None without padding): where each row's own tokens
-    begin on the shared timeline. `seen` counts the timeline's positions, padding included, as
-    transformers' `get_seq_length` expects."""
+    `zoo.layers[i]` is layer i's block cache (a `RowGroups` for a layer decoded in groups of rows).
+    `row_start` [batch] (None without padding): where each row's own tokens begin on the shared
+    timeline. `seen` counts the timeline's positions, padding included, as transformers'
+    `get_seq_length` expects. `blocks`: the model's blocks, whose `reorder_cache` hooks beam search
+    calls (None: each cache's own `index_rows`, the hook's default)."""
 
     is_compileable = False
 
-    def __init__(self, zoo_cache: ZooCache, row_start: Optional[torch.Tensor] = None):
+    def __init__(self, zoo_cache: ZooCache, row_start: Optional[torch.Tensor] = None, blocks=None):
         super().__init__(layers=[])
         self.zoo = zoo_cache
         self.row_start = row_start
+        self.blocks = blocks
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.zoo.seen
@@ -136,25 +114,23 @@ class ZooGenerationCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return _batch_size(self.zoo.layers)
+        return self.zoo.layers[0].batch_size if self.zoo.layers else 0
 
     @property
     def row_cached(self) -> List[bool]:
-        """Per layer: whether its rows are decoded in groups (module docstring)."""
-        return [isinstance(c, list) for c in self.zoo.layers]
+        """Per layer: whether its rows are decoded in groups (`RowGroups`)."""
+        return [isinstance(c, RowGroups) for c in self.zoo.layers]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Beam search: row i of the result is row beam_idx[i] of the cache."""
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor):
-        self.zoo.layers = [_select_groups(c, indices) if isinstance(c, list) else _index_rows(c, indices)
-                           for c in self.zoo.layers]
+        blocks = self.blocks or [None] * len(self.zoo.layers)
+        self.zoo.layers = [c.index_rows(indices) if block is None else block.reorder_cache(c, indices)
+                           for block, c in zip(blocks, self.zoo.layers)]
         if self.row_start is not None:
             self.row_start = self.row_start[indices.to(self.row_start.device)]
-            for c in self.zoo.layers:
-                if isinstance(c, dict) and "row_start" in c:
-                    c["row_start"] = self.row_start
 
     def batch_repeat_interleave(self, repeats: int):
         self.batch_select_indices(torch.arange(self.batch_size).repeat_interleave(repeats))
@@ -208,7 +184,7 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def init_cache(self, batch_size: int) -> ZooGenerationCache:
-        return ZooGenerationCache(self.model.init_cache(batch_size))
+        return ZooGenerationCache(self.model.init_cache(batch_size), blocks=[layer.mixer for layer in self.model.layers])
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[ZooGenerationCache] = None, labels: Optional[torch.LongTensor] = None,
@@ -240,14 +216,8 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values = past_key_values or self.init_cache(input_ids.shape[0])
             logits = _prefill_rows(self.model, input_ids, pads, past_key_values)
             loss = aux = None
-        elif past_key_values is None:
-            out = self.model(input_ids, labels=labels)
-            logits, loss, aux = out.logits, out.loss, out.aux_loss
-        elif any(past_key_values.row_cached):
-            logits = _forward_mixed(self.model, input_ids, past_key_values)
-            loss = aux = None
         else:
-            out = self.model(input_ids, labels=labels, cache=past_key_values.zoo)
+            out = self.model(input_ids, labels=labels, cache=None if past_key_values is None else past_key_values.zoo)
             logits, loss, aux = out.logits, out.loss, out.aux_loss
         if loss is not None and aux is not None:
             loss = loss + aux
@@ -363,7 +333,8 @@ def _left_padding(attention_mask, input_ids, cache: Optional[ZooGenerationCache]
 
 @torch.no_grad()
 def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
-    """Run each row's real tokens alone, then merge the row caches (module docstring)."""
+    """Run each row's real tokens alone, then merge each layer's row caches with its block's
+    `merge_left_padded` hook (module docstring)."""
     b, length = input_ids.shape
     logits, rows = None, []
     for r in range(b):
@@ -374,104 +345,10 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
         logits[r, int(pads[r]):] = out.logits[0]
         rows.append(row_cache)
     row_start = pads.to(input_ids.device)
-    layers = []
-    for i, layer in enumerate(model.layers):
-        per_row = [rc.layers[i] for rc in rows]
-        if layer.block_type in _STACKED | _BY_PHASE:
-            phase = layer.mixer.cfg.segment_len if layer.block_type in _BY_PHASE else 1
-            groups = {}
-            for r in range(b):
-                groups.setdefault(int(length - pads[r]) % phase, []).append(r)
-            stacked = []
-            for rows_ in groups.values():
-                c = {k: torch.cat([per_row[r][k] for r in rows_]) for k, v in per_row[0].items()
-                     if isinstance(v, torch.Tensor)}
-                if "pos" in per_row[0]:
-                    c["pos"] = length
-                rows_t = torch.tensor(rows_, device=input_ids.device)
-                if layer.block_type in _BY_PHASE:
-                    c["row_start"] = row_start[rows_t]
-                stacked.append({"rows": rows_t, "cache": c})
-            # SSM states carry no position: one group of all rows is the plain batched cache
-            layers.append(stacked[0]["cache"] if layer.block_type in _STACKED else stacked)
-        elif layer.block_type in _LEFT_PADDED | _FIRST_THEN_PADDED:
-            first = 1 if layer.block_type in _FIRST_THEN_PADDED else 0
-            merged = {k: _cat_left_padded([c[k] for c in per_row], _PAD_VALUE.get(k, 0), first)
-                      for k, v in per_row[0].items() if isinstance(v, torch.Tensor)}
-            merged["pos"], merged["row_start"] = length, row_start
-            layers.append(merged)
-        else:
-            layers.append([{"rows": torch.tensor([r], device=input_ids.device), "cache": c}
-                           for r, c in enumerate(per_row)])
+    layers = [layer.mixer.merge_left_padded([rc.layers[i] for rc in rows], row_start, length)
+              for i, layer in enumerate(model.layers)]
     cache.zoo.layers, cache.zoo.seen, cache.row_start = layers, length, row_start
     return logits
-
-
-def _cat_left_padded(tensors, value, first: int = 0):
-    """[1, n_i, ...] tensors -> [batch, max n_i, ...], each row right-aligned after `value` padding; with
-    `first` = 1 the row's first entry stays in front of the padding (selective attention's first key, which
-    the op recognises by its index 0: never selected against, never evicted)."""
-    n = max(t.shape[1] for t in tensors)
-    out = []
-    for t in tensors:
-        pad = t.new_full((1, n - t.shape[1], *t.shape[2:]), value)
-        out.append(torch.cat([t[:, :first], pad, t[:, first:]], 1))
-    return torch.cat(out)
-
-
-def _forward_mixed(model: ZooLM, input_ids, cache: ZooGenerationCache):
-    """ZooLM's layer stack (as ZooLayer.forward) with some layers decoded in groups of rows."""
-    x = model.embed(input_ids)
-    for layer, layer_cache in zip(model.layers, cache.zoo.layers):
-        if isinstance(layer_cache, list):
-            h = layer.mixer_norm(x)
-            y = torch.empty_like(h)
-            for g in layer_cache:
-                y[g["rows"]] = layer.mixer(h[g["rows"]], cache=g["cache"])
-            x = x + y
-            if layer.ffn is not None:
-                x = x + layer.ffn(layer.ffn_norm(x))
-        else:
-            x = layer(x, cache=layer_cache)
-    cache.zoo.seen += input_ids.shape[1]
-    return model.lm_head(model.norm(x))
-
-
-def _select_groups(groups, indices):
-    """Row i of the result is row indices[i]: each group keeps the new rows that come from its own."""
-    where = {}
-    for gi, g in enumerate(groups):
-        for p, r in enumerate(g["rows"].tolist()):
-            where[r] = (gi, p)
-    picked = [where[j] for j in indices.tolist()]
-    out = []
-    for gi, g in enumerate(groups):
-        new_rows = [i for i, (gj, _) in enumerate(picked) if gj == gi]
-        if new_rows:
-            pos = torch.tensor([picked[i][1] for i in new_rows], device=g["rows"].device)
-            c = _index_rows(g["cache"], pos)
-            if "row_start" in g["cache"]:
-                c["row_start"] = g["cache"]["row_start"][pos]
-            out.append({"rows": torch.tensor(new_rows, device=g["rows"].device), "cache": c})
-    return out
-
-
-def _index_rows(c, indices):
-    if isinstance(c, torch.Tensor):
-        return c[indices.to(c.device)]
-    if isinstance(c, dict):
-        return {k: (v if k == "row_start" else _index_rows(v, indices)) for k, v in c.items()}
-    return c
-
-
-def _batch_size(layers) -> int:
-    for c in layers:
-        if isinstance(c, list):
-            return sum(len(g["rows"]) for g in c)
-        for v in (c.values() if isinstance(c, dict) else ()):
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return v.shape[0]
-    return 0
 
 
 def register() -> None:

@@ -2,8 +2,8 @@
 
     layer i:  x = x + mixer_i(norm(x));  x = x + ffn_i(norm(x))
 
-Any registered block can sit at any layer: the stack only relies on the block contract
-(forward(x, cache=, cp=), init_cache, state_bytes, optional `aux_loss` attribute set by forward).
+Any registered block can sit at any layer: the stack only relies on the block contract,
+`zoo.blocks.base.Block` (`run` / forward, init_cache, state_bytes, supports_seq_idx, supports_cp).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import torch.utils.checkpoint
 
+from zoo.blocks.base import AuxLoss, BlockCache
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
@@ -38,7 +39,7 @@ class ZooOutput:
 @dataclass
 class ZooCache:
     """Per-layer block caches plus the number of tokens seen; updated in place by forward."""
-    layers: List[object]
+    layers: List[BlockCache]
     seen: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -47,35 +48,28 @@ class ZooCache:
         return sum(cache_nbytes(c) for c in self.layers)
 
 
-def cache_nbytes(layer_cache) -> int:
+def cache_nbytes(layer_cache: BlockCache) -> int:
     """Measured bytes of one layer's block cache: its tensors' storage (the bookkeeping `row_start` and
     integer positions excluded); a layer decoded in groups of rows (zoo.hf) counts every group."""
-    if isinstance(layer_cache, list):
-        return sum(cache_nbytes(g["cache"]) for g in layer_cache)
-    if isinstance(layer_cache, dict):
-        return sum(cache_nbytes(v) for k, v in layer_cache.items() if k != "row_start")
-    if isinstance(layer_cache, torch.Tensor):
-        return layer_cache.numel() * layer_cache.element_size()
-    if isinstance(layer_cache, tuple):
-        return sum(cache_nbytes(v) for v in layer_cache)
-    return 0
+    return layer_cache.nbytes()
 
 
 class ZooLayer(nn.Module):
-    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float):
+    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None):
         super().__init__()
         self.block_type = spec.type
         self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.mixer = get_block(spec.type).cls(d_model, spec.cfg, layer_idx)
+        self.mixer = get_block(spec.type).cls(d_model, spec.cfg, layer_idx, kernels=kernels)
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
 
-    def forward(self, x, cache=None, cp=None, seq_idx=None):
-        kwargs = {} if seq_idx is None else {"seq_idx": seq_idx}
-        x = x + self.mixer(self.mixer_norm(x), cache=cache, cp=cp, **kwargs)
+    def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
+        """(the layer's output, the block's auxiliary loss or None)."""
+        y, aux = self.mixer.run(self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
+        x = x + y
         if self.ffn is not None:
             x = x + self.ffn(self.ffn_norm(x))
-        return x
+        return x, aux
 
 
 class ZooLM(nn.Module):
@@ -89,9 +83,9 @@ class ZooLM(nn.Module):
         self.recipe = recipe
         m = recipe.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
-        self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps) for i, spec in enumerate(recipe.layers))
-        for layer in self.layers:
-            layer.mixer.kernels = dict(m.kernels)  # passed by the blocks to their ops as impl=
+        # model.kernels: passed by the blocks to their ops as impl=
+        self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps, kernels=m.kernels)
+                                    for i, spec in enumerate(recipe.layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
@@ -134,10 +128,14 @@ class ZooLM(nn.Module):
         if cp_group is not None:
             if cache is not None:
                 raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp_group")
+            unsupported = sorted({l.block_type for l in self.layers if not l.mixer.supports_cp})
+            if unsupported:
+                raise ValueError(f"cp_group: context parallel is not supported by block(s) {', '.join(unsupported)}; "
+                                 f"run them on one process")
             layout = cp_layout or getattr(self.recipe.train, "cp_layout", "zigzag")
             cp = ContextParallel.from_shard(cp_group, input_ids.shape[1], layout)
         if seq_idx is not None:
-            unsupported = sorted({l.block_type for l in self.layers if not getattr(l.mixer, "supports_seq_idx", False)})
+            unsupported = sorted({l.block_type for l in self.layers if not l.mixer.supports_seq_idx})
             if unsupported:
                 raise ValueError(f"seq_idx: document masking (train.cross_doc: false) is not supported by "
                                  f"block(s) {', '.join(unsupported)}; use train.cross_doc: true")
@@ -146,10 +144,9 @@ class ZooLM(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.checkpoint_layers and self.training and layer_cache is None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, None, cp, seq_idx, use_reentrant=False)
+                x, block_aux = torch.utils.checkpoint.checkpoint(layer, x, None, cp, seq_idx, use_reentrant=False)
             else:
-                x = layer(x, cache=layer_cache, cp=cp, seq_idx=seq_idx)
-            block_aux = getattr(layer.mixer, "aux_loss", None)
+                x, block_aux = layer(x, cache=layer_cache, cp=cp, seq_idx=seq_idx)
             if block_aux is not None:
                 aux = block_aux if aux is None else aux + block_aux
         if cache is not None:

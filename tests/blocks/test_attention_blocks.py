@@ -57,7 +57,7 @@ def test_swa_cache_keeps_window_minus_one():
     x = torch.randn(1, 40, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         _, cache = run_chunks(block, x, [1])
-    assert cache["k"].shape[1] == CASES["swa"]["window"] - 1
+    assert cache.k.shape[1] == CASES["swa"]["window"] - 1
     assert block.state_bytes(40) == block.state_bytes(10_000)
 
 

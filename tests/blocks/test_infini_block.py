@@ -66,7 +66,7 @@ def test_state_bytes_equals_cache_bytes(case, length):
     x = torch.randn(1, length, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         _, cache = run_chunks(block, x, [3])
-    assert cache["k"].shape[1] == length % block.cfg.segment_len
+    assert cache.k.shape[1] == length % block.cfg.segment_len
     assert cache_bytes(cache) == block.state_bytes(length, batch_size=1, dtype=torch.float64)
 
 
@@ -76,7 +76,7 @@ def test_memory_stays_float32_and_state_bytes_match(dtype):
     x = torch.randn(2, 18, D_MODEL, dtype=dtype)
     with torch.no_grad():
         _, cache = run_chunks(block, x, [5, 2])
-    assert cache["M"].dtype == cache["z"].dtype == torch.float32 and cache["k"].dtype == dtype
+    assert cache.M.dtype == cache.z.dtype == torch.float32 and cache.k.dtype == dtype
     assert cache_bytes(cache) == block.state_bytes(18, batch_size=2, dtype=dtype)
 
 

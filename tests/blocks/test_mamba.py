@@ -113,7 +113,7 @@ def test_cache_continues_after_prefill_in_float32(case):
     with torch.no_grad():
         whole = block(x)
         got, cache = run_chunks(block, x, [17, 1, 1, 1, 1, 1, 1])
-    assert got.dtype == torch.float32 and all(t.dtype == torch.float32 for t in cache.values())
+    assert got.dtype == torch.float32 and all(t.dtype == torch.float32 for t in cache.tensors().values())
     assert_close(got, whole, 1e-5)
 
 
@@ -128,7 +128,7 @@ def test_state_bytes_is_the_cache_size(case, dtype, batch):
         for length in (5, 1, 12):   # the state does not grow with the tokens seen
             block(torch.randn(batch, length, D_MODEL, dtype=torch.float64), cache=cache)
             assert cache_bytes(cache) == block.state_bytes(10, batch, dtype)
-            assert all(t.dtype == dtype for t in cache.values())
+            assert all(t.dtype == dtype for t in cache.tensors().values())
     assert block.state_bytes(1, batch, dtype) == block.state_bytes(1 << 20, batch, dtype)
 
 

@@ -6,6 +6,7 @@ import torch
 import zoo.blocks.selective  # noqa: F401  (registers `selective` until zoo.blocks imports it)
 from tests.helpers import (assert_close, cache_bytes, check_block_vs_reference, check_cache_contract, make_block,
                            projected_qkv, run_chunks)
+from zoo.blocks.base import split_aux
 from zoo.config import RecipeError, load_recipe
 from zoo.ops.attention import attention_ref
 from zoo.ops.documents import document_spans
@@ -67,7 +68,7 @@ def test_pruned_stream_is_chunking_invariant_and_bounded(case, budget):
     with torch.no_grad():
         whole = block(x)
         one_by_one, cache = run_chunks(block, x, [1])
-        assert cache["k"].shape[1] == cache["v"].shape[1] == cache["scores"].shape[1] == budget
+        assert cache.k.shape[1] == cache.v.shape[1] == cache.scores.shape[1] == budget
         for sizes in ((4, 7), (5,), (23,)):
             got, _ = run_chunks(block, x, list(sizes))
             assert_close(got, one_by_one, 1e-10, f"chunks {sizes} vs token by token")
@@ -83,9 +84,9 @@ def test_cache_stays_at_the_budget_at_every_step():
     with torch.no_grad():
         for t in range(17):
             block(x[:, t:t + 1], cache=cache)
-            assert cache["k"].shape[1] == min(t + 1, 5)
+            assert cache.k.shape[1] == min(t + 1, 5)
             assert cache_bytes(cache) == block.state_bytes(t + 1, batch_size=1, dtype=torch.float64)
-    assert cache["pos"] == 17
+    assert cache.pos == 17
 
 
 @pytest.mark.parametrize("budget", [None, 3, 100])
@@ -104,7 +105,7 @@ def test_scores_in_float32_and_state_bytes_match(dtype):
     x = torch.randn(2, 11, D_MODEL, dtype=dtype)
     with torch.no_grad():
         _, cache = run_chunks(block, x, [4])
-    assert cache["scores"].dtype == torch.float32 and cache["k"].dtype == dtype
+    assert cache.scores.dtype == torch.float32 and cache.k.dtype == dtype
     assert cache_bytes(cache) == block.state_bytes(11, batch_size=2, dtype=dtype)
 
 
@@ -123,30 +124,28 @@ def memory_loss_ref(block, x, w):
 def test_memory_loss_is_set_in_training_only(case, tau):
     block = make(case, mem_loss_weight=0.25, mem_loss_tau=tau)
     x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
-    block.train()(x)
+    _, aux = split_aux(block.train()(x))
     want = memory_loss_ref(block, x, 0.25)
-    assert_close(block.aux_loss, want, 1e-12)
-    g_got = torch.autograd.grad(block.aux_loss, [block.q_proj.weight, block.k_proj.weight])
+    assert_close(aux, want, 1e-12)
+    g_got = torch.autograd.grad(aux, [block.q_proj.weight, block.k_proj.weight])
     g_want = torch.autograd.grad(want, [block.q_proj.weight, block.k_proj.weight])
     for got, ref in zip(g_got, g_want):
         assert_close(got, ref, 1e-10)
     assert g_got[0].abs().sum() > 0
-    block.eval()(x)
-    assert block.aux_loss is None
-    block.train()(x[:, :5], cache=block.init_cache(2, dtype=x.dtype))
-    assert block.aux_loss is None  # a cached (inference) step never adds it
-    make(case).train()(x)
-    assert getattr(make(case), "aux_loss", None) is None
+    assert split_aux(block.eval()(x))[1] is None
+    # a cached (inference) step never adds it
+    assert split_aux(block.train()(x[:, :5], cache=block.init_cache(2, dtype=x.dtype)))[1] is None
+    assert split_aux(make(case).train()(x))[1] is None
 
 
 def test_memory_loss_counts_keys_within_each_document():
     block = make("gqa", mem_loss_weight=1.0).train()
     x = torch.randn(2, 17, D_MODEL, dtype=torch.float64)
     seq_idx = torch.tensor([[0] * 6 + [1] * 11, [0] * 13 + [1] * 4])
-    block(x, seq_idx=seq_idx)
+    _, aux = split_aux(block(x, seq_idx=seq_idx))
     peaks = [max(float(selective_memory_ref(*projected_qkv(block, x[r:r + 1, s:e])[3:]).detach().max()) for s, e in row)
              for r, row in enumerate(document_spans(seq_idx))]
-    assert_close(block.aux_loss, torch.tensor(sum(peaks) / 2 / 17, dtype=torch.float64), 1e-12)
+    assert_close(aux, torch.tensor(sum(peaks) / 2 / 17, dtype=torch.float64), 1e-12)
 
 
 def test_memory_loss_refused_under_context_parallelism():
@@ -162,16 +161,13 @@ def test_training_on_the_memory_loss_frees_keys():
     block = make("mha", dtype=torch.float32, std=0.1, mem_loss_weight=1.0).train()
     x = torch.randn(4, 48, D_MODEL)
     opt = torch.optim.Adam(block.parameters(), lr=3e-2)
-    block(x)
-    first = block.aux_loss.item()
+    first = split_aux(block(x))[1].item()
     for _ in range(30):
         opt.zero_grad()
-        block(x)
-        block.aux_loss.backward()
+        split_aux(block(x))[1].backward()
         opt.step()
-    block(x)
     # From ~10 of 48 keys to ~5 (3 is the floor: BOS, the previous key and the query's own).
-    assert block.aux_loss.item() < 0.6 * first
+    assert split_aux(block(x))[1].item() < 0.6 * first
 
 
 @pytest.mark.parametrize("field,value", [("kv_budget", 0), ("block_size", 0), ("n_kv_heads", 2),

@@ -11,6 +11,7 @@ import zoo.blocks.taipan  # noqa: F401  (registers `taipan` before zoo.blocks im
 from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
 from zoo.blocks.taipan import (TaipanBlock, TaipanConfig, selective_window_attention,
                                selective_window_attention_ref)
+from zoo.blocks.base import split_aux
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import get_block, list_blocks
 
@@ -124,12 +125,11 @@ def test_block_matches_dense_reference(case, length, training):
     block = make(case).train(training)
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(7)
-    got = block(x)
-    loss = got.pow(2).sum() + (block.aux_loss if training else 0)
+    got, got_aux = split_aux(block(x))
+    loss = got.pow(2).sum() + (got_aux if training else 0)
     loss.backward()
     got_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     got_dx = x.grad.clone()
-    got_aux = block.aux_loss
     block.zero_grad()
     x.grad = None
     want, want_aux = dense_forward(block, x, seed=7)
@@ -150,12 +150,12 @@ def test_eval_is_deterministic_and_clears_aux_loss():
     block = make("nope")
     x = torch.randn(2, 31, D_MODEL, dtype=torch.float64)
     block.train()
-    block(x)
-    assert block.aux_loss is not None
+    _, aux = split_aux(block(x))
+    assert aux is not None
     block.eval()
     torch.manual_seed(1)
-    a = block(x)
-    assert block.aux_loss is None, "aux_loss left over from the training forward"
+    a, aux = split_aux(block(x))
+    assert aux is None, "aux_loss left over from the training forward"
     torch.manual_seed(2)
     assert torch.equal(a, block(x))
 
@@ -176,9 +176,9 @@ def test_training_selection_is_sampled():
     x = torch.randn(2, 31, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(1)
-        a = block(x).abs().sum(-1) > 0
+        a = split_aux(block(x))[0].abs().sum(-1) > 0
         torch.manual_seed(2)
-        b = block(x).abs().sum(-1) > 0
+        b = split_aux(block(x))[0].abs().sum(-1) > 0
     assert not torch.equal(a, b), "two Gumbel draws picked the same 62 tokens"
 
 
@@ -188,7 +188,7 @@ def test_training_is_differentiable_through_the_selection():
     block = make("nope").train()
     x = torch.randn(2, 31, D_MODEL, dtype=torch.float64)
     torch.manual_seed(3)
-    out = block(x)
+    out, _ = split_aux(block(x))
     unselected = out.detach().abs().sum(-1) == 0
     assert unselected.any() and not unselected.all()
     (out[unselected] * torch.randn_like(out[unselected])).sum().backward()
@@ -200,11 +200,11 @@ def test_training_is_differentiable_through_the_selection():
 def test_aux_loss_is_the_budget_constraint():
     block = make("nope", aux_loss_weight=0.5).train()
     x = torch.randn(3, 40, D_MODEL, dtype=torch.float64)
-    out = block(x)
+    out, aux = split_aux(block(x))
     frac = (out.detach().abs().sum(-1) > 0).double().mean(1)
-    assert block.aux_loss.dim() == 0
-    assert math.isclose(block.aux_loss.item(), 0.5 * (0.3 - frac).pow(2).mean().item(), rel_tol=1e-12)
-    block.aux_loss.backward()
+    assert aux.dim() == 0
+    assert math.isclose(aux.item(), 0.5 * (0.3 - frac).pow(2).mean().item(), rel_tol=1e-12)
+    aux.backward()
     assert block.gate.weight.grad.abs().max() > 0
     assert block.q_proj.weight.grad is None, "the budget loss should reach only the gate"
 
@@ -250,7 +250,7 @@ def test_state_is_bounded_by_the_window():
     x = torch.randn(2, 40, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         _, cache = run_chunks(block, x, [1])
-    assert cache["k"].shape[1] == CASES["nope"]["window"] - 1
+    assert cache.k.shape[1] == CASES["nope"]["window"] - 1
     assert cache_bytes(cache) == block.state_bytes(40, batch_size=2, dtype=torch.float64)
     assert block.state_bytes(40) == block.state_bytes(100_000)
 
@@ -300,9 +300,11 @@ def test_model_sums_aux_loss_in_training_only():
     model = zoo.build_model(recipe)
     ids = torch.randint(0, 50, (2, 32))
     model.train()
+    block_aux = []
+    model.layers[1].mixer.register_forward_hook(lambda module, args, result: block_aux.append(split_aux(result)[1]))
     out = model(ids, labels=ids)
     assert out.aux_loss is not None and out.aux_loss.dim() == 0
-    assert torch.equal(out.aux_loss, model.layers[1].mixer.aux_loss)
+    assert torch.equal(out.aux_loss, block_aux[0])
     (out.loss + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without gradient: {missing}"

@@ -8,12 +8,13 @@ form is the ring over devices; on one process it is the blockwise path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.blocks.base import Block, BlockCache, left_padded_cat
 from zoo.distributed.ring import ring_attention
 from zoo.distributed.window import swa_cp
 from zoo.ops.attention import attention, blockwise_attention
@@ -74,7 +75,18 @@ class SwaConfig(BlockwiseConfig):
             raise ValueError(f"window: {self.window} exceeds train.seq_len {seq_len} (use `attn` for full attention)")
 
 
-class CausalSelfAttention(nn.Module):
+@dataclass
+class AttentionCache(BlockCache):
+    """Rotated K and V [batch, cached, kv_heads, head_dim] (swa: the last window - 1), `pos` the tokens
+    seen. `row_start` [batch] (a left-padded batch, zoo.hf): where each row's own tokens begin on the
+    shared timeline of `pos` positions; the keys before it are padding, masked."""
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+    row_start: Optional[torch.Tensor] = None
+
+
+class CausalSelfAttention(Block):
     """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V.
 
     seq_idx (packed documents): RoPE at each token's position in its document and document masking
@@ -82,10 +94,10 @@ class CausalSelfAttention(nn.Module):
 
     window: Optional[int] = None
     supports_seq_idx = True
+    supports_cp = True
 
-    def __init__(self, d_model: int, cfg: AttnConfig, layer_idx: int):
-        super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+    def __init__(self, d_model: int, cfg: AttnConfig, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or d_model // cfg.n_heads
@@ -121,8 +133,8 @@ class CausalSelfAttention(nn.Module):
         if cp is not None:
             return self._forward_cp(x, cp, cache)
         b, t, _ = x.shape
-        start = 0 if cache is None else cache["pos"]
-        row_start = None if cache is None else cache.get("row_start")
+        start = 0 if cache is None else cache.pos
+        row_start = None if cache is None else cache.row_start
         q, k, v = self._project(x)
         if seq_idx is None:
             cos, sin = self._rope(start, start + t, x.device, row_start)
@@ -130,9 +142,9 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)
-            v = torch.cat([cache["v"], v.to(cache["v"].dtype)], dim=1)
-            cache["k"], cache["v"], cache["pos"] = self._kept(k), self._kept(v), start + t
+            k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
+            v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
+            cache.k, cache.v, cache.pos = self._kept(k), self._kept(v), start + t
             k, v = k.to(q.dtype), v.to(q.dtype)
         if row_start is None:
             out = self._attend(q, k, v) if seq_idx is None else self._attend(q, k, v, seq_idx)
@@ -141,7 +153,8 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def _forward_cp(self, x, cp, cache=None):
-        """Context parallel (x: this rank's shard): RoPE at the shard's global positions, the ring over ranks."""
+        """Context parallel (x: this rank's shard): RoPE at the shard's global positions, the ring over ranks
+        (swa: a halo exchange)."""
         if cache is not None:
             raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp")
         b, t, _ = x.shape
@@ -151,9 +164,15 @@ class CausalSelfAttention(nn.Module):
         out = ring_attention(q, k, v, cp, causal=True, block_size=getattr(self.cfg, "block_size", 512))
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone(), "pos": 0}
+        return AttentionCache(empty, empty.clone())
+
+    def merge_left_padded(self, caches: Sequence[AttentionCache], row_start, length: int) -> AttentionCache:
+        """K and V left-padded with zeros to the longest row; forward masks the padding keys by `row_start`
+        and rotates each row's queries and keys at its own positions (`_attend_left_padded`)."""
+        return AttentionCache(left_padded_cat([c.k for c in caches]), left_padded_cat([c.v for c in caches]),
+                              pos=length, row_start=row_start)
 
     def _attend_left_padded(self, q, k, v, end: int, row_start):
         """Attention for a left-padded batch decoding through one cache (zoo.hf): row r's own tokens begin
@@ -203,10 +222,8 @@ class RingAttention(BlockwiseAttention):
 class SlidingWindowAttention(CausalSelfAttention):
     """Each query sees the `window` most recent keys (itself included); the cache keeps window - 1."""
 
-    def forward(self, x, *, cp=None, **kw):
-        if cp is not None:
-            return swa_cp(self, x, cp, **kw)   # a halo exchange, not the ring of the other attentions
-        return super().forward(x, **kw)
+    def _forward_cp(self, x, cp, cache=None):
+        return swa_cp(self, x, cp, cache)   # a halo exchange, not the ring of the other attentions
 
     def _attend(self, q, k, v, seq_idx=None):
         return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size,

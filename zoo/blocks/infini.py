@@ -18,12 +18,13 @@ from the known positions rather than stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
-from zoo.ops.dispatch import kernels_of
+from zoo.blocks.base import BlockCache, RowGroups
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.distributed.infini import infini_cp
 from zoo.ops.infini import infini_attention
@@ -49,12 +50,25 @@ class InfiniConfig(AttnConfig):
             raise ValueError(f"gate_lr_mult: must be > 0, got {self.gate_lr_mult}")
 
 
+@dataclass
+class InfiniCache(BlockCache):
+    """The compressive memory M [batch, kv_heads, d, d], z [batch, kv_heads, d] (float32, float64 for a
+    float64 model) and the un-rotated k, v [batch, n, kv_heads, d] of the unfinished segment
+    (n = pos % segment_len); `row_start` as `AttentionCache`'s."""
+    M: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+    row_start: Optional[torch.Tensor] = None
+
+
 @register_block("infini", config=InfiniConfig)
 class InfiniAttention(CausalSelfAttention):
     """Segment-local attention + compressive memory, mixed per head by sigmoid(gate)."""
 
-    def __init__(self, d_model: int, cfg: InfiniConfig, layer_idx: int):
-        super().__init__(d_model, cfg, layer_idx)
+    def __init__(self, d_model: int, cfg: InfiniConfig, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
         # beta = 0: an even mix of memory and local attention at the start.
         self.gate = nn.Parameter(torch.zeros(self.n_heads))
         self.gate._lr_mult = cfg.gate_lr_mult
@@ -70,17 +84,17 @@ class InfiniAttention(CausalSelfAttention):
         if cp is not None:
             return infini_cp(self, x, cp, cache)
         b, t, _ = x.shape
-        start = 0 if cache is None else cache["pos"]
+        start = 0 if cache is None else cache.pos
         q, k, v = self._project(x)
         # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
-        row_start = None if cache is None else cache.get("row_start")
+        row_start = None if cache is None else cache.row_start
         if seq_idx is None:
             cos, sin = self._rope(start, start + t, x.device, row_start)
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local,
-                  impl=kernels_of(self).get("infini", "auto"))
+                  impl=self.kernels.get("infini", "auto"))
         if seq_idx is not None:
             out = per_document(lambda q_, k_, v_, ql, kl: infini_attention(
                 q_, k_, v_, self.gate, segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule,
@@ -88,27 +102,41 @@ class InfiniAttention(CausalSelfAttention):
         elif cache is None:
             out = infini_attention(q, k, v, self.gate, **kw)
         else:
-            pk, pv = cache["k"].to(q.dtype), cache["v"].to(q.dtype)
+            pk, pv = cache.k.to(q.dtype), cache.v.to(q.dtype)
             cos_p, sin_p = self._rope(start - pk.shape[1], start, x.device, row_start)
-            out, (M, z) = infini_attention(q, k, v, self.gate, memory=(cache["M"], cache["z"]),
+            out, (M, z) = infini_attention(q, k, v, self.gate, memory=(cache.M, cache.z),
                                            prefix=(pk, pv, apply_rope(pk, cos_p, sin_p)), return_memory=True, **kw)
             seen_k, seen_v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
             tail = seen_k.shape[1] % self.cfg.segment_len
             # clone: a view would pin the whole chunk in memory; the op already folded the rest into M
-            cache["k"] = seen_k[:, seen_k.shape[1] - tail:].to(cache["k"].dtype).clone()
-            cache["v"] = seen_v[:, seen_v.shape[1] - tail:].to(cache["v"].dtype).clone()
-            cache["M"], cache["z"], cache["pos"] = M, z, start + t
+            cache.k = seen_k[:, seen_k.shape[1] - tail:].to(cache.k.dtype).clone()
+            cache.v = seen_v[:, seen_v.shape[1] - tail:].to(cache.v.dtype).clone()
+            cache.M, cache.z, cache.pos = M, z, start + t
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
-
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> InfiniCache:
         mem = _memory_dtype(dtype)
         hk, d = self.n_kv_heads, self.head_dim
-        return {"M": torch.zeros(batch_size, hk, d, d, device=device, dtype=mem),
-                "z": torch.zeros(batch_size, hk, d, device=device, dtype=mem),
-                "k": torch.empty(batch_size, 0, hk, d, device=device, dtype=dtype),
-                "v": torch.empty(batch_size, 0, hk, d, device=device, dtype=dtype),
-                "pos": 0}
+        return InfiniCache(torch.zeros(batch_size, hk, d, d, device=device, dtype=mem),
+                           torch.zeros(batch_size, hk, d, device=device, dtype=mem),
+                           torch.empty(batch_size, 0, hk, d, device=device, dtype=dtype),
+                           torch.empty(batch_size, 0, hk, d, device=device, dtype=dtype))
+
+    def merge_left_padded(self, caches: Sequence[InfiniCache], row_start, length: int) -> RowGroups:
+        """Rows grouped by segment phase. A row's segment boundaries (where its unfinished segment is folded
+        into the memory) fall at its own length modulo segment_len, and zoo.ops.infini takes one phase per
+        call; a group's unfinished segments have one length, so its caches stack exactly, and the groups
+        never change while decoding (every row advances one token per step). RoPE reads `row_start`."""
+        groups = {}
+        for r in range(len(caches)):
+            groups.setdefault(int(length - row_start[r]) % self.cfg.segment_len, []).append(r)
+        out = []
+        for rows in groups.values():
+            rows = torch.tensor(rows, device=row_start.device)
+            stacked = InfiniCache.stack([caches[r] for r in rows.tolist()])
+            stacked.pos, stacked.row_start = length, row_start[rows]
+            out.append((rows, stacked))
+        return RowGroups(out)
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         """(M, z) plus the k, v of the unfinished segment after `seq_len` tokens: seq_len % segment_len

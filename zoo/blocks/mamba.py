@@ -7,8 +7,9 @@ and `mamba2`, the Mamba-2 mixer (Dao & Gu, arXiv 2405.21060, section 7.1, figure
             out_proj(rmsnorm(y * silu(z)))              per head of head_dim, B and C per group
 
 Parameter names follow mamba_ssm and transformers (in_proj, conv1d, x_proj, dt_proj, dt_bias, A_log,
-D, norm, out_proj). The cache is a dict of two tensors updated in place: "conv", the last d_conv - 1
-inputs of the convolution, and "ssm", the recurrent state; its size does not grow with the length.
+D, norm, out_proj). The cache (`MambaCache`) holds two tensors updated in place: `conv`, the last
+d_conv - 1 inputs of the convolution, and `ssm`, the recurrent state; its size does not grow with the
+length, and it has no notion of position, so a left-padded batch is its rows' caches stacked.
 
 Packed documents (seq_idx): the convolution reads no input of another document and the scan's state
 is zeroed where a document starts, both inside the ops (no per-document loop).
@@ -17,15 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.blocks.base import Block, BlockCache
 from zoo.distributed.state_passing import mamba2_cp, mamba_cp
 from zoo.ops.conv import causal_conv1d
-from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan, selective_scan_step
@@ -104,15 +105,32 @@ def _check_dt_range(cfg):
         raise ValueError(f"dt_init_floor: must be >= 0, got {cfg.dt_init_floor}")
 
 
-@register_block("mamba", config=MambaConfig)
-class MambaBlock(nn.Module):
-    """The Mamba-1 mixer: selective SSM with a [d_inner, d_state] diagonal A and a gate."""
+@dataclass
+class MambaCache(BlockCache):
+    """conv [batch, channels, d_conv - 1]: the convolution's last inputs; ssm: the recurrent state,
+    [batch, d_inner, d_state] (mamba) or [batch, heads, head_dim, d_state] (mamba2)."""
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class _Mixer(Block):
+    """What the two Mamba mixers share: packed documents, context parallel, a position-free cache."""
 
     supports_seq_idx = True
+    supports_cp = True
 
-    def __init__(self, d_model: int, cfg: MambaConfig, layer_idx: int):
-        super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+    def merge_left_padded(self, caches: Sequence[MambaCache], row_start, length: int) -> MambaCache:
+        # conv and SSM states have a fixed size per row and no position: decoding the stacked rows is
+        # the batched recurrence, exact row by row since rows never mix
+        return MambaCache.stack(caches)
+
+
+@register_block("mamba", config=MambaConfig)
+class MambaBlock(_Mixer):
+    """The Mamba-1 mixer: selective SSM with a [d_inner, d_state] diagonal A and a gate."""
+
+    def __init__(self, d_model: int, cfg: MambaConfig, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
         self.d_inner = cfg.expand * d_model
         self.dt_rank = math.ceil(d_model / 16) if cfg.dt_rank == "auto" else cfg.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=cfg.bias)
@@ -140,28 +158,28 @@ class MambaBlock(nn.Module):
             return mamba_cp(self, x, cp, cache)
         n = self.cfg.d_state
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
-        xs = _conv(self.conv1d, xs, cache, seq_idx, kernels_of(self).get("causal_conv1d", "auto"))
+        xs = _conv(self.conv1d, xs, cache, seq_idx, self.kernels.get("causal_conv1d", "auto"))
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # its bias goes in as delta_bias
         A = -torch.exp(_float(self.A_log))
         if cache is not None and x.shape[1] == 1:
-            y, state = selective_scan_step(cache["ssm"], xs[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D,
+            y, state = selective_scan_step(cache.ssm, xs[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D,
                                            z[..., 0], self.dt_proj.bias, dt_softplus=True)
             y = y[..., None]
         else:
             y = selective_scan(xs, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z, self.dt_proj.bias,
                                delta_softplus=True, return_last_state=cache is not None,
-                               initial_state=None if cache is None else cache["ssm"], seq_idx=seq_idx,
-                               impl=kernels_of(self).get("selective_scan", "auto"))
+                               initial_state=None if cache is None else cache.ssm, seq_idx=seq_idx,
+                               impl=self.kernels.get("selective_scan", "auto"))
             if cache is not None:
                 y, state = y
         if cache is not None:
-            cache["ssm"] = state.to(cache["ssm"].dtype)
+            cache.ssm = state.to(cache.ssm.dtype)
         return self.out_proj(y.transpose(1, 2))
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
-        return {"conv": torch.zeros(batch_size, self.d_inner, self.cfg.d_conv - 1, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch_size, self.d_inner, self.cfg.d_state, device=device, dtype=dtype)}
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:
+        return MambaCache(torch.zeros(batch_size, self.d_inner, self.cfg.d_conv - 1, device=device, dtype=dtype),
+                          torch.zeros(batch_size, self.d_inner, self.cfg.d_state, device=device, dtype=dtype))
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
@@ -169,14 +187,11 @@ class MambaBlock(nn.Module):
 
 
 @register_block("mamba2", config=Mamba2Config)
-class Mamba2Block(nn.Module):
+class Mamba2Block(_Mixer):
     """The Mamba-2 mixer: heads with a scalar decay each (SSD), grouped B and C, gated RMSNorm."""
 
-    supports_seq_idx = True
-
-    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int):
-        super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+    def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
         self.n_heads = cfg.heads(d_model)
         self.d_inner = cfg.expand * d_model
         self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
@@ -201,13 +216,13 @@ class Mamba2Block(nn.Module):
         h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx,
-                    kernels_of(self).get("causal_conv1d", "auto")).transpose(1, 2)
+                    self.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and length == 1:
             # Heads flattened into channels, A and dt repeated over head_dim: the Mamba-1 step.
             per_head = lambda t: t.repeat_interleave(p, dim=-1)
-            y, state = selective_scan_step(cache["ssm"].flatten(1, 2), xs[:, 0], per_head(dt[:, 0]),
+            y, state = selective_scan_step(cache.ssm.flatten(1, 2), xs[:, 0], per_head(dt[:, 0]),
                                            per_head(A)[:, None].expand(h * p, n), B[:, 0].view(b, g, n),
                                            C[:, 0].view(b, g, n), per_head(self.D), None, per_head(self.dt_bias),
                                            dt_softplus=True)
@@ -215,19 +230,19 @@ class Mamba2Block(nn.Module):
         else:
             y = ssd_scan(xs.reshape(b, length, h, p), dt, A, B.reshape(b, length, g, n), C.reshape(b, length, g, n),
                          self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                         initial_states=None if cache is None else cache["ssm"], seq_idx=seq_idx,
-                         return_final_states=cache is not None, impl=kernels_of(self).get("ssd", "auto"))
+                         initial_states=None if cache is None else cache.ssm, seq_idx=seq_idx,
+                         return_final_states=cache is not None, impl=self.kernels.get("ssd", "auto"))
             if cache is not None:
                 y, state = y
             y = y.reshape(b, length, self.d_inner)
         if cache is not None:
-            cache["ssm"] = state.to(cache["ssm"].dtype)
+            cache.ssm = state.to(cache.ssm.dtype)
         return self.out_proj(self.norm(y, z))
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:
         cfg = self.cfg
-        return {"conv": torch.zeros(batch_size, self.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch_size, self.n_heads, cfg.head_dim, cfg.d_state, device=device, dtype=dtype)}
+        return MambaCache(torch.zeros(batch_size, self.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype),
+                          torch.zeros(batch_size, self.n_heads, cfg.head_dim, cfg.d_state, device=device, dtype=dtype))
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
@@ -252,13 +267,13 @@ class GatedRMSNorm(nn.Module):
 
 
 def _conv(conv: nn.Conv1d, x, cache, seq_idx=None, impl="auto"):
-    """Depthwise causal conv + SiLU of x [b, c, l], continuing from and updating cache["conv"]."""
+    """Depthwise causal conv + SiLU of x [b, c, l], continuing from and updating cache.conv."""
     weight = conv.weight[:, 0]
     if cache is None:
         return causal_conv1d(x, weight, conv.bias, activation="silu", seq_idx=seq_idx, impl=impl)
-    out, states = causal_conv1d(x, weight, conv.bias, initial_states=cache["conv"], return_final_states=True,
+    out, states = causal_conv1d(x, weight, conv.bias, initial_states=cache.conv, return_final_states=True,
                                 activation="silu", impl=impl)
-    cache["conv"] = states.to(cache["conv"].dtype)
+    cache.conv = states.to(cache.conv.dtype)
     return out
 
 

@@ -16,13 +16,13 @@ token. Different budgets per layer are different letters in a recipe's pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from zoo.blocks.attention import AttnConfig, CausalSelfAttention
+from zoo.blocks.base import BlockCache, left_padded_cat
 from zoo.distributed.selective import selective_cp
-from zoo.ops.dispatch import kernels_of
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention, selective_cache_step, selective_memory
@@ -49,16 +49,29 @@ class SelectiveConfig(AttnConfig):
             raise ValueError(f"mem_loss_tau: must be > 0, got {self.mem_loss_tau}")
 
 
+@dataclass
+class SelectiveCache(BlockCache):
+    """Rotated K, V [batch, kept, kv_heads, head_dim] and each key's accumulated selection F, `scores`
+    [batch, kept] (float32, float64 for a float64 model); `pos` the tokens seen, `row_start` as
+    `AttentionCache`'s. The first key is the row's first token (never selected against, never evicted)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    scores: torch.Tensor
+    pos: int = 0
+    row_start: Optional[torch.Tensor] = None
+
+
 @register_block("selective", config=SelectiveConfig)
 class SelectiveAttention(CausalSelfAttention):
-    """Causal attention minus accumulated selection F; the cache keeps K, V and each key's F."""
+    """Causal attention minus accumulated selection F; the cache keeps K, V and each key's F.
+    forward returns (output, memory loss) when it computes that loss (training, mem_loss_weight > 0,
+    no cache), the output otherwise."""
 
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         """seq_idx (packed documents): each document runs alone (`per_document`), so its first token
         is the BOS column that selection never touches and F accumulates from its own queries only,
         as for the document by itself. Exact, at one op call per document (packed rows hold few)."""
         check_block_documents(x, seq_idx, cache, cp)
-        self.aux_loss = None
         wants_mem_loss = self.training and self.cfg.mem_loss_weight > 0 and cache is None
         if cp is not None:
             if wants_mem_loss:
@@ -66,17 +79,16 @@ class SelectiveAttention(CausalSelfAttention):
                                  "set it to 0 or train without cp")
             return selective_cp(self, x, cp, cache)
         b, t, _ = x.shape
-        start = 0 if cache is None else cache["pos"]
+        start = 0 if cache is None else cache.pos
         q, k, v = self._project(x)
         if seq_idx is None:
             # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
-            cos, sin = self._rope(start, start + t, x.device, None if cache is None else cache.get("row_start"))
+            cos, sin = self._rope(start, start + t, x.device, None if cache is None else cache.row_start)
         else:
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if wants_mem_loss:
-            self.aux_loss = self._memory_loss(q, k, seq_idx)
-        impl = kernels_of(self).get("selective_attention", "auto")
+        aux = self._memory_loss(q, k, seq_idx) if wants_mem_loss else None
+        impl = self.kernels.get("selective_attention", "auto")
         if seq_idx is not None:
             out = per_document(lambda q_, k_, v_: selective_attention(q_, k_, v_, block_size=self.cfg.block_size,
                                                                       impl=impl), seq_idx, q, k, v)
@@ -84,8 +96,9 @@ class SelectiveAttention(CausalSelfAttention):
             out = selective_attention(q, k, v, block_size=self.cfg.block_size, impl=impl)
         else:
             out = self._through_cache(q, k, v, cache)
-            cache["pos"] = start + t
-        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+            cache.pos = start + t
+        out = self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        return out if aux is None else (out, aux)
 
     def _memory_loss(self, q, k, seq_idx):
         memory = lambda q_, k_: selective_memory(q_, k_, tau=self.cfg.mem_loss_tau, block_size=self.cfg.block_size)
@@ -100,20 +113,29 @@ class SelectiveAttention(CausalSelfAttention):
             if budget is not None:
                 # A step appends, attends, then evicts down to the budget. Up to budget + 1 keys no
                 # eviction falls between this chunk's tokens, so one call equals token-by-token decoding.
-                n = max(1, min(n, budget + 1 - cache["k"].shape[1]))
-            prev = (cache["k"].to(q.dtype), cache["v"].to(q.dtype), cache["scores"])
+                n = max(1, min(n, budget + 1 - cache.k.shape[1]))
+            prev = (cache.k.to(q.dtype), cache.v.to(q.dtype), cache.scores)
             out, (kc, vc, scores) = selective_cache_step(q[:, i:i + n], k[:, i:i + n], v[:, i:i + n], prev,
                                                          budget=budget, block_size=self.cfg.block_size,
-                                                         impl=kernels_of(self).get("selective_attention", "auto"))
-            cache["k"], cache["v"], cache["scores"] = kc.to(cache["k"].dtype), vc.to(cache["v"].dtype), scores
+                                                         impl=self.kernels.get("selective_attention", "auto"))
+            cache.k, cache.v, cache.scores = kc.to(cache.k.dtype), vc.to(cache.v.dtype), scores
             outs.append(out)
             i += n
         return torch.cat(outs, 1)
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> SelectiveCache:
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone(), "pos": 0,
-                "scores": torch.empty(batch_size, 0, device=device, dtype=_scores_dtype(dtype))}
+        return SelectiveCache(empty, empty.clone(), torch.empty(batch_size, 0, device=device, dtype=_scores_dtype(dtype)))
+
+    def merge_left_padded(self, caches: Sequence[SelectiveCache], row_start, length: int) -> SelectiveCache:
+        """The op recognises the first (BOS) key by its index 0, so each row keeps its first key there and
+        the padding goes after it: [first, padding, rest]. Padding keys carry an infinite accumulated
+        selection F: their softmax weight is exp(-inf) = 0, their column stays infinite, and under a KV
+        budget eviction (largest F first) drops them before any real key. RoPE reads `row_start`."""
+        return SelectiveCache(left_padded_cat([c.k for c in caches], 0, first=1),
+                              left_padded_cat([c.v for c in caches], 0, first=1),
+                              left_padded_cat([c.scores for c in caches], float("inf"), first=1),
+                              pos=length, row_start=row_start)
 
     def _cached_tokens(self, seq_len: int) -> int:
         return seq_len if self.cfg.kv_budget is None else min(seq_len, self.cfg.kv_budget)

@@ -30,8 +30,8 @@ What the paper specifies, and how this module reads it:
   extrapolated better than RoPE in its ablation; `rope_base: null` (the default) follows it, a
   number turns on RoPE at absolute sequence positions (the ablation's other arm).
 - Budget (eq. 7). L_constraint = sum over SALs of (C - sum_i m_i / L)^2 with m_i the straight-
-  through mask; each block sets `aux_loss = aux_loss_weight * mean over the batch of (C - mean_i
-  m_i)^2` during training (the model sums the blocks') and None otherwise. The paper names the
+  through mask; in training each block returns `aux_loss = aux_loss_weight * mean over the batch of
+  (C - mean_i m_i)^2` beside its output (the model sums the blocks'), at evaluation its output alone. The paper names the
   weight lambda without a value; 1.0 is our default.
 
 The straight-through gradient of an unselected token needs o_i, the attention output it would have
@@ -54,11 +54,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from zoo.blocks.base import Block, BlockCache, left_padded_cat
 from zoo.distributed.window import taipan_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
@@ -260,15 +261,27 @@ class TaipanConfig:
             raise ValueError(f"window: {self.window} exceeds train.seq_len {seq_len}")
 
 
+@dataclass
+class TaipanCache(BlockCache):
+    """K, V [batch, kept, heads, head_dim] and `selected` [batch, kept] of the last window - 1 positions
+    (zeros and False for unselected ones), `pos` the tokens seen; `row_start` as `AttentionCache`'s."""
+    k: torch.Tensor
+    v: torch.Tensor
+    selected: torch.Tensor
+    pos: int = 0
+    row_start: Optional[torch.Tensor] = None
+
+
 @register_block("taipan", config=TaipanConfig)
-class TaipanBlock(nn.Module):
-    """Gate -> (Gumbel) selection -> windowed attention among selected tokens -> alpha-mix update."""
+class TaipanBlock(Block):
+    """Gate -> (Gumbel) selection -> windowed attention among selected tokens -> alpha-mix update.
+    forward returns (output, capacity loss) in training, the output at evaluation."""
 
     supports_seq_idx = True
+    supports_cp = True
 
-    def __init__(self, d_model: int, cfg: TaipanConfig, layer_idx: int):
-        super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+    def __init__(self, d_model: int, cfg: TaipanConfig, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim or d_model // cfg.n_heads
         inner = self.n_heads * self.head_dim
@@ -280,7 +293,6 @@ class TaipanBlock(nn.Module):
         self.k_proj = nn.Linear(d_model, inner, bias=False)
         self.v_proj = nn.Linear(d_model, inner, bias=False)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
-        self.aux_loss: Optional[torch.Tensor] = None
 
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
@@ -288,7 +300,7 @@ class TaipanBlock(nn.Module):
             return taipan_cp(self, x, cp, selective_window_attention, cache)
         b, t, _ = x.shape
         acc = _acc_dtype(x.dtype)
-        start = 0 if cache is None else cache["pos"]
+        start = 0 if cache is None else cache.pos
         logits = self.gate(x).to(acc)                                    # s_i, eq. 1
         gap = logits[..., 1] - logits[..., 0]
         alpha = torch.sigmoid(gap)                                       # softmax(s_i)[1], eq. 5
@@ -298,31 +310,31 @@ class TaipanBlock(nn.Module):
             hard = noisy > 0                                             # argmax of eq. 2
             soft = torch.sigmoid(noisy)                                  # softmax((s + g) / tau)[1]
             mask = hard.to(acc) + soft - soft.detach()                   # straight-through
-            self.aux_loss = self.cfg.aux_loss_weight * (self.cfg.capacity - mask.mean(1)).pow(2).mean()
+            aux = self.cfg.aux_loss_weight * (self.cfg.capacity - mask.mean(1)).pow(2).mean()
             rows = None
         else:
             hard = gap > 0
             mask = hard.to(acc)
-            self.aux_loss = None
+            aux = None
             rows = hard
 
         q, k, v = self._project(x, rows)
         if self.cfg.rope_base is not None:
             positions = (torch.arange(start, start + t, device=x.device) if seq_idx is None
                          else document_positions(seq_idx))
-            if cache is not None and cache.get("row_start") is not None:
+            if cache is not None and cache.row_start is not None:
                 # a left-padded batch decoding through one cache (zoo.hf): positions count from each row's
                 # first token; its padding keys need no mask, they are cached as unselected
-                positions = (positions[None] - cache["row_start"][:, None]).clamp(min=0)
+                positions = (positions[None] - cache.row_start[:, None]).clamp(min=0)
             cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         selected = hard
         if cache is not None:
-            k = torch.cat([cache["k"], k.to(cache["k"].dtype)], dim=1)
-            v = torch.cat([cache["v"], v.to(cache["v"].dtype)], dim=1)
-            selected = torch.cat([cache["selected"], hard], dim=1)
-            cache["k"], cache["v"], cache["selected"] = self._kept(k), self._kept(v), self._kept(selected)
-            cache["pos"] = start + t
+            k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
+            v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
+            selected = torch.cat([cache.selected, hard], dim=1)
+            cache.k, cache.v, cache.selected = self._kept(k), self._kept(v), self._kept(selected)
+            cache.pos = start + t
             k, v = k.to(q.dtype), v.to(q.dtype)
         if seq_idx is None:
             o = selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows, block_size=self.cfg.block_size)
@@ -331,7 +343,8 @@ class TaipanBlock(nn.Module):
                 q_, k_, v_, sel, self.cfg.window, rows=rows_, block_size=self.cfg.block_size),
                 seq_idx, q, k, v, selected, rows)
         y = self._out(o.reshape(b, t, -1), rows)
-        return ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
+        out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
+        return out if aux is None else (out, aux)
 
     def _project(self, x, rows):
         """q, k, v [b, t, heads, head_dim]; with `rows`, computed only there and zero elsewhere."""
@@ -354,10 +367,15 @@ class TaipanBlock(nn.Module):
         # clone: a view would pin the whole concatenated history in memory
         return t[:, t.shape[1] - keep:].clone() if t.shape[1] > keep else t
 
-    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> TaipanCache:
         empty = torch.empty(batch_size, 0, self.n_heads, self.head_dim, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone(),
-                "selected": torch.empty(batch_size, 0, dtype=torch.bool, device=device), "pos": 0}
+        return TaipanCache(empty, empty.clone(), torch.empty(batch_size, 0, dtype=torch.bool, device=device))
+
+    def merge_left_padded(self, caches: Sequence[TaipanCache], row_start, length: int) -> TaipanCache:
+        """K, V and the flags left-padded with unselected slots, which the attention never shows to another
+        token; RoPE (when enabled) reads `row_start`."""
+        return TaipanCache(left_padded_cat([c.k for c in caches]), left_padded_cat([c.v for c in caches]),
+                           left_padded_cat([c.selected for c in caches], False), pos=length, row_start=row_start)
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

@@ -76,12 +76,12 @@ def taipan_cp(block, x, cp: ContextParallel, attend, cache=None):
         soft = torch.sigmoid(noisy)
         mask = hard.to(acc) + soft - soft.detach()
         share = all_reduce_sum(mask.sum(1), cp.group) / cp.seq_len
-        block.aux_loss = cfg.aux_loss_weight * (cfg.capacity - share).pow(2).mean()
+        aux = cfg.aux_loss_weight * (cfg.capacity - share).pow(2).mean()
         rows = None
     else:
         hard = gap > 0
         mask = hard.to(acc)
-        block.aux_loss = None
+        aux = None
         rows = hard
 
     q, k, v = block._project(x, rows)
@@ -101,4 +101,5 @@ def taipan_cp(block, x, cp: ContextParallel, attend, cache=None):
                            block_size=cfg.block_size))
     o = torch.cat(outs, 1)
     y = block._out(o.reshape(b, t, -1), rows)
-    return ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
+    out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
+    return out if aux is None else (out, aux)
