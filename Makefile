@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare describe bench clean lock upgrade
+.PHONY: install test compare compare-memory describe bench clean lock upgrade
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -26,11 +26,19 @@ describe: install
 # The main job: ~1M-parameter versions of each recipe, trained on the same 200K tokens of the built-in
 # corpus, then evaluated side by side (about 7 minutes on 2 CPU cores; rerunning resumes).
 COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
-	--contexts 256,512,1024,2048 --schemes blocks,sliding,streaming --max-tokens 8192 --memory decode,train \
+	--contexts 256,512,1024,2048 --schemes blocks,sliding,streaming --max-tokens 8192 --memory train \
+	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
 	--repeats 1 --passkey-lengths 256,1024 --passkey-trials 4
 
 compare: install
 	$(PY) scripts/compare.py $(RECIPES) --out runs/compare $(COMPARE_ARGS)
+
+# The main job plus memory as the architectures claim it at length: decode memory to 64K tokens (attention stops
+# where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the
+# sequence over W = 1, 2, 4 gloo processes. Reuses runs/compare: what `make compare` did is skipped.
+compare-memory: install
+	$(PY) scripts/compare.py $(RECIPES) --out runs/compare $(COMPARE_ARGS) \
+		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 bench: install
 	$(PY) scripts/bench_attention.py
