@@ -1,4 +1,4 @@
-"""Context parallel for the windowed blocks, `swa` and `taipan`: a halo exchange.
+"""Context parallel for `taipan`: a halo exchange (swa's moved to zoo.blocks.attention.cp).
 
 A query at position p reads keys in (p - window, p], so each chunk needs the keys and values of the
 window - 1 positions before its start (fewer at the sequence start), whichever chunks and ranks hold
@@ -17,37 +17,12 @@ import torch
 from zoo.distributed.comm import all_reduce_sum
 from zoo.distributed.halo import preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.attention import blockwise_attention
-from zoo.ops.documents import reject_streaming
+from zoo.deprecation import moved_names
 from zoo.ops.rope import apply_rope, rope_cos_sin
 
-__all__ = ["sliding_window_attention_cp", "swa_cp", "taipan_cp"]
-
-
-def sliding_window_attention_cp(q, k, v, cp: ContextParallel, window: int, block_size: int):
-    """Sliding-window causal attention of this rank's shard. q [b, local, heads, d], k, v [b, local,
-    kv_heads, d], all rotated at their global positions. Returns out like q."""
-    d = k.shape[-1]
-    halos, kv = preceding(torch.cat([k, v], -1), cp, lambda start, end: window - 1)
-    k, v = kv[..., :d], kv[..., d:]
-    outs = []
-    for c, halo in zip(cp.chunks(), halos):
-        kc, vc = torch.cat([halo[..., :d], k[:, c.local]], 1), torch.cat([halo[..., d:], v[:, c.local]], 1)
-        outs.append(blockwise_attention(q[:, c.local], kc, vc, causal=True, window=window, block_size=block_size))
-    return torch.cat(outs, 1)
-
-
-def swa_cp(block, x, cp: ContextParallel, cache=None, seq_idx=None):
-    """`SlidingWindowAttention.forward` on this rank's shard: projections, RoPE at global positions,
-    `sliding_window_attention_cp`, output projection."""
-    refuse_cache(cache, "swa")
-    reject_streaming(seq_idx, None, cp)
-    b, t, _ = x.shape
-    q, k, v = block._project(x)
-    cos, sin = rope_cos_sin(cp.positions(x.device), block.head_dim, block.cfg.rope_base)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = sliding_window_attention_cp(q, k, v, cp, block.cfg.window, block.cfg.block_size)
-    return block.out_proj(out.reshape(b, t, -1))
+__all__ = ["taipan_cp"]
+__getattr__ = moved_names(__name__, {"sliding_window_attention_cp": "zoo.blocks.attention.cp",
+                                     "swa_cp": "zoo.blocks.attention.cp"})
 
 
 def taipan_cp(block, x, cp: ContextParallel, attend, cache=None):

@@ -1,89 +1,21 @@
-"""Softmax attention blocks: full causal (`attn`), sliding window (`swa`), blockwise (`blockwise`,
-Blockwise Parallel Transformer, arXiv 2305.19370) and `ring` (Ring Attention, arXiv 2310.01889).
-
-All four share projections, GQA and RoPE; they differ only in which attention op they call and in
-how much of the past their cache keeps. `ring` is exact causal attention whose context-parallel
-form is the ring over devices; on one process it is the blockwise path.
-"""
+"""The attention blocks: `attn`, `blockwise`, `ring` and `swa` (package docstring). The math lives in
+zoo.ops.attention; the context-parallel paths (the ring; swa's halo exchange) in `cp.py`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.blocks.base import Block, BlockCache, left_padded_cat
-from zoo.distributed.ring import ring_attention
-from zoo.distributed.window import swa_cp
+from zoo.blocks.attention.cache import AttentionCache
+from zoo.blocks.attention.config import AttnConfig, BlockwiseConfig, SwaConfig
+from zoo.blocks.attention.cp import attention_cp, swa_cp
+from zoo.blocks.base import Block
 from zoo.ops.attention import attention, blockwise_attention
 from zoo.ops.documents import check_block_documents, document_positions
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
-
-
-@dataclass
-class AttnConfig:
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None   # GQA: kv heads shared by n_heads / n_kv_heads query heads
-    head_dim: Optional[int] = None     # default d_model // n_heads
-    rope_base: float = 10000.0
-    qkv_bias: bool = False
-    out_bias: bool = False
-
-    def __post_init__(self):
-        if self.n_heads < 1:
-            raise ValueError(f"n_heads: must be >= 1, got {self.n_heads}")
-        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
-            raise ValueError(f"n_kv_heads: must divide n_heads {self.n_heads}, got {self.n_kv_heads}")
-        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
-            raise ValueError(f"head_dim: must be an even number >= 2 (rotary pairs), got {self.head_dim}")
-        if self.rope_base <= 1:
-            raise ValueError(f"rope_base: must be > 1, got {self.rope_base}")
-
-    def check(self, d_model: int, seq_len: int) -> None:
-        """Checks that need the model's width and the training length."""
-        if self.head_dim is None and d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide model.d_model {d_model}")
-        if self.head_dim is None and (d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads: head_dim d_model/n_heads = {d_model // self.n_heads} must be even (rotary pairs)")
-
-
-@dataclass
-class BlockwiseConfig(AttnConfig):
-    block_size: int = 128   # query and key block length of the online-softmax loop
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.block_size < 1:
-            raise ValueError(f"block_size: must be >= 1, got {self.block_size}")
-
-
-@dataclass
-class SwaConfig(BlockwiseConfig):
-    window: int = 256       # keys a query sees, itself included (flash-attn window_size=(window-1, 0))
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.window < 1:
-            raise ValueError(f"window: must be >= 1, got {self.window}")
-
-    def check(self, d_model: int, seq_len: int) -> None:
-        super().check(d_model, seq_len)
-        if self.window > seq_len:
-            raise ValueError(f"window: {self.window} exceeds train.seq_len {seq_len} (use `attn` for full attention)")
-
-
-@dataclass
-class AttentionCache(BlockCache):
-    """Rotated K and V [batch, cached, kv_heads, head_dim] (swa: the last window - 1), `pos` the tokens
-    seen. `row_start` [batch] (a left-padded batch, zoo.hf): where each row's own tokens begin on the
-    shared timeline of `pos` positions; the keys before it are padding, masked."""
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: int = 0
-    row_start: Optional[torch.Tensor] = None
 
 
 class CausalSelfAttention(Block):
@@ -153,16 +85,14 @@ class CausalSelfAttention(Block):
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def _forward_cp(self, x, cp, cache=None):
-        """Context parallel (x: this rank's shard): RoPE at the shard's global positions, the ring over ranks
-        (swa: a halo exchange)."""
-        if cache is not None:
-            raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp")
-        b, t, _ = x.shape
+        """Context parallel (x: this rank's shard): the ring over ranks (swa: a halo exchange)."""
+        return attention_cp(self, x, cp, cache)
+
+    def _project_rotated(self, x, positions):
+        """q, k rotated at `positions` [length] (global positions of a cp shard), v; all [b, t, heads, hd]."""
         q, k, v = self._project(x)
-        cos, sin = rope_cos_sin(cp.positions(x.device), self.head_dim, self.cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ring_attention(q, k, v, cp, causal=True, block_size=getattr(self.cfg, "block_size", 512))
-        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
@@ -171,8 +101,7 @@ class CausalSelfAttention(Block):
     def merge_left_padded(self, caches: Sequence[AttentionCache], row_start, length: int) -> AttentionCache:
         """K and V left-padded with zeros to the longest row; forward masks the padding keys by `row_start`
         and rotates each row's queries and keys at its own positions (`_attend_left_padded`)."""
-        return AttentionCache(left_padded_cat([c.k for c in caches]), left_padded_cat([c.v for c in caches]),
-                              pos=length, row_start=row_start)
+        return AttentionCache.left_padded(caches, row_start, length)
 
     def _attend_left_padded(self, q, k, v, end: int, row_start):
         """Attention for a left-padded batch decoding through one cache (zoo.hf): row r's own tokens begin

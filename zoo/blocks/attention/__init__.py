@@ -1,0 +1,19 @@
+"""Softmax attention blocks: full causal (`attn`), sliding window (`swa`), blockwise (`blockwise`,
+Blockwise Parallel Transformer, arXiv 2305.19370) and `ring` (Ring Attention, arXiv 2310.01889).
+
+All four share projections, GQA and RoPE; they differ only in which attention op they call and in
+how much of the past their cache keeps. `ring` is exact causal attention whose context-parallel
+form is the ring over devices; on one process it is the blockwise path.
+
+    config.py  AttnConfig, BlockwiseConfig, SwaConfig
+    cache.py   AttentionCache (rotated K/V) and its left-padding merge
+    block.py   CausalSelfAttention and the four registered blocks
+    cp.py      context parallel: the ring; swa's halo exchange
+"""
+from zoo.blocks.attention.block import (Attention, BlockwiseAttention, CausalSelfAttention, RingAttention,
+                                        SlidingWindowAttention)
+from zoo.blocks.attention.cache import AttentionCache
+from zoo.blocks.attention.config import AttnConfig, BlockwiseConfig, SwaConfig
+
+__all__ = ["Attention", "AttentionCache", "AttnConfig", "BlockwiseAttention", "BlockwiseConfig",
+           "CausalSelfAttention", "RingAttention", "SlidingWindowAttention", "SwaConfig"]
