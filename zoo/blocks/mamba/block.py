@@ -1,116 +1,22 @@
-"""Mamba blocks: `mamba`, the Mamba-1 mixer (Gu & Dao, arXiv 2312.00752, section 3.4, figure 3),
-and `mamba2`, the Mamba-2 mixer (Dao & Gu, arXiv 2405.21060, section 7.1, figure 6).
-
-    mamba:  x, z = in_proj(u);  x = silu(conv(x));  dt, B, C = x_proj(x);  dt = dt_proj(dt)
-            y = selective_scan(x, dt, A, B, C, D, z);  out_proj(y)
-    mamba2: z, xBC, dt = in_proj(u);  x, B, C = silu(conv(xBC));  y = ssd_scan(x, dt, A, B, C, D)
-            out_proj(rmsnorm(y * silu(z)))              per head of head_dim, B and C per group
-
-Parameter names follow mamba_ssm and transformers (in_proj, conv1d, x_proj, dt_proj, dt_bias, A_log,
-D, norm, out_proj). The cache (`MambaCache`) holds two tensors updated in place: `conv`, the last
-d_conv - 1 inputs of the convolution, and `ssm`, the recurrent state; its size does not grow with the
-length, and it has no notion of position, so a left-padded batch is its rows' caches stacked.
-
-Packed documents (seq_idx): the convolution reads no input of another document and the scan's state
-is zeroed where a document starts, both inside the ops (no per-document loop).
-"""
+"""The Mamba mixers, `mamba` and `mamba2` (package docstring for the equations)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.blocks.base import Block, BlockCache
-from zoo.distributed.state_passing import mamba2_cp, mamba_cp
+from zoo.blocks.base import Block
+from zoo.blocks.mamba.cache import MambaCache
+from zoo.blocks.mamba.config import Mamba2Config, MambaConfig
+from zoo.blocks.mamba.cp import mamba2_cp, mamba_cp
 from zoo.ops.conv import causal_conv1d
 from zoo.ops.documents import check_block_documents
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan, selective_scan_step
 from zoo.registry import register_block
-
-
-@dataclass
-class MambaConfig:
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: Union[int, str] = "auto"   # "auto": ceil(d_model / 16)
-    dt_min: float = 0.001               # initial step sizes are log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    bias: bool = False                  # in_proj and out_proj
-
-    def __post_init__(self):
-        _at_least_one(self, "d_state", "d_conv", "expand")
-        if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
-                                       or self.dt_rank < 1):
-            raise ValueError(f"dt_rank: must be 'auto' or an integer >= 1, got {self.dt_rank!r}")
-        _check_dt_range(self)
-
-
-@dataclass
-class Mamba2Config:
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 32
-    n_groups: int = 1                   # B and C are shared by n_heads / n_groups heads
-    chunk_size: int = 64
-    conv_bias: bool = True
-    bias: bool = False
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    a_init_min: float = 1.0             # -A per head is uniform in [a_init_min, a_init_max]
-    a_init_max: float = 16.0
-
-    def __post_init__(self):
-        _at_least_one(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")
-        _check_dt_range(self)
-        if not 0 < self.a_init_min <= self.a_init_max:
-            raise ValueError(f"a_init_min: must satisfy 0 < a_init_min <= a_init_max = {self.a_init_max}, "
-                             f"got {self.a_init_min}")
-
-    def check(self, d_model: int, seq_len: int) -> None:
-        """Checks that need the model's width."""
-        self.heads(d_model)
-
-    def heads(self, d_model: int) -> int:
-        d_inner = self.expand * d_model
-        if d_inner % self.head_dim:
-            raise ValueError(f"head_dim: {self.head_dim} does not divide expand * model.d_model = {d_inner}")
-        n_heads = d_inner // self.head_dim
-        if n_heads % self.n_groups:
-            raise ValueError(f"n_groups: {self.n_groups} does not divide the {n_heads} heads "
-                             f"(expand * model.d_model / head_dim)")
-        return n_heads
-
-
-def _at_least_one(cfg, *names):
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be >= 1, got {value!r}")
-
-
-def _check_dt_range(cfg):
-    if not 0 < cfg.dt_min <= cfg.dt_max:
-        raise ValueError(f"dt_min: must satisfy 0 < dt_min <= dt_max = {cfg.dt_max}, got {cfg.dt_min}")
-    if cfg.dt_init_floor < 0:
-        raise ValueError(f"dt_init_floor: must be >= 0, got {cfg.dt_init_floor}")
-
-
-@dataclass
-class MambaCache(BlockCache):
-    """conv [batch, channels, d_conv - 1]: the convolution's last inputs; ssm: the recurrent state,
-    [batch, d_inner, d_state] (mamba) or [batch, heads, head_dim, d_state] (mamba2)."""
-    conv: torch.Tensor
-    ssm: torch.Tensor
 
 
 class _Mixer(Block):
@@ -156,11 +62,9 @@ class MambaBlock(_Mixer):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             return mamba_cp(self, x, cp, cache)
-        n = self.cfg.d_state
-        xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)             # [b, d_inner, l]
+        xs, z = self._in(x)
         xs = _conv(self.conv1d, xs, cache, seq_idx, self.kernels.get("causal_conv1d", "auto"))
-        dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)              # its bias goes in as delta_bias
+        dt, B, C = self._ssm_inputs(xs)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and x.shape[1] == 1:
             y, state = selective_scan_step(cache.ssm, xs[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D,
@@ -176,6 +80,17 @@ class MambaBlock(_Mixer):
         if cache is not None:
             cache.ssm = state.to(cache.ssm.dtype)
         return self.out_proj(y.transpose(1, 2))
+
+    def _in(self, x):
+        """x, z [b, d_inner, l] from the input [b, l, d_model] (x before the convolution)."""
+        return self.in_proj(x).transpose(1, 2).chunk(2, dim=1)
+
+    def _ssm_inputs(self, xs):
+        """dt [b, d_inner, l] (dt_proj without its bias, which the scan adds as delta_bias) and B, C
+        [b, l, d_state] from the convolution's output xs [b, d_inner, l]."""
+        n = self.cfg.d_state
+        dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
+        return F.linear(dt, self.dt_proj.weight).transpose(1, 2), B, C
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:
         return MambaCache(torch.zeros(batch_size, self.d_inner, self.cfg.d_conv - 1, device=device, dtype=dtype),
@@ -213,23 +128,21 @@ class Mamba2Block(_Mixer):
         if cp is not None:
             return mamba2_cp(self, x, cp, cache)
         b, length, _ = x.shape
-        h, p, g, n = self.n_heads, self.cfg.head_dim, self.cfg.n_groups, self.cfg.d_state
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        h, p, n = self.n_heads, self.cfg.head_dim, self.cfg.d_state
+        z, xBC, dt = self._in(x)
         xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx,
                     self.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
-        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        xs, B, C = self._heads(xBC)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and length == 1:
             # Heads flattened into channels, A and dt repeated over head_dim: the Mamba-1 step.
             per_head = lambda t: t.repeat_interleave(p, dim=-1)
-            y, state = selective_scan_step(cache.ssm.flatten(1, 2), xs[:, 0], per_head(dt[:, 0]),
-                                           per_head(A)[:, None].expand(h * p, n), B[:, 0].view(b, g, n),
-                                           C[:, 0].view(b, g, n), per_head(self.D), None, per_head(self.dt_bias),
-                                           dt_softplus=True)
+            y, state = selective_scan_step(cache.ssm.flatten(1, 2), xs[:, 0].reshape(b, h * p), per_head(dt[:, 0]),
+                                           per_head(A)[:, None].expand(h * p, n), B[:, 0], C[:, 0], per_head(self.D),
+                                           None, per_head(self.dt_bias), dt_softplus=True)
             y, state = y[:, None], state.view(b, h, p, n)
         else:
-            y = ssd_scan(xs.reshape(b, length, h, p), dt, A, B.reshape(b, length, g, n), C.reshape(b, length, g, n),
-                         self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            y = ssd_scan(xs, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
                          initial_states=None if cache is None else cache.ssm, seq_idx=seq_idx,
                          return_final_states=cache is not None, impl=self.kernels.get("ssd", "auto"))
             if cache is not None:
@@ -237,6 +150,22 @@ class Mamba2Block(_Mixer):
             y = y.reshape(b, length, self.d_inner)
         if cache is not None:
             cache.ssm = state.to(cache.ssm.dtype)
+        return self._out(y, z)
+
+    def _in(self, x):
+        """z [b, l, d_inner], xBC [b, l, conv_dim] (before the convolution), dt [b, l, heads]."""
+        return self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _heads(self, xBC):
+        """x [b, l, heads, head_dim] and B, C [b, l, groups, d_state] from the convolution's output."""
+        b, length, _ = xBC.shape
+        g, n = self.cfg.n_groups, self.cfg.d_state
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        return (xs.reshape(b, length, self.n_heads, self.cfg.head_dim), B.reshape(b, length, g, n),
+                C.reshape(b, length, g, n))
+
+    def _out(self, y, z):
+        """out_proj(rmsnorm(y * silu(z))) of y, z [b, l, d_inner]."""
         return self.out_proj(self.norm(y, z))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:

@@ -1,0 +1,77 @@
+"""Configs of the Mamba blocks (recipe fields under `model.blocks.<letter>`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: Union[int, str] = "auto"   # "auto": ceil(d_model / 16)
+    dt_min: float = 0.001               # initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False                  # in_proj and out_proj
+
+    def __post_init__(self):
+        _at_least_one(self, "d_state", "d_conv", "expand")
+        if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
+                                       or self.dt_rank < 1):
+            raise ValueError(f"dt_rank: must be 'auto' or an integer >= 1, got {self.dt_rank!r}")
+        _check_dt_range(self)
+
+
+@dataclass
+class Mamba2Config:
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 32
+    n_groups: int = 1                   # B and C are shared by n_heads / n_groups heads
+    chunk_size: int = 64
+    conv_bias: bool = True
+    bias: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    a_init_min: float = 1.0             # -A per head is uniform in [a_init_min, a_init_max]
+    a_init_max: float = 16.0
+
+    def __post_init__(self):
+        _at_least_one(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")
+        _check_dt_range(self)
+        if not 0 < self.a_init_min <= self.a_init_max:
+            raise ValueError(f"a_init_min: must satisfy 0 < a_init_min <= a_init_max = {self.a_init_max}, "
+                             f"got {self.a_init_min}")
+
+    def check(self, d_model: int, seq_len: int) -> None:
+        """Checks that need the model's width."""
+        self.heads(d_model)
+
+    def heads(self, d_model: int) -> int:
+        d_inner = self.expand * d_model
+        if d_inner % self.head_dim:
+            raise ValueError(f"head_dim: {self.head_dim} does not divide expand * model.d_model = {d_inner}")
+        n_heads = d_inner // self.head_dim
+        if n_heads % self.n_groups:
+            raise ValueError(f"n_groups: {self.n_groups} does not divide the {n_heads} heads "
+                             f"(expand * model.d_model / head_dim)")
+        return n_heads
+
+
+def _at_least_one(cfg, *names):
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value!r}")
+
+
+def _check_dt_range(cfg):
+    if not 0 < cfg.dt_min <= cfg.dt_max:
+        raise ValueError(f"dt_min: must satisfy 0 < dt_min <= dt_max = {cfg.dt_max}, got {cfg.dt_min}")
+    if cfg.dt_init_floor < 0:
+        raise ValueError(f"dt_init_floor: must be >= 0, got {cfg.dt_init_floor}")
