@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from evals.bootstrap import best_and_ties, difference_interval
-from evals.report import _contexts, _fmt_bytes, _lookup, _recipes, bpb_interval, cells, throughput_range
+from evals.report import (_contexts, _fmt_bytes, _lookup, _recipes, bpb_interval, cells, throughput_range,
+                          verdict_difference)
 
 LN2 = math.log(2)
 FLAT_GROWTH = 1.1   # memory counts as flat when the longest context needs at most 10% more than the shortest
@@ -109,12 +110,12 @@ def extrapolation_finding(results: dict) -> Optional[str]:
             row = next((r for r in c.get("past", []) if r["label"] == c.get("breaks_at")), None) if verdict == "breaks" \
                 else (c.get("past") or [None])[-1]
             if row:
-                details.append(f"{n} ({row['label']}: {row['difference']:+.3f} {_iv(row['difference_ci'], True)} "
-                               f"vs {c['reference']['label']})")
+                d, iv, against = verdict_difference(c, row)
+                details.append(f"{n} ({row['label']}: {d:+.3f} {_iv(iv, True)} vs {against})")
             else:
                 details.append(n)
         clauses.append(f"{phrase} {_names(details)}")
-    return text + ", " + "; ".join(clauses) + " (bits/byte difference, paired 95% interval)."
+    return text + ", " + "; ".join(clauses) + " (bits/byte difference, paired 95% interval over the documents)."
 
 
 def throughput_finding(results: dict) -> Optional[str]:

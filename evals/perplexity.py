@@ -35,8 +35,9 @@ documents.
 
 Context use and length extrapolation. `extrapolation` streams the longest documents of the split, cut
 to `factor` x the training length, with position buckets around the training length T (T/4, T/2, T,
-2T, ...), and `extrapolation_verdict` says from those numbers whether the loss keeps falling past T,
-stays flat, or breaks there (see its docstring for the rule).
+2T, ...), scores the same targets again with the history cut to at most T tokens, and
+`extrapolation_verdict` says from those numbers whether the history past T keeps lowering the loss, leaves
+it flat, or breaks it (see its docstring for the rule).
 
 Units. `loss_nats`: mean negative log-likelihood per scored token, in nats; `ppl` = exp(loss_nats),
 per token; `bits_per_byte` = total nats / ln 2 / bytes of the scored targets' text. Bytes: for the byte
@@ -317,47 +318,67 @@ def extrapolation_edges(train_len: int, factor: int = 16) -> list:
     return sorted(edges)
 
 
-def extrapolation_verdict(record: dict, train_len: int, margin: float = MARGIN, resamples: int = RESAMPLES,
-                          seed: int = SEED, level: float = LEVEL) -> dict:
+def extrapolation_verdict(record: dict, train_len: int, bounded: Optional[dict] = None, margin: float = MARGIN,
+                          resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> dict:
     """Does the loss keep falling past the training length T, stay flat, or break there?
 
-    The reference is the last bucket inside T ([T/2, T) with `extrapolation_edges`); every bucket past T
-    is compared with it by the paired bootstrap interval of the bits/byte difference over the same
-    documents (`difference_interval`). With tol = `margin` x the reference's bits/byte:
+    Each bucket past T gets a difference of bits/byte with the paired bootstrap interval over the same
+    documents (`difference_interval`), and the verdict reads those differences. With `bounded` (the same
+    documents and buckets scored with the history cut to at most T tokens: `sliding` at context T), the
+    difference of a bucket is streaming minus bounded on the very same targets: what the history beyond T
+    tokens adds, with the text held fixed. Without it, the difference is the bucket minus the reference,
+    the last bucket inside T ([T/2, T) with `extrapolation_edges`): the loss against position alone, which
+    also moves with the documents' content (licence headers and imports first), so a model with no memory
+    past its window can show a slope. With tol = `margin` x the reference's bits/byte:
     - "breaks": some bucket past T is worse, its whole interval above +tol (`breaks_at` names the first);
     - "keeps falling": none breaks and the furthest bucket is better, its whole interval below -tol;
     - "flat": otherwise.
-    The margin is there because the documents' content changes along them too (imports and headers
-    first), so even a model with no memory past its window shows a small slope by position.
+    Every row keeps both differences where both exist (`difference`: against the reference;
+    `vs_bounded`: against the bounded history); `basis` says which one the verdict read.
     `verdict` None: no bucket on one side of T (documents too short, or T below the first edge)."""
     buckets = record.get("buckets", [])
     inside = [b for b in buckets if b["positions"][1] <= train_len]
     past = [b for b in buckets if b["positions"][0] >= train_len]
     if not inside or not past:
-        return {"verdict": None, "reference": None, "past": [], "breaks_at": None, "margin": margin}
+        return {"verdict": None, "reference": None, "past": [], "breaks_at": None, "margin": margin, "basis": None}
     ref = inside[-1]
+    control = {tuple(b["positions"]): b for b in (bounded or {}).get("buckets", [])}
+    basis = "bounded history" if bounded is not None else "last bucket inside"
 
     def bits(b):
         return np.asarray(b["per_document"]["nats"]) / LN2, np.asarray(b["per_document"]["bytes"])
+    ci = dict(resamples=resamples, seed=seed, level=level)
     rows = []
     for b in past:
-        lo, hi = difference_interval(*bits(b), *bits(ref), resamples=resamples, seed=seed, level=level)
-        rows.append({"label": b["label"], "positions": b["positions"], "bits_per_byte": b["bits_per_byte"],
-                     "difference": b["bits_per_byte"] - ref["bits_per_byte"], "difference_ci": [lo, hi]})
+        row = {"label": b["label"], "positions": b["positions"], "bits_per_byte": b["bits_per_byte"],
+               "difference": b["bits_per_byte"] - ref["bits_per_byte"],
+               "difference_ci": list(difference_interval(*bits(b), *bits(ref), **ci))}
+        c = control.get(tuple(b["positions"]))
+        if c is not None:
+            row.update({"bounded_bits_per_byte": c["bits_per_byte"], "vs_bounded": b["bits_per_byte"] - c["bits_per_byte"],
+                        "vs_bounded_ci": list(difference_interval(*bits(b), *bits(c), **ci))})
+        elif bounded is not None:
+            raise ValueError(f"bounded: no bucket {b['label']}; score the same documents with the same bucket edges")
+        rows.append(row)
+    key = "vs_bounded_ci" if bounded is not None else "difference_ci"
     tol = margin * ref["bits_per_byte"]
-    broken = [r for r in rows if r["difference_ci"][0] > tol]
-    verdict = "breaks" if broken else "keeps falling" if rows[-1]["difference_ci"][1] < -tol else "flat"
-    return {"verdict": verdict, "breaks_at": broken[0]["label"] if broken else None, "margin": margin,
+    broken = [r for r in rows if r[key][0] > tol]
+    verdict = "breaks" if broken else "keeps falling" if rows[-1][key][1] < -tol else "flat"
+    return {"verdict": verdict, "breaks_at": broken[0]["label"] if broken else None, "margin": margin, "basis": basis,
             "reference": {k: ref[k] for k in ("label", "positions", "bits_per_byte", "bits_per_byte_ci") if k in ref},
             "past": rows}
 
 
 @torch.no_grad()
 def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs: int = 16, chunk_size: int = 1024,
-                  device=None, margin: float = MARGIN, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+                  batch_size: int = 8, device=None, margin: float = MARGIN, resamples: int = RESAMPLES,
+                  seed: int = SEED, bounded: bool = True) -> dict:
     """Streaming bits/byte by position on the `max_docs` longest documents of the split, each cut to
     `factor` x `train_len` tokens, bucketed by `extrapolation_edges`, with `extrapolation_verdict`'s keys.
-    A split with no document that long gives `status` saying so, `documents` 0 and verdict None."""
+    `bounded`: score the same targets again with `sliding` windows of `train_len` tokens at stride
+    train_len // 2 (every target sees between T/2 and T tokens of history) as the verdict's control, and
+    keep its bits/byte per bucket under `bounded`. A split with no document that long gives `status`
+    saying so, `documents` 0 and verdict None."""
     file = _token_file(data_split)
     length = factor * train_len
     base = {"scheme": "streaming", "train_len": train_len, "factor": factor, "length": length}
@@ -366,10 +387,21 @@ def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs:
         longest = int(np.diff(np.asarray(file.offsets)).max(initial=0))
         return {**base, "status": f"no document of {length} tokens in {file.prefix} (longest: {longest})",
                 "documents": 0, "verdict": None, "buckets": []}
-    [rec] = evaluate_perplexity(model, file, scheme="streaming", chunk_size=chunk_size, device=device,
-                                bucket_edges=extrapolation_edges(train_len, factor), documents=docs,
-                                resamples=resamples, seed=seed)
-    return {**rec, **base, "status": "ok", **extrapolation_verdict(rec, train_len, margin, resamples, seed)}
+    common = dict(device=device, bucket_edges=extrapolation_edges(train_len, factor), documents=docs,
+                  resamples=resamples, seed=seed)
+    [rec] = evaluate_perplexity(model, file, scheme="streaming", chunk_size=chunk_size, **common)
+    control = None
+    if bounded:
+        [control] = evaluate_perplexity(model, file, [train_len], scheme="sliding", stride=max(1, train_len // 2),
+                                        batch_size=batch_size, **common)
+    out = {**rec, **base, "status": "ok", **extrapolation_verdict(rec, train_len, control, margin, resamples, seed)}
+    if control is not None:
+        out["bounded"] = {"scheme": "sliding", "context": train_len, "stride": control["stride"],
+                          "bits_per_byte": control["bits_per_byte"], "bits_per_byte_ci": control["bits_per_byte_ci"],
+                          "seconds": control["seconds"],
+                          "buckets": [{k: b[k] for k in ("positions", "label", "bits_per_byte", "bits_per_byte_ci")}
+                                      for b in control["buckets"]]}
+    return out
 
 
 def documents_text(data_split, max_tokens: Optional[int] = None, min_doc_tokens: int = 2,

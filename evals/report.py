@@ -315,39 +315,53 @@ def throughput_table(results: dict, clock: str = "wall") -> str:
     return _table(header, rows)
 
 
+def verdict_difference(c: dict, row: dict) -> tuple:
+    """(difference, interval, against what) that an extrapolation cell's verdict read for one bucket row."""
+    if c.get("basis") == "bounded history" and "vs_bounded" in row:
+        return row["vs_bounded"], row["vs_bounded_ci"], f"history cut to {c.get('train_len')}"
+    return row["difference"], row["difference_ci"], (c.get("reference") or {}).get("label", "reference")
+
+
 def extrapolation_table(results: dict) -> str:
     """Per recipe: streaming bits/byte [interval] by position bucket, the buckets past the training
-    length marked, and the verdict of evals.perplexity.extrapolation_verdict."""
+    length marked, the same targets with the history cut to the training length where scored, and the
+    verdict of evals.perplexity.extrapolation_verdict."""
     cs = [c for c in cells(results, "extrapolation") if c["recipe"] in _recipes(results)]
     if not cs:
         return ""
     spans = sorted({tuple(b["positions"]) for c in cs for b in c.get("buckets", [])})
     labels = {tuple(b["positions"]): b["label"] for c in cs for b in c.get("buckets", [])}
-    header = ["recipe", "train length", "documents"] + [labels[sp] for sp in spans] + ["past the training length"]
+    header = ["recipe", "history", "documents"] + [labels[sp] for sp in spans] + ["past the training length"]
     rows = []
     for c in sorted(cs, key=lambda c: _recipes(results).index(c["recipe"])):
-        by = {tuple(b["positions"]): b for b in c.get("buckets", [])}
         T = c.get("train_len")
         ref = (c.get("reference") or {}).get("positions")
-        texts = [("-" if sp not in by else
-                  ("→ " if T is not None and sp[0] >= T else "") + _bpb_text(by[sp], "**" if list(sp) == ref else ""))
-                 for sp in spans]
+
+        def line(buckets, bold):
+            by = {tuple(b["positions"]): b for b in buckets}
+            return [("-" if sp not in by else ("→ " if T is not None and sp[0] >= T else "")
+                     + _bpb_text(by[sp], "**" if bold and list(sp) == ref else "")) for sp in spans]
         verdict = c.get("verdict") or c.get("status", "-")
-        if c.get("breaks_at"):
-            row = next(r for r in c["past"] if r["label"] == c["breaks_at"])
-            verdict += f" at {c['breaks_at']} ({row['difference']:+.3f} [{row['difference_ci'][0]:+.3f}, " \
-                       f"{row['difference_ci'][1]:+.3f}])"
-        elif c.get("past"):
-            last = c["past"][-1]
-            verdict += f" ({last['label']}: {last['difference']:+.3f} [{last['difference_ci'][0]:+.3f}, " \
-                       f"{last['difference_ci'][1]:+.3f}])"
-        rows.append([c["recipe"], T if T is not None else "-", c.get("documents", "-")] + texts + [verdict])
+        shown = next((r for r in c.get("past", []) if r["label"] == c.get("breaks_at")), None) if c.get("breaks_at") \
+            else (c.get("past") or [None])[-1]
+        if shown:
+            d, iv, against = verdict_difference(c, shown)
+            verdict += (f" at {shown['label']}" if c.get("breaks_at") else f" ({shown['label']}") + \
+                f"{' (' if c.get('breaks_at') else ': '}{d:+.3f} [{iv[0]:+.3f}, {iv[1]:+.3f}] vs {against})"
+        rows.append([c["recipe"], "whole (streaming)", c.get("documents", "-")] + line(c.get("buckets", []), True)
+                    + [verdict])
+        if c.get("bounded"):
+            b = c["bounded"]
+            rows.append([c["recipe"], f"at most {b['context']} (sliding, stride {b['stride']})", c.get("documents", "-")]
+                        + line(b["buckets"], False) + [""])
     margin = next((c["margin"] for c in cs if c.get("margin") is not None), None)
-    return (_table(header, rows) + "\n\nBold: the reference, the last bucket inside the training length; → : "
-            "buckets past it. The verdict compares each bucket past the training length with the reference by "
-            "the paired bootstrap interval of the difference over the same documents: `breaks` where one lies "
-            f"wholly above +{100 * (margin or 0):g}% of the reference, `keeps falling` where the furthest lies "
-            "wholly below -that, `flat` otherwise; in brackets the difference [95% interval] in bits/byte.")
+    return (_table(header, rows) + "\n\nBold: the last bucket inside the training length; → : buckets past it. "
+            "Each bucket past the training length gets the paired bootstrap interval of a bits/byte difference over "
+            "the same documents: against the same targets with the history cut to the training length where that "
+            "row exists (what the longer history adds, the text held fixed), else against the bold bucket. "
+            f"`breaks`: one lies wholly above +{100 * (margin or 0):g}% of the bold bucket's bits/byte; "
+            "`keeps falling`: the furthest lies wholly below minus that; `flat` otherwise. In brackets: that "
+            "difference [95% interval] in bits/byte.")
 
 
 def passkey_tables(results: dict) -> str:

@@ -267,6 +267,32 @@ def test_extrapolation_verdict(values, verdict, breaks_at):
     assert extrapolation_verdict(curve(values, noise=0.001), 8)["verdict"] == verdict
 
 
+@pytest.mark.parametrize("stream,bounded,verdict", [
+    # the text gets easier along the documents for both: the history past T adds nothing
+    ([3.0, 2.6, 2.4, 2.2, 2.0], [3.0, 2.6, 2.4, 2.2, 2.0], "flat"),
+    ([3.0, 2.6, 2.4, 2.1, 1.8], [3.0, 2.6, 2.4, 2.3, 2.2], "keeps falling"),
+    ([3.0, 2.6, 2.4, 3.0, 4.0], [3.0, 2.6, 2.4, 2.4, 2.4], "breaks"),
+])
+def test_extrapolation_verdict_against_bounded_history(stream, bounded, verdict):
+    out = extrapolation_verdict(curve(stream), 8, bounded=curve(bounded))
+    assert out["verdict"] == verdict and out["basis"] == "bounded history"
+    for r in out["past"]:
+        assert r["vs_bounded_ci"][0] <= r["vs_bounded"] <= r["vs_bounded_ci"][1]
+    # by position alone the first case would read as falling: the content moves too
+    assert extrapolation_verdict(curve(stream), 8)["verdict"] == ("keeps falling" if verdict == "flat" else verdict)
+    with pytest.raises(ValueError, match="bounded: no bucket"):
+        extrapolation_verdict(curve(stream), 8, bounded={"buckets": curve(bounded)["buckets"][:3]})
+
+
+def test_window_within_the_bounded_history_is_exactly_flat(split):
+    # sliding-window attention of 5 keys: every target's history under the control (4 to 8 tokens) already
+    # covers its window, so the history past T = 8 cannot change a single NLL
+    rec = extrapolation(tiny_model("S"), split, train_len=8, factor=2, max_docs=5, chunk_size=3)
+    assert rec["verdict"] == "flat" and rec["basis"] == "bounded history" and rec["bounded"]["stride"] == 4
+    [row] = rec["past"]
+    assert row["label"] == "8-16" and abs(row["vs_bounded"]) < 1e-12
+
+
 def test_extrapolation_verdict_needs_both_sides():
     rec = curve([3.0, 2.6, 2.4, 2.3, 2.2])
     assert extrapolation_verdict(rec, train_len=64)["verdict"] is None      # nothing past 64
@@ -279,7 +305,9 @@ def test_extrapolation_streams_the_longest_documents(split):
     assert rec["status"] == "ok" and rec["documents"] == 3 and rec["length"] == 16   # 17, 23, 40 tokens
     assert rec["tokens_scored"] == 3 * 15 and rec["verdict"] in VERDICTS
     assert [b["label"] for b in rec["buckets"]] == ["1-2", "2-4", "4-8", "8-16"]   # [0, 1) holds no target
-    assert rec["reference"]["label"] == "2-4"
+    assert rec["reference"]["label"] == "2-4" and rec["basis"] == "bounded history"
+    assert [b["label"] for b in rec["bounded"]["buckets"]] == [b["label"] for b in rec["buckets"]]
+    assert extrapolation(model, split, train_len=4, factor=4, bounded=False)["basis"] == "last bucket inside"
     # the same numbers as streaming those documents cut to 16 tokens
     [plain] = evaluate_perplexity(model, split, scheme="streaming", documents=[(2, 16), (3, 16), (4, 16)])
     assert rec["loss_nats"] == pytest.approx(plain["loss_nats"], rel=1e-12)
