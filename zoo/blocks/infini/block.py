@@ -1,66 +1,20 @@
-"""Infini-attention block (`infini`): Munkhdalai, Faruqui & Gopal, "Leave No Context Behind: Efficient
-Infinite Context Transformers with Infini-attention", arXiv 2404.07143.
-
-Per segment of `segment_len` tokens: causal softmax attention inside the segment, retrieval from a
-compressive memory (M, z) built from all earlier segments, a learned per-head gate mixing the two,
-then the memory update, linear or delta rule (section 2.1 of the paper). The math lives in
-`zoo.ops.infini`; this module owns the projections, the gate and the cache.
-
-RoPE is applied on the local path only: the memory path reads and writes the un-rotated q, k, since
-the paper puts no positional encoding on it and a memory summed over segments has no single
-position to rotate to.
-
-Cache: (M, z) in float32 (float64 for a float64 model: the op's accumulation dtype) plus the k, v
-of the unfinished segment (fewer than `segment_len` tokens), so streaming holds constant memory
-whatever the length. The cached k is un-rotated; its rotated copy for the local path is recomputed
-from the known positions rather than stored.
-"""
+"""The infini block (package docstring)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from zoo.blocks.attention import AttnConfig, CausalSelfAttention
-from zoo.blocks.base import BlockCache, RowGroups
+from zoo.blocks.attention import CausalSelfAttention
+from zoo.blocks.base import RowGroups
+from zoo.blocks.infini.cache import InfiniCache
+from zoo.blocks.infini.config import InfiniConfig
+from zoo.blocks.infini.cp import infini_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
-from zoo.distributed.infini import infini_cp
 from zoo.ops.infini import infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.registry import register_block
-
-
-@dataclass
-class InfiniConfig(AttnConfig):
-    segment_len: int = 128        # tokens per segment: local attention span and memory-update stride
-    delta_rule: bool = True       # write only what the memory does not already return; False: linear update
-    # Learning-rate multiplier of the per-head gate logit beta. Adam moves a parameter by about lr per
-    # step, which suits weights of scale init_std (0.02) but leaves a logit that must travel O(1) to
-    # specialise a head (the paper reports trained gates near 0 or 1) at 0.5 for most of a short run. We
-    # found no value in the paper; 10 is our choice, not a tuned optimum (1.0 disables the hook).
-    gate_lr_mult: float = 10.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.segment_len, bool) or self.segment_len < 1:
-            raise ValueError(f"segment_len: must be an integer >= 1, got {self.segment_len}")
-        if not self.gate_lr_mult > 0:
-            raise ValueError(f"gate_lr_mult: must be > 0, got {self.gate_lr_mult}")
-
-
-@dataclass
-class InfiniCache(BlockCache):
-    """The compressive memory M [batch, kv_heads, d, d], z [batch, kv_heads, d] (float32, float64 for a
-    float64 model) and the un-rotated k, v [batch, n, kv_heads, d] of the unfinished segment
-    (n = pos % segment_len); `row_start` as `AttentionCache`'s."""
-    M: torch.Tensor
-    z: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: int = 0
-    row_start: Optional[torch.Tensor] = None
 
 
 @register_block("infini", config=InfiniConfig)
@@ -123,20 +77,8 @@ class InfiniAttention(CausalSelfAttention):
                            torch.empty(batch_size, 0, hk, d, device=device, dtype=dtype))
 
     def merge_left_padded(self, caches: Sequence[InfiniCache], row_start, length: int) -> RowGroups:
-        """Rows grouped by segment phase. A row's segment boundaries (where its unfinished segment is folded
-        into the memory) fall at its own length modulo segment_len, and zoo.ops.infini takes one phase per
-        call; a group's unfinished segments have one length, so its caches stack exactly, and the groups
-        never change while decoding (every row advances one token per step). RoPE reads `row_start`."""
-        groups = {}
-        for r in range(len(caches)):
-            groups.setdefault(int(length - row_start[r]) % self.cfg.segment_len, []).append(r)
-        out = []
-        for rows in groups.values():
-            rows = torch.tensor(rows, device=row_start.device)
-            stacked = InfiniCache.stack([caches[r] for r in rows.tolist()])
-            stacked.pos, stacked.row_start = length, row_start[rows]
-            out.append((rows, stacked))
-        return RowGroups(out)
+        """Rows grouped by segment phase (`InfiniCache.by_phase`), each group decoded batched."""
+        return InfiniCache.by_phase(caches, row_start, length, self.cfg.segment_len)
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         """(M, z) plus the k, v of the unfinished segment after `seq_len` tokens: seq_len % segment_len

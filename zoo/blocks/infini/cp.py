@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from zoo.distributed.halo import gather_chunks, preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.dispatch import kernels_of
 from zoo.ops.infini import _fold, _sigma, infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
 
@@ -65,7 +64,7 @@ def infini_cp(block, x, cp: ContextParallel, cache=None):
         prefix = (halo[..., :d], halo[..., d:2 * d], halo[..., 2 * d:])
         outs.append(infini_attention(q[:, sl], k[:, sl], v[:, sl], block.gate, seg, memory=memory, delta_rule=delta,
                                      q_local=q_local[:, sl], k_local=k_local[:, sl], prefix=prefix,
-                                     impl=kernels_of(block).get("infini", "auto")))
+                                     impl=block.kernels.get("infini", "auto")))
     return block.out_proj(torch.cat(outs, 1).reshape(b, t, -1))
 
 
