@@ -41,7 +41,7 @@ compare-memory: install
 		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 bench: install
-	$(PY) scripts/bench_attention.py
+	$(PY) benchmarks/bench_attention.py
 
 # What the next release of a dependency breaks, before users meet it: resolve the newest versions that
 # pyproject.toml allows into a scratch venv (.venv-upgrade), show how they differ from the lock, and run

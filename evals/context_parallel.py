@@ -26,70 +26,52 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-OOM_EXIT = 77
+from evals.memory import OOM_EXIT, PeakMemory, _watchdog
+from evals.timing import Stopwatch
 
 
-def _kb(field: str) -> int:
-    """A /proc/self/status field in KiB (VmRSS: resident now, VmHWM: peak resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _watchdog(limit_bytes: int):
-    while True:
-        if _kb("VmRSS") * 1024 > limit_bytes:
-            os._exit(OOM_EXIT)
-        time.sleep(0.005)
-
-
-def _rank(rank, world, init_file, spec, results):
+def _rank(rank, world, init_file, spec) -> dict:
+    """One rank of `cp_cell`: warm up, measure one training step on this rank's shard, then evaluate."""
     import torch
     import torch.distributed as dist
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=spec["timeout"]))
-        import zoo
-        from zoo.distributed import shard
-        group = dist.group.WORLD
-        if spec["checkpoint"]:
-            model = zoo.load_checkpoint(spec["checkpoint"], device="cpu")
-        else:
-            torch.manual_seed(0)
-            model = zoo.build_model(zoo.load_recipe(spec["recipe"]))
-        context, layout = spec["context"], spec["layout"]
-        g = torch.Generator().manual_seed(0)
-        vocab = model.recipe.model.vocab_size
-        ids = (torch.tensor(spec["tokens"], dtype=torch.long)[None] if spec["tokens"] is not None
-               else torch.randint(0, vocab, (1, context), generator=g))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=spec["timeout"]))
+    import zoo
+    from zoo.distributed import shard
+    group = dist.group.WORLD
+    if spec["checkpoint"]:
+        model = zoo.load_checkpoint(spec["checkpoint"], device="cpu")
+    else:
+        torch.manual_seed(0)
+        model = zoo.build_model(zoo.load_recipe(spec["recipe"]))
+    context, layout = spec["context"], spec["layout"]
+    g = torch.Generator().manual_seed(0)
+    vocab = model.recipe.model.vocab_size
+    ids = (torch.tensor(spec["tokens"], dtype=torch.long)[None] if spec["tokens"] is not None
+           else torch.randint(0, vocab, (1, context), generator=g))
 
-        def forward(x):
-            x = x if world == 1 else shard(x, group, layout)
-            return model(x, labels=x, **({} if world == 1 else {"cp_group": group, "cp_layout": layout}))
+    def forward(x):
+        x = x if world == 1 else shard(x, group, layout)
+        return model(x, labels=x, **({} if world == 1 else {"cp_group": group, "cp_layout": layout}))
 
-        model.train()
-        warm = forward(torch.randint(0, vocab, (1, 32 * world), generator=g))
-        (warm.loss + (warm.aux_loss if warm.aux_loss is not None else 0)).backward()
-        model.zero_grad(set_to_none=True)
-        del warm
-        if spec.get("optimizer_step"):
-            # the first optimizer step imports torch._dynamo (~140 MiB RSS): on a stand-in parameter, so that
-            # the measured step counts the model's moments and not the import
-            stand_in = torch.zeros(1, requires_grad=True)
-            stand_in.grad = torch.zeros(1)
-            torch.optim.AdamW([stand_in]).step()
-        import gc
-        gc.collect()
-        dist.barrier()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        base = _kb("VmRSS") * 1024
+    model.train()
+    warm = forward(torch.randint(0, vocab, (1, 32 * world), generator=g))
+    (warm.loss + (warm.aux_loss if warm.aux_loss is not None else 0)).backward()
+    model.zero_grad(set_to_none=True)
+    del warm
+    if spec.get("optimizer_step"):
+        # the first optimizer step imports torch._dynamo (~140 MiB RSS): on a stand-in parameter, so that
+        # the measured step counts the model's moments and not the import
+        stand_in = torch.zeros(1, requires_grad=True)
+        stand_in.grad = torch.zeros(1)
+        torch.optim.AdamW([stand_in]).step()
+    import gc
+    gc.collect()
+    dist.barrier()
+    with PeakMemory() as peak, Stopwatch() as clock:
         if spec["cap_bytes"]:
-            threading.Thread(target=_watchdog, args=(base + spec["cap_bytes"],), daemon=True).start()
-        start = time.perf_counter()
+            threading.Thread(target=_watchdog, args=(peak.base + spec["cap_bytes"],), daemon=True).start()
         out = forward(ids)
         (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
         del out
@@ -98,15 +80,20 @@ def _rank(rank, world, init_file, spec, results):
                 from zoo.distributed import all_reduce_grads
                 all_reduce_grads(model, group)
             torch.optim.AdamW(model.parameters(), lr=1e-4).step()
-        seconds = time.perf_counter() - start
-        peak = _kb("VmHWM") * 1024 - base
-        model.zero_grad(set_to_none=True)
-        loss = None
-        if spec.get("evaluate", True):
-            model.eval()
-            with torch.no_grad():
-                loss = forward(ids).loss.item()
-        results.put((rank, "ok", {"peak_bytes": max(0, peak), "seconds": seconds, "loss_nats": loss}))
+    model.zero_grad(set_to_none=True)
+    loss = None
+    if spec.get("evaluate", True):
+        model.eval()
+        with torch.no_grad():
+            loss = forward(ids).loss.item()
+    return {"peak_bytes": peak.bytes, "seconds": clock.wall, "loss_nats": loss}
+
+
+def _run_rank(target, rank, args, results):
+    """One spawned rank: what target(*args) returns, or its traceback, goes on `results`; then the process
+    leaves at once (os._exit), without waiting on torch's exit handlers or a process group."""
+    try:
+        results.put((rank, "ok", target(*args)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -116,17 +103,18 @@ def _rank(rank, world, init_file, spec, results):
 
 
 def run_ranks(target, world_size: int, args_of, timeout: float):
-    """Run `target(*args_of(rank, init_file), results)` in `world_size` spawned processes that meet at a
-    fresh gloo rendezvous file, and collect the (rank, status, payload) each puts on `results` until every
-    rank reported, a rank left with OOM_EXIT, all exited, or `timeout` passed. Stragglers are killed.
-    Returns ({rank: payload} of "ok" ranks, {rank: payload} of the others, exit codes)."""
+    """Run `target(*args_of(rank, init_file))` in `world_size` spawned processes that meet at a fresh gloo
+    rendezvous file, and collect what each returns (or the traceback it raised) until every rank reported,
+    a rank left with OOM_EXIT, all exited, or `timeout` passed. Stragglers are killed.
+    Returns ({rank: payload} of ranks that returned, {rank: traceback} of the others, exit codes)."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     fd, init_file = tempfile.mkstemp(prefix="zoo_ranks_")
     os.close(fd)
     os.unlink(init_file)  # gloo's file store wants to create it
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args_of(r, init_file), results)) for r in range(world_size)]
+    procs = [ctx.Process(target=_run_rank, args=(target, r, args_of(r, init_file), results))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     got, errors = {}, {}

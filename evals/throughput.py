@@ -6,7 +6,7 @@ Throughput, in tokens per second, one model in this process:
   (generation's steady state at that context; the prefill is not timed);
 - `train`: forward + backward of the language-model loss on `batch_size` x `context` tokens (no optimizer
   step: it does not depend on the context, and the training run itself reports whole-step tokens/s).
-Every cell times `repeats` calls after one untimed warm-up call at the same shape (the warm-up takes
+Every cell times (evals.timing) `repeats` calls after one untimed warm-up call at the same shape (the warm-up takes
 allocator growth and one-time kernel selection out of the figure), on two clocks: wall time
 (time.perf_counter) and the process's CPU time (time.process_time: all its threads, so with N busy
 threads about N x wall). On a shared machine other processes add wall time while this one waits for a
@@ -20,7 +20,8 @@ Memory: the `peak_*` functions below are the targets `evals.memory.measure` runs
 everything torch sets up on its first forward (thread pools, kernels, allocator arenas: ~20 MiB on CPU,
 more than the whole cache of a small model), so each function also reports its own figure on CPU,
 `run_peak_bytes`: a warm-up forward of a few tokens first, then the peak RSS of the measured run above
-the RSS after the warm-up. That is the memory the context costs: activations, the cache, gradients.
+the RSS after the warm-up (not reset: `measure`'s figure around it keeps the whole call's peak). That is the
+memory the context costs: activations, the cache, gradients.
 
     recs = throughput(model, contexts=[256, 1024])
     rec = measure("evals.throughput:peak_decode", {"recipe": recipe.to_dict(), "context": 1024}, cap_gb=4)
@@ -28,10 +29,12 @@ the RSS after the warm-up. That is the memory the context costs: activations, th
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Iterable, Sequence
 
 import torch
+
+from evals.memory import PeakMemory
+from evals.timing import time_call
 
 KINDS = ("prefill", "decode", "train")
 MEMORY_KINDS = {"forward": "peak_forward", "decode": "peak_decode", "train": "peak_train"}
@@ -48,25 +51,11 @@ def _tokens(model, batch_size: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, model.recipe.model.vocab_size, (batch_size, length), generator=g).to(p.device)
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _times(fn, repeats: int, device: torch.device, setup=None) -> tuple:
     """([wall seconds], [CPU seconds]) of `repeats` calls of fn after one untimed warm-up call;
     `setup()`, untimed, runs before each call and its result is fn's argument."""
-    wall, cpu = [], []
-    for attempt in range(repeats + 1):  # attempt 0 is the warm-up
-        arg = setup() if setup is not None else None
-        _sync(device)
-        w, c = time.perf_counter(), time.process_time()
-        fn(arg) if setup is not None else fn()
-        _sync(device)
-        if attempt:
-            wall.append(time.perf_counter() - w)
-            cpu.append(time.process_time() - c)
-    return wall, cpu
+    t = time_call(fn, repeats, setup=setup, device=device)
+    return t.wall, t.cpu
 
 
 def prefill_times(model, context: int, batch_size: int = 1, repeats: int = 2) -> tuple:
@@ -182,31 +171,6 @@ def throughput_record(model, kind: str, context: int, batch_size: int = 1, decod
 WARMUP_TOKENS = 4
 
 
-def _rss_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-class _RunPeak:
-    """Peak RSS of a block of code above the RSS on entry (VmHWM - VmRSS, Linux; None elsewhere). The
-    high-water mark also holds whatever came before, so the warm-up that precedes must stay smaller
-    than the measured run, which a few tokens do."""
-
-    def __enter__(self):
-        self.base = _rss_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        peak = _rss_kb("VmHWM")
-        self.bytes = max(0, peak - self.base) * 1024 if self.base >= 0 and peak >= 0 else None
-
-
 def _model(recipe: dict):
     from zoo.model import build_model
     torch.manual_seed(0)
@@ -244,7 +208,7 @@ def peak_forward(recipe: dict, context: int, batch_size: int = 1) -> dict:
     """Inference forward of `batch_size` x `context` tokens without a cache (logits of every position)."""
     model, weights = _model(recipe)
     _forward(model, WARMUP_TOKENS, batch_size)
-    with _RunPeak() as run:
+    with PeakMemory(reset=False) as run:
         _forward(model, context, batch_size)
     return {"weights_bytes": weights, "run_peak_bytes": run.bytes}
 
@@ -253,7 +217,7 @@ def peak_decode(recipe: dict, context: int, batch_size: int = 1, decode_tokens: 
     """Prefill of `context` tokens through a cache, then `decode_tokens` single-token steps."""
     model, weights = _model(recipe)
     _decode(model, WARMUP_TOKENS, batch_size, 1)
-    with _RunPeak() as run:
+    with PeakMemory(reset=False) as run:
         _decode(model, context, batch_size, decode_tokens)
     return {"weights_bytes": weights, "run_peak_bytes": run.bytes,
             "state_bytes": analytic_state_bytes(model, context + decode_tokens, batch_size)}
@@ -264,6 +228,6 @@ def peak_train(recipe: dict, context: int, batch_size: int = 1) -> dict:
     kept, so the measured run's figure holds activations, not the gradient buffers (weights-sized)."""
     model, weights = _model(recipe)
     _train(model, WARMUP_TOKENS, batch_size)
-    with _RunPeak() as run:
+    with PeakMemory(reset=False) as run:
         _train(model, context, batch_size)
     return {"weights_bytes": weights, "run_peak_bytes": run.bytes}

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import zoo  # noqa: E402
+import zoo
 
 
 def main():

@@ -13,18 +13,16 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import zoo  # noqa: E402
-from evals.compression import compression_bpb  # noqa: E402
-from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity  # noqa: E402
-from zoo.data import DataError, PreparedData, load_tokenizer  # noqa: E402
-from zoo.memory import check_memory, memory_cap, parse_memory  # noqa: E402
-from zoo.ops.dispatch import chosen  # noqa: E402
-from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from zoo.train.trainer import prepared_data  # noqa: E402
+import zoo
+from evals.compression import compression_bpb
+from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity
+from zoo.data import DataError, PreparedData, load_tokenizer
+from zoo.memory import check_memory, memory_cap, parse_memory
+from zoo.ops.dispatch import chosen
+from zoo.train.checkpoint import CheckpointError, resolve_checkpoint
+from zoo.train.trainer import prepared_data
 
 
 def _int_list(text: str) -> list:

@@ -13,16 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import zoo  # noqa: E402
-from zoo.data import DataError, load_tokenizer  # noqa: E402
-from zoo.hf import ZooForCausalLM  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-from zoo.memory import memory_cap, parse_memory  # noqa: E402
-from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+import zoo
+from zoo.data import DataError, load_tokenizer
+from zoo.hf import ZooForCausalLM
+from transformers.utils import logging as hf_logging
+from zoo.memory import memory_cap, parse_memory
+from zoo.train.checkpoint import CheckpointError, resolve_checkpoint
 
 
 class ExportError(ValueError):

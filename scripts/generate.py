@@ -18,16 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import zoo  # noqa: E402
-from zoo.data import DataError, load_tokenizer  # noqa: E402
-from zoo.hf import ZooForCausalLM, output_cache  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-from zoo.memory import check_memory, memory_cap, parse_memory  # noqa: E402
-from zoo.train.checkpoint import CheckpointError  # noqa: E402
+import zoo
+from zoo.data import DataError, load_tokenizer
+from zoo.hf import ZooForCausalLM, output_cache
+from transformers.utils import logging as hf_logging
+from zoo.memory import check_memory, memory_cap, parse_memory
+from zoo.train.checkpoint import CheckpointError
 
 
 class Streamer:

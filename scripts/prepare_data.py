@@ -11,12 +11,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from zoo.data import SPLITS, DataError, load_corpus, prepare  # noqa: E402
-from zoo.data.memmap import read_header  # noqa: E402
+from zoo.data import SPLITS, DataError, load_corpus, prepare
+from zoo.data.memmap import read_header
 
 
 def main(argv=None):

@@ -18,17 +18,15 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import zoo  # noqa: E402
-from zoo.train.checkpoint import CheckpointError  # noqa: E402
-from zoo.train.run_dir import RunDirError  # noqa: E402
-from zoo.data import DataError  # noqa: E402
-from zoo.memory import parse_memory  # noqa: E402
-from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
+import zoo
+from zoo.train.checkpoint import CheckpointError
+from zoo.train.run_dir import RunDirError
+from zoo.data import DataError
+from zoo.memory import parse_memory
+from zoo.train.trainer import Trainer, TrainingError, prepared_data
 
 
 def main(argv=None):

@@ -12,11 +12,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from zoo.data import DataError, count_bytes, load_corpus, train_bpe  # noqa: E402
+from zoo.data import DataError, count_bytes, load_corpus, train_bpe
 
 
 def main(argv=None):

@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # tests.helpers imports through pyproject's pytest pythonpath
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in the interpreter on CPU
 # The tests' tensors are tiny: one thread avoids OpenMP start-up and oversubscription costs that make a
 # small matmul 1000x slower on a loaded 2-core machine.

@@ -1,15 +1,13 @@
 """The harness with context parallel: evals.context_parallel cells on W gloo processes (the loss is the same
 for every W, a per-rank cap gives OOM) and scripts/compare.py --world-sizes end to end."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from evals.context_parallel import cp_cell, cp_section, longest_fitting
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = {"name": "tiny-cp", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 256, "pattern": "RN",
                                       "blocks": {"R": {"type": "ring", "n_heads": 2, "block_size": 16},
                                                  "N": {"type": "mamba2", "d_state": 8, "head_dim": 8,
@@ -48,8 +46,7 @@ def test_longest_fitting_and_the_report_section(tmp_path):
 
 @pytest.mark.slow
 def test_compare_with_world_sizes(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
+    compare = load_script("compare")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(12):

@@ -1,8 +1,7 @@
-"""scripts/bench_train.py: the validation slice's bits per byte against a per-token loop, the Llama twin has
+"""benchmarks/bench_train.py: the validation slice's bits per byte against a per-token loop, the Llama twin has
 the recipe's exact shape and function, and a budgeted run writes an annealed curve beside gzip."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,12 @@ import pytest
 import torch
 import yaml
 
+import zoo
+import zoo.convert
+from benchmarks import bench_train
+from zoo.data import PreparedData, prepare
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import bench_train  # noqa: E402
-
-import zoo  # noqa: E402
-import zoo.convert  # noqa: E402
-from zoo.data import PreparedData, prepare  # noqa: E402
 
 TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "pattern": "A",
         "blocks": {"A": {"type": "attn", "n_heads": 2}}, "ffn": {"type": "swiglu", "mult": 2}}

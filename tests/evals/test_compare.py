@@ -1,16 +1,14 @@
 """scripts/compare.py end to end on tiny recipes and a tiny corpus: results.json with units, report.md,
 the PNGs; a second run skips every cell and trains nothing; --match-params lands within 2%."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+from tests.helpers import load_script
 
-import compare  # noqa: E402
+compare = load_script("compare")
 
 TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "ffn": {"type": "swiglu", "mult": 2}}
 BLOCKS = {"tiny-attn": {"pattern": "A", "blocks": {"A": {"type": "attn", "n_heads": 2}}},

@@ -51,7 +51,7 @@ __all__ = [
 # blockwise path, which builds the mask one tile at a time.
 _DENSE_DOCUMENT_MASK = 1 << 25
 # Mean documents per row up to which `attention` calls SDPA once per document. Measured (CPU, one
-# thread, 4 x 1024 tokens, 4 heads x 64, fwd + bwd; scripts/bench_documents.py): with 1-16 documents
+# thread, 4 x 1024 tokens, 4 heads x 64, fwd + bwd; benchmarks/bench_documents.py): with 1-16 documents
 # per row, per-document SDPA took 0.49-0.68 s, SDPA with a dense document mask 0.93-1.04 s and the
 # blockwise path 0.72-1.05 s; per-call overhead grows with the count, tile skipping does not.
 _PER_DOCUMENT_CALLS = 32

@@ -148,7 +148,7 @@ class _SelectiveAttention(torch.autograd.Function):
 
 def _default_tile(dtype: torch.dtype, head_dim: int) -> int:
     """64-wide tiles while an element row of a tile (bytes x padded head_dim) is at most 256 bytes,
-    32 up to 512, else 16. Shared memory per block compiled for sm_90 (scripts/compile_kernels.py),
+    32 up to 512, else 16. Shared memory per block compiled for sm_90 (benchmarks/compile_kernels.py),
     forward / backward: bf16 d128 at 64: 81 / 98 KiB; fp32 d64 at 64: 145 / 146 KiB; fp32 d128 at 64:
     273 / 290 KiB, at 32: 132 / 145 KiB; fp64 d64 at 64: 273 / 403 KiB, at 32: 137 / 190 KiB. An H100
     allows 227 KiB."""

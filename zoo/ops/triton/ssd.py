@@ -65,7 +65,7 @@ MAX_CHUNK = 64       # steps per chunk: one [Q, Q] tile
 # refused (`zoo.ops.ssd` runs the torch path for them) until the kernel splits d_state. float32
 # inputs take more (head_dim 64, d_state 128: 273 KiB at Q 64 with TF32 products; at Q 32, 177 KiB
 # with TF32, 209 KiB with IEEE products), so they run chunks of 32 once the tile is above 64 x 64.
-# Measured by scripts/compile_kernels.py.
+# Measured by benchmarks/compile_kernels.py.
 MAX_TILE = 64 * 128
 STATE_BLOCK = 256    # elements of the [p, n] state per program of the state passing
 

@@ -1,9 +1,9 @@
 """Decode speed and cache size by context length: zoo recipes beside transformers' own Llama and Mamba-2.
 
-    .venv/bin/python scripts/bench_decode.py                       # contexts 1K, 8K, 32K; every model
-    .venv/bin/python scripts/bench_decode.py --contexts 1024 --models zoo:mamba2,hf:mamba2 --steps 8
+    .venv/bin/python benchmarks/bench_decode.py                       # contexts 1K, 8K, 32K; every model
+    .venv/bin/python benchmarks/bench_decode.py --contexts 1024 --models zoo:mamba2,hf:mamba2 --steps 8
 
-Each cell (model, context C) runs in a fresh subprocess: build the model (float32, eval, one torch thread
+Each cell (model, context C) runs in a fresh subprocess (`measure`): build the model (float32, eval, one torch thread
 unless --threads), prefill C random tokens in one forward through the model's cache, then decode --steps
 tokens one at a time (greedy, after 2 untimed warm-up steps), each step timed on its own; tokens/s is 1 /
 the median step. The cache is measured from its tensors after the last step (bytes of every tensor the
@@ -25,14 +25,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import ROOT, Stopwatch, Table, measure, print_summary, time_call, time_interleaved, write_json
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ZOO_RECIPES = ["transformer", "swa", "infini", "selective", "mamba", "mamba2", "samba", "jamba", "taipan"]
@@ -89,35 +86,35 @@ def run_pair(kind: str, context: int, steps: int) -> list:
     cache_key = "cache_params" if kind == "mamba2" else "past_key_values"
     ids = torch.randint(0, 256, (1, context))
     rows, state = [], {}
-    with torch.no_grad():
-        for side in ("hf", "zoo"):
-            t0 = time.perf_counter()
+
+    def decode_step(side):
+        def step():
+            logits, cache = state[side]
+            nxt = logits.argmax(-1, keepdim=True)
             if side == "hf":
-                out = hf(ids, use_cache=True)
+                out = hf(nxt, use_cache=True, **{cache_key: cache})
                 state[side] = [out.logits[:, -1], getattr(out, cache_key)]
             else:
-                cache = ours.init_cache(1)
-                state[side] = [ours(ids, cache=cache).logits[:, -1], cache]
-            rows.append({"model": f"{side}:{kind}" + (" (same weights)" if side == "zoo" else ""),
-                         "context": context, "steps": steps, "prefill_s": round(time.perf_counter() - t0, 3)})
-        if not torch.equal(state["hf"][0].argmax(-1), state["zoo"][0].argmax(-1)):
-            raise RuntimeError("transformers and zoo disagree on the next token after the prefill")
-        times = {"hf": [], "zoo": []}
-        for i in range(steps + 2):
-            for side in ("hf", "zoo"):
-                logits, cache = state[side]
-                nxt = logits.argmax(-1, keepdim=True)
-                t = time.perf_counter()
+                state[side] = [ours(nxt, cache=cache).logits[:, -1], cache]
+        return step
+
+    with torch.no_grad():
+        for side in ("hf", "zoo"):
+            with Stopwatch() as prefill:
                 if side == "hf":
-                    out = hf(nxt, use_cache=True, **{cache_key: cache})
+                    out = hf(ids, use_cache=True)
                     state[side] = [out.logits[:, -1], getattr(out, cache_key)]
                 else:
-                    state[side] = [ours(nxt, cache=cache).logits[:, -1], cache]
-                if i >= 2:
-                    times[side].append(time.perf_counter() - t)
+                    cache = ours.init_cache(1)
+                    state[side] = [ours(ids, cache=cache).logits[:, -1], cache]
+            rows.append({"model": f"{side}:{kind}" + (" (same weights)" if side == "zoo" else ""),
+                         "context": context, "steps": steps, "prefill_s": round(prefill.wall, 3)})
+        if not torch.equal(state["hf"][0].argmax(-1), state["zoo"][0].argmax(-1)):
+            raise RuntimeError("transformers and zoo disagree on the next token after the prefill")
+        times = time_interleaved({side: decode_step(side) for side in ("hf", "zoo")}, steps, warmup=2)
     seen = context + steps + 2
     for row, side in zip(rows, ("hf", "zoo")):
-        med = statistics.median(times[side])
+        med = times[side].median
         row.update(step_ms_median=round(1000 * med, 3), tokens_per_s=round(1 / med, 2),
                    cache_bytes=_tensor_bytes(state[side][1].layers if side == "zoo" else state[side][1]))
     rows[1]["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in ours.layers)
@@ -161,31 +158,29 @@ def run_cell(model_name: str, context: int, steps: int) -> dict:
         def step(x, cache):
             return model(x, cache=cache).logits[:, -1], cache
 
+    state = []
+
+    def decode():
+        logits, cache = state
+        state[:] = step(logits.argmax(-1, keepdim=True), cache)
+
     with torch.no_grad():
-        t0 = time.perf_counter()
-        logits, cache = prefill(ids[:, :context])
-        prefill_s = time.perf_counter() - t0
-        times = []
-        for i in range(steps + 2):
-            nxt = logits.argmax(-1, keepdim=True)
-            t = time.perf_counter()
-            logits, cache = step(nxt, cache)
-            if i >= 2:
-                times.append(time.perf_counter() - t)
+        with Stopwatch() as prefill_clock:
+            state[:] = prefill(ids[:, :context])
+        times = time_call(decode, steps, warmup=2)
+    cache = state[1]
     seen = context + steps + 2
-    row = {"model": model_name, "context": context, "steps": steps, "prefill_s": round(prefill_s, 3),
-           "step_ms_median": round(1000 * statistics.median(times), 3),
-           "tokens_per_s": round(1 / statistics.median(times), 2),
+    row = {"model": model_name, "context": context, "steps": steps, "prefill_s": round(prefill_clock.wall, 3),
+           "step_ms_median": round(1000 * times.median, 3), "tokens_per_s": round(1 / times.median, 2),
            "cache_bytes": _tensor_bytes(cache.layers if side == "zoo" else cache)}
     if side == "zoo":
         row["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in model.layers)
     return row
 
 
-def table(rows, contexts) -> str:
+def table(rows, contexts) -> Table:
     label = lambda c: f"{c // 1024}K" if c % 1024 == 0 else str(c)
-    head = "| model | " + " | ".join(f"{label(c)} tok/s | {label(c)} cache MiB" for c in contexts) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(contexts))]
+    out = Table(["model"] + [f"{label(c)} {x}" for c in contexts for x in ("tok/s", "cache MiB")])
     for model in dict.fromkeys(r["model"] for r in rows):
         cells = []
         for c in contexts:
@@ -197,8 +192,8 @@ def table(rows, contexts) -> str:
                 check = "" if "state_bytes" not in r else ("" if r["state_bytes"] == r["cache_bytes"] else " (!= state_bytes)")
                 ratio = f" ({r['ratio_vs_hf']:.2f}x)" if "ratio_vs_hf" in r else ""
                 cells += [f"{r['tokens_per_s']:.1f}{ratio}", f"{mib:.2f}{check}"]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        out.add([model, *cells])
+    return out
 
 
 def main(argv=None):
@@ -209,14 +204,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per cell (prefill + decode)")
     ap.add_argument("--out", default="bench_decode.json")
-    ap.add_argument("--cell", nargs=2, metavar=("MODEL", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.cell:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args.steps)))
-        return
     contexts = [int(c) for c in args.contexts.split(",")]
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
@@ -229,36 +217,29 @@ def main(argv=None):
             if skip_reason is not None:
                 rows.append({"model": model, "context": c, "skipped": skip_reason})
                 continue
-            cmd = [sys.executable, __file__, "--cell", model, str(c), "--steps", str(args.steps),
-                   "--threads", str(args.threads)]
             t = time.perf_counter()
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                skip_reason = f"context {c} ran past {args.timeout:.0f} s"
+            rec = measure("benchmarks.bench_decode:run_cell", {"model_name": model, "context": c, "steps": args.steps},
+                          threads=args.threads, timeout=args.timeout)
+            if rec["status"] != "ok":
+                skip_reason = (f"context {c} ran past {args.timeout:.0f} s" if rec["status"] == "timeout"
+                               else f"context {c} failed: {(rec.get('error') or ['?'])[-1][:200]}")
                 rows.append({"model": model, "context": c, "skipped": skip_reason})
                 print(f"{model} @{c}: {skip_reason}", file=sys.stderr, flush=True)
                 continue
-            if res.returncode != 0:
-                reason = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
-                skip_reason = f"context {c} failed: {reason}"
-                rows.append({"model": model, "context": c, "skipped": skip_reason})
-                print(f"{model} @{c}: {skip_reason}", file=sys.stderr, flush=True)
-                continue
-            result = json.loads(res.stdout.strip().splitlines()[-1])
+            result = rec["result"]
             for row in result if isinstance(result, list) else [result]:
                 row["cell_s"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-            Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
+            write_json(args.out, {"rows": rows})
     import torch
     import transformers
 
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
             "steps": args.steps, "cpu": platform.processor() or platform.machine(), "contexts": contexts}
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json(args.out, {"meta": meta, "rows": rows})
     print(table(rows, contexts))
-    print("summary: " + json.dumps({"cells": len(rows), "skipped": sum("skipped" in r for r in rows), "out": args.out}))
+    print_summary({"cells": len(rows), "skipped": sum("skipped" in r for r in rows), "out": args.out})
 
 
 if __name__ == "__main__":

@@ -16,28 +16,23 @@ share this machine's cores, so times at W > 1 measure the cost of the extra work
 speed-up. Gradient error: out, dq, dk, dv of both ring implementations at --check-length against float64
 dense attention, relative to the reference's largest entry.
 
-    .venv/bin/python scripts/bench_context_parallel.py --length 8192
-    .venv/bin/python scripts/bench_context_parallel.py --length 2048 --cases ring-op,mamba2 --world-sizes 1,2
+    .venv/bin/python benchmarks/bench_context_parallel.py --length 8192
+    .venv/bin/python benchmarks/bench_context_parallel.py --length 2048 --cases ring-op,mamba2 --world-sizes 1,2
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-import time
-import traceback
 from datetime import timedelta
-from pathlib import Path
 
 os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"   # inherited by the spawned ranks
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from evals.context_parallel import _kb, run_ranks  # noqa: E402
+from benchmarks.harness import ROOT, Table, print_summary, time_call, write_json  # noqa: E402
+from evals.context_parallel import run_ranks  # noqa: E402
 
 BLOCKS = {
     "attn": dict(n_heads=4),
@@ -52,11 +47,6 @@ BLOCKS = {
 }
 RECIPES = ("taipan", "jamba")
 RING_HEADS, RING_HEAD_DIM, RING_BLOCK = 4, 64, 512
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,8 +76,8 @@ def _step(module, case, x, cp, group):
     if kind == "block":
         xs = x if cp is None else shard(x, group, cp.layout)
         xs = xs.clone().requires_grad_(True)
-        out = module(xs, cp=cp)
-        loss = out.float().pow(2).mean() + (module.aux_loss if getattr(module, "aux_loss", None) is not None else 0)
+        out, aux = module.run(xs, cp=cp)
+        loss = out.float().pow(2).mean() + (aux if aux is not None else 0)
     else:
         ids = x if cp is None else shard(x, group, cp.layout)
         kw = {} if cp is None else {"cp_group": group}
@@ -123,52 +113,42 @@ def _ring_step(impl, q, k, v, w, r, cp):
     return out, (qs, ks, vs), idx
 
 
-def _rank_main(case, d_model, length, check_length, rank, world, init_file, results):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30))
-        from zoo.distributed import ContextParallel
-        group = dist.group.WORLD
-        kind, name = case.split(":")
-        g = torch.Generator().manual_seed(1)
-        res = {}
-        if kind == "ring":
-            cp = ContextParallel.for_length(group, length, "zigzag")
-            warm = _ring_qkv(g, 2 * world * RING_BLOCK)
-            out, ins, _ = _ring_step(name, *warm, world, rank, ContextParallel.for_length(group, warm[0].shape[1], "zigzag"))
-            out.sum().backward()
-            q, k, v = _ring_qkv(g, length)
-            gout = torch.randn(1, length, RING_HEADS, RING_HEAD_DIM, generator=g)
-            step = lambda: _ring_backward(*_ring_step(name, q, k, v, world, rank, cp), gout)  # noqa: E731
-        else:
-            module, make, _ = _build(case, d_model, length)
-            n_warm = 2 * world * 64
-            _step(module, case, make(g, n_warm), None if world == 1 else ContextParallel.for_length(group, n_warm, "zigzag"), group)
-            module.zero_grad(set_to_none=True)
-            x = make(g, length)
-            cp = None if world == 1 else ContextParallel.for_length(group, length, "zigzag")
-            step = lambda: _step(module, case, x, cp, group)  # noqa: E731
-        import gc
-        gc.collect()
-        dist.barrier()
-        _reset_peak()
-        base = _kb("VmRSS")
-        t0 = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - t0
-        peak = (_kb("VmHWM") - base) * 1024
-        dist.barrier()
-        res.update(seconds=seconds, peak_bytes=peak)
-        if kind == "ring" and world > 1 and check_length:
-            res["errors"] = _ring_errors(name, check_length, world, rank, group)
-        results.put((rank, "ok", res))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        results.close()
-        results.join_thread()
-        os._exit(0)
+def _rank_main(case, d_model, length, check_length, rank, world, init_file) -> dict:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=30))
+    from zoo.distributed import ContextParallel
+    group = dist.group.WORLD
+    kind, name = case.split(":")
+    g = torch.Generator().manual_seed(1)
+    res = {}
+    if kind == "ring":
+        cp = ContextParallel.for_length(group, length, "zigzag")
+        warm = _ring_qkv(g, 2 * world * RING_BLOCK)
+        warm_cp = ContextParallel.for_length(group, warm[0].shape[1], "zigzag")
+        out, ins, _ = _ring_step(name, *warm, world, rank, warm_cp)
+        out.sum().backward()
+        q, k, v = _ring_qkv(g, length)
+        gout = torch.randn(1, length, RING_HEADS, RING_HEAD_DIM, generator=g)
+        step = lambda: _ring_backward(*_ring_step(name, q, k, v, world, rank, cp), gout)  # noqa: E731
+    else:
+        module, make, _ = _build(case, d_model, length)
+        n_warm = 2 * world * 64
+        warm_cp = None if world == 1 else ContextParallel.for_length(group, n_warm, "zigzag")
+        _step(module, case, make(g, n_warm), warm_cp, group)
+        module.zero_grad(set_to_none=True)
+        x = make(g, length)
+        cp = None if world == 1 else ContextParallel.for_length(group, length, "zigzag")
+        step = lambda: _step(module, case, x, cp, group)  # noqa: E731
+    import gc
+    gc.collect()
+    dist.barrier()
+    t = time_call(step, 1, warmup=0, memory=True)
+    dist.barrier()
+    res.update(seconds=t.best, peak_bytes=t.peak_bytes)
+    if kind == "ring" and world > 1 and check_length:
+        res["errors"] = _ring_errors(name, check_length, world, rank, group)
+    return res
 
 
 def _ring_backward(out, ins, idx, gout):
@@ -239,30 +219,29 @@ def main(argv=None):
             records.append(rec)
             print(json.dumps(rec), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
+        write_json(args.json, records)
     print()
     print(table(records))
-    print("summary: " + json.dumps({"length": args.length, "d_model": args.d_model, "records": len(records),
-                                    "failed": sum("error" in r for r in records)}))
+    print_summary({"length": args.length, "d_model": args.d_model, "records": len(records),
+                   "failed": sum("error" in r for r in records)})
 
 
-def table(records) -> str:
+def table(records) -> Table:
     base = {r["case"]: r for r in records if r["world_size"] == 1 and "error" not in r}
-    lines = ["| case | W | step (s) | step / W=1 | peak per rank (MiB) | W=1 peak / peak | out err | dq err | dk err | dv err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    out = Table(["case", "W", "step (s)", "step / W=1", "peak per rank (MiB)", "W=1 peak / peak", "out err", "dq err",
+                 "dk err", "dv err"])
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['world_size']} | failed: {r['error'][:80]} |||||||")
+            out.add([r["case"], r["world_size"], f"failed: {r['error'][:80]}"] + [""] * 7)
             continue
         b = base.get(r["case"])
         e = r.get("errors", {})
-        fmt = lambda k: f"{e[k]:.1e}" if k in e else ""  # noqa: E731
-        lines.append(f"| {r['case']} | {r['world_size']} | {r['seconds']:.2f} | "
-                     f"{r['seconds'] / b['seconds']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
-                     f"{b['peak_bytes'] / max(r['peak_bytes'], 1):.2f} | {fmt('out')} | {fmt('dq')} | {fmt('dk')} | "
-                     f"{fmt('dv')} |" if b else f"| {r['case']} | {r['world_size']} | {r['seconds']:.2f} | | "
-                     f"{r['peak_bytes'] / 2**20:.1f} | | {fmt('out')} | {fmt('dq')} | {fmt('dk')} | {fmt('dv')} |")
-    return "\n".join(lines)
+        errs = [f"{e[k]:.1e}" if k in e else "" for k in ("out", "dq", "dk", "dv")]
+        ratios = ([f"{r['seconds'] / b['seconds']:.2f}", f"{b['peak_bytes'] / max(r['peak_bytes'], 1):.2f}"] if b
+                  else ["", ""])
+        out.add([r["case"], r["world_size"], f"{r['seconds']:.2f}", ratios[0], f"{r['peak_bytes'] / 2**20:.1f}",
+                 ratios[1], *errs])
+    return out
 
 
 if __name__ == "__main__":

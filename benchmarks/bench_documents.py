@@ -1,24 +1,19 @@
 """What document masking (seq_idx, `train.cross_doc: false`) costs: each op and block forward + backward
 with and without seq_idx, side by side in one process (attention also with its dense-mask fallback forced).
 
-    python scripts/bench_documents.py [--length 1024] [--batch 4] [--docs 4] [--rounds 3]
+    python benchmarks/bench_documents.py [--length 1024] [--batch 4] [--docs 4] [--rounds 3]
 
 CPU, float32, one thread. Each row of the batch holds `--docs` documents of random lengths (different
 boundaries per row). Time: every method runs once to warm up, then `--rounds` interleaved rounds, each
 method's best round is kept (load from other users of the machine falls on all methods alike). Prints a
-markdown table and a final JSON summary line.
+markdown table and a final `summary:` line.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import Table, print_summary, time_interleaved
 
 
 def packed_ids(batch, length, docs, seed=0):
@@ -84,17 +79,17 @@ def cases(length, batch, docs):
         entry = zoo.registry.get_block(spec.pop("type"))
         block = entry.cls(d_model, entry.config(**spec), 0)
         xb = rand(batch, length, d_model)
-        out[name] = ((lambda blk, xx: lambda s: blk(xx, seq_idx=s))(block, xb), (xb, *block.parameters()))
+        out[name] = ((lambda blk, xx: lambda s: blk.run(xx, seq_idx=s)[0])(block, xb), (xb, *block.parameters()))
     return out
 
 
-def timed(fn, seq_idx, leaves):
-    for t in leaves:
-        t.grad = None
-    start = time.perf_counter()
-    y = fn(seq_idx)
-    y.float().pow(2).mean().backward()
-    return time.perf_counter() - start
+def fwd_bwd(fn, seq_idx, leaves):
+    """One forward + backward; clearing the leaves' gradients first is timed with it (microseconds)."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn(seq_idx).float().pow(2).mean().backward()
+    return run
 
 
 def main():
@@ -109,25 +104,21 @@ def main():
     torch.set_num_threads(1)
     seq_idx = packed_ids(args.batch, args.length, args.docs)
     table = cases(args.length, args.batch, args.docs)
-    best = {(name, mode): float("inf") for name in table for mode in ("plain", "docs")}
-    for round_ in range(args.rounds + 1):
-        for name, (fn, leaves) in table.items():
-            for mode, s in (("plain", None), ("docs", seq_idx)):
-                t = timed(fn, s, leaves)
-                if round_ > 0:  # round 0 warms up
-                    best[name, mode] = min(best[name, mode], t)
+    steps = {(name, mode): fwd_bwd(fn, s, leaves) for name, (fn, leaves) in table.items()
+             for mode, s in (("plain", None), ("docs", seq_idx))}
+    best = {key: t.best for key, t in time_interleaved(steps, args.rounds).items()}
     load = os.getloadavg()[0]
     print(f"CPU float32, 1 thread, batch {args.batch} x length {args.length}, {args.docs} documents per row, "
           f"forward + backward, best of {args.rounds} interleaved rounds; load average {load:.1f}\n")
-    print("| op / block | without seq_idx s | with seq_idx s | with / without |")
-    print("|---|---|---|---|")
+    out = Table(["op / block", "without seq_idx s", "with seq_idx s", "with / without"])
     summary = {}
     for name in table:
         plain, docs = best[name, "plain"], best[name, "docs"]
-        print(f"| {name} | {plain:.4f} | {docs:.4f} | {docs / plain:.2f} |")
+        out.add([name, f"{plain:.4f}", f"{docs:.4f}", f"{docs / plain:.2f}"])
         summary[name] = {"plain_s": round(plain, 5), "docs_s": round(docs, 5), "ratio": round(docs / plain, 3)}
-    print(json.dumps({"length": args.length, "batch": args.batch, "docs": args.docs, "load": round(load, 1),
-                      "results": summary}))
+    print(out)
+    print_summary({"length": args.length, "batch": args.batch, "docs": args.docs, "load": round(load, 1),
+                   "results": summary})
 
 
 if __name__ == "__main__":

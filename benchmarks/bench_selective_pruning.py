@@ -1,7 +1,7 @@
 """KV-memory saving of selective attention's context pruning at equal perplexity (Leviathan, Kalman &
 Matias, arXiv 2410.02703, "Context Pruning"), on the built-in corpus (stdlib, byte tokens).
 
-    .venv/bin/python scripts/bench_selective_pruning.py --contexts 512 --train     # train if absent, evaluate
+    .venv/bin/python benchmarks/bench_selective_pruning.py --contexts 512 --train     # train if absent, evaluate
 
 Per context C: a small `selective` model and a plain `transformer` of the same shape (the paper's
 reference "without selective attention") are trained with the same overrides, then the selective
@@ -25,7 +25,7 @@ perplexity stays no worse. `--mem-loss EPS` trains the selective model with the 
 memory loss (`mem_loss_weight` of the `selective` block, tau = 1); without it the selective model
 learns from the language-modelling loss alone.
 
-    .venv/bin/python scripts/bench_selective_pruning.py --contexts 512 1024 2048 --train --mem-loss 0.1
+    .venv/bin/python benchmarks/bench_selective_pruning.py --contexts 512 1024 2048 --train --mem-loss 0.1
 """
 from __future__ import annotations
 
@@ -40,17 +40,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import zoo  # noqa: E402
-from zoo.blocks.selective import SelectiveAttention  # noqa: E402
-from zoo.train.checkpoint import latest_checkpoint  # noqa: E402
-from zoo.train.trainer import prepared_data  # noqa: E402
+import zoo
+from benchmarks.harness import ROOT, Table, command_line, print_summary
+from zoo.blocks.selective import SelectiveAttention
+from zoo.train.checkpoint import latest_checkpoint
+from zoo.train.trainer import prepared_data
 
 RECIPES = ("selective", "transformer")
 N_LAYERS = 4
@@ -158,12 +156,13 @@ def evaluate_context(args, context: int, runs: Path) -> dict:
     print("unpruned validation perplexity: " + ", ".join(f"{r} {math.exp(ref[r]):.4f}" for r in refs), flush=True)
 
     curve = {}
-    print("\n| kv_budget K (every layer) | KV saving C/K | ppl | vs unpruned selective | vs transformer |")
-    print("|---:|---:|---:|---:|---:|")
+    print()
+    table = Table(["kv_budget K (every layer)", "KV saving C/K", "ppl", "vs unpruned selective", "vs transformer"],
+                  align="rrrrr", stream=True)
     for k in budget_grid(context, args.smallest_budget, args.grid_ratio):
         curve[k] = pruned([k] * n_layers)
         vs = [f"{math.exp(curve[k] - ref[r]) - 1:+.2%}" if r in ref else "-" for r in RECIPES]
-        print(f"| {k} | {context / k:.1f}x | {math.exp(curve[k]):.4f} | {vs[0]} | {vs[1]} |", flush=True)
+        table.add([k, f"{context / k:.1f}x", f"{math.exp(curve[k]):.4f}", vs[0], vs[1]])
     # K = context never evicts: through the cache it must equal the whole-sequence forward.
     exact_gap = abs(curve[context] - ref["selective"])
 
@@ -230,11 +229,11 @@ def main():
                     help="perplexities to match (selective, the unpruned model itself, is always loaded)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"command: `{shlex.join(['python', os.path.relpath(__file__, ROOT), *sys.argv[1:]])}`")
+    print(f"command: `{command_line()}`")
     print(f"CPU, {args.threads} thread(s), torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     runs = (ROOT / args.runs) if not Path(args.runs).is_absolute() else Path(args.runs)
     results = [evaluate_context(args, c, runs) for c in args.contexts]
-    print("summary: " + json.dumps(results))
+    print_summary(results)
 
 
 if __name__ == "__main__":

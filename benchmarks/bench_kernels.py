@@ -21,23 +21,18 @@ PaLM, arXiv 2204.02311, appendix B, halved for the causal mask).
 On a machine without CUDA it says so, runs a correctness smoke of the Triton kernels under Triton's
 interpreter (tiny shapes, against the torch paths) and exits 0.
 
-    .venv/bin/python scripts/bench_kernels.py                     # lengths 2K, 8K, 32K, 64K
-    .venv/bin/python scripts/bench_kernels.py --lengths 2048 --repeats 3 --skip-mfu
+    .venv/bin/python benchmarks/bench_kernels.py                     # lengths 2K, 8K, 32K, 64K
+    .venv/bin/python benchmarks/bench_kernels.py --lengths 2048 --repeats 3 --skip-mfu
 Ends with one machine-readable `summary:` line (device, kernels chosen by auto, every cell).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     # before anything imports triton: its kernels then run in the interpreter, on the CPU
@@ -46,6 +41,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 import zoo  # noqa: E402
+from benchmarks.harness import ROOT, Stopwatch, Table, print_summary, time_call  # noqa: E402
 from zoo.ops.dispatch import chosen, unavailable  # noqa: E402
 from zoo.ops.infini import infini_attention  # noqa: E402
 from zoo.ops.selective import selective_attention  # noqa: E402
@@ -137,21 +133,9 @@ def fwd_bwd(fn, inputs):
 
 
 def cuda_measure(fn, inputs, repeats):
-    for _ in range(2):
-        fwd_bwd(fn, inputs)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fwd_bwd(fn, inputs)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return {"s": times[len(times) // 2], "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    t = time_call(lambda: fwd_bwd(fn, inputs), repeats, warmup=2, device=inputs[next(iter(inputs))].device,
+                  memory=True)
+    return {"s": t.median, "peak_mib": t.peak_bytes / 2**20}
 
 
 def agreement(case, dtype, device, batch, length=2048):
@@ -177,9 +161,10 @@ def gpu_tables(args, device, dtype):
               + (", ".join(f"{k} {v:.2e}" for k, v in agree.items()) or "nothing else runs"))
         _, impls = CASES[case](16, 1, dtype, device)
         names = list(impls)
-        print("| length | " + " | ".join(f"{n} ms | {n} MiB" for n in names) + " | torch / triton |"
-              + (" triton / cuda |" if "cuda" in names else " triton / sdpa |" if "sdpa" in names else ""))
-        print("|---:|" + "---:|---:|" * len(names) + "---:|" + ("---:|" if len(names) > 2 else ""))
+        other = "cuda" if "cuda" in names else "sdpa" if "sdpa" in names else None
+        header = (["length"] + [f"{n} {x}" for n in names for x in ("ms", "MiB")] + ["torch / triton"]
+                  + ([f"triton / {other}"] if other else []))
+        table = Table(header, align="r" * len(header), stream=True)
         for length in args.lengths:
             inputs, impls = CASES[case](length, args.batch, dtype, device)
             row = {}
@@ -198,10 +183,9 @@ def gpu_tables(args, device, dtype):
                     torch.cuda.empty_cache()
             ratio = lambda a, b: (f"{row[a]['s'] / row[b]['s']:.2f}x" if "s" in row.get(a, {}) and "s" in row.get(b, {})
                                   else "-")
-            cols = [f"{row[n]['s'] * 1e3:.2f} | {row[n]['peak_mib']:.0f}" if "s" in row[n] else "- | -" for n in names]
-            other = "cuda" if "cuda" in names else "sdpa" if "sdpa" in names else None
-            print(f"| {length} | " + " | ".join(cols) + f" | {ratio('torch', 'triton')} |"
-                  + (f" {ratio('triton', other)} |" if other else ""), flush=True)
+            cols = [x for n in names for x in ((f"{row[n]['s'] * 1e3:.2f}", f"{row[n]['peak_mib']:.0f}")
+                                               if "s" in row[n] else ("-", "-"))]
+            table.add([length, *cols, ratio("torch", "triton")] + ([ratio("triton", other)] if other else []))
             cells[f"{case}@{length}"] = row
             del inputs
             torch.cuda.empty_cache()
@@ -230,12 +214,10 @@ def mfu(args, device, dtype):
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.mfu_steps):
-            step()
-        torch.cuda.synchronize()
-        tokens_s = args.mfu_steps * b * L / (time.perf_counter() - start)
+        with Stopwatch(device) as clock:
+            for _ in range(args.mfu_steps):
+                step()
+        tokens_s = args.mfu_steps * b * L / clock.wall
         n = model.num_params()
         attn_layers = [layer for layer in model.layers if layer.block_type in ("attn", "blockwise", "ring")]
         attn_dim = sum(layer.mixer.n_heads * layer.mixer.head_dim for layer in attn_layers) if attn_layers else 0
@@ -290,8 +272,7 @@ def main(argv=None):
         print("no CUDA device: no GPU timing or MFU is measured on this machine. Correctness smoke of the "
               "Triton kernels under TRITON_INTERPRET=1 (float32, tiny shapes):")
         smoke = interpreter_smoke()
-        print("summary: " + json.dumps({"device": "cpu", "gpu": None, "kernels": chosen("cpu"),
-                                        "interpreter_smoke_max_rel": smoke}))
+        print_summary({"device": "cpu", "gpu": None, "kernels": chosen("cpu"), "interpreter_smoke_max_rel": smoke})
         return 0
 
     device = torch.device("cuda")
@@ -301,7 +282,7 @@ def main(argv=None):
     summary["cells"] = gpu_tables(args, device, dtype)
     if not args.skip_mfu:
         summary["mfu"] = mfu(args, device, dtype)
-    print("summary: " + json.dumps(summary))
+    print_summary(summary)
     return 0
 
 

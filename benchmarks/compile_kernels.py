@@ -4,9 +4,9 @@ pipeline and ptxas, and reports each kernel's shared memory against the target's
 runs, so the ops' outputs are garbage; the point is the errors that the interpreter (which the tests
 use) cannot show: types the compiler rejects, and kernels that would not fit the device.
 
-    .venv/bin/python scripts/compile_kernels.py                     # bf16, every op, default shapes
-    .venv/bin/python scripts/compile_kernels.py --dtype fp32 --ops ssd
-    .venv/bin/python scripts/compile_kernels.py --ops selective_attention infini --head-dim 128 --dtype fp32
+    .venv/bin/python benchmarks/compile_kernels.py                     # bf16, every op, default shapes
+    .venv/bin/python benchmarks/compile_kernels.py --dtype fp32 --ops ssd
+    .venv/bin/python benchmarks/compile_kernels.py --ops selective_attention infini --head-dim 128 --dtype fp32
 
 Shapes: Mamba-2's head_dim 64 / d_state 128 (ssd), Mamba-1's d_state 16 (selective_scan), --head-dim
 for selective attention (8 heads over 4 kv heads) and Infini's memory kernels (both update rules; the
@@ -18,20 +18,18 @@ exits 1 if a kernel failed to compile or needs more shared memory than the targe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)   # real compilation, not the interpreter
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+
+from benchmarks.harness import print_summary  # noqa: E402
 
 OPS = ("ssd", "selective_scan", "selective_attention", "infini")
 SHARED_LIMIT = {90: 232448, 80: 166912}   # bytes of shared memory one block may use (opt-in maximum)
@@ -117,8 +115,7 @@ def main(argv=None):
                                              ra(1, 4, hd, hd), ra(1, 4, hd), 64, delta)
             (mem.sum() + M.sum() + z.sum()).backward()
     bad = [k for k, v in results.items() if not v.get("fits", False)]
-    print("summary: " + json.dumps({"target": f"sm_{args.arch}", "dtype": args.dtype, "kernels": results,
-                                    "failed_or_too_big": bad}))
+    print_summary({"target": f"sm_{args.arch}", "dtype": args.dtype, "kernels": results, "failed_or_too_big": bad})
     return 1 if bad else 0
 
 

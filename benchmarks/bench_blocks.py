@@ -1,9 +1,9 @@
 """Every registered block on CPU, float32, forward + backward: time and peak memory by length, and
 zoo's `infini` against the `infini-transformer-pytorch` package at the same configuration.
 
-    .venv/bin/python scripts/bench_blocks.py                       # both tables
-    .venv/bin/python scripts/bench_blocks.py --lengths 2048 8192 --blocks attn mamba2 --no-infini-package
-    .venv/bin/python scripts/bench_blocks.py --only-infini-package --package-lengths 2048 8192
+    .venv/bin/python benchmarks/bench_blocks.py                       # both tables
+    .venv/bin/python benchmarks/bench_blocks.py --lengths 2048 8192 --blocks attn mamba2 --no-infini-package
+    .venv/bin/python benchmarks/bench_blocks.py --only-infini-package --package-lengths 2048 8192
 
 Blocks: each with its config class's defaults at d_model 256 (the table header lists what that means
 for every block), batch 1, inputs x [1, L, 256] with a random cotangent on the output.
@@ -31,17 +31,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
-import shlex
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import Table, command_line, measure, print_summary, time_call, time_interleaved
 
 D_MODEL = 256
 WARMUP_LEN = 256
@@ -50,21 +44,15 @@ HEADS, HEAD_DIM = 4, 64     # infini comparison; zoo's AttnConfig default at d_m
 
 # ---------------------------------------------------------------- in the child process
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def _zoo_block(name: str, length: int, **overrides):
+    """The block's forward, its output alone (an auxiliary loss, taipan's, is not part of the timed work)."""
     from zoo.registry import get_block
     entry = get_block(name)
     cfg = entry.config(**overrides)
     if hasattr(cfg, "check"):
         cfg.check(D_MODEL, length)
-    return entry.cls(D_MODEL, cfg, 0).train()
+    block = entry.cls(D_MODEL, cfg, 0).train()
+    return lambda x: block.run(x)[0]
 
 
 def _package_layer(segment_len: int, delta_rule: bool):
@@ -119,42 +107,22 @@ def cell(impl: str, length: int, repeats: int, segment_len: int | None = None, d
     xw = torch.randn(1, min(WARMUP_LEN, length), D_MODEL, requires_grad=True)
     forward(xw).sum().backward()
     del xw   # parameter gradients stay allocated, so both sides' peaks exclude them alike
-    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
-    base = _status_kib("VmRSS")
-    c0, w0 = time.process_time(), time.perf_counter()
-    step()
-    first_cpu, first_wall = time.process_time() - c0, time.perf_counter() - w0
-    peak = (_status_kib("VmHWM") - base) * 1024
-    cpu, wall = [], []
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        step()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return {"peak_bytes": peak, "cpu_s": min(cpu) if cpu else first_cpu, "wall_s": min(wall) if wall else first_wall,
-            "first_cpu_s": first_cpu}
+    first = time_call(step, 1, warmup=0, memory=True)   # the memory pass
+    best = time_call(step, repeats, warmup=0) if repeats else first
+    return {"peak_bytes": first.peak_bytes, "cpu_s": best.cpu_best, "wall_s": best.best, "first_cpu_s": first.cpu_best}
 
 
 def interleaved(length: int, impls: list, rounds: int, segment_len: int, delta_rule: bool) -> dict:
     """Run inside a fresh child: `rounds` interleaved fwd+bwd rounds after one warm-up; best CPU s per impl."""
     steps = {impl: _step_fn(impl, length, segment_len=segment_len, delta_rule=delta_rule)[0] for impl in impls}
-    best = {impl: math.inf for impl in impls}
-    best_wall = {impl: math.inf for impl in impls}
-    for r in range(rounds + 1):
-        for impl in impls:
-            c0, w0 = time.process_time(), time.perf_counter()
-            steps[impl]()
-            if r:
-                best[impl] = min(best[impl], time.process_time() - c0)
-                best_wall[impl] = min(best_wall[impl], time.perf_counter() - w0)
-    return {"cpu_s": best, "wall_s": best_wall}
+    timings = time_interleaved(steps, rounds)
+    return {"cpu_s": {k: t.cpu_best for k, t in timings.items()}, "wall_s": {k: t.best for k, t in timings.items()}}
 
 
 # ---------------------------------------------------------------- the driver
 
 def _measure(target: str, kwargs: dict, args, timeout: float) -> dict:
-    from evals.memory import measure
-    rec = measure(f"scripts.bench_blocks:{target}", kwargs, cap_gb=args.mem_cap_gb, threads=args.threads,
+    rec = measure(f"benchmarks.bench_blocks:{target}", kwargs, cap_gb=args.mem_cap_gb, threads=args.threads,
                   timeout=timeout)
     if rec["status"] == "ok":
         return {"status": "ok", **rec["result"]}
@@ -231,14 +199,14 @@ def run_blocks(args) -> dict:
         results[name] = done
 
     lengths = sorted(args.lengths)
-    print("\n| block | " + " | ".join(f"{n} s" for n in lengths) + " | " + " | ".join(f"{n} MiB" for n in lengths)
-          + " | MiB per 1K tokens at " + str(lengths[-1]) + " |")
-    print("|---|" + "---:|" * (2 * len(lengths) + 1))
+    table = Table(["block"] + [f"{n} s" for n in lengths] + [f"{n} MiB" for n in lengths]
+                  + [f"MiB per 1K tokens at {lengths[-1]}"], align="l" + "r" * (2 * len(lengths) + 1))
     for name, done in results.items():
         row = [fmt_cell(done[n], "time", args) for n in lengths] + [fmt_cell(done[n], "mem", args) for n in lengths]
         last = done[lengths[-1]]
         row.append(f"{last['peak_bytes'] / 2**20 / (lengths[-1] / 1024):.1f}" if last["status"] == "ok" else "-")
-        print(f"| {name} | " + " | ".join(row) + " |")
+        table.add([name, *row])
+    print(f"\n{table}")
     return {name: {str(n): {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                    for n, r in done.items()} for name, done in results.items()}
 
@@ -257,8 +225,8 @@ def run_infini_package(args) -> dict:
     print(f"\ninfini vs infini-transformer-pytorch {version}: heads {HEADS}, head_dim {HEAD_DIM}, d_model {D_MODEL}, "
           f"fwd+bwd through the whole sequence; time = best CPU s of {args.rounds} interleaved rounds in one process; "
           f"memory = peak RSS above the set-up baseline, one fresh process per side. speedup = package / zoo.\n")
-    print("| length | segment | update | zoo s | package s | speedup | zoo MiB | package MiB | memory ratio |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    table = Table(["length", "segment", "update", "zoo s", "package s", "speedup", "zoo MiB", "package MiB",
+                   "memory ratio"], align="rrlrrrrrr", stream=True)
     out = {}
     for n in args.package_lengths:
         for seg in args.package_segments:
@@ -268,8 +236,9 @@ def run_infini_package(args) -> dict:
                                              "rounds": args.rounds, **kw}, args, timeout=1800)
                 mem = {impl: _measure("cell", {"impl": impl, "length": n, "repeats": 0, **kw}, args, timeout=900)
                        for impl in ("infini-zoo", "infini-package")}
+                update = "delta" if delta else "linear"
                 if t["status"] != "ok":
-                    print(f"| {n} | {seg} | {'delta' if delta else 'linear'} | {t['status']} | | | | | |")
+                    table.add([n, seg, update, t["status"], "", "", "", "", ""])
                     continue
                 tz, tp = t["cpu_s"]["infini-zoo"], t["cpu_s"]["infini-package"]
                 mz, mp = (mem[i]["peak_bytes"] / 2**20 if mem[i]["status"] == "ok" else None
@@ -277,9 +246,8 @@ def run_infini_package(args) -> dict:
                 mz_s, mp_s = (f"{m:.0f}" if m is not None else mem[i]["status"]
                               for m, i in ((mz, "infini-zoo"), (mp, "infini-package")))
                 ratio = f"{mp / mz:.2f}x" if mz and mp else "-"
-                print(f"| {n} | {seg} | {'delta' if delta else 'linear'} | {tz:.3f} | {tp:.3f} | {tp / tz:.2f}x | "
-                      f"{mz_s} | {mp_s} | {ratio} |", flush=True)
-                out[f"{n}_{seg}_{'delta' if delta else 'linear'}"] = {
+                table.add([n, seg, update, f"{tz:.3f}", f"{tp:.3f}", f"{tp / tz:.2f}x", mz_s, mp_s, ratio])
+                out[f"{n}_{seg}_{update}"] = {
                     "zoo_s": round(tz, 4), "package_s": round(tp, 4), "speedup": round(tp / tz, 3),
                     "zoo_wall_s": round(t["wall_s"]["infini-zoo"], 4),
                     "package_wall_s": round(t["wall_s"]["infini-package"], 4),
@@ -305,7 +273,7 @@ def main():
     args = ap.parse_args()
 
     import torch
-    print(f"command: `{shlex.join(['python', os.path.relpath(__file__, ROOT), *sys.argv[1:]])}`\n")
+    print(f"command: `{command_line()}`\n")
     print(f"CPU float32, batch 1, forward + backward, {args.threads} torch thread(s) per measurement on a "
           f"{os.cpu_count()}-core {platform.machine()} machine shared with other work, torch {torch.__version__}; "
           f"load average at start {os.getloadavg()[0]:.1f}. Time: CPU seconds of one fwd+bwd (best of "
@@ -316,7 +284,7 @@ def main():
     if not args.no_infini_package:
         summary["infini_vs_package"] = run_infini_package(args)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
-    print("summary: " + json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":

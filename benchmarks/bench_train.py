@@ -2,10 +2,10 @@
 time and tokens, beside gzip -9 on the same bytes; and training throughput of zoo's transformer beside
 transformers' `LlamaForCausalLM` of the same size and shape, trained by the same loop.
 
-    .venv/bin/python scripts/bench_train.py transformer mamba2 taipan --budget 30m --out runs/bench_train
-    .venv/bin/python scripts/bench_train.py transformer --budget 3m --set train.lr=3e-3   # a tuning run
-    .venv/bin/python scripts/bench_train.py --llama transformer --no-curves              # throughput only
-    .venv/bin/python scripts/bench_train.py --plot-only --out runs/bench_train           # redraw the PNG
+    .venv/bin/python benchmarks/bench_train.py transformer mamba2 taipan --budget 30m --out runs/bench_train
+    .venv/bin/python benchmarks/bench_train.py transformer --budget 3m --set train.lr=3e-3   # a tuning run
+    .venv/bin/python benchmarks/bench_train.py --llama transformer --no-curves              # throughput only
+    .venv/bin/python benchmarks/bench_train.py --plot-only --out runs/bench_train           # redraw the PNG
 
 Curves. Each recipe trains with zoo's `Trainer` (its AdamW groups, clipping, data order) until its
 training time reaches the budget, on the budget's clock: `cpu` (default) is this process's CPU time,
@@ -46,8 +46,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -55,6 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import zoo  # noqa: E402
+from benchmarks.harness import ROOT, Stopwatch, print_summary, time_interleaved, write_json  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from zoo.train.optim import build_optimizer, lr_factor  # noqa: E402
 from zoo.train.trainer import Trainer, prepared_data  # noqa: E402
@@ -125,21 +124,6 @@ class ValSlice:
 
 # -- curves ----------------------------------------------------------------------------------------------------
 
-class Clock:
-    """Training time on both clocks, paused while evaluating."""
-
-    def __init__(self):
-        self.cpu = self.wall = 0.0
-
-    def __enter__(self):
-        self._c, self._w = time.process_time(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.cpu += time.process_time() - self._c
-        self.wall += time.perf_counter() - self._w
-
-
 def full_val_bpb(model, data, seq_len: int, batch: int = 16) -> tuple[float, float, int]:
     """(model bpb, gzip -9 bpb, bytes) over the whole val split in windows of seq_len, on the same bytes."""
     tokens = torch.from_numpy(np.asarray(data.val.file.tokens, dtype=np.int64))
@@ -182,7 +166,7 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
               "wall_limit_s": wall_limit if math.isfinite(wall_limit) else None,
               "threads": torch.get_num_threads(), "val_tokens": val.num_targets, "val_bytes": val.num_bytes,
               "gzip9_bpb": gzip_bpb, "complete": False}
-    clock = Clock()
+    clock = Stopwatch()   # training time on both clocks, paused while evaluating
     points, losses = [], []
     next_eval, start = eval_every, time.perf_counter()   # no point at step 0: untrained is 8 bpb
 
@@ -198,7 +182,7 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
                       tokens_per_cpu_s=round(trainer.tokens / max(clock.cpu, 1e-9), 1),
                       first_below_gzip=next(({k: p[k] for k in ("cpu_s", "wall_s", "tokens", "step")}
                                              for p in points if p["val_bpb"] < gzip_bpb), None))
-        (out / f"{recipe.name}.json").write_text(json.dumps(result, indent=1))   # partial results survive a kill
+        write_json(out / f"{recipe.name}.json", result)   # partial results survive a kill
         log(f"  {recipe.name} step {point['step']:>5}  tokens {point['tokens']:>10,}  cpu {clock.cpu:7.1f} s  "
             f"wall {clock.wall:7.1f} s  val {bpb:.4f} bpb (gzip {gzip_bpb:.4f})  eval {time.perf_counter() - t0:.0f} s")
 
@@ -225,7 +209,7 @@ def train_curve(name: str, overrides: list, budget: float, clock_kind: str, eval
         log(f"  {recipe.name} whole val split ({nbytes:,} bytes): {bpb:.4f} bpb, gzip -9 {gz:.4f} "
             f"(eval {time.process_time() - t0:.0f} CPU s)")
     result["complete"] = True
-    (out / f"{recipe.name}.json").write_text(json.dumps(result, indent=1))
+    write_json(out / f"{recipe.name}.json", result)
     return result
 
 
@@ -277,29 +261,30 @@ def throughput(name: str, overrides: list, windows: int, steps: int, log=print) 
         m.train()
         for b in batches[:2]:
             loop_step(m, optims[k], b, cfg.grad_clip)
-    times = {k: {"wall": [], "cpu": []} for k in models}
-    order = list(models)
-    for w in range(windows):
-        for k in (order if w % 2 == 0 else order[::-1]):
-            c0, w0 = time.process_time(), time.perf_counter()
+    def window(k):
+        def run():
             for b in batches:
                 loop_step(models[k], optims[k], b, cfg.grad_clip)
-            times[k]["wall"].append(time.perf_counter() - w0)
-            times[k]["cpu"].append(time.process_time() - c0)
-            log(f"  window {w}: {k:<20} {steps * tokens / times[k]['wall'][-1]:8,.0f} tokens/s "
-                f"(cpu {times[k]['cpu'][-1]:.2f} s, wall {times[k]['wall'][-1]:.2f} s)")
+        return run
+
+    def each(k, w, clock):
+        log(f"  window {w}: {k:<20} {steps * tokens / clock.last_wall:8,.0f} tokens/s "
+            f"(cpu {clock.last_cpu:.2f} s, wall {clock.last_wall:.2f} s)")
+
+    order = list(models)
+    times = time_interleaved({k: window(k) for k in order}, windows, warmup=0, alternate=True, each=each)
     result = {"recipe": recipe.name, "overrides": list(overrides), "params": counts["zoo"], "seq_len": cfg.seq_len,
               "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "windows": windows,
               "steps_per_window": steps, "models": {}}
     for k, t in times.items():
-        result["models"][k] = {"tokens_per_s": round(steps * tokens / statistics.median(t["wall"]), 1),
-                               "tokens_per_cpu_s": round(steps * tokens / statistics.median(t["cpu"]), 1),
-                               "wall_s": [round(x, 3) for x in t["wall"]], "cpu_s": [round(x, 3) for x in t["cpu"]]}
+        result["models"][k] = {"tokens_per_s": round(steps * tokens / t.median, 1),
+                               "tokens_per_cpu_s": round(steps * tokens / t.cpu_median, 1),
+                               "wall_s": [round(x, 3) for x in t.wall], "cpu_s": [round(x, 3) for x in t.cpu]}
     z, h = (result["models"][k]["tokens_per_s"] for k in order)
     result["zoo_over_llama"] = round(z / h, 3)
     # per-window ratios of adjacent measurements: drift cancels within a window
-    result["zoo_over_llama_per_window"] = [round(b / a, 3) for a, b in zip(times["zoo"]["wall"],
-                                                                          times["transformers Llama"]["wall"])]
+    result["zoo_over_llama_per_window"] = [round(b / a, 3) for a, b in zip(times["zoo"].wall,
+                                                                          times["transformers Llama"].wall)]
     return result
 
 
@@ -372,7 +357,7 @@ def main(argv=None):
         scores = {w: round(val.bits_per_byte(model, w), 4) for w in args.score_windows}
         for w, bpb in scores.items():
             print(f"windows of {w}: {bpb:.4f} bpb")
-        print("summary: " + json.dumps({"checkpoint": args.score, "bpb_by_window": scores}))
+        print_summary({"checkpoint": args.score, "bpb_by_window": scores})
         return 0
     budgets = {}
     for item in filter(None, args.budgets.split(",")):
@@ -380,7 +365,7 @@ def main(argv=None):
         budgets[k.strip()] = duration(v.strip())
     if args.llama:
         res = throughput(args.llama, args.set, args.llama_windows, args.llama_steps)
-        (args.out / "throughput.json").write_text(json.dumps(res, indent=1))
+        write_json(args.out / "throughput.json", res)
         for k, m in res["models"].items():
             print(f"{k:<20} {m['tokens_per_s']:10,.0f} tokens/s  ({m['tokens_per_cpu_s']:,.0f} per CPU s)")
         print(f"zoo / Llama: {res['zoo_over_llama']}x (per window {res['zoo_over_llama_per_window']})")
@@ -404,7 +389,7 @@ def main(argv=None):
             summary[res["recipe"]] = {"final_bpb": res["final_bpb"], "budget_s": budget,
                                       "first_below_gzip": res["first_below_gzip"], "tokens": res["points"][-1]["tokens"]}
         summary["plot"] = str(plot(args.out))
-    print("summary: " + json.dumps(summary))
+    print_summary(summary)
     return 0
 
 

@@ -5,30 +5,23 @@ pure-PyTorch fallbacks of transformers 5.x, op to op and mixer to mixer, on the 
     zoo:          zoo.ops.ssm.selective_scan, zoo.ops.ssd.ssd_scan, blocks `mamba`, `mamba2`
 
 d_model 256 (d_inner 512); Mamba-1 with d_state 16; Mamba-2 with d_state 64, head_dim 64 (8 heads),
-one group, chunk 256; batch 1. Every measurement runs in a fresh subprocess: time is the best of
-`repeats` forward + backward passes, memory the peak RSS above the subprocess's own baseline taken
-after building the inputs (/proc/self/status VmHWM after resetting it through clear_refs, minus
+one group, chunk 256; batch 1. Every measurement runs in a fresh subprocess (`measure`): time is the
+best of `repeats` forward + backward passes, memory the peak RSS above the subprocess's own baseline
+taken after building the inputs (/proc/self/status VmHWM after resetting it through clear_refs, minus
 VmRSS); one torch thread unless --threads says otherwise. Before timing, the outputs and gradients
 of both sides are compared on one short input.
 
-    .venv/bin/python scripts/bench_ssm.py            # the full table (about 15 minutes on 2 cores)
-    .venv/bin/python scripts/bench_ssm.py --quick    # short lengths only, a smoke test
+    .venv/bin/python benchmarks/bench_ssm.py            # the full table (about 15 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_ssm.py --quick    # short lengths only, a smoke test
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
-import shlex
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import Table, command_line, measure, print_summary, time_call
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # transformers' kernel hub must not reach for the network
 
 D_MODEL = 256
@@ -159,23 +152,12 @@ def setup(arch, what, impl, length, dtype):
     return run, leaves
 
 
-def _status_kib(key):
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-def worker(spec):
+def worker(arch, what, impl, length, repeats):
+    """In a fresh process (`measure`): best CPU and wall s of `repeats` fwd+bwd, their peak above the set-up."""
     import torch
-    torch.set_num_threads(spec["threads"])
-    run, _ = setup(spec["arch"], spec["what"], spec["impl"], spec["length"], torch.float32)
-    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS: the peak of the work alone
-    base = _status_kib("VmRSS")
-    cpu, wall = [], []
-    for _ in range(spec["repeats"]):
-        c0, w0 = time.process_time(), time.perf_counter()
-        run()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    print(json.dumps({"time_s": min(cpu), "wall_s": min(wall), "peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+    run, _ = setup(arch, what, impl, length, torch.float32)
+    t = time_call(run, repeats, warmup=0, memory=True)
+    return {"time_s": t.cpu_best, "wall_s": t.best, "peak_mib": t.peak_bytes / 2**20}
 
 
 # ---------------------------------------------------------------- the driver
@@ -199,18 +181,14 @@ def agreement():
     return rows
 
 
-def measure(arch, what, length, impl, repeats, threads):
-    spec = json.dumps({"arch": arch, "what": what, "length": length, "impl": impl, "repeats": repeats,
-                       "threads": threads})
-    try:
-        res = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                             timeout=TIMEOUT_S, cwd=ROOT)
-    except subprocess.TimeoutExpired:
+def run_cell(arch, what, length, impl, repeats, threads):
+    rec = measure("benchmarks.bench_ssm:worker", {"arch": arch, "what": what, "impl": impl, "length": length,
+                                                  "repeats": repeats}, threads=threads, timeout=TIMEOUT_S)
+    if rec["status"] == "timeout":
         return None, f"timed out after {TIMEOUT_S} s"
-    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
-    if res.returncode or not lines:
-        return None, f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
-    return json.loads(lines[-1]), None
+    if rec["status"] != "ok":
+        return None, f"failed: {(rec.get('error') or [rec['status']])[-1]}"
+    return rec["result"], None
 
 
 def fmt_time(r):
@@ -227,14 +205,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per measurement (default 1: on a shared machine a descheduled "
                              "thread stalls every parallel region of the other)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
 
     import torch
     import transformers
-    print(f"`{shlex.join(['python', *sys.argv])}`\n")
+    print(f"command: `{command_line()}`\n")
     print(f"CPU float32, {args.threads} thread(s) per measurement on a {os.cpu_count()}-core "
           f"{platform.machine()} machine, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"load average at start {os.getloadavg()[0]:.1f}. Time: CPU seconds of one forward + backward, the "
@@ -243,14 +218,14 @@ def main():
           f"baseline. Speedup and memory ratio are transformers / zoo.\n")
     print("zoo vs transformers on the same weights, max relative difference of output and all gradients "
           "(length 300): " + "; ".join(agreement()) + "\n")
-    print("| model | level | length | runs zoo/hf | zoo s | transformers s | speedup | zoo peak MiB | transformers peak MiB | memory ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = Table(["model", "level", "length", "runs zoo/hf", "zoo s", "transformers s", "speedup", "zoo peak MiB",
+                   "transformers peak MiB", "memory ratio"], align="llrrrrrrrr", stream=True)
     summary = {}
     for arch, what, length, impls in (QUICK if args.quick else FULL):
         got = {}
         for impl in ("zoo", "hf"):
             if impl in impls:
-                got[impl], err = measure(arch, what, length, impl, impls[impl], args.threads)
+                got[impl], err = run_cell(arch, what, length, impl, impls[impl], args.threads)
                 if err:
                     got[impl] = None
                     got[impl + "_note"] = err
@@ -260,8 +235,8 @@ def main():
         speed = f"{hf['time_s'] / zoo['time_s']:.1f}x" if zoo and hf else "-"
         mem = f"{hf['peak_mib'] / max(zoo['peak_mib'], 1e-9):.1f}x" if zoo and hf else "-"
         runs = "/".join(str(impls.get(impl, "-")) for impl in ("zoo", "hf"))
-        print(f"| {arch} | {what} | {length} | {runs} | {got.get('zoo_note', fmt_time(zoo))} | {hf_time} | {speed} | "
-              f"{fmt_mem(zoo)} | {fmt_mem(hf)} | {mem} |", flush=True)
+        table.add([arch, what, length, runs, got.get("zoo_note", fmt_time(zoo)), hf_time, speed, fmt_mem(zoo),
+                   fmt_mem(hf), mem])
         summary[f"{arch}_{what}_{length}"] = {"zoo_s": zoo and round(zoo["time_s"], 4),
                                               "hf_s": hf and round(hf["time_s"], 4),
                                               "zoo_wall_s": zoo and round(zoo["wall_s"], 4),
@@ -271,7 +246,7 @@ def main():
     from zoo.ops.dispatch import chosen
     summary["kernels"] = chosen("cpu")   # what zoo's ops ran: every subprocess uses the defaults
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
-    print("SUMMARY " + json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":

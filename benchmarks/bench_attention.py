@@ -1,14 +1,13 @@
 """Attention forward+backward on CPU: dense reference, SDPA, blockwise and sliding window side by side.
 
-    python scripts/bench_attention.py [--lengths 1024 4096 16384] [--mem-cap-gb 8] [--window 1024]
+    python benchmarks/bench_attention.py [--lengths 1024 4096 16384] [--mem-cap-gb 8] [--window 1024]
 
 float32, batch 1, 4 heads x head_dim 64 (d_model 256), causal.
-Memory: every (method, length) runs one forward+backward in a fresh subprocess; its figure is the
-peak RSS (VmHWM) afterwards minus the RSS just before (inputs allocated, code warmed up on a
-64-token run). A measurement
-whose estimated peak exceeds --mem-cap-gb is not started and reads "OOM (cap X GiB)"; the child
-also runs under RLIMIT_AS = its size + the cap, so an estimate that is too low ends in a recorded
-OOM rather than a swapping machine.
+Memory: every (method, length) runs one forward+backward in a fresh subprocess (`measure`); its figure
+is the peak RSS during it above the RSS just before (inputs allocated, code warmed up on a 64-token
+run). A measurement whose estimated peak exceeds --mem-cap-gb is not started and reads "OOM (cap X
+GiB)"; the child also runs under a watchdog at its RSS + the cap, so an estimate that is too low ends
+in a recorded OOM rather than a swapping machine.
 Time: one subprocess per length runs the methods in interleaved rounds (one warm-up round first)
 and keeps each method's best round, so that load from other users of the machine falls on all
 methods alike; the load average is printed before and after.
@@ -16,17 +15,10 @@ methods alike; the load average is printed before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import shlex
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import PeakMemory, Table, command_line, measure, print_summary, time_interleaved
 
 METHODS = ("dense", "sdpa", "blockwise", "swa")
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
@@ -41,14 +33,6 @@ def estimate_bytes(method: str, length: int) -> int:
     if method == "dense":
         return linear + DENSE_SCORE_TENSORS * BATCH * HEADS * length * length * 4
     return linear
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
 def _setup(length: int, block_size: int, window: int):
@@ -73,45 +57,33 @@ def _setup(length: int, block_size: int, window: int):
     return step
 
 
-def child_memory(method: str, length: int, block_size: int, window: int, cap_bytes: int) -> dict:
+def memory_cell(method: str, length: int, block_size: int, window: int) -> dict:
+    """In a fresh process (`measure`): the peak of one forward + backward above its inputs."""
     # A tiny warm-up first: loading BLAS kernels and starting the thread pool raise RSS once, and
     # that is not memory the method needs per token.
     _setup(min(length, 64), min(block_size, 16), min(window, 16))(method)
     step = _setup(length, block_size, window)
-    limit = _status_kib("VmSize") * 1024 + cap_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    base = _status_kib("VmRSS")
-    try:
+    with PeakMemory() as peak:
         step(method)
-    except MemoryError:
-        return {"status": "oom"}
-    except RuntimeError as err:
-        if "alloc" not in str(err).lower():
-            raise
-        return {"status": "oom"}
-    return {"status": "ok", "peak_bytes": (_status_kib("VmHWM") - base) * 1024}
+    return {"status": "ok", "peak_bytes": peak.bytes}
 
 
-def child_time(methods: list[str], length: int, block_size: int, window: int, rounds: int) -> dict:
+def time_cell(methods: list, length: int, block_size: int, window: int, rounds: int) -> dict:
+    """In a fresh process: the methods in interleaved rounds after a warm-up round; best wall s each."""
     step = _setup(length, block_size, window)
-    best = {m: float("inf") for m in methods}
-    for r in range(rounds + 1):
-        for m in methods:
-            t0 = time.perf_counter()
-            step(m)
-            if r:  # round 0 warms up allocator and thread pool
-                best[m] = min(best[m], time.perf_counter() - t0)
-    return best
+    timings = time_interleaved({m: (lambda m=m: step(m)) for m in methods}, rounds)
+    return {m: t.best for m, t in timings.items()}
 
 
-def _run_child(args, *child_args) -> dict:
-    cmd = [sys.executable, __file__, *child_args, "--block-size", str(args.block_size), "--window", str(args.window),
-           "--rounds", str(args.rounds), "--mem-cap-gb", str(args.mem_cap_gb)]
-    cmd += ["--threads", str(args.threads)] if args.threads else []
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"{' '.join(child_args)} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def _run_child(args, target: str, **kwargs) -> dict:
+    kwargs.update(block_size=args.block_size, window=args.window)
+    rec = measure(f"benchmarks.bench_attention:{target}", kwargs, cap_gb=args.mem_cap_gb if target == "memory_cell"
+                  else None, threads=args.threads)
+    if rec["status"] == "OOM":
+        return {"status": "oom"}
+    if rec["status"] != "ok":
+        sys.exit(f"{target} {kwargs} failed: {rec}")
+    return rec["result"]
 
 
 def fmt_mem(r: dict, cap_gb: float) -> str:
@@ -130,27 +102,13 @@ def main():
     ap.add_argument("--window", type=int, default=1024, help="sliding window (keys per query)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up round; best is kept")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every measurement (default: torch's)")
-    ap.add_argument("--child-memory", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-time", nargs="+", metavar="LENGTH METHOD", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cap = int(args.mem_cap_gb * 2**30)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.child_memory:
-        method, length = args.child_memory[0], int(args.child_memory[1])
-        print(json.dumps(child_memory(method, length, args.block_size, args.window, cap)))
-        return
-    if args.child_time:
-        length, methods = int(args.child_time[0]), args.child_time[1:]
-        print(json.dumps(child_time(methods, length, args.block_size, args.window, args.rounds)))
-        return
-
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    print("command: `python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-          + "`\n")
+    print(f"command: `{command_line()}`\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; float32, "
           f"batch {BATCH}, {HEADS} heads x head_dim {HEAD_DIM}, causal, fwd+bwd; blockwise block_size "
           f"{args.block_size}, swa window {args.window}; time: best of {args.rounds} interleaved rounds (s); "
@@ -161,16 +119,14 @@ def main():
         for m in METHODS:
             est = estimate_bytes(m, n)
             mem[m, n] = ({"status": "skipped", "est_bytes": est} if est > cap
-                         else _run_child(args, "--child-memory", m, str(n)))
+                         else _run_child(args, "memory_cell", method=m, length=n))
         runnable = [m for m in METHODS if mem[m, n]["status"] == "ok"]
-        for m, t in _run_child(args, "--child-time", str(n), *runnable).items():
+        for m, t in _run_child(args, "time_cell", methods=runnable, length=n, rounds=args.rounds).items():
             secs[m, n] = t
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}\n")
 
     head = ["length"] + [f"{m} {x}" for m in METHODS for x in ("s", "MiB")]
-    head += ["blockwise/dense mem", "blockwise/sdpa time"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    table = Table(head + ["blockwise/dense mem", "blockwise/sdpa time"], stream=True)
     summary = {}
     for n in args.lengths:
         row = [str(n)]
@@ -188,7 +144,7 @@ def main():
             row.append("-")
         time_ratio = secs["blockwise", n] / secs["sdpa", n]
         row.append(f"{time_ratio:.2f}")
-        print("| " + " | ".join(row) + " |")
+        table.add(row)
         summary[n] = {"blockwise_over_dense_mem": mem_ratio and round(mem_ratio, 4),
                       "blockwise_over_sdpa_time": round(time_ratio, 3),
                       "swa_kib_per_token": round(mem["swa", n]["peak_bytes"] / n / 1024, 2)}
@@ -202,7 +158,7 @@ def main():
     if any(mem["dense", n]["status"] == "skipped" for n in args.lengths):
         print(f"dense est. = {DENSE_SCORE_TENSORS} float32 [batch, heads, L, L] tensors + inputs; "
               "'(vs est.)' ratios divide by that estimate, not by a measurement")
-    print("summary: " + json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":
