@@ -147,11 +147,15 @@ def cp_cell(recipe: dict, context: int, world_size: int, checkpoint: Optional[st
             "tokens": None if tokens is None else [int(t) for t in tokens[:context]],
             "cap_bytes": int(cap_gb * 2**30) if cap_gb else None, "timeout": timeout,
             "optimizer_step": optimizer_step, "evaluate": evaluate}
+    started = time.monotonic()
     got, errors, exitcodes = run_ranks(_rank, world_size, lambda rank, init_file: (rank, world_size, init_file, spec),
                                        timeout)
     base = {"world_size": world_size, "context": int(context), "layout": layout}
     if OOM_EXIT in exitcodes:
         return {**base, "status": "OOM", "cap_gb": cap_gb}
+    if len(got) < world_size and not errors and time.monotonic() - started < timeout:
+        # every rank gone before the deadline without a word: it died before its try (spawn, import)
+        return {**base, "status": "error", "error": f"ranks exited without a report (exit codes {exitcodes})"}
     if len(got) < world_size and not errors:
         return {**base, "status": "timeout", "timeout_s": timeout}
     if errors:
