@@ -37,21 +37,10 @@ class Timing:
     cpu: list = field(default_factory=list)
     peak_bytes: Optional[int] = None
 
-    @property
-    def best(self) -> float:
-        return min(self.wall)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.wall)
-
-    @property
-    def cpu_best(self) -> float:
-        return min(self.cpu)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
+    best = property(lambda self: min(self.wall), doc="least wall seconds")
+    median = property(lambda self: statistics.median(self.wall), doc="median wall seconds")
+    cpu_best = property(lambda self: min(self.cpu), doc="least CPU seconds")
+    cpu_median = property(lambda self: statistics.median(self.cpu), doc="median CPU seconds")
 
     def to_dict(self, digits: int = 4) -> dict:
         r = lambda x: round(x, digits)  # noqa: E731
