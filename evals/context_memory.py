@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from evals.memory import _status_kb
+from evals.memory import PeakMemory
 
 # Bytes above which malloc serves (and frees) blocks by mmap in `decode_memory`'s process. glibc's default
 # is dynamic: 128 KiB at start, raised to the size of any mmapped block freed, up to 32 MiB.
@@ -60,61 +60,46 @@ def _plain_malloc():
         return False
 
 
-def _reset_peak():
-    """VmHWM := VmRSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _rss() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def _hwm() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
 @torch.no_grad()
 def decode_memory(recipe: dict, context: int, prefill_chunk: int = 512, decode_tokens: int = 8,
-                  batch_size: int = 1) -> dict:
-    """Chunked prefill of `context` random tokens, then `decode_tokens` steps: the module docstring's record."""
+                  batch_size: int = 1, device: str = "cpu") -> dict:
+    """Chunked prefill of `context` random tokens, then `decode_tokens` steps: the module docstring's record
+    (on CUDA the figures are the allocator's, `evals.memory.PeakMemory`)."""
     from zoo.model import build_model
-    plain = _plain_malloc()
+    plain = _plain_malloc() if device == "cpu" else False
     torch.manual_seed(0)
-    model = build_model(recipe).eval()
+    model = build_model(recipe).to(device).eval()
     vocab = model.recipe.model.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (batch_size, context), generator=g)
-    steps = torch.randint(0, vocab, (batch_size, decode_tokens + 1), generator=g)
+    prompt = torch.randint(0, vocab, (batch_size, context), generator=g).to(device)
+    steps = torch.randint(0, vocab, (batch_size, decode_tokens + 1), generator=g).to(device)
     # warm-up on a context of one chunk: thread pools, allocator, one-time kernel selection
     warm = model.init_cache(batch_size)
     chunked_prefill(model, prompt[:, :min(prefill_chunk, context)], warm, prefill_chunk)
     model(steps[:, :1], cache=warm)
     del warm
     gc.collect()
-    base = _rss()
-    _reset_peak()
     start = time.perf_counter()
-    cache = model.init_cache(batch_size)
-    chunked_prefill(model, prompt, cache, prefill_chunk)
+    with PeakMemory(device) as prefill:
+        cache = model.init_cache(batch_size)
+        chunked_prefill(model, prompt, cache, prefill_chunk)
     prefill_seconds = time.perf_counter() - start
-    prefill_peak = _hwm() - base
     # The first step releases what the last chunk left behind (a chunk-sized matmul workspace: ~6 MiB here
     # after a 512-token chunk, whatever the context); the steady state starts after it.
     model(steps[:, :1], cache=cache)
-    settled = _rss()
-    _reset_peak()
     start = time.perf_counter()
-    for t in range(1, decode_tokens + 1):
-        model(steps[:, t:t + 1], cache=cache)
+    with PeakMemory(device) as decode:
+        for t in range(1, decode_tokens + 1):
+            model(steps[:, t:t + 1], cache=cache)
+        held = decode.now()
     decode_seconds = time.perf_counter() - start
-    peak, held = _hwm(), _rss()
+    settled = decode.base - prefill.base  # what the prefill left, above the warmed-up model
     seen = context + decode_tokens + 1
     state = sum(layer.mixer.state_bytes(seen, batch_size, dtype=torch.float32) for layer in model.layers)
     return {"context": context, "prefill_chunk": prefill_chunk, "decode_tokens": decode_tokens,
             "batch_size": batch_size, "cache_bytes": cache.nbytes(), "state_bytes": int(state), "tokens_seen": seen,
-            "decode_bytes": max(0, peak - base), "decode_step_bytes": max(0, peak - settled),
-            "held_bytes": held - base, "prefill_peak_bytes": max(0, prefill_peak),
+            "decode_bytes": max(0, settled + decode.bytes), "decode_step_bytes": decode.bytes,
+            "held_bytes": settled + held, "prefill_peak_bytes": prefill.bytes,
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "fixed_mmap_threshold": plain}
 

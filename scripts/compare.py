@@ -347,10 +347,11 @@ def decode_memory_cell(recipe: dict, context: int, args, earlier: list) -> dict:
                 "reason": f"predicted {predicted:.0f} s > --decode-memory-time-cap {args.decode_memory_time_cap:g} s"}
     rec = measure("evals.context_memory:decode_memory",
                   {"recipe": recipe, "context": context, "prefill_chunk": args.prefill_chunk,
-                   "decode_tokens": args.decode_memory_tokens}, cap_gb=args.cap_gb, device="cpu",
-                  timeout=args.decode_memory_time_cap + 60, threads=args.threads)
+                   "decode_tokens": args.decode_memory_tokens, "device": args.device}, cap_gb=args.cap_gb,
+                  device=args.device, timeout=args.decode_memory_time_cap + 60, threads=args.threads)
     rec["units"] = units
-    rec["method"] = ("peak RSS of a fresh process during decode steps above the model warmed up on one chunk; "
+    rec["method"] = (("peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated") +
+                     " of a fresh process during decode steps above the model warmed up on one chunk; "
                      "cache_bytes: the cache's tensors; state_bytes: the blocks' analytic float32 state")
     return rec
 
