@@ -184,7 +184,8 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def init_cache(self, batch_size: int) -> ZooGenerationCache:
-        return ZooGenerationCache(self.model.init_cache(batch_size), blocks=[layer.mixer for layer in self.model.layers])
+        blocks = [layer.mixer for layer in self.model.layers]
+        return ZooGenerationCache(self.model.init_cache(batch_size), blocks=blocks)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[ZooGenerationCache] = None, labels: Optional[torch.LongTensor] = None,

@@ -1,64 +1,18 @@
-"""Selective attention block (`selective`): Leviathan, Kalman & Matias, "Selective Attention Improves
-Transformer", arXiv 2410.02703.
-
-Causal softmax attention whose logits are lowered by F, the accumulated "selection" of each key by
-earlier queries (head 0's ReLU'd logits; no parameters added), with RoPE on q and k as in `attn`.
-The math, the cache step and the eviction rule live in `zoo.ops.selective`; this module owns the
-projections and the cache.
-
-Context pruning (the paper's inference-time memory reduction): with `kv_budget` set, the cache keeps
-at most that many keys, evicting those with the largest accumulated F (never the first token). The
-whole-sequence forward (training, no cache) never prunes. Through the cache a chunk is attended at
-once only while no eviction would fall inside it; once the cache is full the tokens go one at a
-time, so a pruned stream gives the same output whatever its chunking, equal to decoding token by
-token. Different budgets per layer are different letters in a recipe's pattern.
-"""
+"""The selective block (package docstring)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from zoo.blocks.attention import AttnConfig, CausalSelfAttention
-from zoo.blocks.base import BlockCache, left_padded_cat
-from zoo.distributed.selective import selective_cp
+from zoo.blocks.attention import CausalSelfAttention
+from zoo.blocks.selective.cache import SelectiveCache, scores_dtype
+from zoo.blocks.selective.config import SelectiveConfig
+from zoo.blocks.selective.cp import selective_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention, selective_cache_step, selective_memory
 from zoo.registry import register_block
-
-
-@dataclass
-class SelectiveConfig(AttnConfig):
-    block_size: int = 128              # queries per step of the memory-efficient path
-    kv_budget: Optional[int] = None    # cached keys kept at inference; None: no pruning (exact)
-    mem_loss_weight: float = 0.0       # w of the memory loss (module docstring); 0: off
-    mem_loss_tau: float = 1.0          # F at which a key counts as gone in that loss
-
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.block_size, bool) or self.block_size < 1:
-            raise ValueError(f"block_size: must be an integer >= 1, got {self.block_size}")
-        if self.kv_budget is not None and (isinstance(self.kv_budget, bool) or self.kv_budget < 1):
-            raise ValueError(f"kv_budget: must be null (no pruning) or an integer >= 1 (the first token is "
-                             f"always kept), got {self.kv_budget}")
-        if not self.mem_loss_weight >= 0:
-            raise ValueError(f"mem_loss_weight: must be >= 0 (0 turns the memory loss off), got {self.mem_loss_weight}")
-        if not self.mem_loss_tau > 0:
-            raise ValueError(f"mem_loss_tau: must be > 0, got {self.mem_loss_tau}")
-
-
-@dataclass
-class SelectiveCache(BlockCache):
-    """Rotated K, V [batch, kept, kv_heads, head_dim] and each key's accumulated selection F, `scores`
-    [batch, kept] (float32, float64 for a float64 model); `pos` the tokens seen, `row_start` as
-    `AttentionCache`'s. The first key is the row's first token (never selected against, never evicted)."""
-    k: torch.Tensor
-    v: torch.Tensor
-    scores: torch.Tensor
-    pos: int = 0
-    row_start: Optional[torch.Tensor] = None
 
 
 @register_block("selective", config=SelectiveConfig)
@@ -125,27 +79,17 @@ class SelectiveAttention(CausalSelfAttention):
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> SelectiveCache:
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return SelectiveCache(empty, empty.clone(), torch.empty(batch_size, 0, device=device, dtype=_scores_dtype(dtype)))
+        scores = torch.empty(batch_size, 0, device=device, dtype=scores_dtype(dtype))
+        return SelectiveCache(empty, empty.clone(), scores)
 
     def merge_left_padded(self, caches: Sequence[SelectiveCache], row_start, length: int) -> SelectiveCache:
-        """The op recognises the first (BOS) key by its index 0, so each row keeps its first key there and
-        the padding goes after it: [first, padding, rest]. Padding keys carry an infinite accumulated
-        selection F: their softmax weight is exp(-inf) = 0, their column stays infinite, and under a KV
-        budget eviction (largest F first) drops them before any real key. RoPE reads `row_start`."""
-        return SelectiveCache(left_padded_cat([c.k for c in caches], 0, first=1),
-                              left_padded_cat([c.v for c in caches], 0, first=1),
-                              left_padded_cat([c.scores for c in caches], float("inf"), first=1),
-                              pos=length, row_start=row_start)
+        """[first key, padding, the rest] per row (`SelectiveCache.left_padded`)."""
+        return SelectiveCache.left_padded(caches, row_start, length)
 
     def _cached_tokens(self, seq_len: int) -> int:
         return seq_len if self.cfg.kv_budget is None else min(seq_len, self.cfg.kv_budget)
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         """K, V and the accumulated F of min(seq_len, kv_budget) keys."""
-        scores = batch_size * self._cached_tokens(seq_len) * torch.empty((), dtype=_scores_dtype(dtype)).element_size()
+        scores = batch_size * self._cached_tokens(seq_len) * torch.empty((), dtype=scores_dtype(dtype)).element_size()
         return super().state_bytes(seq_len, batch_size, dtype) + scores
-
-
-def _scores_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The op accumulates F in float64 for float64 inputs and in float32 otherwise.
-    return torch.float64 if dtype == torch.float64 else torch.float32

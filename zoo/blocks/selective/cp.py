@@ -26,8 +26,6 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.distributed.halo import fetch, gather_chunks, refuse_cache
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.dispatch import kernels_of
-from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention
 
 __all__ = ["selective_cp", "selective_attention_cp", "selection_column_sums"]
@@ -37,10 +35,8 @@ def selective_cp(block, x, cp: ContextParallel, cache=None):
     """`SelectiveAttention.forward` on this rank's shard."""
     refuse_cache(cache, "selective")
     b, t, _ = x.shape
-    q, k, v = block._project(x)
-    cos, sin = rope_cos_sin(cp.positions(x.device), block.head_dim, block.cfg.rope_base)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    impl = kernels_of(block).get("selective_attention", "auto")
+    q, k, v = block._project_rotated(x, cp.positions(x.device))
+    impl = block.kernels.get("selective_attention", "auto")
     out = selective_attention_cp(q, k, v, cp, block.cfg.block_size, impl)
     return block.out_proj(out.reshape(b, t, -1))
 
