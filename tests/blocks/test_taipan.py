@@ -9,10 +9,10 @@ import torch
 
 import zoo.blocks.taipan  # noqa: F401  (registers `taipan` before zoo.blocks imports it)
 from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
-from zoo.blocks.taipan import (TaipanBlock, TaipanConfig, selective_window_attention,
-                               selective_window_attention_ref)
+from zoo.blocks.taipan import TaipanBlock, TaipanConfig
 from zoo.blocks.base import split_aux
 from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.taipan import selective_window_attention, selective_window_attention_ref
 from zoo.registry import get_block, list_blocks
 
 D_MODEL = 24

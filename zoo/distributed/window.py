@@ -1,80 +1,16 @@
-"""Context parallel for `taipan`: a halo exchange (swa's moved to zoo.blocks.attention.cp).
+"""Deprecated: the windowed blocks' context-parallel paths moved to their families' folders (swa:
+zoo.blocks.attention.cp, taipan: zoo.blocks.taipan.cp). This module re-exports them, with a
+DeprecationWarning, for one release."""
+from zoo.deprecation import warn_moved
 
-A query at position p reads keys in (p - window, p], so each chunk needs the keys and values of the
-window - 1 positions before its start (fewer at the sequence start), whichever chunks and ranks hold
-them (`halo.preceding`: a window longer than a chunk reaches back over several). Keys arrive rotated
-at their global positions, so RoPE is applied once, by the owner; their gradients go back to it.
-Each chunk then attends exactly as the single process does, with the halo as a cache in front.
+warn_moved(__name__, "zoo.blocks.attention.cp (swa) and zoo.blocks.taipan.cp (taipan)")
 
-Cost per chunk: window - 1 positions of K and V received (Taipan: plus a selection flag, and the
-halo is dense: unselected positions are sent too, as zeros at evaluation) and the same volume of
-gradient sent back; memory is the chunk's own activations plus that halo.
-"""
-from __future__ import annotations
+from zoo.blocks.attention.cp import sliding_window_attention_cp, swa_cp  # noqa: E402
+from zoo.blocks.taipan.cp import taipan_cp as _taipan_cp  # noqa: E402
 
-import torch
-
-from zoo.distributed.comm import all_reduce_sum
-from zoo.distributed.halo import preceding, refuse_cache
-from zoo.distributed.layout import ContextParallel
-from zoo.deprecation import moved_names
-from zoo.ops.rope import apply_rope, rope_cos_sin
-
-__all__ = ["taipan_cp"]
-__getattr__ = moved_names(__name__, {"sliding_window_attention_cp": "zoo.blocks.attention.cp",
-                                     "swa_cp": "zoo.blocks.attention.cp"})
+__all__ = ["sliding_window_attention_cp", "swa_cp", "taipan_cp"]
 
 
-def taipan_cp(block, x, cp: ContextParallel, attend, cache=None):
-    """`TaipanBlock.forward` on this rank's shard; `attend` is its op, `selective_window_attention`
-    (passed in: it lives with the block, and distributed never imports blocks). Two things are global
-    besides the halo:
-
-    - the Gumbel noise of training is drawn for the whole sequence from the (shared) RNG and read at
-      this rank's positions, so every rank's RNG must be in the same state (seed them alike) and the
-      selection equals the single process's draw;
-    - the capacity term averages the selection over the whole sequence (an all-reduce of the local
-      sums; `all_reduce_sum` so that each rank's backward counts its own tokens once).
-    """
-    refuse_cache(cache, "taipan")
-    cfg = block.cfg
-    b, t, _ = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    positions = cp.positions(x.device)
-    logits = block.gate(x).to(acc)
-    gap = logits[..., 1] - logits[..., 0]
-    alpha = torch.sigmoid(gap)
-    if block.training:
-        gumbel = -torch.empty(b, cp.seq_len, 2, device=x.device, dtype=acc).exponential_().log()[:, positions]
-        noisy = (gap + gumbel[..., 1] - gumbel[..., 0]) / cfg.tau
-        hard = noisy > 0
-        soft = torch.sigmoid(noisy)
-        mask = hard.to(acc) + soft - soft.detach()
-        share = all_reduce_sum(mask.sum(1), cp.group) / cp.seq_len
-        aux = cfg.aux_loss_weight * (cfg.capacity - share).pow(2).mean()
-        rows = None
-    else:
-        hard = gap > 0
-        mask = hard.to(acc)
-        aux = None
-        rows = hard
-
-    q, k, v = block._project(x, rows)
-    if cfg.rope_base is not None:
-        cos, sin = rope_cos_sin(positions, block.head_dim, cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    d = k.shape[-1]
-    flag = hard[:, :, None, None].expand(b, t, k.shape[2], 1).to(k.dtype)
-    halos, kvf = preceding(torch.cat([k, v, flag], -1), cp, lambda start, end: cfg.window - 1)
-    k, v = kvf[..., :d], kvf[..., d:2 * d]
-    outs = []
-    for c, halo in zip(cp.chunks(), halos):
-        kc = torch.cat([halo[..., :d], k[:, c.local]], 1)
-        vc = torch.cat([halo[..., d:2 * d], v[:, c.local]], 1)
-        sel = torch.cat([halo[:, :, 0, -1] > 0.5, hard[:, c.local]], 1)
-        outs.append(attend(q[:, c.local], kc, vc, sel, cfg.window, rows=None if rows is None else rows[:, c.local],
-                           block_size=cfg.block_size))
-    o = torch.cat(outs, 1)
-    y = block._out(o.reshape(b, t, -1), rows)
-    out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
-    return out if aux is None else (out, aux)
+def taipan_cp(block, x, cp, attend=None, cache=None):
+    """The old signature; `attend` is ignored (the path imports its op, zoo.ops.taipan, itself)."""
+    return _taipan_cp(block, x, cp, cache)

@@ -1,0 +1,127 @@
+"""The taipan block (package docstring)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from zoo.blocks.base import Block
+from zoo.blocks.taipan.cache import TaipanCache
+from zoo.blocks.taipan.config import TaipanConfig
+from zoo.blocks.taipan.cp import taipan_cp
+from zoo.ops.documents import check_block_documents, document_positions, per_document
+from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.taipan import _acc_dtype, _compact, _put, _take, selective_window_attention
+from zoo.registry import register_block
+
+
+@register_block("taipan", config=TaipanConfig)
+class TaipanBlock(Block):
+    """Gate -> (Gumbel) selection -> windowed attention among selected tokens -> alpha-mix update.
+    forward returns (output, capacity loss) in training, the output at evaluation."""
+
+    supports_seq_idx = True
+    supports_cp = True
+
+    def __init__(self, d_model: int, cfg: TaipanConfig, layer_idx: int, kernels=None):
+        super().__init__(d_model, cfg, layer_idx, kernels)
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim or d_model // cfg.n_heads
+        inner = self.n_heads * self.head_dim
+        self.gate = nn.Linear(d_model, 2)
+        with torch.no_grad():
+            self.gate.bias.copy_(torch.tensor([0.0, math.log(cfg.capacity / (1 - cfg.capacity))]))
+        self.gate.bias._no_reinit = True
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+
+    def forward(self, x, *, cache=None, cp=None, seq_idx=None):
+        check_block_documents(x, seq_idx, cache, cp)
+        if cp is not None:
+            return taipan_cp(self, x, cp, cache)
+        b, t, _ = x.shape
+        acc = _acc_dtype(x.dtype)
+        start = 0 if cache is None else cache.pos
+        logits = self.gate(x).to(acc)                                    # s_i, eq. 1
+        gap = logits[..., 1] - logits[..., 0]
+        alpha = torch.sigmoid(gap)                                       # softmax(s_i)[1], eq. 5
+        if self.training:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            noisy = (gap + gumbel[..., 1] - gumbel[..., 0]) / self.cfg.tau
+            hard = noisy > 0                                             # argmax of eq. 2
+            soft = torch.sigmoid(noisy)                                  # softmax((s + g) / tau)[1]
+            mask = hard.to(acc) + soft - soft.detach()                   # straight-through
+            aux = self.cfg.aux_loss_weight * (self.cfg.capacity - mask.mean(1)).pow(2).mean()
+            rows = None
+        else:
+            hard = gap > 0
+            mask = hard.to(acc)
+            aux = None
+            rows = hard
+
+        q, k, v = self._project(x, rows)
+        if self.cfg.rope_base is not None:
+            positions = (torch.arange(start, start + t, device=x.device) if seq_idx is None
+                         else document_positions(seq_idx))
+            if cache is not None and cache.row_start is not None:
+                # a left-padded batch decoding through one cache (zoo.hf): positions count from each row's
+                # first token; its padding keys need no mask, they are cached as unselected
+                positions = (positions[None] - cache.row_start[:, None]).clamp(min=0)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        selected = hard
+        if cache is not None:
+            k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
+            v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
+            selected = torch.cat([cache.selected, hard], dim=1)
+            cache.k, cache.v, cache.selected = self._kept(k), self._kept(v), self._kept(selected)
+            cache.pos = start + t
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if seq_idx is None:
+            o = selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows, block_size=self.cfg.block_size)
+        else:
+            o = per_document(lambda q_, k_, v_, sel, rows_: selective_window_attention(
+                q_, k_, v_, sel, self.cfg.window, rows=rows_, block_size=self.cfg.block_size),
+                seq_idx, q, k, v, selected, rows)
+        y = self._out(o.reshape(b, t, -1), rows)
+        out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
+        return out if aux is None else (out, aux)
+
+    def _project(self, x, rows):
+        """q, k, v [b, t, heads, head_dim]; with `rows`, computed only there and zero elsewhere."""
+        b, t, _ = x.shape
+        if rows is None:
+            return tuple(p(x).view(b, t, self.n_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        idx, ok = _compact(rows)
+        xs = _take(x, idx)
+        return tuple(_put(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
+                     for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def _out(self, o, rows):
+        if rows is None:
+            return self.out_proj(o)
+        idx, ok = _compact(rows)
+        return _put(self.out_proj(_take(o, idx)), idx, ok, o.shape[1])
+
+    def _kept(self, t: torch.Tensor) -> torch.Tensor:
+        keep = self.cfg.window - 1
+        # clone: a view would pin the whole concatenated history in memory
+        return t[:, t.shape[1] - keep:].clone() if t.shape[1] > keep else t
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> TaipanCache:
+        empty = torch.empty(batch_size, 0, self.n_heads, self.head_dim, device=device, dtype=dtype)
+        return TaipanCache(empty, empty.clone(), torch.empty(batch_size, 0, dtype=torch.bool, device=device))
+
+    def merge_left_padded(self, caches: Sequence[TaipanCache], row_start, length: int) -> TaipanCache:
+        """K, V and flags left-padded with unselected slots (`TaipanCache.left_padded`)."""
+        return TaipanCache.left_padded(caches, row_start, length)
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        kept = min(seq_len, self.cfg.window - 1)
+        # K and V per position, plus one bool selection flag
+        return batch_size * kept * (2 * self.n_heads * self.head_dim * elem + 1)
