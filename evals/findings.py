@@ -137,6 +137,10 @@ def throughput_finding(results: dict) -> Optional[str]:
         clause = f"{kind} at {ctx[-1]} tokens: {best} {value:,.0f}" + (f" (median {rng[0]:,.0f})" if rng else "")
         if ties:
             clause += f", not ranked against {_names(ties)} (the repeats overlap)"
+        rest = sorted((n for n in items if n != best and n not in ties and items[n][0] is not None),
+                      key=lambda n: -items[n][0])
+        if rest:
+            clause += f", then {rest[0]} {items[rest[0]][0]:,.0f}"
         clauses.append(clause)
     if not clauses:
         return None

@@ -45,7 +45,7 @@ def test_extrapolation_verdicts(results):
 def test_throughput_ties_and_memory(results):
     assert throughput_finding(results) == ("Fastest, in tokens per CPU-second of the process, best of 3 repeats: "
                                            "decode at 2048 tokens: swa 1,000 (median 950), not ranked against "
-                                           "mamba2 (the repeats overlap).")
+                                           "mamba2 (the repeats overlap), then transformer 400.")
     text = memory_finding(results)
     assert "from 1024 to 4096 tokens: flat for swa (20.0 KiB) and mamba2 (20.0 KiB)" in text
     assert "grows for transformer (x4.0 over x4 context" in text
