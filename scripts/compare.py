@@ -169,6 +169,11 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.prefill_chunk < 1 or args.decode_memory_tokens < 1:
         ap.error("--prefill-chunk and --decode-memory-tokens: expected positive integers")
+    if args.extrapolation_factor == 1 or args.extrapolation_factor < 0 or args.extrapolation_docs < 1:
+        ap.error("--extrapolation-factor: 0 (off) or at least 2; --extrapolation-docs: a positive integer")
+    if (args.max_doc_tokens is not None and args.max_doc_tokens < 2) or args.resamples < 1:
+        ap.error("--max-doc-tokens: at least 2 (a document's first target needs a token before it); "
+                 "--resamples: a positive integer")
     return args
 
 

@@ -128,3 +128,13 @@ def test_bad_recipe_is_a_clear_error(setup, capsys):
 
 def test_count_parses_suffixes():
     assert compare.count("300K") == 300_000 and compare.count("1.5M") == 1_500_000 and compare.count("7") == 7
+
+
+@pytest.mark.parametrize("flag", [["--extrapolation-factor", "1"], ["--max-doc-tokens", "1"], ["--resamples", "0"]])
+def test_issue16_flags_are_checked(flag, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["transformer", *flag])
+    assert flag[0] in capsys.readouterr().err
+    defaults = compare.parse_args(["transformer"])
+    assert (defaults.max_doc_tokens, defaults.resamples, defaults.extrapolation_factor,
+            defaults.extrapolation_docs) == (None, 1000, 16, 16)
