@@ -172,6 +172,9 @@ def main(argv=None):
                 continue
             data = prepared_data(recipe, args.data, log=print)
             trainer, result, cpu_s, wall_s = train_one(recipe, data, out / "runs" / recipe.name, args, print)
+            if result.stopped:   # a stop before the budget: nothing is shipped; a rerun continues the run
+                print(f"{recipe.name}: stopped at step {result.step}, not shipped; rerun to continue")
+                return 0
             val32 = result.val_bpb
             path, _, bpb = ship(trainer, recipe, dest, DTYPES[args.dtype])
             t = trainer.recipe.train
