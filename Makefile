@@ -2,6 +2,7 @@
 # machine gets the versions the suite last passed with, not whatever was released since. On a CPU-only
 # machine torch is the local CPU build of the locked version; pass TORCH=torch for another build.
 PY      := .venv/bin/python
+ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
 LOCK    := -c constraints.txt --build-constraint constraints.txt
@@ -21,7 +22,7 @@ test: install
 	$(PY) -m pytest tests
 
 describe: install
-	$(PY) scripts/describe.py recipes/*.yaml
+	$(ZOO) describe recipes/*.yaml
 
 # The main job: ~1M-parameter versions of each recipe, trained on the same 200K tokens of the built-in
 # corpus, then evaluated side by side (about 7 minutes on 2 CPU cores before issue 16; rerunning resumes).
@@ -36,13 +37,13 @@ COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=
 	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
 
 compare: install
-	$(PY) scripts/compare.py $(RECIPES) --out runs/compare $(COMPARE_ARGS)
+	$(ZOO) compare $(RECIPES) --out runs/compare $(COMPARE_ARGS)
 
 # The main job plus memory as the architectures claim it at length: decode memory to 64K tokens (attention stops
 # where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the
 # sequence over W = 1, 2, 4 gloo processes. Reuses runs/compare: what `make compare` did is skipped.
 compare-memory: install
-	$(PY) scripts/compare.py $(RECIPES) --out runs/compare $(COMPARE_ARGS) \
+	$(ZOO) compare $(RECIPES) --out runs/compare $(COMPARE_ARGS) \
 		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 # The main job with tighter intervals: bits/byte on 64K tokens of 23 documents, extrapolation on the 14 documents
@@ -50,7 +51,7 @@ compare-memory: install
 # budget, so runs/compare's cells would be kept as they are); it trains again. Not timed: expect about twice the
 # main job.
 compare-long: install
-	$(PY) scripts/compare.py $(RECIPES) --out runs/compare-long $(COMPARE_ARGS) --max-tokens 65536 \
+	$(ZOO) compare $(RECIPES) --out runs/compare-long $(COMPARE_ARGS) --max-tokens 65536 \
 		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5
 
 bench: install

@@ -1,12 +1,11 @@
 """The harness with context parallel: evals.context_parallel cells on W gloo processes (the loss is the same
-for every W, a per-rank cap gives OOM) and scripts/compare.py --world-sizes end to end."""
+for every W, a per-rank cap gives OOM) and zoo compare --world-sizes end to end."""
 import json
 
 import pytest
 import yaml
 
 from evals.context_parallel import cp_cell, cp_section, longest_fitting
-from tests.helpers import load_script
 
 RECIPE = {"name": "tiny-cp", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 256, "pattern": "RN",
                                       "blocks": {"R": {"type": "ring", "n_heads": 2, "block_size": 16},
@@ -46,7 +45,7 @@ def test_longest_fitting_and_the_report_section(tmp_path):
 
 @pytest.mark.slow
 def test_compare_with_world_sizes(tmp_path, capsys):
-    compare = load_script("compare")
+    from evals.commands import compare
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(12):

@@ -1,4 +1,4 @@
-"""scripts/compare.py end to end on tiny recipes and a tiny corpus: results.json with units, report.md,
+"""zoo compare (evals/commands/compare.py) end to end on tiny recipes and a tiny corpus: results.json with units, report.md,
 the PNGs; a second run skips every cell and trains nothing; --match-params lands within 2%."""
 import json
 from pathlib import Path
@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import load_script
 
-compare = load_script("compare")
+from evals.commands import compare
 
 TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "ffn": {"type": "swiglu", "mult": 2}}
 BLOCKS = {"tiny-attn": {"pattern": "A", "blocks": {"A": {"type": "attn", "n_heads": 2}}},

@@ -8,12 +8,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import zoo
-from tests.helpers import CLI_RECIPE, load_script, write_prepared
+from evals.commands import pretrain as pretrain_command
+from tests.helpers import CLI_RECIPE, write_prepared
 
 
 @pytest.fixture(scope="module")
 def pretrain():
-    return load_script("pretrain")
+    return pretrain_command
 
 
 def test_pretrain_ships_a_half_precision_checkpoint_with_its_card(pretrain, tmp_path, capsys):
@@ -33,7 +34,7 @@ def test_pretrain_ships_a_half_precision_checkpoint_with_its_card(pretrain, tmp_
     assert [row[0] for row in card["curve"]] == [16, 32]
     assert card["cpu_seconds"] > 0 and card["gzip_bpb"] > 0
     assert abs(card["val_bpb"] - card["val_bpb_float32"]) < 0.01   # rounding the weights costs little
-    assert "python scripts/pretrain.py" in (dest / "MODEL_CARD.md").read_text()
+    assert "zoo pretrain" in (dest / "MODEL_CARD.md").read_text()
     ckpt = dest / card["checkpoint"]
     with safe_open(ckpt / "model.safetensors", framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}

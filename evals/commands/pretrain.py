@@ -1,0 +1,193 @@
+"""Train the compared recipes once, offline, and ship them: the checkpoints `make compare` evaluates.
+
+    zoo pretrain transformer swa mamba2 taipan samba --budget 4M --match-params 1M \
+        --set train.seq_len=256 train.batch_size=16 --threads 2 --out pretrained          # = make pretrain
+
+Each recipe is sized as `zoo compare` sizes it (`--match-params`), trained for `--budget` tokens with
+the recipe's seed (data order and initialisation are functions of it), and written to OUT/<name>/ as a
+checkpoint directory that `zoo compare`, `zoo eval` and zoo.load_checkpoint read: weights in half precision
+(`--dtype`, float16 by default; about 2 bytes per parameter), no optimizer state. Beside it OUT/<name>/card.json
+and MODEL_CARD.md: the command, commit, parameters, tokens, steps, CPU and wall seconds, threads, and the
+validation bits per byte of the shipped (rounded) weights beside gzip -9 on the same bytes.
+
+Rerunning continues an interrupted recipe from its last checkpoint (OUT/runs/<name>) and skips finished
+ones; `--retrain` starts them over. Ends with one machine-readable `summary:` line.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import zoo
+from evals.commands import compare   # the sizing is the comparison's own
+from evals.compression import compression_bpb
+from zoo.data import DataError
+from zoo.train.checkpoint import CheckpointError, save_checkpoint
+from zoo.train.run_dir import RunDirError
+from zoo.train.trainer import Trainer, TrainingError, prepared_data
+
+ROOT = Path(__file__).resolve().parents[2]   # the checkout, for the git commit
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipes", nargs="+", help="recipe names or files")
+    ap.add_argument("--out", default="pretrained", help="OUT/<name>/ per recipe, OUT/runs/ for the training runs")
+    ap.add_argument("--budget", type=compare.count, default=compare.count("4M"), help="training tokens per recipe")
+    ap.add_argument("--match-params", default=None, help="target parameter count (1M) or a recipe's name")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="dotlist overrides applied to every recipe before sizing")
+    ap.add_argument("--evals", type=int, default=8, help="validation evaluations along the run (the curve in card.json)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="precision of the shipped weights")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--data", default=None, help="prepared data directory (default: prepare the recipe's corpus)")
+    ap.add_argument("--retrain", action="store_true", help="start every recipe over, even a finished one")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.evals < 1:
+        ap.error(f"--evals: expected a positive integer, got {args.evals}")
+    return args
+
+
+def sized_recipes(args, say) -> list:
+    """The recipes as compare.py sizes them: (recipe, overrides that sized it)."""
+    out = []
+    for spec in args.recipes:
+        recipe, _ = compare.resolve(spec, args.overrides)
+        extra = []
+        if args.match_params:
+            target = args.match_params
+            if not target[0].isdigit():
+                target = zoo.build_model(compare.resolve(target, args.overrides)[0]).num_params()["total"]
+            else:
+                target = compare.count(target)
+            extra, n = compare.match_params(recipe, int(target))
+            recipe = zoo.load_recipe(recipe.to_dict(), extra)
+            say(f"{recipe.name}: {n:,} parameters ({' '.join(extra)})")
+        out.append((recipe, extra))
+    return out
+
+
+def train_one(recipe, data, run_dir: Path, args, say):
+    """Train to the budget (continuing an interrupted run); (trainer, result, CPU seconds, wall seconds)."""
+    t = recipe.train
+    steps = max(1, args.budget // (t.batch_size * t.seq_len * t.grad_accum))
+    every = max(1, steps // args.evals)
+    recipe = zoo.load_recipe(recipe.to_dict(), [
+        f"train.max_steps={steps}", f"train.warmup_steps={min(t.warmup_steps, steps // 10)}",
+        f"train.eval_every={every}", f"train.save_every={every}", "train.keep_last=1",
+        f"train.log_every={max(1, steps // 100)}"])
+    resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
+                      overwrite=resume is None)
+    result = trainer.train()
+    return trainer, result, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def curve(run_dir: Path) -> list:
+    """[(step, tokens, val_bpb)] from the run's metrics.jsonl."""
+    rows = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row.get("val_bpb") is not None:
+            rows.append([row["step"], row.get("tokens"), round(row["val_bpb"], 4)])
+    return rows
+
+
+def ship(trainer, recipe, dest: Path, dtype) -> tuple:
+    """Write the model's weights rounded to `dtype` as dest's checkpoint; returns (path, val loss, val bpb) of
+    the rounded weights, evaluated on the trainer's validation batches."""
+    model = trainer.model
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k].to(v.dtype))   # evaluate what is shipped, not the float32 original
+    loss, bpb = trainer.evaluate()
+    path = save_checkpoint(dest / "checkpoints", trainer.step, state, trainer.recipe,
+                           info={"dtype": str(dtype).removeprefix("torch."), "tokens": trainer.tokens}, keep_last=1)
+    return path, loss, bpb
+
+
+def gzip_on_validation(trainer) -> float:
+    """gzip -9 bits per byte on the bytes of the validation batches the model is scored on."""
+    ids = torch.cat([b["input_ids"].flatten() for b in trainer.data.val_batches(
+        trainer.cfg.eval_batches, trainer.cfg.batch_size, trainer.cfg.seq_len)])
+    if trainer.recipe.model.vocab_size != 256:
+        return None   # byte tokens only: other tokenizers would need their decoder here
+    return round(compression_bpb(bytes(ids.to(torch.uint8).tolist()))["gzip-9"], 4)
+
+
+def card_text(card: dict) -> str:
+    lines = [f"# {card['recipe']} (zoo pretrained checkpoint)", "",
+             f"- command: `{card['command']}` (commit {card['commit']})",
+             f"- parameters: {card['params']:,}; weights shipped as {card['dtype']}",
+             f"- trained: {card['tokens']:,} tokens, {card['steps']} steps of {card['batch_size']} x {card['seq_len']}, "
+             f"seed {card['seed']}, {card['threads']} threads",
+             f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
+             f"(on {card['machine']})",
+             f"- validation: {card['val_bpb']:.4f} bits/byte (shipped weights; float32 {card['val_bpb_float32']:.4f}); "
+             f"gzip -9 on the same bytes {card['gzip_bpb']:.4f}" if card.get("gzip_bpb") else
+             f"- validation: {card['val_bpb']:.4f} bits/byte", "",
+             "Validation curve (step, tokens, bits/byte): " + ", ".join(f"({s}, {t}, {b})" for s, t, b in card["curve"])]
+    return "\n".join(lines) + "\n"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, shipped = Path(args.out), []
+    try:
+        for recipe, sizing in sized_recipes(args, print):
+            dest = out / recipe.name
+            if (dest / "card.json").is_file() and not args.retrain:
+                print(f"{recipe.name}: shipped already ({dest}); --retrain to train it again")
+                shipped.append(json.loads((dest / "card.json").read_text()))
+                continue
+            data = prepared_data(recipe, args.data, log=print)
+            trainer, result, cpu_s, wall_s = train_one(recipe, data, out / "runs" / recipe.name, args, print)
+            if result.stopped:   # a stop before the budget: nothing is shipped; a rerun continues the run
+                print(f"{recipe.name}: stopped at step {result.step}, not shipped; rerun to continue")
+                return 0
+            val32 = result.val_bpb
+            path, _, bpb = ship(trainer, recipe, dest, DTYPES[args.dtype])
+            t = trainer.recipe.train
+            card = {"recipe": recipe.name, "command": "zoo pretrain " + " ".join(argv),
+                    "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
+                    "dtype": args.dtype, "tokens": result.tokens, "steps": result.step, "batch_size": t.batch_size,
+                    "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),
+                    "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
+                    "machine": f"{torch.get_num_threads()} threads, {sys.platform}, torch {torch.__version__}",
+                    "val_bpb": round(bpb, 4), "val_bpb_float32": round(val32, 4),
+                    "gzip_bpb": gzip_on_validation(trainer), "checkpoint": str(path.relative_to(dest)),
+                    "curve": curve(out / "runs" / recipe.name)}
+            (dest / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+            (dest / "MODEL_CARD.md").write_text(card_text(card))
+            print(f"{recipe.name}: {bpb:.4f} bits/byte (gzip -9 {card['gzip_bpb']}) -> {path}")
+            shipped.append(card)
+    except (zoo.RecipeError, CheckpointError, TrainingError, DataError, RunDirError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("summary: " + json.dumps({c["recipe"]: {"val_bpb": c["val_bpb"], "gzip_bpb": c["gzip_bpb"],
+                                                  "params": c["params"], "tokens": c["tokens"]} for c in shipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
