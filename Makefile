@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare compare-memory compare-long describe bench clean lock upgrade
+.PHONY: install test compare compare-memory compare-long pretrain describe bench clean lock upgrade
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -36,14 +36,30 @@ COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=
 	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
 	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
 
+# The compared models: the shipped checkpoints in pretrained/ (made by `make pretrain`; model cards beside them)
+# when every recipe has one, so that the comparison is between models trained past gzip; otherwise, or with
+# TRAIN=1, every recipe trains here on --budget tokens (never a mix of the two).
+PRETRAINED   ?= pretrained
+MISSING      := $(foreach r,$(RECIPES),$(if $(wildcard $(PRETRAINED)/$(r)/card.json),,$(r)))
+COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(PRETRAINED)/,$(RECIPES)))
+# cells resume per directory: the two kinds of models never share one
+COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
+PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
+
 compare: install
-	$(ZOO) compare $(RECIPES) --out runs/compare $(COMPARE_ARGS)
+	@echo "compare: $(if $(TRAIN)$(MISSING),training each recipe here$(if $(MISSING), (no shipped checkpoint: $(MISSING))),the shipped checkpoints in $(PRETRAINED)/)"
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(COMPARE_ARGS)
+
+# Train and ship the compared recipes (the command in each model card; about 10-20 CPU minutes a recipe on
+# this 2-core machine; rerunning continues an interrupted one and skips shipped ones).
+pretrain: install
+	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
 
 # The main job plus memory as the architectures claim it at length: decode memory to 64K tokens (attention stops
 # where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the
 # sequence over W = 1, 2, 4 gloo processes. Reuses runs/compare: what `make compare` did is skipped.
 compare-memory: install
-	$(ZOO) compare $(RECIPES) --out runs/compare $(COMPARE_ARGS) \
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(COMPARE_ARGS) \
 		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 # The main job with tighter intervals: bits/byte on 64K tokens of 23 documents, extrapolation on the 14 documents
@@ -51,7 +67,7 @@ compare-memory: install
 # budget, so runs/compare's cells would be kept as they are); it trains again. Not timed: expect about twice the
 # main job.
 compare-long: install
-	$(ZOO) compare $(RECIPES) --out runs/compare-long $(COMPARE_ARGS) --max-tokens 65536 \
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT)-long $(COMPARE_ARGS) --max-tokens 65536 \
 		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5
 
 bench: install
