@@ -29,7 +29,9 @@ describe: install
 # Issue 16 adds about 3 minutes, in CPU seconds measured on random-weight models of the same sizes (1 thread):
 # bits/byte on 24K tokens of 10 documents instead of 8K of 2, for intervals (+100 s); the length extrapolation
 # cells, 8 documents streamed to 16 x 256 tokens and scored again with the history cut to 256 (+51 s); 3
-# throughput repeats instead of 1 (+29 s).
+# throughput repeats instead of 1 (+29 s); decode memory after a chunked prefill at 1K/4K/16K and the longest
+# trainable context at W = 1 under 128 MiB (about 3 CPU-minutes for the five recipes, docs/benchmarks.md "Memory
+# by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min).
 COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
 	--contexts 256,512,1024,2048 --schemes blocks,sliding,streaming --max-tokens 24576 --max-doc-tokens 4096 \
 	--extrapolation-factor 16 --extrapolation-docs 8 --memory train \
