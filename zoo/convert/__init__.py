@@ -2,12 +2,18 @@
 
     zoo.convert.from_transformers(hf_model) -> ZooLM     # LlamaForCausalLM, MambaForCausalLM, Mamba2ForCausalLM
 
+Llama, Mamba and Mamba-2 convert here; each further model family has its own module in this package that
+registers its converter with `@register_converter("XForCausalLM")` and is imported when zoo.convert is
+(every module of the package, found by name: adding a family needs no edit here).
+
 Each converter writes the equivalent recipe (so the result trains, saves and evaluates like any other
 zoo model) and copies every tensor under an explicit name map; a tensor left over on either side is
 an error, so a silent partial import cannot happen.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable
 
 import torch
@@ -139,3 +145,7 @@ def from_transformers(hf_model) -> ZooLM:
 
 def _tied_aliases(hf_model) -> set:
     return {"lm_head.weight"} if getattr(hf_model.config, "tie_word_embeddings", False) else set()
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
