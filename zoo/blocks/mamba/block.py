@@ -108,7 +108,7 @@ class Mamba2Block(_Mixer):
     def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int, kernels=None):
         super().__init__(d_model, cfg, layer_idx, kernels)
         self.n_heads = cfg.heads(d_model)
-        self.d_inner = cfg.expand * d_model
+        self.d_inner = cfg.inner(d_model)
         self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
         # in_proj packs [z, x, B, C, dt], as in mamba_ssm
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=cfg.bias)
@@ -117,7 +117,7 @@ class Mamba2Block(_Mixer):
         A = torch.empty(self.n_heads).uniform_(cfg.a_init_min, cfg.a_init_max)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // cfg.n_groups)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.n_groups, cfg.norm_eps) if cfg.norm else None
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_reinit = True
@@ -134,15 +134,16 @@ class Mamba2Block(_Mixer):
                     self.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
         xs, B, C = self._heads(xBC)
         A = -torch.exp(_float(self.A_log))
+        dt, dt_bias, dt_softplus = self._dt(dt)
         if cache is not None and length == 1:
             # Heads flattened into channels, A and dt repeated over head_dim: the Mamba-1 step.
-            per_head = lambda t: t.repeat_interleave(p, dim=-1)
+            per_head = lambda t: None if t is None else t.repeat_interleave(p, dim=-1)
             y, state = selective_scan_step(cache.ssm.flatten(1, 2), xs[:, 0].reshape(b, h * p), per_head(dt[:, 0]),
                                            per_head(A)[:, None].expand(h * p, n), B[:, 0], C[:, 0], per_head(self.D),
-                                           None, per_head(self.dt_bias), dt_softplus=True)
+                                           None, per_head(dt_bias), dt_softplus=dt_softplus)
             y, state = y[:, None], state.view(b, h, p, n)
         else:
-            y = ssd_scan(xs, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            y = ssd_scan(xs, dt, A, B, C, self.cfg.chunk_size, D=self.D, dt_bias=dt_bias, dt_softplus=dt_softplus,
                          initial_states=None if cache is None else cache.ssm, seq_idx=seq_idx,
                          return_final_states=cache is not None, impl=self.kernels.get("ssd", "auto"))
             if cache is not None:
@@ -156,6 +157,18 @@ class Mamba2Block(_Mixer):
         """z [b, l, d_inner], xBC [b, l, conv_dim] (before the convolution), dt [b, l, heads]."""
         return self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
 
+    def _steps(self, dt):
+        """The step sizes softplus(dt + dt_bias), clamped to cfg.dt_limit, in dt's dtype."""
+        steps = F.softplus(dt + self.dt_bias.to(dt.dtype))
+        return steps.clamp(*self.cfg.dt_limit) if self.cfg.clamps_dt else steps
+
+    def _dt(self, dt):
+        """(dt, dt_bias, dt_softplus) for the scans: the projection, its bias and softplus left to the op, or
+        with a dt_limit the clamped step sizes themselves (the ops take no limit)."""
+        if not self.cfg.clamps_dt:
+            return dt, self.dt_bias, True
+        return self._steps(_float(dt)), None, False
+
     def _heads(self, xBC):
         """x [b, l, heads, head_dim] and B, C [b, l, groups, d_state] from the convolution's output."""
         b, length, _ = xBC.shape
@@ -165,7 +178,10 @@ class Mamba2Block(_Mixer):
                 C.reshape(b, length, g, n))
 
     def _out(self, y, z):
-        """out_proj(rmsnorm(y * silu(z))) of y, z [b, l, d_inner]."""
+        """out_proj(rmsnorm(y * silu(z))) of y, z [b, l, d_inner]; without the norm out_proj(y * silu(z))."""
+        if self.norm is None:
+            acc = _float(y).dtype
+            return self.out_proj((y.to(acc) * F.silu(z.to(acc))).to(y.dtype))
         return self.out_proj(self.norm(y, z))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:

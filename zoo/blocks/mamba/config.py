@@ -1,8 +1,9 @@
 """Configs of the Mamba blocks (recipe fields under `model.blocks.<letter>`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
 
 
 @dataclass
@@ -40,19 +41,43 @@ class Mamba2Config:
     dt_init_floor: float = 1e-4
     a_init_min: float = 1.0             # -A per head is uniform in [a_init_min, a_init_max]
     a_init_max: float = 16.0
+    # the inner width as n_heads x head_dim rather than expand x d_model (Nemotron-H, Falcon-H1); null: expand
+    n_heads: Optional[int] = None
+    norm: bool = True                   # the gated RMSNorm; false: y * silu(z) alone (Falcon-H1 mamba_rms_norm)
+    norm_eps: float = 1e-5              # the gated RMSNorm's eps
+    # step sizes clamped to [lo, hi] after the softplus, as mamba_ssm's dt_limit (Nemotron-H: [time_step_min, inf])
+    dt_limit: List[float] = field(default_factory=lambda: [0.0, math.inf])
 
     def __post_init__(self):
         _at_least_one(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")
+        if self.n_heads is not None:
+            _at_least_one(self, "n_heads")
         _check_dt_range(self)
         if not 0 < self.a_init_min <= self.a_init_max:
             raise ValueError(f"a_init_min: must satisfy 0 < a_init_min <= a_init_max = {self.a_init_max}, "
                              f"got {self.a_init_min}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
+        if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] < self.dt_limit[1]:
+            raise ValueError(f"dt_limit: must be [lo, hi] with 0 <= lo < hi (hi may be .inf), got {list(self.dt_limit)}")
+
+    @property
+    def clamps_dt(self) -> bool:
+        return tuple(self.dt_limit) != (0.0, math.inf)
 
     def check(self, d_model: int, seq_len: int) -> None:
         """Checks that need the model's width."""
         self.heads(d_model)
 
+    def inner(self, d_model: int) -> int:
+        """The inner width d_inner: n_heads x head_dim when n_heads is set, else expand x d_model."""
+        return self.n_heads * self.head_dim if self.n_heads is not None else self.expand * d_model
+
     def heads(self, d_model: int) -> int:
+        if self.n_heads is not None:
+            if self.n_heads % self.n_groups:
+                raise ValueError(f"n_groups: {self.n_groups} does not divide n_heads {self.n_heads}")
+            return self.n_heads
         d_inner = self.expand * d_model
         if d_inner % self.head_dim:
             raise ValueError(f"head_dim: {self.head_dim} does not divide expand * model.d_model = {d_inner}")

@@ -123,13 +123,14 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     A = -torch.exp(block.A_log.to(acc))
     chunks = cp.chunks()
+    scan_dt, dt_bias, dt_softplus = block._dt(dt)
     ys, log_decay, ends, cums = [], [], [], []
     for c in chunks:
         sl = c.local
-        y, end = ssd_scan(xs[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], block.cfg.chunk_size, D=block.D,
-                          dt_bias=block.dt_bias, dt_softplus=True, return_final_states=True,
+        y, end = ssd_scan(xs[:, sl], scan_dt[:, sl], A, B[:, sl], C[:, sl], block.cfg.chunk_size, D=block.D,
+                          dt_bias=dt_bias, dt_softplus=dt_softplus, return_final_states=True,
                           impl=block.kernels.get("ssd", "auto"))
-        steps = F.softplus(dt[:, sl].to(acc) + block.dt_bias.to(acc))
+        steps = block._steps(dt[:, sl].to(acc))
         cs = (steps.double().cumsum(1) * A.double()).to(acc)                           # [b, len, h], <= 0
         ys.append(y)
         cums.append(cs)
