@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from zoo.blocks.ffn import FfnConfig
+from zoo.blocks.ffn import FFN_TYPES, FfnConfig
 from zoo.ops.dispatch import check_kernels
 from zoo.registry import get_block, list_blocks, unknown_name_message
 
@@ -205,7 +205,7 @@ def _ffn_config(default: FfnConfig, override, path: str) -> FfnConfig:
     if isinstance(override, str):
         override = {"type": override}
     if not isinstance(override, (dict, DictConfig)):
-        raise RecipeError(f"{path}: expected a feed-forward type ({', '.join(('mlp', 'none', 'swiglu'))}) or a mapping, got {override!r}")
+        raise RecipeError(f"{path}: expected a feed-forward type ({', '.join(FFN_TYPES)}) or a mapping, got {override!r}")
     return _structured(FfnConfig, OmegaConf.merge(OmegaConf.structured(default), override), path)
 
 

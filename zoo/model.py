@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from zoo.blocks.base import AuxLoss, BlockCache
+from zoo.blocks.base import AuxLoss, BlockCache, split_aux
 from zoo.blocks.ffn import build_ffn
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
@@ -64,11 +64,15 @@ class ZooLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
 
     def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
-        """(the layer's output, the block's auxiliary loss or None)."""
+        """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
         y, aux = self.mixer.run(self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
         x = x + y
         if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
+            # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
+            y, ffn_aux = split_aux(self.ffn(self.ffn_norm(x), cp=cp))
+            x = x + y
+            if ffn_aux is not None:
+                aux = ffn_aux if aux is None else aux + ffn_aux
         return x, aux
 
 
@@ -107,6 +111,8 @@ class ZooLM(nn.Module):
                 bias = getattr(module, "bias", None)
                 if bias is not None and not getattr(bias, "_no_reinit", False):
                     nn.init.zeros_(bias)
+            elif hasattr(module, "init_weights"):  # weights that are not nn.Linear (stacked MoE experts)
+                module.init_weights(std, 1 / math.sqrt(2 * len(self.layers)))
 
     def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None,
                 seq_idx=None, cp_layout: Optional[str] = None) -> ZooOutput:

@@ -32,7 +32,7 @@ BAD_OVERRIDES = [
     (["model.d_model=abc"], ["model.d_model", "abc", "Integer"]),
     (["model.n_layers=0"], ["model.n_layers", "0", "> 0"]),
     (["model.vocab_size=1"], ["model.vocab_size", ">= 2"]),
-    (["model.ffn.type=geglu"], ["model.ffn.type", "'geglu'", "mlp, none, swiglu"]),
+    (["model.ffn.type=geglu"], ["model.ffn.type", "'geglu'", "known: mlp, moe, none", "swiglu"]),
     (["model.blocks.A.ffn.type=mpl"], ["model.blocks.A.ffn.type", "did you mean 'mlp'"]),
     (["model.blocks.A.ffn.chunk=0"], ["model.blocks.A.ffn.chunk", "0"]),
     (["train.seq_len=0"], ["train.seq_len", "> 0"]),

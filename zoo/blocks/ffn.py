@@ -1,4 +1,5 @@
-"""Feed-forward sublayers: GELU MLP, SwiGLU (arXiv 2002.05202), or none.
+"""Feed-forward sublayers: GELU MLP, SwiGLU (arXiv 2002.05202), a mixture of SwiGLU experts (`moe`,
+zoo/blocks/moe.py), or none.
 
 `chunk` computes the FFN over sequence chunks with recomputation in backward (Blockwise Parallel
 Transformer, arXiv 2305.19370, section 3): the hidden activations of only one chunk are alive at a
@@ -14,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from zoo.blocks.moe import MoeFeedForward, check_moe_fields
 from zoo.registry import unknown_name_message
 
-FFN_TYPES = ("mlp", "none", "swiglu")
+FFN_TYPES = ("mlp", "moe", "none", "swiglu")
 
 
 @dataclass
@@ -27,6 +29,12 @@ class FfnConfig:
     multiple_of: int = 8
     bias: bool = False
     chunk: Optional[int] = None    # sequence chunk length for blockwise FFN; None = whole sequence
+    # type moe (zoo/blocks/moe.py): `hidden` / `mult` size each expert; the rest is ignored by other types
+    experts: Optional[int] = None  # routed experts E
+    top_k: int = 2                 # experts per token
+    normalize_top_k: bool = False  # renormalise the top-k probabilities to sum 1 (Mixtral); False: Jamba
+    shared_hidden: Optional[int] = None   # hidden size of a shared SwiGLU expert every token uses; None: none
+    aux_loss_weight: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 disables it
 
     def __post_init__(self):
         if self.type not in FFN_TYPES:
@@ -39,12 +47,14 @@ class FfnConfig:
             raise ValueError(f"multiple_of: must be >= 1, got {self.multiple_of}")
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"chunk: must be >= 1 or null, got {self.chunk}")
+        if self.type == "moe":
+            check_moe_fields(self)
 
     def hidden_size(self, d_model: int) -> int:
         if self.hidden is not None:
             return self.hidden
         h = self.mult * d_model
-        if self.type == "swiglu":
+        if self.type in ("swiglu", "moe"):
             h = 2 * h / 3  # keeps SwiGLU's parameter count equal to the GELU MLP's
         return int(-(-int(h) // self.multiple_of) * self.multiple_of)
 
@@ -64,7 +74,8 @@ class FeedForward(nn.Module):
             return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.out_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
-    def forward(self, x):
+    def forward(self, x, cp=None):
+        """x [batch, length, d_model] -> the same shape; per token, so `cp` (context parallel) changes nothing."""
         chunk = self.cfg.chunk
         if chunk is None or x.shape[1] <= chunk:
             return self._ffn(x)
@@ -78,4 +89,7 @@ class FeedForward(nn.Module):
 
 
 def build_ffn(d_model: int, cfg: FfnConfig) -> Optional[nn.Module]:
+    """The FFN of a layer: forward(x, cp=None) -> output, or (output, aux_loss) for `moe`."""
+    if cfg.type == "moe":
+        return MoeFeedForward(d_model, cfg, cfg.hidden_size(d_model))
     return None if cfg.type == "none" else FeedForward(d_model, cfg)

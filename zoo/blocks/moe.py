@@ -1,0 +1,105 @@
+"""The mixture-of-experts feed-forward, `ffn: {type: moe, experts: E, top_k: k, ...}` (zoo.ops.moe for the
+math): a linear router, softmax over all experts, top-k SwiGLU experts, an optional shared SwiGLU expert
+that every token goes through, and the load-balancing auxiliary loss.
+
+Load balancing (Switch Transformer, arXiv 2101.03961, eq. 4-6; transformers' `load_balancing_loss_func`):
+
+    aux = aux_loss_weight * E * sum_e f_e * P_e,
+    f_e = (top-k slots routed to e) / tokens,   P_e = mean over tokens of softmax(router_logits)_e
+
+f counts all k slots (sum_e f_e = k, so a uniform router gives aux = weight * k); its gradient flows
+through P only. The statistics are the layer's own: each MoE layer adds its term to the model's
+aux_loss. (transformers pools the counts and probabilities of all MoE layers before the product, which
+equals this for one MoE layer and differs for several; its Jamba adds it only with output_router_logits.)
+
+Per token, so a cache, streaming and packed documents (seq_idx) change nothing. Under context parallel
+the token counts and probability sums are summed over the group before the product (the probability
+sums with an identity backward, as the model's cross-entropy), so every rank holds the one-process
+value and the ranks' gradients sum to the one-process gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.distributed import all_reduce_sum
+from zoo.ops.moe import expert_counts, moe_swiglu, route
+
+__all__ = ["MoeFeedForward", "check_moe_fields"]
+
+
+def check_moe_fields(cfg) -> None:
+    """The `moe` fields of an FfnConfig (raises ValueError starting with the field name)."""
+    if cfg.experts is None or isinstance(cfg.experts, bool) or cfg.experts < 1:
+        raise ValueError(f"experts: type moe needs the number of experts (an integer >= 1), got {cfg.experts!r}")
+    if isinstance(cfg.top_k, bool) or not 1 <= cfg.top_k <= cfg.experts:
+        raise ValueError(f"top_k: must be in [1, experts={cfg.experts}], got {cfg.top_k!r}")
+    if cfg.shared_hidden is not None and cfg.shared_hidden < 1:
+        raise ValueError(f"shared_hidden: must be null (no shared expert) or >= 1, got {cfg.shared_hidden}")
+    if not cfg.aux_loss_weight >= 0:
+        raise ValueError(f"aux_loss_weight: must be >= 0, got {cfg.aux_loss_weight}")
+    if cfg.bias:
+        raise ValueError("bias: type moe has no biases (router and experts are bias-free)")
+    if cfg.chunk is not None:
+        raise ValueError(f"chunk: the blockwise FFN is not implemented for type moe, got {cfg.chunk}")
+
+
+class MoeFeedForward(nn.Module):
+    """x [batch, length, d_model] -> (y, aux_loss). Parameters: `router` [E, d], `gate_up` [E, 2h, d],
+    `down` [E, d, h] (transformers' router.weight, experts.gate_up_proj, experts.down_proj), and with
+    `shared_hidden` a SwiGLU `shared` (gate_proj, up_proj, out_proj)."""
+
+    def __init__(self, d_model: int, cfg, hidden: int):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(d_model, cfg.experts, bias=False)
+        self.gate_up = nn.Parameter(torch.empty(cfg.experts, 2 * hidden, d_model))
+        self.down = nn.Parameter(torch.empty(cfg.experts, d_model, hidden))
+        self.shared = _SharedExpert(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
+        self.init_weights(0.02, 1.0)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_scale: float) -> None:
+        """The stacked experts as the model's linears (ZooLM.reset_parameters): N(0, std), the output
+        projection scaled by `out_scale` like every residual `out_proj`."""
+        nn.init.normal_(self.gate_up, std=std)
+        nn.init.normal_(self.down, std=std * out_scale)
+
+    def forward(self, x: torch.Tensor, cp=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        cfg = self.cfg
+        flat = x.reshape(-1, x.shape[-1])
+        probs, weights, experts = route(self.router(flat), cfg.top_k, cfg.normalize_top_k)
+        y = moe_swiglu(flat, weights, experts, self.gate_up, self.down).view_as(x)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        aux = None
+        if cfg.aux_loss_weight > 0:
+            aux = cfg.aux_loss_weight * self._balance(probs, experts, cp)
+        return y, aux
+
+    def _balance(self, probs: torch.Tensor, experts: torch.Tensor, cp) -> torch.Tensor:
+        """E * sum_e f_e P_e over all tokens (of every rank under cp); see the module docstring."""
+        n = self.cfg.experts
+        counts = expert_counts(experts, n).to(probs.dtype)
+        tokens = probs.new_tensor([probs.shape[0]])
+        stats = torch.cat([probs.sum(0), counts, tokens])
+        if cp is not None:
+            stats = all_reduce_sum(stats, cp.group)   # one collective; counts and tokens carry no gradient
+        prob_sum, counts, tokens = stats[:n], stats[n:2 * n], stats[2 * n]
+        return n * (counts.detach() / tokens) @ (prob_sum / tokens)
+
+
+class _SharedExpert(nn.Module):
+    """A SwiGLU every token goes through, beside the routed experts (DeepSeekMoE's shared expert)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.out_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
