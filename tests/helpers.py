@@ -130,6 +130,7 @@ EVERY_BLOCK = {
     "T": {"type": "taipan", "n_heads": 2, "window": 6, "capacity": 0.5},
     "M": {"type": "mamba", "d_state": 4, "ffn": "none"},
     "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
+    "F": {"type": "none", "ffn": {"type": "relu2", "mult": 2}},
 }
 
 

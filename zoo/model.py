@@ -58,8 +58,10 @@ class ZooLayer(nn.Module):
     def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None):
         super().__init__()
         self.block_type = spec.type
-        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
-        self.mixer = get_block(spec.type).cls(d_model, spec.cfg, layer_idx, kernels=kernels)
+        block = get_block(spec.type).cls
+        # a layer without a mixer (`none`) has no mixer norm: it adds zeros and the layer is its FFN alone
+        self.mixer_norm = nn.Identity() if block.passthrough else nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer = block(d_model, spec.cfg, layer_idx, kernels=kernels)
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
 

@@ -19,6 +19,7 @@ CASES = {
     "taipan_rope": {"n_heads": 2, "window": 5, "capacity": 0.5, "block_size": 3, "rope_base": 10000.0},
     "mamba": {"d_state": 4},
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
+    "none": {},
 }
 
 # Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle

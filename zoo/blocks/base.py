@@ -149,10 +149,14 @@ class Block(nn.Module, metaclass=abc.ABCMeta):
     - `supports_seq_idx`: forward takes `seq_idx` (packed documents, each token sees its own document);
     - `supports_cp`: forward takes a context-parallel handle `cp`. A block without a cp path keeps the
       default False and ZooLM refuses cp naming the block, rather than running it wrong.
+    - `passthrough`: the block adds nothing (no mixer); the layer skips its norm.
     """
 
     supports_seq_idx: ClassVar[bool] = False
     supports_cp: ClassVar[bool] = False
+    # True for a layer without a mixer (the `none` block: forward returns zeros): the layer then has no mixer
+    # norm either, and is its feed-forward alone (Nemotron-H's MLP layers)
+    passthrough: ClassVar[bool] = False
 
     def __init__(self, d_model: int, cfg, layer_idx: int, kernels: Optional[Mapping[str, str]] = None):
         super().__init__()

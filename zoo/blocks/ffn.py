@@ -18,12 +18,12 @@ from torch.utils.checkpoint import checkpoint
 from zoo.blocks.moe import MoeFeedForward, check_moe_fields
 from zoo.registry import unknown_name_message
 
-FFN_TYPES = ("mlp", "moe", "none", "swiglu")
+FFN_TYPES = ("mlp", "moe", "none", "relu2", "swiglu")
 
 
 @dataclass
 class FfnConfig:
-    type: str = "swiglu"
+    type: str = "swiglu"          # relu2: out(relu(up(x))^2), not gated (Primer, arXiv 2109.08668; Nemotron-H)
     mult: float = 4.0              # hidden = mult * d_model (SwiGLU: 2/3 of it, rounded up to `multiple_of`)
     hidden: Optional[int] = None   # exact hidden size; overrides mult (used when importing checkpoints)
     multiple_of: int = 8
@@ -72,6 +72,8 @@ class FeedForward(nn.Module):
     def _ffn(self, x):
         if self.gated:
             return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.cfg.type == "relu2":
+            return self.out_proj(F.relu(self.up_proj(x)).square())
         return self.out_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
     def forward(self, x, cp=None):
