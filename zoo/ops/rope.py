@@ -22,7 +22,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0, 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, length, heads, head_dim]; cos/sin: [length, head_dim] or [batch, length, head_dim]."""
+    """x: [batch, length, heads, head_dim]; cos/sin: [length, rope_dim] or [batch, length, rope_dim].
+    rope_dim < head_dim is partial RoPE: the first rope_dim dims rotate (half-split pairs within them),
+    the rest pass through, as transformers' `partial_rotary_factor` (Bamba, GPT-NeoX)."""
+    rope_dim = cos.shape[-1]
+    if rope_dim < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)

@@ -21,6 +21,8 @@ from zoo.registry import register_block
 class CausalSelfAttention(Block):
     """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V.
 
+    RoPE rotates the first `rope_dim` dims of each head (all by default; none with `rope_base: null`);
+    `scale` overrides the softmax scale 1 / sqrt(head_dim) (Granite's attention_multiplier).
     seq_idx (packed documents): RoPE at each token's position in its document and document masking
     in the attention op, so every token gets what its document alone would give."""
 
@@ -33,6 +35,7 @@ class CausalSelfAttention(Block):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_dim or d_model // cfg.n_heads
+        self.rope_dim = cfg.rope_dim or self.head_dim
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -45,16 +48,27 @@ class CausalSelfAttention(Block):
                 self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim),
                 self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
 
-    def _rope(self, start: int, end: int, device, row_start=None):
-        """cos, sin for absolute positions [start, end); with `row_start` [batch] (a left-padded batch, see
-        `_attend_left_padded`) per row, counted from the row's first token: [batch, end - start, head_dim]."""
+    def _positions(self, start: int, end: int, device, row_start=None):
+        """Absolute positions [start, end); with `row_start` [batch] (a left-padded batch, see
+        `_attend_left_padded`) per row, counted from the row's first token: [batch, end - start]."""
         positions = torch.arange(start, end, device=device)
         if row_start is not None:
             positions = (positions[None] - row_start[:, None]).clamp(min=0)
-        return rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
+        return positions
+
+    def _rope(self, start: int, end: int, device, row_start=None):
+        """cos, sin [(batch,) end - start, rope_dim] at `_positions(start, end, device, row_start)`."""
+        return rope_cos_sin(self._positions(start, end, device, row_start), self.rope_dim, self.cfg.rope_base)
+
+    def _rotate(self, q, k, positions):
+        """q and k rotated at `positions` ([length] or [batch, length]); unchanged with rope_base null."""
+        if self.cfg.rope_base is None:
+            return q, k
+        cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def _attend(self, q, k, v, seq_idx=None):
-        return attention(q, k, v, causal=True, seq_idx=seq_idx)
+        return attention(q, k, v, causal=True, scale=self.cfg.scale, seq_idx=seq_idx)
 
     def _kept(self, t: torch.Tensor) -> torch.Tensor:
         """The part of the K/V history the cache must keep for future queries."""
@@ -68,11 +82,9 @@ class CausalSelfAttention(Block):
         start = 0 if cache is None else cache.pos
         row_start = None if cache is None else cache.row_start
         q, k, v = self._project(x)
-        if seq_idx is None:
-            cos, sin = self._rope(start, start + t, x.device, row_start)
-        else:
-            cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        positions = self._positions(start, start + t, x.device, row_start) if seq_idx is None \
+            else document_positions(seq_idx)
+        q, k = self._rotate(q, k, positions)
         if cache is not None:
             k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
             v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
@@ -91,8 +103,7 @@ class CausalSelfAttention(Block):
     def _project_rotated(self, x, positions):
         """q, k rotated at `positions` [length] (global positions of a cp shard), v; all [b, t, heads, hd]."""
         q, k, v = self._project(x)
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return (*self._rotate(q, k, positions), v)
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:
         empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
@@ -118,7 +129,8 @@ class CausalSelfAttention(Block):
         # a query at a padding position (none while decoding) sees itself, so no row of the softmax is empty
         visible = (visible[None] & (k_pos[None] >= row_start[:, None, None])) | (k_pos == q_pos)[None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=visible[:, None], enable_gqa=q.shape[2] != k.shape[2])
+                                             attn_mask=visible[:, None], scale=self.cfg.scale,
+                                             enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
 
     def _cached_tokens(self, seq_len: int) -> int:
@@ -139,7 +151,8 @@ class BlockwiseAttention(CausalSelfAttention):
     """Exact causal attention by query/key blocks with online softmax; memory linear in length."""
 
     def _attend(self, q, k, v, seq_idx=None):
-        return blockwise_attention(q, k, v, causal=True, block_size=self.cfg.block_size, seq_idx=seq_idx)
+        return blockwise_attention(q, k, v, causal=True, scale=self.cfg.scale, block_size=self.cfg.block_size,
+                                   seq_idx=seq_idx)
 
 
 @register_block("ring", config=BlockwiseConfig)
@@ -155,8 +168,8 @@ class SlidingWindowAttention(CausalSelfAttention):
         return swa_cp(self, x, cp, cache)   # a halo exchange, not the ring of the other attentions
 
     def _attend(self, q, k, v, seq_idx=None):
-        return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, block_size=self.cfg.block_size,
-                                   seq_idx=seq_idx)
+        return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, scale=self.cfg.scale,
+                                   block_size=self.cfg.block_size, seq_idx=seq_idx)
 
     def _kept(self, t):
         keep = self.cfg.window - 1

@@ -10,7 +10,11 @@ class AttnConfig:
     n_heads: int = 4
     n_kv_heads: Optional[int] = None   # GQA: kv heads shared by n_heads / n_kv_heads query heads
     head_dim: Optional[int] = None     # default d_model // n_heads
-    rope_base: float = 10000.0
+    rope_base: Optional[float] = 10000.0   # null: no positional embedding (NoPE, as Granite-4.0-H's attention)
+    # partial RoPE: rotate only the first rope_dim of each head's dims (half-split pairs within them, as
+    # transformers' partial_rotary_factor: Bamba rotates head_dim / 2); None: all of head_dim
+    rope_dim: Optional[int] = None
+    scale: Optional[float] = None         # softmax scale of q.k; None: 1 / sqrt(head_dim)
     qkv_bias: bool = False
     out_bias: bool = False
 
@@ -19,17 +23,46 @@ class AttnConfig:
             raise ValueError(f"n_heads: must be >= 1, got {self.n_heads}")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"n_kv_heads: must divide n_heads {self.n_heads}, got {self.n_kv_heads}")
-        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
-            raise ValueError(f"head_dim: must be an even number >= 2 (rotary pairs), got {self.head_dim}")
-        if self.rope_base <= 1:
-            raise ValueError(f"rope_base: must be > 1, got {self.rope_base}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim: must be >= 1, got {self.head_dim}")
+        if self.head_dim is not None and self._rotates_all() and self.head_dim % 2:
+            raise ValueError(f"head_dim: must be even when RoPE rotates all of it (rotary pairs; see rope_dim, "
+                             f"rope_base), got {self.head_dim}")
+        if self.rope_base is not None and not self.rope_base > 1:
+            raise ValueError(f"rope_base: must be null (no RoPE) or > 1, got {self.rope_base}")
+        if self.rope_dim is not None:
+            if isinstance(self.rope_dim, bool) or self.rope_dim < 2 or self.rope_dim % 2:
+                raise ValueError(f"rope_dim: must be null (all of head_dim) or an even number >= 2 (rotary pairs), "
+                                 f"got {self.rope_dim}")
+            if self.rope_base is None:
+                raise ValueError(f"rope_dim: {self.rope_dim} given with rope_base null (no RoPE); drop one of them")
+            if self.head_dim is not None and self.rope_dim > self.head_dim:
+                raise ValueError(f"rope_dim: {self.rope_dim} exceeds head_dim {self.head_dim}")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"scale: must be null (1 / sqrt(head_dim)) or > 0, got {self.scale}")
 
     def check(self, d_model: int, seq_len: int) -> None:
         """Checks that need the model's width and the training length."""
         if self.head_dim is None and d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide model.d_model {d_model}")
-        if self.head_dim is None and (d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads: head_dim d_model/n_heads = {d_model // self.n_heads} must be even (rotary pairs)")
+        head_dim = self.head_dim or d_model // self.n_heads
+        if self.head_dim is None and self._rotates_all() and head_dim % 2:
+            raise ValueError(f"n_heads: head_dim d_model/n_heads = {head_dim} must be even (rotary pairs)")
+        if self.rope_dim is not None and self.rope_dim > head_dim:
+            raise ValueError(f"rope_dim: {self.rope_dim} exceeds head_dim {head_dim}")
+
+    def _rotates_all(self) -> bool:
+        return self.rope_base is not None and self.rope_dim is None
+
+
+def refuse_attention_options(cfg: AttnConfig, block: str) -> None:
+    """For the attention-derived families (infini, selective) that rotate all of head_dim at the default
+    scale: the `attn` options they do not implement are an error naming the field, never ignored."""
+    if cfg.rope_base is None:
+        raise ValueError(f"rope_base: null (no RoPE) is not supported by the {block} block")
+    for name in ("rope_dim", "scale"):
+        if getattr(cfg, name) is not None:
+            raise ValueError(f"{name}: not supported by the {block} block (only by attn, blockwise, ring, swa)")
 
 
 @dataclass

@@ -30,20 +30,22 @@ def attention_cp(block, x, cp: ContextParallel, cache=None):
         raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp")
     b, t, _ = x.shape
     q, k, v = block._project_rotated(x, cp.positions(x.device))
-    out = ring_attention(q, k, v, cp, causal=True, block_size=getattr(block.cfg, "block_size", 512))
+    out = ring_attention(q, k, v, cp, causal=True, scale=block.cfg.scale,
+                         block_size=getattr(block.cfg, "block_size", 512))
     return block.out_proj(out.reshape(b, t, -1))
 
 
-def sliding_window_attention_cp(q, k, v, cp: ContextParallel, window: int, block_size: int):
+def sliding_window_attention_cp(q, k, v, cp: ContextParallel, window: int, block_size: int, scale=None):
     """Sliding-window causal attention of this rank's shard. q [b, local, heads, d], k, v [b, local,
-    kv_heads, d], all rotated at their global positions. Returns out like q."""
+    kv_heads, d], all rotated at their global positions; scale None: 1 / sqrt(d). Returns out like q."""
     d = k.shape[-1]
     halos, kv = preceding(torch.cat([k, v], -1), cp, lambda start, end: window - 1)
     k, v = kv[..., :d], kv[..., d:]
     outs = []
     for c, halo in zip(cp.chunks(), halos):
         kc, vc = torch.cat([halo[..., :d], k[:, c.local]], 1), torch.cat([halo[..., d:], v[:, c.local]], 1)
-        outs.append(blockwise_attention(q[:, c.local], kc, vc, causal=True, window=window, block_size=block_size))
+        outs.append(blockwise_attention(q[:, c.local], kc, vc, causal=True, window=window, scale=scale,
+                                        block_size=block_size))
     return torch.cat(outs, 1)
 
 
@@ -53,5 +55,5 @@ def swa_cp(block, x, cp: ContextParallel, cache=None):
     refuse_cache(cache, "swa")
     b, t, _ = x.shape
     q, k, v = block._project_rotated(x, cp.positions(x.device))
-    out = sliding_window_attention_cp(q, k, v, cp, block.cfg.window, block.cfg.block_size)
+    out = sliding_window_attention_cp(q, k, v, cp, block.cfg.window, block.cfg.block_size, block.cfg.scale)
     return block.out_proj(out.reshape(b, t, -1))

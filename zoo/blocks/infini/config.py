@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoo.blocks.attention.config import AttnConfig
+from zoo.blocks.attention.config import AttnConfig, refuse_attention_options
 
 
 @dataclass
@@ -18,6 +18,7 @@ class InfiniConfig(AttnConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        refuse_attention_options(self, "infini")
         if isinstance(self.segment_len, bool) or self.segment_len < 1:
             raise ValueError(f"segment_len: must be an integer >= 1, got {self.segment_len}")
         if not self.gate_lr_mult > 0:

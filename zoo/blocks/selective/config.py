@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from zoo.blocks.attention.config import AttnConfig
+from zoo.blocks.attention.config import AttnConfig, refuse_attention_options
 
 
 @dataclass
@@ -16,6 +16,7 @@ class SelectiveConfig(AttnConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        refuse_attention_options(self, "selective")
         if isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"block_size: must be an integer >= 1, got {self.block_size}")
         if self.kv_budget is not None and (isinstance(self.kv_budget, bool) or self.kv_budget < 1):
