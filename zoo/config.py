@@ -40,11 +40,17 @@ class ModelConfig:
     # ~0.35 nats above ln V for plain Mamba at d_model 256).
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Granite's multipliers (muP-style; issue 19): x = embed(ids) * embedding_multiplier; each mixer's and
+    # FFN's output is scaled by residual_multiplier before its residual add; logits = lm_head(h) / logits_divisor
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     # op -> implementation, e.g. {ssd: triton}; ops left out choose by device (zoo.ops.dispatch)
     kernels: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        _positive(self, "d_model", "n_layers", "init_std", "norm_eps")
+        _positive(self, "d_model", "n_layers", "init_std", "norm_eps", "embedding_multiplier", "residual_multiplier",
+                  "logits_divisor")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size: must be >= 2, got {self.vocab_size}")
         check_kernels(self.kernels)

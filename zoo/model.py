@@ -55,9 +55,11 @@ def cache_nbytes(layer_cache: BlockCache) -> int:
 
 
 class ZooLayer(nn.Module):
-    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None):
+    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None,
+                 residual_multiplier: float = 1.0):
         super().__init__()
         self.block_type = spec.type
+        self.residual_multiplier = residual_multiplier   # Granite: x + multiplier * sublayer(norm(x))
         block = get_block(spec.type).cls
         # a layer without a mixer (`none`) has no mixer norm: it adds zeros and the layer is its FFN alone
         self.mixer_norm = nn.Identity() if block.passthrough else nn.RMSNorm(d_model, eps=norm_eps)
@@ -68,14 +70,17 @@ class ZooLayer(nn.Module):
     def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
         """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
         y, aux = self.mixer.run(self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
-        x = x + y
+        x = x + self._scaled(y)
         if self.ffn is not None:
             # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
             y, ffn_aux = split_aux(self.ffn(self.ffn_norm(x), cp=cp))
-            x = x + y
+            x = x + self._scaled(y)
             if ffn_aux is not None:
                 aux = ffn_aux if aux is None else aux + ffn_aux
         return x, aux
+
+    def _scaled(self, y):
+        return y if self.residual_multiplier == 1 else y * self.residual_multiplier
 
 
 class ZooLM(nn.Module):
@@ -90,7 +95,8 @@ class ZooLM(nn.Module):
         m = recipe.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         # model.kernels: passed by the blocks to their ops as impl=
-        self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps, kernels=m.kernels)
+        self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps, kernels=m.kernels,
+                                             residual_multiplier=m.residual_multiplier)
                                     for i, spec in enumerate(recipe.layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
@@ -148,6 +154,8 @@ class ZooLM(nn.Module):
                 raise ValueError(f"seq_idx: document masking (train.cross_doc: false) is not supported by "
                                  f"block(s) {', '.join(unsupported)}; use train.cross_doc: true")
         x = self.embed(input_ids)
+        if self.recipe.model.embedding_multiplier != 1:
+            x = x * self.recipe.model.embedding_multiplier
         aux = None
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
@@ -160,6 +168,8 @@ class ZooLM(nn.Module):
         if cache is not None:
             cache.seen += input_ids.shape[1]
         logits = self.lm_head(self.norm(x))
+        if self.recipe.model.logits_divisor != 1:
+            logits = logits / self.recipe.model.logits_divisor
         loss = None
         if labels is not None and cp is not None:
             loss = _context_parallel_loss(logits, labels, cp)
