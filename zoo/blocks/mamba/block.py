@@ -43,6 +43,10 @@ class MambaBlock(_Mixer):
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, cfg.d_conv, groups=self.d_inner, bias=cfg.conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * cfg.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        if cfg.dt_bc_norm:
+            self.dt_layernorm = nn.RMSNorm(self.dt_rank, eps=cfg.dt_bc_norm_eps)
+            self.b_layernorm = nn.RMSNorm(cfg.d_state, eps=cfg.dt_bc_norm_eps)
+            self.c_layernorm = nn.RMSNorm(cfg.d_state, eps=cfg.dt_bc_norm_eps)
         # S4D-real initialisation (arXiv 2206.11893): A = -(1, 2, ..., d_state) in every channel
         A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))
@@ -87,9 +91,12 @@ class MambaBlock(_Mixer):
 
     def _ssm_inputs(self, xs):
         """dt [b, d_inner, l] (dt_proj without its bias, which the scan adds as delta_bias) and B, C
-        [b, l, d_state] from the convolution's output xs [b, d_inner, l]."""
+        [b, l, d_state] from the convolution's output xs [b, d_inner, l] (with `dt_bc_norm`, each normalised
+        first; per token, so the cache and the cp path, which call this too, need nothing more)."""
         n = self.cfg.d_state
         dt, B, C = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, n, n], dim=-1)
+        if self.cfg.dt_bc_norm:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return F.linear(dt, self.dt_proj.weight).transpose(1, 2), B, C
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> MambaCache:

@@ -17,9 +17,15 @@ class MambaConfig:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     bias: bool = False                  # in_proj and out_proj
+    # Jamba (arXiv 2403.19887): RMSNorms on dt (before dt_proj), B and C after x_proj, which keep them
+    # bounded at scale (transformers' dt_layernorm, b_layernorm, c_layernorm)
+    dt_bc_norm: bool = False
+    dt_bc_norm_eps: float = 1e-6
 
     def __post_init__(self):
         _at_least_one(self, "d_state", "d_conv", "expand")
+        if not self.dt_bc_norm_eps > 0:
+            raise ValueError(f"dt_bc_norm_eps: must be > 0, got {self.dt_bc_norm_eps}")
         if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
                                        or self.dt_rank < 1):
             raise ValueError(f"dt_rank: must be 'auto' or an integer >= 1, got {self.dt_rank!r}")
