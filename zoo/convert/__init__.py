@@ -31,6 +31,8 @@ def _rope_base(cfg) -> float:
 
 def _llama(hf) -> tuple[dict, dict]:
     c = hf.config
+    # Mistral's config (converted on this path, zoo/convert/mistral.py) has neither field: no biases
+    attention_bias, mlp_bias = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
     recipe = {
         "name": "llama-import",
         "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
@@ -38,9 +40,9 @@ def _llama(hf) -> tuple[dict, dict]:
                   "blocks": {"A": {"type": "attn", "n_heads": c.num_attention_heads,
                                    "n_kv_heads": c.num_key_value_heads,
                                    "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                                   "rope_base": _rope_base(c), "qkv_bias": bool(c.attention_bias),
-                                   "out_bias": bool(c.attention_bias)}},
-                  "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": bool(c.mlp_bias)}},
+                                   "rope_base": _rope_base(c), "qkv_bias": attention_bias,
+                                   "out_bias": attention_bias}},
+                  "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": mlp_bias}},
         "train": {"seq_len": min(int(getattr(c, "max_position_embeddings", 2048)), 2048)},
     }
     if getattr(c, "hidden_act", "silu") != "silu":
@@ -53,12 +55,12 @@ def _llama(hf) -> tuple[dict, dict]:
         names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"
         names[src + "post_attention_layernorm.weight"] = dst + "ffn_norm.weight"
         for p in ("q_proj", "k_proj", "v_proj"):
-            for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+            for kind in ("weight", "bias") if attention_bias else ("weight",):
                 names[f"{src}self_attn.{p}.{kind}"] = f"{dst}mixer.{p}.{kind}"
-        for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+        for kind in ("weight", "bias") if attention_bias else ("weight",):
             names[f"{src}self_attn.o_proj.{kind}"] = f"{dst}mixer.out_proj.{kind}"
         for hf_name, zoo_name in (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "out_proj")):
-            for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+            for kind in ("weight", "bias") if mlp_bias else ("weight",):
                 names[f"{src}mlp.{hf_name}.{kind}"] = f"{dst}ffn.{zoo_name}.{kind}"
     return recipe, names
 
