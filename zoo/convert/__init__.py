@@ -134,14 +134,19 @@ def from_transformers(hf_model) -> ZooLM:
     unused = sorted(set(src) - set(names) - _tied_aliases(hf_model))
     if unused:
         raise ValueError(f"from_transformers: {kind} tensors with no place in the zoo model: {unused[:5]}")
-    for hf_name, zoo_name in names.items():
-        if hf_name not in src or zoo_name not in dst:
-            raise ValueError(f"from_transformers: missing tensor {hf_name if hf_name not in src else zoo_name}")
-        value = src[hf_name]
-        if value.shape != dst[zoo_name].shape:
-            raise ValueError(f"from_transformers: {hf_name} {tuple(value.shape)} does not fit {zoo_name} "
-                             f"{tuple(dst[zoo_name].shape)}")
-        dst[zoo_name].copy_(value)
+    for hf_name, zoo_names in names.items():
+        # a tuple of zoo names: the tensor splits into that many equal parts along dim 0, in order (a fused
+        # projection whose output transformers chunks, e.g. Granite's shared_mlp.input_linear -> gate, up)
+        zoo_names = zoo_names if isinstance(zoo_names, tuple) else (zoo_names,)
+        if hf_name not in src or any(n not in dst for n in zoo_names):
+            missing = hf_name if hf_name not in src else next(n for n in zoo_names if n not in dst)
+            raise ValueError(f"from_transformers: missing tensor {missing}")
+        parts = src[hf_name].chunk(len(zoo_names), dim=0) if len(zoo_names) > 1 else (src[hf_name],)
+        for zoo_name, value in zip(zoo_names, parts):
+            if value.shape != dst[zoo_name].shape:
+                raise ValueError(f"from_transformers: {hf_name} {tuple(src[hf_name].shape)} does not fit "
+                                 f"{', '.join(zoo_names)} {tuple(dst[zoo_name].shape)}")
+            dst[zoo_name].copy_(value)
     return model.to(next(hf_model.parameters()).dtype)
 
 
