@@ -90,3 +90,17 @@ def test_unknown_layer_type_is_refused():
     hf.config.layer_types = [M, "sliding_attention"]
     with pytest.raises(ValueError, match="^layer_types: "):
         from_transformers(hf)
+
+
+def test_left_padded_batch_generates_as_each_row_alone():
+    from tests.test_hf import left_pad
+    model = ZooForCausalLM.from_zoo(from_transformers(granite((M, A, M), experts=4)).eval())
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (2, 9, 5)]
+    ids, mask = left_pad(prompts)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **kw)
+        for r, p in enumerate(prompts):
+            alone = model.generate(torch.tensor([p]), **kw)
+            assert batch[r, ids.shape[1]:].tolist() == alone[0, len(p):].tolist(), f"row {r}"
