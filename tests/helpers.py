@@ -18,6 +18,23 @@ def assert_close(a, b, tol: float, what: str = "output", floor: float = 1e-6):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def assert_block_matches(block, x, reference, tol: float):
+    """block(x) against reference(block, x): the output, the gradient of x and of every parameter, under one
+    fixed cotangent (a ramp, so no gradient cancels by symmetry). x must require grad."""
+    results = []
+    for fn in (lambda: block(x), lambda: reference(block, x)):
+        block.zero_grad()
+        x.grad = None
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out, x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (got, got_dx, got_grads), (want, want_dx, want_grads) = results
+    assert_close(got, want, tol)
+    assert_close(got_dx, want_dx, tol, "grad x")
+    for name in want_grads:
+        assert_close(got_grads[name], want_grads[name], tol, f"grad {name}")
+
+
 def assert_each_close(names, got, want, tol: float):
     """Compare named results pairwise (outputs, states, gradients); a reference that is exactly zero
     (dq when each query sees only its own key) is compared absolutely. `None` references are skipped."""

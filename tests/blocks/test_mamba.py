@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.blocks.mamba import MambaBlock  # registers `mamba`, `mamba2` until zoo.blocks imports it
-from tests.helpers import assert_close, cache_bytes, check_cache_contract, run_chunks
+from tests.helpers import assert_block_matches, assert_close, cache_bytes, check_cache_contract, run_chunks
 from zoo.config import RecipeError
 from zoo.ops.conv import causal_conv1d_ref
 from zoo.ops.ssd import ssd_scan_ref
@@ -75,18 +75,7 @@ def test_block_matches_reference(case, length):
     """Output and the gradient of the input and of every parameter, against the loop-over-time ops."""
     block = make(case)
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
-    results = []
-    for fn in (lambda: block(x), lambda: reference(block, x)):
-        block.zero_grad()
-        x.grad = None
-        out = fn()
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        results.append((out, x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
-    (got, got_dx, got_grads), (want, want_dx, want_grads) = results
-    assert_close(got, want, 1e-10)
-    assert_close(got_dx, want_dx, 1e-10, "grad x")
-    for name in want_grads:
-        assert_close(got_grads[name], want_grads[name], 1e-10, f"grad {name}")
+    assert_block_matches(block, x, reference, 1e-10)
 
 
 @pytest.mark.parametrize("case", list(CASES))

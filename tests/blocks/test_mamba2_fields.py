@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from tests.helpers import assert_close, cache_bytes, check_cache_contract
+from tests.helpers import assert_block_matches, assert_close, cache_bytes, check_cache_contract
 from zoo.config import RecipeError
 from zoo.ops.conv import causal_conv1d_ref
 from zoo.ops.ssd import ssd_scan_ref
@@ -76,18 +76,7 @@ def test_block_matches_reference(case, length):
         steps = F.softplus(block._in(x)[2] + block.dt_bias)
         lo, hi = block.cfg.dt_limit
         assert length == 1 or ((steps < lo).any() or (steps > hi).any()) and ((steps > lo) & (steps < hi)).any()
-    results = []
-    for fn in (lambda: block(x), lambda: reference(block, x)):
-        block.zero_grad()
-        x.grad = None
-        out = fn()
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        results.append((out, x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
-    (got, got_dx, got_grads), (want, want_dx, want_grads) = results
-    assert_close(got, want, 1e-10)
-    assert_close(got_dx, want_dx, 1e-10, "grad x")
-    for name in want_grads:
-        assert_close(got_grads[name], want_grads[name], 1e-10, f"grad {name}")
+    assert_block_matches(block, x, reference, 1e-10)
 
 
 @pytest.mark.parametrize("case", list(CASES))
