@@ -148,6 +148,9 @@ EVERY_BLOCK = {
     "M": {"type": "mamba", "d_state": 4, "ffn": "none"},
     "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
     "F": {"type": "none", "ffn": {"type": "relu2", "mult": 2}},
+    "P": {"type": "parallel", "branches": [{"type": "attn", "n_heads": 2, "out_scale": 0.5},
+                                           {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4,
+                                            "out_scale": 1.5}]},
 }
 
 

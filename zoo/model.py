@@ -64,6 +64,8 @@ class ZooLayer(nn.Module):
         # a layer without a mixer (`none`) has no mixer norm: it adds zeros and the layer is its FFN alone
         self.mixer_norm = nn.Identity() if block.passthrough else nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer = block(d_model, spec.cfg, layer_idx, kernels=kernels)
+        # a composite block names its parts (`parallel(attn+mamba2)`) in the layer table and in refusals
+        self.block_type = getattr(self.mixer, "name", spec.type)
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
 

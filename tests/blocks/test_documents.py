@@ -20,6 +20,8 @@ CASES = {
     "mamba": {"d_state": 4},
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
     "none": {},
+    "parallel": {"branches": [{"type": "attn", "n_heads": 4, "n_kv_heads": 2, "out_scale": 0.5},
+                              {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "out_scale": 2.0}]},
 }
 
 # Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle
