@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 
@@ -111,6 +112,20 @@ def _mamba2(hf) -> tuple[dict, dict]:
     return _mamba_common(c, block, params)
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """A names-map target whose tensor is copied times `factor`: a number, or a vector with one factor per row
+    (dim 0). A multiplier on a linear map's input or output folded into its weight, where that is exact."""
+    name: str
+    factor: Union[float, torch.Tensor]
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        if isinstance(f, torch.Tensor):
+            f = f.to(value).reshape(-1, *[1] * (value.dim() - 1))
+        return value * f
+
+
 CONVERTERS: dict[str, Callable] = {"LlamaForCausalLM": _llama, "MambaForCausalLM": _mamba,
                                    "Mamba2ForCausalLM": _mamba2}
 
@@ -138,6 +153,8 @@ def from_transformers(hf_model) -> ZooLM:
         # a tuple of zoo names: the tensor splits into that many equal parts along dim 0, in order (a fused
         # projection whose output transformers chunks, e.g. Granite's shared_mlp.input_linear -> gate, up)
         zoo_names = zoo_names if isinstance(zoo_names, tuple) else (zoo_names,)
+        scaled = {n.name: n for n in zoo_names if isinstance(n, Scaled)}
+        zoo_names = tuple(n.name if isinstance(n, Scaled) else n for n in zoo_names)
         if hf_name not in src or any(n not in dst for n in zoo_names):
             missing = hf_name if hf_name not in src else next(n for n in zoo_names if n not in dst)
             raise ValueError(f"from_transformers: missing tensor {missing}")
@@ -146,7 +163,7 @@ def from_transformers(hf_model) -> ZooLM:
             if value.shape != dst[zoo_name].shape:
                 raise ValueError(f"from_transformers: {hf_name} {tuple(src[hf_name].shape)} does not fit "
                                  f"{', '.join(zoo_names)} {tuple(dst[zoo_name].shape)}")
-            dst[zoo_name].copy_(value)
+            dst[zoo_name].copy_(scaled[zoo_name].apply(value) if zoo_name in scaled else value)
     return model.to(next(hf_model.parameters()).dtype)
 
 
