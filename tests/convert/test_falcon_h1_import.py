@@ -20,7 +20,8 @@ def make(tied=False, bias=False, rms_norm=False, groups=1, n_layers=3, **kw):
         vocab_size=V, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=groups, mamba_d_state=8,
         mamba_d_conv=4, mamba_chunk_size=8, mamba_rms_norm=rms_norm, mamba_norm_before_gate=False,
         mamba_proj_bias=bias, projectors_bias=bias, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
-        rms_norm_eps=1e-3, max_position_embeddings=256, **kw)
+        rms_norm_eps=1e-3, max_position_embeddings=256, eos_token_id=None, bos_token_id=None, **kw)
+    # no EOS: with min_new_tokens transformers would mask token 2 (FalconH1Config's default EOS) and zoo not
     torch.manual_seed(0)
     hf = transformers.FalconH1ForCausalLM(cfg).eval()
     with torch.no_grad():  # every path visible: non-trivial D, dt bias, A, norm weights, biases
