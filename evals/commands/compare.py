@@ -180,7 +180,8 @@ def parse_args(argv):
 # -- recipes and sizes -------------------------------------------------------------------------------------------
 
 def resolve(spec: str, overrides: list):
-    """(recipe, checkpoint or None) for a recipe name, recipe file, or run/checkpoint directory."""
+    """(recipe, checkpoint or None) for a recipe name, recipe file, run/checkpoint directory, or a model directory
+    written by ZooForCausalLM.save_pretrained (an import; zoo.train.checkpoint.is_model_dir)."""
     path = Path(spec)
     if path.is_dir():
         ckpt = resolve_checkpoint(path)

@@ -101,7 +101,8 @@ def plot(records: list, reference: dict, path: Path, title: str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="a checkpoint directory or a run directory (its newest checkpoint)")
+    ap.add_argument("checkpoint", help="a checkpoint directory, a run directory (its newest checkpoint), or a model "
+                                       "directory written by ZooForCausalLM.save_pretrained (an import)")
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare the recipe's corpus)")
     ap.add_argument("--contexts", type=_int_list, default=[256, 512, 1024, 2048])

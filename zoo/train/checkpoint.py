@@ -156,12 +156,29 @@ def _check_files(path: Path):
                               + (f" (and {', '.join(missing[1:])})" if missing[1:] else ""))
 
 
+MODEL_DIR_FILES = ("config.json", "model.safetensors", "recipe.yaml")
+
+
+def is_model_dir(path) -> bool:
+    """An imported (or exported) model directory, as `zoo.hf.ZooForCausalLM.save_pretrained` writes it:
+    config.json with model_type "zoo", model.safetensors (names under `model.`), recipe.yaml. It evaluates
+    like a checkpoint; it has no optimizer state, so it does not resume training."""
+    path = Path(path)
+    if not all((path / f).is_file() for f in MODEL_DIR_FILES):
+        return False
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "zoo"
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory, a directory of checkpoints, or a run directory (…/checkpoints)."""
+    """A checkpoint directory, a directory of checkpoints, a run directory (…/checkpoints), or a model
+    directory written by `ZooForCausalLM.save_pretrained` (`is_model_dir`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint: {path} does not exist")
-    if all((path / f).is_file() for f in FILES):
+    if all((path / f).is_file() for f in FILES) or is_model_dir(path):
         return path
     if checkpoint_step(path) is not None:  # a step-* directory that lacks a file
         _check_files(path)
@@ -186,6 +203,10 @@ def read_model_state(path) -> dict:
                               f"({reason(err)})") from None
     for alias, source in aliases.items():
         tensors[alias] = tensors[source]
+    if is_model_dir(path):   # transformers' names: ZooForCausalLM holds the ZooLM as `model`; a tied head is left out
+        tensors = {name[len("model."):] if name.startswith("model.") else name: t for name, t in tensors.items()}
+        if "lm_head.weight" not in tensors and "embed.weight" in tensors and read_recipe(path).model.tie_embeddings:
+            tensors["lm_head.weight"] = tensors["embed.weight"]
     return tensors
 
 
