@@ -224,8 +224,13 @@ def ffn_overrides(recipe, mult: float) -> list:
 
 
 def params_at(recipe, d_model: int, ffn_mult=None) -> int:
+    """Parameters of `recipe` at this width; 0 where the recipe is invalid at it (a width too narrow for a
+    fixed field, e.g. rope_dim above the head dimension), so the search grows past it."""
     overrides = [f"model.d_model={d_model}"] + (ffn_overrides(recipe, ffn_mult) if ffn_mult is not None else [])
-    return zoo.build_model(zoo.load_recipe(recipe.to_dict(), overrides)).num_params()["total"]
+    try:
+        return zoo.build_model(zoo.load_recipe(recipe.to_dict(), overrides)).num_params()["total"]
+    except zoo.RecipeError:
+        return 0
 
 
 def match_params(recipe, target: int, tolerance: float = 0.02) -> tuple:

@@ -119,6 +119,15 @@ def test_match_params_tunes_the_ffn_when_d_model_steps_are_coarse(setup):
     assert n == compare.zoo.build_model(compare.zoo.load_recipe(attn.to_dict(), overrides)).num_params()["total"]
 
 
+def test_match_params_grows_past_widths_a_fixed_field_forbids():
+    """bamba fixes rope_dim 32: below 4 heads x 32 the recipe is invalid, and the search must grow past it."""
+    bamba, _ = compare.resolve("bamba", [])
+    assert compare.params_at(bamba, compare.d_model_step(bamba)) == 0
+    overrides, n = compare.match_params(bamba, 2_000_000)
+    assert abs(n - 2_000_000) / 2_000_000 < 0.02
+    assert n == compare.zoo.build_model(compare.zoo.load_recipe(bamba.to_dict(), overrides)).num_params()["total"]
+
+
 def test_bad_recipe_is_a_clear_error(setup, capsys):
     root, _ = setup
     assert compare.main(["no-such-recipe", "--out", str(root / "bad"), "--no-progress"]) == 2
