@@ -253,7 +253,7 @@ def match_params(recipe, target: int, tolerance: float = 0.02) -> tuple:
         else:
             hi = mid
     d, n = min(((k * step, params_at(recipe, k * step)) for k in {max(1, hi - 1), hi}),
-               key=lambda c: abs(c[1] - target))
+               key=lambda c: (c[1] == 0, abs(c[1] - target)))   # never a width the recipe refuses
     overrides = [f"model.d_model={d}"]
     if abs(n - target) <= tolerance * target or not ffn_overrides(recipe, 1.0):
         return overrides, n

@@ -126,6 +126,10 @@ def test_match_params_grows_past_widths_a_fixed_field_forbids():
     overrides, n = compare.match_params(bamba, 2_000_000)
     assert abs(n - 2_000_000) / 2_000_000 < 0.02
     assert n == compare.zoo.build_model(compare.zoo.load_recipe(bamba.to_dict(), overrides)).num_params()["total"]
+    # a target below the narrowest valid width: the narrowest valid one, not an invalid one closer in count
+    overrides, n = compare.match_params(bamba, 100_000)
+    assert n > 0 and n == compare.zoo.build_model(
+        compare.zoo.load_recipe(bamba.to_dict(), overrides)).num_params()["total"]
 
 
 def test_bad_recipe_is_a_clear_error(setup, capsys):
