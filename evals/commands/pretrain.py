@@ -87,7 +87,17 @@ def train_one(recipe, data, run_dir: Path, args, say):
     trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
                       overwrite=resume is None)
     result = trainer.train()
-    return trainer, result, time.process_time() - cpu0, time.perf_counter() - wall0
+    return trainer, result, *_add_time(run_dir, time.process_time() - cpu0, time.perf_counter() - wall0)
+
+
+def _add_time(run_dir: Path, cpu_s: float, wall_s: float) -> tuple:
+    """The run's CPU and wall seconds over all its sessions (a resumed run adds to what its earlier ones
+    recorded in run_dir/time.json); the totals."""
+    path = run_dir / "time.json"
+    seen = json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+    total = {"cpu_seconds": seen["cpu_seconds"] + cpu_s, "wall_seconds": seen["wall_seconds"] + wall_s}
+    path.write_text(json.dumps(total) + "\n")
+    return total["cpu_seconds"], total["wall_seconds"]
 
 
 def curve(run_dir: Path) -> list:
@@ -170,7 +180,7 @@ def main(argv=None):
             t = trainer.recipe.train
             card = {"recipe": recipe.name, "command": "zoo pretrain " + " ".join(argv),
                     "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
-                    "dtype": args.dtype, "tokens": result.tokens, "steps": result.step, "batch_size": t.batch_size,
+                    "dtype": args.dtype, "tokens": trainer.tokens, "steps": result.step, "batch_size": t.batch_size,
                     "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),
                     "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
                     "machine": f"{torch.get_num_threads()} threads, {sys.platform}, torch {torch.__version__}",

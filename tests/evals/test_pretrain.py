@@ -51,3 +51,9 @@ def test_pretrain_unknown_recipe_is_one_error_line(pretrain, tmp_path, capsys):
     assert pretrain.main(["no-such-recipe", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: recipes: 'no-such-recipe' is not a recipe file") and err.count("\n") == 1
+
+
+def test_a_resumed_run_adds_its_time_to_the_earlier_sessions(tmp_path):
+    from evals.commands.pretrain import _add_time
+    assert _add_time(tmp_path, 10.0, 30.0) == (10.0, 30.0)
+    assert _add_time(tmp_path, 2.5, 4.0) == (12.5, 34.0)
