@@ -42,7 +42,7 @@ COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=
 # when every recipe has one, so that the comparison is between models trained past gzip; otherwise, or with
 # TRAIN=1, every recipe trains here on --budget tokens (never a mix of the two).
 PRETRAINED   ?= pretrained
-MISSING      := $(foreach r,$(RECIPES),$(if $(wildcard $(PRETRAINED)/$(r)/card.json),,$(r)))
+MISSING      := $(strip $(foreach r,$(RECIPES),$(if $(wildcard $(PRETRAINED)/$(r)/card.json),,$(r))))
 COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(PRETRAINED)/,$(RECIPES)))
 # cells resume per directory: the two kinds of models never share one
 COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
