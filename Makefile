@@ -32,7 +32,9 @@ describe: install
 # throughput repeats instead of 1 (+29 s); decode memory after a chunked prefill at 1K/4K/16K and the longest
 # trainable context at W = 1 under 128 MiB (about 3 CPU-minutes for the five recipes, docs/benchmarks.md "Memory
 # by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min).
-COMPARE_ARGS ?= --threads 1 --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
+# Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
+TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8
+COMPARE_ARGS ?= --threads 1 \
 	--contexts 256,512,1024,2048 --schemes blocks,sliding,streaming --max-tokens 24576 --max-doc-tokens 4096 \
 	--extrapolation-factor 16 --extrapolation-docs 8 --memory train \
 	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
@@ -46,11 +48,12 @@ MISSING      := $(strip $(foreach r,$(RECIPES),$(if $(wildcard $(PRETRAINED)/$(r
 COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(PRETRAINED)/,$(RECIPES)))
 # cells resume per directory: the two kinds of models never share one
 COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
+SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
 PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
 
 compare: install
 	@echo "compare: $(if $(TRAIN)$(MISSING),training each recipe here$(if $(MISSING), (no shipped checkpoint: $(MISSING))),the shipped checkpoints in $(PRETRAINED)/)"
-	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(COMPARE_ARGS)
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(SIZING) $(COMPARE_ARGS)
 
 # Train and ship the compared recipes (the command in each model card; about 10-20 CPU minutes a recipe on
 # this 2-core machine; rerunning continues an interrupted one and skips shipped ones).
@@ -61,7 +64,7 @@ pretrain: install
 # where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the
 # sequence over W = 1, 2, 4 gloo processes. Reuses runs/compare: what `make compare` did is skipped.
 compare-memory: install
-	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(COMPARE_ARGS) \
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(SIZING) $(COMPARE_ARGS) \
 		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 # The main job with tighter intervals: bits/byte on 64K tokens of 23 documents, extrapolation on the 14 documents
@@ -69,7 +72,7 @@ compare-memory: install
 # budget, so runs/compare's cells would be kept as they are); it trains again. Not timed: expect about twice the
 # main job.
 compare-long: install
-	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT)-long $(COMPARE_ARGS) --max-tokens 65536 \
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT)-long $(SIZING) $(COMPARE_ARGS) --max-tokens 65536 \
 		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5
 
 bench: install
