@@ -35,6 +35,17 @@ def assert_block_matches(block, x, reference, tol: float):
         assert_close(got_grads[name], want_grads[name], tol, f"grad {name}")
 
 
+def cp_errors(worst: dict, key: str, out, ref, ref_grads: dict, model, group, layout) -> None:
+    """Record into `worst` the relative errors of a context-parallel ZooLM step against the one-process one:
+    this rank's logits against its shard of the reference, loss, aux loss, and every (all-reduced) gradient."""
+    from zoo.distributed import shard
+    worst[f"{key} logits"] = rel_err(out.logits, shard(ref.logits, group, layout))
+    worst[f"{key} loss"] = rel_err(out.loss, ref.loss)
+    worst[f"{key} aux_loss"] = rel_err(out.aux_loss, ref.aux_loss)
+    for n, p in model.named_parameters():
+        worst[f"{key} grad {n}"] = rel_err(p.grad, ref_grads[n], floor=1e-3)
+
+
 def assert_each_close(names, got, want, tol: float):
     """Compare named results pairwise (outputs, states, gradients); a reference that is exactly zero
     (dq when each query sees only its own key) is compared absolutely. `None` references are skipped."""

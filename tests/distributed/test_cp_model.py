@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import zoo
-from tests.helpers import EVERY_BLOCK, every_block_recipe, rel_err
+from tests.helpers import EVERY_BLOCK, cp_errors, every_block_recipe
 from zoo.distributed import ContextParallel, all_reduce_grads, shard
 from zoo.model import IGNORE_INDEX
 
@@ -43,12 +43,7 @@ def _model_vs_single(recipe, lengths):
             out = model(shard(ids, group, layout), labels=shard(labels, group, layout), cp_group=group, **kw)
             (out.loss + out.aux_loss).backward()
             all_reduce_grads(model, group)
-            key = f"{layout} L={length}"
-            worst[f"{key} logits"] = rel_err(out.logits, shard(ref.logits, group, layout))
-            worst[f"{key} loss"] = rel_err(out.loss, ref.loss)
-            worst[f"{key} aux_loss"] = rel_err(out.aux_loss, ref.aux_loss)
-            for n, p in model.named_parameters():
-                worst[f"{key} grad {n}"] = rel_err(p.grad, ref_grads[n], floor=1e-3)
+            cp_errors(worst, f"{layout} L={length}", out, ref, ref_grads, model, group, layout)
     return worst
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import zoo
-from tests.helpers import rel_err
+from tests.helpers import cp_errors
 from zoo.distributed import all_reduce_grads, shard
 
 TOL = 1e-10
@@ -39,12 +39,7 @@ def _model_vs_single(recipe, lengths):
                         cp_layout=layout)
             (out.loss + out.aux_loss).backward()
             all_reduce_grads(model, group)
-            key = f"{layout} L={length}"
-            worst[f"{key} logits"] = rel_err(out.logits, shard(ref.logits, group, layout))
-            worst[f"{key} loss"] = rel_err(out.loss, ref.loss)
-            worst[f"{key} aux_loss"] = rel_err(out.aux_loss, ref.aux_loss)
-            for n, p in model.named_parameters():
-                worst[f"{key} grad {n}"] = rel_err(p.grad, ref_grads[n], floor=1e-3)
+            cp_errors(worst, f"{layout} L={length}", out, ref, ref_grads, model, group, layout)
     return worst
 
 
