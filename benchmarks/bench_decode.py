@@ -6,8 +6,11 @@
 Each cell (model, context C) runs in a fresh subprocess (`measure`): build the model (float32, eval, one torch thread
 unless --threads), prefill C random tokens in one forward through the model's cache, then decode --steps
 tokens one at a time (greedy, after 2 untimed warm-up steps), each step timed on its own; tokens/s is 1 /
-the median step. The cache is measured from its tensors after the last step (bytes of every tensor the
-cache object holds) and, for zoo, set beside the blocks' analytic `state_bytes(C + steps)`.
+the median step. The cache is measured after the last step: for transformers, bytes of every tensor the
+cache object holds; for zoo, the state its tensors hold (`ZooCache.nbytes`: the filled slots of its
+preallocated K/V buffers), set beside the blocks' analytic `state_bytes(C + steps)`, and what it allocates
+(`allocated_bytes`: the buffers' spare capacity too, up to as much again as the K/V state, since they grow
+by doubling; the table shows it in brackets where it differs).
 
 Models: every zoo recipe named in MODELS at its own size (d_model 256), and two same-weights pairs: a
 random `LlamaForCausalLM` shaped like recipes/transformer.yaml and a random `Mamba2ForCausalLM` shaped like
@@ -73,6 +76,13 @@ def _tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
+def _cache_bytes(side: str, cache) -> dict:
+    """transformers: every tensor its cache holds; zoo: the state, and the allocation where it differs."""
+    if side == "hf":
+        return {"cache_bytes": _tensor_bytes(cache)}
+    return {"cache_bytes": cache.nbytes(), "allocated_bytes": cache.allocated_nbytes()}
+
+
 def run_pair(kind: str, context: int, steps: int) -> list:
     """transformers' model and zoo's conversion of it (same weights) in one process: both prefill, then
     their decode steps alternate, so the two medians see the same machine load."""
@@ -116,7 +126,7 @@ def run_pair(kind: str, context: int, steps: int) -> list:
     for row, side in zip(rows, ("hf", "zoo")):
         med = times[side].median
         row.update(step_ms_median=round(1000 * med, 3), tokens_per_s=round(1 / med, 2),
-                   cache_bytes=_tensor_bytes(state[side][1].layers if side == "zoo" else state[side][1]))
+                   **_cache_bytes(side, state[side][1]))
     rows[1]["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in ours.layers)
     rows[1]["ratio_vs_hf"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     return rows
@@ -172,7 +182,7 @@ def run_cell(model_name: str, context: int, steps: int) -> dict:
     seen = context + steps + 2
     row = {"model": model_name, "context": context, "steps": steps, "prefill_s": round(prefill_clock.wall, 3),
            "step_ms_median": round(1000 * times.median, 3), "tokens_per_s": round(1 / times.median, 2),
-           "cache_bytes": _tensor_bytes(cache.layers if side == "zoo" else cache)}
+           **_cache_bytes(side, cache)}
     if side == "zoo":
         row["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in model.layers)
     return row
@@ -190,8 +200,10 @@ def table(rows, contexts) -> Table:
             else:
                 mib = r["cache_bytes"] / 2 ** 20
                 check = "" if "state_bytes" not in r else ("" if r["state_bytes"] == r["cache_bytes"] else " (!= state_bytes)")
+                alloc = r.get("allocated_bytes", r["cache_bytes"])
+                alloc = "" if alloc == r["cache_bytes"] else f" (alloc {alloc / 2 ** 20:.2f})"
                 ratio = f" ({r['ratio_vs_hf']:.2f}x)" if "ratio_vs_hf" in r else ""
-                cells += [f"{r['tokens_per_s']:.1f}{ratio}", f"{mib:.2f}{check}"]
+                cells += [f"{r['tokens_per_s']:.1f}{ratio}", f"{mib:.2f}{check}{alloc}"]
         out.add([model, *cells])
     return out
 

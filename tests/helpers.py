@@ -113,7 +113,13 @@ def check_cache_contract(block, x: torch.Tensor, tol: float = 1e-10, splits=((1,
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by every tensor in a (nested) cache of dicts, lists and tuples."""
+    """Bytes held by every tensor in a (nested) cache of dicts, lists and tuples. A preallocated cache
+    (`zoo.blocks.attention.cache.SlotCache`: K/V buffers with spare capacity) counts the keys its state
+    keeps, read back in time order from its buffers; its spare slots are allocation, not state."""
+    from zoo.blocks.attention.cache import SlotCache
+    if isinstance(cache, SlotCache):
+        return sum(cache_bytes(cache.in_order(name)) for name, t in vars(cache).items()
+                   if name in cache.BUFFERS and name not in cache.BOOKKEEPING and t is not None)
     if torch.is_tensor(cache):
         return cache.numel() * cache.element_size()
     if dataclasses.is_dataclass(cache):

@@ -92,8 +92,10 @@ def test_generate_runs_on_the_models_own_cache(name, padded):
     if padded:
         ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]])
         generate(model, ids, 10, attention_mask=mask)
-        # prefill: each row's own tokens alone on an empty cache, then the batch on the shared timeline
-        assert calls == [(3, 0), (7, 0)] + [(1, 7 + i) for i in range(9)]
+        # prefill: an attention stack takes the padded batch at once (Block.init_left_padded_cache); one with
+        # an SSM runs each row's own tokens alone on an empty cache; then the batch on the shared timeline
+        prefill = [(7, 0)] if name == "attn" else [(3, 0), (7, 0)]
+        assert calls == prefill + [(1, 7 + i) for i in range(9)]
     else:
         generate(model, torch.randint(1, V, (2, 7)), 10)
         assert calls == [(7, 0)] + [(1, 7 + i) for i in range(9)]
@@ -136,6 +138,25 @@ def test_left_padded_batch_equals_each_row_alone(name):
     for r, p in enumerate(prompts):
         alone = generate(model, torch.tensor([p]), 10)
         assert batch[r, ids.shape[1]:].tolist() == alone[0, len(p):].tolist(), f"row {r} (prompt length {len(p)})"
+
+
+@pytest.mark.parametrize("name", ["attn", "ring", "swa"])
+def test_left_padded_prefill_runs_the_batch_at_once(name):
+    """An attention stack prefills the padded batch in one forward (padding keys masked, RoPE at each row's
+    own positions): each row's logits are those of the row alone, zeros at its padding."""
+    model = hf_model(tiny_recipe(BLOCKS[name]))
+    calls = record_calls(model)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (2, 11, 5, 1, 7)]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        assert calls == [(ids.shape[1], 0)]
+        for r, p in enumerate(prompts):
+            pad = ids.shape[1] - len(p)
+            alone = model.model(torch.tensor([p])).logits[0]
+            assert (out.logits[r, pad:] - alone).abs().max() < 1e-10, f"row {r}"
+            assert (out.logits[r, :pad] == 0).all()
 
 
 def test_sampling_processors_and_stopping_run():

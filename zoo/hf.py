@@ -23,16 +23,20 @@ Left padding (batch > 1 with prompts of different lengths; the attention mask is
 every row) must leave each row generating exactly what it generates alone. One mechanism, generic over
 blocks:
 
-  * Prefill runs row by row: each row's real tokens alone, batch 1, from an empty cache. Every block
-    therefore sees exactly the sequence it would see alone (no padding reaches an SSM state, a conv
+  * When every layer's block can prefill the padded batch at once (`Block.init_left_padded_cache` gives
+    a cache: the attention blocks, which rotate each row at its own positions and mask its padding keys;
+    feed-forward layers are per token), the batch runs as one forward through those caches.
+  * Otherwise prefill runs row by row: each row's real tokens alone, batch 1, from an empty cache. Every
+    block therefore sees exactly the sequence it would see alone (no padding reaches an SSM state, a conv
     window, an infini segment or selective attention's first-token column; RoPE positions start at 0),
-    with each block's fast path. The logits at padding positions are zero.
-  * Each layer's per-row caches are then merged by its block's `merge_left_padded` hook into one cache
-    whose rows all end at the same position of a shared timeline (the padded prompt length L); row r's
-    own tokens start at `row_start[r]` = L - (its length). How each family merges (stacked states,
-    left-padded K/V read with `row_start`, groups of rows by segment phase) is written beside the family;
-    the default, for a block that defines no merge, decodes each row as its own group (`RowGroups`),
-    exact for any block. Decoding then runs through ZooLM's own layer loop.
+    with each block's fast path. Each layer's per-row caches are then merged by its block's
+    `merge_left_padded` hook into one cache whose rows all end at the same position of a shared timeline
+    (the padded prompt length L); row r's own tokens start at `row_start[r]` = L - (its length). How each
+    family merges (stacked states, left-padded K/V read with `row_start`, groups of rows by segment
+    phase) is written beside the family; the default, for a block that defines no merge, decodes each row
+    as its own group (`RowGroups`), exact for any block.
+  * Either way the logits at padding positions are zero, and decoding then runs through ZooLM's own
+    layer loop.
 Without padding (batch 1, or equal lengths) everything runs batched through ZooLM with one ZooCache.
 """
 from __future__ import annotations
@@ -215,7 +219,7 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         if pads is not None and (past_key_values is None or past_key_values.zoo.seen == 0):
             # without use_cache too: a padded row's logits are those of the row alone
             past_key_values = past_key_values or self.init_cache(input_ids.shape[0])
-            logits = _prefill_rows(self.model, input_ids, pads, past_key_values)
+            logits = _prefill_left_padded(self.model, input_ids, pads, past_key_values)
             loss = aux = None
         else:
             out = self.model(input_ids, labels=labels, cache=None if past_key_values is None else past_key_values.zoo)
@@ -330,6 +334,23 @@ def _left_padding(attention_mask, input_ids, cache: Optional[ZooGenerationCache]
     if seen > 0 and not torch.equal(pads.cpu(), (have if have is not None else torch.zeros_like(pads)).cpu()):
         raise ValueError("attention_mask: its padding differs from the padding the cache was prefilled with")
     return pads if pads.any() else None
+
+
+@torch.no_grad()
+def _prefill_left_padded(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
+    """The padded batch in one forward where every block takes it (`Block.init_left_padded_cache`), row by
+    row otherwise (`_prefill_rows`); the logits at padding positions are zero (module docstring)."""
+    row_start = pads.to(input_ids.device)
+    p = next(model.parameters())
+    layers = [layer.mixer.init_left_padded_cache(row_start, p.device, p.dtype) for layer in model.layers]
+    if any(c is None for c in layers):
+        return _prefill_rows(model, input_ids, pads, cache)
+    b, length = input_ids.shape
+    logits = model(input_ids, cache=ZooCache(layers)).logits
+    padding = torch.arange(length, device=logits.device)[None] < row_start[:, None]
+    logits = logits.masked_fill(padding[..., None], 0.0)
+    cache.zoo.layers, cache.zoo.seen, cache.row_start = layers, length, row_start
+    return logits
 
 
 @torch.no_grad()

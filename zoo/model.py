@@ -44,13 +44,19 @@ class ZooCache:
     extra: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        """Bytes held by the block caches' tensors (what `state_bytes` predicts, summed over layers)."""
+        """Bytes of the block caches' state (what `state_bytes` predicts, summed over layers)."""
         return sum(cache_nbytes(c) for c in self.layers)
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of every tensor the block caches hold: the state plus bookkeeping and the spare capacity of
+        preallocated K/V buffers (at most as much again as their state: they grow by doubling)."""
+        return sum(c.allocated_nbytes() for c in self.layers)
 
 
 def cache_nbytes(layer_cache: BlockCache) -> int:
-    """Measured bytes of one layer's block cache: its tensors' storage (the bookkeeping `row_start` and
-    integer positions excluded); a layer decoded in groups of rows (zoo.hf) counts every group."""
+    """Measured bytes of one layer's block cache state: its tensors, or the filled part of a preallocated
+    K/V buffer (the bookkeeping `row_start` and integer positions excluded); a layer decoded in groups of
+    rows (zoo.hf) counts every group."""
     return layer_cache.nbytes()
 
 

@@ -62,6 +62,11 @@ class BlockCache:
         """Bytes the state holds: what `Block.state_bytes` predicts for the same tokens and batch."""
         return sum(t.numel() * t.element_size() for name, t in self.tensors().items() if name not in self.BOOKKEEPING)
 
+    def allocated_nbytes(self) -> int:
+        """Bytes of every tensor the cache holds, bookkeeping and spare capacity included (a preallocated
+        K/V buffer's unfilled slots, `zoo.blocks.attention.cache`): its memory, where `nbytes` is its state."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
     @property
     def batch_size(self) -> int:
         return next((t.shape[0] for t in self.tensors().values() if t.dim() > 0), 0)
@@ -91,6 +96,9 @@ class RowGroups(BlockCache):
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for _, c in self.groups)
+
+    def allocated_nbytes(self) -> int:
+        return sum(c.allocated_nbytes() for _, c in self.groups)
 
     @property
     def batch_size(self) -> int:
@@ -199,6 +207,17 @@ class Block(nn.Module, metaclass=abc.ABCMeta):
         blocks with positions merge with `left_padded_cat` and read `row_start` in forward."""
         device = row_start.device
         return RowGroups([(torch.tensor([r], device=device), c) for r, c in enumerate(caches)])
+
+    def init_left_padded_cache(self, row_start: torch.Tensor, device=None,
+                               dtype=torch.float32) -> Optional[BlockCache]:
+        """An empty cache through which forward can prefill a left-padded batch at once, or None.
+
+        row_start [batch]: where each row's own tokens begin (its padding before). A block that returns a
+        cache here promises that forward, given the padded batch through it, gives each row at its own
+        positions exactly what the row alone gives, whatever the padding holds, and leaves a cache that
+        decodes on as `merge_left_padded`'s would. Default None: zoo.hf then prefills row by row and merges
+        with `merge_left_padded` (exact for any block). The attention blocks mask the padding keys."""
+        return None
 
     def reorder_cache(self, cache: BlockCache, indices: torch.Tensor) -> BlockCache:
         """The cache whose row i is row indices[i] of `cache` (beam search). Default: `cache.index_rows`."""

@@ -70,9 +70,9 @@ class CausalSelfAttention(Block):
     def _attend(self, q, k, v, seq_idx=None):
         return attention(q, k, v, causal=True, scale=self.cfg.scale, seq_idx=seq_idx)
 
-    def _kept(self, t: torch.Tensor) -> torch.Tensor:
-        """The part of the K/V history the cache must keep for future queries."""
-        return t
+    def _ring(self) -> Optional[int]:
+        """The cache's ring size (swa: the window), None for a cache that keeps every key."""
+        return None
 
     def forward(self, x, *, cache=None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
@@ -86,15 +86,47 @@ class CausalSelfAttention(Block):
             else document_positions(seq_idx)
         q, k = self._rotate(q, k, positions)
         if cache is not None:
-            k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
-            v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
-            cache.k, cache.v, cache.pos = self._kept(k), self._kept(v), start + t
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if row_start is None:
-            out = self._attend(q, k, v) if seq_idx is None else self._attend(q, k, v, seq_idx)
+            out = self._attend_cached(q, k, v, cache)
+        elif seq_idx is None:
+            out = self._attend(q, k, v)
         else:
-            out = self._attend_left_padded(q, k, v, start + t, row_start)
+            out = self._attend(q, k, v, seq_idx)
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_cached(self, q, k, v, cache: AttentionCache):
+        """The t new tokens' attention through the cache, which they join (written in place)."""
+        t, end, row_start = q.shape[1], cache.pos + q.shape[1], cache.row_start
+        if t == 1:
+            cache.append(k, v)
+            return self._attend_decode(q, cache)
+        if cache.kept == 0:
+            keys, values = k, v
+            cache.append(k, v)
+        elif cache.ring is None:
+            cache.append(k, v)
+            keys, values = cache.k, cache.v        # views of the buffers: [0, end) in time order
+        else:
+            # the chunk's keys go into slots its first queries still read: read the window first
+            keys, values = torch.cat([cache.k, k.to(cache.keys.dtype)], 1), torch.cat([cache.v, v.to(cache.values.dtype)], 1)
+            cache.append(k, v)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if row_start is None:
+            return self._attend(q, keys, values)
+        return self._attend_left_padded(q, keys, values, end, row_start)
+
+    def _attend_decode(self, q, cache: AttentionCache):
+        """One query per row against the cache's written slots (its own key among them), read in place.
+        Every slot is within the window (a ring holds exactly the window), so only a left-padded batch's
+        padding slots are masked (`key_mask`). The query heads that share a kv head are SDPA's query rows:
+        GQA without repeating K and V (with one query there is no causal order to keep)."""
+        b, _, h, d = q.shape
+        keys, values = cache.slots("keys"), cache.slots("values")
+        if keys.dtype != q.dtype:
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        mask = None if cache.key_mask is None else cache.slots("key_mask")[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.reshape(b, keys.shape[1], h // keys.shape[1], d), keys, values,
+                                             attn_mask=mask, scale=self.cfg.scale)
+        return out.reshape(b, 1, h, d)
 
     def _forward_cp(self, x, cp, cache=None):
         """Context parallel (x: this rank's shard): the ring over ranks (swa: a halo exchange)."""
@@ -106,8 +138,17 @@ class CausalSelfAttention(Block):
         return (*self._rotate(q, k, positions), v)
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:
-        empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return AttentionCache(empty, empty.clone())
+        return AttentionCache.empty(batch_size, self.n_kv_heads, self.head_dim, device, dtype, ring=self._ring())
+
+    def init_left_padded_cache(self, row_start, device=None, dtype=torch.float32) -> Optional[AttentionCache]:
+        """The padded batch prefills at once: RoPE at each row's own positions and `_attend_left_padded`
+        masking the padding keys give every row what it gives alone. A family that brings its own forward
+        (selective, infini) prefills row by row (None)."""
+        if type(self).forward is not CausalSelfAttention.forward:
+            return None
+        cache = self.init_cache(len(row_start), device, dtype)
+        cache.row_start = row_start
+        return cache
 
     def merge_left_padded(self, caches: Sequence[AttentionCache], row_start, length: int) -> AttentionCache:
         """K and V left-padded with zeros to the longest row; forward masks the padding keys by `row_start`
@@ -171,10 +212,8 @@ class SlidingWindowAttention(CausalSelfAttention):
         return blockwise_attention(q, k, v, causal=True, window=self.cfg.window, scale=self.cfg.scale,
                                    block_size=self.cfg.block_size, seq_idx=seq_idx)
 
-    def _kept(self, t):
-        keep = self.cfg.window - 1
-        # clone: a view would pin the whole concatenated history in memory
-        return t[:, t.shape[1] - keep:].clone() if t.shape[1] > keep else t
+    def _ring(self) -> int:
+        return self.cfg.window
 
     def _cached_tokens(self, seq_len: int) -> int:
         return min(seq_len, self.cfg.window - 1)

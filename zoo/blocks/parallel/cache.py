@@ -16,6 +16,9 @@ class ParallelCache(BlockCache):
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.branches)
 
+    def allocated_nbytes(self) -> int:
+        return sum(c.allocated_nbytes() for c in self.branches)
+
     @property
     def batch_size(self) -> int:
         return self.branches[0].batch_size

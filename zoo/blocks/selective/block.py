@@ -11,7 +11,7 @@ from zoo.blocks.selective.config import SelectiveConfig
 from zoo.blocks.selective.cp import selective_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope, rope_cos_sin
-from zoo.ops.selective import selective_attention, selective_cache_step, selective_memory
+from zoo.ops.selective import selective_attention, selective_keep_index, selective_memory
 from zoo.registry import register_block
 
 
@@ -59,28 +59,47 @@ class SelectiveAttention(CausalSelfAttention):
         kept = memory(q, k) if seq_idx is None else per_document(memory, seq_idx, q, k)
         return self.cfg.mem_loss_weight * (kept.max(1).values / q.shape[1]).mean()
 
-    def _through_cache(self, q, k, v, cache):
+    def _through_cache(self, q, k, v, cache: SelectiveCache):
+        """The chunk's tokens join the cache's buffers in place; the op reads them as views. Under a KV
+        budget the kept keys are compacted in place after each step's eviction."""
         budget, t = self.cfg.kv_budget, q.shape[1]
+        impl = self.kernels.get("selective_attention", "auto")
         outs, i = [], 0
         while i < t:
             n = t - i
             if budget is not None:
                 # A step appends, attends, then evicts down to the budget. Up to budget + 1 keys no
                 # eviction falls between this chunk's tokens, so one call equals token-by-token decoding.
-                n = max(1, min(n, budget + 1 - cache.k.shape[1]))
-            prev = (cache.k.to(q.dtype), cache.v.to(q.dtype), cache.scores)
-            out, (kc, vc, scores) = selective_cache_step(q[:, i:i + n], k[:, i:i + n], v[:, i:i + n], prev,
-                                                         budget=budget, block_size=self.cfg.block_size,
-                                                         impl=self.kernels.get("selective_attention", "auto"))
-            cache.k, cache.v, cache.scores = kc.to(cache.k.dtype), vc.to(cache.v.dtype), scores
+                n = max(1, min(n, budget + 1 - cache.held))
+            old = cache.held
+            if budget is not None:
+                cache.reserve(old + n, limit=budget + 1)
+            cache.write(n, keys=k[:, i:i + n].transpose(1, 2), values=v[:, i:i + n].transpose(1, 2),
+                        key_scores=cache.key_scores.new_zeros(1, 1).expand(q.shape[0], n))
+            keys, values = cache.k.to(q.dtype), cache.v.to(q.dtype)
+            out, scores = selective_attention(q[:, i:i + n], keys, values, scores=cache.key_scores[:, :old],
+                                              block_size=self.cfg.block_size, return_scores=True, impl=impl)
+            cache.key_scores[:, :cache.held].copy_(scores)
+            if budget is not None and cache.held > budget:
+                self._evict(cache, budget)
             outs.append(out)
             i += n
-        return torch.cat(outs, 1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    @staticmethod
+    def _evict(cache: SelectiveCache, budget: int) -> None:
+        """Keep the `budget` keys `selective_keep_index` picks, compacted into slots [0, budget) in order."""
+        keep = selective_keep_index(cache.scores, budget)                  # [batch, budget], ascending
+        for name in ("keys", "values"):
+            buf = cache.slots(name)
+            idx = keep[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+            kept = torch.gather(buf, 2, idx)
+            getattr(cache, name)[:, :, :budget].copy_(kept)
+        cache.key_scores[:, :budget].copy_(torch.gather(cache.scores, 1, keep))
+        cache.held = budget
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> SelectiveCache:
-        empty = torch.empty(batch_size, 0, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
-        scores = torch.empty(batch_size, 0, device=device, dtype=scores_dtype(dtype))
-        return SelectiveCache(empty, empty.clone(), scores)
+        return SelectiveCache.empty(batch_size, self.n_kv_heads, self.head_dim, device, dtype)
 
     def merge_left_padded(self, caches: Sequence[SelectiveCache], row_start, length: int) -> SelectiveCache:
         """[first key, padding, the rest] per row (`SelectiveCache.left_padded`)."""

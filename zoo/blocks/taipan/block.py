@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from zoo.blocks.base import Block
 from zoo.blocks.taipan.cache import TaipanCache
@@ -73,20 +74,18 @@ class TaipanBlock(Block):
                 positions = (positions[None] - cache.row_start[:, None]).clamp(min=0)
             cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        selected = hard
-        if cache is not None:
-            k = torch.cat([cache.k, k.to(cache.k.dtype)], dim=1)
-            v = torch.cat([cache.v, v.to(cache.v.dtype)], dim=1)
-            selected = torch.cat([cache.selected, hard], dim=1)
-            cache.k, cache.v, cache.selected = self._kept(k), self._kept(v), self._kept(selected)
-            cache.pos = start + t
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        if seq_idx is None:
-            o = selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows, block_size=self.cfg.block_size)
+        if cache is None:
+            o = self._attend(q, k, v, hard, rows, seq_idx)
+        elif t == 1 and not self.training:
+            cache.append(k, v, hard)
+            o = self._attend_decode(q, cache)
         else:
-            o = per_document(lambda q_, k_, v_, sel, rows_: selective_window_attention(
-                q_, k_, v_, sel, self.cfg.window, rows=rows_, block_size=self.cfg.block_size),
-                seq_idx, q, k, v, selected, rows)
+            # the chunk's keys go into ring slots its first queries still read: read the window first
+            keys = torch.cat([cache.k, k.to(cache.keys.dtype)], dim=1).to(q.dtype)
+            values = torch.cat([cache.v, v.to(cache.values.dtype)], dim=1).to(q.dtype)
+            selected = torch.cat([cache.selected, hard], dim=1)
+            cache.append(k, v, hard)
+            o = self._attend(q, keys, values, selected, rows, None)
         y = self._out(o.reshape(b, t, -1), rows)
         out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
         return out if aux is None else (out, aux)
@@ -107,14 +106,30 @@ class TaipanBlock(Block):
         idx, ok = _compact(rows)
         return _put(self.out_proj(_take(o, idx)), idx, ok, o.shape[1])
 
-    def _kept(self, t: torch.Tensor) -> torch.Tensor:
-        keep = self.cfg.window - 1
-        # clone: a view would pin the whole concatenated history in memory
-        return t[:, t.shape[1] - keep:].clone() if t.shape[1] > keep else t
+    def _attend(self, q, k, v, selected, rows, seq_idx):
+        """The op over keys [b, Lk, heads, d] whose last Lq are the queries' own positions."""
+        if seq_idx is None:
+            return selective_window_attention(q, k, v, selected, self.cfg.window, rows=rows,
+                                              block_size=self.cfg.block_size)
+        return per_document(lambda q_, k_, v_, sel, rows_: selective_window_attention(
+            q_, k_, v_, sel, self.cfg.window, rows=rows_, block_size=self.cfg.block_size),
+            seq_idx, q, k, v, selected, rows)
+
+    def _attend_decode(self, q, cache: TaipanCache):
+        """One query per row against the ring's slots, read in place: every slot is within the window (the
+        ring holds exactly it), so the query sees the selected ones and its own (eq. 4). Accumulates as
+        the op does (float32 for narrower inputs)."""
+        b, _, h, d = q.shape
+        acc = _acc_dtype(q.dtype)
+        keys, values = cache.slots("keys"), cache.slots("values")
+        visible = cache.slots("key_selected").clone()
+        visible[:, (cache.pos - 1) % cache.ring] = True
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).to(acc), keys.to(acc), values.to(acc),
+                                             attn_mask=visible[:, None, None, :])
+        return out.transpose(1, 2).to(q.dtype)
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> TaipanCache:
-        empty = torch.empty(batch_size, 0, self.n_heads, self.head_dim, device=device, dtype=dtype)
-        return TaipanCache(empty, empty.clone(), torch.empty(batch_size, 0, dtype=torch.bool, device=device))
+        return TaipanCache.empty(batch_size, self.n_heads, self.head_dim, self.cfg.window, device, dtype)
 
     def merge_left_padded(self, caches: Sequence[TaipanCache], row_start, length: int) -> TaipanCache:
         """K, V and flags left-padded with unselected slots (`TaipanCache.left_padded`)."""
