@@ -5,7 +5,9 @@ pure-PyTorch fallbacks of transformers 5.x, op to op and mixer to mixer, on the 
     zoo:          zoo.ops.ssm.selective_scan, zoo.ops.ssd.ssd_scan, blocks `mamba`, `mamba2`
 
 d_model 256 (d_inner 512); Mamba-1 with d_state 16; Mamba-2 with d_state 64, head_dim 64 (8 heads),
-one group, chunk 256; batch 1. Every measurement runs in a fresh subprocess (`measure`): time is the
+one group; batch 1. Chunk sizes: each side at its own default, transformers' Mamba2Config 256 and
+zoo's Mamba2Config 64 (both scans are faster at 64 on CPU; --zoo-chunk 256 --hf-chunk 256 gives the
+like-for-like rows, and --hf-chunk 64 transformers at zoo's chunk). Every measurement runs in a fresh subprocess (`measure`): time is the
 best of `repeats` forward + backward passes, memory the peak RSS above the subprocess's own baseline
 taken after building the inputs (/proc/self/status VmHWM after resetting it through clear_refs, minus
 VmRSS); one torch thread unless --threads says otherwise. Before timing, the outputs and gradients
@@ -13,6 +15,7 @@ of both sides are compared on one short input.
 
     .venv/bin/python benchmarks/bench_ssm.py            # the full table (about 15 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_ssm.py --quick    # short lengths only, a smoke test
+    .venv/bin/python benchmarks/bench_ssm.py --only mamba2:mixer    # the rows of one arch (and level)
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # transformers' kernel hub must n
 
 D_MODEL = 256
 MAMBA = {"d_state": 16, "d_conv": 4, "expand": 2}
-MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1, "chunk_size": 256}
+MAMBA2 = {"d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "n_groups": 1}
+# each side's default chunk size (transformers' Mamba2Config and zoo's); --zoo-chunk / --hf-chunk override
+CHUNK = {"hf": 256, "zoo": None}
 TIMEOUT_S = 900
 
 # (arch, what, length, {impl: repeats}). transformers' Mamba-1 backward grows about cubically with
@@ -58,6 +63,11 @@ NOT_RUN = {("mamba", 8192): "not run: backward grows ~cubically (2K takes minute
 
 # ---------------------------------------------------------------- what is measured (in the worker)
 
+def chunk_size(impl):
+    from zoo.blocks.mamba import Mamba2Config
+    return CHUNK[impl] or Mamba2Config().chunk_size
+
+
 def hf_mixer(arch):
     import torch
     from transformers import Mamba2Config, MambaConfig
@@ -71,7 +81,7 @@ def hf_mixer(arch):
     heads = MAMBA2["expand"] * D_MODEL // MAMBA2["head_dim"]
     cfg = Mamba2Config(hidden_size=D_MODEL, state_size=MAMBA2["d_state"], conv_kernel=MAMBA2["d_conv"],
                        expand=MAMBA2["expand"], head_dim=MAMBA2["head_dim"], num_heads=heads,
-                       n_groups=MAMBA2["n_groups"], chunk_size=MAMBA2["chunk_size"], num_hidden_layers=1)
+                       n_groups=MAMBA2["n_groups"], chunk_size=chunk_size("hf"), num_hidden_layers=1)
     return Mamba2Mixer(cfg, 0)
 
 
@@ -79,7 +89,7 @@ def zoo_mixer(arch, weights_from):
     """zoo's block with the transformers mixer's weights (the parameter names are the same)."""
     from zoo.blocks.mamba import Mamba2Block, Mamba2Config, MambaBlock, MambaConfig
     block = (MambaBlock(D_MODEL, MambaConfig(**MAMBA), 0) if arch == "mamba"
-             else Mamba2Block(D_MODEL, Mamba2Config(**MAMBA2), 0))
+             else Mamba2Block(D_MODEL, Mamba2Config(**MAMBA2, chunk_size=chunk_size("zoo")), 0))
     block.load_state_dict(weights_from.state_dict())
     return block
 
@@ -115,7 +125,7 @@ def op_fn(arch, impl):
         from zoo.ops.ssd import ssd_scan as scan
     else:
         from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan as scan
-    return lambda i: scan(i["x"], i["dt"], i["A"], i["B"], i["C"], MAMBA2["chunk_size"], D=i["D"],
+    return lambda i: scan(i["x"], i["dt"], i["A"], i["B"], i["C"], chunk_size(impl), D=i["D"],
                           dt_bias=i["dt_bias"], dt_softplus=True)
 
 
@@ -152,9 +162,10 @@ def setup(arch, what, impl, length, dtype):
     return run, leaves
 
 
-def worker(arch, what, impl, length, repeats):
+def worker(arch, what, impl, length, repeats, chunks=None):
     """In a fresh process (`measure`): best CPU and wall s of `repeats` fwd+bwd, their peak above the set-up."""
     import torch
+    CHUNK.update(chunks or {})
     run, _ = setup(arch, what, impl, length, torch.float32)
     t = time_call(run, repeats, warmup=0, memory=True)
     return {"time_s": t.cpu_best, "wall_s": t.best, "peak_mib": t.peak_bytes / 2**20}
@@ -162,11 +173,11 @@ def worker(arch, what, impl, length, repeats):
 
 # ---------------------------------------------------------------- the driver
 
-def agreement():
+def agreement(archs=("mamba", "mamba2")):
     """Max relative difference between zoo and transformers on the same weights and inputs."""
     import torch
     rows = []
-    for arch in ("mamba", "mamba2"):
+    for arch in archs:
         for what in ("op", "mixer"):
             length = 300
             got = []
@@ -183,7 +194,8 @@ def agreement():
 
 def run_cell(arch, what, length, impl, repeats, threads):
     rec = measure("benchmarks.bench_ssm:worker", {"arch": arch, "what": what, "impl": impl, "length": length,
-                                                  "repeats": repeats}, threads=threads, timeout=TIMEOUT_S)
+                                                  "repeats": repeats, "chunks": CHUNK},
+                  threads=threads, timeout=TIMEOUT_S)
     if rec["status"] == "timeout":
         return None, f"timed out after {TIMEOUT_S} s"
     if rec["status"] != "ok":
@@ -205,7 +217,18 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per measurement (default 1: on a shared machine a descheduled "
                              "thread stalls every parallel region of the other)")
+    parser.add_argument("--only", default=None,
+                        help="run only these rows: ARCH or ARCH:LEVEL, comma-separated (e.g. mamba2:mixer)")
+    parser.add_argument("--zoo-chunk", type=int, default=None, help="zoo's Mamba-2 chunk size (default: its own, "
+                                                                     "Mamba2Config().chunk_size)")
+    parser.add_argument("--hf-chunk", type=int, default=CHUNK["hf"],
+                        help=f"transformers' Mamba-2 chunk size (default: its own, {CHUNK['hf']})")
     args = parser.parse_args()
+    CHUNK.update(zoo=args.zoo_chunk, hf=args.hf_chunk)
+    rows = QUICK if args.quick else FULL
+    if args.only:
+        keep = [o.split(":") for o in args.only.split(",")]
+        rows = [r for r in rows if any(k[0] == r[0] and (len(k) == 1 or k[1] == r[1]) for k in keep)]
 
     import torch
     import transformers
@@ -215,13 +238,14 @@ def main():
           f"load average at start {os.getloadavg()[0]:.1f}. Time: CPU seconds of one forward + backward, the "
           f"best of `runs` (CPU time rather than wall time, which other processes on a shared machine "
           f"inflate); the summary line also has the best wall times. Peak: RSS above the subprocess's "
-          f"baseline. Speedup and memory ratio are transformers / zoo.\n")
+          f"baseline. Speedup and memory ratio are transformers / zoo. Mamba-2 chunk size: zoo "
+          f"{chunk_size('zoo')}, transformers {chunk_size('hf')}.\n")
     print("zoo vs transformers on the same weights, max relative difference of output and all gradients "
-          "(length 300): " + "; ".join(agreement()) + "\n")
+          "(length 300): " + "; ".join(agreement(sorted({r[0] for r in rows}))) + "\n")
     table = Table(["model", "level", "length", "runs zoo/hf", "zoo s", "transformers s", "speedup", "zoo peak MiB",
                    "transformers peak MiB", "memory ratio"], align="llrrrrrrrr", stream=True)
     summary = {}
-    for arch, what, length, impls in (QUICK if args.quick else FULL):
+    for arch, what, length, impls in rows:
         got = {}
         for impl in ("zoo", "hf"):
             if impl in impls:
@@ -244,6 +268,7 @@ def main():
                                               "zoo_peak_mib": zoo and round(zoo["peak_mib"]),
                                               "hf_peak_mib": hf and round(hf["peak_mib"])}
     from zoo.ops.dispatch import chosen
+    summary["mamba2_chunk"] = {impl: chunk_size(impl) for impl in CHUNK}
     summary["kernels"] = chosen("cpu")   # what zoo's ops ran: every subprocess uses the defaults
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     print_summary(summary)

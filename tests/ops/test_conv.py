@@ -79,3 +79,41 @@ def test_bad_input_names_the_argument(fn, change, message):
     with pytest.raises(ValueError) as err:
         fn(**kwargs)
     assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("length", [2, 3, 5, 37])
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("block", [None, 2 * 7 * 3])
+def test_channel_last_matches_ref(length, width, activation, bias, block, monkeypatch):
+    """x as a Mamba block hands it over: a transposed slice of a wider [b, l, c] tensor (the shifted
+    multiply-add path), in one block of positions or in blocks of 3 (a block boundary inside the taps);
+    the gradient reaches the wider tensor, zero outside the slice."""
+    import zoo.ops.conv as conv
+    if block is not None:
+        monkeypatch.setattr(conv, "_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(2, length, 9, generator=g, dtype=F64)
+    weight, b = torch.randn(7, width, generator=g, dtype=F64), torch.randn(7, generator=g, dtype=F64)
+    results = []
+    for fn in (causal_conv1d, causal_conv1d_ref):
+        leaves = [wide.clone().requires_grad_(), weight.clone().requires_grad_(), b.clone().requires_grad_()]
+        x = leaves[0][..., 1:8].transpose(1, 2)
+        assert fn is causal_conv1d_ref or conv._channel_last(x)
+        out = fn(x, leaves[1], leaves[2] if bias else None, activation=activation)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)).sum().backward()
+        results.append([out] + [t.grad for t in leaves[: 3 if bias else 2]])
+    for name, got, want in zip(["out", "grad x", "grad weight", "grad bias"], *results):
+        assert got.shape == want.shape, name
+        assert_close(got, want, TOL, name)
+
+
+def test_channel_last_low_precision():
+    g = torch.Generator().manual_seed(0)
+    wide, weight, b = torch.randn(2, 50, 9, generator=g), torch.randn(7, 4, generator=g), torch.randn(7, generator=g)
+    want = causal_conv1d_ref(wide[..., 1:8].transpose(1, 2).double(), weight.double(), b.double(), activation="silu")
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        out = causal_conv1d(wide.to(dtype)[..., 1:8].transpose(1, 2), weight, b, activation="silu")
+        assert out.dtype == dtype and out.stride(1) == 1
+        assert_close(out, want, tol, str(dtype))

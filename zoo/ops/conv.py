@@ -8,6 +8,11 @@
 Same arguments and layout as `causal_conv1d_fn` of the causal-conv1d package, which this module calls
 on CUDA when it is installed.
 
+Layout. x may be channel-last in memory (a transposed view of [batch, length, dim], which is how a
+Mamba block's in_proj produces it): then the convolution runs as `width` shifted multiply-adds along
+the length, in that layout, with a hand-written backward (`_ChannelLastConv`); no transposed copy is
+made and the output comes back channel-last too. A channel-first x goes to F.conv1d.
+
 Packed documents: with `seq_idx` [batch, length] (see `zoo.ops.documents`) no output reads an input of
 another document: inputs before a document's first token count as zeros, as they would for the document
 alone. The initial states belong to the first document; the final states keep only the last
@@ -33,6 +38,9 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
         return cuda_kernel("causal_conv1d")(x, weight, bias, activation=activation)
     if seq_idx is not None:
         return _document_conv(x, weight, bias, initial_states, return_final_states, activation, seq_idx)
+    if _channel_last(x) and initial_states is None and not return_final_states:
+        out = _ChannelLastConv.apply(x.transpose(1, 2), weight, bias, activation is not None)
+        return out.transpose(1, 2)
     b, d, length = x.shape
     width = weight.shape[1]
     acc = _acc_dtype(x)
@@ -111,6 +119,99 @@ def _document_conv(x, weight, bias, initial_states, return_final_states, activat
     tail = _last_inputs(padded, width)
     keep = _last_inputs(doc_padded[:, None, :], width) == doc[:, None, -1:]
     return out, tail.masked_fill(~keep, 0.0).to(x.dtype)
+
+
+def _channel_last(x) -> bool:
+    """x [b, d, l] laid out as [b, l, d] with unit stride along d (rows may be wider: a slice)."""
+    return x.stride(1) == 1 and x.shape[1] > 1 and x.shape[2] > 1
+
+
+class _ChannelLastConv(torch.autograd.Function):
+    """The convolution of x [b, l, d] (unit stride along d) as width shifted multiply-adds,
+    out[t] = act(bias + sum_k w[:, k] x[t - (width - 1) + k]), returned [b, l, d] contiguous.
+
+    Forward and backward run over blocks of positions (`_BLOCK_ELEMENTS` per tensor), so that the
+    few passes over a block stay in the core's cache instead of streaming whole [l, d] tensors
+    through memory once per tap. Measured at d = 640, float32, one thread, forward + backward:
+    4K positions 35 ms (F.conv1d on the same data, made channel-first, 87 ms with the transposed
+    copies); 16K about 0.2 s, where whole-tensor passes take twice that. Keeps only the input (a
+    view: no copy); backward recomputes the pre-activation block by block, which costs less than
+    writing it out and reading it back (and a fresh [l, d] tensor costs page faults, ~0.5 ms per MiB
+    here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        acc = _acc_dtype(x)
+        w = weight.to(acc)
+        b = None if bias is None else bias.to(acc)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for t0, t1 in _position_blocks(x, w.shape[1]):
+            if silu:
+                out[:, t0:t1] = F.silu(_taps(x, w, b, t0, t1))
+            else:
+                out[:, t0:t1] = _taps(x, w, b, t0, t1)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        acc = _acc_dtype(x)
+        w = weight.to(acc)
+        b = None if bias is None else bias.to(acc)
+        width, length = w.shape[1], x.shape[1]
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.zeros(w.shape, dtype=acc, device=x.device)
+        db = None if bias is None else torch.zeros(w.shape[0], dtype=acc, device=x.device)
+        for t0, t1 in _position_blocks(x, width):
+            # dpre of the block and of the width - 1 positions after it, whose taps reach into it
+            t2 = min(t1 + width - 1, length)
+            do = dout[:, t0:t2].to(acc)
+            dpre = torch.ops.aten.silu_backward(do, _taps(x, w, b, t0, t2)) if ctx.silu else do
+            n = t1 - t0
+            dxb = torch.mul(dpre[:, :n], w[:, -1])
+            for k in range(width - 1):
+                shift = width - 1 - k
+                if t2 - t0 > shift:   # dx[t] += w_k dpre[t + shift]
+                    m = min(n, t2 - t0 - shift)
+                    dxb[:, :m].addcmul_(dpre[:, shift:shift + m], w[:, k])
+            dx[:, t0:t1] = dxb
+            own = dpre[:, :n]
+            for k in range(width):
+                shift = width - 1 - k   # dw_k += sum_t dpre[t] x[t - shift], t - shift >= 0
+                s0 = max(t0, shift)
+                if s0 < t1:
+                    dw[:, k] += torch.linalg.vecdot(own[:, s0 - t0:], x[:, s0 - shift:t1 - shift].to(acc),
+                                                    dim=1).sum(0)
+            if db is not None:
+                db += own.sum((0, 1))
+        return dx, dw.to(weight.dtype), None if db is None else db.to(weight.dtype), None
+
+
+# Elements of one block of positions (per tensor), 128 Ki float32 = 512 KiB: a block's input, output
+# and pre-activation mostly stay in a 1 MiB L2.
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def _position_blocks(x, width):
+    """(t0, t1) blocks of the positions of x [b, l, d], at least `width` positions each."""
+    b, length, d = x.shape
+    step = max(width, _BLOCK_ELEMENTS // max(1, b * d))
+    return [(t, min(t + step, length)) for t in range(0, length, step)]
+
+
+def _taps(x, w, bias, t0, t1):
+    """bias + sum_k w[:, k] x[t - (width - 1) + k] for t in [t0, t1) (zero before position 0)."""
+    width = w.shape[1]
+    xb = x[:, t0:t1]
+    out = torch.mul(xb, w[:, -1]) if bias is None else torch.addcmul(bias, xb, w[:, -1])
+    for k in range(width - 1):
+        shift = width - 1 - k
+        s0 = max(t0, shift)   # output positions whose tap t - shift exists
+        if s0 < t1:
+            out[:, s0 - t0:].addcmul_(x[:, s0 - shift:t1 - shift], w[:, k])
+    return out
 
 
 def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from zoo.blocks.mamba.config import Mamba2Config, MambaConfig
 from zoo.blocks.mamba.cp import mamba2_cp, mamba_cp
 from zoo.ops.conv import causal_conv1d
 from zoo.ops.documents import check_block_documents
+from zoo.ops.norm import gated_rms_norm
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan, selective_scan_step
 from zoo.registry import register_block
@@ -212,10 +213,7 @@ class GatedRMSNorm(nn.Module):
         self.group_size, self.eps = group_size, eps
 
     def forward(self, y, z):
-        acc = _float(y).dtype
-        gated = (y.to(acc) * F.silu(z.to(acc))).unflatten(-1, (-1, self.group_size))
-        normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed.flatten(-2) * self.weight.to(acc)).to(y.dtype)
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
 
 
 def _conv(conv: nn.Conv1d, x, cache, seq_idx=None, impl="auto"):
