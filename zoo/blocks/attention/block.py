@@ -14,7 +14,7 @@ from zoo.blocks.attention.cp import attention_cp, swa_cp
 from zoo.blocks.base import Block
 from zoo.ops.attention import attention, blockwise_attention
 from zoo.ops.documents import check_block_documents, document_positions
-from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.rope import apply_rope_half, rope_cos_sin, rope_cos_sin_half
 from zoo.registry import register_block
 
 
@@ -64,8 +64,8 @@ class CausalSelfAttention(Block):
         """q and k rotated at `positions` ([length] or [batch, length]); unchanged with rope_base null."""
         if self.cfg.rope_base is None:
             return q, k
-        cos, sin = rope_cos_sin(positions, self.rope_dim, self.cfg.rope_base)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope_cos_sin_half(positions, self.rope_dim, self.cfg.rope_base)
+        return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
 
     def _attend(self, q, k, v, seq_idx=None):
         return attention(q, k, v, causal=True, scale=self.cfg.scale, seq_idx=seq_idx)

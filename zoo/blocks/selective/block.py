@@ -10,7 +10,6 @@ from zoo.blocks.selective.cache import SelectiveCache, scores_dtype
 from zoo.blocks.selective.config import SelectiveConfig
 from zoo.blocks.selective.cp import selective_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
-from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.selective import selective_attention, selective_keep_index, selective_memory
 from zoo.registry import register_block
 
@@ -37,10 +36,10 @@ class SelectiveAttention(CausalSelfAttention):
         q, k, v = self._project(x)
         if seq_idx is None:
             # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
-            cos, sin = self._rope(start, start + t, x.device, None if cache is None else cache.row_start)
+            positions = self._positions(start, start + t, x.device, None if cache is None else cache.row_start)
         else:
-            cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            positions = document_positions(seq_idx)
+        q, k = self._rotate(q, k, positions)
         aux = self._memory_loss(q, k, seq_idx) if wants_mem_loss else None
         impl = self.kernels.get("selective_attention", "auto")
         if seq_idx is not None:

@@ -13,7 +13,7 @@ from zoo.blocks.taipan.cache import TaipanCache
 from zoo.blocks.taipan.config import TaipanConfig
 from zoo.blocks.taipan.cp import taipan_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
-from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.rope import apply_rope_half, rope_cos_sin_half
 from zoo.ops.taipan import _acc_dtype, _compact, _put, _take, selective_window_attention
 from zoo.registry import register_block
 
@@ -72,8 +72,8 @@ class TaipanBlock(Block):
                 # a left-padded batch decoding through one cache (zoo.hf): positions count from each row's
                 # first token; its padding keys need no mask, they are cached as unselected
                 positions = (positions[None] - cache.row_start[:, None]).clamp(min=0)
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = rope_cos_sin_half(positions, self.head_dim, self.cfg.rope_base)
+            q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
         if cache is None:
             o = self._attend(q, k, v, hard, rows, seq_idx)
         elif t == 1 and not self.training:
