@@ -54,11 +54,15 @@ from zoo.ops.dispatch import choose, cuda_kernel
 __all__ = ["ssd_scan", "ssd_scan_ref"]
 
 # Elements of one [chunks, b, h, Q, Q] (or [chunks, b, h, Q, p]) working tensor per group of
-# chunks: 4 Mi, 16 MiB in float32. Measured at h=8, p=n=64, Q=256, 16K tokens, fwd + bwd on CPU:
+# chunks: 1 Mi, 4 MiB in float32. Measured at h=8, p=n=64, Q=256, 16K tokens, fwd + bwd on CPU:
 # with one thread, groups of 1, 4 and 16 Mi take the same time; with two threads on a busy
 # machine, 1 Mi took 1.7x as long as 4 Mi (twice the parallel regions to synchronise), and 16 Mi
-# gained nothing for 2.3x the peak memory.
-_GROUP_ELEMENTS = 1 << 22
+# gained nothing for 2.3x the peak memory. At Q=64 (the Mamba-2 block's default) and one thread,
+# 1 Mi against 4 Mi: the op alone at 16K 0.37 s against 0.39 s; the mixer (benchmarks/bench_ssm.py)
+# within noise in time, its peak 145 / 355 MiB against 187 / 580-640 MiB at 4K / 16K. A group is
+# then 32 chunks (2K tokens) rather than the 2 chunks that made 1 Mi slow on two threads at Q=256;
+# two threads on the busy machine gave no consistent difference (0.63-0.83 s against 0.82-0.91 s).
+_GROUP_ELEMENTS = 1 << 20
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, initial_states=None,
