@@ -26,8 +26,10 @@ FLAT_GROWTH = 1.1   # memory counts as flat when the longest context needs at mo
 
 def findings(results: dict) -> list:
     """Sentences, best recipe per measure first; empty when results.json holds nothing to read."""
+    from evals.recall_report import mqar_finding, passkey_finding   # it imports evals.report, as this module does
     parts = (perplexity_finding(results, "blocks"), perplexity_finding(results, "streaming"),
-             extrapolation_finding(results), throughput_finding(results), memory_finding(results))
+             extrapolation_finding(results), throughput_finding(results), memory_finding(results),
+             passkey_finding(results), mqar_finding(results))
     return [p for p in parts if p]
 
 

@@ -97,13 +97,15 @@ def mqar_accuracy(model, batches) -> tuple[float, float]:
     return hits / total, exact / rows
 
 
-def mqar_eval(recipe, budget_steps: int, seq_len: int, num_kv_pairs: int, num_queries: Optional[int] = None,
+def mqar_eval(recipe, budget_steps: int, seq_len: int, num_kv_pairs, num_queries: Optional[int] = None,
               batch_size: Optional[int] = None, lr: Optional[float] = None, eval_batches: int = 4,
               seed: int = 0, device=None, out_dir=None, overrides: Sequence[str] = ()) -> dict:
     """Train a fresh model of `recipe` (a Recipe, path or mapping) on MQAR for `budget_steps` optimizer steps
     and score it on held-out batches. The recipe's train section is kept except seq_len, max_steps,
     warmup (capped at a tenth of the budget), and batch_size / lr when given. Keys and values fill the
-    model's vocabulary; chance is one over the number of values."""
+    model's vocabulary; chance is one over the number of values. num_kv_pairs a list: one model trains on
+    the mix (Zoology's training setup) and is scored at each count: `by_kv_pairs` {count: {accuracy,
+    exact_match}}, and `accuracy` / `exact_match` their means."""
     if budget_steps < 1:
         raise ValueError(f"budget_steps: {budget_steps} must be >= 1")
     base = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
@@ -122,10 +124,14 @@ def mqar_eval(recipe, budget_steps: int, seq_len: int, num_kv_pairs: int, num_qu
         trainer = Trainer(rec, data, out_dir or tmp, device=device, progress=False, log=lambda s: None)
         result = trainer.train()
     seconds = time.perf_counter() - start
-    held_out = data.test_batches(eval_batches, rec.train.batch_size, seq_len)
-    acc, exact = mqar_accuracy(trainer.model, held_out)
+    by_kv = {}
+    for kv in data.counts:
+        acc, exact = mqar_accuracy(trainer.model, data.test_batches(eval_batches, rec.train.batch_size, seq_len, kv))
+        by_kv[kv] = {"accuracy": acc, "exact_match": exact}
+    acc = sum(r["accuracy"] for r in by_kv.values()) / len(by_kv)
+    exact = sum(r["exact_match"] for r in by_kv.values()) / len(by_kv)
     return {"task": "mqar", "recipe": rec.name, "steps": budget_steps, "seq_len": seq_len,
-            "num_kv_pairs": num_kv_pairs, "num_queries": num_queries or num_kv_pairs, "vocab_size": vocab,
+            "num_kv_pairs": num_kv_pairs, "num_queries": num_queries, "vocab_size": vocab, "by_kv_pairs": by_kv,
             "batch_size": rec.train.batch_size, "lr": rec.train.lr, "accuracy": acc, "exact_match": exact,
             "chance": 1 / (vocab - vocab // 2), "train_loss": result.train_loss, "val_loss": result.val_loss,
             "train_seconds": seconds}

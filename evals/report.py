@@ -364,6 +364,18 @@ def extrapolation_table(results: dict) -> str:
             "difference [95% interval] in bits/byte.")
 
 
+def passkey_intro(results: dict) -> list:
+    """The line saying which weights answered: the passkey fine-tunes (`zoo recall passkey`) or the LMs."""
+    tuned = [c for c in cells(results, "passkey") if c.get("finetune_len")]
+    if not tuned:
+        return []
+    lens = sorted({c["finetune_len"] for c in tuned})
+    return [f"The passkey fine-tunes of the compared models (`zoo recall passkey`, {', '.join(map(str, lens))}-token "
+            "prompts, needle at a uniform depth, checkpoints in " + ", ".join(sorted({str(Path(c['checkpoint']).parents[2])
+                                                                                   for c in tuned})) +
+            "), greedy exact match of the five digits; lengths are multiples of the fine-tuning length."]
+
+
 def passkey_tables(results: dict) -> str:
     out = []
     for name in _recipes(results):
@@ -604,12 +616,14 @@ def memory_by_context_sections(results: dict) -> list:
 
 def write_report(results: dict, out_dir) -> tuple:
     """Write report.md and the PNGs into `out_dir`; returns (report path, [png paths])."""
+    from evals.recall_report import mqar_table, mqar_text, plot_mqar   # it reads cells through this module
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = [p for p in (plot_perplexity(results, out / "perplexity.png"), plot_memory(results, out / "memory.png"),
                         plot_decode_memory(results, out / "decode_memory.png"),
                         plot_extrapolation(results, out / "extrapolation.png"),
-                        plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"))
+                        plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"),
+                        plot_mqar(results, out / "mqar.png"))
             if p is not None]
     meta = results.get("meta", {})
     sizes = _table(["recipe", "d_model", "params (total)", "non-embedding", "checkpoint"],
@@ -646,7 +660,9 @@ def write_report(results: dict, out_dir) -> tuple:
         *(["Per CPU-second of the process (all its threads; waiting for a core on a shared machine costs none):",
            throughput_table(results, "cpu")] if any(c.get("tokens_per_cpu_s") for c in cells(results, "throughput"))
           else []),
-        "## Passkey retrieval", passkey_tables(results) or "(not run)",
+        "## Passkey retrieval", *passkey_intro(results), passkey_tables(results) or "(not run)",
+        *(["## Multi-query associative recall (MQAR)", mqar_text(results), mqar_table(results)]
+          if mqar_table(results) else []),
         "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),
     ]
     path = out / "report.md"

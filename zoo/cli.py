@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("evals.commands.eval", "perplexity of a checkpoint by context length, beside gzip / xz"),
     "compare": ("evals.commands.compare", "train or load recipes and compare them side by side (report.md)"),
     "pretrain": ("evals.commands.pretrain", "train the compared recipes once and ship them with model cards"),
+    "recall": ("evals.commands.recall", "passkey fine-tunes of the shipped models and the MQAR sweep, offline"),
     "export": ("zoo.commands.export", "a checkpoint as a transformers directory"),
     "generate": ("zoo.commands.generate", "generate text from a checkpoint or transformers directory"),
     "describe": ("zoo.commands.describe", "build recipes and print their layer tables"),

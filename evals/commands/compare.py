@@ -142,6 +142,11 @@ def parse_args(argv):
     ap.add_argument("--passkey-depths", type=float_list, default=[0.0, 0.5, 1.0])
     ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--no-passkey", action="store_true")
+    ap.add_argument("--passkey-from", default=None,
+                    help="evaluate passkey on DIR/<name>, the passkey fine-tunes of `zoo recall passkey` (recipes "
+                         "without one are left out of the passkey cells); default: the compared models themselves")
+    ap.add_argument("--mqar-results", default=None,
+                    help="results.json of `zoo recall mqar`: its runs go into results.json and the report's figure")
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare each recipe's corpus)")
     ap.add_argument("--data-root", default="data", help="where corpora are prepared and cached")
     ap.add_argument("--device", default="cpu")
@@ -439,17 +444,54 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
                                 "ppl": "per token"}
                 return rec
             cells.append(("cp", f"W{world}", context, cp))
-    if not args.no_passkey:
+    tuned = passkey_checkpoint(args.passkey_from, name) if args.passkey_from else None
+    if not args.no_passkey and (tuned or not args.passkey_from):
+        loaded = {}
+
+        def passkey_model():
+            if tuned is None:
+                return run.model()
+            if "model" not in loaded:
+                loaded["model"] = zoo.load_checkpoint(tuned["checkpoint"], device=args.device).eval()
+            return loaded["model"]
+
         for length in args.passkey_lengths:
             def passkey(length=length):
-                data = run.data()
-                tok = None if data.tokenizer == "byte" else load_tokenizer(data.tokenizer)
-                grid = passkey_grid(run.model(), [length], args.passkey_depths, args.passkey_trials, tokenizer=tok,
-                                    device=args.device)
-                return {"depths": grid["depths"], "accuracy": grid["accuracy"][0], "n_trials": grid["n_trials"],
-                        "scoring": grid["scoring"], "seed": grid["seed"], "units": {"accuracy": "fraction"}}
+                tok_spec = run.recipe.train.tokenizer
+                tok = None if tok_spec == "byte" else load_tokenizer(tok_spec)
+                grid = passkey_grid(passkey_model(), [length], args.passkey_depths, args.passkey_trials,
+                                    tokenizer=tok, device=args.device)
+                rec = {"depths": grid["depths"], "accuracy": grid["accuracy"][0], "n_trials": grid["n_trials"],
+                       "scoring": grid["scoring"], "seed": grid["seed"], "units": {"accuracy": "fraction"}}
+                if tuned:
+                    rec.update(model="passkey fine-tune", **{k: tuned[k] for k in ("checkpoint", "finetune_len",
+                                                                                   "finetune_steps")})
+                return rec
             cells.append(("passkey", "greedy", length, passkey))
     return [(name, *c) for c in cells]
+
+
+def passkey_checkpoint(root, name: str) -> dict | None:
+    """The passkey fine-tune of `name` under `root` (`zoo recall passkey`'s OUT): {checkpoint, finetune_len,
+    finetune_steps}, or None when it has none."""
+    card = Path(root) / name / "card.json"
+    if not card.is_file():
+        return None
+    info = json.loads(card.read_text())
+    return {"checkpoint": str(resolve_checkpoint(card.parent)), "finetune_len": info["seq_len"],
+            "finetune_steps": info["steps"]}
+
+
+def attach_mqar(results: dict, path) -> None:
+    """Carry the runs of `zoo recall mqar`'s results.json into results["mqar"] (offline measurements: the
+    report says where they come from)."""
+    try:
+        sweep = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--mqar-results: {path} is not a readable results.json of `zoo recall mqar` ({err})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list):
+        raise ValueError(f"--mqar-results: {path} holds no list of runs (expected `zoo recall mqar`'s results.json)")
+    results["mqar"] = {"source": str(path), "meta": sweep.get("meta", {}), "runs": sweep["runs"]}
 
 
 def main(argv=None):
@@ -465,6 +507,11 @@ def main(argv=None):
     say = tqdm.write if not args.no_progress else print
 
     try:
+        if args.mqar_results:
+            attach_mqar(results, args.mqar_results)
+        if args.passkey_from and not Path(args.passkey_from).is_dir():
+            raise ValueError(f"--passkey-from: {args.passkey_from} is not a directory (expected `zoo recall "
+                             "passkey`'s --out, holding <name>/card.json per recipe)")
         resolved = [resolve(spec, args.overrides) for spec in args.recipes]
         names = [r.name for r, _ in resolved]
         if len(set(names)) < len(names):

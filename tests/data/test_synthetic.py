@@ -108,3 +108,51 @@ def test_mqar_errors():
         mqar_batch(1, 40, 4, 64, 0, num_queries=5)
     with pytest.raises(DataError, match="num_kv_pairs"):
         MQARData(64, 0)
+
+
+# -- passkey fine-tuning data ----------------------------------------------------------------------------------
+
+def test_passkey_data_rows_end_with_their_answer_and_score_it():
+    from zoo.data.packing import IGNORE_INDEX
+    from zoo.data.synthetic import PasskeyData
+    data = PasskeyData(loss="lm")
+    batch = data.train_batch(step=3, micro=0, batch_size=4, seq_len=400)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape == labels.shape == (4, 400)
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        text = TOK.decode(row)
+        key = NEEDLE_RE.findall(text)[0][0]
+        assert text.endswith("What is the pass key? The pass key is " + key)
+        assert lab == row   # loss "lm": every token
+    val = data.val_batches(2, 4, 400)
+    for b in val:
+        scored = b["labels"] != IGNORE_INDEX
+        assert scored.sum(1).tolist() == [6] * 4 and scored[:, -6:].all()   # " " and five digits, nothing else
+        assert torch.equal(b["labels"][scored], b["input_ids"][scored])
+    answer = PasskeyData().train_batch(3, 0, 4, 400)   # loss "answer", the default
+    assert torch.equal(answer["input_ids"], ids) and ((answer["labels"] != IGNORE_INDEX).sum(1) == 6).all()
+
+
+def test_passkey_data_is_deterministic_varied_and_disjoint_from_the_evaluation():
+    from zoo.data.synthetic import PasskeyData
+    data = PasskeyData(seed=1)
+    a, b = data.train_batch(5, 1, 8, 512), data.train_batch(5, 1, 8, 512)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["input_ids"], data.train_batch(6, 1, 8, 512)["input_ids"])
+    assert not torch.equal(a["input_ids"], PasskeyData(seed=2).train_batch(5, 1, 8, 512)["input_ids"])
+    rows = [TOK.decode(r) for r in a["input_ids"].tolist()]
+    starts = {r.index("The pass key is") for r in rows}
+    assert len(starts) > 4   # depths differ from row to row
+    train_keys = {NEEDLE_RE.findall(TOK.decode(r))[0][0] for s in range(20)
+                  for r in data.train_batch(s, 0, 8, 300)["input_ids"].tolist()}
+    eval_prompts = {tuple(t.input_ids) for d in (0.0, 0.5, 1.0) for t in passkey_trials(300 - 6, d, 10)}
+    train_prompts = {tuple(r[:-6]) for s in range(20) for r in data.train_batch(s, 0, 8, 300)["input_ids"].tolist()}
+    assert len(train_keys) > 100 and not eval_prompts & train_prompts
+
+
+def test_passkey_data_errors():
+    from zoo.data.synthetic import PasskeyData
+    with pytest.raises(DataError, match="loss: 'all' is not one of answer, lm"):
+        PasskeyData(loss="all")
+    with pytest.raises(DataError, match="too short for the passkey prompt"):
+        PasskeyData().train_batch(0, 0, 2, 128)

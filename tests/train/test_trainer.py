@@ -223,3 +223,33 @@ def test_blocks_auxiliary_losses_are_trained_and_logged(tmp_path):
     train_toy(tmp_path / "plain", max_steps=2)
     assert all("aux_loss" not in json.loads(line)
                for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_init_from_starts_from_the_weights_only_and_resume_wins(tmp_path):
+    base, _ = train_toy(tmp_path / "base", max_steps=4)
+    weights = {k: v.clone() for k, v in base.model.state_dict().items()}
+    ft = Trainer(toy_recipe(max_steps=3, save_every=3), ToyData(), tmp_path / "ft", device="cpu", progress=False,
+                 log=lambda s: None, init_from=str(tmp_path / "base"))
+    assert ft.step == 0 and ft.scheduler.last_epoch == 0 and not ft.optimizer.state   # a fresh optimizer
+    for k, v in ft.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    ft.train()
+    tuned = {k: v.clone() for k, v in ft.model.state_dict().items()}
+    # an interrupted fine-tune continues from its own checkpoint, not from init_from again
+    again = Trainer(toy_recipe(max_steps=3, save_every=3), ToyData(), tmp_path / "ft", device="cpu",
+                    progress=False, log=lambda s: None, init_from=str(tmp_path / "base"), resume="auto")
+    assert again.step == 3
+    for k, v in again.model.state_dict().items():
+        assert torch.equal(v, tuned[k]), k
+
+
+def test_init_from_refuses_another_model_and_a_missing_checkpoint(tmp_path):
+    train_toy(tmp_path / "base", max_steps=2)
+    other = zoo.load_recipe(toy_recipe(max_steps=2).to_dict(), ["model.d_model=48"])
+    with pytest.raises(ckpt.CheckpointError, match="model.d_model differs: checkpoint 32 vs recipe 48"):
+        Trainer(other, ToyData(), tmp_path / "x", device="cpu", progress=False, log=lambda s: None,
+                init_from=str(tmp_path / "base"))
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        Trainer(toy_recipe(max_steps=2), ToyData(), tmp_path / "y", device="cpu", progress=False,
+                log=lambda s: None, init_from=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "y" / "train.lock").exists()   # a trainer that failed to start holds no directory

@@ -72,15 +72,16 @@ def _filler_tokens(tokenizer, n: int, snap: bool) -> list:
     return out[:below] if n - below <= above - n else out[:above]
 
 
-def passkey_prompt(length: int, depth: float, seed: int, tokenizer=None, digits: int = 5) -> PasskeyPrompt:
+def passkey_prompt(length: int, depth: float, seed, tokenizer=None, digits: int = 5) -> PasskeyPrompt:
     """A passkey prompt of exactly `length` tokens with the needle at relative `depth` of the filler
-    (0: right after the task description, 1: right before the question). A pure function of its arguments."""
+    (0: right after the task description, 1: right before the question). A pure function of its arguments
+    (seed: a non-negative int, or a sequence of them for a separate stream)."""
     tok = _default_tokenizer(tokenizer)
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"depth: {depth} is outside [0, 1] (0 = needle first, 1 = needle last)")
     if digits < 1:
         raise DataError(f"digits: {digits} must be >= 1")
-    rng = np.random.default_rng([int(seed), int(length), int(round(depth * 1e6))])
+    rng = np.random.default_rng([*np.atleast_1d(seed).astype(np.int64).tolist(), int(length), int(round(depth * 1e6))])
     passkey = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
     head = tok.encode(TASK + "\n")
     needle = tok.encode("\n" + NEEDLE.format(key=passkey) + "\n")
@@ -101,6 +102,45 @@ def passkey_trials(length: int, depth: float, n_trials: int, seed: int = 0, toke
                    digits: int = 5) -> list:
     """n_trials prompts for one (length, depth) cell; trial i uses seed (seed, i)."""
     return [passkey_prompt(length, depth, seed * 1_000_003 + i, tokenizer, digits) for i in range(n_trials)]
+
+
+class PasskeyData:
+    """Passkey fine-tuning rows with the Trainer's data interface: each row is a prompt of seq_len minus the
+    answer's length, at a depth drawn uniformly in [0, 1], followed by the answer " <digits>". Rows are a pure
+    function of (seed, stream, step, micro, row); the streams never take the single-int seeds of
+    `passkey_trials`, so no evaluation prompt is trained on.
+
+    loss="answer" trains on the answer tokens only; loss="lm" on every token, which adds the needle's own
+    repetition of the key ("N. Remember it. N is") as a copy at short range, a curriculum towards the long
+    one. Validation rows always score the answer only: their loss is the answer's."""
+
+    bytes_per_token = 1.0  # validation covers only answer tokens: bits/byte is then bits per answer token
+    LOSSES = ("answer", "lm")
+
+    def __init__(self, tokenizer=None, digits: int = 5, seed: int = 0, loss: str = "answer"):
+        if loss not in self.LOSSES:
+            raise DataError(f"loss: {loss!r} is not one of {', '.join(self.LOSSES)}")
+        self.tok, self.digits, self.seed, self.loss = _default_tokenizer(tokenizer), digits, seed, loss
+        self.answer_len = len(self.tok.encode(" " + "9" * digits))
+
+    def _batch(self, stream: list, batch_size: int, seq_len: int, lm: bool = False) -> dict:
+        rng = np.random.default_rng([self.seed, *stream, batch_size, seq_len])
+        ids, labels = [], []
+        for row, depth in enumerate(rng.random(batch_size)):
+            p = passkey_prompt(seq_len - self.answer_len, float(depth), [self.seed, *stream, row], self.tok,
+                               self.digits)
+            if len(p.answer_ids) != self.answer_len:   # a tokenizer that merges digits differently
+                raise DataError(f"tokenizer: the answer {p.passkey!r} takes {len(p.answer_ids)} tokens, "
+                                f"expected {self.answer_len}; passkey fine-tuning needs a fixed answer length")
+            ids.append(p.input_ids + p.answer_ids)
+            labels.append((p.input_ids if lm else [IGNORE_INDEX] * len(p.input_ids)) + p.answer_ids)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+    def train_batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> dict:
+        return self._batch([0, step, micro], batch_size, seq_len, lm=self.loss == "lm")
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list:
+        return [self._batch([1, i], batch_size, seq_len) for i in range(n)]
 
 
 # -- MQAR ------------------------------------------------------------------------------------------------
@@ -144,23 +184,35 @@ def mqar_batch(batch_size: int, seq_len: int, num_kv_pairs: int, vocab_size: int
 class MQARData:
     """MQAR batches with the Trainer's data interface. Train batches are a pure function of (seed, step,
     micro); validation batches use a disjoint seed range, so they are held out in the sense of distinct
-    random draws (with a small vocabulary an identical row can recur by chance)."""
+    random draws (with a small vocabulary an identical row can recur by chance).
+
+    num_kv_pairs may be a list: as in Zoology's training mix, consecutive train and validation batches cycle
+    through the counts (a batch shares one count), and `test_batches` takes the count to score."""
 
     bytes_per_token = 1.0  # no text behind the tokens: the Trainer's bits/byte is then bits/token
 
-    def __init__(self, vocab_size: int, num_kv_pairs: int, num_queries: Optional[int] = None, seed: int = 0):
-        self.vocab_size, self.num_kv_pairs, self.num_queries, self.seed = vocab_size, num_kv_pairs, num_queries, seed
-        mqar_batch(1, 2 * (num_kv_pairs + (num_queries or num_kv_pairs)), num_kv_pairs, vocab_size, 0, num_queries)
+    def __init__(self, vocab_size: int, num_kv_pairs, num_queries: Optional[int] = None, seed: int = 0):
+        counts = [num_kv_pairs] if isinstance(num_kv_pairs, int) else list(num_kv_pairs)
+        if not counts:
+            raise DataError("num_kv_pairs: expected a count or a non-empty list of counts")
+        self.vocab_size, self.counts, self.num_queries, self.seed = vocab_size, counts, num_queries, seed
+        self.num_kv_pairs = num_kv_pairs
+        for n in counts:
+            mqar_batch(1, 2 * (n + (num_queries or n)), n, vocab_size, 0, num_queries)
 
-    def _batch(self, seed, batch_size, seq_len):
-        return mqar_batch(batch_size, seq_len, self.num_kv_pairs, self.vocab_size, seed, self.num_queries)
+    def _batch(self, seed, batch_size, seq_len, n):
+        return mqar_batch(batch_size, seq_len, n, self.vocab_size, seed, self.num_queries)
 
     def train_batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> dict:
-        return self._batch([self.seed, 0, step, micro], batch_size, seq_len)
+        n = self.counts[(step + micro) % len(self.counts)]
+        return self._batch([self.seed, 0, step, micro], batch_size, seq_len, n)
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list:
-        return [self._batch([self.seed, 1, i], batch_size, seq_len) for i in range(n)]
+        return [self._batch([self.seed, 1, i], batch_size, seq_len, self.counts[i % len(self.counts)])
+                for i in range(n)]
 
-    def test_batches(self, n: int, batch_size: int, seq_len: int) -> list:
-        """A third seed stream, disjoint from train and validation: for scoring after training."""
-        return [self._batch([self.seed, 2, i], batch_size, seq_len) for i in range(n)]
+    def test_batches(self, n: int, batch_size: int, seq_len: int, num_kv_pairs: Optional[int] = None) -> list:
+        """A third seed stream, disjoint from train and validation: for scoring after training; all at
+        `num_kv_pairs` (default: the first count)."""
+        kv = self.counts[0] if num_kv_pairs is None else num_kv_pairs
+        return [self._batch([self.seed, 2, kv, i], batch_size, seq_len, kv) for i in range(n)]

@@ -90,11 +90,14 @@ class Trainer:
     `val_batches(n, batch_size, seq_len)` and `bytes_per_token`), writing to `out_dir`.
 
     resume: "auto" (the newest checkpoint in out_dir that loads) or a checkpoint path. Without it, an
-    out_dir that holds another run is refused, unless overwrite=True, which moves that run aside."""
+    out_dir that holds another run is refused, unless overwrite=True, which moves that run aside.
+    init_from: a checkpoint (or run directory) whose model weights start the run - a fine-tune: the optimizer,
+    schedule and step count start fresh. A checkpoint that resume finds wins, so an interrupted fine-tune
+    continues from its own last step."""
 
     def __init__(self, recipe: Recipe, data, out_dir, device=None, resume: Optional[str] = None,
                  log: Callable[[str], None] = print, progress: bool = True, tensorboard: bool = False,
-                 cp: int = 1, overwrite: bool = False, max_memory=None):
+                 cp: int = 1, overwrite: bool = False, max_memory=None, init_from: Optional[str] = None):
         self.recipe, self.data, self.out = recipe, data, Path(out_dir)
         self.cfg = recipe.train
         self.rank, self.world = dp_info()
@@ -122,13 +125,14 @@ class Trainer:
         self.train_module = self._wrap(self.model)
         self.optimizer = build_optimizer(self.model, self.cfg, groups)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
-        if resume:
-            try:
-                self._resume(resume)
-            except BaseException:
-                if self.lock is not None:
-                    self.lock.release()  # a trainer that failed to start holds no directory
-                raise
+        try:
+            resumed = self._resume(resume) if resume else False
+            if init_from and not resumed:
+                self._init_from(init_from)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()  # a trainer that failed to start holds no directory
+            raise
         self.tb = None
         if tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -212,11 +216,12 @@ class Trainer:
             module = torch.compile(module)
         return module
 
-    def _resume(self, resume: str):
+    def _resume(self, resume: str) -> bool:
+        """Load the checkpoint `resume` names; False when "auto" found none."""
         if resume == "auto":
             path, loaded = self._newest_loadable(self.out / "checkpoints")
             if path is None:
-                return
+                return False
         else:
             path = ckpt.resolve_checkpoint(resume)
             loaded = ckpt.read_checkpoint(path)
@@ -239,6 +244,17 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this trainer ({ckpt.reason(err)})") from None
         self.step, self.tokens = info["step"], info["tokens"]
         self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def _init_from(self, source: str):
+        """Start from the model weights of another run's checkpoint (any precision), nothing else of it."""
+        path = ckpt.resolve_checkpoint(source)
+        ckpt.check_same_model(ckpt.read_recipe(path), self.recipe, path)
+        try:
+            self._load_model_state(ckpt.read_model_state(path))
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this model ({ckpt.reason(err)})") from None
+        self.log(f"initialised from {path}")
 
     def _newest_loadable(self, root: Path):
         """(path, ckpt.read_checkpoint(path)) of the newest checkpoint under `root` that loads, or (None, None)

@@ -1,0 +1,267 @@
+"""Recall in miniature, offline: the passkey fine-tunes and the MQAR sweep whose results `zoo compare` reports.
+
+    zoo recall passkey transformer swa mamba2 taipan samba --from pretrained --out pretrained/passkey
+    zoo recall mqar transformer mamba2 samba taipan --widths 32,64,128 --kv-pairs 4,8,16 --seeds 0,1,2 \
+        --out pretrained/mqar                                                              # = make recall
+
+passkey: each recipe's shipped LM (FROM/<name>) is fine-tuned on passkey prompts of `--seq-len` tokens
+(zoo.data.synthetic.PasskeyData: needle at a uniform depth, 5-digit key), as Infini-attention and Samba
+fine-tune theirs before retrieving far past the fine-tuning length. The fine-tuned weights are shipped to
+OUT/<name>/ (half precision, like `zoo pretrain`) with card.json and MODEL_CARD.md: the command, the
+steps, CPU time, and the greedy exact-match accuracy at `--factors` x the fine-tuning length (the shipped
+weights, `--trials` prompts per depth). `zoo compare --passkey-from OUT` evaluates these checkpoints.
+
+mqar: Zoology's experiment (arXiv 2312.04927) in miniature: each recipe as a `--layers`-layer model (a
+pattern that does not fit keeps its first and last block type, e.g. Taipan's "MMMMMMT" -> "MT") at each
+`--widths` d_model, trained from scratch for `--steps` on MQAR with each `--kv-pairs` count and each
+`--seeds` seed, scored on held-out batches. One row per run in OUT/results.json, written as each run ends,
+so an interrupted sweep resumes; `zoo compare --mqar-results OUT/results.json` puts the figure in the report.
+
+Overrides: `--set KEY=VALUE` for every recipe, `--set NAME:KEY=VALUE` for one (e.g. swa:model.blocks.A.window=16).
+Ends with one machine-readable `summary:` line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import zoo
+from evals.commands import compare
+from evals.commands.pretrain import DTYPES, commit, ship
+from evals.recall import mqar_eval, passkey_grid
+from evals.throughput import analytic_state_bytes
+from zoo.data import DataError, load_tokenizer
+from zoo.data.synthetic import PasskeyData
+from zoo.train.checkpoint import CheckpointError, read_recipe, resolve_checkpoint
+from zoo.train.run_dir import RunDirError
+from zoo.train.trainer import Trainer, TrainingError
+
+
+def seed_list(text: str) -> list:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = [-1]
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="zoo recall", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="task", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("recipes", nargs="+", help="recipe names (or files, for mqar)")
+    common.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="[NAME:]KEY=VALUE",
+                        help="dotlist overrides, for every recipe or (NAME:) for one")
+    common.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    common.add_argument("--no-progress", action="store_true")
+
+    pk = sub.add_parser("passkey", parents=[common], help="fine-tune shipped LMs on passkey retrieval and ship them")
+    pk.add_argument("--from", dest="source", default="pretrained", help="FROM/<name>: the LM checkpoint to start from")
+    pk.add_argument("--out", default="pretrained/passkey")
+    pk.add_argument("--steps", type=int, default=300)
+    pk.add_argument("--seq-len", type=int, default=512, help="fine-tuning prompt length (tokens, answer included)")
+    pk.add_argument("--batch-size", type=int, default=8)
+    pk.add_argument("--lr", type=float, default=3e-3)
+    pk.add_argument("--loss", choices=PasskeyData.LOSSES, default="lm",
+                    help="lm: every token (the needle's own key repeat teaches copying at short range); "
+                         "answer: the answer tokens only")
+    pk.add_argument("--factors", type=compare.int_list, default=[1, 4, 16],
+                    help="evaluate at these multiples of --seq-len")
+    pk.add_argument("--depths", type=compare.float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    pk.add_argument("--trials", type=int, default=10, help="prompts per (length, depth)")
+    pk.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    pk.add_argument("--retrain", action="store_true", help="fine-tune again even where OUT/<name> is shipped")
+
+    mq = sub.add_parser("mqar", parents=[common], help="Zoology's MQAR sweep over width, key-value pairs and seeds")
+    mq.add_argument("--out", default="pretrained/mqar")
+    mq.add_argument("--widths", type=compare.int_list, default=[32, 64, 128])
+    mq.add_argument("--kv-pairs", type=compare.int_list, default=[4, 8, 16])
+    mq.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+    mq.add_argument("--layers", type=int, default=2)
+    mq.add_argument("--vocab", type=int, default=256, help="keys from the lower half, values from the upper")
+    mq.add_argument("--seq-len", type=int, default=128)
+    mq.add_argument("--steps", type=int, default=400)
+    mq.add_argument("--batch-size", type=int, default=32)
+    mq.add_argument("--lr", type=float, default=3e-3)
+    args = ap.parse_args(argv)
+    if args.task == "passkey" and (args.steps < 1 or args.trials < 1 or args.batch_size < 1):
+        ap.error("--steps, --trials, --batch-size: positive integers")
+    if args.task == "mqar" and (args.steps < 1 or args.layers < 1 or args.batch_size < 1):
+        ap.error("--steps, --layers, --batch-size: positive integers")
+    return args
+
+
+def split_overrides(overrides: list, name: str) -> list:
+    """The overrides that apply to recipe `name`: unprefixed ones and `name:`-prefixed ones (prefix removed)."""
+    out = []
+    for item in overrides:
+        head, _, rest = item.partition(":")
+        if rest and "=" not in head:
+            if head == name:
+                out.append(rest)
+        else:
+            out.append(item)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)   # a kill mid-write leaves the previous file
+
+
+# -- passkey -----------------------------------------------------------------------------------------------------
+
+def passkey_card_text(card: dict) -> str:
+    lengths = card["eval"]["lengths"]
+    lines = [f"# {card['recipe']} passkey fine-tune (zoo recall)", "",
+             f"- command: `{card['command']}` (commit {card['commit']})",
+             f"- from: {card['from']} (the shipped LM, {card['params']:,} parameters); weights shipped as {card['dtype']}",
+             f"- fine-tuned: {card['steps']} steps of {card['batch_size']} x {card['seq_len']} tokens, loss "
+             f"{card['loss']}, lr {card['lr']}, seed {card['seed']}",
+             f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
+             f"({card['threads']} threads)",
+             f"- answer loss on held-out prompts: {card['val_loss']:.4f} nats/token (chance for a digit: ln 10 = 2.3026)",
+             "", "Greedy exact-match accuracy of the shipped weights, " f"{card['eval']['n_trials']} prompts per cell:", "",
+             "| depth | " + " | ".join(f"{n} ({n // card['seq_len']}x)" for n in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for j, d in enumerate(card["eval"]["depths"]):
+        lines.append(f"| {d:g} | " + " | ".join(f"{100 * card['eval']['accuracy'][i][j]:.0f}%"
+                                                for i in range(len(lengths))) + " |")
+    lines.append("| mean | " + " | ".join(f"{100 * m:.0f}%" for m in card["eval"]["mean"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_passkey(name: str, args, argv, say) -> dict:
+    src = Path(args.source) / name
+    ckpt = resolve_checkpoint(src)
+    recipe = read_recipe(ckpt)
+    steps = args.steps
+    recipe = zoo.load_recipe(recipe.to_dict(), [
+        *split_overrides(args.overrides, name), f"train.max_steps={steps}", f"train.seq_len={args.seq_len}",
+        f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, steps // 10)}",
+        f"train.eval_every={max(1, steps // 4)}", f"train.save_every={max(1, steps // 4)}", "train.keep_last=1",
+        "train.eval_batches=2", "train.grad_accum=1", f"train.log_every={max(1, steps // 20)}"])
+    tok = load_tokenizer(recipe.train.tokenizer)
+    data = PasskeyData(None if recipe.train.tokenizer == "byte" else tok, seed=recipe.train.seed, loss=args.loss)
+    run_dir = Path(args.out) / "runs" / name
+    resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
+                      overwrite=resume is None, init_from=str(ckpt))
+    result = trainer.train()
+    if result.stopped:
+        return {"recipe": name, "stopped": result.step}
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+    dest = Path(args.out) / name
+    path, val_loss, _ = ship(trainer, recipe, dest, DTYPES[args.dtype])
+    lengths = [f * args.seq_len for f in args.factors]
+    say(f"{name}: passkey accuracy at {lengths} ...")
+    grid = passkey_grid(trainer.model, lengths, args.depths, args.trials,
+                        tokenizer=None if recipe.train.tokenizer == "byte" else tok)
+    grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
+    card = {"recipe": name, "command": "zoo recall " + " ".join(argv), "commit": commit(), "from": str(ckpt),
+            "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": result.step,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "loss": args.loss,
+            "seed": recipe.train.seed, "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
+            "wall_seconds": round(wall_s, 1), "val_loss": round(val_loss, 4),
+            "checkpoint": str(path.relative_to(dest)), "eval": grid}
+    write_json(dest / "card.json", card)
+    (dest / "MODEL_CARD.md").write_text(passkey_card_text(card))
+    say(f"{name}: " + ", ".join(f"{n}: {100 * m:.0f}%" for n, m in zip(lengths, grid["mean"])) + f" -> {path}")
+    return card
+
+
+def run_passkey(args, argv, say) -> dict:
+    out = {}
+    for name in args.recipes:
+        dest = Path(args.out) / name
+        if (dest / "card.json").is_file() and not args.retrain:
+            say(f"{name}: fine-tuned already ({dest}); --retrain to fine-tune it again")
+            card = json.loads((dest / "card.json").read_text())
+        else:
+            card = finetune_passkey(name, args, argv, say)
+            if "stopped" in card:
+                say(f"{name}: stopped at step {card['stopped']}, not shipped; rerun to continue")
+                break
+        out[name] = {"lengths": card["eval"]["lengths"], "mean_accuracy": card["eval"]["mean"]}
+    return out
+
+
+# -- MQAR --------------------------------------------------------------------------------------------------------
+
+def miniature_pattern(pattern: str, layers: int) -> str:
+    """The recipe's pattern if it divides `layers`; else its first and last letters (one if they agree), tiled."""
+    pattern = pattern.replace(" ", "")
+    if layers % len(pattern) == 0:
+        return pattern
+    short = pattern[0] + pattern[-1] if pattern[0] != pattern[-1] else pattern[0]
+    if layers % len(short):
+        raise ValueError(f"--layers: {layers} is not a multiple of the miniature pattern {short!r} of {pattern!r}")
+    return short
+
+
+def mqar_recipe(spec: str, width: int, args):
+    recipe, _ = compare.resolve(spec, [])
+    pattern = miniature_pattern(recipe.model.pattern, args.layers)
+    return zoo.load_recipe(recipe.to_dict(), [
+        f"model.n_layers={args.layers}", f"model.pattern={pattern}", f"model.d_model={width}",
+        f"model.vocab_size={args.vocab}", *split_overrides(args.overrides, recipe.name)])
+
+
+def run_mqar(args, argv, say) -> list:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": []}
+    results["meta"] = {"command": "zoo recall " + " ".join(argv), "commit": commit(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "vocab_size": args.vocab, "seq_len": args.seq_len,
+                       "layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    done = {(r["recipe"], r["d_model"], r["seed"], r["seq_len"], r["steps"], tuple(r["by_kv_pairs"]))
+            for r in results["runs"]}
+    plan = [(spec, w, seed) for w in args.widths for spec in args.recipes for seed in args.seeds]
+    for i, (spec, width, seed) in enumerate(plan):
+        recipe = mqar_recipe(spec, width, args)
+        if (recipe.name, width, seed, args.seq_len, args.steps, tuple(map(str, args.kv_pairs))) in done:
+            continue
+        cpu0 = time.process_time()
+        # one model per (recipe, width, seed) trains on the mix of counts and is scored at each (Zoology's setup)
+        res = mqar_eval(recipe, args.steps, args.seq_len, args.kv_pairs, batch_size=args.batch_size, lr=args.lr,
+                        seed=seed, overrides=[f"train.seed={seed}"])
+        model = zoo.build_model(recipe)
+        res["by_kv_pairs"] = {str(k): v for k, v in res["by_kv_pairs"].items()}   # as JSON keeps them
+        res.update(d_model=width, seed=seed, params=model.num_params()["total"],
+                   state_bytes=analytic_state_bytes(model, args.seq_len),
+                   cpu_seconds=round(time.process_time() - cpu0, 2))
+        results["runs"].append(res)
+        write_json(path, results)
+        say(f"[{i + 1}/{len(plan)}] {recipe.name} d_model {width} seed {seed}: " + ", ".join(
+            f"{k} pairs {100 * v['accuracy']:.1f}%" for k, v in res["by_kv_pairs"].items())
+            + f" ({res['cpu_seconds']:.0f} CPU s)")
+    return results["runs"]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = print
+    try:
+        if args.task == "passkey":
+            summary = run_passkey(args, argv, say)
+        else:
+            runs = run_mqar(args, argv, say)
+            summary = {"runs": len(runs)}
+    except (zoo.RecipeError, CheckpointError, TrainingError, DataError, RunDirError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("summary: " + json.dumps(summary))
+    return 0

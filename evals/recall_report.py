@@ -1,0 +1,150 @@
+"""The recall part of report.md: MQAR by width and key-value pairs (the offline sweep of `zoo recall mqar`,
+carried into results.json under "mqar"), and the computed sentences on passkey and MQAR.
+
+results["mqar"] = {"source": path, "meta": {...}, "runs": [mqar_eval records with d_model, seed]}. A point of
+the figure is one (recipe, d_model, kv pairs): the mean accuracy over seeds, the seeds' range as its spread.
+Two recipes are *separated* at a point when their seed ranges do not overlap, the report's rule for ranking
+(`evals.bootstrap.best_and_ties` with the range as the interval).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from evals.bootstrap import best_and_ties
+from evals.report import _pyplot, _table, cells
+
+
+def mqar_points(results: dict) -> dict:
+    """{(recipe, d_model, kv): [accuracy per seed]} from results["mqar"]["runs"] (mixed-count runs give a
+    point per count)."""
+    points = {}
+    for run in results.get("mqar", {}).get("runs", []):
+        by_kv = run.get("by_kv_pairs") or {run["num_kv_pairs"]: {"accuracy": run["accuracy"]}}
+        for kv, r in by_kv.items():
+            points.setdefault((run["recipe"], run["d_model"], int(kv)), []).append(r["accuracy"])
+    return points
+
+
+def _axes(points: dict) -> tuple:
+    recipes = list(dict.fromkeys(r for r, _, _ in points))
+    return recipes, sorted({w for _, w, _ in points}), sorted({k for _, _, k in points})
+
+
+def mqar_table(results: dict) -> str:
+    """One row per (recipe, d_model); per kv count: mean accuracy over seeds [min, max]."""
+    points = mqar_points(results)
+    if not points:
+        return ""
+    recipes, widths, kvs = _axes(points)
+    rows = []
+    for w in widths:
+        best = {kv: best_and_ties({r: (sum(a) / len(a), (min(a), max(a))) for r in recipes
+                                   if (a := points.get((r, w, kv)))}, lower_is_better=False) for kv in kvs}
+        for r in recipes:
+            row = [r, str(w)]
+            for kv in kvs:
+                a = points.get((r, w, kv))
+                if not a:
+                    row.append("-")
+                    continue
+                top, ties = best[kv]
+                mark = "**" if r == top else ""
+                row.append(f"{mark}{100 * sum(a) / len(a):.0f}%{mark} [{100 * min(a):.0f}, {100 * max(a):.0f}]"
+                           + (" ≈" if r in ties else ""))
+            rows.append(row)
+    return _table(["recipe", "d_model"] + [f"{kv} kv pairs" for kv in kvs], rows)
+
+
+def mqar_text(results: dict) -> str:
+    m = results.get("mqar", {})
+    meta, runs = m.get("meta", {}), m.get("runs", [])
+    if not runs:
+        return ""
+    seeds = sorted({r["seed"] for r in runs})
+    return (f"Zoology's multi-query associative recall (arXiv 2312.04927) in miniature, measured offline by "
+            f"`{meta.get('command', 'zoo recall mqar')}` (commit {meta.get('commit', '?')}; results {m.get('source')}): "
+            f"each recipe as a {meta.get('layers', '?')}-layer model per d_model, trained from scratch for "
+            f"{meta.get('steps', '?')} steps of {meta.get('batch_size', '?')} sequences of {meta.get('seq_len', '?')} "
+            f"tokens mixing the key-value counts, vocabulary {meta.get('vocab_size', '?')} (chance "
+            f"{100 / (meta.get('vocab_size', 2) - meta.get('vocab_size', 2) // 2):.1f}%), seeds {seeds}; scored on "
+            "held-out sequences at each count. Cells: accuracy over every query, mean over seeds [min, max]; bold: "
+            "the best at that width and count; ≈: its seed range overlaps the best's, so the two are not ranked.")
+
+
+def plot_mqar(results: dict, path: Path, title: str = "") -> Optional[Path]:
+    """Zoology's figure: accuracy against d_model, a panel per kv count, a line per recipe (seed range shaded)."""
+    points = mqar_points(results)
+    if not points:
+        return None
+    recipes, widths, kvs = _axes(points)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(kvs), figsize=(3.4 * len(kvs) + 1, 3.3), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, kv in zip(axes[0], kvs):
+        for r in recipes:
+            ws = [w for w in widths if (r, w, kv) in points]
+            accs = [points[(r, w, kv)] for w in ws]
+            mean = [100 * sum(a) / len(a) for a in accs]
+            line, = ax.plot(ws, mean, marker="o", label=r)
+            ax.fill_between(ws, [100 * min(a) for a in accs], [100 * max(a) for a in accs], alpha=0.2,
+                            color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.set_title(f"{kv} key-value pairs", fontsize=10)
+        ax.set_xlabel("d_model")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("MQAR accuracy (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title or "MQAR accuracy by model width (mean over seeds, range shaded)", fontsize=11)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def mqar_finding(results: dict) -> Optional[str]:
+    """Per kv count at the widest width: the best recipe and which others its seed range separates from."""
+    points = mqar_points(results)
+    if not points:
+        return None
+    recipes, widths, kvs = _axes(points)
+    parts = []
+    for kv in kvs:
+        got = {r: points[(r, w, kv)] for r in recipes for w in widths[-1:] if (r, w, kv) in points}
+        if len(got) < 2:
+            continue
+        top, ties = best_and_ties({r: (sum(a) / len(a), (min(a), max(a))) for r, a in got.items()},
+                                  lower_is_better=False)
+        below = [r for r in got if r != top and r not in ties]
+        text = f"{kv} pairs: {top} {100 * sum(got[top]) / len(got[top]):.0f}%"
+        if ties:
+            text += f" (not separated from {', '.join(ties)})"
+        if below:
+            text += ", above " + ", ".join(f"{r} {100 * sum(got[r]) / len(got[r]):.0f}%" for r in below)
+        parts.append(text)
+    if not parts:
+        return None
+    return (f"MQAR at d_model {widths[-1]} (mean over seeds; ranked only where the seeds' ranges do not overlap): "
+            + "; ".join(parts) + ".")
+
+
+def passkey_finding(results: dict) -> Optional[str]:
+    """Per recipe with passkey cells, the mean accuracy at each prompt length; the best at the longest."""
+    pk = cells(results, "passkey")
+    if not pk:
+        return None
+    by = {}
+    for c in pk:
+        by.setdefault(c["recipe"], {})[c["context"]] = sum(c["accuracy"]) / len(c["accuracy"])
+    lengths = sorted({c["context"] for c in pk})
+    tuned = {c.get("finetune_len") for c in pk} - {None}
+    head = (f"Passkey after a fine-tune at {', '.join(map(str, sorted(tuned)))} tokens"
+            if tuned else "Passkey (no fine-tune)")
+    rows = "; ".join(f"{r} " + "/".join(f"{100 * acc[n]:.0f}%" if n in acc else "-" for n in lengths)
+                     for r, acc in by.items())
+    longest = {r: acc[lengths[-1]] for r, acc in by.items() if lengths[-1] in acc}
+    best = max(longest, key=longest.get) if longest else None
+    tail = (f"; best at {lengths[-1]}: {best} {100 * longest[best]:.0f}%" if best is not None
+            and longest[best] > 0 else f"; none retrieves at {lengths[-1]}")
+    return f"{head}, accuracy at {'/'.join(map(str, lengths))} tokens: {rows}{tail}."

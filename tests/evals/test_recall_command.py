@@ -1,0 +1,147 @@
+"""`zoo recall`: the passkey fine-tune ships a half-precision checkpoint with a card holding the accuracy it
+measured; the MQAR sweep writes a row per run as it goes and resumes; compare carries both into its report."""
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+import zoo
+from evals.commands import compare, pretrain, recall
+from evals.recall_report import mqar_finding, mqar_points, mqar_table, passkey_finding, plot_mqar
+from tests.helpers import CLI_RECIPE, write_prepared
+
+TINY_HYBRID = {"name": "tiny-hybrid", "model": {"d_model": 32, "n_layers": 3, "vocab_size": 256, "pattern": "MMA",
+               "blocks": {"M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 8},
+                          "A": {"type": "attn", "n_heads": 2}}, "ffn": {"type": "swiglu", "mult": 2}},
+               "train": {"seq_len": 32, "batch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def shipped_lm(tmp_path_factory):
+    """A tiny LM shipped by `zoo pretrain`, the starting point of a passkey fine-tune."""
+    root = tmp_path_factory.mktemp("recall")
+    recipe = root / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(CLI_RECIPE), recipe)
+    data = write_prepared(root / "data", train=20000, val=4000)
+    assert pretrain.main([str(recipe), "--budget", "256", "--data", str(data), "--out", str(root / "pretrained"),
+                          "--evals", "1", "--no-progress", "--threads", "1"]) == 0
+    return root / "pretrained"
+
+
+def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp_path, capsys):
+    out = tmp_path / "passkey"
+    argv = ["passkey", "tiny-cli", "--from", str(shipped_lm), "--out", str(out), "--steps", "3", "--seq-len", "280",
+            "--batch-size", "2", "--factors", "1,2", "--depths", "0,1", "--trials", "2", "--no-progress",
+            "--threads", "1"]
+    assert recall.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("summary: "))
+    card = json.loads((out / "tiny-cli" / "card.json").read_text())
+    assert summary == {"tiny-cli": {"lengths": [280, 560], "mean_accuracy": card["eval"]["mean"]}}
+    assert (card["steps"], card["seq_len"], card["loss"], card["dtype"]) == (3, 280, "lm", "float16")
+    assert card["from"].startswith(str(shipped_lm / "tiny-cli"))
+    assert len(card["eval"]["accuracy"]) == 2 and all(len(row) == 2 for row in card["eval"]["accuracy"])
+    assert card["cpu_seconds"] > 0 and 0 < card["val_loss"] < 20
+    ckpt = out / "tiny-cli" / card["checkpoint"]
+    with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    tuned, base = zoo.load_checkpoint(ckpt), zoo.load_checkpoint(shipped_lm / "tiny-cli")
+    assert any((a - b).abs().max() > 0 for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+    text = (out / "tiny-cli" / "MODEL_CARD.md").read_text()
+    assert "zoo recall passkey" in text and "| mean |" in text and "560 (2x)" in text
+    # a rerun keeps what is shipped; compare finds it
+    assert recall.main(argv) == 0
+    assert "fine-tuned already" in capsys.readouterr().out
+    found = compare.passkey_checkpoint(out, "tiny-cli")
+    assert found["finetune_len"] == 280 and found["finetune_steps"] == 3 and found["checkpoint"].endswith(
+        card["checkpoint"])
+    assert compare.passkey_checkpoint(out, "other") is None
+
+
+def test_passkey_errors_are_one_line(shipped_lm, tmp_path, capsys):
+    assert recall.main(["passkey", "nothing", "--from", str(shipped_lm), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint:") and "nothing" in err and "\n" not in err
+    assert recall.main(["passkey", "tiny-cli", "--from", str(shipped_lm), "--out", str(tmp_path), "--steps", "1",
+                        "--seq-len", "100", "--no-progress"]) == 2
+    assert "too short for the passkey prompt" in capsys.readouterr().err
+
+
+def test_mqar_sweep_writes_each_run_and_resumes(tmp_path, capsys):
+    recipe = tmp_path / "hybrid.yaml"
+    OmegaConf.save(OmegaConf.create(TINY_HYBRID), recipe)
+    out = tmp_path / "mqar"
+    argv = ["mqar", str(recipe), "--widths", "16,32", "--kv-pairs", "2,4", "--seeds", "0,1", "--steps", "2",
+            "--seq-len", "24", "--vocab", "32", "--batch-size", "4", "--layers", "2", "--threads", "1", "--out", str(out),
+            "--set", "tiny-hybrid:model.blocks.A.n_heads=1", "other:model.blocks.A.n_heads=3"]
+    assert recall.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted((r["d_model"], r["seed"]) for r in runs) == [(16, 0), (16, 1), (32, 0), (32, 1)]
+    assert all(set(r["by_kv_pairs"]) == {"2", "4"} and r["steps"] == 2 for r in runs)
+    assert all(r["recipe"] == "tiny-hybrid" and r["cpu_seconds"] >= 0 for r in runs)
+    assert results["meta"]["layers"] == 2 and results["meta"]["vocab_size"] == 32
+    # the 2-layer miniature of pattern MMA keeps its first and last block types; the named override applied
+    built = recall.mqar_recipe(str(recipe), 16, recall.parse_args(argv))
+    assert built.model.pattern == "MA" and built.model.blocks["A"]["n_heads"] == 1
+    capsys.readouterr()
+    assert recall.main(argv) == 0   # every run is done: nothing trains again
+    assert "tiny-hybrid d_model" not in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+    # compare carries the runs into its results, and the report reads them
+    res = {"meta": {}, "recipes": {}, "cells": {}}
+    compare.attach_mqar(res, out / "results.json")
+    assert len(mqar_points(res)) == 4 and all(len(a) == 2 for a in mqar_points(res).values())
+    assert "tiny-hybrid" in mqar_table(res) and plot_mqar(res, tmp_path / "mqar.png").is_file()
+
+
+def test_miniature_pattern_and_named_overrides():
+    assert recall.miniature_pattern("MMMMMMT", 2) == "MT"
+    assert recall.miniature_pattern("MS", 2) == "MS" and recall.miniature_pattern("A", 2) == "A"
+    assert recall.miniature_pattern("MMM", 2) == "M"
+    with pytest.raises(ValueError, match="--layers: 3 is not a multiple"):
+        recall.miniature_pattern("MMMT", 3)
+    assert recall.split_overrides(["a.b=1", "swa:c.d=2", "x:e=3"], "swa") == ["a.b=1", "c.d=2"]
+
+
+def test_attach_mqar_refuses_another_file(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"cells": {}}))
+    with pytest.raises(ValueError, match="holds no list of runs"):
+        compare.attach_mqar({}, bad)
+    with pytest.raises(ValueError, match="not a readable results.json"):
+        compare.attach_mqar({}, tmp_path / "missing.json")
+
+
+def _run(recipe, width, seed, accs):
+    return {"recipe": recipe, "d_model": width, "seed": seed, "num_kv_pairs": list(accs),
+            "by_kv_pairs": {str(k): {"accuracy": a} for k, a in accs.items()}}
+
+
+def test_mqar_table_and_finding_rank_only_separated_recipes():
+    runs = ([_run("ssm", 64, s, {4: a, 16: b}) for s, (a, b) in enumerate([(0.9, 0.5), (0.95, 0.6)])]
+            + [_run("attn", 64, s, {4: a, 16: b}) for s, (a, b) in enumerate([(0.3, 0.55), (0.4, 0.7)])]
+            + [_run("ssm", 32, 0, {4: 0.5, 16: 0.2})])
+    res = {"mqar": {"runs": runs, "meta": {"command": "zoo recall mqar ...", "vocab_size": 64}}}
+    table = mqar_table(res)
+    assert "| ssm | 64 | **92%** [90, 95] | 55% [50, 60] ≈ |" in table
+    assert "| attn | 64 | 35% [30, 40] | **62%** [55, 70] |" in table
+    assert "| attn | 32 | - | - |" in table
+    finding = mqar_finding(res)
+    assert finding.startswith("MQAR at d_model 64")
+    assert "4 pairs: ssm 92%, above attn 35%" in finding
+    assert "16 pairs: attn 62% (not separated from ssm)" in finding
+
+
+def test_passkey_finding_names_the_fine_tune_and_the_best_at_the_longest():
+    def cell(recipe, context, acc):
+        return {"recipe": recipe, "eval": "passkey", "scheme": "greedy", "context": context, "accuracy": acc,
+                "finetune_len": 512}
+    res = {"cells": {str(i): c for i, c in enumerate([cell("a", 512, [1, 1]), cell("a", 2048, [1, 0.5]),
+                                                       cell("b", 512, [1, 0]), cell("b", 2048, [0, 0])])}}
+    assert passkey_finding(res) == ("Passkey after a fine-tune at 512 tokens, accuracy at 512/2048 tokens: "
+                                    "a 100%/75%; b 50%/0%; best at 2048: a 75%.")
+    for c in res["cells"].values():
+        c["accuracy"] = [0, 0]
+        c.pop("finetune_len")
+    assert passkey_finding(res).endswith("none retrieves at 2048.") and passkey_finding(res).startswith("Passkey (no")
