@@ -6,7 +6,8 @@ how much of the past their cache keeps. `ring` is exact causal attention whose c
 form is the ring over devices; on one process it is the blockwise path.
 
     config.py  AttnConfig, BlockwiseConfig, SwaConfig
-    cache.py   AttentionCache (rotated K/V) and its left-padding merge
+    cache.py   AttentionCache (rotated K/V, preallocated, written in place; swa: a ring) and its left-padding
+               merge; SlotCache, the buffer mechanics selective's and taipan's caches share
     block.py   CausalSelfAttention and the four registered blocks
     cp.py      context parallel: the ring; swa's halo exchange
 """

@@ -107,7 +107,8 @@ class CausalSelfAttention(Block):
             keys, values = cache.k, cache.v        # views of the buffers: [0, end) in time order
         else:
             # the chunk's keys go into slots its first queries still read: read the window first
-            keys, values = torch.cat([cache.k, k.to(cache.keys.dtype)], 1), torch.cat([cache.v, v.to(cache.values.dtype)], 1)
+            keys = torch.cat([cache.k, k.to(cache.keys.dtype)], 1)
+            values = torch.cat([cache.v, v.to(cache.values.dtype)], 1)
             cache.append(k, v)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if row_start is None:

@@ -16,6 +16,9 @@ grows with the context. Two ways to place a position's key in its slot:
 
 `SlotCache` holds this bookkeeping for any cache of per-key buffers (K and V, selective's per-key
 scores, taipan's selection flags); `AttentionCache` is the attention blocks' own.
+
+Being written in place, a cache is for inference: a step's backward would find the buffers it read
+overwritten by the next step (autograd's in-place check raises), so no gradient flows across steps.
 """
 from __future__ import annotations
 
