@@ -23,6 +23,7 @@ from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
 from zoo.memory import check_memory
 from zoo.ops.dispatch import chosen, describe_kernels
+from zoo.ops.loss import cross_entropy
 from zoo.registry import get_block
 
 IGNORE_INDEX = -100
@@ -182,11 +183,12 @@ class ZooLM(nn.Module):
         if labels is not None and cp is not None:
             loss = _context_parallel_loss(logits, labels, cp)
         elif labels is not None:
-            # labels are aligned with input_ids: position t predicts labels[t + 1].
-            # the loss in at least float32: a bf16 log-softmax over the vocabulary loses ~2 digits
-            pred = logits[:, :-1].flatten(0, 1)
-            pred = pred.float() if pred.element_size() < 4 else pred
-            loss = F.cross_entropy(pred, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            # labels are aligned with input_ids: position t predicts labels[t + 1]; the last position's
+            # target is IGNORE_INDEX, so the logits are read in place (no sliced copy, no zero-filled
+            # gradient). The loss in at least float32 (a bf16 log-softmax over the vocabulary loses ~2
+            # digits), block by block: no float32 copy of the logits, no [tokens, vocab] log-probabilities.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX)
         return ZooOutput(logits=logits, loss=loss, aux_loss=aux, cache=cache)
 
     def init_cache(self, batch_size: int, device=None, dtype=None) -> ZooCache:

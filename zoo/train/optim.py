@@ -55,7 +55,17 @@ def build_optimizer(model: nn.Module, train_cfg, groups: list[dict] | None = Non
                          f"only in the model {sorted(set(params) - set(grouped))}")
     return torch.optim.AdamW(
         [{**g, "params": [params[n] for n in g["names"]], "lr": train_cfg.lr * g["lr_mult"]} for g in groups],
-        lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
+        lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8, fused=_can_fuse(params.values()) or None)
+
+
+def _can_fuse(params) -> bool:
+    """torch's fused AdamW (one kernel per parameter) where it runs: plain CPU or CUDA float tensors; sharded
+    (FSDP2's DTensor) or other parameters keep the default. On CPU the default is a loop of ~10 ops per
+    parameter: transformer-small's step (1.9M parameters in 39 tensors) takes 5.6 ms that way, 7.9 ms with
+    foreach=True and 1.8 ms fused (one thread). The same update up to float32 rounding, not bit for bit."""
+    params = list(params)
+    return bool(params) and all(type(p) in (nn.Parameter, torch.Tensor) and p.device.type in ("cpu", "cuda")
+                                and p.is_floating_point() for p in params)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
