@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare compare-memory compare-long pretrain describe bench clean lock upgrade
+.PHONY: install test compare compare-memory compare-long pretrain recall describe bench clean lock upgrade
 
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -49,16 +49,37 @@ COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(PRETRAINED)/,$(
 # cells resume per directory: the two kinds of models never share one
 COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
 SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
+# Recall measured offline by `make recall` (the shipped models only): passkey on their fine-tunes at 1x / 4x / 16x
+# the fine-tuning length, and the MQAR sweep's figure.
+PASSKEY_LEN  ?= 320
+comma        := ,
+PASSKEY_LENGTHS := $(PASSKEY_LEN)$(comma)$(shell echo $$((4 * $(PASSKEY_LEN))))$(comma)$(shell echo $$((16 * $(PASSKEY_LEN))))
+RECALL_SHIPPED := $(if $(wildcard $(PRETRAINED)/passkey/*/card.json),--passkey-from $(PRETRAINED)/passkey \
+	--passkey-lengths $(PASSKEY_LENGTHS) --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 8) \
+	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json)
+RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
 PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
 
 compare: install
 	@echo "compare: $(if $(TRAIN)$(MISSING),training each recipe here$(if $(MISSING), (no shipped checkpoint: $(MISSING))),the shipped checkpoints in $(PRETRAINED)/)"
-	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(SIZING) $(COMPARE_ARGS)
+	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(SIZING) $(COMPARE_ARGS) $(RECALL_COMPARE)
 
 # Train and ship the compared recipes (the command in each model card; about 10-20 CPU minutes a recipe on
 # this 2-core machine; rerunning continues an interrupted one and skips shipped ones).
 pretrain: install
 	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
+
+# Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
+# prompts of PASSKEY_LEN tokens, shipped to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x; then
+# Zoology's MQAR sweep (accuracy against width and key-value pairs, three seeds) into pretrained/mqar/results.json.
+# Rerunning skips what is shipped and resumes the rest. `make compare` reports both.
+PASSKEY_ARGS ?= --steps 800 --seq-len $(PASSKEY_LEN) --batch-size 16 --lr 2e-3 --threads 1
+MQAR_RECIPES ?= transformer mamba2 samba
+MQAR_ARGS    ?= --widths 32,64,128 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
+	--batch-size 32 --lr 1e-2 --threads 1
+recall: install
+	$(ZOO) recall passkey $(RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
+	$(ZOO) recall mqar $(MQAR_RECIPES) --out $(PRETRAINED)/mqar $(MQAR_ARGS)
 
 # The main job plus memory as the architectures claim it at length: decode memory to 64K tokens (attention stops
 # where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the

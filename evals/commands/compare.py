@@ -545,6 +545,13 @@ def main(argv=None):
         elif done_train:  # the checkpoint is gone: train again, and what was measured on it is void
             for key in [k for k in results["cells"] if k.startswith(recipe.name + "|")]:
                 del results["cells"][key]
+        # passkey cells answered by other weights than this run's: the LM when fine-tunes are asked for (a recipe
+        # without one then has no passkey cells), a fine-tune when they are not, or another fine-tune
+        tuned = passkey_checkpoint(args.passkey_from, recipe.name) if args.passkey_from else None
+        answered_by = tuned["checkpoint"] if tuned else ("none" if args.passkey_from else None)
+        for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "passkey"
+                    and c.get("checkpoint") != answered_by]:
+            del results["cells"][key]
         n = zoo.build_model(recipe).num_params()
         results["recipes"][recipe.name] = {"params": n, "d_model": recipe.model.d_model,
                                            "n_layers": recipe.model.n_layers, "seq_len": recipe.train.seq_len,

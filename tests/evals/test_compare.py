@@ -150,3 +150,41 @@ def test_issue16_flags_are_checked(flag, capsys):
     defaults = compare.parse_args(["transformer"])
     assert (defaults.max_doc_tokens, defaults.resamples, defaults.extrapolation_factor,
             defaults.extrapolation_docs) == (None, 1000, 16, 16)
+
+
+@pytest.mark.slow
+def test_passkey_from_fine_tunes_and_mqar_results(setup, capsys, tmp_path):
+    """--passkey-from: the passkey cells of a recipe with a fine-tune are answered by it (and say so), a recipe
+    without one has none, and cells answered by other weights are dropped; --mqar-results: the sweep's runs
+    go into results.json and the report."""
+    import shutil
+    root, paths = setup
+    out = tmp_path / "out"
+    quick = ["--out", str(out), "--schemes", "blocks", "--extrapolation-factor", "0", "--memory", "",
+             "--throughput", ""]
+    assert compare.main(args(root, paths) + quick) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells"]["tiny-attn|passkey|greedy|256"].get("checkpoint") is None   # the LM itself answered
+    # a "fine-tune" of tiny-attn: its trained checkpoint under a card, as `zoo recall passkey` ships one
+    tuned = tmp_path / "passkey" / "tiny-attn"
+    shutil.copytree(Path(results["cells"]["tiny-attn|train|budget|32"]["checkpoint"]),
+                    tuned / "checkpoints" / "step-00000004")
+    (tuned / "card.json").write_text(json.dumps({"seq_len": 280, "steps": 4}))
+    sweep = tmp_path / "mqar.json"
+    sweep.write_text(json.dumps({"meta": {"command": "zoo recall mqar x", "vocab_size": 64}, "runs": [
+        {"recipe": r, "d_model": 32, "seed": s, "num_kv_pairs": [4], "by_kv_pairs": {"4": {"accuracy": a}}}
+        for r, s, a in [("tiny-attn", 0, 0.5), ("tiny-attn", 1, 0.6), ("tiny-swa", 0, 0.1), ("tiny-swa", 1, 0.2)]]}))
+    capsys.readouterr()
+    assert compare.main(args(root, paths) + quick + ["--passkey-from", str(tmp_path / "passkey"),
+                                                     "--mqar-results", str(sweep)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    pk = [c for c in results["cells"].values() if c["eval"] == "passkey"]
+    assert [c["recipe"] for c in pk] == ["tiny-attn"]
+    assert pk[0]["finetune_len"] == 280 and pk[0]["checkpoint"].endswith("step-00000004")
+    assert len(results["mqar"]["runs"]) == 4 and results["mqar"]["source"] == str(sweep)
+    report = (out / "report.md").read_text()
+    assert "## Multi-query associative recall (MQAR)" in report and "The passkey fine-tunes" in report
+    assert "MQAR at d_model 32" in report and "Passkey after a fine-tune at 280 tokens" in report
+    assert (out / "mqar.png").stat().st_size > 1000
+    assert compare.main(args(root, paths) + quick + ["--passkey-from", str(tmp_path / "nowhere")]) == 2
+    assert "--passkey-from:" in capsys.readouterr().err
