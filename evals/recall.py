@@ -28,10 +28,13 @@ from zoo.train.trainer import Trainer
 
 
 @torch.no_grad()
-def greedy_answer(model, prompts: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """[batch, n_tokens] argmax continuation of `prompts` [batch, length], streamed through the cache."""
+def greedy_answer(model, prompts: torch.Tensor, n_tokens: int, prefill_chunk: int = 1024) -> torch.Tensor:
+    """[batch, n_tokens] argmax continuation of `prompts` [batch, length], streamed through the cache; the
+    prompt goes in chunks of `prefill_chunk` tokens, so a long prompt's activations (attention's scores
+    above all) stay bounded by the chunk."""
     cache = model.init_cache(prompts.shape[0])
-    logits = model(prompts, cache=cache).logits
+    for start in range(0, prompts.shape[1], prefill_chunk):
+        logits = model(prompts[:, start:start + prefill_chunk], cache=cache).logits
     out = [logits[:, -1].argmax(-1)]
     for _ in range(n_tokens - 1):
         logits = model(out[-1][:, None], cache=cache).logits

@@ -81,6 +81,7 @@ def test_greedy_through_cache_matches_full_recompute():
         nxt = model(seq).logits[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     assert torch.equal(got, seq[:, 23:])
+    assert torch.equal(greedy_answer(model, prompts, 5, prefill_chunk=7), got)   # the prompt in chunks of 7
 
 
 def test_errors():
