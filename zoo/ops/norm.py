@@ -1,4 +1,12 @@
-"""Mamba-2's gated RMSNorm (Dao & Gu, arXiv 2405.21060, section 7.1; mamba_ssm's RMSNormGated with
+"""RMSNorm (Zhang & Sennrich, arXiv 1910.07467) and Mamba-2's gated RMSNorm.
+
+    rms_norm(x, weight) = x / sqrt(mean(x^2) + eps) * weight          over the last dimension
+
+`rms_norm` has a hand-written backward for training: one statistic per row kept, the backward in four
+passes over x where the autograd of F.rms_norm's CPU kernel (pow, mean, rsqrt, mul, mul) takes about
+eight. Measured at [16, 256, 192] float32, one thread, forward + backward: 3.1-3.4 ms against 5.2 ms.
+
+Mamba-2's gated RMSNorm (Dao & Gu, arXiv 2405.21060, section 7.1; mamba_ssm's RMSNormGated with
 norm_before_gate=False):
 
     out = rmsnorm(y * silu(z)) * weight,   the mean square taken per group of `group_size` channels
@@ -18,12 +26,55 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
+__all__ = ["gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref"]
 
 # Elements of one row block (per tensor): 64 Ki float32 = 256 KiB, so the handful of block tensors
 # a step touches fit a 1 MiB L2. Measured at 16K x 512, float32, one thread, forward + backward:
 # 16 Ki, 64 Ki and 256 Ki elements take about the same; whole tensors take ~4x as long.
 _BLOCK_ELEMENTS = 1 << 16
+
+
+def rms_norm(x, weight, eps: float):
+    """x / rms(x) * weight over the last dimension; x [..., d], weight [d]. Statistics in float32 (float64
+    for float64 inputs); the result in x's dtype."""
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight: expected [{x.shape[-1]}] (x's last dimension), got {tuple(weight.shape)}")
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def rms_norm_ref(x, weight, eps: float):
+    """The twin: the formula as written, in the accumulation dtype."""
+    acc = _acc_dtype(x)
+    xa = x.to(acc)
+    return (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """With r = 1 / rms(x) per row and n = x r: dweight = sum over rows of dout n;
+    dx = r (dn - n mean(dn n)), dn = dout weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        d = x.shape[-1]
+        acc = _acc_dtype(x)
+        x2 = x.reshape(-1, d).to(acc)
+        r = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
+        out = torch.mul(x2, r).mul_(weight.to(acc))
+        ctx.save_for_backward(x, weight, r)
+        return out.to(x.dtype).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, r = ctx.saved_tensors
+        d = x.shape[-1]
+        acc = r.dtype
+        x2, do = x.reshape(-1, d).to(acc), dout.reshape(-1, d).to(acc)
+        n = x2 * r
+        dw = (do * n).sum(0)
+        dn = do * weight.to(acc)
+        mean = torch.linalg.vecdot(dn, n).unsqueeze_(-1).div_(d)
+        dx = dn.sub_(n.mul_(mean)).mul_(r)
+        return dx.to(x.dtype).view(x.shape), dw.to(weight.dtype), None
 
 
 def gated_rms_norm(y, z, weight, group_size: int, eps: float = 1e-5):
