@@ -75,7 +75,7 @@ pretrain: install
 # Rerunning skips what is shipped and resumes the rest. `make compare` reports both.
 PASSKEY_ARGS ?= --steps 800 --seq-len $(PASSKEY_LEN) --batch-size 16 --lr 2e-3 --threads 1
 MQAR_RECIPES ?= transformer mamba2 samba
-MQAR_ARGS    ?= --widths 32,64,128 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
+MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
 	--batch-size 32 --lr 1e-2 --threads 1
 recall: install
 	$(ZOO) recall passkey $(RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
