@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import assert_close, assert_each_close
+import zoo.ops.infini as infini
 from zoo.ops.infini import infini_attention, infini_attention_ref
+from zoo.ops.rope import apply_rope_half, rope_cos_sin_half
 
 F64 = torch.float64
 TOL = 1e-10
@@ -214,3 +216,82 @@ def test_bad_inputs_raise():
         infini_attention(**x, segment_len=4, k_local=x["k"], prefix=(x["k"][:, :2], x["v"][:, :2]))
     with pytest.raises(ValueError, match="q_local"):
         infini_attention(**x, segment_len=4, q_local=x["q"][:, :3])
+
+
+# The whole segments run in `_Segments`, whose local attention walks query tiles of `_TILE` rows: with
+# tiles of 4, segments of 8 and 12 hold 2 and 3 tiles (the causal mask on each tile's last block, the
+# keys of earlier tiles read whole), and a segment of 10 falls back to tiles of 2 rows.
+TILED_SHAPES = [(37, 8), (24, 12), (23, 10), (16, 16)]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (6, 2)])
+@pytest.mark.parametrize("length,segment_len", TILED_SHAPES)
+@pytest.mark.parametrize("delta_rule", [True, False])
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_tiled_segments_match_ref(monkeypatch, length, segment_len, heads, kv_heads, delta_rule, with_memory):
+    monkeypatch.setattr(infini, "_TILE", 4)
+    x = make_inputs(length, heads, kv_heads, local=True, batch=2)
+    memory = make_memory(2, kv_heads) if with_memory else None
+    kw = dict(segment_len=segment_len, delta_rule=delta_rule)
+    got, names = forward_and_grads(infini_attention, x, memory, **kw)
+    want, _ = forward_and_grads(infini_attention_ref, x, memory, **kw)
+    assert_all_close(got, want, names)
+
+
+def rope_tables(length, d_k, start=0):
+    cos, sin = rope_cos_sin_half(torch.arange(start, start + length), d_k, dtype=F64)
+    return cos, sin
+
+
+@pytest.mark.parametrize("tile", [64, 4])
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("length,segment_len", [(37, 8), (13, 4), (7, 8), (24, 12)])
+@pytest.mark.parametrize("delta_rule", [True, False])
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_rope_equals_rotated_inputs(monkeypatch, tile, length, segment_len, heads, kv_heads, delta_rule, with_memory):
+    # rope=(cos, sin): q, k rotated inside the op give what q_local, k_local rotated outside give,
+    # outputs, memory and every gradient (the rotation's backward runs inside the op too).
+    monkeypatch.setattr(infini, "_TILE", tile)
+    x = make_inputs(length, heads, kv_heads, d_k=6)
+    memory = make_memory(2, kv_heads, d_k=6) if with_memory else None
+    cos, sin = rope_tables(length, 6)
+    kw = dict(segment_len=segment_len, delta_rule=delta_rule)
+    got, names = forward_and_grads(infini_attention, x, memory, rope=(cos, sin), **kw)
+    rotated = lambda **a: infini_attention_ref(**a, q_local=apply_rope_half(a["q"], cos, sin),
+                                               k_local=apply_rope_half(a["k"], cos, sin))
+    want, _ = forward_and_grads(rotated, x, memory, **kw)
+    assert_all_close(got, want, names)
+
+
+@pytest.mark.parametrize("delta_rule", [True, False])
+@pytest.mark.parametrize("sizes", [(3, 5), (2, 9), (17,)])
+def test_rope_streams_with_prefix(delta_rule, sizes):
+    # Chunks through memory and prefix (the prefix holding k rotated) give the whole call's output.
+    x = {n: t.detach() for n, t in make_inputs(29, 4, 2, d_k=6).items()}
+    cos, sin = rope_tables(29, 6)
+    whole = infini_attention(**x, segment_len=8, delta_rule=delta_rule, rope=(cos, sin))
+    outs, memory, prefix, start, i = [], None, None, 0, 0
+    while start < 29:
+        n = sizes[i % len(sizes)]
+        part = {name: t[:, start:start + n] if t.dim() == 4 else t for name, t in x.items()}
+        out, memory = infini_attention(**part, segment_len=8, delta_rule=delta_rule, memory=memory, prefix=prefix,
+                                       rope=(cos[start:start + n], sin[start:start + n]), return_memory=True)
+        outs.append(out)
+        seen = [torch.cat([p, t], 1) for p, t in zip(prefix, (part["k"], part["v"], apply_rope_half(
+            part["k"], cos[start:start + n], sin[start:start + n])))] if prefix else \
+            [part["k"], part["v"], apply_rope_half(part["k"], cos[start:start + n], sin[start:start + n])]
+        tail = seen[0].shape[1] % 8
+        prefix = tuple(t[:, t.shape[1] - tail:] for t in seen)
+        start, i = start + n, i + 1
+    assert_close(torch.cat(outs, 1), whole, TOL)
+
+
+def test_rope_bad_inputs_raise():
+    x = {n: t.detach() for n, t in make_inputs(6, 4, 2, d_k=6).items()}
+    cos, sin = rope_tables(6, 6)
+    with pytest.raises(ValueError, match="rope"):
+        infini_attention(**x, segment_len=4, rope=(cos, sin), q_local=x["q"])
+    with pytest.raises(ValueError, match="rope"):
+        infini_attention(**x, segment_len=4, rope=(cos[:5], sin[:5]))
+    with pytest.raises(ValueError, match="prefix"):
+        infini_attention(**x, segment_len=4, rope=(cos, sin), prefix=(x["k"][:, :2], x["v"][:, :2]))

@@ -13,7 +13,7 @@ from zoo.blocks.infini.config import InfiniConfig
 from zoo.blocks.infini.cp import infini_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.infini import infini_attention
-from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.rope import apply_rope, rope_cos_sin, rope_cos_sin_half
 from zoo.registry import register_block
 
 
@@ -40,6 +40,13 @@ class InfiniAttention(CausalSelfAttention):
         b, t, _ = x.shape
         start = 0 if cache is None else cache.pos
         q, k, v = self._project(x)
+        impl = self.kernels.get("infini", "auto")
+        if cache is None and seq_idx is None:
+            # RoPE inside the op: q, k rotate on their way into its tiles, no rotated copies here.
+            cos, sin = rope_cos_sin_half(torch.arange(t, device=x.device), self.head_dim, self.cfg.rope_base)
+            out = infini_attention(q, k, v, self.gate, segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule,
+                                   rope=(cos, sin), impl=impl)
+            return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
         # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
         row_start = None if cache is None else cache.row_start
         if seq_idx is None:
@@ -48,13 +55,11 @@ class InfiniAttention(CausalSelfAttention):
             cos, sin = rope_cos_sin(document_positions(seq_idx), self.head_dim, self.cfg.rope_base)
         q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kw = dict(segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule, q_local=q_local, k_local=k_local,
-                  impl=self.kernels.get("infini", "auto"))
+                  impl=impl)
         if seq_idx is not None:
             out = per_document(lambda q_, k_, v_, ql, kl: infini_attention(
                 q_, k_, v_, self.gate, segment_len=self.cfg.segment_len, delta_rule=self.cfg.delta_rule,
                 q_local=ql, k_local=kl, impl=kw["impl"]), seq_idx, q, k, v, q_local, k_local)
-        elif cache is None:
-            out = infini_attention(q, k, v, self.gate, **kw)
         else:
             pk, pv = cache.k.to(q.dtype), cache.v.to(q.dtype)
             cos_p, sin_p = self._rope(start - pk.shape[1], start, x.device, row_start)
