@@ -80,12 +80,21 @@ class _RMSNorm(torch.autograd.Function):
 def gated_rms_norm(y, z, weight, group_size: int, eps: float = 1e-5):
     """rmsnorm(y * silu(z)) * weight over groups of `group_size` channels; y, z [..., d], weight [d]."""
     _check(y, z, weight, group_size)
-    return _GatedRMSNorm.apply(y, z, weight, group_size, eps)
+    if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or weight.requires_grad):
+        return _GatedRMSNorm.apply(y, z, weight, group_size, eps)
+    if y.numel() <= _BLOCK_ELEMENTS:
+        # one block without gradients (a decoding step): the formula's few ops, 50 us against 85 us
+        return _gated_formula(y, z, weight, group_size, eps)
+    return _gated_forward(y, z, weight, group_size, eps)[0]
 
 
 def gated_rms_norm_ref(y, z, weight, group_size: int, eps: float = 1e-5):
     """The twin: the formula as written, in the accumulation dtype."""
     _check(y, z, weight, group_size)
+    return _gated_formula(y, z, weight, group_size, eps)
+
+
+def _gated_formula(y, z, weight, group_size, eps):
     acc = _acc_dtype(y)
     gated = (y.to(acc) * F.silu(z.to(acc))).unflatten(-1, (-1, group_size))
     normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
@@ -99,21 +108,10 @@ class _GatedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, z, weight, group_size, eps):
-        shape, d = y.shape, y.shape[-1]
-        acc = _acc_dtype(y)
-        y2, z2 = y.reshape(-1, d), z.reshape(-1, d)
-        w = weight.to(acc).view(-1, group_size)
-        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        rstd = torch.empty(y2.shape[0], d // group_size, 1, dtype=acc, device=y.device)
-        for rows in _row_blocks(y2):
-            g = F.silu(z2[rows].to(acc)).mul_(y2[rows]).view(-1, d // group_size, group_size)
-            r = rstd[rows]
-            torch.linalg.vector_norm(g, dim=-1, keepdim=True, out=r)
-            r.pow_(2).div_(group_size).add_(eps).rsqrt_()
-            out[rows] = g.mul_(r).mul_(w).view(-1, d)
+        out, rstd = _gated_forward(y, z, weight, group_size, eps)
         ctx.save_for_backward(y, z, weight, rstd)
         ctx.group_size = group_size
-        return out.view(shape)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -140,6 +138,23 @@ class _GatedRMSNorm(torch.autograd.Function):
             dy[rows] = dg * s
             dz[rows] = torch.ops.aten.silu_backward(dg.mul_(ya), za)
         return dy.view(y.shape), dz.view(z.shape), dw.to(weight.dtype), None, None
+
+
+def _gated_forward(y, z, weight, group_size, eps):
+    """(out, 1/rms [rows, groups, 1]) of the gated norm, block of rows by block of rows."""
+    shape, d = y.shape, y.shape[-1]
+    acc = _acc_dtype(y)
+    y2, z2 = y.reshape(-1, d), z.reshape(-1, d)
+    w = weight.to(acc).view(-1, group_size)
+    out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
+    rstd = torch.empty(y2.shape[0], d // group_size, 1, dtype=acc, device=y.device)
+    for rows in _row_blocks(y2):
+        g = F.silu(z2[rows].to(acc)).mul_(y2[rows]).view(-1, d // group_size, group_size)
+        r = rstd[rows]
+        torch.linalg.vector_norm(g, dim=-1, keepdim=True, out=r)
+        r.pow_(2).div_(group_size).add_(eps).rsqrt_()
+        out[rows] = g.mul_(r).mul_(w).view(-1, d)
+    return out.view(shape), rstd
 
 
 def _row_blocks(t2):
