@@ -6,8 +6,8 @@ pure-PyTorch fallbacks of transformers 5.x, op to op and mixer to mixer, on the 
 
 d_model 256 (d_inner 512); Mamba-1 with d_state 16; Mamba-2 with d_state 64, head_dim 64 (8 heads),
 one group; batch 1. Chunk sizes: each side at its own default, transformers' Mamba2Config 256 and
-zoo's Mamba2Config 64 (both scans are faster at 64 on CPU; --zoo-chunk 256 --hf-chunk 256 gives the
-like-for-like rows, and --hf-chunk 64 transformers at zoo's chunk). Every measurement runs in a fresh subprocess (`measure`): time is the
+zoo's Mamba2Config 64 (both scans are faster at 64 on CPU; --zoo-chunk 256 gives the like-for-like
+rows at 256, --hf-chunk 64 those at 64). Every measurement runs in a fresh subprocess (`measure`): time is the
 best of `repeats` forward + backward passes, memory the peak RSS above the subprocess's own baseline
 taken after building the inputs (/proc/self/status VmHWM after resetting it through clear_refs, minus
 VmRSS); one torch thread unless --threads says otherwise. Before timing, the outputs and gradients
