@@ -222,7 +222,7 @@ class _Segments(torch.autograd.Function):
         # One copy of q (k) into the tiles feeds both paths: sigma of it for the memory, and (unless
         # q_local is given) the same buffer rotated in place for the local attention.
         qt, kt = _query_tiles(q, hk, S, c), _kv_tiles(k, S)
-        sqt, skt = F.elu(qt).add_(1), F.elu(kt).add_(1)
+        sqt, skt = _sigma_fast(qt), _sigma_fast(kt)
         if cos is None:
             qlt, klt = _query_tiles(q_local, hk, S, c).mul_(scale), _kv_tiles(k_local, S)
         else:
@@ -235,7 +235,7 @@ class _Segments(torch.autograd.Function):
         skv, vv = skt.view(b, hk, n, S, dk), vt.view(b, hk, n, S, dv)
         cz = skv.sum(3)                                                      # [b, hk, n, dk]
         Mz = q.new_empty(b, hk, n, dk, dv + 1)
-        Mz[..., dv] = z0[:, :, None] + _exclusive_cumsum(cz, 2)
+        Mz[..., dv] = _prefix_sums(cz, z0)
         nd_k = None
         if delta_rule:
             # nd_k: each fold's retrieval [sigma(K) M | sigma(K) z], kept for the backward
@@ -252,7 +252,7 @@ class _Segments(torch.autograd.Function):
             M = M.view(b, hk, dk, dv)
         else:
             dM = torch.matmul(skv.transpose(-1, -2), vv)                   # [b, hk, n, dk, dv]
-            Mz[..., :dv] = M0[:, :, None] + _exclusive_cumsum(dM, 2)
+            Mz[..., :dv] = _prefix_sums(dM, M0)
             M = M0 + dM.sum(2)
         z = z0 + cz.sum(2)
 
@@ -294,6 +294,7 @@ class _Segments(torch.autograd.Function):
         wt = w.view(hk, g).t()
         dqlt, dsqt = torch.empty_like(qlt), torch.empty_like(sqt)
         dklt = dvt = None
+        dnd = vt.new_empty(N, c, dv + 1)
         dmzf = torch.zeros_like(mzf)
         dw = w.new_zeros(g, hk)
         for gi in range(g):
@@ -318,7 +319,8 @@ class _Segments(torch.autograd.Function):
                 nd = torch.bmm(sqt[gi, ti], mzf)
                 inv = inv_t[gi, ti]
                 e = (do * nd[..., :dv]).sum(-1, keepdim=True)              # rowsum(dout * num)
-                dnd = torch.cat([do * (inv * w_on), e * inv.square() * -w_on], -1)
+                torch.mul(do, inv * w_on, out=dnd[..., :dv])
+                torch.mul(e * inv.square(), -w_on, out=dnd[..., dv:])
                 torch.bmm(dnd, mzf.transpose(1, 2), out=dsqt[gi, ti])
                 dmzf.baddbmm_(sqt[gi, ti].transpose(1, 2), dnd)
                 # gate: out = w mem + (1 - w) local, so dw = rowsum(dout * (mem - local))
@@ -351,12 +353,12 @@ class _Segments(torch.autograd.Function):
             dM0 = G.view(b, hk, dk, dv)
         else:
             # M before segment s = M0 + sum_{s' < s} sigma(K_s')^T V_s': each segment's fold feeds every later one.
-            G = dM_end[:, :, None] + _exclusive_cumsum(dmz[..., :dv], 2, reverse=True)
+            G = _prefix_sums(dmz[..., :dv], dM_end, reverse=True)
             dskv = torch.matmul(vv, G.transpose(-1, -2))
             dvv = torch.matmul(skv, G)
             dM0 = dM_end + dmz[..., :dv].sum(2)
         dzb = dmz[..., dv]
-        dskv += (dz_end[:, :, None] + _exclusive_cumsum(dzb, 2, reverse=True))[:, :, :, None]
+        dskv += _prefix_sums(dzb, dz_end, reverse=True)[:, :, :, None]
         dz0 = dz_end + dzb.sum(2)
         dvt += dvv.view_as(dvt)
 
@@ -368,9 +370,11 @@ class _Segments(torch.autograd.Function):
             dq_local = _from_query_tiles(dqlt.mul_(scale), b, length, hk, S, c)
             dk_local = _from_kv_tiles(dklt, b, length, hk)
         else:
-            _rotate(_query_buffer_view(dsqt, b, hk), *_query_tables(cos * scale, sin * scale, S, c),
-                    x=_query_buffer_view(dqlt, b, hk))
-            _rotate(_kv_buffer_view(dskt, b, hk), *_kv_tables(cos, sin, S), x=_kv_buffer_view(dklt, b, hk))
+            # the rotation's transpose is the rotation by -angle
+            _rotate(_query_buffer_view(dqlt, b, hk), *_query_tables(cos * scale, sin * -scale, S, c))
+            _rotate(_kv_buffer_view(dklt, b, hk), *_kv_tables(cos, -sin, S))
+            dsqt += dqlt
+            dskt += dklt
         dq, dk_ = _from_query_tiles(dsqt, b, length, hk, S, c), _from_kv_tiles(dskt, b, length, hk)
         dv_ = _from_kv_tiles(dvt, b, length, hk)
         return (dq, dk_, dv_, dq_local, dk_local, None, None, dw.t().reshape(h), dM0, dz0, None, None, None)
@@ -413,19 +417,13 @@ def _kv_tables(cos, sin, segment_len):
     return view(cos), view(sin)
 
 
-def _rotate(out, cos, sin, x=None):
-    """out rotated in place by the half tables, as `apply_rope_half` rotates; with x: out += x rotated
-    by the inverse (the transpose: what the backward of the rotation applies to a gradient)."""
+def _rotate(x, cos, sin):
+    """x rotated in place by the half tables, as `apply_rope_half` rotates."""
     half = cos.shape[-1]
-    o1, o2 = out[..., :half], out[..., half:]
-    if x is None:
-        o1_sin = o1 * sin
-        o1.mul_(cos).addcmul_(o2, sin, value=-1)
-        o2.mul_(cos).add_(o1_sin)
-    else:
-        x1, x2 = x[..., :half], x[..., half:]
-        o1.addcmul_(x1, cos).addcmul_(x2, sin)
-        o2.addcmul_(x2, cos).addcmul_(x1, sin, value=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    x1_sin = x1 * sin
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)
+    x2.mul_(cos).add_(x1_sin)
 
 
 def _query_tiles(x, kv_heads, segment_len, tile):
@@ -456,11 +454,21 @@ def _from_kv_tiles(t, b, length, kv_heads):
     return out
 
 
-def _exclusive_cumsum(x, dim, reverse=False):
-    """sum over the entries before each one along `dim` (after it, with `reverse`); 0 for the first."""
-    if reverse:
-        return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
-    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.narrow(dim, 0, x.shape[dim] - 1).cumsum(dim)], dim)
+def _prefix_sums(x, start, reverse=False):
+    """start + the sum of x over the segments before each one (after it, with `reverse`).
+    x [b, hk, n, *]; start [b, hk, *]. One product with a triangular matrix of ones: cumsum along a
+    middle dimension of a large tensor is several times slower here, and needs a shift besides."""
+    b, hk, n = x.shape[:3]
+    ones = torch.ones(n, n, dtype=x.dtype, device=x.device)
+    tri = ones.triu(1) if reverse else ones.tril(-1)
+    flat = x.reshape(b * hk, n, -1)
+    out = torch.baddbmm(start.reshape(b * hk, 1, -1), tri.expand(b * hk, n, n), flat)
+    return out.view(x.shape)
+
+
+def _sigma_fast(x):
+    """ELU + 1 as exp(min(x, 0)) + max(x, 0): the same values (exp instead of expm1 + 1), a faster kernel here."""
+    return x.clamp(max=0).exp_().add_(x.clamp(min=0))
 
 
 def _reciprocal(den):
