@@ -127,7 +127,7 @@ def passkey_card_text(card: dict) -> str:
              f"- fine-tuned: {card['steps']} steps of {card['batch_size']} x {card['seq_len']} tokens, loss "
              f"{card['loss']}, lr {card['lr']}, seed {card['seed']}",
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
-             f"({card['threads']} threads)",
+             f"({card['threads']} thread{'s' if card['threads'] != 1 else ''})",
              f"- answer loss on held-out prompts: {card['val_loss']:.4f} nats/token (chance for a digit: ln 10 = 2.3026)",
              "", "Greedy exact-match accuracy of the shipped weights, " f"{card['eval']['n_trials']} prompts per cell:", "",
              "| depth | " + " | ".join(f"{n} ({n // card['seq_len']}x)" for n in lengths) + " |",
