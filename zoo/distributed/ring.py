@@ -11,13 +11,23 @@ earlier chunks need no mask; with the zigzag layout every rank then does the sam
 The backward recomputes per block from the saved output and the global lse (FA-2 algorithm 2 with
 the global row statistics, so each block's contribution is exact on its own), sends the K/V shards
 around the ring again, and sends with them the dK/dV accumulator of the shard being visited: rank r
-adds its contribution to the accumulator it received from rank r - 1 and passes it on; after W steps
-every accumulator has visited every rank and one last hop brings it home. The accumulator of step s
-travels during step s + 1's compute.
+receives the accumulator for the visiting shard from rank r - 1, adds its contribution to it in place
+and passes it on during the next step; after W steps every accumulator has visited every rank and one
+last hop brings it home.
+
+Layout and memory. Everything runs in the row layout of zoo.ops.attention's blockwise kernels
+([batch * kv_heads, length, groups, d]: a kv head's query heads side by side), converted once: the
+local q (scaled) and, in the backward, dout; K and V travel as one [2, batch * kv_heads, length, d]
+buffer, so no pair of chunks converts anything. The forward keeps the online-softmax state (running
+max, sum and unnormalised output) of every local query across the whole ring and updates it in place,
+tile by tile; the backward accumulates dq and the visiting shard's dK/dV in place. What a rank holds
+beyond its saved q, K/V, out, lse: dq, the visiting and incoming K/V, the accumulator in flight and
+the one being filled, and one block x block tile; never an L x L matrix, and no buffer that grows
+with the number of chunk pairs. The local K/V is released in the backward once it has been used and
+passed on (so a second backward through the same graph is refused).
 
 Communication per rank and step: one K/V shard forward; K/V plus the dK/dV accumulator (in the
-accumulation dtype) backward. Memory: q, k, v, out, lse of the local shard plus two K/V shards in
-flight; never an L x L matrix.
+accumulation dtype) backward.
 """
 from __future__ import annotations
 
@@ -28,11 +38,18 @@ import torch
 import torch.distributed as dist
 
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.attention import _acc_dtype, _blockwise_backward, _blockwise_forward, _check_inputs
+from zoo.ops.attention import (_acc_dtype, _check_inputs, _from_rows, _hidden, _key_blocks, _mask_tile,
+                                _to_rows)
 
 __all__ = ["ring_attention"]
 
-_K_TAG, _V_TAG, _GRAD_TAG = 0, 1, 2
+_K_TAG, _GRAD_TAG = 0, 2
+# Query and key tiles of at most this many positions: each tile's score and gradient matrices (two of
+# [batch * kv_heads, tile * groups, tile] at a time) are a constant in the per-rank peak, which at W = 4
+# is a quarter of the one-process peak. Measured (bench_context_parallel.py --length 8192 --cases
+# blockwise, 4 heads of 64, block_size 512): W = 4 peak per rank 43.5 MiB with 512-position tiles,
+# 34.5 MiB with 256 (one process: 139.0 MiB), at the same step time within noise.
+_MAX_TILE = 256
 
 
 def ring_attention(q, k, v, cp: ContextParallel, causal: bool = True, scale: Optional[float] = None,
@@ -42,7 +59,8 @@ def ring_attention(q, k, v, cp: ContextParallel, causal: bool = True, scale: Opt
     q [batch, local_len, heads, head_dim], k and v [batch, local_len, kv_heads, head_dim] are this
     rank's shards in `cp`'s layout (kv_heads dividing heads: GQA). Returns out like q (the matching
     shard of single-process attention) and with `return_lse` also lse [batch, heads, local_len]
-    (differentiable) in the accumulation dtype.
+    (differentiable) in the accumulation dtype. block_size: the query / key tile, capped at
+    `_MAX_TILE` (the tile is a constant in the per-rank memory).
     """
     _check_inputs(q, k, v, causal, None)
     for name, t in (("q", q), ("k", k)):
@@ -52,7 +70,7 @@ def ring_attention(q, k, v, cp: ContextParallel, causal: bool = True, scale: Opt
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _RingAttention.apply(q, k, v, cp, causal, scale, block_size)
+    out, lse = _RingAttention.apply(q, k, v, cp, causal, scale, min(block_size, _MAX_TILE))
     return (out, lse) if return_lse else out
 
 
@@ -82,16 +100,64 @@ def _pairs(cp: ContextParallel, owner: int, causal: bool):
             yield qc, kc, causal and kc.index == qc.index
 
 
-def _merge_into(out, lse, o, l):
-    """out, lse (views, accumulation dtype) := the log-sum-exp merge of themselves with (o, l), in place:
-    one temporary of the chunk's size instead of merge_attention's three. Every row here has seen a key
-    (the diagonal block comes first for causal rows), so `l` is finite and no both-empty row occurs."""
-    m = torch.maximum(lse, l)
-    w_old, w_new = torch.exp(lse - m), torch.exp(l - m)
-    total = w_old + w_new
-    out.mul_((w_old / total).transpose(1, 2)[..., None])
-    out.add_(o.to(out.dtype) * (w_new / total).transpose(1, 2)[..., None])
-    lse.copy_(m + torch.log(total))
+def _kv_rows(k, v, acc):
+    """k, v [b, L, kv_heads, d] -> one contiguous [2, b * kv_heads, L, d] buffer in `acc` (one message)."""
+    b, length, hk, d = k.shape
+    out = torch.empty(2, b, hk, length, d, dtype=acc, device=k.device)
+    out[0].copy_(k.transpose(1, 2))
+    out[1].copy_(v.transpose(1, 2))
+    return out.view(2, b * hk, length, d)
+
+
+def _stat_rows(x, b, hk, groups):
+    """[b, h, L] (lse, its gradient) -> [b * hk, L, groups] rows; a new tensor."""
+    length = x.shape[-1]
+    return x.view(b, hk, groups, length).transpose(2, 3).reshape(b * hk, length, groups)
+
+
+def _forward_pair(qr, kv, o, m, l, causal, block_size):
+    """Online softmax of queries qr [n, lq, groups, d] (scaled) over keys kv [2, n, lk, d], updating the
+    running output o [n, lq, groups, d], max m and sum l [n, lq, groups] (views into the whole shard's)."""
+    n, lq, groups, d = qr.shape
+    lk = kv.shape[2]
+    for qs in range(0, lq, block_size):
+        qe = min(qs + block_size, lq)
+        rows = (qe - qs) * groups
+        qb, ob = qr[:, qs:qe].reshape(n, rows, d), o[:, qs:qe].view(n, rows, d)
+        mb, lb = m[:, qs:qe].view(n, rows), l[:, qs:qe].view(n, rows)
+        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, None, block_size):
+            s = torch.bmm(qb, kv[0][:, ks:ke].transpose(1, 2))
+            if not full:
+                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
+            m_new = torch.maximum(mb, s.amax(dim=-1))
+            p = s.sub_(m_new[..., None]).exp_()
+            alpha = (mb - m_new).exp_()  # FA-2's rescaling of the partial sums so far
+            lb.mul_(alpha).add_(p.sum(dim=-1))
+            ob.mul_(alpha[..., None]).baddbmm_(p, kv[1][:, ks:ke])
+            mb.copy_(m_new)
+
+
+def _backward_pair(qr, do, lse, delta, kv, dq, dkv, causal, block_size):
+    """FA-2 backward of queries qr [n, lq, groups, d] (scaled) against keys kv [2, n, lk, d] with the
+    global row statistics lse, delta [n, lq, groups]: adds into dq [n, lq, groups, d] and dkv [2, n, lk, d]
+    (views) in place. Each tile's probabilities are recomputed, never stored."""
+    n, lq, groups, d = qr.shape
+    lk = kv.shape[2]
+    for qs in range(0, lq, block_size):
+        qe = min(qs + block_size, lq)
+        rows = (qe - qs) * groups
+        qb, dob, dqb = qr[:, qs:qe].reshape(n, rows, d), do[:, qs:qe].reshape(n, rows, d), dq[:, qs:qe].view(n, rows, d)
+        lse_b, delta_b = lse[:, qs:qe].reshape(n, rows, 1), delta[:, qs:qe].reshape(n, rows, 1)
+        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, None, block_size):
+            kb, vb = kv[0][:, ks:ke], kv[1][:, ks:ke]
+            s = torch.bmm(qb, kb.transpose(1, 2))
+            if not full:
+                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
+            p = s.sub_(lse_b).exp_()
+            dkv[1][:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
+            ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_b).mul_(p)
+            dqb.baddbmm_(ds, kb)
+            dkv[0][:, ks:ke].baddbmm_(ds.transpose(1, 2), qb)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -100,72 +166,94 @@ class _RingAttention(torch.autograd.Function):
         w = cp.world_size
         acc = _acc_dtype(q.dtype)
         b, length, h, d = q.shape
-        out = torch.zeros(b, length, h, d, dtype=acc, device=q.device)
-        lse = torch.full((b, h, length), -math.inf, dtype=acc, device=q.device)
-        kv = (k.contiguous(), v.contiguous())  # sent as they are (no copy when contiguous), not stacked
+        hk = k.shape[2]
+        groups, n = h // hk, b * hk
+        qr = _to_rows(q, groups, acc).mul_(scale)
+        kv = kv_local = _kv_rows(k, v, acc)
+        o = torch.zeros(n, length, groups, d, dtype=acc, device=q.device)
+        # The running max starts at the most negative finite value, not -inf: a row meeting only masked
+        # keys in a tile then gets exp(-inf - min) = 0 rather than NaN.
+        m = torch.full((n, length, groups), torch.finfo(acc).min, dtype=acc, device=q.device)
+        l = torch.zeros(n, length, groups, dtype=acc, device=q.device)
         for step in range(w):
             owner = (cp.rank - step) % w
             works, incoming = [], None
             if step < w - 1:
-                n = cp.shard_len((owner - 1) % w)
-                incoming = (k.new_empty(b, n, *k.shape[2:]), v.new_empty(b, n, *v.shape[2:]))
-                works = _exchange(cp, [(kv[0], _K_TAG), (kv[1], _V_TAG)],
-                                  [(incoming[0], _K_TAG), (incoming[1], _V_TAG)])
+                incoming = kv.new_empty(2, n, cp.shard_len((owner - 1) % w), d)
+                works = _exchange(cp, [(kv, _K_TAG)], [(incoming, _K_TAG)])
             for qc, kc, diagonal in _pairs(cp, owner, causal):
-                o, l = _blockwise_forward(q[:, qc.local], kv[0][:, kc.local], kv[1][:, kc.local],
-                                          diagonal, None, scale, block_size)
-                _merge_into(out[:, qc.local], lse[..., qc.local], o, l)
+                _forward_pair(qr[:, qc.local], kv[:, :, kc.local], o[:, qc.local], m[:, qc.local], l[:, qc.local],
+                              diagonal, block_size)
             _wait(works)
             if incoming is not None:
                 kv = incoming
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (cp, causal, scale, block_size)
+        del kv, incoming
+        # Rows with no visible key at all (only without causal and with no keys) have l = 0: their
+        # output is 0 and their lse -inf, as merge_attention expects of an empty side.
+        lse_r = m.add_(l.log())
+        out = _from_rows(o.div_(l.clamp_min_(torch.finfo(acc).tiny)[..., None]), b, q.dtype)
+        del o, l
+        lse = lse_r.view(b, hk, length, groups).permute(0, 1, 3, 2).reshape(b, h, length)
+        ctx.save_for_backward(qr, out, lse_r)
+        ctx.kv = kv_local   # not saved: the backward releases it once passed on
+        ctx.args = (cp, causal, scale, block_size, (b, h, hk, d), k.dtype)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        cp, causal, scale, block_size = ctx.args
+        qr, out, lse_r = ctx.saved_tensors
+        cp, causal, scale, block_size, (b, h, hk, d), kv_dtype = ctx.args
+        kv, ctx.kv = ctx.kv, None
+        if kv is None:
+            raise RuntimeError("ring_attention: its backward runs once per forward (the local K/V is released "
+                               "during it); a second backward through the same graph (retain_graph) is not supported")
         w = cp.world_size
-        acc = _acc_dtype(q.dtype)
-        b, _, hk, d = k.shape
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = (k.contiguous(), v.contiguous())
+        acc, groups, n, length = qr.dtype, h // hk, b * hk, qr.shape[1]
+        if dout is not None:
+            do = _to_rows(dout, groups, acc)
+            # D_i = rowsum(dO_i * O_i) (FA-2 algorithm 2, line 4), in the input layout: no row copy of out
+            delta = _stat_rows((dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2), b, hk, groups)
+        else:
+            do = torch.zeros_like(qr)
+            delta = torch.zeros_like(lse_r)
+        if dlse is not None:
+            # d lse_i / d s_ij = P_ij, so dS = P * (dP - D + dlse): the lse gradient shifts D.
+            delta = delta - _stat_rows(dlse.to(acc), b, hk, groups)
+        dq = torch.zeros_like(qr)
         done = None  # the dK/dV accumulator finished in the previous step, sent along during this one
         for step in range(w):
             owner = (cp.rank - step) % w
-            sends, recvs, incoming, arriving = [], [], None, None
+            sends, recvs, incoming = [], [], None
             if step < w - 1:
-                n = cp.shard_len((owner - 1) % w)
-                incoming = (k.new_empty(b, n, hk, d), v.new_empty(b, n, hk, d))
-                sends += [(kv[0], _K_TAG), (kv[1], _V_TAG)]
-                recvs += [(incoming[0], _K_TAG), (incoming[1], _V_TAG)]
+                incoming = kv.new_empty(2, n, cp.shard_len((owner - 1) % w), d)
+                sends.append((kv, _K_TAG))
+                recvs.append((incoming, _K_TAG))
             if done is not None:
-                # what rank - 1 accumulated for `owner` over steps 0..step-1
-                arriving = torch.empty(2, b, cp.shard_len(owner), hk, d, dtype=acc, device=q.device)
+                # what ranks before this one accumulated for `owner`: this step adds to it in place
+                dkv = torch.empty(2, n, cp.shard_len(owner), d, dtype=acc, device=qr.device)
                 sends.append((done, _GRAD_TAG))
-                recvs.append((arriving, _GRAD_TAG))
+                recvs.append((dkv, _GRAD_TAG))
+            else:
+                dkv = torch.zeros(2, n, cp.shard_len(owner), d, dtype=acc, device=qr.device)
             works = _exchange(cp, sends, recvs)
-            mine = torch.zeros(2, b, cp.shard_len(owner), hk, d, dtype=acc, device=q.device)
+            if done is not None:
+                # the accumulator, before the first addition into it; K/V stay in flight (a gloo work
+                # is waited on once: a second wait on a finished receive blocks)
+                works.pop().wait()
             for qc, kc, diagonal in _pairs(cp, owner, causal):
-                dq_c, dk_c, dv_c = _blockwise_backward(
-                    q[:, qc.local], kv[0][:, kc.local], kv[1][:, kc.local], out[:, qc.local],
-                    lse[..., qc.local].contiguous(), None if dout is None else dout[:, qc.local],
-                    None if dlse is None else dlse[..., qc.local].contiguous(), diagonal, None, scale, block_size)
-                dq[:, qc.local] += dq_c
-                mine[0][:, kc.local] += dk_c
-                mine[1][:, kc.local] += dv_c
+                _backward_pair(qr[:, qc.local], do[:, qc.local], lse_r[:, qc.local], delta[:, qc.local],
+                               kv[:, :, kc.local], dq[:, qc.local], dkv[:, :, kc.local], diagonal, block_size)
             _wait(works)
-            if arriving is not None:
-                mine += arriving
-            done = mine
+            done = dkv
             if incoming is not None:
-                kv = incoming
+                kv = incoming   # the visiting shard (the local one after step 0) is released here
+        del kv, incoming
         if w > 1:
             # `done` belongs to rank + 1 now; this rank's own accumulator arrives from rank - 1
-            home = torch.empty(2, b, cp.local_len, hk, d, dtype=acc, device=q.device)
+            home = torch.empty(2, n, cp.local_len, d, dtype=acc, device=qr.device)
             _wait(_exchange(cp, [(done, _GRAD_TAG)], [(home, _GRAD_TAG)]))
             done = home
-        return dq.to(q.dtype), done[0].to(k.dtype), done[1].to(v.dtype), None, None, None, None
+        dkv = done.view(2, b, hk, length, d).transpose(2, 3)
+        dq = _from_rows(dq.mul_(scale), b, out.dtype)
+        return dq, dkv[0].to(kv_dtype), dkv[1].to(kv_dtype), None, None, None, None

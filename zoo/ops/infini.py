@@ -598,9 +598,10 @@ def _check_rope(rope, q, q_local, k_local):
     length, d = q.shape[1], q.shape[3]
     if (not isinstance(rope, (tuple, list)) or len(rope) != 2 or not all(torch.is_tensor(t) for t in rope)
             or any(tuple(t.shape) != (length, d // 2) for t in rope) or d % 2):
+        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        got = [shape(t) for t in rope] if isinstance(rope, (tuple, list)) else shape(rope)
         raise ValueError(f"rope: expected (cos, sin) half tables of shape [length, d_k / 2] = ({length}, {d // 2}) "
-                         f"(zoo.ops.rope.rope_cos_sin_half), got "
-                         f"{[tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in rope] if isinstance(rope, (tuple, list)) else type(rope).__name__}")
+                         f"(zoo.ops.rope.rope_cos_sin_half), got {got}")
 
 
 def _check_inputs(q, k, v, gate, segment_len, memory, q_local, k_local, prefix):
