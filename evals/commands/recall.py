@@ -31,7 +31,7 @@ import torch
 
 import zoo
 from evals.commands import compare
-from evals.commands.pretrain import DTYPES, commit, ship
+from evals.commands.pretrain import DTYPES, _add_time, commit, ship
 from evals.recall import mqar_eval, passkey_grid
 from evals.throughput import analytic_state_bytes
 from zoo.data import DataError, load_tokenizer
@@ -65,9 +65,11 @@ def parse_args(argv):
     pk = sub.add_parser("passkey", parents=[common], help="fine-tune shipped LMs on passkey retrieval and ship them")
     pk.add_argument("--from", dest="source", default="pretrained", help="FROM/<name>: the LM checkpoint to start from")
     pk.add_argument("--out", default="pretrained/passkey")
-    pk.add_argument("--steps", type=int, default=300)
-    pk.add_argument("--seq-len", type=int, default=512, help="fine-tuning prompt length (tokens, answer included)")
-    pk.add_argument("--batch-size", type=int, default=8)
+    pk.add_argument("--steps", type=compare.int_list, default=[800],
+                    help="steps per stage (comma-separated: a curriculum, one stage per --seq-len)")
+    pk.add_argument("--seq-len", type=compare.int_list, default=[320],
+                    help="prompt length per stage (tokens, answer included); the last is the fine-tuning length")
+    pk.add_argument("--batch-size", type=compare.int_list, default=[16], help="per stage, or one for all")
     pk.add_argument("--lr", type=float, default=3e-3)
     pk.add_argument("--loss", choices=PasskeyData.LOSSES, default="lm",
                     help="lm: every token (the needle's own key repeat teaches copying at short range); "
@@ -91,8 +93,14 @@ def parse_args(argv):
     mq.add_argument("--batch-size", type=int, default=32)
     mq.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
-    if args.task == "passkey" and (args.steps < 1 or args.trials < 1 or args.batch_size < 1):
-        ap.error("--steps, --trials, --batch-size: positive integers")
+    if args.task == "passkey":
+        if args.trials < 1:
+            ap.error("--trials: a positive integer")
+        if len(args.batch_size) == 1:
+            args.batch_size = args.batch_size * len(args.seq_len)
+        if not len(args.steps) == len(args.seq_len) == len(args.batch_size):
+            ap.error(f"--steps, --seq-len, --batch-size: one value per stage, got {len(args.steps)}, "
+                     f"{len(args.seq_len)} and {len(args.batch_size)}")
     if args.task == "mqar" and (args.steps < 1 or args.layers < 1 or args.batch_size < 1):
         ap.error("--steps, --layers, --batch-size: positive integers")
     return args
@@ -124,8 +132,9 @@ def passkey_card_text(card: dict) -> str:
     lines = [f"# {card['recipe']} passkey fine-tune (zoo recall)", "",
              f"- command: `{card['command']}` (commit {card['commit']})",
              f"- from: {card['from']} (the shipped LM, {card['params']:,} parameters); weights shipped as {card['dtype']}",
-             f"- fine-tuned: {card['steps']} steps of {card['batch_size']} x {card['seq_len']} tokens, loss "
-             f"{card['loss']}, lr {card['lr']}, seed {card['seed']}",
+             "- fine-tuned: " + ", then ".join(f"{st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens"
+                                               for st in stages(card)) +
+             f"; loss {card['loss']}, lr {card['lr']}, seed {card['seed']}",
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
              f"({card['threads']} thread{'s' if card['threads'] != 1 else ''})",
              f"- answer loss on held-out prompts: {card['val_loss']:.4f} nats/token (chance for a digit: ln 10 = 2.3026)",
@@ -139,38 +148,62 @@ def passkey_card_text(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finetune_passkey(name: str, args, argv, say) -> dict:
-    src = Path(args.source) / name
-    ckpt = resolve_checkpoint(src)
-    recipe = read_recipe(ckpt)
-    steps = args.steps
+def stages(card: dict) -> list:
+    """[{seq_len, steps, batch_size}] of a card (a card of one stage, before curricula, has them at the top)."""
+    return card.get("stages") or [{k: card[k] for k in ("seq_len", "steps", "batch_size")}]
+
+
+def asked_stages(args) -> list:
+    return [{"seq_len": n, "steps": k, "batch_size": b} for n, k, b in zip(args.seq_len, args.steps, args.batch_size)]
+
+
+def stage_run_dir(out: Path, name: str, i: int) -> Path:
+    return out / "runs" / (name if i == 0 else f"{name}-stage{i + 1}")
+
+
+def train_stage(name: str, i: int, start, recipe, args, say):
+    """Fine-tune stage i from the checkpoint `start` (continuing an interrupted stage); (trainer, result,
+    the stage's CPU and wall seconds over every session that ran it)."""
+    st = asked_stages(args)[i]
+    steps = st["steps"]
     recipe = zoo.load_recipe(recipe.to_dict(), [
-        *split_overrides(args.overrides, name), f"train.max_steps={steps}", f"train.seq_len={args.seq_len}",
-        f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, steps // 10)}",
+        *split_overrides(args.overrides, name), f"train.max_steps={steps}", f"train.seq_len={st['seq_len']}",
+        f"train.batch_size={st['batch_size']}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, steps // 10)}",
         f"train.eval_every={max(1, steps // 4)}", f"train.save_every={max(1, steps // 4)}", "train.keep_last=1",
         "train.eval_batches=2", "train.grad_accum=1", f"train.log_every={max(1, steps // 20)}"])
-    tok = load_tokenizer(recipe.train.tokenizer)
-    data = PasskeyData(None if recipe.train.tokenizer == "byte" else tok, seed=recipe.train.seed, loss=args.loss)
-    run_dir = Path(args.out) / "runs" / name
+    tok = recipe.train.tokenizer
+    data = PasskeyData(None if tok == "byte" else load_tokenizer(tok), seed=recipe.train.seed, loss=args.loss)
+    run_dir = stage_run_dir(Path(args.out), name, i)
     resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
     cpu0, wall0 = time.process_time(), time.perf_counter()
     trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
-                      overwrite=resume is None, init_from=str(ckpt))
+                      overwrite=resume is None, init_from=str(start))
     result = trainer.train()
-    if result.stopped:
-        return {"recipe": name, "stopped": result.step}
-    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
+    return trainer, result, *_add_time(run_dir, time.process_time() - cpu0, time.perf_counter() - wall0)
+
+
+def finetune_passkey(name: str, args, argv, say) -> dict:
+    ckpt = resolve_checkpoint(Path(args.source) / name)
+    recipe, start, cpu_s, wall_s = read_recipe(ckpt), ckpt, 0.0, 0.0
+    for i, st in enumerate(asked_stages(args)):
+        say(f"{name}: stage {i + 1}, {st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens")
+        trainer, result, cpu_i, wall_i = train_stage(name, i, start, recipe, args, say)
+        cpu_s, wall_s = cpu_s + cpu_i, wall_s + wall_i
+        if result.stopped:
+            return {"recipe": name, "stopped": result.step}
+        start = stage_run_dir(Path(args.out), name, i)
+    seq_len = args.seq_len[-1]
+    tok = None if trainer.recipe.train.tokenizer == "byte" else load_tokenizer(trainer.recipe.train.tokenizer)
     dest = Path(args.out) / name
-    path, val_loss, _ = ship(trainer, recipe, dest, DTYPES[args.dtype])
-    lengths = [f * args.seq_len for f in args.factors]
+    path, val_loss, _ = ship(trainer, trainer.recipe, dest, DTYPES[args.dtype])
+    lengths = [f * seq_len for f in args.factors]
     say(f"{name}: passkey accuracy at {lengths} ...")
-    grid = passkey_grid(trainer.model, lengths, args.depths, args.trials,
-                        tokenizer=None if recipe.train.tokenizer == "byte" else tok)
+    grid = passkey_grid(trainer.model, lengths, args.depths, args.trials, tokenizer=tok)
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
     card = {"recipe": name, "command": "zoo recall " + " ".join(argv), "commit": commit(), "from": str(ckpt),
-            "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": result.step,
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "loss": args.loss,
-            "seed": recipe.train.seed, "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
+            "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
+            "batch_size": args.batch_size[-1], "seq_len": seq_len, "stages": asked_stages(args), "lr": args.lr,
+            "loss": args.loss, "seed": trainer.recipe.train.seed, "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
             "wall_seconds": round(wall_s, 1), "val_loss": round(val_loss, 4),
             "checkpoint": str(path.relative_to(dest)), "eval": grid}
     write_json(dest / "card.json", card)
@@ -183,10 +216,10 @@ def run_passkey(args, argv, say) -> dict:
     out = {}
     for name in args.recipes:
         dest = Path(args.out) / name
-        if (dest / "card.json").is_file() and not args.retrain:
+        card = json.loads((dest / "card.json").read_text()) if (dest / "card.json").is_file() else None
+        if card and stages(card) == asked_stages(args) and not args.retrain:
             say(f"{name}: fine-tuned already ({dest}); --retrain to fine-tune it again")
-            card = json.loads((dest / "card.json").read_text())
-        else:
+        else:   # new, asked again, or asked with other stages: stages already trained are resumed, not redone
             card = finetune_passkey(name, args, argv, say)
             if "stopped" in card:
                 say(f"{name}: stopped at step {card['stopped']}, not shipped; rerun to continue")

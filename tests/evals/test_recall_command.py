@@ -56,6 +56,17 @@ def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp
     assert found["finetune_len"] == 280 and found["finetune_steps"] == 3 and found["checkpoint"].endswith(
         card["checkpoint"])
     assert compare.passkey_checkpoint(out, "other") is None
+    # a curriculum that starts with the shipped stage resumes it and trains only the new one
+    staged = argv[:argv.index("--steps")] + ["--steps", "3,2", "--seq-len", "280,300", "--batch-size", "2"] + \
+        argv[argv.index("--batch-size") + 2:]
+    assert recall.main(staged) == 0
+    log = capsys.readouterr().out
+    assert "stage 2, 2 steps of 2 x 300 tokens" in log and "fine-tuned already" not in log
+    card = json.loads((out / "tiny-cli" / "card.json").read_text())
+    assert card["stages"] == [{"seq_len": 280, "steps": 3, "batch_size": 2}, {"seq_len": 300, "steps": 2, "batch_size": 2}]
+    assert (card["seq_len"], card["steps"], card["eval"]["lengths"]) == (300, 5, [300, 600])
+    assert "3 steps of 2 x 280 tokens, then 2 steps of 2 x 300 tokens" in (out / "tiny-cli" / "MODEL_CARD.md").read_text()
+    assert (out / "runs" / "tiny-cli-stage2" / "checkpoints").is_dir()
 
 
 def test_passkey_errors_are_one_line(shipped_lm, tmp_path, capsys):
