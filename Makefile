@@ -51,11 +51,9 @@ COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
 SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
 # Recall measured offline by `make recall` (the shipped models only): passkey on their fine-tunes at 1x / 4x / 16x
 # the fine-tuning length, and the MQAR sweep's figure.
-PASSKEY_LEN  ?= 320
 comma        := ,
-PASSKEY_LENGTHS := $(PASSKEY_LEN)$(comma)$(shell echo $$((4 * $(PASSKEY_LEN))))$(comma)$(shell echo $$((16 * $(PASSKEY_LEN))))
 RECALL_SHIPPED := $(if $(wildcard $(PRETRAINED)/passkey/*/card.json),--passkey-from $(PRETRAINED)/passkey \
-	--passkey-lengths $(PASSKEY_LENGTHS) --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 8) \
+	--passkey-factors 1$(comma)4$(comma)16 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 8) \
 	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json)
 RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
 PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
@@ -70,10 +68,11 @@ pretrain: install
 	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
 
 # Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
-# prompts of PASSKEY_LEN tokens, shipped to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x; then
+# prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), shipped
+# to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x the last length; then
 # Zoology's MQAR sweep (accuracy against width and key-value pairs, three seeds) into pretrained/mqar/results.json.
 # Rerunning skips what is shipped and resumes the rest. `make compare` reports both.
-PASSKEY_ARGS ?= --steps 800 --seq-len $(PASSKEY_LEN) --batch-size 16 --lr 2e-3 --threads 1
+PASSKEY_ARGS ?= --steps 800,200 --seq-len 320,1024 --batch-size 16,8 --lr 2e-3 --threads 1
 MQAR_RECIPES ?= transformer mamba2 samba
 # samba's window keeps the recipe's ratio to the training length (128 of 512) at MQAR's 64 tokens
 MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \

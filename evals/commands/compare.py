@@ -145,6 +145,9 @@ def parse_args(argv):
     ap.add_argument("--passkey-from", default=None,
                     help="evaluate passkey on DIR/<name>, the passkey fine-tunes of `zoo recall passkey` (recipes "
                          "without one are left out of the passkey cells); default: the compared models themselves")
+    ap.add_argument("--passkey-factors", type=int_list, default=None,
+                    help="with --passkey-from: prompt lengths as these multiples of each fine-tune's own length "
+                         "(instead of --passkey-lengths)")
     ap.add_argument("--mqar-results", default=None,
                     help="results.json of `zoo recall mqar`: its runs go into results.json and the report's figure")
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare each recipe's corpus)")
@@ -455,7 +458,7 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
                 loaded["model"] = zoo.load_checkpoint(tuned["checkpoint"], device=args.device).eval()
             return loaded["model"]
 
-        for length in args.passkey_lengths:
+        for length in passkey_lengths(args, tuned):
             def passkey(length=length):
                 tok_spec = run.recipe.train.tokenizer
                 tok = None if tok_spec == "byte" else load_tokenizer(tok_spec)
@@ -480,6 +483,13 @@ def passkey_checkpoint(root, name: str) -> dict | None:
     info = json.loads(card.read_text())
     return {"checkpoint": str(resolve_checkpoint(card.parent)), "finetune_len": info["seq_len"],
             "finetune_steps": info["steps"]}
+
+
+def passkey_lengths(args, tuned: dict | None) -> list:
+    """The passkey prompt lengths of one recipe: --passkey-factors x its fine-tune's length, or --passkey-lengths."""
+    if tuned and args.passkey_factors:
+        return [f * tuned["finetune_len"] for f in args.passkey_factors]
+    return list(args.passkey_lengths)
 
 
 def attach_mqar(results: dict, path) -> None:
@@ -549,8 +559,9 @@ def main(argv=None):
         # without one then has no passkey cells), a fine-tune when they are not, or another fine-tune
         tuned = passkey_checkpoint(args.passkey_from, recipe.name) if args.passkey_from else None
         answered_by = tuned["checkpoint"] if tuned else ("none" if args.passkey_from else None)
+        lengths = passkey_lengths(args, tuned)
         for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "passkey"
-                    and c.get("checkpoint") != answered_by]:
+                    and (c.get("checkpoint") != answered_by or c["context"] not in lengths)]:
             del results["cells"][key]
         n = zoo.build_model(recipe).num_params()
         results["recipes"][recipe.name] = {"params": n, "d_model": recipe.model.d_model,

@@ -156,3 +156,10 @@ def test_passkey_finding_names_the_fine_tune_and_the_best_at_the_longest():
         c["accuracy"] = [0, 0]
         c.pop("finetune_len")
     assert passkey_finding(res).endswith("none retrieves at 2048.") and passkey_finding(res).startswith("Passkey (no")
+
+
+def test_passkey_lengths_follow_each_fine_tune():
+    args = compare.parse_args(["x", "--passkey-factors", "1,4,16", "--passkey-lengths", "256,1024"])
+    assert compare.passkey_lengths(args, {"finetune_len": 320}) == [320, 1280, 5120]
+    assert compare.passkey_lengths(args, None) == [256, 1024]   # no fine-tune: the given lengths
+    assert compare.passkey_lengths(compare.parse_args(["x"]), {"finetune_len": 320}) == [256, 1024]
