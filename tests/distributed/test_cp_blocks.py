@@ -100,6 +100,26 @@ def test_blocks_match_single_process(ranks, world_size):
     assert len(results[0]) > 0
 
 
+def _check_selective_key_tiles(lengths):
+    """Selective with key tiles of 2 positions: a chunk's keys span several tiles, so the carried column
+    sums (forward) and their gradients (backward) cross tiles within every pair of chunks."""
+    import zoo.blocks.selective.cp as selective_cp
+    old, selective_cp._KEY_TILE = selective_cp._KEY_TILE, 2
+    try:
+        return _check_cases([case for case in CASES if case[0] == "selective"], lengths)
+    finally:
+        selective_cp._KEY_TILE = old
+
+
+@pytest.mark.slow   # 10-20 s per world size
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_selective_key_tiles_match_single_process(ranks, world_size):
+    results = ranks.run(world_size, _check_selective_key_tiles, (6 * world_size + 5, 11 * world_size + 3))
+    bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
+    assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
+    assert len(results[0]) > 0
+
+
 @pytest.mark.parametrize("name, cfg", list({name: (name, cfg) for name, cfg, _ in reversed(CASES)}.values()))
 def test_cache_with_cp_is_refused(name, cfg):
     # refused before any communication, so a handle without a process group is enough

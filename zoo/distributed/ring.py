@@ -28,6 +28,10 @@ passed on (so a second backward through the same graph is refused).
 
 Communication per rank and step: one K/V shard forward; K/V plus the dK/dV accumulator (in the
 accumulation dtype) backward.
+
+The ring itself is generic (`ring_pass`, `ring_pass_grads`: a shard around the ring with the next one in
+flight, and in a backward its gradient accumulator one step behind), shared with selective attention's
+context-parallel path (zoo.blocks.selective.cp).
 """
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ from zoo.distributed.layout import ContextParallel
 from zoo.ops.attention import (_acc_dtype, _check_inputs, _from_rows, _hidden, _key_blocks, _mask_tile,
                                 _to_rows)
 
-__all__ = ["ring_attention"]
+__all__ = ["ring_attention", "ring_pairs", "ring_pass", "ring_pass_grads"]
 
-_K_TAG, _GRAD_TAG = 0, 2
+_SHARD_TAG, _GRAD_TAG = 0, 2
 # Query and key tiles of at most this many positions: each tile's score and gradient matrices (two of
 # [batch * kv_heads, tile * groups, tile] at a time) are a constant in the per-rank peak, which at W = 4
 # is a quarter of the one-process peak. Measured (bench_context_parallel.py --length 8192 --cases
@@ -91,13 +95,73 @@ def _wait(works):
         w.wait()
 
 
-def _pairs(cp: ContextParallel, owner: int, causal: bool):
+def ring_pairs(cp: ContextParallel, owner: int, causal: bool):
     """(query chunk, key chunk, diagonal) pairs this rank computes against `owner`'s K/V shard."""
     for kc in cp.chunks(owner):
         for qc in cp.chunks():
             if causal and kc.index > qc.index:
                 continue  # every key of a later chunk is in every query's future
             yield qc, kc, causal and kc.index == qc.index
+
+
+def _resized(t, dim, n):
+    shape = list(t.shape)
+    shape[dim] = n
+    return t.new_empty(shape)
+
+
+def ring_pass(cp: ContextParallel, shard: torch.Tensor, dim: int, visit) -> None:
+    """Pass `shard` (this rank's tokens along `dim`) around the ring: at step s, visit(owner, visiting) with
+    the shard of rank (rank - s) mod W, the next shard already in flight. At most two shards are held."""
+    w = cp.world_size
+    for step in range(w):
+        owner = (cp.rank - step) % w
+        works, incoming = [], None
+        if step < w - 1:
+            incoming = _resized(shard, dim, cp.shard_len((owner - 1) % w))
+            works = _exchange(cp, [(shard, _SHARD_TAG)], [(incoming, _SHARD_TAG)])
+        visit(owner, shard)
+        _wait(works)
+        if incoming is not None:
+            shard = incoming
+
+
+def ring_pass_grads(cp: ContextParallel, shard: torch.Tensor, dim: int, grad: torch.Tensor, visit) -> torch.Tensor:
+    """`ring_pass` for a backward: with each visiting shard comes the accumulator of its gradient, which
+    visit(owner, visiting, accumulator) adds to in place; the accumulator travels one step behind its
+    shard and one last hop brings each rank its own. `grad`: zeros shaped like this rank's gradient (the
+    first accumulator). Returns this rank's accumulated gradient. Pass `shard` and `grad` unbound
+    (no other reference): the shard is released once passed on."""
+    w = cp.world_size
+    shape = grad.shape
+    done = None
+    for step in range(w):
+        owner = (cp.rank - step) % w
+        sends, recvs, incoming = [], [], None
+        if step < w - 1:
+            incoming = _resized(shard, dim, cp.shard_len((owner - 1) % w))
+            sends.append((shard, _SHARD_TAG))
+            recvs.append((incoming, _SHARD_TAG))
+        if done is not None:
+            acc = _resized(done, dim, cp.shard_len(owner))
+            sends.append((done, _GRAD_TAG))
+            recvs.append((acc, _GRAD_TAG))
+        else:
+            acc, grad = grad, None
+        works = _exchange(cp, sends, recvs)
+        if done is not None:
+            works.pop().wait()   # a gloo work is waited on once: a second wait on a finished receive blocks
+        visit(owner, shard, acc)
+        _wait(works)
+        done = acc
+        if incoming is not None:
+            shard = incoming
+    del shard, incoming
+    if w > 1:
+        home = done.new_empty(shape)
+        _wait(_exchange(cp, [(done, _GRAD_TAG)], [(home, _GRAD_TAG)]))
+        done = home
+    return done
 
 
 def _kv_rows(k, v, acc):
@@ -169,25 +233,19 @@ class _RingAttention(torch.autograd.Function):
         hk = k.shape[2]
         groups, n = h // hk, b * hk
         qr = _to_rows(q, groups, acc).mul_(scale)
-        kv = kv_local = _kv_rows(k, v, acc)
+        kv_local = _kv_rows(k, v, acc)
         o = torch.zeros(n, length, groups, d, dtype=acc, device=q.device)
         # The running max starts at the most negative finite value, not -inf: a row meeting only masked
         # keys in a tile then gets exp(-inf - min) = 0 rather than NaN.
         m = torch.full((n, length, groups), torch.finfo(acc).min, dtype=acc, device=q.device)
         l = torch.zeros(n, length, groups, dtype=acc, device=q.device)
-        for step in range(w):
-            owner = (cp.rank - step) % w
-            works, incoming = [], None
-            if step < w - 1:
-                incoming = kv.new_empty(2, n, cp.shard_len((owner - 1) % w), d)
-                works = _exchange(cp, [(kv, _K_TAG)], [(incoming, _K_TAG)])
-            for qc, kc, diagonal in _pairs(cp, owner, causal):
+
+        def visit(owner, kv):
+            for qc, kc, diagonal in ring_pairs(cp, owner, causal):
                 _forward_pair(qr[:, qc.local], kv[:, :, kc.local], o[:, qc.local], m[:, qc.local], l[:, qc.local],
                               diagonal, block_size)
-            _wait(works)
-            if incoming is not None:
-                kv = incoming
-        del kv, incoming
+
+        ring_pass(cp, kv_local, 2, visit)
         # Rows with no visible key at all (only without causal and with no keys) have l = 0: their
         # output is 0 and their lse -inf, as merge_attention expects of an empty side.
         lse_r = m.add_(l.log())
@@ -195,7 +253,7 @@ class _RingAttention(torch.autograd.Function):
         del o, l
         lse = lse_r.view(b, hk, length, groups).permute(0, 1, 3, 2).reshape(b, h, length)
         ctx.save_for_backward(qr, out, lse_r)
-        ctx.kv = kv_local   # not saved: the backward releases it once passed on
+        ctx.kv = [kv_local]   # not saved: the backward takes it out and releases it once passed on
         ctx.args = (cp, causal, scale, block_size, (b, h, hk, d), k.dtype)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -204,11 +262,9 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         qr, out, lse_r = ctx.saved_tensors
         cp, causal, scale, block_size, (b, h, hk, d), kv_dtype = ctx.args
-        kv, ctx.kv = ctx.kv, None
-        if kv is None:
+        if not ctx.kv:
             raise RuntimeError("ring_attention: its backward runs once per forward (the local K/V is released "
                                "during it); a second backward through the same graph (retain_graph) is not supported")
-        w = cp.world_size
         acc, groups, n, length = qr.dtype, h // hk, b * hk, qr.shape[1]
         if dout is not None:
             do = _to_rows(dout, groups, acc)
@@ -221,39 +277,14 @@ class _RingAttention(torch.autograd.Function):
             # d lse_i / d s_ij = P_ij, so dS = P * (dP - D + dlse): the lse gradient shifts D.
             delta = delta - _stat_rows(dlse.to(acc), b, hk, groups)
         dq = torch.zeros_like(qr)
-        done = None  # the dK/dV accumulator finished in the previous step, sent along during this one
-        for step in range(w):
-            owner = (cp.rank - step) % w
-            sends, recvs, incoming = [], [], None
-            if step < w - 1:
-                incoming = kv.new_empty(2, n, cp.shard_len((owner - 1) % w), d)
-                sends.append((kv, _K_TAG))
-                recvs.append((incoming, _K_TAG))
-            if done is not None:
-                # what ranks before this one accumulated for `owner`: this step adds to it in place
-                dkv = torch.empty(2, n, cp.shard_len(owner), d, dtype=acc, device=qr.device)
-                sends.append((done, _GRAD_TAG))
-                recvs.append((dkv, _GRAD_TAG))
-            else:
-                dkv = torch.zeros(2, n, cp.shard_len(owner), d, dtype=acc, device=qr.device)
-            works = _exchange(cp, sends, recvs)
-            if done is not None:
-                # the accumulator, before the first addition into it; K/V stay in flight (a gloo work
-                # is waited on once: a second wait on a finished receive blocks)
-                works.pop().wait()
-            for qc, kc, diagonal in _pairs(cp, owner, causal):
+
+        def visit(owner, kv, dkv):
+            for qc, kc, diagonal in ring_pairs(cp, owner, causal):
                 _backward_pair(qr[:, qc.local], do[:, qc.local], lse_r[:, qc.local], delta[:, qc.local],
                                kv[:, :, kc.local], dq[:, qc.local], dkv[:, :, kc.local], diagonal, block_size)
-            _wait(works)
-            done = dkv
-            if incoming is not None:
-                kv = incoming   # the visiting shard (the local one after step 0) is released here
-        del kv, incoming
-        if w > 1:
-            # `done` belongs to rank + 1 now; this rank's own accumulator arrives from rank - 1
-            home = torch.empty(2, n, cp.local_len, d, dtype=acc, device=qr.device)
-            _wait(_exchange(cp, [(done, _GRAD_TAG)], [(home, _GRAD_TAG)]))
-            done = home
+
+        # the local K/V's only reference passes into the ring, which drops it once passed on
+        done = ring_pass_grads(cp, ctx.kv.pop(), 2, torch.zeros(2, n, length, d, dtype=acc, device=qr.device), visit)
         dkv = done.view(2, b, hk, length, d).transpose(2, 3)
         dq = _from_rows(dq.mul_(scale), b, out.dtype)
         return dq, dkv[0].to(kv_dtype), dkv[1].to(kv_dtype), None, None, None, None
