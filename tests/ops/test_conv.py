@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close
-from zoo.ops.conv import causal_conv1d, causal_conv1d_ref
+from zoo.ops.conv import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
 
 F64 = torch.float64
 TOL = 1e-12
@@ -53,6 +53,23 @@ def test_states_continue_a_sequence():
         outs.append(out)
     assert_close(torch.cat(outs, dim=-1), whole, TOL)
     assert_close(states, final, TOL)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(F64, TOL), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_update_steps_match_ref(width, activation, bias, dtype, tol):
+    """causal_conv1d_update token by token == the loop over time, its state updated in place == the final states."""
+    inputs = conv_inputs(length=9, width=width, bias=bias)
+    want, final = causal_conv1d_ref(**inputs, return_final_states=True, activation=activation)
+    state = inputs["initial_states"].to(dtype).clone()
+    held = state
+    outs = [causal_conv1d_update(inputs["x"][..., t].to(dtype), state, inputs["weight"], inputs["bias"], activation)
+            for t in range(9)]
+    assert state is held and all(o.dtype == dtype for o in outs)
+    assert_close(torch.stack(outs, dim=-1).double(), want, tol)
+    assert_close(state.double(), final, tol)
 
 
 def test_low_precision_returns_input_dtype():

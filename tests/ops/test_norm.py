@@ -35,15 +35,17 @@ def test_matches_ref(shape, group_size, block, monkeypatch):
 
 
 @pytest.mark.parametrize("block", [None, 7 * 12])
-def test_without_gradients(block, monkeypatch):
-    """No autograd node: the formula for one block (a decoding step), the blocked forward beyond."""
+@pytest.mark.parametrize("group_size", [12, 4])
+def test_without_gradients(block, group_size, monkeypatch):
+    """No autograd node: F.rms_norm on one block (a decoding step; the weight inside it for one group), the
+    blocked forward beyond."""
     import zoo.ops.norm as norm
     if block is not None:
         monkeypatch.setattr(norm, "_BLOCK_ELEMENTS", block)
     g = torch.Generator().manual_seed(0)
     y, z, weight = (torch.randn(*s, generator=g, dtype=F64) for s in ((2, 37, 12), (2, 37, 12), (12,)))
     with torch.no_grad():
-        assert_close(gated_rms_norm(y, z, weight, 4), gated_rms_norm_ref(y, z, weight, 4), 1e-12)
+        assert_close(gated_rms_norm(y, z, weight, group_size), gated_rms_norm_ref(y, z, weight, group_size), 1e-12)
 
 
 def test_low_precision_returns_input_dtype():

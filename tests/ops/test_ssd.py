@@ -6,7 +6,7 @@ import torch
 
 import zoo.ops.ssd as ssd
 from tests.helpers import assert_close
-from zoo.ops.ssd import ssd_scan, ssd_scan_ref
+from zoo.ops.ssd import ssd_scan, ssd_scan_ref, ssd_state_update
 
 F64 = torch.float64
 TOL = 1e-10
@@ -225,6 +225,41 @@ def test_float32_gradients_keep_float32_precision(A_scale):
     exact = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
     want, _ = outputs_and_grads(lambda **a: ssd_scan(chunk_size=256, **a), exact, dt_softplus=True)
     assert_all_close(got, want, names, tol=1e-5)
+
+
+@pytest.mark.parametrize("heads,groups", HEADS)
+@pytest.mark.parametrize("dt_softplus", [False, True])
+@pytest.mark.parametrize("options", [{}, {"D_per_channel": True}, {"extras": False}])
+@pytest.mark.parametrize("state_dtype,tol", [(F64, TOL), (torch.float32, 1e-5)])
+def test_state_update_steps_match_ref(heads, groups, dt_softplus, options, state_dtype, tol):
+    """ssd_state_update token by token == the loop over time; the state is updated in place (a float32
+    state under float64 inputs: computed in float64, written back in float32)."""
+    inputs = {k: v.detach() for k, v in make_inputs(7, heads, groups, **options).items()}
+    want, final = ssd_scan_ref(**inputs, dt_softplus=dt_softplus, return_final_states=True)
+    state = inputs.pop("initial_states", None)
+    state = (torch.zeros(2, heads, 3, 5, dtype=F64) if state is None else state).to(state_dtype).clone()
+    held, ys = state, []
+    with torch.no_grad():
+        for t in range(7):
+            step = {k: inputs[k][:, t] for k in ("x", "dt", "B", "C", "z") if k in inputs}
+            ys.append(ssd_state_update(state, **step, A=inputs["A"], D=inputs.get("D"),
+                                       dt_bias=inputs.get("dt_bias"), dt_softplus=dt_softplus))
+    assert state is held
+    assert_close(torch.stack(ys, dim=1), want, tol, "y")
+    assert_close(state.double(), final, tol, "state")
+
+
+def test_state_update_of_a_strided_state():
+    """A state that is a non-contiguous view (rows reordered for beams) is still written in place."""
+    inputs = {k: v.detach()[:, 0] if v.dim() > 2 and k != "initial_states" else v.detach()
+              for k, v in make_inputs(1, 4, 2).items()}
+    base = inputs.pop("initial_states").transpose(0, 1).contiguous().transpose(0, 1)   # [b, h, p, n] strided
+    want_state = base.contiguous()
+    y_want = ssd_state_update(want_state, **inputs, dt_softplus=True)
+    y = ssd_state_update(base, **inputs, dt_softplus=True)
+    assert not base.is_contiguous()
+    assert_close(y, y_want, TOL)
+    assert_close(base, want_state, TOL)
 
 
 def test_ref_is_the_recurrence():

@@ -51,7 +51,7 @@ from einops import rearrange
 
 from zoo.ops.dispatch import choose, cuda_kernel
 
-__all__ = ["ssd_scan", "ssd_scan_ref"]
+__all__ = ["ssd_scan", "ssd_scan_ref", "ssd_state_update"]
 
 # Elements of one [chunks, b, h, Q, Q] (or [chunks, b, h, Q, p]) working tensor per group of
 # chunks: 1 Mi, 4 MiB in float32. Measured at h=8, p=n=64, Q=256, 16K tokens, fwd + bwd on CPU:
@@ -135,6 +135,35 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=No
         y = y * F.silu(z.to(acc))
     y = y.to(x.dtype)
     return (y, state) if return_final_states else y
+
+
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False):
+    """One decoding step of the recurrence, as mamba_ssm's `selective_state_update` for Mamba-2 heads:
+    returns y [b, h, p] in x's dtype and updates state [b, h, p, n] IN PLACE (inference: no autograd
+    through the state). x, z [b, h, p]; dt [b, h]; A, dt_bias [h]; B, C [b, g, n]; D [h] or [h, p].
+
+    Per head the decay is one scalar, so exp runs over [b, h] (not the [b, h, p, n] state), and the
+    groups are broadcast through a [b, g, h / g, p, n] view of the state instead of repeated per head:
+    a multiply, a multiply-add and one matrix-vector product per group touch the state."""
+    _check_inputs(x[:, None], dt[:, None], A, B[:, None], C[:, None], 1, D, None if z is None else z[:, None],
+                  dt_bias, state, None)
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    acc = _accumulation_dtype(x.dtype)
+    dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)                          # [b, h]
+    xa = x.to(acc)
+    work = state if state.dtype == acc and state.is_contiguous() else state.to(acc).contiguous()
+    heads = work.view(b, g, h // g, p, n)
+    heads.mul_(torch.exp(dt * A.to(acc)).view(b, g, h // g, 1, 1))
+    heads.addcmul_((xa * dt[..., None]).view(b, g, h // g, p, 1), B.to(acc).view(b, g, 1, 1, n))
+    y = torch.matmul(work.view(b, g, h // g * p, n), C.to(acc).view(b, g, n, 1)).view(b, h, p)
+    if D is not None:
+        y.addcmul_(xa, (D[:, None] if D.dim() == 1 else D).to(acc))
+    if z is not None:
+        y.mul_(F.silu(z.to(acc)))
+    if work is not state:
+        state.copy_(work)
+    return y.to(x.dtype)
 
 
 class _SSDScan(torch.autograd.Function):

@@ -12,10 +12,10 @@ from zoo.blocks.base import Block
 from zoo.blocks.mamba.cache import MambaCache
 from zoo.blocks.mamba.config import Mamba2Config, MambaConfig
 from zoo.blocks.mamba.cp import mamba2_cp, mamba_cp
-from zoo.ops.conv import causal_conv1d
+from zoo.ops.conv import causal_conv1d, causal_conv1d_update
 from zoo.ops.documents import check_block_documents
 from zoo.ops.norm import gated_rms_norm
-from zoo.ops.ssd import ssd_scan
+from zoo.ops.ssd import ssd_scan, ssd_state_update
 from zoo.ops.ssm import selective_scan, selective_scan_step
 from zoo.registry import register_block
 
@@ -136,6 +136,8 @@ class Mamba2Block(_Mixer):
         if cp is not None:
             return mamba2_cp(self, x, cp, cache)
         b, length, _ = x.shape
+        if cache is not None and length == 1 and not torch.is_grad_enabled():
+            return self._decode_step(x, cache)
         h, p, n = self.n_heads, self.cfg.head_dim, self.cfg.d_state
         z, xBC, dt = self._in(x)
         xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx,
@@ -160,6 +162,21 @@ class Mamba2Block(_Mixer):
         if cache is not None:
             cache.ssm = state.to(cache.ssm.dtype)
         return self._out(y, z)
+
+    def _decode_step(self, x, cache):
+        """One token without autograd, the cache's conv and SSM states updated in place: the conv step and
+        the state update as one window product and one per-head decay (zoo.ops.conv.causal_conv1d_update,
+        zoo.ops.ssd.ssd_state_update), no per-step repeat of A, dt and D over head_dim."""
+        b = x.shape[0]
+        g, n = self.cfg.n_groups, self.cfg.d_state
+        z, xBC, dt = self._in(x[:, 0])
+        xBC = causal_conv1d_update(xBC, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        dt, dt_bias, dt_softplus = self._dt(dt)
+        y = ssd_state_update(cache.ssm, xs.reshape(b, self.n_heads, self.cfg.head_dim), dt,
+                             -torch.exp(_float(self.A_log)), B.reshape(b, g, n), C.reshape(b, g, n), self.D,
+                             dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return self._out(y.view(b, 1, self.d_inner), z[:, None])
 
     def _in(self, x):
         """z [b, l, d_inner], xBC [b, l, conv_dim] (before the convolution), dt [b, l, heads]."""
