@@ -235,19 +235,22 @@ class _Segments(torch.autograd.Function):
         skv, vv = skt.view(b, hk, n, S, dk), vt.view(b, hk, n, S, dv)
         cz = skv.sum(3)                                                      # [b, hk, n, dk]
         Mz = q.new_empty(b, hk, n, dk, dv + 1)
-        Mz[..., dv] = _prefix_sums(cz, z0)
-        nd_k = None
+        zb = _prefix_sums(cz, z0)
+        Mz[..., dv] = zb
+        num_k = inv_k = None
         if delta_rule:
-            # nd_k: each fold's retrieval [sigma(K) M | sigma(K) z], kept for the backward
-            nd_k = q.new_empty(b, hk, n, S, dv + 1)
+            # Each fold's correction sigma(K) M / (sigma(K) z): the denominators of every segment at once (z
+            # does not depend on M), the numerators in the ordered loop; both kept for the backward.
+            inv_k = _reciprocal(torch.matmul(skv, zb[..., None]))          # [b, hk, n, S, 1]
+            num_k = q.new_empty(b, hk, n, S, dv)
             M = M0.reshape(b * hk, dk, dv)
             for s in range(n):
-                mz = Mz[:, :, s]
-                mz[..., :dv] = M.view(b, hk, dk, dv)
-                sk_s, mz = skv[:, :, s].reshape(b * hk, S, dk), mz.reshape(b * hk, dk, dv + 1)
-                nd = torch.bmm(sk_s, mz)
-                nd_k[:, :, s] = nd.view(b, hk, S, dv + 1)
-                u = vv[:, :, s].reshape(b * hk, S, dv) - nd[..., :dv] * _reciprocal(nd[..., dv:])
+                Mz[:, :, s, :, :dv] = M.view(b, hk, dk, dv)
+                sk_s = skv[:, :, s].reshape(b * hk, S, dk)
+                num = torch.bmm(sk_s, M)
+                num_k[:, :, s] = num.view(b, hk, S, dv)
+                u = torch.addcmul(vv[:, :, s].reshape(b * hk, S, dv), num, inv_k[:, :, s].reshape(b * hk, S, 1),
+                                  value=-1)
                 M = torch.baddbmm(M, sk_s.transpose(1, 2), u)
             M = M.view(b, hk, dk, dv)
         else:
@@ -279,13 +282,13 @@ class _Segments(torch.autograd.Function):
                 o = out_t[gi, ti]
                 torch.mul(nd[..., :dv].view(b, hk, n, c, dv), inv.view(b, hk, n, c, 1) * w_on, out=o)
                 o.addcmul_(olt[gi, ti].view(b, hk, n, c, dv), w_off)
-        ctx.save_for_backward(qlt, klt, vt, sqt, skt, olt, inv_t, Mz, nd_k, w, cos, sin, *probs)
+        ctx.save_for_backward(qlt, klt, vt, sqt, skt, olt, inv_t, Mz, num_k, inv_k, w, cos, sin, *probs)
         ctx.shape = (b, length, h, hk, dk, dv, S, c, scale, delta_rule)
         return out, M, z
 
     @staticmethod
     def backward(ctx, dout, dM_end, dz_end):
-        qlt, klt, vt, sqt, skt, olt, inv_t, Mz, nd_k, w, cos, sin, *probs = ctx.saved_tensors
+        qlt, klt, vt, sqt, skt, olt, inv_t, Mz, num_k, inv_k, w, cos, sin, *probs = ctx.saved_tensors
         b, length, h, hk, dk, dv, S, c, scale, delta_rule = ctx.shape
         g, n, nt = h // hk, length // S, S // c
         N = b * hk * n
@@ -332,25 +335,26 @@ class _Segments(torch.autograd.Function):
         dM_end = torch.zeros_like(Mz[:, :, 0, :, :dv]) if dM_end is None else dM_end
         dz_end = torch.zeros_like(Mz[:, :, 0, :, dv]) if dz_end is None else dz_end
         if delta_rule:
-            dskv = torch.empty_like(skv)
-            dvv = torch.empty_like(vv)
-            G = dM_end.reshape(b * hk, dk, dv)
+            dskv, dvv = torch.empty_like(skv), torch.empty_like(vv)
+            d_den_k = torch.empty_like(inv_k)
+            inv2_k = inv_k.square()
+            G = dM_end.reshape(b * hk, dk, dv)        # the gradient of the memory after segment s
             for s in reversed(range(n)):
-                sk_s, mz = skv[:, :, s].reshape(b * hk, S, dk), Mz[:, :, s].reshape(b * hk, dk, dv + 1)
-                nd = nd_k[:, :, s].reshape(b * hk, S, dv + 1)
-                inv = _reciprocal(nd[..., dv:])
-                u = vv[:, :, s].reshape(b * hk, S, dv) - nd[..., :dv] * inv
+                sk_s = skv[:, :, s].reshape(b * hk, S, dk)
+                num, inv = num_k[:, :, s].reshape(b * hk, S, dv), inv_k[:, :, s].reshape(b * hk, S, 1)
+                M_s, z_s = Mz[:, :, s, :, :dv].reshape(b * hk, dk, dv), Mz[:, :, s, :, dv].reshape(b * hk, 1, dk)
+                u = torch.addcmul(vv[:, :, s].reshape(b * hk, S, dv), num, inv, value=-1)
                 du = torch.bmm(sk_s, G)
                 dvv[:, :, s] = du.view(b, hk, S, dv)
-                e = (du * nd[..., :dv]).sum(-1, keepdim=True)
                 # the write u = v - num * inv: d num = -du * inv, d den = rowsum(du * num) * inv^2
-                dnd = torch.cat([du * -inv, e * inv.square()], -1)
-                dsk = torch.bmm(u, G.transpose(1, 2)).baddbmm_(dnd, mz.transpose(1, 2))
+                d_num = torch.mul(du, inv).neg_()
+                d_den = (du * num).sum(-1, keepdim=True).mul_(inv2_k[:, :, s].reshape(b * hk, S, 1))
+                d_den_k[:, :, s] = d_den.view(b, hk, S, 1)
+                dsk = torch.bmm(u, G.transpose(1, 2)).baddbmm_(d_num, M_s.transpose(1, 2)).addcmul_(d_den, z_s)
                 dskv[:, :, s] = dsk.view(b, hk, S, dk)
-                dmz_s = torch.bmm(sk_s.transpose(1, 2), dnd).view(b, hk, dk, dv + 1)
-                dmz[:, :, s] += dmz_s
-                G = G + dmz[:, :, s, :, :dv].reshape(b * hk, dk, dv)
+                G = torch.baddbmm(G + dmz[:, :, s, :, :dv].reshape(b * hk, dk, dv), sk_s.transpose(1, 2), d_num)
             dM0 = G.view(b, hk, dk, dv)
+            dmz[..., dv] += torch.matmul(d_den_k.transpose(-1, -2), skv).squeeze(3)   # the folds' use of z
         else:
             # M before segment s = M0 + sum_{s' < s} sigma(K_s')^T V_s': each segment's fold feeds every later one.
             G = _prefix_sums(dmz[..., :dv], dM_end, reverse=True)
