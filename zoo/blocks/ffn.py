@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo.blocks.moe import MoeFeedForward, check_moe_fields
+from zoo.ops.swiglu import swiglu
 from zoo.registry import unknown_name_message
 
 FFN_TYPES = ("mlp", "moe", "none", "relu2", "swiglu")
@@ -71,7 +72,7 @@ class FeedForward(nn.Module):
 
     def _ffn(self, x):
         if self.gated:
-            return self.out_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.out_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         if self.cfg.type == "relu2":
             return self.out_proj(F.relu(self.up_proj(x)).square())
         return self.out_proj(F.gelu(self.up_proj(x), approximate="tanh"))
