@@ -1,5 +1,5 @@
-"""Per-rank memory of the context-parallel paths of swa, taipan, mamba, mamba2, infini and selective:
-does what a rank holds fall as 1/W?
+"""Per-rank memory of the context-parallel paths of swa, taipan, mamba, mamba2, infini, selective and
+blockwise (ring attention): does what a rank holds fall as 1/W?
 
 Each block alone, CPU float32, batch 1, the zigzag layout over W gloo processes (fresh ones for every
 measurement), one torch thread each. After a warm-up step, per rank:
@@ -34,6 +34,7 @@ BLOCKS = {
     "infini": dict(n_heads=4, segment_len=256),
     "infini-linear": dict(n_heads=4, segment_len=256, delta_rule=False),
     "selective": dict(n_heads=4, block_size=128),
+    "blockwise": dict(n_heads=4, block_size=512),
 }
 
 

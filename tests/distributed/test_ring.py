@@ -61,3 +61,14 @@ def test_wrong_shard_length_is_named():
     q = torch.zeros(1, 4, 2, 4)
     with pytest.raises(ValueError, match="q: rank 0 holds 5 tokens of 10 in layout 'zigzag' over W=2, got length 4"):
         ring_attention(q, q, q, cp)
+
+
+def test_second_backward_is_refused():
+    # The backward releases the local K/V once it has passed it on: a second backward through the
+    # same graph would find it gone, and says so (W = 1 runs in process: no messages).
+    cp = ContextParallel(None, "zigzag", 0, 1, 6)
+    q, k, v = (torch.randn(1, 6, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = ring_attention(q, k, v, cp, block_size=2)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.sum().backward()
