@@ -104,11 +104,16 @@ def plot_mqar(results: dict, path: Path, title: str = "") -> Optional[Path]:
 
 
 def mqar_finding(results: dict) -> Optional[str]:
-    """Per kv count at the widest width: the best recipe and which others its seed range separates from."""
+    """Per kv count at the widest width that two recipes reached (a sweep may be partial): the best recipe and
+    which others its seed range separates from."""
     points = mqar_points(results)
     if not points:
         return None
     recipes, widths, kvs = _axes(points)
+    shared = [w for w in widths if len({r for r, w2, _ in points if w2 == w}) > 1]
+    if not shared:
+        return None
+    widths = shared
     parts = []
     for kv in kvs:
         got = {r: points[(r, w, kv)] for r in recipes for w in widths[-1:] if (r, w, kv) in points}

@@ -142,6 +142,9 @@ def test_mqar_table_and_finding_rank_only_separated_recipes():
     assert finding.startswith("MQAR at d_model 64")
     assert "4 pairs: ssm 92%, above attn 35%" in finding
     assert "16 pairs: attn 62% (not separated from ssm)" in finding
+    # a partial sweep: the widest width only one recipe reached is passed over for the widest two reached
+    res["mqar"]["runs"].append(_run("ssm", 128, 0, {4: 1.0, 16: 1.0}))
+    assert mqar_finding(res).startswith("MQAR at d_model 64")
 
 
 def test_passkey_finding_names_the_fine_tune_and_the_best_at_the_longest():
