@@ -224,12 +224,16 @@ def test_bad_inputs_raise():
 TILED_SHAPES = [(37, 8), (24, 12), (23, 10), (16, 16)]
 
 
+@pytest.mark.parametrize("keep_probs", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(3, 3), (4, 2), (6, 2)])
 @pytest.mark.parametrize("length,segment_len", TILED_SHAPES)
 @pytest.mark.parametrize("delta_rule", [True, False])
 @pytest.mark.parametrize("with_memory", [False, True])
-def test_tiled_segments_match_ref(monkeypatch, length, segment_len, heads, kv_heads, delta_rule, with_memory):
+def test_tiled_segments_match_ref(monkeypatch, length, segment_len, heads, kv_heads, delta_rule, with_memory,
+                                  keep_probs):
+    # keep_probs False: the probabilities recomputed in the backward from each row's log-sum-exp
     monkeypatch.setattr(infini, "_TILE", 4)
+    monkeypatch.setattr(infini, "_KEEP_PROBS", 10**9 if keep_probs else 0)
     x = make_inputs(length, heads, kv_heads, local=True, batch=2)
     memory = make_memory(2, kv_heads) if with_memory else None
     kw = dict(segment_len=segment_len, delta_rule=delta_rule)

@@ -181,6 +181,10 @@ def _aligned_segments_triton(q, k, v, q_local, k_local, w, M, z, scale, segment_
 # x 64, local attention fwd + bwd alone): at segment 512, 163 ms with tiles of 64, 166 ms with 128,
 # 241 ms for SDPA's flash kernel; at segment 128, 69 / 77 / 74 ms.
 _TILE = 64
+# Segments up to this length keep their local attention's probabilities for the backward (about
+# segment_len / 2 floats per query and head: 37 MiB at 8K tokens, 4 heads, segment 512); longer ones
+# keep one log-sum-exp per row and recompute the probabilities (one more product per tile).
+_KEEP_PROBS = 512
 
 
 def _tile_rows(segment_len: int) -> int:
@@ -266,15 +270,21 @@ class _Segments(torch.autograd.Function):
         mzf = Mz.view(N, dk, dv + 1)
         wt = w.view(hk, g).t()
         causal = torch.full((c, c), -math.inf, dtype=q.dtype, device=q.device).triu(1)
-        probs = []
+        keep = S <= _KEEP_PROBS
+        probs = []    # per tile: the probabilities (keep) or their rows' log-sum-exp
         for gi in range(g):
             w_on, w_off = wt[gi].view(1, hk, 1, 1, 1), (1 - wt[gi]).view(1, hk, 1, 1, 1)
             for ti in range(nt):
                 j = (ti + 1) * c
                 s = torch.bmm(qlt[gi, ti], klt[:, :j].transpose(1, 2))
                 s[:, :, j - c:] += causal
-                p = torch.softmax(s, -1)
-                probs.append(p)
+                if keep:
+                    p = torch.softmax(s, -1)
+                    probs.append(p)
+                else:
+                    lse = torch.logsumexp(s, -1, keepdim=True)
+                    p = s.sub_(lse).exp_()
+                    probs.append(lse)
                 torch.bmm(p, vt[:, :j], out=olt[gi, ti])
                 nd = torch.bmm(sqt[gi, ti], mzf)
                 inv = inv_t[gi, ti]
@@ -283,15 +293,16 @@ class _Segments(torch.autograd.Function):
                 torch.mul(nd[..., :dv].view(b, hk, n, c, dv), inv.view(b, hk, n, c, 1) * w_on, out=o)
                 o.addcmul_(olt[gi, ti].view(b, hk, n, c, dv), w_off)
         ctx.save_for_backward(qlt, klt, vt, sqt, skt, olt, inv_t, Mz, num_k, inv_k, w, cos, sin, *probs)
-        ctx.shape = (b, length, h, hk, dk, dv, S, c, scale, delta_rule)
+        ctx.shape = (b, length, h, hk, dk, dv, S, c, scale, delta_rule, keep)
         return out, M, z
 
     @staticmethod
     def backward(ctx, dout, dM_end, dz_end):
         qlt, klt, vt, sqt, skt, olt, inv_t, Mz, num_k, inv_k, w, cos, sin, *probs = ctx.saved_tensors
-        b, length, h, hk, dk, dv, S, c, scale, delta_rule = ctx.shape
+        b, length, h, hk, dk, dv, S, c, scale, delta_rule, keep = ctx.shape
         g, n, nt = h // hk, length // S, S // c
         N = b * hk * n
+        causal = None if keep else torch.full((c, c), -math.inf, dtype=qlt.dtype, device=qlt.device).triu(1)
         do_t = _query_tiles_view(dout.contiguous(), hk, S, c)
         mzf = Mz.view(N, dk, dv + 1)
         wt = w.view(hk, g).t()
@@ -311,6 +322,10 @@ class _Segments(torch.autograd.Function):
                 # local attention, its output scaled by 1 - w
                 dol = do * w_off
                 p = probs[gi * nt + ti]
+                if not keep:   # recomputed from the scores and their log-sum-exp
+                    s = torch.bmm(qlt[gi, ti], klt[:, :j].transpose(1, 2))
+                    s[:, :, j - c:] += causal
+                    p = s.sub_(p).exp_()
                 ds = torch.baddbmm(d_local * w_off, dol, vt[:, :j].transpose(1, 2), beta=-1).mul_(p)
                 torch.bmm(ds, klt[:, :j], out=dqlt[gi, ti])
                 if dklt is None:   # the first tile visited is a last one: it reaches every key
