@@ -15,6 +15,7 @@ ones; `--retrain` starts them over. Ends with one machine-readable `summary:` li
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import zoo
 from evals.commands import compare   # the sizing is the comparison's own
 from evals.compression import compression_bpb
 from zoo.data import DataError
-from zoo.train.checkpoint import CheckpointError, save_checkpoint
+from zoo.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from zoo.train.run_dir import RunDirError
 from zoo.train.trainer import Trainer, TrainingError, prepared_data
 
@@ -111,17 +112,22 @@ def curve(run_dir: Path) -> list:
     return rows
 
 
-def ship(trainer, recipe, dest: Path, dtype) -> tuple:
-    """Write the model's weights rounded to `dtype` as dest's checkpoint; returns (path, val loss, val bpb) of
-    the rounded weights, evaluated on the trainer's validation batches."""
+def ship(trainer, recipe, dest: Path, dtype, step=None) -> tuple:
+    """Write the model's weights rounded to `dtype` as dest's checkpoint (named `step`, default the trainer's),
+    replacing what dest shipped before (its weights stay in the run directories that made them); returns (path,
+    val loss, val bpb) of the rounded weights, evaluated on the trainer's validation batches."""
     model = trainer.model
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(state[k].to(v.dtype))   # evaluate what is shipped, not the float32 original
     loss, bpb = trainer.evaluate()
-    path = save_checkpoint(dest / "checkpoints", trainer.step, state, trainer.recipe,
+    path = save_checkpoint(dest / "checkpoints", trainer.step if step is None else step, state, trainer.recipe,
                            info={"dtype": str(dtype).removeprefix("torch."), "tokens": trainer.tokens}, keep_last=1)
+    # keep_last prunes by step number: an older shipment numbered higher (another stage count) would outlive this one
+    for old in list_checkpoints(dest / "checkpoints"):
+        if old.resolve() != Path(path).resolve():
+            shutil.rmtree(old)
     return path, loss, bpb
 
 

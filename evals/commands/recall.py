@@ -195,7 +195,7 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     seq_len = args.seq_len[-1]
     tok = None if trainer.recipe.train.tokenizer == "byte" else load_tokenizer(trainer.recipe.train.tokenizer)
     dest = Path(args.out) / name
-    path, val_loss, _ = ship(trainer, trainer.recipe, dest, DTYPES[args.dtype])
+    path, val_loss, _ = ship(trainer, trainer.recipe, dest, DTYPES[args.dtype], step=sum(args.steps))
     lengths = [f * seq_len for f in args.factors]
     say(f"{name}: passkey accuracy at {lengths} ...")
     grid = passkey_grid(trainer.model, lengths, args.depths, args.trials, tokenizer=tok)

@@ -67,6 +67,9 @@ def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp
     assert (card["seq_len"], card["steps"], card["eval"]["lengths"]) == (300, 5, [300, 600])
     assert "3 steps of 2 x 280 tokens, then 2 steps of 2 x 300 tokens" in (out / "tiny-cli" / "MODEL_CARD.md").read_text()
     assert (out / "runs" / "tiny-cli-stage2" / "checkpoints").is_dir()
+    # the shipment replaced the one-stage one: named by the total steps, the only checkpoint left
+    assert card["checkpoint"] == "checkpoints/step-00000005"
+    assert [p.name for p in (out / "tiny-cli" / "checkpoints").iterdir()] == ["step-00000005"]
 
 
 def test_passkey_errors_are_one_line(shipped_lm, tmp_path, capsys):
