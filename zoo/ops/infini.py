@@ -205,15 +205,18 @@ class _Segments(torch.autograd.Function):
     tile, d] (g = h / hk query heads per kv head): for each (group member, tile) the rows are one
     [N, tile, d] block. A query tile i reads the keys [0, (i + 1) tile) of its segment: one product,
     the causal mask on its last tile x tile block only, a plain softmax over whole rows (no online
-    rescaling: every visible key is in the product). The probabilities are kept for the backward
-    (tile x (i + 1) tile per tile: about S / 2 floats per query and head), which then needs no
-    recomputation and no log-sum-exp.
+    rescaling: every visible key is in the product). Up to `_KEEP_PROBS` the probabilities are kept for
+    the backward (tile x (i + 1) tile per tile: about S / 2 floats per query and head), which then
+    needs no recomputation; longer segments keep each row's log-sum-exp and recompute them.
 
     Memory. z before each segment is a prefix sum; M before each segment is one too (linear update)
     or comes from an ordered loop of two products per segment (delta rule). The value column z rides
     beside M ([M | z], dk x (dv + 1)), so retrieval is one product per tile giving numerator and
-    denominator. The backward walks the same chain in reverse, recomputing each fold's retrieval.
-    sigma'(x) = min(sigma(x), 1) for sigma = ELU + 1, so sigma(q), sigma(k) are all that is saved."""
+    denominator. The delta rule's folds keep their retrieval (numerators and reciprocals) for the
+    backward, which walks the same chain in reverse. sigma'(x) = min(sigma(x), 1) for sigma = ELU + 1,
+    so sigma(q), sigma(k) are all that is saved of the memory path's inputs. With `cos`, `sin` (RoPE
+    half tables) q and k are rotated on their way into the local path's tiles, and the backward rotates
+    that path's gradient back (by -angle) into the same dq, dk."""
 
     @staticmethod
     def forward(ctx, q, k, v, q_local, k_local, cos, sin, w, M0, z0, segment_len, scale, delta_rule):
