@@ -135,21 +135,28 @@ def mqar_finding(results: dict) -> Optional[str]:
 
 
 def passkey_finding(results: dict) -> Optional[str]:
-    """Per recipe with passkey cells, the mean accuracy at each prompt length; the best at the longest."""
+    """Per recipe, the mean accuracy at each prompt length: as multiples of its fine-tune's length when the
+    cells come from fine-tunes (each recipe its own length), else at the lengths; the best at 4x (the
+    issue's goal) or, without it, at the longest."""
     pk = cells(results, "passkey")
     if not pk:
         return None
-    by = {}
+    by, tuned = {}, {}
     for c in pk:
-        by.setdefault(c["recipe"], {})[c["context"]] = sum(c["accuracy"]) / len(c["accuracy"])
-    lengths = sorted({c["context"] for c in pk})
-    tuned = {c.get("finetune_len") for c in pk} - {None}
-    head = (f"Passkey after a fine-tune at {', '.join(map(str, sorted(tuned)))} tokens"
-            if tuned else "Passkey (no fine-tune)")
-    rows = "; ".join(f"{r} " + "/".join(f"{100 * acc[n]:.0f}%" if n in acc else "-" for n in lengths)
-                     for r, acc in by.items())
-    longest = {r: acc[lengths[-1]] for r, acc in by.items() if lengths[-1] in acc}
-    best = max(longest, key=longest.get) if longest else None
-    tail = (f"; best at {lengths[-1]}: {best} {100 * longest[best]:.0f}%" if best is not None
-            and longest[best] > 0 else f"; none retrieves at {lengths[-1]}")
-    return f"{head}, accuracy at {'/'.join(map(str, lengths))} tokens: {rows}{tail}."
+        scale = c.get("finetune_len")
+        if scale:
+            tuned[c["recipe"]] = scale
+        key = c["context"] / scale if scale else c["context"]
+        by.setdefault(c["recipe"], {})[key] = sum(c["accuracy"]) / len(c["accuracy"])
+    keys = sorted({k for acc in by.values() for k in acc})
+    label = (lambda k: f"{k:g}x") if tuned else str
+    rows = "; ".join(f"{r}" + (f" (fine-tuned at {tuned[r]:,})" if r in tuned else "") + " "
+                     + "/".join(f"{100 * acc[k]:.0f}%" if k in acc else "-" for k in keys) for r, acc in by.items())
+    head = ("Passkey after a fine-tune, accuracy at " if tuned else "Passkey (no fine-tune), accuracy at ") + \
+        "/".join(map(label, keys)) + (" its length" if tuned else " tokens")
+    at = 4 if tuned and 4 in keys else keys[-1]
+    got = {r: acc[at] for r, acc in by.items() if at in acc}
+    best = max(got, key=got.get) if got else None
+    tail = (f"; best at {label(at)}: {best} {100 * got[best]:.0f}%" if best is not None and got[best] > 0
+            else f"; none retrieves at {label(at)}")
+    return f"{head}: {rows}{tail}."

@@ -184,7 +184,7 @@ def test_passkey_from_fine_tunes_and_mqar_results(setup, capsys, tmp_path):
     assert len(results["mqar"]["runs"]) == 4 and results["mqar"]["source"] == str(sweep)
     report = (out / "report.md").read_text()
     assert "## Multi-query associative recall (MQAR)" in report and "The passkey fine-tunes" in report
-    assert "MQAR at d_model 32" in report and "Passkey after a fine-tune at 280 tokens" in report
+    assert "MQAR at d_model 32" in report and "tiny-attn (fine-tuned at 280)" in report
     assert (out / "mqar.png").stat().st_size > 1000
     assert compare.main(args(root, paths) + quick + ["--passkey-from", str(tmp_path / "nowhere")]) == 2
     assert "--passkey-from:" in capsys.readouterr().err

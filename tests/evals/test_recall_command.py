@@ -150,22 +150,18 @@ def test_mqar_table_and_finding_rank_only_separated_recipes():
     assert mqar_finding(res).startswith("MQAR at d_model 64")
 
 
-def test_passkey_finding_names_the_fine_tune_and_the_best_at_the_longest():
-    def cell(recipe, context, acc):
+def test_passkey_finding_names_the_fine_tune_and_the_best_at_4x():
+    def cell(recipe, context, acc, tuned=512):
         return {"recipe": recipe, "eval": "passkey", "scheme": "greedy", "context": context, "accuracy": acc,
-                "finetune_len": 512}
-    res = {"cells": {str(i): c for i, c in enumerate([cell("a", 512, [1, 1]), cell("a", 2048, [1, 0.5]),
-                                                       cell("b", 512, [1, 0]), cell("b", 2048, [0, 0])])}}
-    assert passkey_finding(res) == ("Passkey after a fine-tune at 512 tokens, accuracy at 512/2048 tokens: "
-                                    "a 100%/75%; b 50%/0%; best at 2048: a 75%.")
+                "finetune_len": tuned}
+    res = {"cells": {str(i): c for i, c in enumerate([
+        cell("a", 512, [1, 1]), cell("a", 2048, [1, 0.5]), cell("a", 8192, [0, 0]),
+        cell("b", 1024, [1, 0], 1024), cell("b", 4096, [1, 1], 1024)])}}
+    assert passkey_finding(res) == ("Passkey after a fine-tune, accuracy at 1x/4x/16x its length: a (fine-tuned at "
+                                    "512) 100%/75%/0%; b (fine-tuned at 1,024) 50%/100%/-; best at 4x: b 100%.")
     for c in res["cells"].values():
         c["accuracy"] = [0, 0]
         c.pop("finetune_len")
-    assert passkey_finding(res).endswith("none retrieves at 2048.") and passkey_finding(res).startswith("Passkey (no")
-
-
-def test_passkey_lengths_follow_each_fine_tune():
-    args = compare.parse_args(["x", "--passkey-factors", "1,4,16", "--passkey-lengths", "256,1024"])
-    assert compare.passkey_lengths(args, {"finetune_len": 320}) == [320, 1280, 5120]
-    assert compare.passkey_lengths(args, None) == [256, 1024]   # no fine-tune: the given lengths
-    assert compare.passkey_lengths(compare.parse_args(["x"]), {"finetune_len": 320}) == [256, 1024]
+    found = passkey_finding(res)
+    assert found.startswith("Passkey (no fine-tune), accuracy at 512/1024/2048/4096/8192 tokens")
+    assert found.endswith("none retrieves at 8192.")
