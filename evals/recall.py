@@ -24,7 +24,7 @@ import torch
 from zoo.config import Recipe, load_recipe
 from zoo.data.synthetic import MQARData, passkey_trials
 from zoo.data.packing import IGNORE_INDEX
-from zoo.train.trainer import Trainer
+from zoo.train.trainer import Trainer, TrainingError
 
 
 @torch.no_grad()
@@ -126,6 +126,9 @@ def mqar_eval(recipe, budget_steps: int, seq_len: int, num_kv_pairs, num_queries
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(rec, data, out_dir or tmp, device=device, progress=False, log=lambda s: None)
         result = trainer.train()
+    if result.stopped:   # a SIGTERM / Ctrl-C mid-run: a model short of its budget is not a result
+        raise TrainingError(f"mqar: stopped by {result.stopped} at step {result.step} of {budget_steps}; the run is "
+                            "not recorded (rerun to continue the sweep)")
     seconds = time.perf_counter() - start
     by_kv = {}
     for kv in data.counts:

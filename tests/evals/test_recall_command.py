@@ -165,3 +165,21 @@ def test_passkey_finding_names_the_fine_tune_and_the_best_at_4x():
     found = passkey_finding(res)
     assert found.startswith("Passkey (no fine-tune), accuracy at 512/1024/2048/4096/8192 tokens")
     assert found.endswith("none retrieves at 8192.")
+
+
+def test_a_stopped_mqar_run_is_not_recorded(tmp_path, monkeypatch, capsys):
+    from zoo.train import trainer as trainer_module
+    real = trainer_module.Trainer.train
+
+    def stopped(self):
+        result = real(self)
+        result.stopped = "SIGTERM"
+        return result
+    monkeypatch.setattr(trainer_module.Trainer, "train", stopped)
+    recipe = tmp_path / "hybrid.yaml"
+    OmegaConf.save(OmegaConf.create(TINY_HYBRID), recipe)
+    assert recall.main(["mqar", str(recipe), "--widths", "16", "--kv-pairs", "2", "--seeds", "0", "--steps", "2",
+                        "--seq-len", "24", "--vocab", "32", "--batch-size", "4", "--out", str(tmp_path / "m")]) == 2
+    assert "stopped by SIGTERM at step 2 of 2; the run is not recorded" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "results.json").exists() or not json.loads(
+        (tmp_path / "m" / "results.json").read_text())["runs"]
