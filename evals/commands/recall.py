@@ -51,6 +51,14 @@ def seed_list(text: str) -> list:
     return seeds
 
 
+def loss_list(text: str) -> list:
+    losses = [v.strip() for v in text.split(",")]
+    bad = [v for v in losses if v not in PasskeyData.LOSSES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(PasskeyData.LOSSES)}")
+    return losses
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="zoo recall", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,10 +78,10 @@ def parse_args(argv):
     pk.add_argument("--seq-len", type=compare.int_list, default=[320],
                     help="prompt length per stage (tokens, answer included); the last is the fine-tuning length")
     pk.add_argument("--batch-size", type=compare.int_list, default=[16], help="per stage, or one for all")
-    pk.add_argument("--lr", type=float, default=3e-3)
-    pk.add_argument("--loss", choices=PasskeyData.LOSSES, default="lm",
-                    help="lm: every token (the needle's own key repeat teaches copying at short range); "
-                         "answer: the answer tokens only")
+    pk.add_argument("--lr", type=compare.float_list, default=[3e-3], help="per stage, or one for all")
+    pk.add_argument("--loss", type=loss_list, default=["lm"],
+                    help="per stage, or one for all. lm: every token (the needle's own key repeat teaches copying "
+                         "at short range); answer: the answer tokens only (all the gradient on the long copy)")
     pk.add_argument("--factors", type=compare.int_list, default=[1, 4, 16],
                     help="evaluate at these multiples of --seq-len")
     pk.add_argument("--depths", type=compare.float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -96,11 +104,13 @@ def parse_args(argv):
     if args.task == "passkey":
         if args.trials < 1:
             ap.error("--trials: a positive integer")
-        if len(args.batch_size) == 1:
-            args.batch_size = args.batch_size * len(args.seq_len)
-        if not len(args.steps) == len(args.seq_len) == len(args.batch_size):
-            ap.error(f"--steps, --seq-len, --batch-size: one value per stage, got {len(args.steps)}, "
-                     f"{len(args.seq_len)} and {len(args.batch_size)}")
+        for field in ("batch_size", "lr", "loss"):   # one value stands for every stage
+            if len(getattr(args, field)) == 1:
+                setattr(args, field, getattr(args, field) * len(args.seq_len))
+        counts = [len(getattr(args, f)) for f in ("steps", "seq_len", "batch_size", "lr", "loss")]
+        if len(set(counts)) != 1:
+            ap.error("--steps, --seq-len, --batch-size, --lr, --loss: one value per stage (or one for all of the "
+                     f"last three), got {', '.join(map(str, counts))}")
     if args.task == "mqar" and (args.steps < 1 or args.layers < 1 or args.batch_size < 1):
         ap.error("--steps, --layers, --batch-size: positive integers")
     return args
@@ -132,9 +142,9 @@ def passkey_card_text(card: dict) -> str:
     lines = [f"# {card['recipe']} passkey fine-tune (zoo recall)", "",
              f"- command: `{card['command']}` (commit {card['commit']})",
              f"- from: {card['from']} (the shipped LM, {card['params']:,} parameters); weights shipped as {card['dtype']}",
-             "- fine-tuned: " + ", then ".join(f"{st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens"
-                                               for st in stages(card)) +
-             f"; loss {card['loss']}, lr {card['lr']}, seed {card['seed']}",
+             "- fine-tuned: " + ", then ".join(f"{st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens "
+                                               f"(loss {st['loss']}, lr {st['lr']})" for st in stages(card)) +
+             f"; seed {card['seed']}",
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
              f"({card['threads']} thread{'s' if card['threads'] != 1 else ''})",
              f"- answer loss on held-out prompts: {card['val_loss']:.4f} nats/token (chance for a digit: ln 10 = 2.3026)",
@@ -149,12 +159,15 @@ def passkey_card_text(card: dict) -> str:
 
 
 def stages(card: dict) -> list:
-    """[{seq_len, steps, batch_size}] of a card (a card of one stage, before curricula, has them at the top)."""
-    return card.get("stages") or [{k: card[k] for k in ("seq_len", "steps", "batch_size")}]
+    """[{seq_len, steps, batch_size, lr, loss}] of a card. Older cards keep some at the top: a card of one stage
+    (before curricula) all of them, a card before per-stage losses its one lr and loss."""
+    keys = ("seq_len", "steps", "batch_size", "lr", "loss")
+    return [{k: st.get(k, card.get(k)) for k in keys} for st in card.get("stages") or [card]]
 
 
 def asked_stages(args) -> list:
-    return [{"seq_len": n, "steps": k, "batch_size": b} for n, k, b in zip(args.seq_len, args.steps, args.batch_size)]
+    return [{"seq_len": n, "steps": k, "batch_size": b, "lr": lr, "loss": loss}
+            for n, k, b, lr, loss in zip(args.seq_len, args.steps, args.batch_size, args.lr, args.loss)]
 
 
 def stage_run_dir(out: Path, name: str, i: int) -> Path:
@@ -168,11 +181,11 @@ def train_stage(name: str, i: int, start, recipe, args, say):
     steps = st["steps"]
     recipe = zoo.load_recipe(recipe.to_dict(), [
         *split_overrides(args.overrides, name), f"train.max_steps={steps}", f"train.seq_len={st['seq_len']}",
-        f"train.batch_size={st['batch_size']}", f"train.lr={args.lr}", f"train.warmup_steps={max(1, steps // 10)}",
+        f"train.batch_size={st['batch_size']}", f"train.lr={st['lr']}", f"train.warmup_steps={max(1, steps // 10)}",
         f"train.eval_every={max(1, steps // 4)}", f"train.save_every={max(1, steps // 4)}", "train.keep_last=1",
         "train.eval_batches=2", "train.grad_accum=1", f"train.log_every={max(1, steps // 20)}"])
     tok = recipe.train.tokenizer
-    data = PasskeyData(None if tok == "byte" else load_tokenizer(tok), seed=recipe.train.seed, loss=args.loss)
+    data = PasskeyData(None if tok == "byte" else load_tokenizer(tok), seed=recipe.train.seed, loss=st["loss"])
     run_dir = stage_run_dir(Path(args.out), name, i)
     resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -202,8 +215,9 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
     card = {"recipe": name, "command": "zoo recall " + " ".join(argv), "commit": commit(), "from": str(ckpt),
             "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
-            "batch_size": args.batch_size[-1], "seq_len": seq_len, "stages": asked_stages(args), "lr": args.lr,
-            "loss": args.loss, "seed": trainer.recipe.train.seed, "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
+            "batch_size": args.batch_size[-1], "seq_len": seq_len, "stages": asked_stages(args),
+            "lr": args.lr[-1], "loss": args.loss[-1], "seed": trainer.recipe.train.seed,
+            "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
             "wall_seconds": round(wall_s, 1), "val_loss": round(val_loss, 4),
             "checkpoint": str(path.relative_to(dest)), "eval": grid}
     write_json(dest / "card.json", card)

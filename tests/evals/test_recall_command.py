@@ -57,19 +57,44 @@ def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp
         card["checkpoint"])
     assert compare.passkey_checkpoint(out, "other") is None
     # a curriculum that starts with the shipped stage resumes it and trains only the new one
-    staged = argv[:argv.index("--steps")] + ["--steps", "3,2", "--seq-len", "280,300", "--batch-size", "2"] + \
+    staged = argv[:argv.index("--steps")] + ["--steps", "3,2", "--seq-len", "280,300", "--batch-size", "2",
+                                             "--loss", "lm,answer", "--lr", "3e-3,1e-3"] + \
         argv[argv.index("--batch-size") + 2:]
     assert recall.main(staged) == 0
     log = capsys.readouterr().out
     assert "stage 2, 2 steps of 2 x 300 tokens" in log and "fine-tuned already" not in log
     card = json.loads((out / "tiny-cli" / "card.json").read_text())
-    assert card["stages"] == [{"seq_len": 280, "steps": 3, "batch_size": 2}, {"seq_len": 300, "steps": 2, "batch_size": 2}]
+    assert card["stages"] == [{"seq_len": 280, "steps": 3, "batch_size": 2, "lr": 3e-3, "loss": "lm"},
+                              {"seq_len": 300, "steps": 2, "batch_size": 2, "lr": 1e-3, "loss": "answer"}]
     assert (card["seq_len"], card["steps"], card["eval"]["lengths"]) == (300, 5, [300, 600])
-    assert "3 steps of 2 x 280 tokens, then 2 steps of 2 x 300 tokens" in (out / "tiny-cli" / "MODEL_CARD.md").read_text()
+    assert ("3 steps of 2 x 280 tokens (loss lm, lr 0.003), then 2 steps of 2 x 300 tokens (loss answer, lr 0.001)"
+            in (out / "tiny-cli" / "MODEL_CARD.md").read_text())
     assert (out / "runs" / "tiny-cli-stage2" / "checkpoints").is_dir()
     # the shipment replaced the one-stage one: named by the total steps, the only checkpoint left
     assert card["checkpoint"] == "checkpoints/step-00000005"
     assert [p.name for p in (out / "tiny-cli" / "checkpoints").iterdir()] == ["step-00000005"]
+
+
+def test_passkey_stages_of_older_cards_and_per_stage_options():
+    # cards written before curricula, and before per-stage losses, compare equal to the same stages asked today
+    one = {"seq_len": 320, "steps": 800, "batch_size": 16, "lr": 2e-3, "loss": "lm"}
+    assert recall.stages(dict(one)) == [one]
+    two = {"stages": [{"seq_len": 320, "steps": 800, "batch_size": 16}, {"seq_len": 1024, "steps": 200, "batch_size": 8}],
+           "lr": 2e-3, "loss": "lm"}
+    args = recall.parse_args(["passkey", "m", "--steps", "800,200", "--seq-len", "320,1024", "--batch-size", "16,8",
+                              "--lr", "2e-3"])
+    assert recall.stages(two) == recall.asked_stages(args)
+    args = recall.parse_args(["passkey", "m", "--steps", "1,2,3", "--seq-len", "4,5,6", "--loss", "lm,lm,answer"])
+    assert [st["loss"] for st in recall.asked_stages(args)] == ["lm", "lm", "answer"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--loss", "lm,nope"], "'nope' is not one of answer, lm"),
+                                            (["--loss", "lm,answer,lm"], "one value per stage"),
+                                            (["--lr", "1e-3,2e-3,3e-3"], "one value per stage")])
+def test_passkey_per_stage_options_are_checked(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        recall.parse_args(["passkey", "m", "--steps", "1,2", "--seq-len", "4,5", *extra])
+    assert message in capsys.readouterr().err
 
 
 def test_passkey_errors_are_one_line(shipped_lm, tmp_path, capsys):
