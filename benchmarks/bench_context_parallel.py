@@ -8,10 +8,15 @@ forward + backward at full length between two barriers:
   peak: the largest rank's peak RSS during it (VmHWM, reset through /proc/self/clear_refs) above its RSS
         just before it, with glibc's mmap threshold pinned so freed tensors leave the RSS.
 The W = 1 run is the block without context parallel. Cases: every block alone (d_model --d-model), the
-taipan and jamba recipes (their own widths, --length tokens), and the ring attention op alone (4 heads of
-64) for zoo (zigzag) and ring-attention-pytorch (`ring_flash_attn`, its load-balanced striped layout and
-`ring_reduce_col`, bucket 512 like zoo's block 512; install it for the benchmark only:
-`pip install --no-deps ring-attention-pytorch==0.5.20 beartype jaxtyping wadler-lindig`). The W ranks
+taipan and jamba recipes (their own widths, --length tokens), and ring attention for zoo (zigzag) and
+ring-attention-pytorch (its load-balanced striped layout and `ring_reduce_col`, bucket 512 like zoo's block
+512; install it for the benchmark only:
+`pip install --no-deps ring-attention-pytorch==0.5.20 beartype jaxtyping wadler-lindig`) at two levels:
+  ring-op:     the attention op alone (4 heads of 64), zoo's `ring_attention` vs the package's `ring_flash_attn`;
+  ring-module: the layer as users call it, projections included (d_model 256 = 4 heads of 64): zoo's `ring`
+               block (qkv and output projections, RoPE) vs the package's `RingAttention(ring_attn=True,
+               striped_ring_attn=True)` with its defaults otherwise (a pre-RMSNorm, no rotary), each rank
+               handed its own shard of the input. The W ranks
 share this machine's cores, so times at W > 1 measure the cost of the extra work and communication, not a
 speed-up. Gradient error: out, dq, dk, dv of both ring implementations at --check-length against float64
 dense attention, relative to the reference's largest entry.
@@ -122,7 +127,16 @@ def _rank_main(case, d_model, length, check_length, rank, world, init_file) -> d
     kind, name = case.split(":")
     g = torch.Generator().manual_seed(1)
     res = {}
-    if kind == "ring":
+    if kind == "ringmod":
+        module = _ring_module(name)
+        for n in (2 * world * RING_BLOCK, length):   # warm-up, then the measured length
+            x = torch.randn(1, n, RING_HEADS * RING_HEAD_DIM, generator=g)
+            cp = ContextParallel.for_length(group, n, "zigzag") if world > 1 else None
+            step = lambda: _ring_module_step(module, name, x, world, rank, cp)  # noqa: E731
+            if n != length:
+                step()
+                module.zero_grad(set_to_none=True)
+    elif kind == "ring":
         cp = ContextParallel.for_length(group, length, "zigzag")
         warm = _ring_qkv(g, 2 * world * RING_BLOCK)
         warm_cp = ContextParallel.for_length(group, warm[0].shape[1], "zigzag")
@@ -149,6 +163,31 @@ def _rank_main(case, d_model, length, check_length, rank, world, init_file) -> d
     if kind == "ring" and world > 1 and check_length:
         res["errors"] = _ring_errors(name, check_length, world, rank, group)
     return res
+
+
+def _ring_module(impl):
+    torch.manual_seed(0)
+    if impl == "zoo":
+        from zoo.registry import get_block
+        entry = get_block("ring")
+        return entry.cls(RING_HEADS * RING_HEAD_DIM, entry.config(n_heads=RING_HEADS, block_size=RING_BLOCK),
+                         layer_idx=0).train()
+    from ring_attention_pytorch import RingAttention
+    return RingAttention(RING_HEADS * RING_HEAD_DIM, dim_head=RING_HEAD_DIM, heads=RING_HEADS, causal=True,
+                         bucket_size=RING_BLOCK, ring_attn=True, striped_ring_attn=True, use_cuda_kernel=False).train()
+
+
+def _ring_module_step(module, impl, x, world, rank, cp):
+    """One forward + backward of a ring attention layer on this rank's shard of x (parameter gradients too)."""
+    n = x.shape[1]
+    if impl == "zoo":
+        from zoo.distributed.layout import _take
+        xs = (x if cp is None else _take(x, cp)).clone().requires_grad_(True)
+        out, _ = module.run(xs, cp=cp)
+    else:
+        xs = x[:, _striped(n)[rank * (n // world):(rank + 1) * (n // world)]].clone().requires_grad_(True)
+        out = module(xs)
+    out.float().pow(2).mean().backward()
 
 
 def _ring_backward(out, ins, idx, gout):
@@ -198,17 +237,20 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--world-sizes", default="1,2,4")
     ap.add_argument("--cases", default="all",
-                    help="comma list of block names, recipe:<name>, ring-op (both implementations); default all")
+                    help="comma list of block names, recipe:<name>, ring-op and ring-module (both implementations "
+                         "each); default all")
     ap.add_argument("--check-length", type=int, default=2048, help="length of the ring gradient-error check")
     ap.add_argument("--json", default=None, help="write the records here")
     args = ap.parse_args(argv)
     worlds = [int(w) for w in args.world_sizes.split(",")]
     if args.cases == "all":
-        cases = ["ring:zoo", "ring:pkg"] + [f"block:{b}" for b in BLOCKS] + [f"recipe:{r}" for r in RECIPES]
+        cases = (["ring:zoo", "ring:pkg", "ringmod:zoo", "ringmod:pkg"] + [f"block:{b}" for b in BLOCKS]
+                 + [f"recipe:{r}" for r in RECIPES])
     else:
         cases = []
         for c in args.cases.split(","):
-            cases += (["ring:zoo", "ring:pkg"] if c == "ring-op" else [c if ":" in c else f"block:{c}"])
+            pairs = {"ring-op": ["ring:zoo", "ring:pkg"], "ring-module": ["ringmod:zoo", "ringmod:pkg"]}
+            cases += pairs.get(c, [c if ":" in c else f"block:{c}"])
     records = []
     for case in cases:
         for w in worlds:

@@ -245,7 +245,37 @@ def loop_step(model, optimizer, batch, grad_clip: float) -> float:
     return loss.item()
 
 
-def throughput(name: str, overrides: list, windows: int, steps: int, log=print) -> dict:
+def profile_pair(models: dict, optims: dict, batches: list, grad_clip: float) -> dict:
+    """torch.profiler over the same training steps of each model: {model: {op: [self CPU ms per step, calls
+    per step]}}, every op with its self time (children excluded), so the columns add up to the step."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    for k, m in models.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches:
+                loop_step(m, optims[k], b, grad_clip)
+        n = len(batches)
+        out[k] = {e.key: [e.self_cpu_time_total / 1e3 / n, e.count / n] for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0}
+    return out
+
+
+def profile_table(prof: dict, top: int = 20) -> str:
+    """The ops that cost most on either side, then the rest and the step's total, in ms per step."""
+    a, b = prof.values()
+    keys = sorted(set(a) | set(b), key=lambda op: -max(a.get(op, [0])[0], b.get(op, [0])[0]))
+    names = list(prof)
+    lines = [f"| op (self CPU) | {names[0]} ms | calls | {names[1]} ms | calls |", "|---|---:|---:|---:|---:|"]
+    for op in keys[:top]:
+        (ta, ca), (tb, cb) = a.get(op, [0, 0]), b.get(op, [0, 0])
+        lines.append(f"| {op} | {ta:.1f} | {ca:g} | {tb:.1f} | {cb:g} |")
+    rest = [sum(side.get(op, [0])[0] for op in keys[top:]) for side in (a, b)]
+    lines.append(f"| the other {len(keys) - top} ops | {rest[0]:.1f} | | {rest[1]:.1f} | |")
+    lines.append(f"| **step** | **{sum(v[0] for v in a.values()):.1f}** | | **{sum(v[0] for v in b.values()):.1f}** | |")
+    return "\n".join(lines)
+
+
+def throughput(name: str, overrides: list, windows: int, steps: int, log=print, profile_steps: int = 0) -> dict:
     recipe = zoo.load_recipe(recipe_path(name), overrides)
     cfg = recipe.train
     data = prepared_data(recipe, log=log)
@@ -280,6 +310,8 @@ def throughput(name: str, overrides: list, windows: int, steps: int, log=print) 
         result["models"][k] = {"tokens_per_s": round(steps * tokens / t.median, 1),
                                "tokens_per_cpu_s": round(steps * tokens / t.cpu_median, 1),
                                "wall_s": [round(x, 3) for x in t.wall], "cpu_s": [round(x, 3) for x in t.cpu]}
+    if profile_steps:
+        result["profile"] = profile_pair(models, optims, batches[:profile_steps], cfg.grad_clip)
     z, h = (result["models"][k]["tokens_per_s"] for k in order)
     result["zoo_over_llama"] = round(z / h, 3)
     # per-window ratios of adjacent measurements: drift cancels within a window
@@ -337,6 +369,8 @@ def main(argv=None):
     ap.add_argument("--llama", default=None, metavar="RECIPE", help="also time RECIPE beside LlamaForCausalLM")
     ap.add_argument("--llama-windows", type=int, default=6)
     ap.add_argument("--llama-steps", type=int, default=5)
+    ap.add_argument("--llama-profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile STEPS training steps of each (torch.profiler) and print the ops")
     ap.add_argument("--no-curves", action="store_true")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--score", default=None, metavar="CHECKPOINT",
@@ -364,8 +398,11 @@ def main(argv=None):
         k, _, v = item.partition("=")
         budgets[k.strip()] = duration(v.strip())
     if args.llama:
-        res = throughput(args.llama, args.set, args.llama_windows, args.llama_steps)
+        res = throughput(args.llama, args.set, args.llama_windows, args.llama_steps,
+                         profile_steps=args.llama_profile)
         write_json(args.out / "throughput.json", res)
+        if "profile" in res:
+            print(profile_table(res["profile"]))
         for k, m in res["models"].items():
             print(f"{k:<20} {m['tokens_per_s']:10,.0f} tokens/s  ({m['tokens_per_cpu_s']:,.0f} per CPU s)")
         print(f"zoo / Llama: {res['zoo_over_llama']}x (per window {res['zoo_over_llama_per_window']})")

@@ -79,6 +79,23 @@ def test_llama_twin_has_the_recipes_shape_and_function():
         bench_train.llama_like(zoo.load_recipe(ROOT / "recipes" / "mamba2.yaml"))
 
 
+def test_profile_pair_counts_every_op_of_both_steps():
+    recipe = zoo.load_recipe(ROOT / "recipes" / "transformer-small.yaml",
+                             ["model.d_model=32", "model.n_layers=1", "train.seq_len=16"])
+    models = {"zoo": zoo.build_model(recipe), "llama": bench_train.llama_like(recipe)}
+    optims = {k: torch.optim.AdamW(m.parameters()) for k, m in models.items()}
+    ids = torch.randint(0, 256, (2, 16))
+    prof = bench_train.profile_pair(models, optims, [{"input_ids": ids, "labels": ids}] * 2, grad_clip=1.0)
+    for side in prof.values():
+        # per step: the forward's and backward's matmuls, one optimizer step
+        assert side["aten::mm"][1] >= 6 and side["aten::mm"][0] > 0
+        assert all(ms > 0 and calls > 0 for ms, calls in side.values())
+    table = bench_train.profile_table(prof, top=3).splitlines()
+    assert table[0].startswith("| op (self CPU) | zoo ms") and len(table) == 2 + 3 + 2
+    total = float(table[-1].split("|")[2].strip(" *"))
+    assert total == pytest.approx(sum(ms for ms, _ in prof["zoo"].values()), abs=0.1)
+
+
 def test_budgeted_run_writes_an_annealed_curve(corpus, monkeypatch):
     root, src = corpus
     monkeypatch.chdir(root)   # prepared data lands in ./data
