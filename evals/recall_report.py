@@ -15,13 +15,28 @@ from evals.bootstrap import best_and_ties
 from evals.report import _pyplot, _table, cells
 
 
-def mqar_points(results: dict) -> dict:
-    """{(recipe, d_model, kv): [accuracy per seed]} from results["mqar"]["runs"] (mixed-count runs give a
-    point per count)."""
-    points = {}
+def _kv_accuracies(run: dict) -> dict:
+    return run.get("by_kv_pairs") or {run["num_kv_pairs"]: {"accuracy": run["accuracy"]}}
+
+
+def mqar_best_lr(results: dict) -> dict:
+    """{(recipe, d_model): lr}: the learning rate of the sweep's grid whose runs score best on average (over seeds
+    and key-value counts), Zoology's rule; None for runs that recorded no lr."""
+    scores = {}
     for run in results.get("mqar", {}).get("runs", []):
-        by_kv = run.get("by_kv_pairs") or {run["num_kv_pairs"]: {"accuracy": run["accuracy"]}}
-        for kv, r in by_kv.items():
+        accs = [r["accuracy"] for r in _kv_accuracies(run).values()]
+        scores.setdefault((run["recipe"], run["d_model"]), {}).setdefault(run.get("lr"), []).extend(accs)
+    return {key: max(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr])) for key, by_lr in scores.items()}
+
+
+def mqar_points(results: dict) -> dict:
+    """{(recipe, d_model, kv): [accuracy per seed]} from results["mqar"]["runs"] at each (recipe, d_model)'s best
+    learning rate (mixed-count runs give a point per count)."""
+    best, points = mqar_best_lr(results), {}
+    for run in results.get("mqar", {}).get("runs", []):
+        if run.get("lr") != best[(run["recipe"], run["d_model"])]:
+            continue
+        for kv, r in _kv_accuracies(run).items():
             points.setdefault((run["recipe"], run["d_model"], int(kv)), []).append(r["accuracy"])
     return points
 
@@ -37,12 +52,13 @@ def mqar_table(results: dict) -> str:
     if not points:
         return ""
     recipes, widths, kvs = _axes(points)
+    best_lr, grid = mqar_best_lr(results), len(_lrs(results)) > 1
     rows = []
     for w in widths:
         best = {kv: best_and_ties({r: (sum(a) / len(a), (min(a), max(a))) for r in recipes
                                    if (a := points.get((r, w, kv)))}, lower_is_better=False) for kv in kvs}
         for r in recipes:
-            row = [r, str(w)]
+            row = [r, str(w)] + ([f"{best_lr[(r, w)]:g}" if best_lr.get((r, w)) is not None else "-"] if grid else [])
             for kv in kvs:
                 a = points.get((r, w, kv))
                 if not a:
@@ -53,7 +69,11 @@ def mqar_table(results: dict) -> str:
                 row.append(f"{mark}{100 * sum(a) / len(a):.0f}%{mark} [{100 * min(a):.0f}, {100 * max(a):.0f}]"
                            + (" ≈" if r in ties else ""))
             rows.append(row)
-    return _table(["recipe", "d_model"] + [f"{kv} kv pairs" for kv in kvs], rows)
+    return _table(["recipe", "d_model"] + (["best lr"] if grid else []) + [f"{kv} kv pairs" for kv in kvs], rows)
+
+
+def _lrs(results: dict) -> list:
+    return sorted({r["lr"] for r in results.get("mqar", {}).get("runs", []) if r.get("lr") is not None})
 
 
 def mqar_text(results: dict) -> str:
@@ -61,12 +81,15 @@ def mqar_text(results: dict) -> str:
     meta, runs = m.get("meta", {}), m.get("runs", [])
     if not runs:
         return ""
-    seeds = sorted({r["seed"] for r in runs})
+    seeds, lrs = sorted({r["seed"] for r in runs}), _lrs(results)
+    lr_text = (f" at each learning rate of {', '.join(f'{lr:g}' for lr in lrs)} (each recipe and width shown at "
+               "the one that scores best on average, as Zoology does)" if len(lrs) > 1
+               else f" at learning rate {lrs[0]:g}" if lrs else "")
     return (f"Zoology's multi-query associative recall (arXiv 2312.04927) in miniature, measured offline by "
             f"`{meta.get('command', 'zoo recall mqar')}` (commit {meta.get('commit', '?')}; results {m.get('source')}): "
             f"each recipe as a {meta.get('layers', '?')}-layer model per d_model, trained from scratch for "
             f"{meta.get('steps', '?')} steps of {meta.get('batch_size', '?')} sequences of {meta.get('seq_len', '?')} "
-            f"tokens mixing the key-value counts, vocabulary {meta.get('vocab_size', '?')} (chance "
+            f"tokens mixing the key-value counts{lr_text}, vocabulary {meta.get('vocab_size', '?')} (chance "
             f"{100 / (meta.get('vocab_size', 2) - meta.get('vocab_size', 2) // 2):.1f}%), seeds {seeds}; scored on "
             "held-out sequences at each count. Cells: accuracy over every query, mean over seeds [min, max]; bold: "
             "the best at that width and count; ≈: its seed range overlaps the best's, so the two are not ranked.")

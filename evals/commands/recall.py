@@ -99,7 +99,9 @@ def parse_args(argv):
     mq.add_argument("--seq-len", type=int, default=128)
     mq.add_argument("--steps", type=int, default=400)
     mq.add_argument("--batch-size", type=int, default=32)
-    mq.add_argument("--lr", type=float, default=3e-3)
+    mq.add_argument("--lr", type=compare.float_list, default=[3e-3],
+                    help="learning rates (comma-separated): each run is repeated at each, and the report keeps the "
+                         "best per recipe and width, as Zoology does")
     args = ap.parse_args(argv)
     if args.task == "passkey":
         if args.trials < 1:
@@ -263,36 +265,59 @@ def mqar_recipe(spec: str, width: int, args):
         f"model.vocab_size={args.vocab}", *split_overrides(args.overrides, recipe.name)])
 
 
+def _run_key(run: dict) -> tuple:
+    return (run["recipe"], run["d_model"], run["seed"], run["seq_len"], run["steps"], tuple(run["by_kv_pairs"]),
+            run.get("lr"))
+
+
+def _read_results(path: Path) -> dict:
+    """OUT/results.json; rows from before the learning-rate grid take the one lr their meta recorded."""
+    results = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": []}
+    lr = results["meta"].get("lr")
+    for run in results["runs"]:
+        if "lr" not in run and isinstance(lr, float):
+            run["lr"] = lr
+    return results
+
+
+def _record(path: Path, run: dict, meta: dict) -> None:
+    """Add one run to OUT/results.json as it is on disk now, so that sweeps of other recipes writing the same
+    file at once (one per core) keep each other's rows."""
+    results = _read_results(path)
+    if _run_key(run) not in {_run_key(r) for r in results["runs"]}:
+        results["runs"].append(run)
+    results["meta"] = meta
+    write_json(path, results)
+
+
 def run_mqar(args, argv, say) -> list:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {"meta": {}, "runs": []}
-    results["meta"] = {"command": "zoo recall " + " ".join(argv), "commit": commit(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "vocab_size": args.vocab, "seq_len": args.seq_len,
-                       "layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
-    done = {(r["recipe"], r["d_model"], r["seed"], r["seq_len"], r["steps"], tuple(r["by_kv_pairs"]))
-            for r in results["runs"]}
-    plan = [(spec, w, seed) for w in args.widths for spec in args.recipes for seed in args.seeds]
-    for i, (spec, width, seed) in enumerate(plan):
+    meta = {"command": "zoo recall " + " ".join(argv), "commit": commit(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "vocab_size": args.vocab, "seq_len": args.seq_len,
+            "layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    done = {_run_key(r) for r in _read_results(path)["runs"]}
+    plan = [(spec, w, seed, lr) for w in args.widths for spec in args.recipes for lr in args.lr for seed in args.seeds]
+    for i, (spec, width, seed, lr) in enumerate(plan):
         recipe = mqar_recipe(spec, width, args)
-        if (recipe.name, width, seed, args.seq_len, args.steps, tuple(map(str, args.kv_pairs))) in done:
+        kvs = tuple(map(str, args.kv_pairs))
+        if (recipe.name, width, seed, args.seq_len, args.steps, kvs, lr) in done:
             continue
         cpu0 = time.process_time()
-        # one model per (recipe, width, seed) trains on the mix of counts and is scored at each (Zoology's setup)
-        res = mqar_eval(recipe, args.steps, args.seq_len, args.kv_pairs, batch_size=args.batch_size, lr=args.lr,
+        # one model per (recipe, width, seed, lr) trains on the mix of counts and is scored at each (Zoology's setup)
+        res = mqar_eval(recipe, args.steps, args.seq_len, args.kv_pairs, batch_size=args.batch_size, lr=lr,
                         seed=seed, overrides=[f"train.seed={seed}"])
         model = zoo.build_model(recipe)
         res["by_kv_pairs"] = {str(k): v for k, v in res["by_kv_pairs"].items()}   # as JSON keeps them
-        res.update(d_model=width, seed=seed, params=model.num_params()["total"],
+        res.update(d_model=width, seed=seed, lr=lr, params=model.num_params()["total"],
                    state_bytes=analytic_state_bytes(model, args.seq_len),
                    cpu_seconds=round(time.process_time() - cpu0, 2))
-        results["runs"].append(res)
-        write_json(path, results)
-        say(f"[{i + 1}/{len(plan)}] {recipe.name} d_model {width} seed {seed}: " + ", ".join(
+        _record(path, res, meta)
+        say(f"[{i + 1}/{len(plan)}] {recipe.name} d_model {width} lr {lr:g} seed {seed}: " + ", ".join(
             f"{k} pairs {100 * v['accuracy']:.1f}%" for k, v in res["by_kv_pairs"].items())
             + f" ({res['cpu_seconds']:.0f} CPU s)")
-    return results["runs"]
+    return _read_results(path)["runs"] if path.is_file() else []
 
 
 def main(argv=None):

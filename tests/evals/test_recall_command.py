@@ -132,6 +132,27 @@ def test_mqar_sweep_writes_each_run_and_resumes(tmp_path, capsys):
     compare.attach_mqar(res, out / "results.json")
     assert len(mqar_points(res)) == 4 and all(len(a) == 2 for a in mqar_points(res).values())
     assert "tiny-hybrid" in mqar_table(res) and plot_mqar(res, tmp_path / "mqar.png").is_file()
+    # a learning-rate grid: the same runs again at another rate, the earlier rows kept and marked with theirs
+    assert all(r["lr"] == 3e-3 for r in runs)
+    assert recall.main(argv[:-3] + ["--lr", "3e-3,1e-2", "--seeds", "0"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted((r["d_model"], r["seed"], r["lr"]) for r in runs) == [
+        (16, 0, 3e-3), (16, 0, 1e-2), (16, 1, 3e-3), (32, 0, 3e-3), (32, 0, 1e-2), (32, 1, 3e-3)]
+
+
+def test_mqar_rows_before_the_lr_grid_and_concurrent_sweeps(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"meta": {"lr": 0.01}, "runs": [_run("a", 16, 0, {4: 0.5}) | {"seq_len": 64, "steps": 9}]}))
+    assert recall._read_results(path)["runs"][0]["lr"] == 0.01
+    # another process added a row since this one read the file: recording keeps both
+    mine = _run("b", 16, 0, {4: 0.7}) | {"seq_len": 64, "steps": 9, "lr": 0.001}
+    theirs = _run("c", 16, 0, {4: 0.2}) | {"seq_len": 64, "steps": 9, "lr": 0.001}
+    recall._record(path, theirs, {"lr": [0.001]})
+    recall._record(path, mine, {"lr": [0.001]})
+    recall._record(path, mine, {"lr": [0.001]})   # recorded once
+    got = json.loads(path.read_text())
+    assert [r["recipe"] for r in got["runs"]] == ["a", "c", "b"] and got["meta"] == {"lr": [0.001]}
+    assert got["runs"][0]["lr"] == 0.01
 
 
 def test_miniature_pattern_and_named_overrides():
@@ -173,6 +194,20 @@ def test_mqar_table_and_finding_rank_only_separated_recipes():
     # a partial sweep: the widest width only one recipe reached is passed over for the widest two reached
     res["mqar"]["runs"].append(_run("ssm", 128, 0, {4: 1.0, 16: 1.0}))
     assert mqar_finding(res).startswith("MQAR at d_model 64")
+
+
+def test_mqar_report_keeps_each_recipes_best_learning_rate():
+    runs = ([_run("ssm", 64, s, {4: 0.9}) | {"lr": 1e-2} for s in (0, 1)]
+            + [_run("ssm", 64, s, {4: 0.2}) | {"lr": 1e-3} for s in (0, 1)]
+            + [_run("attn", 64, s, {4: a}) | {"lr": 1e-2} for s, a in ((0, 0.3), (1, 0.1))]
+            + [_run("attn", 64, s, {4: a}) | {"lr": 1e-3} for s, a in ((0, 0.6), (1, 0.4))])
+    res = {"mqar": {"runs": runs, "meta": {"command": "zoo recall mqar ...", "vocab_size": 64}}}
+    assert mqar_points(res) == {("ssm", 64, 4): [0.9, 0.9], ("attn", 64, 4): [0.6, 0.4]}
+    table = mqar_table(res)
+    assert "| ssm | 64 | 0.01 | **90%** [90, 90] |" in table and "| attn | 64 | 0.001 | 50% [40, 60] |" in table
+    from evals.recall_report import mqar_text
+    assert "at each learning rate of 0.001, 0.01 (each recipe and width shown at the one that scores best" in \
+        mqar_text(res)
 
 
 def test_passkey_finding_names_the_fine_tune_and_the_best_at_4x():
