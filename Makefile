@@ -76,7 +76,7 @@ PASSKEY_ARGS ?= --steps 800,200 --seq-len 320,1024 --batch-size 16,8 --lr 2e-3 -
 MQAR_RECIPES ?= transformer mamba2 samba
 # samba's window keeps the recipe's ratio to the training length (128 of 512) at MQAR's 64 tokens
 MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
-	--batch-size 32 --lr 1e-2 --threads 1 --set samba:model.blocks.S.window=16
+	--batch-size 32 --lr 1e-3,1e-2 --threads 1 --set samba:model.blocks.S.window=16
 recall: install
 	$(ZOO) recall passkey $(RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
 	$(ZOO) recall mqar $(MQAR_RECIPES) --out $(PRETRAINED)/mqar $(MQAR_ARGS)
