@@ -317,7 +317,12 @@ def run_mqar(args, argv, say) -> list:
         say(f"[{i + 1}/{len(plan)}] {recipe.name} d_model {width} lr {lr:g} seed {seed}: " + ", ".join(
             f"{k} pairs {100 * v['accuracy']:.1f}%" for k, v in res["by_kv_pairs"].items())
             + f" ({res['cpu_seconds']:.0f} CPU s)")
-    return _read_results(path)["runs"] if path.is_file() else []
+    if not path.is_file():
+        return []
+    results = _read_results(path)
+    results["meta"] = meta   # the command of the last sweep over the file: rerun the whole one to cover every row
+    write_json(path, results)
+    return results["runs"]
 
 
 def main(argv=None):
