@@ -68,11 +68,13 @@ pretrain: install
 	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
 
 # Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
-# prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), shipped
-# to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x the last length; then
-# Zoology's MQAR sweep (accuracy against width and key-value pairs, three seeds) into pretrained/mqar/results.json.
+# prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), the last
+# two stages on the answer alone (all the gradient on the long copy: retention grows past the fine-tuning length),
+# shipped to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x the last length; then Zoology's MQAR sweep
+# (accuracy against width and key-value pairs, three seeds, two learning rates) into pretrained/mqar/results.json.
 # Rerunning skips what is shipped and resumes the rest. `make compare` reports both.
-PASSKEY_ARGS ?= --steps 800,200 --seq-len 320,1024 --batch-size 16,8 --lr 2e-3 --threads 1
+PASSKEY_ARGS ?= --steps 800,200,300,400 --seq-len 320,1024,1024,1024 --batch-size 16,8,8,8 --lr 2e-3,2e-3,1e-3,1e-3 \
+	--loss lm,lm,answer,answer --threads 1
 MQAR_RECIPES ?= transformer mamba2 samba
 # samba's window keeps the recipe's ratio to the training length (128 of 512) at MQAR's 64 tokens
 MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
