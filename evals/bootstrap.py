@@ -17,6 +17,9 @@ interval of a difference is much narrower than the two marginal intervals side b
 """
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import numpy as np
 
 RESAMPLES = 1000
@@ -89,3 +92,20 @@ def best_and_ties(items: dict, lower_is_better: bool = True) -> tuple:
     ties = [n for n, (_, iv) in items.items() if n != best and ref is not None and iv is not None
             and overlaps(iv, ref)]
     return best, ties
+
+
+def proportion_interval(successes: int, trials: int, level: float = LEVEL) -> tuple:
+    """(lo, hi) of a success rate from `successes` of `trials` independent tries (passkey prompts): the Wilson
+    score interval. Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0% or
+    100%, the cells a passkey table is full of (24 of 24 right is still [86%, 100%] at 95%)."""
+    if trials < 1:
+        raise ValueError(f"trials: need at least one, got {trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes: must be in [0, {trials}], got {successes}")
+    if not 0 < level < 1:
+        raise ValueError(f"level: must be in (0, 1), got {level}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, z2 = successes / trials, z * z / trials
+    centre = (p + z2 / 2) / (1 + z2)
+    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials)) / (1 + z2)
+    return max(0.0, centre - half), min(1.0, centre + half)

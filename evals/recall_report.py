@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from evals.bootstrap import best_and_ties
-from evals.report import _pyplot, _table, cells
+from evals.report import _pct, _pyplot, _table, cells, passkey_accuracy
 
 
 def _kv_accuracies(run: dict) -> dict:
@@ -160,7 +160,7 @@ def mqar_finding(results: dict) -> Optional[str]:
 def passkey_finding(results: dict) -> Optional[str]:
     """Per recipe, the mean accuracy at each prompt length: as multiples of its fine-tune's length when the
     cells come from fine-tunes (each recipe its own length), else at the lengths; the best at 4x (the
-    issue's goal) or, without it, at the longest."""
+    issue's goal) or, without it, at the longest, with the recipes its interval does not separate it from."""
     pk = cells(results, "passkey")
     if not pk:
         return None
@@ -170,16 +170,22 @@ def passkey_finding(results: dict) -> Optional[str]:
         if scale:
             tuned[c["recipe"]] = scale
         key = c["context"] / scale if scale else c["context"]
-        by.setdefault(c["recipe"], {})[key] = sum(c["accuracy"]) / len(c["accuracy"])
+        by.setdefault(c["recipe"], {})[key] = passkey_accuracy(c)
     keys = sorted({k for acc in by.values() for k in acc})
     label = (lambda k: f"{k:g}x") if tuned else str
     rows = "; ".join(f"{r}" + (f" (fine-tuned at {tuned[r]:,})" if r in tuned else "") + " "
-                     + "/".join(f"{100 * acc[k]:.0f}%" if k in acc else "-" for k in keys) for r, acc in by.items())
+                     + "/".join(f"{100 * acc[k][0]:.0f}%" if k in acc else "-" for k in keys) for r, acc in by.items())
     head = ("Passkey after a fine-tune, accuracy at " if tuned else "Passkey (no fine-tune), accuracy at ") + \
         "/".join(map(label, keys)) + (" its length" if tuned else " tokens")
     at = 4 if tuned and 4 in keys else keys[-1]
     got = {r: acc[at] for r, acc in by.items() if at in acc}
-    best = max(got, key=got.get) if got else None
-    tail = (f"; best at {label(at)}: {best} {100 * got[best]:.0f}%" if best is not None and got[best] > 0
-            else f"; none retrieves at {label(at)}")
+    best, ties = best_and_ties(got, lower_is_better=False)
+    if best is None or got[best][0] == 0:
+        return f"{head}: {rows}; none retrieves at {label(at)}."
+    tail = f"; best at {label(at)}: {best} {_pct(got[best])}"
+    if ties:
+        tail += " (95% interval over the prompts; not separated from " + ", ".join(
+            f"{r} {_pct(got[r])}" for r in ties) + ")"
+    elif got[best][1]:
+        tail += " (95% interval over the prompts)"
     return f"{head}: {rows}{tail}."

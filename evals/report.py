@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from evals.bootstrap import best_and_ties
+from evals.bootstrap import best_and_ties, proportion_interval
 
 MIB = 2**20
 
@@ -376,6 +376,22 @@ def passkey_intro(results: dict) -> list:
             "), greedy exact match of the five digits; lengths are multiples of the fine-tuning length."]
 
 
+def passkey_accuracy(cell: dict) -> tuple:
+    """(mean accuracy, (lo, hi) or None) of a passkey cell: the Wilson 95% interval over its prompts (n_trials at
+    each depth) when the cell records how many it asked."""
+    acc = cell["accuracy"]
+    mean = sum(acc) / len(acc)
+    n = cell.get("n_trials")
+    if not n:
+        return mean, None
+    return mean, proportion_interval(round(sum(acc) * n), n * len(acc))
+
+
+def _pct(value: tuple) -> str:
+    mean, iv = value
+    return f"{100 * mean:.0f}%" + (f" [{100 * iv[0]:.0f}, {100 * iv[1]:.0f}]" if iv else "")
+
+
 def passkey_tables(results: dict) -> str:
     out = []
     for name in _recipes(results):
@@ -384,7 +400,9 @@ def passkey_tables(results: dict) -> str:
             continue
         depths = pk[0]["depths"]
         rows = [[f"{d:g}"] + [f"{100 * c['accuracy'][j]:.0f}%" for c in pk] for j, d in enumerate(depths)]
-        out.append(f"**{name}** ({pk[0]['n_trials']} trials per cell, greedy exact match)\n\n"
+        rows.append(["all [95% interval]"] + [_pct(passkey_accuracy(c)) for c in pk])
+        out.append(f"**{name}** ({pk[0]['n_trials']} trials per cell, greedy exact match; the interval: Wilson's, "
+                   "over the prompts of the column)\n\n"
                    + _table(["depth \\ length"] + [str(c["context"]) for c in pk], rows))
     return "\n\n".join(out)
 

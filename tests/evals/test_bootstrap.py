@@ -4,7 +4,8 @@ seed; the paired interval cancels what the documents share."""
 import numpy as np
 import pytest
 
-from evals.bootstrap import best_and_ties, difference_interval, overlaps, ratio_interval, resample_indices
+from evals.bootstrap import (best_and_ties, difference_interval, overlaps, proportion_interval, ratio_interval,
+                             resample_indices)
 
 
 def test_mean_of_normal_matches_normal_theory():
@@ -77,3 +78,19 @@ def test_best_and_ties():
     assert best_and_ties(items) == ("b", ["a"])
     assert best_and_ties(items, lower_is_better=False) == ("c", [])
     assert best_and_ties({}) == (None, [])
+
+
+def test_proportion_interval_is_wilsons_and_covers_the_true_rate():
+    # textbook values (Newcombe 1998, table I): 15 of 148 -> [0.0624, 0.1605]; 0 of 20 -> [0, 0.1611]
+    assert proportion_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    assert proportion_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    lo, hi = proportion_interval(24, 24)
+    assert hi == 1.0 and 0.85 < lo < 0.87                 # all right is still not certainty
+    # coverage: a 95% interval holds the true rate in about 95% of repeated experiments
+    rng = np.random.default_rng(0)
+    p, n = 0.8, 24
+    held = [lo <= p <= hi for lo, hi in (proportion_interval(int(k), n) for k in rng.binomial(n, p, 4000))]
+    assert 0.92 < np.mean(held) < 0.99
+    for bad, message in (((3, 0), "trials"), ((5, 4), "successes"), ((-1, 4), "successes")):
+        with pytest.raises(ValueError, match=message):
+            proportion_interval(*bad)

@@ -227,6 +227,22 @@ def test_passkey_finding_names_the_fine_tune_and_the_best_at_4x():
     assert found.endswith("none retrieves at 8192.")
 
 
+def test_passkey_finding_says_which_recipes_its_best_is_not_separated_from():
+    def cell(recipe, context, acc, n=8):
+        return {"recipe": recipe, "eval": "passkey", "scheme": "greedy", "context": context, "accuracy": acc,
+                "depths": [0.0, 0.5, 1.0], "n_trials": n, "finetune_len": 1024}
+    res = {"cells": {str(i): c for i, c in enumerate([
+        cell("ssm", 4096, [0.875, 1.0, 1.0]), cell("hybrid", 4096, [1.0, 1.0, 1.0]), cell("attn", 4096, [0, 0, 0.25])])}}
+    # 24 of 24 against 23 of 24: the intervals overlap, so no ranking between the two; 2 of 24 is below both
+    assert passkey_finding(res).endswith("best at 4x: hybrid 100% [86, 100] (95% interval over the prompts; not "
+                                         "separated from ssm 96% [80, 99]).")
+    res["cells"]["0"]["accuracy"] = [0.0, 0.0, 0.125]
+    assert passkey_finding(res).endswith("best at 4x: hybrid 100% [86, 100] (95% interval over the prompts).")
+    from evals.report import passkey_tables
+    res["recipes"] = {"ssm": {}, "hybrid": {}, "attn": {}}
+    assert "| all [95% interval] | 100% [86, 100] |" in passkey_tables(res)
+
+
 def test_a_stopped_mqar_run_is_not_recorded(tmp_path, monkeypatch, capsys):
     from zoo.train import trainer as trainer_module
     real = trainer_module.Trainer.train
