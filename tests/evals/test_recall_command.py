@@ -239,8 +239,11 @@ def test_passkey_finding_says_which_recipes_its_best_is_not_separated_from():
     res["cells"]["0"]["accuracy"] = [0.0, 0.0, 0.125]
     assert passkey_finding(res).endswith("best at 4x: hybrid 100% [86, 100] (95% interval over the prompts).")
     from evals.report import passkey_tables
-    res["recipes"] = {"ssm": {}, "hybrid": {}, "attn": {}}
+    res["recipes"] = {n: {"params": {"total": 1000}} for n in ("ssm", "hybrid", "attn")}
     assert "| all [95% interval] | 100% [86, 100] |" in passkey_tables(res)
+    res["cells"]["3"] = cell("attn", 1024, [1.0, 1.0, 1.0])
+    from evals.report import summary_table
+    assert summary_table(res).splitlines()[-1].endswith("| 100% / 8% |")      # each length, not their mean
 
 
 def test_a_stopped_mqar_run_is_not_recorded(tmp_path, monkeypatch, capsys):
