@@ -82,6 +82,10 @@ def parse_args(argv):
     pk.add_argument("--loss", type=loss_list, default=["lm"],
                     help="per stage, or one for all. lm: every token (the needle's own key repeat teaches copying "
                          "at short range); answer: the answer tokens only (all the gradient on the long copy)")
+    pk.add_argument("--min-seq-len", type=compare.int_list, default=None,
+                    help="per stage, or one for all: each training row's length drawn in [MIN, --seq-len] (the rest "
+                         "of the row unscored filler), so the answer's position is not a constant to learn "
+                         "(default: every row at --seq-len)")
     pk.add_argument("--factors", type=compare.int_list, default=[1, 4, 16],
                     help="evaluate at these multiples of --seq-len")
     pk.add_argument("--depths", type=compare.float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -106,13 +110,18 @@ def parse_args(argv):
     if args.task == "passkey":
         if args.trials < 1:
             ap.error("--trials: a positive integer")
-        for field in ("batch_size", "lr", "loss"):   # one value stands for every stage
+        if args.min_seq_len is None:
+            args.min_seq_len = [None]
+        for field in ("batch_size", "lr", "loss", "min_seq_len"):   # one value stands for every stage
             if len(getattr(args, field)) == 1:
                 setattr(args, field, getattr(args, field) * len(args.seq_len))
-        counts = [len(getattr(args, f)) for f in ("steps", "seq_len", "batch_size", "lr", "loss")]
+        counts = [len(getattr(args, f)) for f in ("steps", "seq_len", "batch_size", "lr", "loss", "min_seq_len")]
         if len(set(counts)) != 1:
-            ap.error("--steps, --seq-len, --batch-size, --lr, --loss: one value per stage (or one for all of the "
-                     f"last three), got {', '.join(map(str, counts))}")
+            ap.error("--steps, --seq-len, --batch-size, --lr, --loss, --min-seq-len: one value per stage (or one for "
+                     f"all of the last four), got {', '.join(map(str, counts))}")
+        bad = [(m, n) for m, n in zip(args.min_seq_len, args.seq_len) if m is not None and not 0 < m <= n]
+        if bad:
+            ap.error(f"--min-seq-len: {bad[0][0]} must be in [1, --seq-len of its stage = {bad[0][1]}]")
     if args.task == "mqar" and (args.steps < 1 or args.layers < 1 or args.batch_size < 1):
         ap.error("--steps, --layers, --batch-size: positive integers")
     return args
@@ -144,8 +153,7 @@ def passkey_card_text(card: dict) -> str:
     lines = [f"# {card['recipe']} passkey fine-tune (zoo recall)", "",
              f"- command: `{card['command']}` (commit {card['commit']})",
              f"- from: {card['from']} (the shipped LM, {card['params']:,} parameters); weights shipped as {card['dtype']}",
-             "- fine-tuned: " + ", then ".join(f"{st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens "
-                                               f"(loss {st['loss']}, lr {st['lr']})" for st in stages(card)) +
+             "- fine-tuned: " + ", then ".join(map(_stage_text, stages(card))) +
              f"; seed {card['seed']}",
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
              f"({card['threads']} thread{'s' if card['threads'] != 1 else ''})",
@@ -161,15 +169,22 @@ def passkey_card_text(card: dict) -> str:
 
 
 def stages(card: dict) -> list:
-    """[{seq_len, steps, batch_size, lr, loss}] of a card. Older cards keep some at the top: a card of one stage
-    (before curricula) all of them, a card before per-stage losses its one lr and loss."""
-    keys = ("seq_len", "steps", "batch_size", "lr", "loss")
+    """[{seq_len, steps, batch_size, lr, loss, min_seq_len}] of a card. Older cards keep some at the top: a card of
+    one stage (before curricula) all of them, a card before per-stage losses its one lr and loss; a card before
+    --min-seq-len trained every row at full length (None)."""
+    keys = ("seq_len", "steps", "batch_size", "lr", "loss", "min_seq_len")
     return [{k: st.get(k, card.get(k)) for k in keys} for st in card.get("stages") or [card]]
 
 
 def asked_stages(args) -> list:
-    return [{"seq_len": n, "steps": k, "batch_size": b, "lr": lr, "loss": loss}
-            for n, k, b, lr, loss in zip(args.seq_len, args.steps, args.batch_size, args.lr, args.loss)]
+    return [{"seq_len": n, "steps": k, "batch_size": b, "lr": lr, "loss": loss, "min_seq_len": m}
+            for n, k, b, lr, loss, m in zip(args.seq_len, args.steps, args.batch_size, args.lr, args.loss,
+                                            args.min_seq_len)]
+
+
+def _stage_text(st: dict) -> str:
+    rows = f"{st['min_seq_len']}-{st['seq_len']}" if st.get("min_seq_len") else f"{st['seq_len']}"
+    return f"{st['steps']} steps of {st['batch_size']} x {rows} tokens (loss {st['loss']}, lr {st['lr']})"
 
 
 def stage_run_dir(out: Path, name: str, i: int) -> Path:
@@ -187,7 +202,8 @@ def train_stage(name: str, i: int, start, recipe, args, say):
         f"train.eval_every={max(1, steps // 4)}", f"train.save_every={max(1, steps // 4)}", "train.keep_last=1",
         "train.eval_batches=2", "train.grad_accum=1", f"train.log_every={max(1, steps // 20)}"])
     tok = recipe.train.tokenizer
-    data = PasskeyData(None if tok == "byte" else load_tokenizer(tok), seed=recipe.train.seed, loss=st["loss"])
+    data = PasskeyData(None if tok == "byte" else load_tokenizer(tok), seed=recipe.train.seed, loss=st["loss"],
+                       min_len=st["min_seq_len"])
     run_dir = stage_run_dir(Path(args.out), name, i)
     resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -217,7 +233,8 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
     card = {"recipe": name, "command": "zoo recall " + " ".join(argv), "commit": commit(), "from": str(ckpt),
             "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
-            "batch_size": args.batch_size[-1], "seq_len": seq_len, "stages": asked_stages(args),
+            "batch_size": args.batch_size[-1], "seq_len": seq_len,
+            "stages": [{k: v for k, v in st.items() if v is not None} for st in asked_stages(args)],
             "lr": args.lr[-1], "loss": args.loss[-1], "seed": trainer.recipe.train.seed,
             "threads": torch.get_num_threads(), "cpu_seconds": round(cpu_s, 1),
             "wall_seconds": round(wall_s, 1), "val_loss": round(val_loss, 4),

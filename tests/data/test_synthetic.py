@@ -150,6 +150,31 @@ def test_passkey_data_is_deterministic_varied_and_disjoint_from_the_evaluation()
     assert len(train_keys) > 100 and not eval_prompts & train_prompts
 
 
+def test_passkey_data_min_len_varies_where_the_answer_sits_and_scores_nothing_after_it():
+    from zoo.data.packing import IGNORE_INDEX
+    from zoo.data.synthetic import PasskeyData
+    varied = PasskeyData(loss="lm", min_len=300)
+    batch = varied.train_batch(step=2, micro=0, batch_size=16, seq_len=400)
+    ends = []
+    for row, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        text = TOK.decode(row)
+        key = NEEDLE_RE.findall(text)[0][0]
+        end = text.index("What is the pass key? The pass key is " + key) + len("What is the pass key? The pass key is ") + 5
+        ends.append(end)
+        assert 300 <= end <= 400 and len(row) == 400
+        assert lab[:end] == row[:end] and set(lab[end:]) <= {IGNORE_INDEX}   # the filler after it: no loss
+        assert text[end:] == TOK.decode(row[end:]) and "pass key" not in text[end:]
+    assert len(set(ends)) > 8                                    # the answer's position varies row to row
+    # min_len = seq_len is the fixed-length data, row for row (the lengths are drawn after the depths)
+    assert torch.equal(PasskeyData(min_len=400).train_batch(2, 0, 16, 400)["input_ids"],
+                       PasskeyData().train_batch(2, 0, 16, 400)["input_ids"])
+    # validation keeps the full length, and the answer last
+    for b in varied.val_batches(1, 4, 400):
+        assert (b["labels"][:, -6:] != IGNORE_INDEX).all()
+    with pytest.raises(DataError, match=r"min_len: 500 must be in \[1, seq_len=400\]"):
+        PasskeyData(min_len=500).train_batch(0, 0, 2, 400)
+
+
 def test_passkey_data_errors():
     from zoo.data.synthetic import PasskeyData
     with pytest.raises(DataError, match="loss: 'all' is not one of answer, lm"):

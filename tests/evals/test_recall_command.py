@@ -1,6 +1,7 @@
 """`zoo recall`: the passkey fine-tune ships a half-precision checkpoint with a card holding the accuracy it
 measured; the MQAR sweep writes a row per run as it goes and resumes; compare carries both into its report."""
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -78,7 +79,7 @@ def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp
 def test_passkey_stages_of_older_cards_and_per_stage_options():
     # cards written before curricula, and before per-stage losses, compare equal to the same stages asked today
     one = {"seq_len": 320, "steps": 800, "batch_size": 16, "lr": 2e-3, "loss": "lm"}
-    assert recall.stages(dict(one)) == [one]
+    assert recall.stages(dict(one)) == [one | {"min_seq_len": None}]
     two = {"stages": [{"seq_len": 320, "steps": 800, "batch_size": 16}, {"seq_len": 1024, "steps": 200, "batch_size": 8}],
            "lr": 2e-3, "loss": "lm"}
     args = recall.parse_args(["passkey", "m", "--steps", "800,200", "--seq-len", "320,1024", "--batch-size", "16,8",
@@ -86,11 +87,35 @@ def test_passkey_stages_of_older_cards_and_per_stage_options():
     assert recall.stages(two) == recall.asked_stages(args)
     args = recall.parse_args(["passkey", "m", "--steps", "1,2,3", "--seq-len", "4,5,6", "--loss", "lm,lm,answer"])
     assert [st["loss"] for st in recall.asked_stages(args)] == ["lm", "lm", "answer"]
+    args = recall.parse_args(["passkey", "m", "--steps", "1,2", "--seq-len", "300,600", "--min-seq-len", "280"])
+    assert [st["min_seq_len"] for st in recall.asked_stages(args)] == [280, 280]
+    assert recall.stages(two) != recall.asked_stages(recall.parse_args(
+        ["passkey", "m", "--steps", "800,200", "--seq-len", "320,1024", "--batch-size", "16,8", "--lr", "2e-3",
+         "--min-seq-len", "300"]))                       # varied rows are another curriculum: not skipped
+    assert "16 x 300-320 tokens (loss lm" in recall._stage_text(recall.asked_stages(args)[0] | {"batch_size": 16,
+                                                                                               "seq_len": 320,
+                                                                                               "min_seq_len": 300})
+
+
+def test_shipped_passkey_cards_match_make_recalls_curriculum():
+    # `make recall` skips a shipped fine-tune only when its card's stages are the ones asked: the Makefile's
+    # PASSKEY_ARGS and every shipped card must agree, or a rerun would fine-tune it again
+    import re
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "Makefile").read_text()
+    passkey_args = re.search(r"PASSKEY_ARGS \?= (.*?)\n(\S|\n)", text, re.S).group(1).replace("\\\n", " ").split()
+    asked = recall.asked_stages(recall.parse_args(["passkey", "m", *passkey_args]))
+    cards = sorted((root / "pretrained" / "passkey").glob("*/card.json"))
+    assert cards
+    for card in cards:
+        assert recall.stages(json.loads(card.read_text())) == asked, card
 
 
 @pytest.mark.parametrize("extra, message", [(["--loss", "lm,nope"], "'nope' is not one of answer, lm"),
                                             (["--loss", "lm,answer,lm"], "one value per stage"),
-                                            (["--lr", "1e-3,2e-3,3e-3"], "one value per stage")])
+                                            (["--lr", "1e-3,2e-3,3e-3"], "one value per stage"),
+                                            (["--min-seq-len", "6"], "--min-seq-len: 6 must be in [1, --seq-len of "
+                                                                     "its stage = 4]")])
 def test_passkey_per_stage_options_are_checked(extra, message, capsys):
     with pytest.raises(SystemExit):
         recall.parse_args(["passkey", "m", "--steps", "1,2", "--seq-len", "4,5", *extra])

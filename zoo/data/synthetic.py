@@ -112,32 +112,51 @@ class PasskeyData:
 
     loss="answer" trains on the answer tokens only; loss="lm" on every token, which adds the needle's own
     repetition of the key ("N. Remember it. N is") as a copy at short range, a curriculum towards the long
-    one. Validation rows always score the answer only: their loss is the answer's."""
+    one. Validation rows always score the answer only: their loss is the answer's.
+
+    min_len: rows of one length let a small model learn the answer's absolute position instead of the task (a
+    sliding-window model fine-tuned on 314-token prompts answered all of them and none of 316 tokens). With
+    min_len each training row's prompt and answer take a length drawn uniformly in [min_len, seq_len], and the
+    rest of the row is filler that no label scores (a causal model never sees it before answering).
+    Validation rows keep the full length."""
 
     bytes_per_token = 1.0  # validation covers only answer tokens: bits/byte is then bits per answer token
     LOSSES = ("answer", "lm")
 
-    def __init__(self, tokenizer=None, digits: int = 5, seed: int = 0, loss: str = "answer"):
+    def __init__(self, tokenizer=None, digits: int = 5, seed: int = 0, loss: str = "answer",
+                 min_len: Optional[int] = None):
         if loss not in self.LOSSES:
             raise DataError(f"loss: {loss!r} is not one of {', '.join(self.LOSSES)}")
         self.tok, self.digits, self.seed, self.loss = _default_tokenizer(tokenizer), digits, seed, loss
         self.answer_len = len(self.tok.encode(" " + "9" * digits))
+        self.min_len = min_len
 
-    def _batch(self, stream: list, batch_size: int, seq_len: int, lm: bool = False) -> dict:
+    def _lengths(self, rng, batch_size: int, seq_len: int, vary: bool) -> list:
+        """Each row's prompt + answer length: seq_len, or drawn in [min_len, seq_len] (after the depths, so rows
+        of one length are the same with and without this option)."""
+        if not vary or self.min_len is None:
+            return [seq_len] * batch_size
+        if not 0 < self.min_len <= seq_len:
+            raise DataError(f"min_len: {self.min_len} must be in [1, seq_len={seq_len}]")
+        return rng.integers(self.min_len, seq_len + 1, batch_size).tolist()
+
+    def _batch(self, stream: list, batch_size: int, seq_len: int, lm: bool = False, vary: bool = False) -> dict:
         rng = np.random.default_rng([self.seed, *stream, batch_size, seq_len])
+        depths = rng.random(batch_size)
         ids, labels = [], []
-        for row, depth in enumerate(rng.random(batch_size)):
-            p = passkey_prompt(seq_len - self.answer_len, float(depth), [self.seed, *stream, row], self.tok,
-                               self.digits)
+        for row, (depth, n) in enumerate(zip(depths, self._lengths(rng, batch_size, seq_len, vary))):
+            p = passkey_prompt(n - self.answer_len, float(depth), [self.seed, *stream, row], self.tok, self.digits)
             if len(p.answer_ids) != self.answer_len:   # a tokenizer that merges digits differently
                 raise DataError(f"tokenizer: the answer {p.passkey!r} takes {len(p.answer_ids)} tokens, "
                                 f"expected {self.answer_len}; passkey fine-tuning needs a fixed answer length")
-            ids.append(p.input_ids + p.answer_ids)
-            labels.append((p.input_ids if lm else [IGNORE_INDEX] * len(p.input_ids)) + p.answer_ids)
+            pad = _filler_tokens(self.tok, seq_len - n, snap=False) if n < seq_len else []
+            ids.append(p.input_ids + p.answer_ids + pad)
+            labels.append((p.input_ids if lm else [IGNORE_INDEX] * len(p.input_ids)) + p.answer_ids
+                          + [IGNORE_INDEX] * len(pad))
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
     def train_batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> dict:
-        return self._batch([0, step, micro], batch_size, seq_len, lm=self.loss == "lm")
+        return self._batch([0, step, micro], batch_size, seq_len, lm=self.loss == "lm", vary=True)
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list:
         return [self._batch([1, i], batch_size, seq_len) for i in range(n)]
