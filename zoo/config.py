@@ -57,8 +57,15 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class SeqLenStage:
+    """One stage of a short-to-long schedule: `seq_len` tokens per row until `until` x max_steps."""
     seq_len: int = 512
+    until: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 512                 # the training length (the last stage of seq_len_schedule, and evaluation's)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
@@ -82,6 +89,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fsdp: bool = False
     cp_layout: str = "zigzag"          # context parallel: which chunks each rank holds (zoo.distributed)
+    # Short to long (sequence length warm-up, as in GrowLength or Llama 3's staged context): each stage
+    # trains at its shorter seq_len until `until` x max_steps, then the next; after the last, train.seq_len.
+    # A stage's rows are batch_size x seq_len / stage seq_len, so every step holds the same tokens and the
+    # learning-rate schedule and token budget do not depend on the stages.
+    seq_len_schedule: List[SeqLenStage] = field(default_factory=list)
 
     def __post_init__(self):
         if self.cp_layout not in ("contiguous", "zigzag"):
@@ -97,6 +109,37 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay / grad_clip: must be >= 0")
+        self._check_schedule()
+
+    def _check_schedule(self):
+        prev_len, prev_until = 0, 0.0
+        for i, stage in enumerate(self.seq_len_schedule):
+            where = f"seq_len_schedule[{i}]"
+            if isinstance(stage, dict):   # a plain dict from Python rather than from a YAML file
+                stage = self.seq_len_schedule[i] = SeqLenStage(**stage)
+            n, until = stage.seq_len, stage.until
+            if not isinstance(n, int) or isinstance(n, bool) or not prev_len < n < self.seq_len:
+                raise ValueError(f"{where}.seq_len: must be an integer above the previous stage's {prev_len} and "
+                                 f"below train.seq_len {self.seq_len} (stages run short to long), got {n!r}")
+            if self.seq_len % n:
+                raise ValueError(f"{where}.seq_len: {n} does not divide train.seq_len {self.seq_len} (a stage's rows "
+                                 f"are batch_size x seq_len / {n}, so that every step holds the same tokens)")
+            if not prev_until < until < 1:
+                raise ValueError(f"{where}.until: must be a fraction of max_steps in ({prev_until}, 1), "
+                                 f"increasing over the stages, got {until!r}")
+            prev_len, prev_until = n, until
+
+    def shape_at(self, step: int) -> tuple:
+        """(rows, seq_len) of the micro-batches of optimizer step `step` (0-based) under seq_len_schedule."""
+        for stage in self.seq_len_schedule:
+            if step < round(stage.until * self.max_steps):   # round: 0.3 * 1000 is 300.00000000000006
+                return self.batch_size * (self.seq_len // stage.seq_len), stage.seq_len
+        return self.batch_size, self.seq_len
+
+    def shapes(self) -> list:
+        """Every (rows, seq_len) the schedule trains at, short to long."""
+        return [(self.batch_size * (self.seq_len // s.seq_len), s.seq_len) for s in self.seq_len_schedule] + [
+            (self.batch_size, self.seq_len)]
 
 
 @dataclass

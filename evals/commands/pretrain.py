@@ -10,6 +10,15 @@ checkpoint directory that `zoo compare`, `zoo eval` and zoo.load_checkpoint read
 and MODEL_CARD.md: the command, commit, parameters, tokens, steps, CPU and wall seconds, threads, and the
 validation bits per byte of the shipped (rounded) weights beside gzip -9 on the same bytes.
 
+Long context: a recipe's `train.seq_len_schedule` trains short to long at the same tokens per step; on a
+ring of W processes the sequence is split over them (context parallel, exact: the same update as one
+process up to summation order), so a length that does not fit one process trains on W:
+
+    torchrun --nproc-per-node 2 -m evals.commands.pretrain transformer --cp 2 --set train.seq_len=4096 ...
+
+Rank 0 writes the run, the checkpoint and the card (which records the world size and cp); the CPU seconds
+are summed over the ranks.
+
 Rerunning continues an interrupted recipe from its last checkpoint (OUT/runs/<name>) and skips finished
 ones; `--retrain` starts them over. Ends with one machine-readable `summary:` line.
 """
@@ -28,6 +37,7 @@ from evals.commands import compare   # the sizing is the comparison's own
 from evals.compression import compression_bpb
 from zoo.data import DataError
 from zoo.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from zoo.train import launch
 from zoo.train.run_dir import RunDirError
 from zoo.train.trainer import Trainer, TrainingError, prepared_data
 
@@ -49,6 +59,12 @@ def parse_args(argv):
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare the recipe's corpus)")
     ap.add_argument("--retrain", action="store_true", help="start every recipe over, even a finished one")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start each recipe from the weights shipped in DIR/<name> (context extension of a "
+                         "short-context checkpoint: optimizer and schedule start fresh); the card adds its tokens")
+    ap.add_argument("--cp", type=int, default=1,
+                    help="context parallel under torchrun: ranks that share one sequence (must divide the world "
+                         "size; the rest is data parallel)")
     args = ap.parse_args(argv)
     if args.evals < 1:
         ap.error(f"--evals: expected a positive integer, got {args.evals}")
@@ -85,19 +101,30 @@ def train_one(recipe, data, run_dir: Path, args, say):
         f"train.log_every={max(1, steps // 100)}"])
     resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    init = None
+    if args.init_from:
+        init = Path(args.init_from) / recipe.name
+        if not (init / "card.json").is_file():
+            raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {recipe.name}")
     trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
-                      overwrite=resume is None)
+                      overwrite=resume is None, cp=args.cp, init_from=str(init) if init else None)
     result = trainer.train()
-    return trainer, result, *_add_time(run_dir, time.process_time() - cpu0, time.perf_counter() - wall0)
+    cpu_s = time.process_time() - cpu0
+    if trainer.world > 1:   # every rank's CPU time: the cost of the run, not of one process
+        t = torch.tensor([cpu_s], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        cpu_s = t.item()
+    return trainer, result, *_add_time(run_dir, cpu_s, time.perf_counter() - wall0, trainer.rank == 0)
 
 
-def _add_time(run_dir: Path, cpu_s: float, wall_s: float) -> tuple:
+def _add_time(run_dir: Path, cpu_s: float, wall_s: float, write: bool = True) -> tuple:
     """The run's CPU and wall seconds over all its sessions (a resumed run adds to what its earlier ones
     recorded in run_dir/time.json); the totals."""
     path = run_dir / "time.json"
     seen = json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
     total = {"cpu_seconds": seen["cpu_seconds"] + cpu_s, "wall_seconds": seen["wall_seconds"] + wall_s}
-    path.write_text(json.dumps(total) + "\n")
+    if write:
+        path.write_text(json.dumps(total) + "\n")
     return total["cpu_seconds"], total["wall_seconds"]
 
 
@@ -121,7 +148,9 @@ def ship(trainer, recipe, dest: Path, dtype, step=None) -> tuple:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(state[k].to(v.dtype))   # evaluate what is shipped, not the float32 original
-    loss, bpb = trainer.evaluate()
+    loss, bpb = trainer.evaluate()   # every rank: under cp the evaluation is a collective
+    if trainer.rank != 0:
+        return None, loss, bpb
     path = save_checkpoint(dest / "checkpoints", trainer.step if step is None else step, state, trainer.recipe,
                            info={"dtype": str(dtype).removeprefix("torch."), "tokens": trainer.tokens}, keep_last=1)
     # keep_last prunes by step number: an older shipment numbered higher (another stage count) would outlive this one
@@ -145,7 +174,8 @@ def card_text(card: dict) -> str:
              f"- command: `{card['command']}` (commit {card['commit']})",
              f"- parameters: {card['params']:,}; weights shipped as {card['dtype']}",
              f"- trained: {card['tokens']:,} tokens, {card['steps']} steps of {card['batch_size']} x {card['seq_len']}, "
-             f"seed {card['seed']}, {card['threads']} threads",
+             f"seed {card['seed']}, {card['threads']} threads" + _schedule_text(card) + _ring_text(card),
+             *_init_text(card),
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
              f"(on {card['machine']})",
              f"- validation: {card['val_bpb']:.4f} bits/byte (shipped weights; float32 {card['val_bpb_float32']:.4f}); "
@@ -153,6 +183,29 @@ def card_text(card: dict) -> str:
              f"- validation: {card['val_bpb']:.4f} bits/byte", "",
              "Validation curve (step, tokens, bits/byte): " + ", ".join(f"({s}, {t}, {b})" for s, t, b in card["curve"])]
     return "\n".join(lines) + "\n"
+
+
+def _schedule_text(card: dict) -> str:
+    stages = card.get("seq_len_schedule")
+    if not stages:
+        return ""
+    parts = [f"{n} tokens to {until:.0%}" for n, until in stages]
+    return f"; short to long: {', '.join(parts)} of the steps, then {card['seq_len']} (same tokens per step)"
+
+
+def _init_text(card: dict) -> list:
+    base = card.get("init_from")
+    if not base:
+        return []
+    return [f"- started from: {base['dir']} ({base['tokens']:,} tokens at {base['seq_len']}, {base['cpu_seconds']:.0f} "
+            f"CPU seconds); in all {base['tokens'] + card['tokens']:,} tokens"]
+
+
+def _ring_text(card: dict) -> str:
+    if card.get("world_size", 1) == 1:
+        return ""
+    return (f"; on {card['world_size']} processes, each sequence split over a ring of {card['cp']} "
+            f"(context parallel, layout {card['cp_layout']})")
 
 
 def commit() -> str:
@@ -168,41 +221,64 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    own_group = launch.init_from_env()
+    rank0 = launch.rank() == 0
+    say = print if rank0 else (lambda *a, **k: None)
     out, shipped = Path(args.out), []
     try:
-        for recipe, sizing in sized_recipes(args, print):
+        for recipe, sizing in sized_recipes(args, say):
             dest = out / recipe.name
             if (dest / "card.json").is_file() and not args.retrain:
-                print(f"{recipe.name}: shipped already ({dest}); --retrain to train it again")
+                say(f"{recipe.name}: shipped already ({dest}); --retrain to train it again")
                 shipped.append(json.loads((dest / "card.json").read_text()))
                 continue
-            data = prepared_data(recipe, args.data, log=print)
-            trainer, result, cpu_s, wall_s = train_one(recipe, data, out / "runs" / recipe.name, args, print)
+            data = launch.rank0_first(lambda: prepared_data(recipe, args.data, log=say))
+            trainer, result, cpu_s, wall_s = train_one(recipe, data, out / "runs" / recipe.name, args, say)
             if result.stopped:   # a stop before the budget: nothing is shipped; a rerun continues the run
-                print(f"{recipe.name}: stopped at step {result.step}, not shipped; rerun to continue")
+                say(f"{recipe.name}: stopped at step {result.step}, not shipped; rerun to continue")
                 return 0
             val32 = result.val_bpb
             path, _, bpb = ship(trainer, recipe, dest, DTYPES[args.dtype])
-            t = trainer.recipe.train
-            card = {"recipe": recipe.name, "command": "zoo pretrain " + " ".join(argv),
-                    "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
-                    "dtype": args.dtype, "tokens": trainer.tokens, "steps": result.step, "batch_size": t.batch_size,
-                    "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),
-                    "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
-                    "machine": f"{torch.get_num_threads()} threads, {sys.platform}, torch {torch.__version__}",
-                    "val_bpb": round(bpb, 4), "val_bpb_float32": round(val32, 4),
-                    "gzip_bpb": gzip_on_validation(trainer), "checkpoint": str(path.relative_to(dest)),
-                    "curve": curve(out / "runs" / recipe.name)}
+            if not rank0:
+                continue
+            card = make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val32, cpu_s, wall_s)
             (dest / "card.json").write_text(json.dumps(card, indent=1) + "\n")
             (dest / "MODEL_CARD.md").write_text(card_text(card))
-            print(f"{recipe.name}: {bpb:.4f} bits/byte (gzip -9 {card['gzip_bpb']}) -> {path}")
+            say(f"{recipe.name}: {bpb:.4f} bits/byte (gzip -9 {card['gzip_bpb']}) -> {path}")
             shipped.append(card)
     except (zoo.RecipeError, CheckpointError, TrainingError, DataError, RunDirError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("summary: " + json.dumps({c["recipe"]: {"val_bpb": c["val_bpb"], "gzip_bpb": c["gzip_bpb"],
-                                                  "params": c["params"], "tokens": c["tokens"]} for c in shipped}))
+    finally:
+        if own_group:
+            launch.close()
+    say("summary: " + json.dumps({c["recipe"]: {"val_bpb": c["val_bpb"], "gzip_bpb": c["gzip_bpb"],
+                                                "params": c["params"], "tokens": c["tokens"]} for c in shipped}))
     return 0
+
+
+def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val32, cpu_s, wall_s) -> dict:
+    t = trainer.recipe.train
+    launcher = (f"torchrun --nproc-per-node {trainer.world} -m evals.commands.pretrain" if trainer.world > 1
+                else "zoo pretrain")
+    card = {"recipe": recipe.name, "command": f"{launcher} " + " ".join(argv),
+            "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
+            "dtype": args.dtype, "tokens": trainer.tokens, "steps": result.step, "batch_size": t.batch_size,
+            "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),
+            "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
+            "machine": f"{torch.get_num_threads()} threads, {sys.platform}, torch {torch.__version__}",
+            "val_bpb": round(bpb, 4), "val_bpb_float32": round(val32, 4),
+            "gzip_bpb": gzip_on_validation(trainer), "checkpoint": str(path.relative_to(dest)),
+            "curve": curve(Path(args.out) / "runs" / recipe.name)}
+    if args.init_from:
+        base = json.loads((Path(args.init_from) / recipe.name / "card.json").read_text())
+        card["init_from"] = {"dir": str(Path(args.init_from) / recipe.name), "tokens": base["tokens"],
+                             "seq_len": base["seq_len"], "cpu_seconds": base["cpu_seconds"]}
+    if t.seq_len_schedule:
+        card["seq_len_schedule"] = [[s.seq_len, s.until] for s in t.seq_len_schedule]
+    if trainer.world > 1:
+        card.update(world_size=trainer.world, cp=trainer.cp, cp_layout=t.cp_layout)
+    return card
 
 
 if __name__ == "__main__":

