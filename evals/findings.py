@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from evals.bootstrap import best_and_ties, difference_interval
+from evals.context_report import context_findings
 from evals.report import (_contexts, _fmt_bytes, _lookup, _recipes, bpb_interval, cells, throughput_range,
                           verdict_difference)
 
@@ -30,7 +31,7 @@ def findings(results: dict) -> list:
     parts = (perplexity_finding(results, "blocks"), perplexity_finding(results, "streaming"),
              extrapolation_finding(results), throughput_finding(results), memory_finding(results),
              passkey_finding(results), mqar_finding(results))
-    return [p for p in parts if p]
+    return [p for p in parts if p] + context_findings(results)
 
 
 def _iv(iv, signed: bool = False) -> str:

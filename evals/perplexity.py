@@ -123,6 +123,27 @@ def longest_documents(file: TokenFile, n_docs: int, length: int) -> list:
     return [(i, length) for i in sorted(order[:n_docs])]
 
 
+def segments(file: TokenFile, n_segments: int, length: int) -> list:
+    """(document index, start, `length`) for up to `n_segments` disjoint segments of `length` tokens cut from the
+    documents at least that long: every such document's first segment (in split order), then every second
+    one, and so on, so that the segments spread over as many documents as there are."""
+    _check_positive_int("n_segments", n_segments)
+    _check_positive_int("length", length)
+    lengths = np.diff(np.asarray(file.offsets))
+    per_doc = {i: int(lengths[i]) // length for i in range(len(lengths)) if lengths[i] >= length}
+    out, k = [], 0
+    while len(out) < n_segments and any(n > k for n in per_doc.values()):
+        out += [(i, k * length, length) for i, n in per_doc.items() if n > k]
+        k += 1
+    return out[:n_segments]
+
+
+def document_tokens(file: TokenFile, doc: tuple) -> np.ndarray:
+    """The int64 tokens of (index, tokens) — a document's first tokens — or of (index, start, tokens)."""
+    i, start, n = doc if len(doc) == 3 else (doc[0], 0, doc[1])
+    return np.asarray(file.document(i)[start:start + n], dtype=np.int64)
+
+
 def windows(n_inputs: int, scheme: str, context: Optional[int] = None, stride: Optional[int] = None) -> list:
     """(start, end, score_from) over a document's input positions [0, n_inputs): feed inputs
     [start, end), score the targets of inputs [score_from, end). Together they score every input once."""
@@ -218,14 +239,16 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
                         batch_size: int = 8, device=None, chunk_size: int = 1024, min_doc_tokens: int = 2,
                         bucket_edges: Optional[Sequence[int]] = None, max_doc_tokens: Optional[int] = None,
                         documents: Optional[Sequence[tuple]] = None, resamples: int = RESAMPLES,
-                        seed: int = SEED) -> list:
+                        seed: int = SEED, return_nll: bool = False) -> list:
     """One record per context (`streaming`: one record, `context` None) — see the module docstring.
 
     stride: `sliding` only; default context // 2. chunk_size: tokens per forward call under `streaming`
     (the result does not depend on it beyond float rounding). bucket_edges: position bucket bounds,
     default 1024, 2048, 4096, ... device: default the model's. documents: (document index, tokens)
-    pairs to score instead of the budget's choice (e.g. `longest_documents`). resamples, seed: of the
-    bootstrap interval."""
+    pairs to score instead of the budget's choice (e.g. `longest_documents`), or (document index, start,
+    tokens) triples, a segment scored as a document of its own (`segments`). resamples, seed: of the
+    bootstrap interval. return_nll: the record also holds `nll`, per document the float64 array of its
+    targets' NLLs (entry t-1: token t), for analyses by target (evals.context_use); not JSON."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if stride is not None and scheme != "sliding":
@@ -243,10 +266,10 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
     device = device if device is not None else next(model.parameters()).device
     _check_positive_int("resamples", resamples)
     chosen = (select_documents(file, max_tokens, min_doc_tokens, max_doc_tokens) if documents is None
-              else [(int(i), int(n)) for i, n in documents])
-    if not chosen or min(n for _, n in chosen) < 2:
+              else [tuple(int(v) for v in d) for d in documents])
+    if not chosen or min(d[-1] for d in chosen) < 2:
         raise ValueError(f"documents: need at least one, each of at least 2 tokens, got {chosen}")
-    docs = [np.asarray(file.document(i)[:n], dtype=np.int64) for i, n in chosen]
+    docs = [document_tokens(file, d) for d in chosen]
     weights, bytes_method = _byte_weights(file)
     max_position = max(len(d) for d in docs) - 1
     edges = _bucket_edges(max_position, bucket_edges)
@@ -288,9 +311,11 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
                             **_summary(float(b_nats.sum()), int(b_tok.sum()), float(b_bytes.sum())),
                             "bits_per_byte_ci": list(ratio_interval(d_nats.sum(1) / LN2, d_bytes.sum(1), **ci)),
                             "interval": {"method": "percentile bootstrap over documents", "level": LEVEL, **ci},
-                            "per_document": {"index": [i for i, _ in chosen], "tokens": d_tok.sum(1).tolist(),
+                            "per_document": {"index": [d[0] if len(d) == 2 else list(d[:2]) for d in chosen],
+                                             "tokens": d_tok.sum(1).tolist(),
                                              "nats": d_nats.sum(1).tolist(), "bytes": d_bytes.sum(1).tolist()},
-                            "bytes_method": bytes_method, "buckets": buckets, "seconds": seconds})
+                            "bytes_method": bytes_method, "buckets": buckets, "seconds": seconds,
+                            **({"nll": nll} if return_nll else {})})
     finally:
         model.train(was_training)
     return records
@@ -372,29 +397,36 @@ def extrapolation_verdict(record: dict, train_len: int, bounded: Optional[dict] 
 @torch.no_grad()
 def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs: int = 16, chunk_size: int = 1024,
                   batch_size: int = 8, device=None, margin: float = MARGIN, resamples: int = RESAMPLES,
-                  seed: int = SEED, bounded: bool = True) -> dict:
+                  seed: int = SEED, bounded: bool = True, documents: Optional[Sequence[tuple]] = None,
+                  return_nll: bool = False) -> dict:
     """Streaming bits/byte by position on the `max_docs` longest documents of the split, each cut to
     `factor` x `train_len` tokens, bucketed by `extrapolation_edges`, with `extrapolation_verdict`'s keys.
     `bounded`: score the same targets again with `sliding` windows of `train_len` tokens at stride
     train_len // 2 (every target sees between T/2 and T tokens of history) as the verdict's control, and
     keep its bits/byte per bucket under `bounded`. A split with no document that long gives `status`
-    saying so, `documents` 0 and verdict None."""
+    saying so, `documents` 0 and verdict None. documents: what to score instead of the longest documents
+    (e.g. `segments(file, max_docs, factor * train_len)`). return_nll: the record also holds `nll`
+    {"streaming": [...], "bounded": [...]}, each target's NLL per document (see `evaluate_perplexity`)."""
     file = _token_file(data_split)
     length = factor * train_len
     base = {"scheme": "streaming", "train_len": train_len, "factor": factor, "length": length}
-    docs = longest_documents(file, max_docs, length)
+    docs = longest_documents(file, max_docs, length) if documents is None else list(documents)
     if not docs:
         longest = int(np.diff(np.asarray(file.offsets)).max(initial=0))
         return {**base, "status": f"no document of {length} tokens in {file.prefix} (longest: {longest})",
                 "documents": 0, "verdict": None, "buckets": []}
     common = dict(device=device, bucket_edges=extrapolation_edges(train_len, factor), documents=docs,
                   resamples=resamples, seed=seed)
-    [rec] = evaluate_perplexity(model, file, scheme="streaming", chunk_size=chunk_size, **common)
+    [rec] = evaluate_perplexity(model, file, scheme="streaming", chunk_size=chunk_size, return_nll=return_nll,
+                                **common)
     control = None
     if bounded:
         [control] = evaluate_perplexity(model, file, [train_len], scheme="sliding", stride=max(1, train_len // 2),
-                                        batch_size=batch_size, **common)
+                                        batch_size=batch_size, return_nll=return_nll, **common)
+    nll = {"streaming": rec.pop("nll", None), "bounded": (control or {}).pop("nll", None)}
     out = {**rec, **base, "status": "ok", **extrapolation_verdict(rec, train_len, control, margin, resamples, seed)}
+    if return_nll:
+        out["nll"] = nll
     if control is not None:
         out["bounded"] = {"scheme": "sliding", "context": train_len, "stride": control["stride"],
                           "bits_per_byte": control["bits_per_byte"], "bits_per_byte_ci": control["bits_per_byte_ci"],

@@ -59,13 +59,16 @@ from tqdm import tqdm  # noqa: E402
 import zoo  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from evals.context_memory import longest_trainable, predicted_seconds  # noqa: E402
+from evals.context_report import context_section  # noqa: E402
+from evals.context_use import COPY_SKIP, context_use, synthetic_copy  # noqa: E402
 from evals.context_parallel import cp_cell, cp_section  # noqa: E402
 from evals.memory import measure  # noqa: E402
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, extrapolation  # noqa: E402
 from evals.recall import passkey_grid  # noqa: E402
 from evals.report import cell_key, summary_table, write_report  # noqa: E402
 from evals.throughput import KINDS, MEMORY_KINDS, throughput_record  # noqa: E402
-from zoo.data import DataError, load_tokenizer  # noqa: E402
+from zoo.data import DataError, PreparedData, load_tokenizer, prepare  # noqa: E402
+from zoo.data.corpus import NAMED as NAMED_CORPORA  # noqa: E402
 from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
@@ -129,6 +132,22 @@ def parse_args(argv):
     ap.add_argument("--extrapolation-factor", type=int, default=16,
                     help="stream the longest documents to this many times train.seq_len, loss by position (0: off)")
     ap.add_argument("--extrapolation-docs", type=int, default=16, help="how many of the longest documents")
+    ap.add_argument("--eval-corpora", type=lambda t: [c for c in t.split(",") if c], default=[],
+                    help="context use on held-out documents of each named corpus (e.g. stdlib,shakespeare), "
+                         "prepared with the recipe's tokenizer: segments of --context-factor x train.seq_len "
+                         "streamed whole, the history-cut control, the copy probe by distance and gzip / xz on "
+                         "the same segments (evals/context_use.py)")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="tokens per context-use segment (default 4 x train.seq_len)")
+    ap.add_argument("--history-cut", type=int, default=None,
+                    help="the control's history in tokens (default train.seq_len): does history past it help?")
+    ap.add_argument("--context-segments", type=int, default=8, help="segments per corpus (the interval's documents)")
+    ap.add_argument("--context-split", choices=("val", "test"), default="test",
+                    help="the held-out split the context-use segments come from")
+    ap.add_argument("--copy-span", type=int, default=16, help="tokens a repeat must match to count as a copy")
+    ap.add_argument("--copy-lengths", type=int_list, default=[],
+                    help="synthetic copy: random strings of these lengths repeated once (evals.context_use)")
+    ap.add_argument("--copy-trials", type=int, default=8, help="strings per synthetic copy length")
     ap.add_argument("--memory", type=name_list(tuple(MEMORY_KINDS)), default=list(MEMORY_KINDS),
                     help="memory kinds to measure (comma-separated; '' for none)")
     ap.add_argument("--memory-contexts", type=int_list, default=None, help="default: --contexts")
@@ -179,6 +198,19 @@ def parse_args(argv):
         ap.error("--prefill-chunk and --decode-memory-tokens: expected positive integers")
     if args.extrapolation_factor == 1 or args.extrapolation_factor < 0 or args.extrapolation_docs < 1:
         ap.error("--extrapolation-factor: 0 (off) or at least 2; --extrapolation-docs: a positive integer")
+    if args.context_segments < 1 or args.copy_span < 2 or args.copy_trials < 1:
+        ap.error("--context-segments, --copy-trials: positive integers; --copy-span: at least 2")
+    if args.history_cut is not None and args.history_cut < 4 or args.context_length is not None and (
+            args.context_length % (args.history_cut or args.context_length) or
+            args.context_length < 2 * (args.history_cut or 1)):
+        ap.error(f"--context-length: a multiple of --history-cut, at least twice it; --history-cut: at least 4 "
+                 f"(got {args.context_length} and {args.history_cut})")
+    if args.copy_lengths and min(args.copy_lengths) <= COPY_SKIP:
+        ap.error(f"--copy-lengths: each must exceed the {COPY_SKIP} tokens a copy is given to start, "
+                 f"got {args.copy_lengths}")
+    for corpus in args.eval_corpora:
+        if corpus not in NAMED_CORPORA:
+            ap.error(f"--eval-corpora: unknown corpus {corpus!r}; allowed: {', '.join(NAMED_CORPORA)}")
     if (args.max_doc_tokens is not None and args.max_doc_tokens < 2) or args.resamples < 1:
         ap.error("--max-doc-tokens: at least 2 (a document's first target needs a token before it); "
                  "--resamples: a positive integer")
@@ -321,6 +353,11 @@ class RecipeRun:
             self._data = prepared_data(self.recipe, self.args.data, root=self.args.data_root, log=self.say)
         return self._data
 
+    def held_out(self, corpus: str):
+        """The --context-split of `corpus` prepared with this recipe's tokenizer."""
+        directory = prepare(corpus, self.recipe.train.tokenizer, root=self.args.data_root, log=self.say)
+        return PreparedData(directory).splits[self.args.context_split]
+
     def train_steps(self) -> int:
         t = self.recipe.train
         return max(1, self.args.budget // (t.batch_size * t.seq_len * t.grad_accum))
@@ -401,6 +438,22 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
                             "seconds": "s", "train_len": "tokens", "length": "tokens"}
             return rec
         cells.append(("extrapolation", "streaming", args.extrapolation_factor * T, extra))
+    history = args.history_cut or run.recipe.train.seq_len
+    segment = args.context_length or 4 * run.recipe.train.seq_len
+    for corpus in args.eval_corpora:
+        def use(corpus=corpus):
+            rec = context_use(run.model(), run.held_out(corpus), corpus, history, segment, args.context_segments,
+                              args.copy_span, device=torch.device(args.device), resamples=args.resamples)
+            rec["units"] = {"bits_per_byte": "bits/byte", "train_len": "tokens", "length": "tokens",
+                            "seconds": "s"}
+            return rec
+        cells.append(("context_use", corpus, segment, use))
+    for length in args.copy_lengths:
+        def copy(length=length):
+            rec = synthetic_copy(run.model(), length, args.copy_trials, device=torch.device(args.device))
+            rec["units"] = {"token_accuracy": "fraction", "exact_rate": "fraction", "length": "tokens"}
+            return rec
+        cells.append(("copy", "synthetic", length, copy))
     for kind in args.memory:
         for context in args.memory_contexts or args.contexts:
             def mem(kind=kind, context=context):
@@ -563,6 +616,10 @@ def main(argv=None):
         for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "passkey"
                     and (c.get("checkpoint") != answered_by or c["context"] not in lengths)]:
             del results["cells"][key]
+        history = args.history_cut or recipe.train.seq_len
+        for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name
+                    and c["eval"] == "context_use" and c.get("history_cut") != history]:
+            del results["cells"][key]   # measured against another history cut
         n = zoo.build_model(recipe).num_params()
         results["recipes"][recipe.name] = {"params": n, "d_model": recipe.model.d_model,
                                            "n_layers": recipe.model.n_layers, "seq_len": recipe.train.seq_len,
@@ -617,11 +674,11 @@ def main(argv=None):
     results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save_results(results_path, results)
     report, pngs = write_report(results, out)
-    section, cp_pngs = cp_section(results, out)
-    if section:
-        with open(report, "a") as f:
-            f.write("\n" + section)
-        pngs = list(pngs) + cp_pngs
+    for section, more in (cp_section(results, out), context_section(results, out)):
+        if section:
+            with open(report, "a") as f:
+                f.write("\n" + section)
+            pngs = list(pngs) + more
     print(summary_table(results))
     print(f"report: {report}")
     print("plots: " + ", ".join(str(p) for p in pngs))
