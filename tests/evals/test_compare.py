@@ -188,3 +188,37 @@ def test_passkey_from_fine_tunes_and_mqar_results(setup, capsys, tmp_path):
     assert (out / "mqar.png").stat().st_size > 1000
     assert compare.main(args(root, paths) + quick + ["--passkey-from", str(tmp_path / "nowhere")]) == 2
     assert "--passkey-from:" in capsys.readouterr().err
+
+
+def test_context_use_on_a_named_corpus(setup, capsys, tmp_path):
+    """--eval-corpora: segments of the shakespeare corpus streamed against a history cut, the copy probe and
+    gzip on the same segments, synthetic copy; their report section and findings; another cut reruns them."""
+    root, paths = setup
+    out = tmp_path / "out"
+    quick = ["--out", str(out), "--schemes", "blocks", "--extrapolation-factor", "0", "--memory", "",
+             "--throughput", "", "--no-passkey", "--eval-corpora", "shakespeare", "--context-length", "128",
+             "--history-cut", "32", "--context-segments", "3", "--copy-lengths", "20", "--copy-trials", "2"]
+    assert compare.main(args(root, paths) + quick) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    use = cells["tiny-swa|context_use|shakespeare|128"]
+    assert use["corpus"] == "shakespeare" and use["documents"] == 3 and use["history_cut"] == 32
+    assert use["source_documents"] == 3 and use["verdict"] in ("keeps falling", "flat", "breaks")
+    assert use["compression"]["bytes"] == 3 * 128 and {"first_occurrence", "buckets", "span"} <= set(use["copy"])
+    assert cells["tiny-attn|copy|synthetic|20"]["trials"] == 2
+    report = (out / "report.md").read_text()
+    assert "History on shakespeare (3 segments of 128 tokens" in report and "Synthetic copy" in report
+    assert (out / "context_use.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert compare.main(args(root, paths) + quick[:-8] + ["--history-cut", "64", "--context-segments", "3"]) == 0
+    again = summary(capsys)
+    assert again["cells_run"] == 2   # the two context_use cells, measured against another cut
+
+
+@pytest.mark.parametrize("flag,message", [
+    (["--eval-corpora", "books"], "--eval-corpora: unknown corpus 'books'; allowed: stdlib, shakespeare"),
+    (["--context-length", "100", "--history-cut", "64"], "--context-length: a multiple of --history-cut"),
+    (["--copy-lengths", "8"], "--copy-lengths: each must exceed the 8 tokens")])
+def test_context_use_flags_are_checked(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["tiny", *flag])
+    assert message in capsys.readouterr().err
