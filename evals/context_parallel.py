@@ -45,6 +45,7 @@ def _rank(rank, world, init_file, spec) -> dict:
     else:
         torch.manual_seed(0)
         model = zoo.build_model(zoo.load_recipe(spec["recipe"]))
+    model.checkpoint_layers = model.recipe.train.activation_checkpointing   # a training step as the trainer runs it
     context, layout = spec["context"], spec["layout"]
     g = torch.Generator().manual_seed(0)
     vocab = model.recipe.model.vocab_size
