@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare compare-memory compare-long pretrain recall describe bench clean lock upgrade
+.PHONY: install test compare compare-memory compare-long pretrain pretrain-long recall describe bench clean lock upgrade
 
 .venv/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -37,17 +37,20 @@ describe: install
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8
 COMPARE_ARGS ?= --threads 1 \
-	--contexts 256,512,1024,2048 --schemes blocks,sliding,streaming --max-tokens 24576 --max-doc-tokens 4096 \
-	--extrapolation-factor 16 --extrapolation-docs 8 --memory train \
+	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
+	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 2048 \
+	--context-segments 8 --copy-lengths 256,1024,4096 --copy-trials 4 --memory train \
 	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
 	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
 
-# The compared models: the shipped checkpoints in pretrained/ (made by `make pretrain`; model cards beside them)
-# when every recipe has one, so that the comparison is between models trained past gzip; otherwise, or with
-# TRAIN=1, every recipe trains here on --budget tokens (never a mix of the two).
+# The compared models: the long-context checkpoints in pretrained/long/ (made by `make pretrain-long` from the
+# 256-token ones of `make pretrain`; model cards beside them) when every recipe has one, so that the comparison is
+# between models trained at 4,096 tokens past gzip; otherwise, or with TRAIN=1, every recipe trains here on
+# --budget tokens (never a mix of the two).
 PRETRAINED   ?= pretrained
-MISSING      := $(strip $(foreach r,$(RECIPES),$(if $(wildcard $(PRETRAINED)/$(r)/card.json),,$(r))))
-COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(PRETRAINED)/,$(RECIPES)))
+LONG         ?= $(PRETRAINED)/long
+MISSING      := $(strip $(foreach r,$(RECIPES),$(if $(wildcard $(LONG)/$(r)/card.json),,$(r))))
+COMPARED     := $(if $(TRAIN)$(MISSING),$(RECIPES),$(addprefix $(LONG)/,$(RECIPES)))
 # cells resume per directory: the two kinds of models never share one
 COMPARE_OUT  := $(if $(TRAIN)$(MISSING),runs/compare-trained-here,runs/compare)
 SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
@@ -62,13 +65,27 @@ RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
 PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
 
 compare: install
-	@echo "compare: $(if $(TRAIN)$(MISSING),training each recipe here$(if $(MISSING), (no shipped checkpoint: $(MISSING))),the shipped checkpoints in $(PRETRAINED)/)"
+	@echo "compare: $(if $(TRAIN)$(MISSING),training each recipe here$(if $(MISSING), (no shipped checkpoint: $(MISSING))),the shipped checkpoints in $(LONG)/)"
 	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT) $(SIZING) $(COMPARE_ARGS) $(RECALL_COMPARE)
 
 # Train and ship the compared recipes (the command in each model card; about 10-20 CPU minutes a recipe on
 # this 2-core machine; rerunning continues an interrupted one and skips shipped ones).
 pretrain: install
 	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
+
+# Long context (issue 25): each shipped 256-token LM extended to 4,096 tokens on 3M tokens of stdlib+shakespeare
+# (the code corpus and 38 of Shakespeare's plays), short to long at 8,192 tokens a step (1,024-token rows to 30% of
+# the steps, 2,048 to 60%, then 4,096), shipped to pretrained/long/<name> with its card; LONG_RING trains on a ring
+# of 2 processes (context parallel: each sequence split in two, the same update as one process). About 10-25
+# CPU-minutes a recipe; rerunning continues an interrupted one and skips shipped ones.
+LONG_ARGS ?= --out $(LONG) --budget 3M --match-params 1M --init-from $(PRETRAINED) --threads 1 --evals 8 \
+	--no-progress --set train.seq_len=4096 train.batch_size=2 \
+	"train.seq_len_schedule=[{seq_len: 1024, until: 0.3}, {seq_len: 2048, until: 0.6}]" \
+	train.corpus=stdlib+shakespeare train.lr=1e-3
+LONG_RING ?= transformer
+pretrain-long: install
+	$(ZOO) pretrain $(filter-out $(LONG_RING),$(RECIPES)) $(LONG_ARGS)
+	$(PY) -m torch.distributed.run --nproc-per-node 2 -m evals.commands.pretrain $(LONG_RING) --cp 2 $(LONG_ARGS)
 
 # Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
 # prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), the last

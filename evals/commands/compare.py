@@ -43,6 +43,7 @@ with every rank's RSS capped at `--longest-train-cap-gb`, the sequence over W gl
 """
 import argparse
 import json
+import shlex
 import math
 import os
 import platform
@@ -334,7 +335,7 @@ def meta(args, argv) -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
             "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
             or platform.machine(), "world_size": 1, "threads": torch.get_num_threads(), "dtype": "float32",
-            "commit": commit, "command": "zoo compare " + " ".join(argv),
+            "commit": commit, "command": "zoo compare " + shlex.join(argv),
             "budget_tokens": args.budget, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

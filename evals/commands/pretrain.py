@@ -24,6 +24,7 @@ ones; `--retrain` starts them over. Ends with one machine-readable `summary:` li
 """
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -261,7 +262,7 @@ def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val3
     t = trainer.recipe.train
     launcher = (f"torchrun --nproc-per-node {trainer.world} -m evals.commands.pretrain" if trainer.world > 1
                 else "zoo pretrain")
-    card = {"recipe": recipe.name, "command": f"{launcher} " + " ".join(argv),
+    card = {"recipe": recipe.name, "command": f"{launcher} " + shlex.join(argv),
             "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
             "dtype": args.dtype, "tokens": trainer.tokens, "steps": result.step, "batch_size": t.batch_size,
             "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),

@@ -22,6 +22,7 @@ Ends with one machine-readable `summary:` line.
 """
 import argparse
 import json
+import shlex
 import os
 import sys
 import time
@@ -231,7 +232,7 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     say(f"{name}: passkey accuracy at {lengths} ...")
     grid = passkey_grid(trainer.model, lengths, args.depths, args.trials, tokenizer=tok)
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
-    card = {"recipe": name, "command": "zoo recall " + " ".join(argv), "commit": commit(), "from": str(ckpt),
+    card = {"recipe": name, "command": "zoo recall " + shlex.join(argv), "commit": commit(), "from": str(ckpt),
             "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
             "batch_size": args.batch_size[-1], "seq_len": seq_len,
             "stages": [{k: v for k, v in st.items() if v is not None} for st in asked_stages(args)],
@@ -311,7 +312,7 @@ def run_mqar(args, argv, say) -> list:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    meta = {"command": "zoo recall " + " ".join(argv), "commit": commit(), "torch": torch.__version__,
+    meta = {"command": "zoo recall " + shlex.join(argv), "commit": commit(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "vocab_size": args.vocab, "seq_len": args.seq_len,
             "layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     done = {_run_key(r) for r in _read_results(path)["runs"]}
