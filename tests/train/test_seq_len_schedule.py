@@ -67,3 +67,51 @@ def test_rows_of_every_stage_must_split_over_data_parallel_ranks():
     trainer.dp_world = 3   # the 4 rows of the 8-token stage come first
     with pytest.raises(TrainingError, match=r"train.seq_len_schedule \(at 8\): 4 rows"):
         trainer._check_shapes()
+
+
+def test_packing_at_long_length(tmp_path):
+    """cross_doc false at 2,051 tokens (odd: not a multiple of any chunk or block size): every stage's rows carry
+    the documents, and a model of the compared recipes' blocks (attention, sliding window, Mamba-2, Taipan) scores
+    each packed document as it scores that document alone."""
+    import numpy as np
+
+    from zoo.data import PreparedData, TokenWriter
+    rng = np.random.default_rng(0)
+    for split, n_docs in (("train", 12), ("val", 4), ("test", 2)):
+        with TokenWriter(tmp_path / split, vocab_size=256, tokenizer="byte", tokenizer_fingerprint="byte",
+                         corpus="t", corpus_fingerprint="t") as w:
+            for _ in range(n_docs):
+                n = int(rng.integers(150, 900))
+                w.add_document(rng.integers(0, 255, n), num_bytes=n)
+    data = PreparedData(tmp_path, seed=0, cross_doc=False)
+    recipe = zoo.load_recipe({
+        "name": "long-pack", "model": {"d_model": 16, "n_layers": 4, "vocab_size": 256, "pattern": "ASMT",
+                                       "blocks": {"A": {"type": "attn", "n_heads": 2},
+                                                  "S": {"type": "swa", "n_heads": 2, "window": 100},
+                                                  "M": {"type": "mamba2", "d_state": 8, "head_dim": 8,
+                                                        "chunk_size": 64, "ffn": "none"},
+                                                  "T": {"type": "taipan", "n_heads": 2, "window": 100}}},
+        "train": {"seq_len": 2051, "batch_size": 1, "cross_doc": False, "max_steps": 4, "warmup_steps": 1}})
+    torch.manual_seed(0)
+    model = zoo.build_model(recipe).double().eval()
+    batch = data.train_batch(3, 0, 1, 2051)
+    seq_idx = batch["seq_idx"]
+    starts = [0] + (torch.nonzero(seq_idx[0, 1:] != seq_idx[0, :-1])[:, 0] + 1).tolist() + [2051]
+    assert len(starts) > 3, "the window should hold several documents"
+    assert (batch["labels"][0, starts[1:-1]] == -100).all() and (batch["labels"][0, 1:starts[1]] != -100).all()
+    with torch.no_grad():
+        packed = model(batch["input_ids"], seq_idx=seq_idx).logits
+        for s, e in zip(starts[:-1], starts[1:]):
+            alone = model(batch["input_ids"][:, s:e]).logits
+            assert (packed[:, s:e] - alone).abs().max() < 1e-9, (s, e)
+
+
+def test_a_run_that_would_not_fit_is_refused_before_it_starts(tmp_path):
+    from zoo.train.trainer import Trainer
+    from tests.helpers import ToyData
+    recipe = toy_recipe(batch_size=2, seq_len=4096, max_steps=4, seq_len_schedule="[{seq_len: 1024, until: 0.5}]")
+    with pytest.raises(zoo.RecipeError, match=r"^train.batch_size: 2 x train.seq_len 4096 needs an estimated .* more "
+                                              r"than the 1.0 MiB max_memory cap"):
+        Trainer(recipe, ToyData(), tmp_path / "run", device="cpu", progress=False, log=lambda s: None,
+                max_memory="1MiB")
+    assert not (tmp_path / "run").exists()   # nothing claimed, nothing written

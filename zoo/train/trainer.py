@@ -107,8 +107,8 @@ class Trainer:
         self.log, self.progress = (log if self.rank == 0 else (lambda s: None)), progress and self.rank == 0
         # before anything is read, claimed or allocated: weights, gradients, AdamW and this rank's activations
         # (its rows of the batch, its shard of the sequence) against the device's memory, at every stage of
-        # the sequence-length schedule
-        for rows, seq_len in self.cfg.shapes():
+        # the sequence-length schedule, the training length first (its message names the recipe's own fields)
+        for rows, seq_len in reversed(self.cfg.shapes()):
             check_memory(recipe, max_memory, self.device, training=True,
                          batch_size=max(1, rows // self.dp_world), seq_len=max(1, seq_len // self.cp))
         self._check_validation_data()
