@@ -18,9 +18,6 @@ from typing import Optional
 
 from evals.context_use import fmt_ci, log2_middle, paired
 
-VERDICT_PHRASE = {"keeps falling": "keeps falling", "flat": "stays flat", "breaks": "breaks"}
-
-
 def _cells(results: dict, eval_name: str) -> list:
     names = list(results.get("recipes", {}))
     found = [c for c in results.get("cells", {}).values() if c["eval"] == eval_name and c["recipe"] in names]
@@ -47,27 +44,40 @@ def _where(c: dict) -> str:
 # -- findings --------------------------------------------------------------------------------------------------
 
 def history_finding(results: dict, corpus: str) -> Optional[str]:
-    """Which recipes use history past the cut (streamed vs cut, the furthest bucket), which stay flat, which break."""
-    cs = _by_recipe(results, corpus)
-    judged = {n: c for n, c in cs.items() if c.get("verdict")}
-    if not judged:
+    """How much history past the cut each recipe uses: the furthest bucket past the cut where the whole history
+    beats the cut on the same targets (paired interval wholly below zero), where it breaks (the verdict's rule),
+    or that no bucket past the cut shows a difference."""
+    cs = {n: c for n, c in _by_recipe(results, corpus).items() if c.get("past")}
+    if not cs:
         return None
-    first = next(iter(judged.values()))
-    clauses = []
-    for verdict in ("keeps falling", "flat", "breaks"):
-        parts = []
-        for n, c in judged.items():
-            if c["verdict"] != verdict:
-                continue
-            row = next((r for r in c["past"] if r["label"] == c.get("breaks_at")), None) if verdict == "breaks" \
-                else c["past"][-1]
-            past_training = " (past its training length)" if row["positions"][0] >= c["model_train_len"] else ""
-            parts.append(f"{n} ({row['label']}{past_training}: {row['vs_bounded']:+.3f} "
-                         f"{fmt_ci(row['vs_bounded_ci'], True)})")
-        if parts:
-            clauses.append(f"{VERDICT_PHRASE[verdict]} for {_names(parts)}")
-    return (f"History on {corpus} ({_where(first)}): with the whole history the loss " + "; ".join(clauses)
-            + " (bits/byte streamed minus history-cut on the same targets, paired 95% interval over the segments).")
+    first = next(iter(cs.values()))
+    H = first["history_cut"]
+
+    def diff(row):
+        return f"{row['label']}: {row['vs_bounded']:+.3f} {fmt_ci(row['vs_bounded_ci'], True)}"
+    users, none = [], []
+    for n, c in cs.items():
+        used = [r for r in c["past"] if r["vs_bounded_ci"][1] < 0]
+        broken = next((r for r in c["past"] if r["label"] == c.get("breaks_at")), None)
+        clauses = []
+        if used:
+            clauses.append(f"uses it to {_label_end(used[-1])} ({diff(used[-1])})")
+        if broken:
+            where = " past its training length" if broken["positions"][0] >= c["model_train_len"] else ""
+            clauses.append(f"breaks{where} ({diff(broken)})")
+        if clauses:
+            users.append(f"{n} " + " and ".join(clauses))
+        else:
+            none.append(f"{n} ({diff(c['past'][-1])})")
+    text = f"History past {H:,} tokens on {corpus} ({_where(first)}): " + "; ".join(users)
+    if none:
+        text += ("; " if users else "") + f"no measurable use for {_names(none)}"
+    return text + " (bits/byte with the whole history minus with the cut, same targets, paired 95% interval over the " \
+        "segments)."
+
+
+def _label_end(row: dict) -> str:
+    return row["label"].split("-")[-1]
 
 
 def copy_finding(results: dict, corpus: str) -> Optional[str]:

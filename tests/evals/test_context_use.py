@@ -154,8 +154,8 @@ def _results():
 def test_findings_read_the_numbers():
     found = context_report.context_findings(_results())
     history, copying, gzip, synthetic = found
-    assert "keeps falling for ssm (4K-8K (past its training length): -0.050 [-0.080, -0.020])" in history
-    assert "breaks for tf (2K-4K (past its training length): +1.200 [+0.900, +1.500])" in history
+    assert "tf breaks past its training length (2K-4K: +1.200 [+0.900, +1.500])" in history
+    assert "ssm uses it to 8K (4K-8K: -0.050 [-0.080, -0.020])" in history
     assert "at 256-512 tokens back (50 targets), tf 0.30, ssm 1.10 bits/byte" in copying
     assert "Copies from beyond 1,024 tokens back: ssm (up to 2K-4K: -0.200 [-0.300, -0.100]" in copying
     assert "ssm 1.200 [1.100, 1.300], tf 2.000 [1.800, 2.200]; below gzip: ssm." in gzip
