@@ -9,6 +9,8 @@ names a Python import path, so loading a recipe can never run arbitrary code.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -20,6 +22,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from zoo.blocks.ffn import FFN_TYPES, FfnConfig
 from zoo.ops.dispatch import check_kernels
 from zoo.registry import get_block, list_blocks, unknown_name_message
+
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 class RecipeError(ValueError):
@@ -47,6 +53,7 @@ class ModelConfig:
     logits_divisor: float = 1.0
     # op -> implementation, e.g. {ssd: triton}; ops left out choose by device (zoo.ops.dispatch)
     kernels: Dict[str, str] = field(default_factory=dict)
+    VALIDATED_APART = ("blocks",)   # not a field: each block's values are checked by its own config class
 
     def __post_init__(self):
         _positive(self, "d_model", "n_layers", "init_std", "norm_eps", "embedding_multiplier", "residual_multiplier",
@@ -200,11 +207,28 @@ def _reraise(prefix: str, err: Exception):
 
 
 def _structured(cls, data, prefix: str):
-    """Validate `data` against dataclass `cls` (types, unknown keys, __post_init__)."""
+    """Validate `data` against dataclass `cls` (types, unknown keys, finite floats, __post_init__)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+        merged = OmegaConf.merge(OmegaConf.structured(cls), data)
+        values = OmegaConf.to_container(merged, resolve=True)
+        for key in getattr(cls, "VALIDATED_APART", ()):
+            values.pop(key, None)
+        _check_finite(values, "", getattr(cls, "UNBOUNDED", ()))
+        return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError, TypeError) as err:
         _reraise(prefix, err)
+
+
+def _check_finite(value, path: str, unbounded=(), infinite_ok: bool = False):
+    """Every float of a config, nested ones included, is a finite number: inf or nan in a multiplier trains
+    to the end learning nothing, or fails at step 0 far from the field that caused it. A config class lists in
+    `UNBOUNDED` the fields whose +inf means "no bound" (Mamba's dt_limit); nan is never a value."""
+    if isinstance(value, float) and not math.isfinite(value) and not (infinite_ok and value == math.inf):
+        raise ValueError(f"{path}: must be a finite number, got {value}")   # _reraise puts the prefix before it
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        _check_finite(v, (f"{path}.{key}" if path else str(key)) if isinstance(key, str) else f"{path}[{key}]",
+                      (), infinite_ok or (not path and key in unbounded))
 
 
 def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
@@ -212,6 +236,10 @@ def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
     if path in seen:
         chain = " -> ".join(str(p.name) for p in (*seen, path))
         raise RecipeError(f"extends: cycle {chain}")
+    if seen and path.suffix not in RECIPE_SUFFIXES:
+        # a recipe extends recipes: never another kind of file, whose content an error would otherwise echo
+        raise RecipeError(f"extends: {path} (in {seen[-1]}) is not a recipe file; allowed: a file ending in "
+                          f"{' or '.join(RECIPE_SUFFIXES)}")
     if not path.is_file():
         where = f" (extended from {seen[-1]})" if seen else ""
         raise RecipeError(f"recipe file not found: {path}{where}")
@@ -219,12 +247,13 @@ def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
         raw = OmegaConf.load(path)
     except yaml.MarkedYAMLError as err:
         raise RecipeError(_yaml_error(path, err)) from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a UTF-8 text file (a recipe is YAML)") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise RecipeError(f"{path}: not a UTF-8 YAML text file (a recipe is YAML)") from None
     if not isinstance(raw, DictConfig):
         raise RecipeError(f"{path}: a recipe is a mapping with keys name, extends, model, train")
     if not raw:
         raise RecipeError(f"{path}: empty recipe file (expected a mapping with keys name, extends, model, train)")
+    _check_no_resolvers(OmegaConf.to_container(raw, resolve=False), f"{path}: ")
     # A file without its own name is named after itself, not after the file it extends, so two recipes
     # extending one base never share runs/<name>.
     own_name = "name" in raw
@@ -234,6 +263,17 @@ def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
     if not own_name and not seen:
         raw.name = path.stem
     return raw
+
+
+def _check_no_resolvers(value, path: str):
+    """A resolver call (${oc.env:HOME}) would read the environment into the recipe, and from there into run names
+    and checkpoints: refused wherever it appears."""
+    if isinstance(value, str) and re.search(r"\$\{[^}]*:", value):
+        raise RecipeError(f"{path.replace(': .', ': ').lstrip('.') or 'recipe'}: {value!r} calls an OmegaConf resolver; recipes do not "
+                          "read the environment or run resolvers: write the value itself")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        _check_no_resolvers(v, f"{path}.{key}")
 
 
 def _yaml_error(path: Path, err) -> str:
@@ -255,7 +295,11 @@ def _ffn_config(default: FfnConfig, override, path: str) -> FfnConfig:
         override = {"type": override}
     if not isinstance(override, (dict, DictConfig)):
         raise RecipeError(f"{path}: expected a feed-forward type ({', '.join(FFN_TYPES)}) or a mapping, got {override!r}")
-    return _structured(FfnConfig, OmegaConf.merge(OmegaConf.structured(default), override), path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(default), override)
+    except (OmegaConfBaseException, ValueError, TypeError) as err:
+        _reraise(path, err)
+    return _structured(FfnConfig, merged, path)
 
 
 def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpec:
@@ -301,7 +345,9 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     allowed = [f.name for f in dataclasses.fields(RecipeSchema)]
     for key in raw:
         if key not in allowed:
-            raise RecipeError(f"{key}: unknown key (allowed: {', '.join(allowed)})")
+            shown = str(key) if len(str(key)) <= 40 else str(key)[:40] + "..."
+            raise RecipeError(f"{shown!r}: unknown key (allowed: {', '.join(allowed)})")
+    _check_no_resolvers(OmegaConf.to_container(raw, resolve=False), "")
     model_raw = raw.get("model") or {}
     if "ffn" in model_raw:  # validated on its own first so its errors carry the path model.ffn.*
         _structured(FfnConfig, model_raw["ffn"], "model.ffn")
@@ -310,6 +356,10 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     name = raw.get("name") or ""
     if not isinstance(name, str):
         raise RecipeError(f"name: expected a string, got {name!r}")
+    if name and (not RUN_NAME.fullmatch(name) or ".." in name):
+        # the name becomes runs/<name> and the checkpoints' directory: a path would write anywhere
+        raise RecipeError(f"name: {name!r} is not a run name; allowed: letters, digits and . _ + - (no path "
+                          "separators, no '..'), starting with a letter or digit")
     # Every defined letter is validated, used by the pattern or not: a typo in a spare block (one a
     # recipe extending this one may switch on) fails here, not in someone else's run.
     for letter in model.blocks:

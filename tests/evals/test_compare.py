@@ -206,7 +206,7 @@ def test_context_use_on_a_named_corpus(setup, capsys, tmp_path):
     assert use["compression"]["bytes"] == 3 * 128 and {"first_occurrence", "buckets", "span"} <= set(use["copy"])
     assert cells["tiny-attn|copy|synthetic|20"]["trials"] == 2
     report = (out / "report.md").read_text()
-    assert "History on shakespeare (3 segments of 128 tokens" in report and "Synthetic copy" in report
+    assert "History past 32 tokens on shakespeare (3 segments of 128 tokens" in report and "Synthetic copy" in report
     assert (out / "context_use.png").stat().st_size > 1000
     capsys.readouterr()
     assert compare.main(args(root, paths) + quick[:-8] + ["--history-cut", "64", "--context-segments", "3"]) == 0

@@ -56,6 +56,7 @@ class Mamba2Config:
     norm_eps: float = 1e-5              # the gated RMSNorm's eps
     # step sizes clamped to [lo, hi] after the softplus, as mamba_ssm's dt_limit (Nemotron-H: [time_step_min, inf])
     dt_limit: List[float] = field(default_factory=lambda: [0.0, math.inf])
+    UNBOUNDED = ("dt_limit",)            # not a field: the recipe check lets dt_limit's hi be .inf
 
     def __post_init__(self):
         _at_least_one(self, "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")

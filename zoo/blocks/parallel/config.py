@@ -21,6 +21,7 @@ class ParallelConfig:
     # Each branch: {type: <block>, out_scale: <float, default 1>, ...that block's fields}. The scale is not
     # called `scale`: attention blocks already have a `scale` field (their softmax scale).
     branches: List[Dict[str, Any]] = field(default_factory=_default_branches)
+    VALIDATED_APART = ("branches",)   # not a field: each branch is its own block config (_block_config)
 
     def __post_init__(self):
         if not isinstance(self.branches, (list, tuple)) or not self.branches:
