@@ -89,8 +89,15 @@ def _conv_and_proj_params(c) -> list:
     return params
 
 
+def _silu_only(c):
+    # zoo's Mamba mixers gate with silu, as mamba_ssm does; transformers lets hidden_act change it
+    if getattr(c, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act: only silu converts (zoo's Mamba mixers gate with silu), got {c.hidden_act!r}")
+
+
 def _mamba(hf) -> tuple[dict, dict]:
     c = hf.config
+    _silu_only(c)
     if c.intermediate_size != c.expand * c.hidden_size:
         raise ValueError(f"intermediate_size: {c.intermediate_size} != expand * hidden_size; zoo derives it")
     block = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
@@ -101,13 +108,15 @@ def _mamba(hf) -> tuple[dict, dict]:
 
 def _mamba2(hf) -> tuple[dict, dict]:
     c = hf.config
+    _silu_only(c)
     if tuple(c.time_step_limit) != (0.0, float("inf")):
         raise ValueError(f"time_step_limit: only the unclamped (0, inf) converts exactly, got {c.time_step_limit}")
     if c.expand * c.hidden_size != c.num_heads * c.head_dim:
         raise ValueError(f"num_heads: {c.num_heads} x head_dim {c.head_dim} != expand x hidden_size")
     block = {"type": "mamba2", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
              "head_dim": c.head_dim, "n_groups": c.n_groups, "chunk_size": c.chunk_size,
-             "conv_bias": bool(c.use_conv_bias), "bias": bool(c.use_bias)}
+             "conv_bias": bool(c.use_conv_bias), "bias": bool(c.use_bias),
+             "norm_eps": c.layer_norm_epsilon}   # transformers' gated norm takes the model's eps too
     params = _conv_and_proj_params(c) + ["dt_bias", "norm.weight"]
     return _mamba_common(c, block, params)
 
