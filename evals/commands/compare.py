@@ -199,6 +199,8 @@ def parse_args(argv):
         ap.error("--prefill-chunk and --decode-memory-tokens: expected positive integers")
     if args.extrapolation_factor == 1 or args.extrapolation_factor < 0 or args.extrapolation_docs < 1:
         ap.error("--extrapolation-factor: 0 (off) or at least 2; --extrapolation-docs: a positive integer")
+    if args.max_tokens < 2:
+        ap.error(f"--max-tokens: at least 2 targets per scheme and context, got {args.max_tokens}")
     if args.context_segments < 1 or args.copy_span < 2 or args.copy_trials < 1:
         ap.error("--context-segments, --copy-trials: positive integers; --copy-span: at least 2")
     if args.history_cut is not None and args.history_cut < 4 or args.context_length is not None and (

@@ -119,6 +119,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the records as JSON here")
     ap.add_argument("--plot", default=None, help="write a PNG: bits per byte by context and by position")
     args = ap.parse_args(argv)
+    for flag, value in (("--out", args.out), ("--plot", args.plot)):
+        if value and not Path(value).resolve().parent.is_dir():   # checked now, not after the whole evaluation
+            ap.error(f"{flag}: the directory of {value} does not exist")
 
     try:
         max_memory = parse_memory(args.max_memory, "--max-memory")

@@ -118,6 +118,36 @@ def train_one(recipe, data, run_dir: Path, args, say):
     return trainer, result, *_add_time(run_dir, cpu_s, time.perf_counter() - wall0, trainer.rank == 0)
 
 
+# the fields `train_one` sets from the budget and --evals: not the recipe's own
+SCHEDULED = ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_last", "log_every")
+
+
+def shipped_difference(dest: Path, card: dict, recipe, args) -> str | None:
+    """The first setting in which the checkpoint shipped in `dest` differs from what this run would train
+    (model and train fields, token budget, starting weights), as "field: shipped X, asked Y"; None when none does."""
+    from zoo.train.checkpoint import read_recipe, resolve_checkpoint
+    try:
+        old = read_recipe(resolve_checkpoint(dest / card["checkpoint"])).to_dict()
+    except (CheckpointError, KeyError, OSError):
+        return "its checkpoint does not load"
+    new = recipe.to_dict()
+    for section in ("model", "train"):
+        for key in sorted(set(old[section]) | set(new[section])):
+            if section == "train" and key in SCHEDULED:
+                continue
+            if old[section].get(key) != new[section].get(key):
+                return f"{section}.{key}: shipped {old[section].get(key)!r}, asked {new[section].get(key)!r}"
+    t = recipe.train
+    tokens = max(1, args.budget // (t.batch_size * t.seq_len * t.grad_accum)) * t.batch_size * t.seq_len * t.grad_accum
+    if card.get("tokens") != tokens:
+        return f"--budget: shipped {card.get('tokens'):,} tokens, asked {tokens:,}"
+    base = (card.get("init_from") or {}).get("dir")
+    asked = str(Path(args.init_from) / recipe.name) if args.init_from else None
+    if base != asked:
+        return f"--init-from: shipped from {base}, asked {asked}"
+    return None
+
+
 def _add_time(run_dir: Path, cpu_s: float, wall_s: float, write: bool = True) -> tuple:
     """The run's CPU and wall seconds over all its sessions (a resumed run adds to what its earlier ones
     recorded in run_dir/time.json); the totals."""
@@ -230,8 +260,13 @@ def main(argv=None):
         for recipe, sizing in sized_recipes(args, say):
             dest = out / recipe.name
             if (dest / "card.json").is_file() and not args.retrain:
+                card = json.loads((dest / "card.json").read_text())
+                differs = shipped_difference(dest, card, recipe, args)
+                if differs:   # never report another model as this command's result
+                    raise ValueError(f"{recipe.name}: {dest} was shipped with other settings ({differs}); "
+                                     "--retrain to replace it, or another --out")
                 say(f"{recipe.name}: shipped already ({dest}); --retrain to train it again")
-                shipped.append(json.loads((dest / "card.json").read_text()))
+                shipped.append(card)
                 continue
             data = launch.rank0_first(lambda: prepared_data(recipe, args.data, log=say))
             trainer, result, cpu_s, wall_s = train_one(recipe, data, out / "runs" / recipe.name, args, say)

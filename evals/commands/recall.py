@@ -111,6 +111,8 @@ def parse_args(argv):
     if args.task == "passkey":
         if args.trials < 1:
             ap.error("--trials: a positive integer")
+        if not args.depths or any(not 0 <= d <= 1 for d in args.depths):
+            ap.error(f"--depths: fractions of the prompt in [0, 1], got {args.depths}")
         if args.min_seq_len is None:
             args.min_seq_len = [None]
         for field in ("batch_size", "lr", "loss", "min_seq_len"):   # one value stands for every stage

@@ -45,6 +45,13 @@ def test_pretrain_ships_a_half_precision_checkpoint_with_its_card(pretrain, tmp_
     assert pretrain.main(argv) == 0
     assert "shipped already" in capsys.readouterr().out
     assert (dest / "card.json").stat().st_mtime_ns == mtime
+    # ... and a rerun that asks for something else says so instead of reporting the shipped model as its result
+    for extra, said in ((["--set", "train.lr=0.01"], "train.lr: shipped 0.003, asked 0.01"),
+                        (["--budget", "2048"], "--budget: shipped 1,024 tokens, asked 2,048")):
+        assert pretrain.main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert f"tiny-cli: {dest} was shipped with other settings ({said}); --retrain to replace it" in err
+    assert (dest / "card.json").stat().st_mtime_ns == mtime
 
 
 def test_pretrain_unknown_recipe_is_one_error_line(pretrain, tmp_path, capsys):

@@ -40,8 +40,11 @@ def check_out(out: Path, force: bool = False) -> None:
 
 
 def export(ckpt, out, dtype: str = "float32", force: bool = False, max_memory=None) -> dict:
-    check_out(Path(out), force)
     path = resolve_checkpoint(ckpt)
+    if Path(out).resolve() in (path.resolve(), Path(ckpt).resolve()):
+        # --force would replace the checkpoint's own weights, at --dtype's precision
+        raise ExportError(f"out: {out} is the checkpoint being exported; allowed: another directory")
+    check_out(Path(out), force)
     with memory_cap(max_memory):
         lm = zoo.load_checkpoint(path).to(getattr(torch, dtype)).eval()
     model = ZooForCausalLM.from_zoo(lm)

@@ -65,7 +65,8 @@ class HFTokenizer:
         self.spec = str(path)
         self.name = Path(path).resolve().name
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            # trust_remote_code=False: a directory whose config names code (auto_map) is refused, never prompted for
+            self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as err:  # transformers raises OSError, ValueError or KeyError by case
             raise DataError(f"tokenizer: AutoTokenizer cannot load {str(path)!r}: {err}") from err
         # len() counts added special tokens; hf.vocab_size does not, and those ids are emitted too

@@ -1,0 +1,43 @@
+"""Bad input a new user meets, refused before any work, in one line naming the flag or field (issue 28)."""
+import json
+
+import pytest
+
+from evals.commands import compare, eval as eval_command, recall
+from zoo.commands import export as export_command
+from zoo.data import DataError
+from zoo.data.tokenizer import HFTokenizer
+
+
+def test_compare_max_tokens_is_checked_first(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["transformer", "--max-tokens", "0"])
+    assert "--max-tokens: at least 2 targets per scheme and context, got 0" in capsys.readouterr().err
+
+
+def test_passkey_depths_are_checked_first(capsys):
+    with pytest.raises(SystemExit):
+        recall.parse_args(["passkey", "mamba2", "--depths", "0,1.5"])
+    assert "--depths: fractions of the prompt in [0, 1], got [0.0, 1.5]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_eval_output_into_a_missing_directory_is_refused_first(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_command.main([str(tmp_path / "no-checkpoint"), flag, str(tmp_path / "missing" / "x.json")])
+    assert f"{flag}: the directory of {tmp_path / 'missing' / 'x.json'} does not exist" in capsys.readouterr().err
+
+
+def test_export_never_writes_over_its_own_checkpoint(tmp_path):
+    from tests.helpers import train_toy
+    train_toy(tmp_path / "run", max_steps=2, save_every=2)
+    with pytest.raises(export_command.ExportError, match=r"out: .*run is the checkpoint being exported"):
+        export_command.export(tmp_path / "run", tmp_path / "run", "bfloat16", force=True)
+
+
+def test_a_tokenizer_that_names_remote_code_is_refused(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
+    (tmp_path / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    with pytest.raises(DataError, match="tokenizer: AutoTokenizer cannot load"):
+        HFTokenizer(tmp_path)
