@@ -41,3 +41,24 @@ def test_a_tokenizer_that_names_remote_code_is_refused(tmp_path):
     (tmp_path / "evil.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(DataError, match="tokenizer: AutoTokenizer cannot load"):
         HFTokenizer(tmp_path)
+
+
+def test_eval_contexts_longer_than_every_document_are_refused(tmp_path, capsys):
+    import zoo
+    from tests.helpers import CLI_RECIPE, write_prepared
+    from zoo.train.checkpoint import save_checkpoint
+    recipe = zoo.load_recipe(CLI_RECIPE)
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, zoo.build_model(recipe).state_dict(), recipe)
+    data = write_prepared(tmp_path / "data", train=3000, val=900, test=300)
+    argv = [str(tmp_path / "run"), "--data", str(data), "--schemes", "blocks", "--max-tokens", "500"]
+    assert eval_command.main(argv + ["--contexts", "16,600"]) == 2
+    assert "--contexts: 600 is longer than every scored document (the longest is 501 tokens" in capsys.readouterr().err
+    assert eval_command.main(argv + ["--contexts", "16,500"]) == 0
+
+
+def test_a_failed_resume_leaves_no_empty_run_directory(tmp_path):
+    from tests.helpers import train_toy
+    from zoo.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train_toy(tmp_path / "new", resume=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "new").exists()

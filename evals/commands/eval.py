@@ -17,7 +17,7 @@ import torch
 
 import zoo
 from evals.compression import compression_bpb
-from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity
+from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, select_documents
 from zoo.data import DataError, PreparedData, load_tokenizer
 from zoo.memory import check_memory, memory_cap, parse_memory
 from zoo.ops.dispatch import chosen
@@ -136,6 +136,12 @@ def main(argv=None):
         tokenizer = None if data.tokenizer == "byte" else load_tokenizer(data.tokenizer)
         text = documents_text(split, args.max_tokens, args.min_doc_tokens, tokenizer=tokenizer)
         reference = compression_bpb(text)
+        scored = select_documents(split.file, args.max_tokens, args.min_doc_tokens)
+        longest = max((n for _, n in scored), default=0)
+        too_long = [c for c in args.contexts if c > longest] if set(args.schemes) - {"streaming"} else []
+        if too_long:   # a window past every document is the whole document: it would be labelled as if it ran
+            raise ValueError(f"--contexts: {too_long[0]} is longer than every scored document (the longest is "
+                             f"{longest:,} tokens under --max-tokens {args.max_tokens:,}); allowed: up to {longest:,}")
         records = []
         for scheme in args.schemes:
             records += evaluate_perplexity(model, split, args.contexts, scheme=scheme,

@@ -131,11 +131,17 @@ def move_aside(directory) -> Path:
 def claim(directory, resume: Optional[str], overwrite: bool, log: Callable[[str], None] = print) -> RunLock:
     """Lock `directory` for one run and check that what it holds may be continued or replaced."""
     directory = Path(directory)
+    existed = directory.exists()
     lock = RunLock(directory, log)
     try:
         _check(directory, resume, overwrite, log)
     except BaseException:
         lock.release()
+        if not existed:   # a run that never started leaves no empty directory behind
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
         raise
     return lock
 
