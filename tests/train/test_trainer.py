@@ -253,3 +253,17 @@ def test_init_from_refuses_another_model_and_a_missing_checkpoint(tmp_path):
         Trainer(toy_recipe(max_steps=2), ToyData(), tmp_path / "y", device="cpu", progress=False,
                 log=lambda s: None, init_from=str(tmp_path / "nowhere"))
     assert not (tmp_path / "y" / "train.lock").exists()   # a trainer that failed to start holds no directory
+
+
+def test_resume_refuses_a_changed_training_setting_and_takes_a_longer_run(tmp_path):
+    """--resume auto with train.lr changed used to train on at the old rate while the new checkpoints recorded
+    the new one: now the setting is refused naming it; the run's length may change, and is said."""
+    train_toy(tmp_path, max_steps=4, save_every=2)
+    with pytest.raises(TrainingError, match=r"train.lr: .*step-00000004 trained with 0.003, this run asks 0.5; a "
+                                            r"resumed run keeps its optimizer, schedule and data order"):
+        train_toy(tmp_path, resume="auto", max_steps=6, lr=0.5)
+    said = []
+    trainer = Trainer(toy_recipe(max_steps=6, save_every=2), ToyData(), tmp_path, device="cpu", resume="auto",
+                      progress=False, log=said.append)
+    assert trainer.step == 4 and any("train.max_steps 4 -> 6" in s for s in said)
+    assert trainer.train().step == 6

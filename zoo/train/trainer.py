@@ -20,6 +20,7 @@ every rank stops at the same step and saves together. A second Ctrl-C stops at o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -46,6 +47,12 @@ from zoo.train.optim import build_optimizer, build_scheduler, param_groups
 
 class TrainingError(RuntimeError):
     pass
+
+
+# train fields a resumed run may change: how long it runs, what it logs and keeps, how it computes the same math
+# (checkpoints hold full, unsharded states, so a run may continue under another parallelism)
+RESUMABLE = ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "compile",
+             "activation_checkpointing", "fsdp", "cp_layout")
 
 
 @dataclass
@@ -235,6 +242,7 @@ class Trainer:
             loaded = ckpt.read_checkpoint(path)
         saved_recipe, model_state, state, info = loaded
         ckpt.check_same_model(saved_recipe, self.recipe, path)
+        self._check_same_training(saved_recipe, path)
         try:
             self._load_model_state(model_state)
             if self.cfg.fsdp and self.world > 1:
@@ -253,6 +261,22 @@ class Trainer:
         self.step, self.tokens = info["step"], info["tokens"]
         self.log(f"resumed from {path} at step {self.step}")
         return True
+
+    def _check_same_training(self, saved: Recipe, path):
+        """A resumed run continues the saved optimizer, schedule and data order: a train field that would change
+        them (lr, batch, schedule, data) is refused rather than recorded in the new checkpoints while the restored
+        state trains on as before. RESUMABLE fields (length of the run, bookkeeping) take effect."""
+        old, new = dataclasses.asdict(saved.train), dataclasses.asdict(self.recipe.train)
+        for key in old:
+            if key in RESUMABLE or old[key] == new.get(key):
+                continue
+            raise TrainingError(f"train.{key}: {path} trained with {old[key]!r}, this run asks {new.get(key)!r}; a "
+                                f"resumed run keeps its optimizer, schedule and data order, so only "
+                                f"{', '.join('train.' + k for k in RESUMABLE)} may change: resume without it, or "
+                                "start a new run (another --out, or --overwrite)")
+        if old["max_steps"] != new["max_steps"]:
+            self.log(f"resume: train.max_steps {old['max_steps']} -> {new['max_steps']}: the learning-rate schedule's "
+                     "remaining steps follow the new length")
 
     def _init_from(self, source: str):
         """Start from the model weights of another run's checkpoint (any precision), nothing else of it."""
