@@ -72,6 +72,7 @@ from zoo.data import DataError, PreparedData, load_tokenizer, prepare  # noqa: E
 from zoo.data.corpus import NAMED as NAMED_CORPORA  # noqa: E402
 from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from zoo.train.run_dir import RunDirError, RunLock, move_aside  # noqa: E402
 from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
 
 
@@ -177,6 +178,9 @@ def parse_args(argv):
                     help="torch threads here and in the memory subprocesses (default: torch's). On a CPU shared "
                          "with other work, 1 avoids threads spinning while they wait for a core")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="--out holds a comparison of other recipes or settings: move it into --out/replaced-<time>/ "
+                         "and start over (a rerun of the same comparison resumes without it)")
     ap.add_argument("--world-sizes", type=int_list, default=[],
                     help="context parallel: measure memory and perplexity with the sequence over W gloo processes")
     ap.add_argument("--cp-contexts", type=int_list, default=None, help="default: --memory-contexts or --contexts")
@@ -569,7 +573,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = load_results(results_path)
-    results["meta"] = {**meta(args, argv), **{k: v for k, v in results.get("meta", {}).items() if k == "started"}}
+    results["meta"] = {**meta(args, argv), **{k: v for k, v in results.get("meta", {}).items() if k in ("started", "setup")}}
     say = tqdm.write if not args.no_progress else print
 
     try:
@@ -602,6 +606,61 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    try:
+        lock = RunLock(out, say, name="compare.lock")   # a second comparison into --out is refused, not interleaved
+        results = own_results(out, results, resolved, args, say)
+    except (RunDirError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run_comparison(out, results, results_path, resolved, names, args, argv, say)
+    finally:
+        lock.release()
+
+
+def setup_of(resolved, args) -> dict:
+    """What the cells of a comparison depend on: each recipe as sized (or the checkpoint it was given as), and the
+    training budget of the recipes trained here."""
+    setup = {r.name: {"recipe": r.to_dict(), "checkpoint": str(c) if c else None} for r, c in resolved}
+    if any(c is None for _, c in resolved):
+        setup["--budget"] = args.budget
+    return json.loads(json.dumps(setup))   # as results.json holds it (tuples as lists)
+
+
+def own_results(out: Path, results: dict, resolved, args, say) -> dict:
+    """The results to continue: those in --out when they are this comparison's (the same recipes and settings), a
+    fresh start with --overwrite (the old ones moved aside), an error otherwise: a comparison never reports cells
+    of other models beside its own."""
+    setup = setup_of(resolved, args)
+    held = results.get("meta", {}).get("setup")
+    if not results.get("cells") or held == setup:
+        results.setdefault("meta", {})["setup"] = setup
+        return results
+    if held is None:
+        difference = "results.json from before comparisons recorded their setup"
+    else:
+        key = next(k for k in sorted(set(held) | set(setup)) if held.get(k) != setup.get(k))
+        difference = (f"{key}: not in this comparison" if key not in setup else f"{key}: not in the one in --out"
+                      if key not in held else f"{key}: {_first_difference(held[key], setup[key])}")
+    if not args.overwrite:
+        raise ValueError(f"--out: {out} holds a comparison of other recipes or settings ({difference}); rerun the "
+                         "same comparison to resume it, give another --out, or --overwrite to move it aside")
+    moved = move_aside(out, [p.name for p in out.iterdir() if not p.name.startswith("replaced-")
+                             and p.name != "compare.lock"])
+    say(f"overwrite: moved the previous comparison in {out} ({difference}) to {moved}")
+    fresh = {"meta": {**results["meta"], "setup": setup}, "recipes": {}, "cells": {}}
+    return fresh
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path or 'value'} was {a!r}, now {b!r}"
+
+
+def run_comparison(out, results, results_path, resolved, names, args, argv, say) -> int:
     runs, todo = [], []
     for recipe, ckpt in resolved:
         run = RecipeRun(recipe, ckpt, args, out, say)

@@ -222,3 +222,31 @@ def test_context_use_flags_are_checked(flag, message, capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(["tiny", *flag])
     assert message in capsys.readouterr().err
+
+
+def test_a_reused_out_is_this_comparison_or_refused(setup, capsys, tmp_path):
+    """--out that holds a comparison of other recipes or sizes is refused (it used to run 0 cells and report the
+    old numbers beside the new sizes), --overwrite moves it aside, and a second comparison running into the same
+    --out is kept out by the lock."""
+    from zoo.train.run_dir import RunLock
+    root, paths = setup
+    out = tmp_path / "out"
+    quick = ["--out", str(out), "--schemes", "blocks", "--contexts", "16", "--extrapolation-factor", "0",
+             "--memory", "", "--throughput", "", "--no-passkey"]
+    assert compare.main(args(root, paths) + quick) == 0
+    capsys.readouterr()
+    assert compare.main(args(root, paths[:1]) + quick) == 2
+    assert "holds a comparison of other recipes or settings (tiny-swa: not in this comparison)" in capsys.readouterr().err
+    assert compare.main(args(root, paths) + quick + ["--set", "model.d_model=48"]) == 2
+    err = capsys.readouterr().err
+    assert "(tiny-attn: recipe.model.d_model was 32, now 48); rerun the same comparison to resume it" in err
+    assert compare.main(args(root, paths[:1]) + quick + ["--overwrite"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["recipes"]) == ["tiny-attn"] and len(list(out.glob("replaced-*/results.json"))) == 1
+    capsys.readouterr()
+    held = RunLock(out, name="compare.lock")
+    try:
+        assert compare.main(args(root, paths[:1]) + quick) == 2
+        assert "is in use by" in capsys.readouterr().err
+    finally:
+        held.release()

@@ -56,9 +56,9 @@ class RunLock:
 
     NAME = "train.lock"
 
-    def __init__(self, directory, log: Callable[[str], None] = print):
+    def __init__(self, directory, log: Callable[[str], None] = print, name: Optional[str] = None):
         directory = Path(directory)
-        self.path = directory / self.NAME
+        self.path = directory / (name or self.NAME)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             while True:
@@ -113,8 +113,8 @@ def previous_run(directory) -> Optional[str]:
     return "; ".join(parts)
 
 
-def move_aside(directory) -> Path:
-    """Move the run files of `directory` into a new `directory/replaced-<time>/`, which is returned."""
+def move_aside(directory, names=RUN_FILES) -> Path:
+    """Move the run files (`names`) of `directory` into a new `directory/replaced-<time>/`, which is returned."""
     directory = Path(directory)
     dest = directory / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
@@ -122,7 +122,7 @@ def move_aside(directory) -> Path:
         n += 1
         dest = directory / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
     dest.mkdir()
-    for name in RUN_FILES:
+    for name in names:
         if (directory / name).exists():
             os.rename(directory / name, dest / name)
     return dest
