@@ -38,7 +38,7 @@ describe: install
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8
 COMPARE_ARGS ?= --threads 1 \
 	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
-	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 2048 \
+	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 512 \
 	--context-segments 8 --copy-lengths 256,1024,4096 --copy-trials 4 --memory train \
 	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
 	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
