@@ -127,8 +127,8 @@ def gzip_finding(results: dict, corpus: str) -> Optional[str]:
     comp = next(iter(cs.values()))["compression"]
     below = [n for n, c in cs.items() if c["bits_per_byte_ci"][1] < comp["gzip-9"]]
     order = sorted(cs, key=lambda n: cs[n]["bits_per_byte"])
-    text = (f"Against compressors on the same {corpus} segments (gzip -9 {comp['gzip-9']:.3f}, xz -9 {comp['xz-9']:.3f} "
-            "bits/byte): " + ", ".join(f"{n} {cs[n]['bits_per_byte']:.3f} {fmt_ci(cs[n]['bits_per_byte_ci'])}"
+    text = (f"Against compressors on the same {corpus} segments (gzip -9 {comp['gzip-9']:.3f}, "
+            f"xz -9 {comp['xz-9']:.3f} bits/byte): " + ", ".join(f"{n} {cs[n]['bits_per_byte']:.3f} {fmt_ci(cs[n]['bits_per_byte_ci'])}"
                                        for n in order))
     return text + (f"; below gzip: {_names(below)}." if below else "; none below gzip.")
 

@@ -269,8 +269,9 @@ def _check_no_resolvers(value, path: str):
     """A resolver call (${oc.env:HOME}) would read the environment into the recipe, and from there into run names
     and checkpoints: refused wherever it appears."""
     if isinstance(value, str) and re.search(r"\$\{[^}]*:", value):
-        raise RecipeError(f"{path.replace(': .', ': ').lstrip('.') or 'recipe'}: {value!r} calls an OmegaConf resolver; recipes do not "
-                          "read the environment or run resolvers: write the value itself")
+        where = path.replace(": .", ": ").lstrip(".") or "recipe"
+        raise RecipeError(f"{where}: {value!r} calls an OmegaConf resolver; recipes do not read the environment or "
+                          "run resolvers: write the value itself")
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, v in items:
         _check_no_resolvers(v, f"{path}.{key}")

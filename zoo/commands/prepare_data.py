@@ -1,6 +1,7 @@
 """Tokenize a corpus once into memory-mapped train / val / test splits.
 
     zoo prepare-data --corpus stdlib --tokenizer byte --out data/
+    zoo prepare-data --corpus stdlib+shakespeare --tokenizer byte --out data/   # code and Shakespeare's plays
     zoo prepare-data --corpus notes/ --tokenizer tok/ --out data/ --holdout 0.1
 
 Writes <out>/<corpus>-<tokenizer>/{train,val,test}.{bin,docs.npy,json} (format: zoo/data/memmap.py),
@@ -18,7 +19,8 @@ from zoo.data.memmap import read_header
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default="stdlib", help="'stdlib', a text file, a directory or a .jsonl file")
+    ap.add_argument("--corpus", default="stdlib", help="'stdlib', 'shakespeare' (names joined by '+' mix them), "
+                                                        "a text file, a directory or a .jsonl file")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a local directory AutoTokenizer loads")
     ap.add_argument("--out", default="data", help="root directory of prepared data (default: data)")
     ap.add_argument("--holdout", type=float, default=0.05,
