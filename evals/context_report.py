@@ -105,10 +105,12 @@ def copy_finding(results: dict, corpus: str) -> Optional[str]:
             f"at {label} tokens back ({rows[best]['targets']:,} targets), " + ", ".join(
                 f"{n} {rows[n]['bits_per_byte']:.2f}" for n in order) + " bits/byte (first occurrences: " + ", ".join(
                 f"{n} {cs[n]['copy']['first_occurrence']['bits_per_byte']:.2f}" for n in order) + ")")
-    if len(order) > 1:
-        d = paired(rows[order[1]], rows[best])
-        if d:
-            text += f"; {order[1]} minus {best} {d[0]:+.3f} {fmt_ci(d[1], True)}"
+    diffs = {n: d for n in order[1:] if (d := paired(rows[n], rows[best]))}
+    if diffs:
+        apart = [n for n, d in diffs.items() if d[1][0] > 0]
+        text += f"; paired against {best} on the same targets: " + ", ".join(
+            f"{n} {d[0]:+.3f} {fmt_ci(d[1], True)}" for n, d in diffs.items())
+        text += (f": {best} copies better than {_names(apart)}" if apart else ": no recipe separated from it")
     far = []
     for n, c in cs.items():
         beyond = [b for b in c["copy"]["buckets"] if b["distances"][0] >= H and "vs_bounded_ci" in b]

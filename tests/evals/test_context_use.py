@@ -162,6 +162,8 @@ def test_findings_read_the_numbers():
     # float32 rounding between streaming and windows is no use of the history, however tight its interval
     assert "no measurable use for win (8K-16K: -0.000 [-0.000, -0.000])" in history
     assert "at 256-512 tokens back (50 targets), tf 0.30, ssm 1.10, win 1.50 bits/byte" in copying
+    assert "paired against tf on the same targets: ssm +0.800 [+0.800, +0.800], win +1.200 [+1.200, +1.200]: tf " \
+        "copies better than ssm and win." in copying
     assert "Copies from beyond 1,024 tokens back: ssm (up to 2K-4K: -0.200 [-0.300, -0.100] vs history cut to " \
         "1,024)." in copying
     assert "win 1.000 [0.900, 1.100], ssm 1.200 [1.100, 1.300], tf 2.000 [1.800, 2.200]; below gzip: win and ssm." \
