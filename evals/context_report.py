@@ -303,7 +303,10 @@ def context_section(results: dict, out_dir) -> tuple:
     parts = ["## Context use on long held-out documents (issue 25)",
              "Segments of held-out documents streamed from their start; every target scored twice: with the whole "
              "history (`whole`) and with at most the history cut (`cut`: sliding windows of the cut at half its "
-             "stride). bits/byte [95% interval over the segments]."]
+             "stride). bits/byte [95% interval over the segments]. The `past the cut` column is the verdict of "
+             "evals.perplexity.extrapolation_verdict (keeps falling / breaks: beyond a margin of 2% of the last bucket "
+             f"inside the cut); the findings above name any effect whose paired interval lies below -{MIN_EFFECT} "
+             "bits/byte."]
     for corpus in corp:
         some = next(iter(_by_recipe(results, corpus).values()))
         comp = some.get("compression")
