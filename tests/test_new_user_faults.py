@@ -62,3 +62,20 @@ def test_a_failed_resume_leaves_no_empty_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         train_toy(tmp_path / "new", resume=str(tmp_path / "nowhere"))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00" * 100, r"is not text \(it holds NUL bytes, at byte 0\)"),
+    (b"\xff\xfe" * 50, r"is not UTF-8 text"),
+    (b"x" * 100, r"has no documents in split 'val' \(too small to hold out val and test\?\)")])
+def test_a_failed_prepare_leaves_nothing_behind(tmp_path, content, message):
+    from zoo.data import prepare
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        prepare(str(corpus), "byte", root=tmp_path / "data")
+    assert not (tmp_path / "data").exists()   # neither an empty directory nor a train split alone
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DataError):
+        prepare(str(corpus), "byte", root=tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == []   # a root that was there stays, and holds no partial split

@@ -78,9 +78,12 @@ def hash_split(keys: list[str], sizes: list[int], val_bytes: int, test_bytes: in
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"corpus: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if "\x00" in text:   # valid UTF-8 all the same: a binary file of zeros would otherwise read as text
+        raise DataError(f"corpus: {path} is not text (it holds NUL bytes, at byte {text.index(chr(0))})")
+    return text
 
 
 def _stat_fingerprint(root: Path, rels: list[str]) -> str:

@@ -10,6 +10,8 @@ that all call prepare) each leave complete, identical files.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -44,6 +46,25 @@ def prepare(corpus="stdlib", tokenizer="byte", root: Union[str, Path] = "data", 
     meta = _meta(corpus, tok)
     if not force and _is_prepared(out, meta):
         return out
+    # all three splits are written into a temporary sibling that replaces `out` only when every split is complete:
+    # a failure (a split with no document, a file that is not text) leaves neither an empty nor a partial directory
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    root_existed = Path(root).exists()
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_splits(corpus, tok, tmp, meta, log, shown=out)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not root_existed:
+            shutil.rmtree(root, ignore_errors=True)   # nothing else can be in a root this call created
+        raise
+    return out
+
+
+def _write_splits(corpus, tok, out: Path, meta: dict, log, shown: Path):
     for split in SPLITS:
         docs = corpus.documents(split)
         with TokenWriter(out / split, tok.vocab_size, tok.eos_id, split=split, **meta) as writer:
@@ -57,7 +78,6 @@ def prepare(corpus="stdlib", tokenizer="byte", root: Union[str, Path] = "data", 
                                 "(too small to hold out val and test?)")
         if log is not None:
             h = writer.header
-            log(f"{out / split}: {h['num_docs']} documents, {h['num_bytes']:,} bytes, "
+            log(f"{shown / split}: {h['num_docs']} documents, {h['num_bytes']:,} bytes, "
                 f"{h['num_tokens']:,} tokens ({h['dtype']})")
-    return out
 
