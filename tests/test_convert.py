@@ -53,3 +53,15 @@ def test_mamba2(groups):
 def test_unknown_model_class():
     with pytest.raises(ValueError, match="no converter for Linear"):
         from_transformers(torch.nn.Linear(2, 2))
+
+
+def test_a_model_on_the_meta_device_converts_to_its_structure():
+    cfg = transformers.MambaConfig(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=61, expand=2,
+                                   conv_kernel=4, time_step_rank=4)
+    with torch.device("meta"):
+        hf = transformers.MambaForCausalLM(cfg)
+    model = from_transformers(hf)
+    assert next(model.parameters()).is_meta
+    real = from_transformers(transformers.MambaForCausalLM(cfg))
+    assert model.num_params() == real.num_params()
+    assert {n: p.shape for n, p in model.state_dict().items()} == {n: p.shape for n, p in real.state_dict().items()}

@@ -12,6 +12,7 @@ an error, so a silent partial import cannot happen.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -152,7 +153,11 @@ def from_transformers(hf_model) -> ZooLM:
     if kind not in CONVERTERS:
         raise ValueError(f"from_transformers: no converter for {kind} (supported: {', '.join(sorted(CONVERTERS))})")
     recipe_dict, names = CONVERTERS[kind](hf_model)
-    model = ZooLM(load_recipe(recipe_dict))
+    # a model on the meta device (built for its shapes) has no weights to copy: the import is the zoo model's
+    # structure on the meta device, every name and shape still checked
+    meta = any(p.is_meta for p in hf_model.parameters())
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = ZooLM(load_recipe(recipe_dict))
     src = hf_model.state_dict()
     dst = model.state_dict()
     unused = sorted(set(src) - set(names) - _tied_aliases(hf_model))
@@ -172,7 +177,8 @@ def from_transformers(hf_model) -> ZooLM:
             if value.shape != dst[zoo_name].shape:
                 raise ValueError(f"from_transformers: {hf_name} {tuple(src[hf_name].shape)} does not fit "
                                  f"{', '.join(zoo_names)} {tuple(dst[zoo_name].shape)}")
-            dst[zoo_name].copy_(scaled[zoo_name].apply(value) if zoo_name in scaled else value)
+            if not meta:
+                dst[zoo_name].copy_(scaled[zoo_name].apply(value) if zoo_name in scaled else value)
     return model.to(next(hf_model.parameters()).dtype)
 
 
