@@ -8,7 +8,7 @@ Any registered block can sit at any layer: the stack only relies on the block co
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -43,7 +43,6 @@ class ZooCache:
     """Per-layer block caches plus the number of tokens seen; updated in place by forward."""
     layers: List[BlockCache]
     seen: int = 0
-    extra: dict = field(default_factory=dict)
 
     def nbytes(self) -> int:
         """Bytes of the block caches' state (what `state_bytes` predicts, summed over layers)."""

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.attention import (_acc_dtype, _check_inputs, _from_rows, _hidden, _key_blocks, _mask_tile,
-                                _to_rows)
+from zoo.ops.attention import _check_inputs, _from_rows, _hidden, _key_blocks, _mask_tile, _to_rows
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["ring_attention", "ring_pairs", "ring_pass", "ring_pass_grads"]
 
@@ -228,7 +228,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp, causal, scale, block_size):
         w = cp.world_size
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         b, length, h, d = q.shape
         hk = k.shape[2]
         groups, n = h // hk, b * hk

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.ops.documents import check_seq_idx, document_number, document_spans, per_document
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = [
     "attention",
@@ -131,7 +132,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     if tuple(lse_a.shape) != (b, h, length):
         raise ValueError(f"lse_a: expected [batch, heads, length] = {(b, h, length)} for out_a "
                          f"{tuple(out_a.shape)}, got {tuple(lse_a.shape)}")
-    acc = _acc_dtype(out_a.dtype)
+    acc = accumulation_dtype(out_a.dtype)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     m = torch.maximum(lse_a, lse_b)
     # Shifting by a finite max keeps exp() in range; where both sides are empty (-inf) the shift
@@ -161,7 +162,7 @@ def blockwise_attention_ref(q, k, v, causal: bool = True, window: Optional[int] 
                             scale: Optional[float] = None, return_lse: bool = False, seq_idx=None):
     """Dense twin of `blockwise_attention`, also returning lse [batch, heads, Lq] on request."""
     _check_inputs(q, k, v, causal, window, seq_idx)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     groups = q.shape[2] // k.shape[2]
     qh = q.to(acc).transpose(1, 2)
     kh = k.to(acc).repeat_interleave(groups, dim=2).transpose(1, 2)
@@ -204,10 +205,6 @@ def _visible(lq: int, lk: int, causal: bool, window: Optional[int], device) -> t
 
 # ----------------------------------------------------------------------------------------------
 # Checks and small helpers.
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _default_scale(q, scale):
@@ -379,7 +376,7 @@ class _BlockwiseAttention(torch.autograd.Function):
 def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
-    groups, acc = h // hk, _acc_dtype(q.dtype)
+    groups, acc = h // hk, accumulation_dtype(q.dtype)
     # The scale is folded into q once: s = (q * scale) k^T, so dK later needs no extra multiply.
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
@@ -423,7 +420,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
 def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, block_size, doc=None):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
-    groups, acc = h // hk, _acc_dtype(q.dtype)
+    groups, acc = h // hk, accumulation_dtype(q.dtype)
     qr = _to_rows(q, groups, acc).mul_(scale)
     kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]

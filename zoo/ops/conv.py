@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from zoo.ops.dispatch import choose, cuda_kernel
 from zoo.ops.documents import check_seq_idx, document_number
+from zoo.ops.dtypes import accumulation_dtype
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -43,7 +44,7 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
         return out.transpose(1, 2)
     b, d, length = x.shape
     width = weight.shape[1]
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     w, bias = weight.to(acc).unsqueeze(1), None if bias is None else bias.to(acc)
     if initial_states is None:
         # zero history: the convolution's own padding, whose extra right-hand outputs are dropped,
@@ -73,7 +74,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if x.dim() != 2:
         raise ValueError(f"x: expected [batch, dim], got shape {tuple(x.shape)}")
     _check(x[..., None], weight, bias, conv_state, activation)
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     window = torch.cat([conv_state.to(acc), x.to(acc)[..., None]], dim=-1)
     out = torch.linalg.vecdot(window, weight.to(acc))
     if bias is not None:
@@ -90,7 +91,7 @@ def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_st
     _check(x, weight, bias, initial_states, activation, seq_idx)
     b, d, length = x.shape
     width = weight.shape[1]
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     w = weight.to(acc)
     window = (torch.zeros(b, d, width - 1, device=x.device, dtype=acc) if initial_states is None
               else initial_states.to(acc))
@@ -115,7 +116,7 @@ def _document_conv(x, weight, bias, initial_states, return_final_states, activat
     most width - 1 outputs after each document start, gathered at once (no loop over time)."""
     b, d, length = x.shape
     width = weight.shape[1]
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     history = x.new_zeros(b, d, width - 1, dtype=acc) if initial_states is None else initial_states.to(acc)
     padded = torch.cat([history, x.to(acc)], dim=-1)
     w = weight.to(acc)
@@ -162,7 +163,7 @@ class _ChannelLastConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, silu):
-        acc = _acc_dtype(x)
+        acc = accumulation_dtype(x)
         w = weight.to(acc)
         b = None if bias is None else bias.to(acc)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -178,7 +179,7 @@ class _ChannelLastConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias = ctx.saved_tensors
-        acc = _acc_dtype(x)
+        acc = accumulation_dtype(x)
         w = weight.to(acc)
         b = None if bias is None else bias.to(acc)
         width, length = w.shape[1], x.shape[1]
@@ -238,10 +239,6 @@ def _taps(x, w, bias, t0, t1):
 def _last_inputs(padded: torch.Tensor, width: int) -> torch.Tensor:
     # padded starts with width - 1 earlier inputs (zeros if none), so a short x still yields a full state.
     return padded[:, :, padded.shape[-1] - (width - 1):]
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(x, weight, bias, initial_states, activation, seq_idx=None):

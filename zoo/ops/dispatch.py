@@ -185,7 +185,3 @@ def use_kernels(kernels: Optional[Mapping[str, str]] = None, **more: str):
     finally:
         set_kernels(previous)
 
-
-def kernels_of(module) -> Mapping[str, str]:
-    """The per-model setting a block was given by ZooLM (empty when built on its own)."""
-    return getattr(module, "kernels", None) or {}

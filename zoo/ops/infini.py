@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from zoo.ops.dispatch import choose
 from zoo.ops.rope import apply_rope_half
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["infini_attention", "infini_attention_ref"]
 
@@ -87,7 +88,7 @@ def infini_attention(q, k, v, gate, segment_len: int, memory: Optional[Memory] =
         q_local, k_local = q, k   # checked as such (a prefix then holds k rotated); rotated later, not copied
     q_local, k_local, prefix = _check_inputs(q, k, v, gate, segment_len, memory, q_local, k_local, prefix)
     use_triton = choose("infini", impl, q) == "triton"
-    acc, out_dtype = _acc_dtype(q.dtype), q.dtype
+    acc, out_dtype = accumulation_dtype(q.dtype), q.dtype
     b, length, h, dk = q.shape
     M, z = _initial_memory(memory, b, k.shape[2], dk, v.shape[3], acc, q.device)
     w = torch.sigmoid(gate.to(acc))
@@ -563,7 +564,7 @@ def infini_attention_ref(q, k, v, gate, segment_len: int, memory: Optional[Memor
                          return_memory: bool = False, *, q_local=None, k_local=None, scale: Optional[float] = None):
     """Slow twin of `infini_attention` (no `prefix`: streaming is checked against whole calls)."""
     q_local, k_local, _ = _check_inputs(q, k, v, gate, segment_len, memory, q_local, k_local, None)
-    acc, out_dtype = _acc_dtype(q.dtype), q.dtype
+    acc, out_dtype = accumulation_dtype(q.dtype), q.dtype
     b, length, h, dk = q.shape
     hk = k.shape[2]
     groups = h // hk
@@ -602,10 +603,6 @@ def infini_attention_ref(q, k, v, gate, segment_len: int, memory: Optional[Memor
 
 # ----------------------------------------------------------------------------------------------
 # Checks and small helpers.
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _initial_memory(memory, b, hk, dk, dv, acc, device):

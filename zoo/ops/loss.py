@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["cross_entropy", "cross_entropy_ref"]
 
@@ -32,7 +33,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100):
 def cross_entropy_ref(logits, targets, ignore_index: int = -100):
     """The twin: F.cross_entropy on the logits made at least float32."""
     _check(logits, targets)
-    return F.cross_entropy(logits.to(_acc_dtype(logits)), targets, ignore_index=ignore_index)
+    return F.cross_entropy(logits.to(accumulation_dtype(logits)), targets, ignore_index=ignore_index)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
-        acc = _acc_dtype(logits)
+        acc = accumulation_dtype(logits)
         keep = targets != ignore_index
         safe = torch.where(keep, targets, 0)
         lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
@@ -72,10 +73,6 @@ class _CrossEntropy(torch.autograd.Function):
 def _row_blocks(logits):
     rows = max(1, _BLOCK_ELEMENTS // max(1, logits.shape[1]))
     return [slice(i, min(i + rows, logits.shape[0])) for i in range(0, logits.shape[0], rows)]
-
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check(logits, targets):

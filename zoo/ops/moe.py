@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["route", "moe_swiglu", "moe_swiglu_ref", "expert_counts"]
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool = False):
@@ -29,7 +26,7 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool = False):
 
     probs is the softmax over all experts (the load-balancing loss reads it); weights are the top-k of
     those probabilities, renormalised to sum to 1 only with `normalize`."""
-    probs = torch.softmax(router_logits.to(_acc(router_logits)), dim=-1)
+    probs = torch.softmax(router_logits.to(accumulation_dtype(router_logits)), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -57,7 +54,7 @@ def moe_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ga
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     gathered = x[token]
     outs = [_swiglu(part, gate_up[e], down[e]) for e, part in enumerate(gathered.split(counts)) if counts[e]]
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     ys = torch.cat(outs).to(acc) * weights.flatten()[order, None].to(acc)
     return x.new_zeros(n_tokens, x.shape[1], dtype=acc).index_add(0, token, ys).to(x.dtype)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_ref", "rms_norm", "rms_norm_ref"]
 
@@ -44,7 +45,7 @@ def rms_norm(x, weight, eps: float):
 
 def rms_norm_ref(x, weight, eps: float):
     """The twin: the formula as written, in the accumulation dtype."""
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     xa = x.to(acc)
     return (xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
 
@@ -56,7 +57,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         d = x.shape[-1]
-        acc = _acc_dtype(x)
+        acc = accumulation_dtype(x)
         x2 = x.reshape(-1, d).to(acc)
         r = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps).rsqrt_()
         out = torch.mul(x2, r).mul_(weight.to(acc))
@@ -95,7 +96,7 @@ def gated_rms_norm_ref(y, z, weight, group_size: int, eps: float = 1e-5):
 
 
 def _gated_formula(y, z, weight, group_size, eps):
-    acc = _acc_dtype(y)
+    acc = accumulation_dtype(y)
     gated = (y.to(acc) * F.silu(z.to(acc))).unflatten(-1, (-1, group_size))
     normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
     return (normed.flatten(-2) * weight.to(acc)).to(y.dtype)
@@ -106,7 +107,7 @@ def _gated_small(y, z, weight, group_size, eps):
     weight inside it when there is one group). Measured on a decoding step's [1, 1, 512], one thread:
     33 us with one group, 50 us with four, against 72 us for `_gated_formula`'s chain of eight ops
     (the same values: F.rms_norm takes the same mean of squares in the same dtype)."""
-    acc = _acc_dtype(y)
+    acc = accumulation_dtype(y)
     gated = F.silu(z.to(acc)).mul_(y)
     if group_size == y.shape[-1]:
         return F.rms_norm(gated, (group_size,), weight.to(acc), eps).to(y.dtype)
@@ -131,7 +132,7 @@ class _GatedRMSNorm(torch.autograd.Function):
         y, z, weight, rstd = ctx.saved_tensors
         group_size = ctx.group_size
         d = y.shape[-1]
-        acc = _acc_dtype(y)
+        acc = accumulation_dtype(y)
         y2, z2, dout2 = y.reshape(-1, d), z.reshape(-1, d), dout.reshape(-1, d)
         w = weight.to(acc)
         wg = w.view(-1, group_size, 1)
@@ -156,7 +157,7 @@ class _GatedRMSNorm(torch.autograd.Function):
 def _gated_forward(y, z, weight, group_size, eps):
     """(out, 1/rms [rows, groups, 1]) of the gated norm, block of rows by block of rows."""
     shape, d = y.shape, y.shape[-1]
-    acc = _acc_dtype(y)
+    acc = accumulation_dtype(y)
     y2, z2 = y.reshape(-1, d), z.reshape(-1, d)
     w = weight.to(acc).view(-1, group_size)
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
@@ -174,10 +175,6 @@ def _row_blocks(t2):
     """Slices of the rows of a [rows, d] tensor, each about _BLOCK_ELEMENTS elements."""
     rows = max(1, _BLOCK_ELEMENTS // max(1, t2.shape[1]))
     return [slice(i, min(i + rows, t2.shape[0])) for i in range(0, t2.shape[0], rows)]
-
-
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check(y, z, weight, group_size):

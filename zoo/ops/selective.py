@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zoo.ops.dispatch import choose
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = [
     "selective_attention",
@@ -88,7 +89,7 @@ def selective_attention(q, k, v, scale: Optional[float] = None, *, scores: Optio
         return selective_attention_triton(q, k, v, scale, scores=scores, return_scores=return_scores)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     b, lq, h, d = q.shape
     lk = k.shape[1]
     scale = _default_scale(q, scale)
@@ -148,7 +149,7 @@ def selective_memory(q, k, scale: Optional[float] = None, *, tau: float = 1.0, b
         raise ValueError(f"tau: must be > 0, got {tau}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     q0, k0 = q[:, :, 0].to(acc), k[:, :, 0].to(acc)
     scale = _default_scale(q, scale)
     b, length = q0.shape[:2]
@@ -237,7 +238,7 @@ def selective_attention_ref(q, k, v, scale: Optional[float] = None, *, scores: O
                             return_scores: bool = False):
     """Dense twin of `selective_attention`."""
     _check_inputs(q, k, v, scores)
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     b, lq, h, d = q.shape
     lk, groups = k.shape[1], h // k.shape[2]
     scale = _default_scale(q, scale)
@@ -261,7 +262,7 @@ def selective_attention_ref(q, k, v, scale: Optional[float] = None, *, scores: O
 
 def selective_memory_ref(q, k, scale: Optional[float] = None, *, tau: float = 1.0):
     """Dense twin of `selective_memory`: the whole [L, L] F of head 0 at once."""
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     q0, k0 = q[:, :, 0].to(acc), k[:, :, 0].to(acc)
     length = q0.shape[1]
     qpos = torch.arange(length, device=q.device)[:, None]
@@ -275,10 +276,6 @@ def selective_memory_ref(q, k, scale: Optional[float] = None, *, tau: float = 1.
 
 # ----------------------------------------------------------------------------------------------
 # Checks and small helpers.
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _default_scale(q, scale):

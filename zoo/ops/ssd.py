@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from zoo.ops.dispatch import choose, cuda_kernel
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["ssd_scan", "ssd_scan_ref", "ssd_state_update"]
 
@@ -96,7 +97,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
                                   seq_idx=None if doc is None else doc.to(torch.int32), dt_softplus=dt_softplus,
                                   return_final_states=return_final_states)
 
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)
     D = None if D is None else (D[:, None] if D.dim() == 1 else D).to(acc)
     cast = lambda t: None if t is None else t.to(acc)
@@ -113,7 +114,7 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=No
     """The twin of `ssd_scan`: the recurrence one step at a time (same arguments, no chunk_size)."""
     _check_inputs(x, dt, A, B, C, 1, D, z, dt_bias, initial_states, seq_idx)
     batch, length, heads, head_dim = x.shape
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)
     xa, A = x.to(acc), A.to(acc)
     per_group = heads // B.shape[2]
@@ -149,7 +150,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                   dt_bias, state, None)
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, acc)                          # [b, h]
     xa = x.to(acc)
     work = state if state.dtype == acc and state.is_contiguous() else state.to(acc).contiguous()
@@ -521,10 +522,6 @@ _TRITON_MAX_TILE = 64 * 128
 def _padded(size):
     """The power-of-two tile (at least 16) a Triton kernel uses for a dimension of `size`."""
     return max(16, 1 << (size - 1).bit_length())
-
-
-def _accumulation_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx):

@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from zoo.ops.dispatch import choose, cuda_kernel
 from zoo.ops.documents import check_seq_idx
+from zoo.ops.dtypes import accumulation_dtype
 
 CHUNK = 16                # steps per chunk of the inner doubling scan
 BLOCK_ELEMENTS = 1 << 19  # elements of one [b, d, n, block] tensor in a pass of the outer loop
@@ -63,7 +64,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                      initial_state, keep=None if seq_idx is None else _continues(seq_idx))
     b, d, length = u.shape
     n = A.shape[1]
-    acc = _acc_dtype(u)
+    acc = accumulation_dtype(u)
     dt = _discretisation_step(delta, delta_bias, delta_softplus, acc)
     B, C = _grouped(B, 3), _grouped(C, 3)
     g = B.shape[1]
@@ -82,7 +83,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The twin: the recurrence one step at a time, the state zeroed where the document id changes."""
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     b, d, length = u.shape
-    acc = _acc_dtype(u)
+    acc = accumulation_dtype(u)
     dt = _discretisation_step(delta, delta_bias, delta_softplus, acc)
     B, C = _per_channel(_grouped(B, 3), d), _per_channel(_grouped(C, 3), d)
     h = torch.zeros(b, d, A.shape[1], device=u.device, dtype=acc) if initial_state is None else initial_state.to(acc)
@@ -104,7 +105,7 @@ def selective_scan_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_
     Mamba-2 heads fit by flattening (head, head_dim) into d and repeating A, dt per head.
     """
     _check_step(state, x, dt, A, B, C, D, z, dt_bias)
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     d = x.shape[1]
     step = _discretisation_step(dt, dt_bias, dt_softplus, acc)
     B, C = _per_channel(_grouped(B, 2), d).to(acc), _per_channel(_grouped(C, 2), d).to(acc)
@@ -284,10 +285,6 @@ def _grouped(t, ungrouped_dim):
 def _per_channel(t, d):
     """[b, g, n, ...] -> [b, d, n, ...]: channel c reads group c // (d / g)."""
     return t.repeat_interleave(d // t.shape[1], dim=1)
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx=None):

@@ -10,6 +10,7 @@ import math
 from typing import Optional
 
 import torch
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["selective_window_attention", "selective_window_attention_ref"]
 
@@ -34,7 +35,7 @@ def selective_window_attention(q, k, v, selected, window: int, rows=None, scale:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if rows is None:
         rows = torch.ones(b, lq, dtype=torch.bool, device=q.device)
@@ -80,7 +81,7 @@ def selective_window_attention_ref(q, k, v, selected, window: int, rows=None, sc
     """The dense twin of `selective_window_attention`: one Lq x Lk masked softmax."""
     _check_op_inputs(q, k, v, selected, window, rows)
     lq, lk = q.shape[1], k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     i = torch.arange(lk - lq, lk, device=q.device)[:, None]
     j = torch.arange(lk, device=q.device)[None, :]
@@ -132,10 +133,6 @@ def _put(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, length: int)
     out = src.new_zeros(src.shape[0], length + 1, *src.shape[2:])
     dest = torch.where(valid, idx, length).view(*idx.shape, *([1] * (src.dim() - 2))).expand_as(src)
     return out.scatter(1, dest, src)[:, :length]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_op_inputs(q, k, v, selected, window, rows):

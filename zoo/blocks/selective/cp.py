@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from zoo.distributed.halo import gather_chunks, refuse_cache
 from zoo.distributed.layout import ContextParallel
 from zoo.distributed.ring import ring_pairs, ring_pass, ring_pass_grads
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["selective_cp", "selective_attention_cp", "selection_column_sums"]
 
@@ -64,10 +65,6 @@ def selective_attention_cp(q, k, v, cp: ContextParallel, block_size: int, impl: 
     return _SelectiveRing.apply(q, k, v, carries, cp, scale, block_size)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _positions(start, n, device):
     return torch.arange(start, start + n, device=device)
 
@@ -83,7 +80,7 @@ class _ColumnSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q0, k0, cp, scale, block_size):
-        acc, dtypes = _acc(q0.dtype), (q0.dtype, k0.dtype)
+        acc, dtypes = accumulation_dtype(q0.dtype), (q0.dtype, k0.dtype)
         q0, k0 = q0.to(acc).contiguous(), k0.to(acc).contiguous()
         chunks = cp.chunks()
         sums = q0.new_zeros(len(chunks), q0.shape[0], cp.seq_len)
@@ -169,7 +166,7 @@ class _SelectiveRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, carries, cp, scale, block_size):
-        acc = _acc(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         b, length, h, d = q.shape
         hk = k.shape[2]
         g = h // hk

@@ -14,7 +14,8 @@ from zoo.blocks.taipan.config import TaipanConfig
 from zoo.blocks.taipan.cp import taipan_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope_half, rope_cos_sin_half
-from zoo.ops.taipan import _acc_dtype, _compact, _put, _take, selective_window_attention
+from zoo.ops.dtypes import accumulation_dtype
+from zoo.ops.taipan import _compact, _put, _take, selective_window_attention
 from zoo.registry import register_block
 
 
@@ -45,7 +46,7 @@ class TaipanBlock(Block):
         if cp is not None:
             return taipan_cp(self, x, cp, cache)
         b, t, _ = x.shape
-        acc = _acc_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         start = 0 if cache is None else cache.pos
         logits = self.gate(x).to(acc)                                    # s_i, eq. 1
         gap = logits[..., 1] - logits[..., 0]
@@ -120,7 +121,7 @@ class TaipanBlock(Block):
         ring holds exactly it), so the query sees the selected ones and its own (eq. 4). Accumulates as
         the op does (float32 for narrower inputs)."""
         b, _, h, d = q.shape
-        acc = _acc_dtype(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         keys, values = cache.slots("keys"), cache.slots("values")
         visible = cache.slots("key_selected").clone()
         visible[:, (cache.pos - 1) % cache.ring] = True
