@@ -48,7 +48,7 @@ import zoo
 from benchmarks.harness import ROOT, Table, command_line, print_summary
 from zoo.blocks.selective import SelectiveAttention
 from zoo.train.checkpoint import latest_checkpoint
-from zoo.train.trainer import prepared_data
+from zoo.data import prepared_data
 
 RECIPES = ("selective", "transformer")
 N_LAYERS = 4

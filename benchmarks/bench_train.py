@@ -56,7 +56,8 @@ import zoo  # noqa: E402
 from benchmarks.harness import ROOT, Stopwatch, print_summary, time_interleaved, write_json  # noqa: E402
 from evals.compression import compression_bpb  # noqa: E402
 from zoo.train.optim import build_optimizer, lr_factor  # noqa: E402
-from zoo.train.trainer import Trainer, prepared_data  # noqa: E402
+from zoo.data import prepared_data  # noqa: E402
+from zoo.train.trainer import Trainer  # noqa: E402
 
 
 def duration(text: str) -> float:

@@ -68,12 +68,12 @@ from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, extra
 from evals.recall import passkey_grid  # noqa: E402
 from evals.report import cell_key, summary_table, write_report  # noqa: E402
 from evals.throughput import KINDS, MEMORY_KINDS, throughput_record  # noqa: E402
-from zoo.data import DataError, PreparedData, load_tokenizer, prepare  # noqa: E402
+from zoo.data import DataError, PreparedData, load_tokenizer, prepare, prepared_data  # noqa: E402
 from zoo.data.corpus import NAMED as NAMED_CORPORA  # noqa: E402
 from zoo.ops.dispatch import chosen  # noqa: E402
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from zoo.train.run_dir import RunDirError, RunLock, move_aside  # noqa: E402
-from zoo.train.trainer import Trainer, TrainingError, prepared_data  # noqa: E402
+from zoo.train.trainer import Trainer, TrainingError  # noqa: E402
 
 
 # -- arguments ---------------------------------------------------------------------------------------------------

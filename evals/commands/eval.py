@@ -18,11 +18,10 @@ import torch
 import zoo
 from evals.compression import compression_bpb
 from evals.perplexity import SCHEMES, documents_text, evaluate_perplexity, select_documents
-from zoo.data import DataError, PreparedData, load_tokenizer
+from zoo.data import DataError, PreparedData, load_tokenizer, prepared_data
 from zoo.memory import check_memory, memory_cap, parse_memory
 from zoo.ops.dispatch import chosen
 from zoo.train.checkpoint import CheckpointError, resolve_checkpoint
-from zoo.train.trainer import prepared_data
 
 
 def _int_list(text: str) -> list:

@@ -36,11 +36,11 @@ import torch
 import zoo
 from evals.commands import compare   # the sizing is the comparison's own
 from evals.compression import compression_bpb
-from zoo.data import DataError
+from zoo.data import DataError, prepared_data
 from zoo.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from zoo.train import launch
 from zoo.train.run_dir import RunDirError
-from zoo.train.trainer import Trainer, TrainingError, prepared_data
+from zoo.train.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[2]   # the checkout, for the git commit
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -24,9 +24,9 @@ import torch.distributed as dist
 import zoo
 from zoo.train.checkpoint import CheckpointError
 from zoo.train.run_dir import RunDirError
-from zoo.data import DataError
+from zoo.data import DataError, prepared_data
 from zoo.memory import parse_memory
-from zoo.train.trainer import Trainer, TrainingError, prepared_data
+from zoo.train.trainer import Trainer, TrainingError
 
 
 def main(argv=None):

@@ -16,10 +16,10 @@ from zoo.data.dataset import BatchStream, PreparedData, TokenDataset
 from zoo.data.errors import DataError
 from zoo.data.memmap import TokenFile, TokenWriter
 from zoo.data.packing import IGNORE_INDEX, pack_batch
-from zoo.data.prepare import prepare
+from zoo.data.prepare import prepare, prepared_data
 from zoo.data.tokenizer import ByteTokenizer, HFTokenizer, check_vocab, count_bytes, load_tokenizer, train_bpe
 
 __all__ = ["SPLITS", "BatchStream", "ByteTokenizer", "DataError", "DirectoryCorpus", "HFTokenizer",
            "IGNORE_INDEX", "JsonlCorpus", "PreparedData", "StdlibCorpus", "TextFileCorpus", "TokenDataset",
            "TokenFile", "TokenWriter", "check_vocab", "count_bytes", "load_corpus", "load_tokenizer",
-           "pack_batch", "prepare", "train_bpe"]
+           "pack_batch", "prepare", "prepared_data", "train_bpe"]

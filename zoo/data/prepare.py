@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from zoo.data.corpus import SPLITS, load_corpus
+from zoo.data.dataset import PreparedData
 from zoo.data.errors import DataError
 from zoo.data.memmap import TokenWriter, read_header
-from zoo.data.tokenizer import count_bytes, load_tokenizer
+from zoo.data.tokenizer import check_vocab, count_bytes, load_tokenizer
 
 _ENCODE_BATCH = 64   # documents per tokenizer call: batched calls let HF fast tokenizers use threads
 
@@ -81,3 +82,13 @@ def _write_splits(corpus, tok, out: Path, meta: dict, log, shown: Path):
             log(f"{shown / split}: {h['num_docs']} documents, {h['num_bytes']:,} bytes, "
                 f"{h['num_tokens']:,} tokens ({h['dtype']})")
 
+
+
+def prepared_data(recipe, directory=None, root: Union[str, Path] = "data", log=print):
+    """The recipe's corpus (`train.corpus`, `train.tokenizer`) tokenized once, cached under `root`, as the trainer
+    reads it (`train.seed`, `train.cross_doc`), checked against the model's vocabulary; `directory`: prepared data
+    to use instead."""
+    directory = directory or prepare(recipe.train.corpus, recipe.train.tokenizer, root=root, log=log)
+    data = PreparedData(directory, seed=recipe.train.seed, cross_doc=recipe.train.cross_doc)
+    check_vocab(data, recipe.model.vocab_size)
+    return data

@@ -515,12 +515,3 @@ class Trainer:
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def prepared_data(recipe: Recipe, directory=None, root="data", log=print):
-    """The recipe's corpus tokenized once (cached under `root`), checked against the model's vocabulary."""
-    from zoo.data import PreparedData, check_vocab, prepare
-    directory = directory or prepare(recipe.train.corpus, recipe.train.tokenizer, root=root, log=log)
-    data = PreparedData(directory, seed=recipe.train.seed, cross_doc=recipe.train.cross_doc)
-    check_vocab(data, recipe.model.vocab_size)
-    return data
