@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from evals.context_use import fmt_ci, log2_middle, paired
+from evals.render import pyplot as _pyplot, table as _table
 
 # bits/byte: an effect of the history counts when its whole interval lies below -MIN_EFFECT. Streaming and the
 # windows of the cut compute the same float32 sums in another order; for a model that cannot see past the cut
@@ -166,11 +167,6 @@ def context_findings(results: dict) -> list:
 
 # -- tables and plots --------------------------------------------------------------------------------------------
 
-def _table(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows])
-
-
 def _bpb(b: dict) -> str:
     iv = b.get("bits_per_byte_ci")
     return f"{b['bits_per_byte']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
@@ -216,13 +212,6 @@ def synthetic_table(results: dict) -> str:
     rows = [[n] + [f"{100 * by[n, L]['token_accuracy']:.1f}% ({by[n, L]['exact']}/{by[n, L]['trials']})"
                    if (n, L) in by else "-" for L in lengths] for n in names]
     return _table(["recipe"] + [f"{L:,}" for L in lengths], rows)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot_context_use(results: dict, path: Path) -> Optional[Path]:

@@ -18,8 +18,9 @@ import numpy as np
 
 from evals.bootstrap import best_and_ties, difference_interval
 from evals.context_report import context_findings
-from evals.report import (_contexts, _fmt_bytes, _lookup, _recipes, bpb_interval, cells, throughput_range,
-                          verdict_difference)
+from evals.recall_report import mqar_finding, passkey_finding
+from evals.results import (bpb_interval, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,
+                           lookup as _lookup, recipes as _recipes, throughput_range, verdict_difference)
 
 LN2 = math.log(2)
 FLAT_GROWTH = 1.1   # memory counts as flat when the longest context needs at most 10% more than the shortest
@@ -27,7 +28,6 @@ FLAT_GROWTH = 1.1   # memory counts as flat when the longest context needs at mo
 
 def findings(results: dict) -> list:
     """Sentences, best recipe per measure first; empty when results.json holds nothing to read."""
-    from evals.recall_report import mqar_finding, passkey_finding   # it imports evals.report, as this module does
     parts = (perplexity_finding(results, "blocks"), perplexity_finding(results, "streaming"),
              extrapolation_finding(results), throughput_finding(results), memory_finding(results),
              passkey_finding(results), mqar_finding(results))

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from evals.bootstrap import best_and_ties
-from evals.report import _pct, _pyplot, _table, cells, passkey_accuracy
+from evals.render import pyplot as _pyplot, table as _table
+from evals.results import cells, passkey_accuracy, pct as _pct
 
 
 def _kv_accuracies(run: dict) -> dict:

@@ -25,35 +25,15 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from evals.bootstrap import best_and_ties, proportion_interval
+from evals.bootstrap import best_and_ties
+from evals.findings import findings
+from evals.recall_report import mqar_table, mqar_text, plot_mqar
+from evals.render import pyplot as _pyplot, save as _save, table as _table
+from evals.results import (bpb_interval, cell_key, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,  # noqa: F401
+                           lookup as _lookup, passkey_accuracy, pct as _pct, recipes as _recipes, throughput_range,
+                           verdict_difference)
 
 MIB = 2**20
-
-
-def cell_key(recipe: str, eval_name: str, scheme: str, context) -> str:
-    return f"{recipe}|{eval_name}|{scheme}|{'doc' if context is None else context}"
-
-
-def cells(results: dict, eval_name: str, scheme: Optional[str] = None) -> list:
-    return [c for c in results.get("cells", {}).values()
-            if c["eval"] == eval_name and (scheme is None or c["scheme"] == scheme)]
-
-
-def _recipes(results: dict) -> list:
-    return list(results.get("recipes", {}))
-
-
-def _lookup(results: dict, recipe, eval_name, scheme, context) -> Optional[dict]:
-    return results.get("cells", {}).get(cell_key(recipe, eval_name, scheme, context))
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def run_peak(c: dict) -> Optional[int]:
@@ -71,32 +51,6 @@ def _memory_cell_text(c: Optional[dict], total: bool = False) -> str:
     if c["status"] != "ok":
         return c["status"]
     return _fmt_bytes(run_peak(c)) + (f" ({_fmt_bytes(c['peak_bytes'])})" if total else "")
-
-
-def _table(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _contexts(cs: list) -> list:
-    return sorted({c["context"] for c in cs if isinstance(c["context"], int)})
-
-
-def bpb_interval(c: dict) -> Optional[tuple]:
-    """A cell's (or bucket's) bits/byte interval; None where it has none (results from before issue 16)."""
-    iv = c.get("bits_per_byte_ci")
-    if not iv or any(v is None or math.isnan(v) for v in iv):
-        return None
-    return tuple(iv)
-
-
-def throughput_range(c: dict, clock: str = "wall") -> tuple:
-    """(value, (median, best)) in tokens per second of `clock` (wall / cpu): the best repeat and the
-    range the repeats spanned; no range for a single-repeat or older cell."""
-    best, med = ((c.get("tokens_per_s"), c.get("tokens_per_s_median")) if clock == "wall"
-                 else (c.get("tokens_per_cpu_s"), c.get("tokens_per_cpu_s_median")))
-    return best, ((med, best) if med is not None and best is not None and c.get("repeats", 1) > 1 else None)
 
 
 def _marks(items: dict, lower_is_better: bool = True) -> dict:
@@ -316,13 +270,6 @@ def throughput_table(results: dict, clock: str = "wall") -> str:
     return _table(header, rows)
 
 
-def verdict_difference(c: dict, row: dict) -> tuple:
-    """(difference, interval, against what) that an extrapolation cell's verdict read for one bucket row."""
-    if c.get("basis") == "bounded history" and "vs_bounded" in row:
-        return row["vs_bounded"], row["vs_bounded_ci"], f"history cut to {c.get('train_len')}"
-    return row["difference"], row["difference_ci"], (c.get("reference") or {}).get("label", "reference")
-
-
 def extrapolation_table(results: dict) -> str:
     """Per recipe: streaming bits/byte [interval] by position bucket, the buckets past the training
     length marked, the same targets with the history cut to the training length where scored, and the
@@ -377,22 +324,6 @@ def passkey_intro(results: dict) -> list:
             "), greedy exact match of the five digits; lengths are multiples of the fine-tuning length."]
 
 
-def passkey_accuracy(cell: dict) -> tuple:
-    """(mean accuracy, (lo, hi) or None) of a passkey cell: the Wilson 95% interval over its prompts (n_trials at
-    each depth) when the cell records how many it asked."""
-    acc = cell["accuracy"]
-    mean = sum(acc) / len(acc)
-    n = cell.get("n_trials")
-    if not n:
-        return mean, None
-    return mean, proportion_interval(round(sum(acc) * n), n * len(acc))
-
-
-def _pct(value: tuple) -> str:
-    mean, iv = value
-    return f"{100 * mean:.0f}%" + (f" [{100 * iv[0]:.0f}, {100 * iv[1]:.0f}]" if iv else "")
-
-
 def passkey_tables(results: dict) -> str:
     out = []
     for name in _recipes(results):
@@ -410,13 +341,6 @@ def passkey_tables(results: dict) -> str:
 
 # -- plots -------------------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _context_panel(ax, ylabel: str, title: str, legend_size: int):
     """A log-log panel against context length (powers of two on x)."""
     ax.set_xscale("log", base=2)
@@ -426,13 +350,6 @@ def _context_panel(ax, ylabel: str, title: str, legend_size: int):
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=legend_size)
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_perplexity(results: dict, path: Path, title: str = "") -> Optional[Path]:
@@ -635,7 +552,6 @@ def memory_by_context_sections(results: dict) -> list:
 
 def write_report(results: dict, out_dir) -> tuple:
     """Write report.md and the PNGs into `out_dir`; returns (report path, [png paths])."""
-    from evals.recall_report import mqar_table, mqar_text, plot_mqar   # it reads cells through this module
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = [p for p in (plot_perplexity(results, out / "perplexity.png"), plot_memory(results, out / "memory.png"),
@@ -648,8 +564,6 @@ def write_report(results: dict, out_dir) -> tuple:
     sizes = _table(["recipe", "d_model", "params (total)", "non-embedding", "checkpoint"],
                    [[n, r.get("d_model", "-"), f"{r['params']['total']:,}", f"{r['params']['non_embedding']:,}",
                      r.get("checkpoint") or "-"] for n, r in results.get("recipes", {}).items()])
-    # evals.findings reads the cells through this module's helpers, so it is imported here, not at the top
-    from evals.findings import findings
     found = findings(results)
     parts = [
         "# Comparison report",
