@@ -154,6 +154,7 @@ def _refusing_worker(rank, world, port, out):
             Trainer(toy_recipe(), ToyData(), out, device="cpu", progress=False, log=lambda s: None)
         except RunDirError as err:
             (out / f"error{rank}.txt").write_text(str(err))
+        dist.barrier()   # meet before tearing gloo down: see _stop_worker in test_stops.py
     finally:
         dist.destroy_process_group()
 

@@ -92,6 +92,7 @@ def _ddp_worker(rank, world, port, out):
             trainer.train_step()
         if rank == 0:  # a file, not a queue: shared-memory tensors die with the process
             torch.save(trainer.model.state_dict(), out / "rank0.pt")
+        dist.barrier()   # meet before tearing gloo down: see _stop_worker in test_stops.py
     finally:
         dist.destroy_process_group()
 
@@ -121,6 +122,7 @@ def _fsdp_worker(rank, world, port, out, resume):
         state = trainer._full_model_state()  # a collective: every rank takes part
         if rank == 0:
             torch.save({"state": state, "loss": result.train_loss, "val_loss": result.val_loss}, out / "rank0.pt")
+        dist.barrier()   # meet before tearing gloo down: see _stop_worker in test_stops.py
     finally:
         dist.destroy_process_group()
 
