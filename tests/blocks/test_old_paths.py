@@ -1,46 +1,29 @@
-"""Import paths from before the block families moved into their folders (issue 17) keep working for one
-release, with a DeprecationWarning, and give the objects at their new homes."""
+"""The block families live in their folders (issue 17); the import paths from before the move, kept for one release
+with a DeprecationWarning, are gone in 0.1.0 (issue 28: no shim imports back up the layers)."""
 import importlib
-import sys
 
 import pytest
 
-MOVED_MODULES = [   # old module, a name, its new module
-    ("zoo.distributed.state_passing", "mamba2_cp", "zoo.blocks.mamba.cp"),
-    ("zoo.distributed.state_passing", "incoming_states", "zoo.blocks.mamba.cp"),
-    ("zoo.distributed.infini", "infini_cp", "zoo.blocks.infini.cp"),
-    ("zoo.distributed.selective", "selective_attention_cp", "zoo.blocks.selective.cp"),
-    ("zoo.distributed.window", "swa_cp", "zoo.blocks.attention.cp"),
-    ("zoo.distributed.window", "sliding_window_attention_cp", "zoo.blocks.attention.cp"),
-]
-MOVED_NAMES = [     # a package that stays, a name that left it, its new module
-    ("zoo.blocks.taipan", "selective_window_attention", "zoo.ops.taipan"),
-    ("zoo.blocks.taipan", "selective_window_attention_ref", "zoo.ops.taipan"),
-]
+OLD_MODULES = ["zoo.deprecation", "zoo.distributed.state_passing", "zoo.distributed.infini", "zoo.distributed.selective",
+               "zoo.distributed.window"]
+NEW_HOMES = [("zoo.blocks.mamba.cp", "mamba2_cp"), ("zoo.blocks.infini.cp", "infini_cp"),
+             ("zoo.blocks.selective.cp", "selective_attention_cp"), ("zoo.blocks.attention.cp", "swa_cp"),
+             ("zoo.ops.taipan", "selective_window_attention"), ("zoo.ops.taipan", "selective_window_attention_ref")]
 
 
-@pytest.mark.parametrize("old, name, new", MOVED_MODULES)
-def test_moved_module_warns_and_reexports(old, name, new):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: import from .*{new}"):
-        module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+@pytest.mark.parametrize("old", OLD_MODULES)
+def test_old_paths_are_gone(old):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(old)
 
 
-@pytest.mark.parametrize("old, name, new", MOVED_NAMES)
-def test_moved_name_warns_and_reexports(old, name, new):
-    module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=f"{old}.{name} is deprecated: import it from {new}"):
-        got = getattr(module, name)
-    assert got is getattr(importlib.import_module(new), name)
+def test_taipan_package_no_longer_reexports_the_op():
+    assert not hasattr(importlib.import_module("zoo.blocks.taipan"), "selective_window_attention")
 
 
-def test_old_taipan_cp_signature():
-    sys.modules.pop("zoo.distributed.window", None)
-    with pytest.warns(DeprecationWarning):
-        from zoo.distributed.window import taipan_cp
-    import inspect
-    assert list(inspect.signature(taipan_cp).parameters) == ["block", "x", "cp", "attend", "cache"]
+@pytest.mark.parametrize("module, name", NEW_HOMES)
+def test_new_homes(module, name):
+    assert callable(getattr(importlib.import_module(module), name))
 
 
 @pytest.mark.parametrize("package, names", [

@@ -57,9 +57,5 @@ The attention op, `selective_window_attention`, and its dense twin live in zoo.o
 from zoo.blocks.taipan.block import TaipanBlock
 from zoo.blocks.taipan.cache import TaipanCache
 from zoo.blocks.taipan.config import TaipanConfig
-from zoo.deprecation import moved_names
 
 __all__ = ["TaipanBlock", "TaipanCache", "TaipanConfig"]
-# the op and its twin moved to zoo.ops.taipan
-__getattr__ = moved_names(__name__, {"selective_window_attention": "zoo.ops.taipan",
-                                     "selective_window_attention_ref": "zoo.ops.taipan"})
