@@ -199,7 +199,10 @@ def _reraise(prefix: str, err: Exception):
         allowed = ""
         if err.object_type is not None and dataclasses.is_dataclass(err.object_type):
             allowed = f" (allowed: {', '.join(f.name for f in dataclasses.fields(err.object_type))})"
-        raise RecipeError(f"{join(key)}: unknown key{allowed}") from None
+        # {seq_len:1024} in a dotlist is one key "seq_len:1024" to OmegaConf's grammar, not seq_len = 1024
+        hint = (f"; in an inline mapping write a space after the colon ({str(key).replace(':', ': ', 1)})"
+                if ":" in str(key) else "")
+        raise RecipeError(f"{join(key)}: unknown key{allowed}{hint}") from None
     if isinstance(err, OmegaConfBaseException):
         msg = (err.msg or str(err)).split("\n")[0]
         raise RecipeError(f"{join(err.full_key or err.key)}: {msg}") from None

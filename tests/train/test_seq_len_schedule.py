@@ -33,6 +33,8 @@ def test_stages_keep_tokens_per_step():
      r"max_steps in \(0.5, 1\)"),
     ("[{seq_len: 4, until: 1.0}]", r"seq_len_schedule\[0\].until: must be a fraction"),
     ("[{seq_len: 4, steps: 3}]", r"steps"),
+    ("[{seq_len:4,until:0.5}]", r"seq_len:4: unknown key .*; in an inline mapping write a space after the colon "
+                                r"\(seq_len: 4\)"),
 ])
 def test_bad_schedules_name_the_field(stages, message):
     with pytest.raises(zoo.RecipeError, match=message):
