@@ -40,7 +40,7 @@ from zoo.data import DataError, prepared_data
 from zoo.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from zoo.train import launch
 from zoo.train.run_dir import RunDirError
-from zoo.train.trainer import Trainer, TrainingError
+from zoo.train.trainer import Trainer, TrainingError, dp_info
 
 ROOT = Path(__file__).resolve().parents[2]   # the checkout, for the git commit
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -253,7 +253,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     own_group = launch.init_from_env()
-    rank0 = launch.rank() == 0
+    rank0 = dp_info()[0] == 0
     say = print if rank0 else (lambda *a, **k: None)
     out, shipped = Path(args.out), []
     try:

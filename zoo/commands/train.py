@@ -13,20 +13,16 @@ and exits 0 (a second Ctrl-C exits at once); --resume auto then continues where 
 """
 import argparse
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 import zoo
 from zoo.train.checkpoint import CheckpointError
 from zoo.train.run_dir import RunDirError
 from zoo.data import DataError, prepared_data
 from zoo.memory import parse_memory
-from zoo.train.trainer import Trainer, TrainingError
+from zoo.train import launch
+from zoo.train.trainer import Trainer, TrainingError, dp_info
 
 
 def main(argv=None):
@@ -49,13 +45,8 @@ def main(argv=None):
                          "memory available on the device; inf skips the check)")
     args = ap.parse_args(argv)
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    say = print if rank == 0 else (lambda *a, **k: None)
+    launch.init_from_env()
+    say = print if dp_info()[0] == 0 else (lambda *a, **k: None)
     try:
         max_memory = parse_memory(args.max_memory, "--max-memory")
         recipe = zoo.load_recipe(args.recipe, args.overrides)
@@ -75,8 +66,7 @@ def main(argv=None):
         print("interrupted: stopped at once, without a checkpoint", file=sys.stderr)
         return 130
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        launch.close()
     summary = {"recipe": recipe.name, "step": result.step, "train_loss": round(result.train_loss, 4),
                "val_loss": result.val_loss and round(result.val_loss, 4),
                "val_bpb": result.val_bpb and round(result.val_bpb, 4), "tokens": result.tokens,

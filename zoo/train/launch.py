@@ -27,10 +27,6 @@ def init_from_env() -> bool:
     return False
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def rank0_first(fn: Callable[[], T]) -> T:
     """fn() on rank 0, then on the other ranks: a cache that rank 0 writes (prepared data) is read, not
     written W times at once. An error on rank 0 reaches the others as an error, not a hang."""
