@@ -216,22 +216,31 @@ def _structured(cls, data, prefix: str):
         values = OmegaConf.to_container(merged, resolve=True)
         for key in getattr(cls, "VALIDATED_APART", ()):
             values.pop(key, None)
-        _check_finite(values, "", getattr(cls, "UNBOUNDED", ()))
+        _check_finite(values, getattr(cls, "UNBOUNDED", ()))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError, TypeError) as err:
         _reraise(prefix, err)
 
 
-def _check_finite(value, path: str, unbounded=(), infinite_ok: bool = False):
+def _leaves(value, path: str = ""):
+    """(path, value) of every non-container value of a plain config (dicts and lists walked), the path in the
+    recipe's own spelling: `model.blocks.A.scale`, `train.seq_len_schedule[0].until`."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        yield path, value
+        return
+    for key, v in items:
+        yield from _leaves(v, (f"{path}.{key}" if path else str(key)) if isinstance(key, str) else f"{path}[{key}]")
+
+
+def _check_finite(values: dict, unbounded=()):
     """Every float of a config, nested ones included, is a finite number: inf or nan in a multiplier trains
     to the end learning nothing, or fails at step 0 far from the field that caused it. A config class lists in
     `UNBOUNDED` the fields whose +inf means "no bound" (Mamba's dt_limit); nan is never a value."""
-    if isinstance(value, float) and not math.isfinite(value) and not (infinite_ok and value == math.inf):
-        raise ValueError(f"{path}: must be a finite number, got {value}")   # _reraise puts the prefix before it
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, v in items:
-        _check_finite(v, (f"{path}.{key}" if path else str(key)) if isinstance(key, str) else f"{path}[{key}]",
-                      (), infinite_ok or (not path and key in unbounded))
+    for path, value in _leaves(values):
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                value == math.inf and re.split(r"[.\[]", path)[0] in unbounded):
+            raise ValueError(f"{path}: must be a finite number, got {value}")   # _reraise puts the prefix before it
 
 
 def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
@@ -268,16 +277,13 @@ def _load_raw(path: Path, seen: tuple = ()) -> DictConfig:
     return raw
 
 
-def _check_no_resolvers(value, path: str):
+def _check_no_resolvers(raw: dict, where: str = ""):
     """A resolver call (${oc.env:HOME}) would read the environment into the recipe, and from there into run names
-    and checkpoints: refused wherever it appears."""
-    if isinstance(value, str) and re.search(r"\$\{[^}]*:", value):
-        where = path.replace(": .", ": ").lstrip(".") or "recipe"
-        raise RecipeError(f"{where}: {value!r} calls an OmegaConf resolver; recipes do not read the environment or "
-                          "run resolvers: write the value itself")
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, v in items:
-        _check_no_resolvers(v, f"{path}.{key}")
+    and checkpoints: refused wherever it appears (`where`: the file, as the error's prefix)."""
+    for path, value in _leaves(raw):
+        if isinstance(value, str) and re.search(r"\$\{[^}]*:", value):
+            raise RecipeError(f"{where}{path or 'recipe'}: {value!r} calls an OmegaConf resolver; recipes do not read "
+                              "the environment or run resolvers: write the value itself")
 
 
 def _yaml_error(path: Path, err) -> str:

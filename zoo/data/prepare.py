@@ -83,7 +83,6 @@ def _write_splits(corpus, tok, out: Path, meta: dict, log, shown: Path):
                 f"{h['num_tokens']:,} tokens ({h['dtype']})")
 
 
-
 def prepared_data(recipe, directory=None, root: Union[str, Path] = "data", log=print):
     """The recipe's corpus (`train.corpus`, `train.tokenizer`) tokenized once, cached under `root`, as the trainer
     reads it (`train.seed`, `train.cross_doc`), checked against the model's vocabulary; `directory`: prepared data
