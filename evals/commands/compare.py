@@ -43,10 +43,10 @@ with every rank's RSS capped at `--longest-train-cap-gb`, the sequence over W gl
 """
 import argparse
 import json
-import shlex
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -136,7 +136,7 @@ def parse_args(argv):
     ap.add_argument("--extrapolation-docs", type=int, default=16, help="how many of the longest documents")
     ap.add_argument("--eval-corpora", type=lambda t: [c for c in t.split(",") if c], default=[],
                     help="context use on held-out documents of each named corpus (e.g. stdlib,shakespeare), "
-                         "prepared with the recipe's tokenizer: segments of --context-factor x train.seq_len "
+                         "prepared with the recipe's tokenizer: segments of --context-length tokens "
                          "streamed whole, the history-cut control, the copy probe by distance and gzip / xz on "
                          "the same segments (evals/context_use.py)")
     ap.add_argument("--context-length", type=int, default=None,
@@ -207,11 +207,12 @@ def parse_args(argv):
         ap.error(f"--max-tokens: at least 2 targets per scheme and context, got {args.max_tokens}")
     if args.context_segments < 1 or args.copy_span < 2 or args.copy_trials < 1:
         ap.error("--context-segments, --copy-trials: positive integers; --copy-span: at least 2")
-    if args.history_cut is not None and args.history_cut < 4 or args.context_length is not None and (
-            args.context_length % (args.history_cut or args.context_length) or
-            args.context_length < 2 * (args.history_cut or 1)):
-        ap.error(f"--context-length: a multiple of --history-cut, at least twice it; --history-cut: at least 4 "
-                 f"(got {args.context_length} and {args.history_cut})")
+    if args.history_cut is not None and args.history_cut < 4:
+        ap.error(f"--history-cut: at least 4 tokens, got {args.history_cut}")
+    if args.context_length is not None and args.history_cut is not None and (
+            args.context_length % args.history_cut or args.context_length < 2 * args.history_cut):
+        ap.error(f"--context-length: a multiple of --history-cut, at least twice it (got {args.context_length} and "
+                 f"{args.history_cut})")
     if args.copy_lengths and min(args.copy_lengths) <= COPY_SKIP:
         ap.error(f"--copy-lengths: each must exceed the {COPY_SKIP} tokens a copy is given to start, "
                  f"got {args.copy_lengths}")
@@ -347,6 +348,23 @@ def meta(args, argv) -> dict:
 
 # -- the comparison ----------------------------------------------------------------------------------------------
 
+def budget_steps(train, budget: int) -> int:
+    """Optimizer steps of a `budget`-token run: whole steps of batch_size x seq_len x grad_accum tokens, at least one
+    (a sequence-length schedule keeps that many tokens in every step)."""
+    return max(1, budget // (train.batch_size * train.seq_len * train.grad_accum))
+
+
+def context_shape(recipe, args) -> tuple:
+    """(history cut, segment length) of the context-use cells of `recipe`: --history-cut (default train.seq_len) and
+    --context-length (default 4 x train.seq_len), checked together before any cell runs."""
+    history = args.history_cut or recipe.train.seq_len
+    segment = args.context_length or 4 * recipe.train.seq_len
+    if args.eval_corpora and (segment % history or segment < 2 * history):
+        raise ValueError(f"--context-length: {segment} must be a multiple of --history-cut {history}, at least twice "
+                         f"it (recipe {recipe.name}; the defaults are 4 x and 1 x train.seq_len {recipe.train.seq_len})")
+    return history, segment
+
+
 class RecipeRun:
     """One recipe's model, trained (or loaded) only when a cell that needs it has not been done yet."""
 
@@ -366,8 +384,7 @@ class RecipeRun:
         return PreparedData(directory).splits[self.args.context_split]
 
     def train_steps(self) -> int:
-        t = self.recipe.train
-        return max(1, self.args.budget // (t.batch_size * t.seq_len * t.grad_accum))
+        return budget_steps(self.recipe.train, self.args.budget)
 
     def train(self) -> dict:
         steps = self.train_steps()
@@ -445,8 +462,7 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
                             "seconds": "s", "train_len": "tokens", "length": "tokens"}
             return rec
         cells.append(("extrapolation", "streaming", args.extrapolation_factor * T, extra))
-    history = args.history_cut or run.recipe.train.seq_len
-    segment = args.context_length or 4 * run.recipe.train.seq_len
+    history, segment = context_shape(run.recipe, args)
     for corpus in args.eval_corpora:
         def use(corpus=corpus):
             rec = context_use(run.model(), run.held_out(corpus), corpus, history, segment, args.context_segments,
@@ -573,7 +589,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = load_results(results_path)
-    results["meta"] = {**meta(args, argv), **{k: v for k, v in results.get("meta", {}).items() if k in ("started", "setup")}}
+    kept = {k: v for k, v in results.get("meta", {}).items() if k in ("started", "setup")}
+    results["meta"] = {**meta(args, argv), **kept}
     say = tqdm.write if not args.no_progress else print
 
     try:
@@ -607,6 +624,8 @@ def main(argv=None):
         return 2
 
     try:
+        for recipe, _ in resolved:
+            context_shape(recipe, args)   # a cut the segments do not fit is refused before anything trains
         lock = RunLock(out, say, name="compare.lock")   # a second comparison into --out is refused, not interleaved
         results = own_results(out, results, resolved, args, say)
     except (RunDirError, ValueError) as err:
@@ -678,7 +697,7 @@ def run_comparison(out, results, results_path, resolved, names, args, argv, say)
         for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "passkey"
                     and (c.get("checkpoint") != answered_by or c["context"] not in lengths)]:
             del results["cells"][key]
-        history = args.history_cut or recipe.train.seq_len
+        history, _ = context_shape(recipe, args)
         for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name
                     and c["eval"] == "context_use" and c.get("history_cut") != history]:
             del results["cells"][key]   # measured against another history cut

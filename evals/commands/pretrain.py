@@ -94,7 +94,7 @@ def sized_recipes(args, say) -> list:
 def train_one(recipe, data, run_dir: Path, args, say):
     """Train to the budget (continuing an interrupted run); (trainer, result, CPU seconds, wall seconds)."""
     t = recipe.train
-    steps = max(1, args.budget // (t.batch_size * t.seq_len * t.grad_accum))
+    steps = compare.budget_steps(t, args.budget)
     every = max(1, steps // args.evals)
     recipe = zoo.load_recipe(recipe.to_dict(), [
         f"train.max_steps={steps}", f"train.warmup_steps={min(t.warmup_steps, steps // 10)}",
@@ -138,7 +138,7 @@ def shipped_difference(dest: Path, card: dict, recipe, args) -> str | None:
             if old[section].get(key) != new[section].get(key):
                 return f"{section}.{key}: shipped {old[section].get(key)!r}, asked {new[section].get(key)!r}"
     t = recipe.train
-    tokens = max(1, args.budget // (t.batch_size * t.seq_len * t.grad_accum)) * t.batch_size * t.seq_len * t.grad_accum
+    tokens = compare.budget_steps(t, args.budget) * t.batch_size * t.seq_len * t.grad_accum
     if card.get("tokens") != tokens:
         return f"--budget: shipped {card.get('tokens'):,} tokens, asked {tokens:,}"
     base = (card.get("init_from") or {}).get("dir")

@@ -214,9 +214,19 @@ def test_context_use_on_a_named_corpus(setup, capsys, tmp_path):
     assert again["cells_run"] == 2   # the two context_use cells, measured against another cut
 
 
+def test_a_history_cut_the_default_segments_do_not_fit_is_refused_first(setup, capsys, tmp_path):
+    root, paths = setup
+    argv = args(root, paths) + ["--out", str(tmp_path / "out"), "--eval-corpora", "shakespeare", "--history-cut", "48"]
+    assert compare.main(argv) == 2
+    assert "--context-length: 128 must be a multiple of --history-cut 48, at least twice it (recipe tiny-attn" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()   # nothing trained
+
+
 @pytest.mark.parametrize("flag,message", [
     (["--eval-corpora", "books"], "--eval-corpora: unknown corpus 'books'; allowed: stdlib, shakespeare"),
     (["--context-length", "100", "--history-cut", "64"], "--context-length: a multiple of --history-cut"),
+    (["--history-cut", "2"], "--history-cut: at least 4 tokens, got 2"),
     (["--copy-lengths", "8"], "--copy-lengths: each must exceed the 8 tokens")])
 def test_context_use_flags_are_checked(flag, message, capsys):
     with pytest.raises(SystemExit):
