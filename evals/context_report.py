@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from evals.context_use import fmt_ci, log2_middle, paired
-from evals.render import pyplot as _pyplot, table as _table
+from evals.context_use import paired
+from evals.render import interval as fmt_ci, log2_middle, pyplot as _pyplot, table as _table
 
 # bits/byte: an effect of the history counts when its whole interval lies below -MIN_EFFECT. Streaming and the
 # windows of the cut compute the same float32 sums in another order; for a model that cannot see past the cut
@@ -198,9 +198,9 @@ def copy_table(results: dict, corpus: str) -> str:
         rows.append([n, f"cut to {c['history_cut']:,}"] + [f"{by[sp]['bounded_bits_per_byte']:.3f}" if sp in by and
                      "bounded_bits_per_byte" in by[sp] else "-" for sp in spans]
                     + [f"{first['bounded_bits_per_byte']:.3f}" if first and "bounded_bits_per_byte" in first else "-"])
-    some = next(iter(cs.values()))["copy"]
-    counts = ["targets", ""] + [str(next(b["targets"] for b in some["buckets"] if tuple(b["distances"]) == sp))
-                                if any(tuple(b["distances"]) == sp for b in some["buckets"]) else "-" for sp in spans]
+    # the targets depend on the text alone: every recipe's row counts the same ones
+    targets = {tuple(b["distances"]): b["targets"] for b in next(iter(cs.values()))["copy"]["buckets"]}
+    counts = ["targets", ""] + [str(targets[sp]) if sp in targets else "-" for sp in spans]
     return _table(["recipe", "history"] + [labels[sp] for sp in spans] + ["first occurrence"], rows + [counts + [""]])
 
 

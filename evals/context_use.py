@@ -24,7 +24,6 @@ many trials were copied without a single error.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -199,11 +198,6 @@ def synthetic_copy(model, length: int, trials: int = 8, skip: int = COPY_SKIP, s
             "alphabet": "lowercase words" if vocab == 256 else "random token ids"}
 
 
-def fmt_ci(iv, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"[{f.format(iv[0])}, {f.format(iv[1])}]"
-
-
 def paired(a: dict, b: dict, resamples: int = RESAMPLES, seed: int = SEED) -> Optional[tuple]:
     """(difference, interval) of two copy-probe rows' bits/byte over the same documents (a - b)."""
     pa, pb = a.get("per_document"), b.get("per_document")
@@ -212,7 +206,3 @@ def paired(a: dict, b: dict, resamples: int = RESAMPLES, seed: int = SEED) -> Op
     iv = difference_interval(np.asarray(pa["bits"]), np.asarray(pa["bytes"]), np.asarray(pb["bits"]),
                              np.asarray(pb["bytes"]), resamples=resamples, seed=seed)
     return a["bits_per_byte"] - b["bits_per_byte"], iv
-
-
-def log2_middle(lo: int, hi: int) -> float:
-    return math.sqrt(max(lo, 1) * hi)

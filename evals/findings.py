@@ -19,6 +19,7 @@ import numpy as np
 from evals.bootstrap import best_and_ties, difference_interval
 from evals.context_report import context_findings
 from evals.recall_report import mqar_finding, passkey_finding
+from evals.render import interval as _iv
 from evals.results import (bpb_interval, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,
                            lookup as _lookup, recipes as _recipes, throughput_range, verdict_difference)
 
@@ -32,11 +33,6 @@ def findings(results: dict) -> list:
              extrapolation_finding(results), throughput_finding(results), memory_finding(results),
              passkey_finding(results), mqar_finding(results))
     return [p for p in parts if p] + context_findings(results)
-
-
-def _iv(iv, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"[{f.format(iv[0])}, {f.format(iv[1])}]"
 
 
 def _names(names: list) -> str:

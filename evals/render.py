@@ -1,7 +1,19 @@
 """Markdown tables and matplotlib figures as every report section writes them."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+
+def interval(iv, signed: bool = False) -> str:
+    """"[lo, hi]" to three decimals; signed: with + and - (a difference)."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"[{f.format(iv[0])}, {f.format(iv[1])}]"
+
+
+def log2_middle(lo: int, hi: int) -> float:
+    """Where a bucket [lo, hi) sits on a log axis (its geometric middle; lo 0 counts as 1)."""
+    return math.sqrt(max(lo, 1) * hi)
 
 
 def table(header: list, rows: list) -> str:

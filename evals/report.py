@@ -21,14 +21,13 @@ is marked ≈: not ranked against it. report.md opens with findings computed fro
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 from evals.bootstrap import best_and_ties
 from evals.findings import findings
 from evals.recall_report import mqar_table, mqar_text, plot_mqar
-from evals.render import pyplot as _pyplot, save as _save, table as _table
+from evals.render import log2_middle, pyplot as _pyplot, save as _save, table as _table
 from evals.results import (bpb_interval, cell_key, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,  # noqa: F401
                            lookup as _lookup, passkey_accuracy, pct as _pct, recipes as _recipes, throughput_range,
                            verdict_difference)
@@ -481,7 +480,7 @@ def plot_extrapolation(results: dict, path: Path, title: str = "") -> Optional[P
         if c is None:
             continue
         bs = c["buckets"]
-        x = [math.sqrt(max(b["positions"][0], 1) * b["positions"][1]) for b in bs]
+        x = [log2_middle(*b["positions"]) for b in bs]
         ax.plot(x, [b["bits_per_byte"] for b in bs], "o-", color=f"C{i}",
                 label=f"{name}: {c.get('verdict') or '-'}")
         ivs = [bpb_interval(b) for b in bs]
