@@ -4,12 +4,11 @@
     for sentence in context_findings(results): ...      # opens the report with the other findings
 
 Cells (evals/context_use.py): `context_use` (key scheme = the corpus, kept in the cell's `corpus`; context = the
-segment length) and `copy`
-(scheme `synthetic`, context = the string length). Every sentence is read from the numbers: a recipe is said to
-use the history past the cut up to the furthest bucket where the paired interval (over the segments) of
-streamed minus history-cut bits/byte lies wholly below -MIN_EFFECT, to copy from a distance where its loss on
-repeats there is below the same targets' loss under the history cut (by the same rule), and to be below gzip where its interval lies wholly below gzip -9
-on the same segments.
+segment length) and `copy` (scheme `synthetic`, context = the string length). Every sentence is read from the
+numbers: a recipe is said to use the history past the cut up to the furthest bucket where the paired interval
+(over the segments) of streamed minus history-cut bits/byte lies wholly below -MIN_EFFECT, to copy from a distance
+where its loss on repeats there is below the same targets' loss under the history cut (by the same rule), and to be
+below gzip where its interval lies wholly below gzip -9 on the same segments.
 """
 from __future__ import annotations
 
@@ -136,8 +135,8 @@ def gzip_finding(results: dict, corpus: str) -> Optional[str]:
     order = sorted(cs, key=lambda n: cs[n]["bits_per_byte"])
     below = [n for n in order if cs[n]["bits_per_byte_ci"][1] < comp["gzip-9"]]
     text = (f"Against compressors on the same {corpus} segments (gzip -9 {comp['gzip-9']:.3f}, "
-            f"xz -9 {comp['xz-9']:.3f} bits/byte): " + ", ".join(f"{n} {cs[n]['bits_per_byte']:.3f} {fmt_ci(cs[n]['bits_per_byte_ci'])}"
-                                       for n in order))
+            f"xz -9 {comp['xz-9']:.3f} bits/byte): "
+            + ", ".join(f"{n} {cs[n]['bits_per_byte']:.3f} {fmt_ci(cs[n]['bits_per_byte_ci'])}" for n in order))
     return text + (f"; below gzip: {_names(below)}." if below else "; none below gzip.")
 
 

@@ -102,11 +102,7 @@ def train_one(recipe, data, run_dir: Path, args, say):
         f"train.log_every={max(1, steps // 100)}"])
     resume = None if args.retrain or not (run_dir / "checkpoints").is_dir() else "auto"
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    init = None
-    if args.init_from:
-        init = Path(args.init_from) / recipe.name
-        if not (init / "card.json").is_file():
-            raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {recipe.name}")
+    init = init_dir(args, recipe.name)
     trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
                       overwrite=resume is None, cp=args.cp, init_from=str(init) if init else None)
     result = trainer.train()
@@ -116,6 +112,16 @@ def train_one(recipe, data, run_dir: Path, args, say):
         torch.distributed.all_reduce(t)
         cpu_s = t.item()
     return trainer, result, *_add_time(run_dir, cpu_s, time.perf_counter() - wall0, trainer.rank == 0)
+
+
+def init_dir(args, name: str):
+    """--init-from's checkpoint directory for recipe `name` (DIR/<name>), or None without --init-from."""
+    if not args.init_from:
+        return None
+    init = Path(args.init_from) / name
+    if not (init / "card.json").is_file():
+        raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {name}")
+    return init
 
 
 # the fields `train_one` sets from the budget and --evals: not the recipe's own
@@ -142,7 +148,7 @@ def shipped_difference(dest: Path, card: dict, recipe, args) -> str | None:
     if card.get("tokens") != tokens:
         return f"--budget: shipped {card.get('tokens'):,} tokens, asked {tokens:,}"
     base = (card.get("init_from") or {}).get("dir")
-    asked = str(Path(args.init_from) / recipe.name) if args.init_from else None
+    asked = str(init_dir(args, recipe.name)) if args.init_from else None
     if base != asked:
         return f"--init-from: shipped from {base}, asked {asked}"
     return None
@@ -257,7 +263,10 @@ def main(argv=None):
     say = print if rank0 else (lambda *a, **k: None)
     out, shipped = Path(args.out), []
     try:
-        for recipe, sizing in sized_recipes(args, say):
+        recipes = sized_recipes(args, say)
+        for recipe, _ in recipes:   # every recipe's starting weights exist before the first one trains
+            init_dir(args, recipe.name)
+        for recipe, sizing in recipes:
             dest = out / recipe.name
             if (dest / "card.json").is_file() and not args.retrain:
                 card = json.loads((dest / "card.json").read_text())
@@ -307,8 +316,9 @@ def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val3
             "gzip_bpb": gzip_on_validation(trainer), "checkpoint": str(path.relative_to(dest)),
             "curve": curve(Path(args.out) / "runs" / recipe.name)}
     if args.init_from:
-        base = json.loads((Path(args.init_from) / recipe.name / "card.json").read_text())
-        card["init_from"] = {"dir": str(Path(args.init_from) / recipe.name), "tokens": base["tokens"],
+        init = init_dir(args, recipe.name)
+        base = json.loads((init / "card.json").read_text())
+        card["init_from"] = {"dir": str(init), "tokens": base["tokens"],
                              "seq_len": base["seq_len"], "cpu_seconds": base["cpu_seconds"]}
     if t.seq_len_schedule:
         card["seq_len_schedule"] = [[s.seq_len, s.until] for s in t.seq_len_schedule]

@@ -64,3 +64,17 @@ def test_a_resumed_run_adds_its_time_to_the_earlier_sessions(tmp_path):
     from evals.commands.pretrain import _add_time
     assert _add_time(tmp_path, 10.0, 30.0) == (10.0, 30.0)
     assert _add_time(tmp_path, 2.5, 4.0) == (12.5, 34.0)
+
+
+def test_a_missing_init_from_is_refused_before_any_recipe_trains(pretrain, tmp_path, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(CLI_RECIPE), recipe)
+    data = write_prepared(tmp_path / "data", train=20000, val=4000)
+    (tmp_path / "init" / "tiny-cli").mkdir(parents=True)
+    (tmp_path / "init" / "tiny-cli" / "card.json").write_text("{}")   # the first recipe has its start, the second none
+    argv = [str(recipe), "transformer", "--budget", "1024", "--data", str(data), "--out", str(tmp_path / "out"),
+            "--init-from", str(tmp_path / "init"), "--no-progress"]
+    assert pretrain.main(argv) == 2
+    missing = tmp_path / "init" / "transformer"
+    assert f"--init-from: no shipped checkpoint {missing} (card.json)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()   # the first recipe did not train
