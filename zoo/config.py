@@ -71,6 +71,29 @@ class SeqLenStage:
 
 
 @dataclass
+class Repeats:
+    """Long-range repeats in the training rows (zoo.data.repeats): in `fraction` of the rows `count` spans of
+    span[0]..span[1] tokens are each copied distance[0]..distance[1] tokens further on. 0 leaves the data as it is."""
+    fraction: float = 0.0
+    count: int = 1
+    span: List[int] = field(default_factory=lambda: [32, 256])
+    distance: List[int] = field(default_factory=lambda: [1024, 4096])
+
+    def check(self, seq_len: int):
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"repeats.fraction: must be in [0, 1], got {self.fraction}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise ValueError(f"repeats.count: must be a positive integer, got {self.count!r}")
+        for name in ("span", "distance"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"repeats.{name}: must be [low, high] with 1 <= low <= high, got {list(lo_hi)}")
+        if self.fraction and self.span[0] + self.distance[0] > seq_len:
+            raise ValueError(f"repeats: span[0] + distance[0] = {self.span[0] + self.distance[0]} tokens do not fit "
+                             f"train.seq_len {seq_len}; no row could hold a repeat")
+
+
+@dataclass
 class TrainConfig:
     seq_len: int = 512                 # the training length (the last stage of seq_len_schedule, and evaluation's)
     batch_size: int = 8
@@ -101,6 +124,7 @@ class TrainConfig:
     # A stage's rows are batch_size x seq_len / stage seq_len, so every step holds the same tokens and the
     # learning-rate schedule and token budget do not depend on the stages.
     seq_len_schedule: List[SeqLenStage] = field(default_factory=list)
+    repeats: Repeats = field(default_factory=Repeats)
 
     def __post_init__(self):
         if self.cp_layout not in ("contiguous", "zigzag"):
@@ -117,6 +141,9 @@ class TrainConfig:
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay / grad_clip: must be >= 0")
         self._check_schedule()
+        if isinstance(self.repeats, dict):   # a plain dict from Python rather than from a YAML file
+            self.repeats = Repeats(**self.repeats)
+        self.repeats.check(self.seq_len)
 
     def _check_schedule(self):
         prev_len, prev_until = 0, 0.0

@@ -211,7 +211,8 @@ def card_text(card: dict) -> str:
              f"- command: `{card['command']}` (commit {card['commit']})",
              f"- parameters: {card['params']:,}; weights shipped as {card['dtype']}",
              f"- trained: {card['tokens']:,} tokens, {card['steps']} steps of {card['batch_size']} x {card['seq_len']}, "
-             f"seed {card['seed']}, {card['threads']} threads" + _schedule_text(card) + _ring_text(card),
+             f"seed {card['seed']}, {card['threads']} threads" + _schedule_text(card) + _repeats_text(card)
+             + _ring_text(card),
              *_init_text(card),
              f"- time: {card['cpu_seconds']:.0f} CPU seconds, {card['wall_seconds']:.0f} wall seconds "
              f"(on {card['machine']})",
@@ -228,6 +229,15 @@ def _schedule_text(card: dict) -> str:
         return ""
     parts = [f"{n} tokens to {until:.0%}" for n, until in stages]
     return f"; short to long: {', '.join(parts)} of the steps, then {card['seq_len']} (same tokens per step)"
+
+
+def _repeats_text(card: dict) -> str:
+    r = card.get("repeats")
+    if not r:
+        return ""
+    return (f"; long-range repeats in {r['fraction']:.0%} of the rows ({r['count']} per row, each a span of "
+            f"{r['span'][0]}-{r['span'][1]} tokens copied {r['distance'][0]}-{r['distance'][1]} tokens later: "
+            "train.repeats)")
 
 
 def _init_text(card: dict) -> list:
@@ -322,6 +332,9 @@ def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val3
                              "seq_len": base["seq_len"], "cpu_seconds": base["cpu_seconds"]}
     if t.seq_len_schedule:
         card["seq_len_schedule"] = [[s.seq_len, s.until] for s in t.seq_len_schedule]
+    if t.repeats.fraction:
+        card["repeats"] = {"fraction": t.repeats.fraction, "count": t.repeats.count, "span": list(t.repeats.span),
+                           "distance": list(t.repeats.distance)}
     if trainer.world > 1:
         card.update(world_size=trainer.world, cp=trainer.cp, cp_layout=t.cp_layout)
     return card

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from zoo.config import Recipe
 from zoo.data.errors import DataError
+from zoo.data.repeats import insert_repeats
 from zoo.memory import check_memory
 from zoo.model import ZooLM
 from zoo.train import checkpoint as ckpt
@@ -353,13 +354,22 @@ class Trainer:
         sl = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
         return {k: v[sl].to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _train_batch(self, micro: int, rows: int, seq_len: int) -> dict:
+        """The global batch of (step, micro), with train.repeats written in; a function of them alone."""
+        batch = self.data.train_batch(self.step, micro, rows, seq_len)
+        r = self.cfg.repeats
+        if r.fraction:   # its own stream (the trailing 1): the windows' draws stay what they were without it
+            rng = np.random.default_rng([self.cfg.seed, self.step, micro, 1])
+            batch = insert_repeats(batch, r.fraction, r.count, r.span, r.distance, rng)
+        return batch
+
     def train_step(self) -> float:
         self.train_module.train()
         total, aux_total = 0.0, None
         accum = self.cfg.grad_accum
         rows, seq_len = self.cfg.shape_at(self.step)
         for micro in range(accum):
-            batch = self._local(self.data.train_batch(self.step, micro, rows, seq_len))
+            batch = self._local(self._train_batch(micro, rows, seq_len))
             sync = micro == accum - 1 or not hasattr(self.train_module, "no_sync")
             with (nullcontext() if sync else self.train_module.no_sync()), self._autocast():
                 out = self._forward(batch)

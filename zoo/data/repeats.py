@@ -1,0 +1,54 @@
+"""Long-range repeats written into training rows: data whose dependencies span thousands of tokens.
+
+Natural text and code rarely make a model look more than a few hundred tokens back: the token that predicts
+the next one is almost always near. A model trained only on them at 4,096 tokens learns little that uses the
+history past 2,048 (docs/long-context.md). Synthetic retrieval in the training mixture is how recent work
+teaches that use ("Repeat After Me", arXiv 2402.01032; Xiong et al., arXiv 2406.19292): here a fraction of the
+rows get `count` spans of their own text each copied `distance` tokens later, so predicting the copy rewards finding
+its first occurrence far back.
+
+    insert_repeats(batch, fraction=0.5, count=4, span=(32, 256), distance=(1024, 3840), rng=rng)
+
+Rows too short for the smallest span and distance are left as they are. With document ids (`seq_idx`,
+`train.cross_doc: false`) a repeat stays inside one document, so the model can see its source. The draw
+depends only on `rng`, so a trainer that seeds it with (seed, step, micro) resumes bit-identically.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng: np.random.Generator) -> dict:
+    """In a `fraction` of the rows, `count` times in turn: copy span[0]..span[1] tokens from `src` to `src + d`,
+    d drawn from distance[0]..distance[1] (both inclusive; a later copy may overwrite an earlier one).
+    Returns a new batch; `batch` is left as it was."""
+    ids = batch["input_ids"].clone()
+    labels = batch["labels"].clone()
+    seq_idx = batch.get("seq_idx")
+    rows, length = ids.shape
+    for row in np.flatnonzero(rng.random(rows) < fraction):
+        for _ in range(count):
+            placed = _draw(rng, length, span, distance)
+            if placed is None:
+                break
+            src, d, n = placed
+            if seq_idx is not None and seq_idx[row, src] != seq_idx[row, src + d + n - 1]:
+                continue   # source and copy in different documents: the model could not see the source
+            ids[row, src + d:src + d + n] = ids[row, src:src + n].clone()
+            labels[row, src + d:src + d + n] = ids[row, src + d:src + d + n]
+    return {**batch, "input_ids": ids, "labels": labels}
+
+
+def _draw(rng: np.random.Generator, length: int, span, distance):
+    """(source start, distance, span length) fitting a row of `length` tokens, or None when none fits."""
+    n = int(rng.integers(span[0], span[1] + 1))
+    d = int(rng.integers(distance[0], distance[1] + 1))
+    if d + n > length:   # a shorter stage of a seq_len schedule: the largest distance that fits, if any
+        d = length - n
+        if d < distance[0]:
+            n = length - distance[0]
+            if n < span[0]:
+                return None
+            d = distance[0]
+    return int(rng.integers(0, length - d - n + 1)), d, n
