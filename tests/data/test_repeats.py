@@ -1,0 +1,120 @@
+"""train.repeats: long-range repeats written into training rows, checked against a plain re-derivation."""
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from tests.helpers import ToyData, toy_recipe, train_toy
+from zoo.data.packing import IGNORE_INDEX, pack_batch
+from zoo.data.repeats import insert_repeats
+
+
+def _copies(before, after):
+    """The (src, d, n) that explain row `after` from row `before` if it holds one copied span: the changed
+    positions [lo, hi) and the one distance d >= 1 at which after[lo:hi] == before[lo - d:hi - d]."""
+    changed = np.flatnonzero(before != after)
+    lo, hi = changed[0], changed[-1] + 1
+    return [d for d in range(1, lo + 1) if np.array_equal(after[lo:hi], before[lo - d:hi - d])]
+
+
+def test_each_repeat_is_a_span_of_the_row_copied_within_the_bounds():
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 50_000, size=(64, 301))   # distinct enough that a copy is never a coincidence
+    batch = pack_batch(tokens)
+    out = insert_repeats(batch, fraction=0.5, count=1, span=(7, 19), distance=(40, 111),
+                         rng=np.random.default_rng(0))
+    assert torch.equal(batch["input_ids"], torch.from_numpy(tokens))   # the batch given is left as it was
+    assert torch.equal(out["labels"], out["input_ids"])
+    changed = 0
+    for row in range(64):
+        a, b = tokens[row], out["input_ids"][row].numpy()
+        if np.array_equal(a, b):
+            continue
+        changed += 1
+        n = len(np.flatnonzero(a != b))
+        assert 7 <= n <= 19
+        assert [d for d in _copies(a, b) if 40 <= d <= 111], row
+    assert 20 <= changed <= 44   # ~half of 64 rows
+
+
+def test_the_draw_is_a_function_of_the_generator_seed():
+    batch = pack_batch(np.random.default_rng(1).integers(0, 999, size=(4, 200)))
+    args = dict(fraction=1.0, count=3, span=(4, 30), distance=(10, 150))
+    a = insert_repeats(batch, rng=np.random.default_rng([0, 7, 0, 1]), **args)
+    b = insert_repeats(batch, rng=np.random.default_rng([0, 7, 0, 1]), **args)
+    c = insert_repeats(batch, rng=np.random.default_rng([0, 8, 0, 1]), **args)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
+
+
+def test_rows_shorter_than_a_repeat_keep_their_tokens_and_long_distances_shrink_to_fit():
+    batch = pack_batch(np.arange(2 * 40).reshape(2, 40))
+    same = insert_repeats(batch, fraction=1.0, count=2, span=(8, 8), distance=(33, 50), rng=np.random.default_rng(0))
+    assert torch.equal(same["input_ids"], batch["input_ids"])   # 8 + 33 > 40: nothing fits
+    # a shorter stage of a schedule: distance drawn up to 500 but the row holds 40 tokens
+    out = insert_repeats(batch, fraction=1.0, count=1, span=(8, 8), distance=(20, 500), rng=np.random.default_rng(0))
+    for row in range(2):
+        a, b = batch["input_ids"][row].numpy(), out["input_ids"][row].numpy()
+        assert len(np.flatnonzero(a != b)) == 8 and [d for d in _copies(a, b) if 20 <= d <= 32]
+
+
+def test_a_repeat_never_joins_two_documents():
+    """With document ids the copy and its source lie in one document; a document's first label stays ignored."""
+    tokens = np.random.default_rng(2).integers(0, 50_000, size=(200, 64))
+    docs = np.repeat(np.arange(4), 16)[None].repeat(200, 0)          # four 16-token documents per row
+    docs[100:] = np.r_[np.zeros(50, int), np.ones(14, int)]          # or one of 50 and one of 14
+    batch = pack_batch(tokens, docs)
+    out = insert_repeats(batch, fraction=1.0, count=1, span=(4, 6), distance=(8, 40), rng=np.random.default_rng(3))
+    moved = 0
+    for row in range(200):
+        a, b = tokens[row], out["input_ids"][row].numpy()
+        if np.array_equal(a, b):
+            continue
+        moved += 1
+        changed = np.flatnonzero(a != b)
+        d = [d for d in _copies(a, b) if 8 <= d <= 40][0]
+        assert docs[row, changed[0] - d] == docs[row, changed[-1]], row
+    assert moved > 20   # the 50-token documents hold repeats
+    starts = batch["labels"] == IGNORE_INDEX
+    assert torch.equal(out["labels"] == IGNORE_INDEX, starts)
+    assert torch.equal(out["labels"][~starts], out["input_ids"][~starts])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("fraction", 1.5, r"repeats.fraction: must be in \[0, 1\], got 1.5"),
+    ("count", 0, r"repeats.count: must be a positive integer, got 0"),
+    ("span", "[9, 3]", r"repeats.span: must be \[low, high\] with 1 <= low <= high, got \[9, 3\]"),
+    ("distance", "[0, 3]", r"repeats.distance: must be \[low, high\]"),
+    ("distance", "[12, 20]", r"repeats: span\[0\] \+ distance\[0\] = 44 tokens do not fit train.seq_len 16"),
+])
+def test_bad_repeats_name_the_field(field, value, message):
+    with pytest.raises(zoo.RecipeError, match=message):
+        toy_recipe(**{"repeats.fraction": 0.5, "repeats.span": "[32, 64]", f"repeats.{field}": value})
+
+
+class _Seen(ToyData):
+    def __init__(self):
+        self.seen = []
+
+    def train_batch(self, step, micro, batch_size, seq_len):
+        batch = super().train_batch(step, micro, batch_size, seq_len)
+        self.seen.append(batch["input_ids"])
+        return batch
+
+
+def test_training_with_repeats_resumes_exactly(tmp_path):
+    over = {"max_steps": 6, "save_every": 3, "repeats.fraction": 1.0, "repeats.span": "[2, 4]",
+            "repeats.distance": "[5, 9]"}
+    straight, res = train_toy(tmp_path / "a", **over)
+    train_toy(tmp_path / "b", **over, keep_last=3)
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "step-00000003").rename(tmp_path / "c" / "checkpoints" / "step-00000003")
+    resumed, res2 = train_toy(tmp_path / "c", resume="auto", **over)
+    assert resumed.step == 6 and res2.train_loss == res.train_loss
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    # the rows trained on are the data's rows with repeats written in, and the same at every call
+    trainer, data = straight, _Seen()
+    trainer.data, trainer.step = data, 2
+    first, again = trainer._train_batch(0, 4, 16), trainer._train_batch(0, 4, 16)
+    assert torch.equal(first["input_ids"], again["input_ids"])
+    assert not torch.equal(first["input_ids"], data.seen[0]) and (first["input_ids"] != data.seen[0]).sum() <= 4 * 4
