@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.harness import Table, command_line, print_summary
-from evals.commands.compare import match_params, resolve
+from evals.runs import resolve
+from zoo.sizing import match_params
 from evals.context_parallel import cp_cell
 
 

@@ -21,10 +21,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 OOM_EXIT = 77
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _status_kb(field: str) -> int:
@@ -128,7 +126,7 @@ def measure(target: str, kwargs: dict | None = None, cap_gb: float | None = None
             "cap_bytes": int(cap_gb * 2**30) if cap_gb else None}
     try:   # evals is installed, as is the target's package (zoo, evals, benchmarks)
         proc = subprocess.run([sys.executable, "-m", "evals.memory", json.dumps(spec)], capture_output=True,
-                              text=True, cwd=ROOT, timeout=timeout)
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "timeout_s": timeout}
     if proc.returncode == OOM_EXIT or proc.returncode == -9:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch

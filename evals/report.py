@@ -28,7 +28,7 @@ from evals.bootstrap import best_and_ties
 from evals.findings import findings
 from evals.recall_report import mqar_table, mqar_text, plot_mqar
 from evals.render import log2_middle, pyplot as _pyplot, save as _save, table as _table
-from evals.results import (bpb_interval, cell_key, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,  # noqa: F401
+from evals.results import (bpb_interval, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,
                            lookup as _lookup, passkey_accuracy, pct as _pct, recipes as _recipes, throughput_range,
                            verdict_difference)
 

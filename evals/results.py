@@ -6,10 +6,14 @@ each other's private helpers).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Optional
 
 from evals.bootstrap import proportion_interval
+from zoo.train.run_dir import move_aside
 
 
 def cell_key(recipe: str, eval_name: str, scheme: str, context) -> str:
@@ -79,3 +83,72 @@ def fmt_bytes(n) -> str:
 def pct(value: tuple) -> str:
     mean, iv = value
     return f"{100 * mean:.0f}%" + (f" [{100 * iv[0]:.0f}, {100 * iv[1]:.0f}]" if iv else "")
+
+
+# -- the file, and whose it is --------------------------------------------------------------------------------------
+
+def load_results(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"meta": {}, "recipes": {}, "cells": {}}
+
+
+def save_results(path: Path, results: dict):
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)  # a kill mid-write leaves the previous file, never half of one
+
+
+def attach_mqar(results: dict, path) -> None:
+    """Carry the runs of `zoo recall mqar`'s results.json into results["mqar"] (offline measurements: the
+    report says where they come from)."""
+    try:
+        sweep = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--mqar-results: {path} is not a readable results.json of `zoo recall mqar` ({err})") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list):
+        raise ValueError(f"--mqar-results: {path} holds no list of runs (expected `zoo recall mqar`'s results.json)")
+    results["mqar"] = {"source": str(path), "meta": sweep.get("meta", {}), "runs": sweep["runs"]}
+
+
+def setup_of(resolved, args) -> dict:
+    """What the cells of a comparison depend on: each recipe as sized (or the checkpoint it was given as), and the
+    training budget of the recipes trained here."""
+    setup = {r.name: {"recipe": r.to_dict(), "checkpoint": str(c) if c else None} for r, c in resolved}
+    if any(c is None for _, c in resolved):
+        setup["--budget"] = args.budget
+    return json.loads(json.dumps(setup))   # as results.json holds it (tuples as lists)
+
+
+def own_results(out: Path, results: dict, resolved, args, say) -> dict:
+    """The results to continue: those in --out when they are this comparison's (the same recipes and settings), a
+    fresh start with --overwrite (the old ones moved aside), an error otherwise: a comparison never reports cells
+    of other models beside its own."""
+    setup = setup_of(resolved, args)
+    held = results.get("meta", {}).get("setup")
+    if not results.get("cells") or held == setup:
+        results.setdefault("meta", {})["setup"] = setup
+        return results
+    if held is None:
+        difference = "results.json from before comparisons recorded their setup"
+    else:
+        key = next(k for k in sorted(set(held) | set(setup)) if held.get(k) != setup.get(k))
+        difference = (f"{key}: not in this comparison" if key not in setup else f"{key}: not in the one in --out"
+                      if key not in held else f"{key}: {_first_difference(held[key], setup[key])}")
+    if not args.overwrite:
+        raise ValueError(f"--out: {out} holds a comparison of other recipes or settings ({difference}); rerun the "
+                         "same comparison to resume it, give another --out, or --overwrite to move it aside")
+    moved = move_aside(out, [p.name for p in out.iterdir() if not p.name.startswith("replaced-")
+                             and p.name != "compare.lock"])
+    say(f"overwrite: moved the previous comparison in {out} ({difference}) to {moved}")
+    fresh = {"meta": {**results["meta"], "setup": setup}, "recipes": {}, "cells": {}}
+    return fresh
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path or 'value'} was {a!r}, now {b!r}"
+

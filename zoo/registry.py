@@ -22,6 +22,10 @@ def register_block(name: str, config: type):
     """Class decorator: `@register_block("mamba2", config=Mamba2Config)`."""
     if not is_dataclass(config):
         raise TypeError(f"register_block({name!r}): config must be a dataclass, got {config!r}")
+    if not callable(getattr(config, "width_step", None)):
+        # zoo.sizing scales recipes by d_model: each block says which widths it builds at
+        raise TypeError(f"register_block({name!r}): {config.__qualname__} needs a width_step() method (the multiple "
+                        "of model.d_model the block builds at; 1 for any)")
 
     def deco(cls):
         if name in _BLOCKS and _BLOCKS[name].cls is not cls:

@@ -25,8 +25,6 @@ ones; `--retrain` starts them over. Ends with one machine-readable `summary:` li
 import argparse
 import json
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,23 +32,23 @@ from pathlib import Path
 import torch
 
 import zoo
-from evals.commands import compare   # the sizing is the comparison's own
+from evals.commands.options import count
+from evals.runs import DTYPES, add_time, budget_steps, resolve, ship, source_commit
+from zoo.sizing import match_params
 from evals.compression import compression_bpb
 from zoo.data import DataError, prepared_data
-from zoo.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from zoo.train.checkpoint import CheckpointError
 from zoo.train import launch
 from zoo.train.run_dir import RunDirError
 from zoo.train.trainer import Trainer, TrainingError, dp_info
 
-ROOT = Path(__file__).resolve().parents[2]   # the checkout, for the git commit
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+", help="recipe names or files")
     ap.add_argument("--out", default="pretrained", help="OUT/<name>/ per recipe, OUT/runs/ for the training runs")
-    ap.add_argument("--budget", type=compare.count, default=compare.count("4M"), help="training tokens per recipe")
+    ap.add_argument("--budget", type=count, default=count("4M"), help="training tokens per recipe")
     ap.add_argument("--match-params", default=None, help="target parameter count (1M) or a recipe's name")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
                     help="dotlist overrides applied to every recipe before sizing")
@@ -76,15 +74,15 @@ def sized_recipes(args, say) -> list:
     """The recipes as compare.py sizes them: (recipe, overrides that sized it)."""
     out = []
     for spec in args.recipes:
-        recipe, _ = compare.resolve(spec, args.overrides)
+        recipe, _ = resolve(spec, args.overrides)
         extra = []
         if args.match_params:
             target = args.match_params
             if not target[0].isdigit():
-                target = zoo.build_model(compare.resolve(target, args.overrides)[0]).num_params()["total"]
+                target = zoo.build_model(resolve(target, args.overrides)[0]).num_params()["total"]
             else:
-                target = compare.count(target)
-            extra, n = compare.match_params(recipe, int(target))
+                target = count(target)
+            extra, n = match_params(recipe, int(target))
             recipe = zoo.load_recipe(recipe.to_dict(), extra)
             say(f"{recipe.name}: {n:,} parameters ({' '.join(extra)})")
         out.append((recipe, extra))
@@ -94,7 +92,7 @@ def sized_recipes(args, say) -> list:
 def train_one(recipe, data, run_dir: Path, args, say):
     """Train to the budget (continuing an interrupted run); (trainer, result, CPU seconds, wall seconds)."""
     t = recipe.train
-    steps = compare.budget_steps(t, args.budget)
+    steps = budget_steps(t, args.budget)
     every = max(1, steps // args.evals)
     recipe = zoo.load_recipe(recipe.to_dict(), [
         f"train.max_steps={steps}", f"train.warmup_steps={min(t.warmup_steps, steps // 10)}",
@@ -111,7 +109,7 @@ def train_one(recipe, data, run_dir: Path, args, say):
         t = torch.tensor([cpu_s], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         cpu_s = t.item()
-    return trainer, result, *_add_time(run_dir, cpu_s, time.perf_counter() - wall0, trainer.rank == 0)
+    return trainer, result, *add_time(run_dir, cpu_s, time.perf_counter() - wall0, trainer.rank == 0)
 
 
 def init_dir(args, name: str):
@@ -144,7 +142,7 @@ def shipped_difference(dest: Path, card: dict, recipe, args) -> str | None:
             if old[section].get(key) != new[section].get(key):
                 return f"{section}.{key}: shipped {old[section].get(key)!r}, asked {new[section].get(key)!r}"
     t = recipe.train
-    tokens = compare.budget_steps(t, args.budget) * t.batch_size * t.seq_len * t.grad_accum
+    tokens = budget_steps(t, args.budget) * t.batch_size * t.seq_len * t.grad_accum
     if card.get("tokens") != tokens:
         return f"--budget: shipped {card.get('tokens'):,} tokens, asked {tokens:,}"
     base = (card.get("init_from") or {}).get("dir")
@@ -152,17 +150,6 @@ def shipped_difference(dest: Path, card: dict, recipe, args) -> str | None:
     if base != asked:
         return f"--init-from: shipped from {base}, asked {asked}"
     return None
-
-
-def _add_time(run_dir: Path, cpu_s: float, wall_s: float, write: bool = True) -> tuple:
-    """The run's CPU and wall seconds over all its sessions (a resumed run adds to what its earlier ones
-    recorded in run_dir/time.json); the totals."""
-    path = run_dir / "time.json"
-    seen = json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0}
-    total = {"cpu_seconds": seen["cpu_seconds"] + cpu_s, "wall_seconds": seen["wall_seconds"] + wall_s}
-    if write:
-        path.write_text(json.dumps(total) + "\n")
-    return total["cpu_seconds"], total["wall_seconds"]
 
 
 def curve(run_dir: Path) -> list:
@@ -174,27 +161,6 @@ def curve(run_dir: Path) -> list:
         if row.get("val_bpb") is not None:
             rows.append([row["step"], row.get("tokens"), round(row["val_bpb"], 4)])
     return rows
-
-
-def ship(trainer, recipe, dest: Path, dtype, step=None) -> tuple:
-    """Write the model's weights rounded to `dtype` as dest's checkpoint (named `step`, default the trainer's),
-    replacing what dest shipped before (its weights stay in the run directories that made them); returns (path,
-    val loss, val bpb) of the rounded weights, evaluated on the trainer's validation batches."""
-    model = trainer.model
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(state[k].to(v.dtype))   # evaluate what is shipped, not the float32 original
-    loss, bpb = trainer.evaluate()   # every rank: under cp the evaluation is a collective
-    if trainer.rank != 0:
-        return None, loss, bpb
-    path = save_checkpoint(dest / "checkpoints", trainer.step if step is None else step, state, trainer.recipe,
-                           info={"dtype": str(dtype).removeprefix("torch."), "tokens": trainer.tokens}, keep_last=1)
-    # keep_last prunes by step number: an older shipment numbered higher (another stage count) would outlive this one
-    for old in list_checkpoints(dest / "checkpoints"):
-        if old.resolve() != Path(path).resolve():
-            shutil.rmtree(old)
-    return path, loss, bpb
 
 
 def gzip_on_validation(trainer) -> float:
@@ -255,14 +221,6 @@ def _ring_text(card: dict) -> str:
             f"(context parallel, layout {card['cp_layout']})")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -317,7 +275,7 @@ def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val3
     launcher = (f"torchrun --nproc-per-node {trainer.world} -m evals.commands.pretrain" if trainer.world > 1
                 else "zoo pretrain")
     card = {"recipe": recipe.name, "command": f"{launcher} " + shlex.join(argv),
-            "commit": commit(), "sizing": sizing, "params": trainer.model.num_params()["total"],
+            "commit": source_commit() or "unknown", "sizing": sizing, "params": trainer.model.num_params()["total"],
             "dtype": args.dtype, "tokens": trainer.tokens, "steps": result.step, "batch_size": t.batch_size,
             "seq_len": t.seq_len, "seed": t.seed, "threads": torch.get_num_threads(),
             "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import zoo
-from evals.commands import compare
-from evals.commands.pretrain import DTYPES, _add_time, commit, ship
+from evals.commands.options import float_list, int_list
+from evals.runs import DTYPES, add_time, resolve, ship, source_commit
 from evals.recall import mqar_eval, passkey_grid
 from evals.throughput import analytic_state_bytes
 from zoo.data import DataError, load_tokenizer
@@ -74,37 +74,37 @@ def parse_args(argv):
     pk = sub.add_parser("passkey", parents=[common], help="fine-tune shipped LMs on passkey retrieval and ship them")
     pk.add_argument("--from", dest="source", default="pretrained", help="FROM/<name>: the LM checkpoint to start from")
     pk.add_argument("--out", default="pretrained/passkey")
-    pk.add_argument("--steps", type=compare.int_list, default=[800],
+    pk.add_argument("--steps", type=int_list, default=[800],
                     help="steps per stage (comma-separated: a curriculum, one stage per --seq-len)")
-    pk.add_argument("--seq-len", type=compare.int_list, default=[320],
+    pk.add_argument("--seq-len", type=int_list, default=[320],
                     help="prompt length per stage (tokens, answer included); the last is the fine-tuning length")
-    pk.add_argument("--batch-size", type=compare.int_list, default=[16], help="per stage, or one for all")
-    pk.add_argument("--lr", type=compare.float_list, default=[3e-3], help="per stage, or one for all")
+    pk.add_argument("--batch-size", type=int_list, default=[16], help="per stage, or one for all")
+    pk.add_argument("--lr", type=float_list, default=[3e-3], help="per stage, or one for all")
     pk.add_argument("--loss", type=loss_list, default=["lm"],
                     help="per stage, or one for all. lm: every token (the needle's own key repeat teaches copying "
                          "at short range); answer: the answer tokens only (all the gradient on the long copy)")
-    pk.add_argument("--min-seq-len", type=compare.int_list, default=None,
+    pk.add_argument("--min-seq-len", type=int_list, default=None,
                     help="per stage, or one for all: each training row's length drawn in [MIN, --seq-len] (the rest "
                          "of the row unscored filler), so the answer's position is not a constant to learn "
                          "(default: every row at --seq-len)")
-    pk.add_argument("--factors", type=compare.int_list, default=[1, 4, 16],
+    pk.add_argument("--factors", type=int_list, default=[1, 4, 16],
                     help="evaluate at these multiples of --seq-len")
-    pk.add_argument("--depths", type=compare.float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    pk.add_argument("--depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     pk.add_argument("--trials", type=int, default=10, help="prompts per (length, depth)")
     pk.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     pk.add_argument("--retrain", action="store_true", help="fine-tune again even where OUT/<name> is shipped")
 
     mq = sub.add_parser("mqar", parents=[common], help="Zoology's MQAR sweep over width, key-value pairs and seeds")
     mq.add_argument("--out", default="pretrained/mqar")
-    mq.add_argument("--widths", type=compare.int_list, default=[32, 64, 128])
-    mq.add_argument("--kv-pairs", type=compare.int_list, default=[4, 8, 16])
+    mq.add_argument("--widths", type=int_list, default=[32, 64, 128])
+    mq.add_argument("--kv-pairs", type=int_list, default=[4, 8, 16])
     mq.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     mq.add_argument("--layers", type=int, default=2)
     mq.add_argument("--vocab", type=int, default=256, help="keys from the lower half, values from the upper")
     mq.add_argument("--seq-len", type=int, default=128)
     mq.add_argument("--steps", type=int, default=400)
     mq.add_argument("--batch-size", type=int, default=32)
-    mq.add_argument("--lr", type=compare.float_list, default=[3e-3],
+    mq.add_argument("--lr", type=float_list, default=[3e-3],
                     help="learning rates (comma-separated): each run is repeated at each, and the report keeps the "
                          "best per recipe and width, as Zoology does")
     args = ap.parse_args(argv)
@@ -213,7 +213,7 @@ def train_stage(name: str, i: int, start, recipe, args, say):
     trainer = Trainer(recipe, data, run_dir, log=say, progress=not args.no_progress, resume=resume,
                       overwrite=resume is None, init_from=str(start))
     result = trainer.train()
-    return trainer, result, *_add_time(run_dir, time.process_time() - cpu0, time.perf_counter() - wall0)
+    return trainer, result, *add_time(run_dir, time.process_time() - cpu0, time.perf_counter() - wall0)
 
 
 def finetune_passkey(name: str, args, argv, say) -> dict:
@@ -234,7 +234,7 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     say(f"{name}: passkey accuracy at {lengths} ...")
     grid = passkey_grid(trainer.model, lengths, args.depths, args.trials, tokenizer=tok)
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
-    card = {"recipe": name, "command": "zoo recall " + shlex.join(argv), "commit": commit(), "from": str(ckpt),
+    card = {"recipe": name, "command": "zoo recall " + shlex.join(argv), "commit": source_commit() or "unknown", "from": str(ckpt),
             "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
             "batch_size": args.batch_size[-1], "seq_len": seq_len,
             "stages": [{k: v for k, v in st.items() if v is not None} for st in asked_stages(args)],
@@ -278,7 +278,7 @@ def miniature_pattern(pattern: str, layers: int) -> str:
 
 
 def mqar_recipe(spec: str, width: int, args):
-    recipe, _ = compare.resolve(spec, [])
+    recipe, _ = resolve(spec, [])
     pattern = miniature_pattern(recipe.model.pattern, args.layers)
     return zoo.load_recipe(recipe.to_dict(), [
         f"model.n_layers={args.layers}", f"model.pattern={pattern}", f"model.d_model={width}",
@@ -314,7 +314,7 @@ def run_mqar(args, argv, say) -> list:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    meta = {"command": "zoo recall " + shlex.join(argv), "commit": commit(), "torch": torch.__version__,
+    meta = {"command": "zoo recall " + shlex.join(argv), "commit": source_commit() or "unknown", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "vocab_size": args.vocab, "seq_len": args.seq_len,
             "layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     done = {_run_key(r) for r in _read_results(path)["runs"]}

@@ -34,6 +34,9 @@ class DepthwiseConvConfig:
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"width: must be an integer >= 1, got {self.width!r}")
 
+    def width_step(self) -> int:
+        return 1   # one filter per channel: any d_model
+
 
 @dataclass
 class DepthwiseConvCache(BlockCache):

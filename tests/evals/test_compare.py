@@ -8,6 +8,7 @@ import yaml
 
 
 from evals.commands import compare
+from evals.commands.options import count
 
 TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "ffn": {"type": "swiglu", "mult": 2}}
 BLOCKS = {"tiny-attn": {"pattern": "A", "blocks": {"A": {"type": "attn", "n_heads": 2}}},
@@ -92,46 +93,6 @@ def test_end_to_end_then_resume(setup, capsys):
         assert (Path(train["checkpoint"]) / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_match_params_within_two_percent(setup):
-    root, paths = setup
-    attn, _ = compare.resolve(paths[0], [])
-    step = compare.d_model_step(attn)
-    assert step == 4  # 2 heads, even head_dim
-    target = 1_000_000
-    overrides, n = compare.match_params(attn, target)
-    [d_set] = overrides  # fine enough at this width: d_model alone
-    d = int(d_set.split("=")[1])
-    assert d % step == 0 and n == compare.params_at(attn, d)
-    assert abs(n - target) / target < 0.02
-    # no other multiple of the step is closer (parameters grow with d_model, so neighbours suffice)
-    for other in (d - step, d + step):
-        assert abs(compare.params_at(attn, other) - target) >= abs(n - target)
-
-
-def test_match_params_tunes_the_ffn_when_d_model_steps_are_coarse(setup):
-    root, paths = setup
-    attn, _ = compare.resolve(paths[0], [])
-    target = 58_000  # between d_model 44 (55,132) and 48 (61,680): both miss by more than 2%
-    overrides, n = compare.match_params(attn, target)
-    assert overrides[0] == "model.d_model=44" and overrides[1].startswith("model.ffn.mult=")
-    assert overrides[2].startswith("model.blocks.A.ffn.mult=")
-    assert abs(n - target) / target < 0.02
-    assert n == compare.zoo.build_model(compare.zoo.load_recipe(attn.to_dict(), overrides)).num_params()["total"]
-
-
-def test_match_params_grows_past_widths_a_fixed_field_forbids():
-    """bamba fixes rope_dim 32: below 4 heads x 32 the recipe is invalid, and the search must grow past it."""
-    bamba, _ = compare.resolve("bamba", [])
-    assert compare.params_at(bamba, compare.d_model_step(bamba)) == 0
-    overrides, n = compare.match_params(bamba, 2_000_000)
-    assert abs(n - 2_000_000) / 2_000_000 < 0.02
-    assert n == compare.zoo.build_model(compare.zoo.load_recipe(bamba.to_dict(), overrides)).num_params()["total"]
-    # a target below the narrowest valid width: the narrowest valid one, not an invalid one closer in count
-    overrides, n = compare.match_params(bamba, 100_000)
-    assert n > 0 and n == compare.zoo.build_model(
-        compare.zoo.load_recipe(bamba.to_dict(), overrides)).num_params()["total"]
-
-
 def test_bad_recipe_is_a_clear_error(setup, capsys):
     root, _ = setup
     assert compare.main(["no-such-recipe", "--out", str(root / "bad"), "--no-progress"]) == 2
@@ -139,7 +100,7 @@ def test_bad_recipe_is_a_clear_error(setup, capsys):
 
 
 def test_count_parses_suffixes():
-    assert compare.count("300K") == 300_000 and compare.count("1.5M") == 1_500_000 and compare.count("7") == 7
+    assert count("300K") == 300_000 and count("1.5M") == 1_500_000 and count("7") == 7
 
 
 @pytest.mark.parametrize("flag", [["--extrapolation-factor", "1"], ["--max-doc-tokens", "1"], ["--resamples", "0"]])
@@ -260,3 +221,21 @@ def test_a_reused_out_is_this_comparison_or_refused(setup, capsys, tmp_path):
         assert "is in use by" in capsys.readouterr().err
     finally:
         held.release()
+
+
+def test_recipe_names_are_found_in_the_working_directory_or_zoo_recipes(tmp_path, monkeypatch):
+    """No path from the package's location: names resolve in ./recipes (where the README's commands run) or in the
+    directory ZOO_RECIPES names; a miss lists what both hold."""
+    from evals.runs import resolve
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "tiny.yaml").write_text(yaml.safe_dump({"name": "tiny", "model": {**TINY, **BLOCKS["tiny-attn"]}}))
+    monkeypatch.chdir(tmp_path)   # no recipes/ here
+    with pytest.raises(ValueError, match=r"recipes: 'transformer' is not a recipe file, a run directory or a recipe "
+                                         r"name in .*recipes \(known: none; ZOO_RECIPES names"):
+        resolve("transformer", [])
+    monkeypatch.setenv("ZOO_RECIPES", str(mine))
+    recipe, ckpt = resolve("tiny", ["model.n_layers=3"])
+    assert recipe.name == "tiny" and recipe.model.n_layers == 3 and ckpt is None
+    with pytest.raises(ValueError, match=r"known: tiny;"):
+        resolve("tiny2", [])

@@ -148,7 +148,7 @@ def results():
           _dm("transformer", 1024, 5 * 2**20, 6 * 2**20), _dm("transformer", 65536, None, None, "skipped"),
           _lt("mamba2", 1, 1792, 2048), _lt("mamba2", 2, 3584, 3840), _lt("transformer", 1, 3072, 3328),
           _lt("transformer", 2, 4096, 4352, "timeout")]
-    from evals.report import cell_key
+    from evals.results import cell_key
     return {"meta": {}, "cells": {cell_key(c["recipe"], c["eval"], c["scheme"], c["context"]): c for c in cs},
             "recipes": {n: {"params": {"total": 1000, "non_embedding": 900}, "seq_len": 256}
                         for n in ("mamba2", "transformer")}}

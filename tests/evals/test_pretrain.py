@@ -61,9 +61,9 @@ def test_pretrain_unknown_recipe_is_one_error_line(pretrain, tmp_path, capsys):
 
 
 def test_a_resumed_run_adds_its_time_to_the_earlier_sessions(tmp_path):
-    from evals.commands.pretrain import _add_time
-    assert _add_time(tmp_path, 10.0, 30.0) == (10.0, 30.0)
-    assert _add_time(tmp_path, 2.5, 4.0) == (12.5, 34.0)
+    from evals.runs import add_time
+    assert add_time(tmp_path, 10.0, 30.0) == (10.0, 30.0)
+    assert add_time(tmp_path, 2.5, 4.0) == (12.5, 34.0)
 
 
 def test_a_missing_init_from_is_refused_before_any_recipe_trains(pretrain, tmp_path, capsys):

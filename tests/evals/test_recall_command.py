@@ -9,6 +9,8 @@ from safetensors import safe_open
 
 import zoo
 from evals.commands import compare, pretrain, recall
+from evals.results import attach_mqar
+from evals.runs import passkey_checkpoint
 from evals.recall_report import mqar_finding, mqar_points, mqar_table, passkey_finding, plot_mqar
 from tests.helpers import CLI_RECIPE, write_prepared
 
@@ -53,10 +55,10 @@ def test_passkey_finetune_ships_its_checkpoint_and_measured_card(shipped_lm, tmp
     # a rerun keeps what is shipped; compare finds it
     assert recall.main(argv) == 0
     assert "fine-tuned already" in capsys.readouterr().out
-    found = compare.passkey_checkpoint(out, "tiny-cli")
+    found = passkey_checkpoint(out, "tiny-cli")
     assert found["finetune_len"] == 280 and found["finetune_steps"] == 3 and found["checkpoint"].endswith(
         card["checkpoint"])
-    assert compare.passkey_checkpoint(out, "other") is None
+    assert passkey_checkpoint(out, "other") is None
     # a curriculum that starts with the shipped stage resumes it and trains only the new one
     staged = argv[:argv.index("--steps")] + ["--steps", "3,2", "--seq-len", "280,300", "--batch-size", "2",
                                              "--loss", "lm,answer", "--lr", "3e-3,1e-3"] + \
@@ -154,7 +156,7 @@ def test_mqar_sweep_writes_each_run_and_resumes(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["runs"] == runs
     # compare carries the runs into its results, and the report reads them
     res = {"meta": {}, "recipes": {}, "cells": {}}
-    compare.attach_mqar(res, out / "results.json")
+    attach_mqar(res, out / "results.json")
     assert len(mqar_points(res)) == 4 and all(len(a) == 2 for a in mqar_points(res).values())
     assert "tiny-hybrid" in mqar_table(res) and plot_mqar(res, tmp_path / "mqar.png").is_file()
     # a learning-rate grid: the same runs again at another rate, the earlier rows kept and marked with theirs
@@ -193,9 +195,9 @@ def test_attach_mqar_refuses_another_file(tmp_path):
     bad = tmp_path / "r.json"
     bad.write_text(json.dumps({"cells": {}}))
     with pytest.raises(ValueError, match="holds no list of runs"):
-        compare.attach_mqar({}, bad)
+        attach_mqar({}, bad)
     with pytest.raises(ValueError, match="not a readable results.json"):
-        compare.attach_mqar({}, tmp_path / "missing.json")
+        attach_mqar({}, tmp_path / "missing.json")
 
 
 def _run(recipe, width, seed, accs):

@@ -5,7 +5,8 @@ import torch
 
 import zoo
 from evals.memory import measure
-from evals.report import cell_key, memory_table, summary_table, write_report
+from evals.report import memory_table, summary_table, write_report
+from evals.results import cell_key
 from evals.throughput import _times, analytic_state_bytes, peak_decode, throughput, throughput_record
 
 RECIPE = {"name": "tiny-thr", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "AS",

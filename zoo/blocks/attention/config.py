@@ -51,6 +51,11 @@ class AttnConfig:
         if self.rope_dim is not None and self.rope_dim > head_dim:
             raise ValueError(f"rope_dim: {self.rope_dim} exceeds head_dim {head_dim}")
 
+    def width_step(self) -> int:
+        """The multiple of model.d_model this block builds at: heads of an even head dimension (rotary
+        pairs) when head_dim follows d_model; any width when head_dim is fixed."""
+        return 2 * self.n_heads if self.head_dim is None else 1
+
     def _rotates_all(self) -> bool:
         return self.rope_base is not None and self.rope_dim is None
 

@@ -31,6 +31,10 @@ class MambaConfig:
             raise ValueError(f"dt_rank: must be 'auto' or an integer >= 1, got {self.dt_rank!r}")
         _check_dt_range(self)
 
+    def width_step(self) -> int:
+        """The multiple of model.d_model this block builds at: any (its widths are expand x d_model)."""
+        return 1
+
 
 @dataclass
 class Mamba2Config:
@@ -78,6 +82,14 @@ class Mamba2Config:
     def check(self, d_model: int, seq_len: int) -> None:
         """Checks that need the model's width."""
         self.heads(d_model)
+
+    def width_step(self) -> int:
+        """The multiple of model.d_model this block builds at: expand x d_model splits into whole heads of
+        head_dim, n_groups of them; any width when n_heads fixes the inner width."""
+        if self.n_heads is not None:
+            return 1
+        unit = self.head_dim * self.n_groups
+        return unit // math.gcd(self.expand, unit)
 
     def inner(self, d_model: int) -> int:
         """The inner width d_inner: n_heads x head_dim when n_heads is set, else expand x d_model."""

@@ -36,6 +36,10 @@ class ParallelConfig:
             out.append((spec["type"], spec["out_scale"], _block_config(get_block(spec["type"]).config, fields, "")))
         return out
 
+    def width_step(self) -> int:
+        """The multiple of model.d_model every branch builds at."""
+        return math.lcm(*(cfg.width_step() for _, _, cfg in self.branch_configs()))
+
     def check(self, d_model: int, seq_len: int) -> None:
         for i, (_, _, cfg) in enumerate(self.branch_configs()):
             if hasattr(cfg, "check"):

@@ -15,6 +15,9 @@ from zoo.registry import register_block
 class NoMixerConfig:
     """No fields: the layer's feed-forward is set by the letter's `ffn` (or model.ffn)."""
 
+    def width_step(self) -> int:
+        return 1
+
 
 @dataclass
 class NoMixerCache(BlockCache):

@@ -36,6 +36,11 @@ class TaipanConfig:
         if isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"block_size: must be an integer >= 1, got {self.block_size}")
 
+    def width_step(self) -> int:
+        """The multiple of model.d_model this block builds at: heads of an even head dimension (rotary
+        pairs) when head_dim follows d_model; any width when head_dim is fixed."""
+        return 2 * self.n_heads if self.head_dim is None else 1
+
     def check(self, d_model: int, seq_len: int) -> None:
         """Checks that need the model's width and the training length."""
         if self.head_dim is None and d_model % self.n_heads:
