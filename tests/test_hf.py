@@ -10,7 +10,7 @@ import torch
 
 import zoo
 import zoo.convert
-from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, cache_nbytes, output_cache
+from zoo.hf import ZooConfig, ZooForCausalLM, ZooLoadError, output_cache
 
 V = 61   # vocabulary: odd, so no size lines up by accident
 
@@ -208,7 +208,7 @@ def test_cache_bytes_equal_state_bytes(name):
     with torch.no_grad():
         model(ids[:, :3], past_key_values=cache)
         for t in range(3, 30):
-            measured.append(cache_nbytes(cache.zoo.layers[0]))
+            measured.append(cache.zoo.layers[0].nbytes())
             assert measured[-1] == block.state_bytes(t, dtype=torch.float32), f"after {t} tokens"
             model(ids[:, t:t + 1], past_key_values=cache)
     assert cache.nbytes() == block.state_bytes(30, dtype=torch.float32)
@@ -225,7 +225,7 @@ def test_left_padded_cache_bytes_are_the_padded_batch():
     cache = output_cache(out)
     for layer, c in zip(model.model.layers, cache.zoo.layers):
         # the batch holds both rows at the longest row's length (swa: its window)
-        assert cache_nbytes(c) == layer.mixer.state_bytes(9, batch_size=2, dtype=torch.float32)
+        assert c.nbytes() == layer.mixer.state_bytes(9, batch_size=2, dtype=torch.float32)
 
 
 # -- save / load ----------------------------------------------------------------------------------------

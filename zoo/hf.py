@@ -54,9 +54,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from zoo.blocks.base import RowGroups
 from zoo.config import Recipe, load_recipe
-from zoo.model import ZooCache, ZooLM, cache_nbytes
+from zoo.model import ZooCache, ZooLM
 
-__all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "cache_nbytes", "output_cache",
+__all__ = ["ZooConfig", "ZooForCausalLM", "ZooGenerationCache", "ZooLoadError", "output_cache",
            "register"]
 
 

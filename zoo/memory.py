@@ -21,6 +21,7 @@ from typing import Optional, Union
 import torch
 
 from zoo.config import Recipe, RecipeError
+from zoo.layer import ZooLayer
 
 # Values that backward keeps per token, per layer and per d_model channel (float32), measured with
 # torch.autograd.graph.saved_tensors_hooks on the shipped recipes at batch 2 x 256: transformer 27,
@@ -176,8 +177,6 @@ def _too_large(recipe: Recipe, est: MemoryEstimate, cap: float, where: str) -> s
 
 
 def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
-    from zoo.model import ZooLayer  # model -> memory on import; this way round only when called
-
     m = recipe.model
     size = dtype.itemsize
     params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model   # embedding, head, final norm

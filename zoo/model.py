@@ -17,15 +17,13 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from zoo.blocks.base import AuxLoss, BlockCache, split_aux
-from zoo.blocks.ffn import build_ffn
+from zoo.blocks.base import BlockCache
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
+from zoo.layer import RMSNorm, ZooLayer
 from zoo.memory import check_memory
 from zoo.ops.dispatch import chosen, describe_kernels
 from zoo.ops.loss import cross_entropy
-from zoo.ops.norm import rms_norm
-from zoo.registry import get_block
 
 IGNORE_INDEX = -100
 
@@ -46,61 +44,12 @@ class ZooCache:
 
     def nbytes(self) -> int:
         """Bytes of the block caches' state (what `state_bytes` predicts, summed over layers)."""
-        return sum(cache_nbytes(c) for c in self.layers)
+        return sum(c.nbytes() for c in self.layers)
 
     def allocated_nbytes(self) -> int:
         """Bytes of every tensor the block caches hold: the state plus bookkeeping and the spare capacity of
         preallocated K/V buffers (at most as much again as their state: they grow by doubling)."""
         return sum(c.allocated_nbytes() for c in self.layers)
-
-
-def cache_nbytes(layer_cache: BlockCache) -> int:
-    """Measured bytes of one layer's block cache state: its tensors, or the filled part of a preallocated
-    K/V buffer (the bookkeeping `row_start` and integer positions excluded); a layer decoded in groups of
-    rows (zoo.hf) counts every group."""
-    return layer_cache.nbytes()
-
-
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameter, same state dict) whose training path is `zoo.ops.norm.rms_norm`, with a
-    hand-written backward (3.1 ms against 5.2 ms forward + backward at [16, 256, 192]); without gradients
-    (evaluation, decoding) torch's fused kernel, one call where a decoding step cannot afford seven."""
-
-    def forward(self, x):
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return rms_norm(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
-        return super().forward(x)
-
-
-class ZooLayer(nn.Module):
-    def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None,
-                 residual_multiplier: float = 1.0):
-        super().__init__()
-        self.block_type = spec.type
-        self.residual_multiplier = residual_multiplier   # Granite: x + multiplier * sublayer(norm(x))
-        block = get_block(spec.type).cls
-        # a layer without a mixer (`none`) has no mixer norm: it adds zeros and the layer is its FFN alone
-        self.mixer_norm = nn.Identity() if block.passthrough else RMSNorm(d_model, eps=norm_eps)
-        self.mixer = block(d_model, spec.cfg, layer_idx, kernels=kernels)
-        # a composite block names its parts (`parallel(attn+mamba2)`) in the layer table and in refusals
-        self.block_type = getattr(self.mixer, "name", spec.type)
-        self.ffn = build_ffn(d_model, spec.ffn)
-        self.ffn_norm = RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
-
-    def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
-        """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
-        y, aux = self.mixer.run(self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
-        x = x + self._scaled(y)
-        if self.ffn is not None:
-            # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
-            y, ffn_aux = split_aux(self.ffn(self.ffn_norm(x), cp=cp))
-            x = x + self._scaled(y)
-            if ffn_aux is not None:
-                aux = ffn_aux if aux is None else aux + ffn_aux
-        return x, aux
-
-    def _scaled(self, y):
-        return y if self.residual_multiplier == 1 else y * self.residual_multiplier
 
 
 class ZooLM(nn.Module):

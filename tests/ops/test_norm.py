@@ -96,7 +96,7 @@ def test_rms_norm_low_precision_and_torch():
 
 def test_model_norm_trains_through_the_op_and_evaluates_through_torch():
     """zoo.model.RMSNorm: same values with and without gradients, nn.RMSNorm's state dict."""
-    from zoo.model import RMSNorm
+    from zoo.layer import RMSNorm
     norm = RMSNorm(12, eps=1e-5).double()
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 2, 12))

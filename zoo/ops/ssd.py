@@ -90,7 +90,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, init
     if impl == "triton":
         from zoo.ops.triton.ssd import ssd_scan_triton
         return ssd_scan_triton(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
-                               doc=doc, dt_softplus=dt_softplus, return_final_states=return_final_states)
+                               doc=doc, dt_softplus=dt_softplus, return_final_states=return_final_states,
+                               torch_path=_discretised_torch_path)
     if impl == "cuda":
         return cuda_kernel("ssd")(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                   initial_states=initial_states,
@@ -506,6 +507,14 @@ def _document_masks(doc):
     prev = F.pad(last[:-1], (0, 0, 1, 0))
     return {"first_doc": (doc == prev[..., None]), "last_doc": (doc == last[..., None]),
             "no_reset": (last == prev)}
+
+
+def _discretised_torch_path(x, dt, A, B, C, chunk_size, D, z, h0, doc):
+    """The pure path on arguments already discretised (dt after its bias and softplus; the document numbers
+    change where seq_idx did, so they serve as seq_idx): the Triton kernels' fallback where a device refuses
+    them (zoo.ops.triton.ssd)."""
+    return ssd_scan(x, dt, A, B, C, chunk_size, D=D, z=z, initial_states=h0, seq_idx=doc, return_final_states=True,
+                    impl="torch")
 
 
 def _discretize_dt(dt, dt_bias, dt_softplus, acc):

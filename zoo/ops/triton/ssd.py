@@ -71,9 +71,11 @@ STATE_BLOCK = 256    # elements of the [p, n] state per program of the state pas
 
 
 def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, doc=None,
-                    dt_softplus=False, return_final_states=False):
+                    dt_softplus=False, return_final_states=False, torch_path=None):
     """`zoo.ops.ssd.ssd_scan` on Triton kernels (arguments checked by the caller; doc is the running
-    document number of seq_idx, or None)."""
+    document number of seq_idx, or None). `torch_path(x, dt, A, B, C, chunk, D, z, h0, doc) -> (y, final)`
+    is the caller's pure path on these discretised arguments, run where a device refuses a kernel (given by
+    zoo.ops.ssd, so that this module never imports it back)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     dt = dt.to(acc)
     if dt_bias is not None:
@@ -85,19 +87,11 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, in
     wide = x.element_size() > 2 and _block(p) * _block(B.shape[3]) > 64 * 64
     Q = max(1, min(chunk_size, MAX_CHUNK // 2 if wide else MAX_CHUNK, x.shape[1]))
     try:
-        y, final = _SSDTriton.apply(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
+        y, final = _SSDTriton.apply(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q, torch_path)
     except OutOfResources as err:
         _warn_out_of_resources(err)
-        y, final = _torch_path(x, dt, A.to(acc), B, C, D, z, initial_states, doc, Q)
+        y, final = torch_path(x, dt, A.to(acc), B, C, Q, D, z, initial_states, doc)
     return (y, final) if return_final_states else y
-
-
-def _torch_path(x, dt, A, B, C, D, z, h0, doc, Q):
-    """`zoo.ops.ssd`'s torch path on the same (already discretised) arguments: the document numbers
-    change where seq_idx did, so they serve as seq_idx."""
-    from zoo.ops.ssd import ssd_scan
-    return ssd_scan(x, dt, A, B, C, Q, D=D, z=z, initial_states=h0, seq_idx=doc, return_final_states=True,
-                    impl="torch")
 
 
 def _warn_out_of_resources(err):
@@ -122,7 +116,7 @@ def _dot_precision(dtype) -> str:
 class _SSDTriton(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, h0, doc, Q):
+    def forward(ctx, x, dt, A, B, C, D, z, h0, doc, Q, torch_path):
         b, length, h, p = x.shape
         g, n = B.shape[2], B.shape[3]
         acc = dt.dtype
@@ -148,6 +142,7 @@ class _SSDTriton(torch.autograd.Function):
             z_, *z_.stride(), y, *y.stride(), y_pre if y_pre is not None else y, *doc_args,
             length, h, h // g, p, n, HAS_D=D is not None, HAS_Z=z is not None, **meta)
         ctx.save_for_backward(x, dt, A, B, C, D, z, doc, states, dec, y_pre)
+        ctx.torch_path = torch_path
         ctx.Q, ctx.has_h0 = Q, h0 is not None
         return y, final
 
@@ -197,7 +192,7 @@ class _SSDTriton(torch.autograd.Function):
             dx += dy * D.to(acc)
             dD = (dy * x.to(acc)).sum((0, 1))   # [h, p]; a D given as [h] was expanded outside
         return (dx.to(x.dtype), ddt, dA.sum((0, 1)), dB.to(B.dtype), dC.to(C.dtype),
-                None if D is None else dD.to(D.dtype), dz, dh0 if ctx.has_h0 else None, None, None)
+                None if D is None else dD.to(D.dtype), dz, dh0 if ctx.has_h0 else None, None, None, None)
 
 
 def _torch_backward(ctx, dout, dfinal):
@@ -209,14 +204,15 @@ def _torch_backward(ctx, dout, dfinal):
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in
                   zip((x, dt, A, B, C, D, z, h0), wants)]
-        y, final = _torch_path(*leaves, doc, ctx.Q)
+        x_, dt_, A_, B_, C_, D_, z_, h0_ = leaves
+        y, final = ctx.torch_path(x_, dt_, A_, B_, C_, ctx.Q, D_, z_, h0_, doc)
         outputs, grads = [y], [dout]
         if dfinal is not None:
             outputs.append(final)
             grads.append(dfinal)
         need = [t for t in leaves if t is not None and t.requires_grad]
         got = iter(torch.autograd.grad(outputs, need, grads, allow_unused=True))
-    return tuple(next(got) if t is not None and t.requires_grad else None for t in leaves) + (None, None)
+    return tuple(next(got) if t is not None and t.requires_grad else None for t in leaves) + (None, None, None)
 
 
 def _meta(x, B, Q):
