@@ -62,7 +62,7 @@ def test_the_fields_change_the_block():
     assert make("n_heads").d_inner == 24 and make("n_heads").in_proj.out_features == 24 + 24 + 8 + 3
     assert make("no_norm").norm is None and "norm.weight" not in dict(make("no_norm").named_parameters())
     block = make("dt_limit")
-    steps = block._steps(torch.randn(2, 9, block.n_heads, dtype=torch.float64))
+    steps = block.step_sizes(torch.randn(2, 9, block.n_heads, dtype=torch.float64))
     assert steps.min() >= 0.3 and steps.max() <= 1.2
 
 
@@ -73,7 +73,7 @@ def test_block_matches_reference(case, length):
     block = make(case)
     x = torch.randn(2, length, D_MODEL, dtype=torch.float64, requires_grad=True)
     if case.startswith("dt_"):  # the clamp is active on some steps and not on others
-        steps = F.softplus(block._in(x)[2] + block.dt_bias)
+        steps = F.softplus(block.split_input(x)[2] + block.dt_bias)
         lo, hi = block.cfg.dt_limit
         assert length == 1 or ((steps < lo).any() or (steps > hi).any()) and ((steps > lo) & (steps < hi)).any()
     assert_block_matches(block, x, reference, 1e-10)

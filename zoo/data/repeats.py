@@ -16,7 +16,6 @@ depends only on `rng`, so a trainer that seeds it with (seed, step, micro) resum
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng: np.random.Generator) -> dict:

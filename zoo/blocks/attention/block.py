@@ -41,7 +41,7 @@ class CausalSelfAttention(Block):
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=cfg.out_bias)
 
-    def _project(self, x):
+    def project(self, x):
         """Un-rotated q [b, t, heads, hd], k and v [b, t, kv_heads, hd]."""
         b, t, _ = x.shape
         return (self.q_proj(x).view(b, t, self.n_heads, self.head_dim),
@@ -81,7 +81,7 @@ class CausalSelfAttention(Block):
         b, t, _ = x.shape
         start = 0 if cache is None else cache.pos
         row_start = None if cache is None else cache.row_start
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         positions = self._positions(start, start + t, x.device, row_start) if seq_idx is None \
             else document_positions(seq_idx)
         q, k = self._rotate(q, k, positions)
@@ -133,9 +133,9 @@ class CausalSelfAttention(Block):
         """Context parallel (x: this rank's shard): the ring over ranks (swa: a halo exchange)."""
         return attention_cp(self, x, cp, cache)
 
-    def _project_rotated(self, x, positions):
+    def project_rotated(self, x, positions):
         """q, k rotated at `positions` [length] (global positions of a cp shard), v; all [b, t, heads, hd]."""
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         return (*self._rotate(q, k, positions), v)
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> AttentionCache:

@@ -29,7 +29,7 @@ def attention_cp(block, x, cp: ContextParallel, cache=None):
     if cache is not None:
         raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp")
     b, t, _ = x.shape
-    q, k, v = block._project_rotated(x, cp.positions(x.device))
+    q, k, v = block.project_rotated(x, cp.positions(x.device))
     out = ring_attention(q, k, v, cp, causal=True, scale=block.cfg.scale,
                          block_size=getattr(block.cfg, "block_size", 512))
     return block.out_proj(out.reshape(b, t, -1))
@@ -54,6 +54,6 @@ def swa_cp(block, x, cp: ContextParallel, cache=None):
     `sliding_window_attention_cp`, output projection."""
     refuse_cache(cache, "swa")
     b, t, _ = x.shape
-    q, k, v = block._project_rotated(x, cp.positions(x.device))
+    q, k, v = block.project_rotated(x, cp.positions(x.device))
     out = sliding_window_attention_cp(q, k, v, cp, block.cfg.window, block.cfg.block_size, block.cfg.scale)
     return block.out_proj(out.reshape(b, t, -1))

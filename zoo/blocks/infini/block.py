@@ -11,6 +11,7 @@ from zoo.blocks.base import RowGroups
 from zoo.blocks.infini.cache import InfiniCache
 from zoo.blocks.infini.config import InfiniConfig
 from zoo.blocks.infini.cp import infini_cp
+from zoo.ops.dtypes import accumulation_dtype
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.infini import infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin, rope_cos_sin_half
@@ -39,7 +40,7 @@ class InfiniAttention(CausalSelfAttention):
             return infini_cp(self, x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache.pos
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         impl = self.kernels.get("infini", "auto")
         if cache is None and seq_idx is None:
             # RoPE inside the op: q, k rotate on their way into its tiles, no rotated copies here.
@@ -74,7 +75,7 @@ class InfiniAttention(CausalSelfAttention):
         return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> InfiniCache:
-        mem = _memory_dtype(dtype)
+        mem = accumulation_dtype(dtype)
         hk, d = self.n_kv_heads, self.head_dim
         return InfiniCache(torch.zeros(batch_size, hk, d, d, device=device, dtype=mem),
                            torch.zeros(batch_size, hk, d, device=device, dtype=mem),
@@ -89,11 +90,8 @@ class InfiniAttention(CausalSelfAttention):
         """(M, z) plus the k, v of the unfinished segment after `seq_len` tokens: seq_len % segment_len
         of them. The peak over a stream is at segment_len - 1 unfinished tokens."""
         hk, d = self.n_kv_heads, self.head_dim
-        mem = torch.empty((), dtype=_memory_dtype(dtype)).element_size() * (d * d + d)
+        mem = torch.empty((), dtype=accumulation_dtype(dtype)).element_size() * (d * d + d)
         partial = torch.empty((), dtype=dtype).element_size() * 2 * d * (seq_len % self.cfg.segment_len)
         return batch_size * hk * (mem + partial)
 
 
-def _memory_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The op accumulates in float64 for float64 inputs and in float32 otherwise; the memory stays there.
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -29,6 +29,7 @@ from zoo.distributed.halo import gather_chunks, preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
 from zoo.ops.infini import _fold, _sigma, infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["infini_cp"]
 
@@ -38,13 +39,13 @@ def infini_cp(block, x, cp: ContextParallel, cache=None):
     refuse_cache(cache, "infini")
     seg, delta = block.cfg.segment_len, block.cfg.delta_rule
     b, t, _ = x.shape
-    q, k, v = block._project(x)
+    q, k, v = block.project(x)
     cos, sin = rope_cos_sin(cp.positions(x.device), block.head_dim, block.cfg.rope_base)
     q_local, k_local = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     d = k.shape[-1]
     halos, kvk = preceding(torch.cat([k, v, k_local], -1), cp, lambda start, end: start % seg)
     k, v, k_local = kvk[..., :d], kvk[..., d:2 * d], kvk[..., 2 * d:]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     chunks = cp.chunks()
     if delta:
         # the tokens each chunk folds: [s0, last boundary <= end), the halo's and then its own

@@ -67,9 +67,9 @@ class MambaBlock(_Mixer):
         check_block_documents(x, seq_idx, cache, cp)
         if cp is not None:
             return mamba_cp(self, x, cp, cache)
-        xs, z = self._in(x)
+        xs, z = self.split_input(x)
         xs = _conv(self.conv1d, xs, cache, seq_idx, self.kernels.get("causal_conv1d", "auto"))
-        dt, B, C = self._ssm_inputs(xs)
+        dt, B, C = self.ssm_inputs(xs)
         A = -torch.exp(_float(self.A_log))
         if cache is not None and x.shape[1] == 1:
             y, state = selective_scan_step(cache.ssm, xs[..., 0], dt[..., 0], A, B[:, 0], C[:, 0], self.D,
@@ -86,11 +86,11 @@ class MambaBlock(_Mixer):
             cache.ssm = state.to(cache.ssm.dtype)
         return self.out_proj(y.transpose(1, 2))
 
-    def _in(self, x):
+    def split_input(self, x):
         """x, z [b, d_inner, l] from the input [b, l, d_model] (x before the convolution)."""
         return self.in_proj(x).transpose(1, 2).chunk(2, dim=1)
 
-    def _ssm_inputs(self, xs):
+    def ssm_inputs(self, xs):
         """dt [b, d_inner, l] (dt_proj without its bias, which the scan adds as delta_bias) and B, C
         [b, l, d_state] from the convolution's output xs [b, d_inner, l] (with `dt_bc_norm`, each normalised
         first; per token, so the cache and the cp path, which call this too, need nothing more)."""
@@ -139,12 +139,12 @@ class Mamba2Block(_Mixer):
         if cache is not None and length == 1 and not torch.is_grad_enabled():
             return self._decode_step(x, cache)
         h, p, n = self.n_heads, self.cfg.head_dim, self.cfg.d_state
-        z, xBC, dt = self._in(x)
+        z, xBC, dt = self.split_input(x)
         xBC = _conv(self.conv1d, xBC.transpose(1, 2), cache, seq_idx,
                     self.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
-        xs, B, C = self._heads(xBC)
+        xs, B, C = self.split_heads(xBC)
         A = -torch.exp(_float(self.A_log))
-        dt, dt_bias, dt_softplus = self._dt(dt)
+        dt, dt_bias, dt_softplus = self.scan_dt(dt)
         if cache is not None and length == 1:
             # Heads flattened into channels, A and dt repeated over head_dim: the Mamba-1 step.
             per_head = lambda t: None if t is None else t.repeat_interleave(p, dim=-1)
@@ -161,7 +161,7 @@ class Mamba2Block(_Mixer):
             y = y.reshape(b, length, self.d_inner)
         if cache is not None:
             cache.ssm = state.to(cache.ssm.dtype)
-        return self._out(y, z)
+        return self.output(y, z)
 
     def _decode_step(self, x, cache):
         """One token without autograd, the cache's conv and SSM states updated in place: the conv step and
@@ -169,32 +169,32 @@ class Mamba2Block(_Mixer):
         zoo.ops.ssd.ssd_state_update), no per-step repeat of A, dt and D over head_dim."""
         b = x.shape[0]
         g, n = self.cfg.n_groups, self.cfg.d_state
-        z, xBC, dt = self._in(x[:, 0])
+        z, xBC, dt = self.split_input(x[:, 0])
         xBC = causal_conv1d_update(xBC, cache.conv, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        dt, dt_bias, dt_softplus = self._dt(dt)
+        dt, dt_bias, dt_softplus = self.scan_dt(dt)
         y = ssd_state_update(cache.ssm, xs.reshape(b, self.n_heads, self.cfg.head_dim), dt,
                              -torch.exp(_float(self.A_log)), B.reshape(b, g, n), C.reshape(b, g, n), self.D,
                              dt_bias=dt_bias, dt_softplus=dt_softplus)
-        return self._out(y.view(b, 1, self.d_inner), z[:, None])
+        return self.output(y.view(b, 1, self.d_inner), z[:, None])
 
-    def _in(self, x):
+    def split_input(self, x):
         """z [b, l, d_inner], xBC [b, l, conv_dim] (before the convolution), dt [b, l, heads]."""
         return self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
 
-    def _steps(self, dt):
+    def step_sizes(self, dt):
         """The step sizes softplus(dt + dt_bias), clamped to cfg.dt_limit, in dt's dtype."""
         steps = F.softplus(dt + self.dt_bias.to(dt.dtype))
         return steps.clamp(*self.cfg.dt_limit) if self.cfg.clamps_dt else steps
 
-    def _dt(self, dt):
+    def scan_dt(self, dt):
         """(dt, dt_bias, dt_softplus) for the scans: the projection, its bias and softplus left to the op, or
         with a dt_limit the clamped step sizes themselves (the ops take no limit)."""
         if not self.cfg.clamps_dt:
             return dt, self.dt_bias, True
-        return self._steps(_float(dt)), None, False
+        return self.step_sizes(_float(dt)), None, False
 
-    def _heads(self, xBC):
+    def split_heads(self, xBC):
         """x [b, l, heads, head_dim] and B, C [b, l, groups, d_state] from the convolution's output."""
         b, length, _ = xBC.shape
         g, n = self.cfg.n_groups, self.cfg.d_state
@@ -202,7 +202,7 @@ class Mamba2Block(_Mixer):
         return (xs.reshape(b, length, self.n_heads, self.cfg.head_dim), B.reshape(b, length, g, n),
                 C.reshape(b, length, g, n))
 
-    def _out(self, y, z):
+    def output(self, y, z):
         """out_proj(rmsnorm(y * silu(z))) of y, z [b, l, d_inner]; without the norm out_proj(y * silu(z))."""
         if self.norm is None:
             acc = _float(y).dtype

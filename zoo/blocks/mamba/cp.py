@@ -1,6 +1,6 @@
 """Context parallel for the Mamba blocks, `mamba` and `mamba2`: conv halo, then state passing. The
-projections are the block's own (`_in`, `_ssm_inputs` / `_heads`, `_out`); only the conv and the scan
-differ from the single process.
+projections are the block's own public steps (`split_input`, `ssm_inputs` / `split_heads`, `output`); only
+the conv and the scan differ from the single process.
 
 1. Conv halo: each chunk's causal convolution continues from the d_conv - 1 inputs before it
    (`halo.preceding`, from whichever chunks hold them), passed as the conv's initial state.
@@ -31,6 +31,7 @@ from zoo.distributed.layout import ContextParallel
 from zoo.ops.conv import causal_conv1d
 from zoo.ops.ssd import ssd_scan
 from zoo.ops.ssm import selective_scan
+from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["conv_cp", "incoming_states", "mamba_cp", "mamba2_cp"]
 
@@ -86,11 +87,11 @@ def mamba_cp(block, x, cp: ContextParallel, cache=None):
     """`MambaBlock.forward` on this rank's shard (the block's own projections around steps 1-3)."""
     refuse_cache(cache, "mamba")
     scan = block.kernels.get("selective_scan", "auto")
-    xs, z = block._in(x)
+    xs, z = block.split_input(x)
     xs = conv_cp(xs, block.conv1d.weight[:, 0], block.conv1d.bias, cp, block.kernels.get("causal_conv1d", "auto"))
-    dt, B, C = block._ssm_inputs(xs)
+    dt, B, C = block.ssm_inputs(xs)
     B, C = B.transpose(1, 2), C.transpose(1, 2)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     A = -torch.exp(block.A_log.to(acc))
     # the step sizes once, shared by both scans of a chunk (each would otherwise keep its own copy)
     steps = F.softplus(dt.to(acc) + block.dt_proj.bias.to(acc)[:, None])                 # [b, d_inner, local]
@@ -116,21 +117,21 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
     """`Mamba2Block.forward` on this rank's shard (the block's own projections around steps 1-3)."""
     refuse_cache(cache, "mamba2")
     b, length, _ = x.shape
-    z, xBC, dt = block._in(x)
+    z, xBC, dt = block.split_input(x)
     xBC = conv_cp(xBC.transpose(1, 2), block.conv1d.weight[:, 0], block.conv1d.bias, cp,
                   block.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
-    xs, B, C = block._heads(xBC)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, B, C = block.split_heads(xBC)
+    acc = accumulation_dtype(x.dtype)
     A = -torch.exp(block.A_log.to(acc))
     chunks = cp.chunks()
-    scan_dt, dt_bias, dt_softplus = block._dt(dt)
+    scan_dt, dt_bias, dt_softplus = block.scan_dt(dt)
     ys, log_decay, ends, cums = [], [], [], []
     for c in chunks:
         sl = c.local
         y, end = ssd_scan(xs[:, sl], scan_dt[:, sl], A, B[:, sl], C[:, sl], block.cfg.chunk_size, D=block.D,
                           dt_bias=dt_bias, dt_softplus=dt_softplus, return_final_states=True,
                           impl=block.kernels.get("ssd", "auto"))
-        steps = block._steps(dt[:, sl].to(acc))
+        steps = block.step_sizes(dt[:, sl].to(acc))
         cs = (steps.double().cumsum(1) * A.double()).to(acc)                           # [b, len, h], <= 0
         ys.append(y)
         cums.append(cs)
@@ -144,4 +145,4 @@ def mamba2_cp(block, x, cp: ContextParallel, cache=None):
         correction = checkpoint(_incoming_contribution, C[:, c.local], cs, state, use_reentrant=False)
         out.append(y + correction.to(y.dtype))
     y = torch.cat(out, 1).reshape(b, length, block.d_inner)
-    return block._out(y, z)
+    return block.output(y, z)

@@ -6,7 +6,8 @@ from typing import Sequence
 import torch
 
 from zoo.blocks.attention import CausalSelfAttention
-from zoo.blocks.selective.cache import SelectiveCache, scores_dtype
+from zoo.blocks.selective.cache import SelectiveCache
+from zoo.ops.dtypes import accumulation_dtype
 from zoo.blocks.selective.config import SelectiveConfig
 from zoo.blocks.selective.cp import selective_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
@@ -33,7 +34,7 @@ class SelectiveAttention(CausalSelfAttention):
             return selective_cp(self, x, cp, cache)
         b, t, _ = x.shape
         start = 0 if cache is None else cache.pos
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         if seq_idx is None:
             # row_start: a left-padded batch decoding through one cache (zoo.hf), RoPE at each row's positions
             positions = self._positions(start, start + t, x.device, None if cache is None else cache.row_start)
@@ -109,5 +110,5 @@ class SelectiveAttention(CausalSelfAttention):
 
     def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
         """K, V and the accumulated F of min(seq_len, kv_budget) keys."""
-        scores = batch_size * self._cached_tokens(seq_len) * torch.empty((), dtype=scores_dtype(dtype)).element_size()
+        scores = batch_size * self._cached_tokens(seq_len) * torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
         return super().state_bytes(seq_len, batch_size, dtype) + scores

@@ -8,6 +8,7 @@ import torch
 
 from zoo.blocks.attention.cache import SlotCache
 from zoo.blocks.base import left_padded_cat
+from zoo.ops.dtypes import accumulation_dtype
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SelectiveCache(SlotCache):
     @classmethod
     def empty(cls, batch_size: int, kv_heads: int, head_dim: int, device=None, dtype=torch.float32):
         keys = torch.empty(batch_size, kv_heads, 0, head_dim, device=device, dtype=dtype)
-        scores = torch.empty(batch_size, 0, device=device, dtype=scores_dtype(dtype))
+        scores = torch.empty(batch_size, 0, device=device, dtype=accumulation_dtype(dtype))
         return cls(keys, torch.empty_like(keys), scores)
 
     @property
@@ -65,6 +66,3 @@ class SelectiveCache(SlotCache):
         return out
 
 
-def scores_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The op accumulates F in float64 for float64 inputs and in float32 otherwise.
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -47,7 +47,7 @@ def selective_cp(block, x, cp: ContextParallel, cache=None):
     """`SelectiveAttention.forward` on this rank's shard."""
     refuse_cache(cache, "selective")
     b, t, _ = x.shape
-    q, k, v = block._project_rotated(x, cp.positions(x.device))
+    q, k, v = block.project_rotated(x, cp.positions(x.device))
     impl = block.kernels.get("selective_attention", "auto")
     out = selective_attention_cp(q, k, v, cp, block.cfg.block_size, impl)
     return block.out_proj(out.reshape(b, t, -1))
@@ -262,7 +262,7 @@ def _pair_backward(qa, kv, dkv, do, out, lse, dq, qc, kpos, k_first, diagonal, d
 def selection_column_sums(q0, k0, first: int, scale: float, block_size: int) -> torch.Tensor:
     """sum_i S[i, j] over the queries q0 [b, n, d] at positions first.. against the keys k0 [b, first + n, d]
     at positions 0..: [b, first + n] (in the accumulation dtype). Head 0 only: the selection's head."""
-    acc = torch.float64 if q0.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q0.dtype)
     q0, k0 = q0.to(acc), k0.to(acc)
     total = q0.new_zeros(q0.shape[0], k0.shape[1])
     track = torch.is_grad_enabled() and (q0.requires_grad or k0.requires_grad)

@@ -48,24 +48,8 @@ class TaipanBlock(Block):
         b, t, _ = x.shape
         acc = accumulation_dtype(x.dtype)
         start = 0 if cache is None else cache.pos
-        logits = self.gate(x).to(acc)                                    # s_i, eq. 1
-        gap = logits[..., 1] - logits[..., 0]
-        alpha = torch.sigmoid(gap)                                       # softmax(s_i)[1], eq. 5
-        if self.training:
-            gumbel = -torch.empty_like(logits).exponential_().log()
-            noisy = (gap + gumbel[..., 1] - gumbel[..., 0]) / self.cfg.tau
-            hard = noisy > 0                                             # argmax of eq. 2
-            soft = torch.sigmoid(noisy)                                  # softmax((s + g) / tau)[1]
-            mask = hard.to(acc) + soft - soft.detach()                   # straight-through
-            aux = self.cfg.aux_loss_weight * (self.cfg.capacity - mask.mean(1)).pow(2).mean()
-            rows = None
-        else:
-            hard = gap > 0
-            mask = hard.to(acc)
-            aux = None
-            rows = hard
-
-        q, k, v = self._project(x, rows)
+        alpha, mask, hard, aux, rows = self.route(x)
+        q, k, v = self.project(x, rows)
         if self.cfg.rope_base is not None:
             positions = (torch.arange(start, start + t, device=x.device) if seq_idx is None
                          else document_positions(seq_idx))
@@ -87,11 +71,35 @@ class TaipanBlock(Block):
             selected = torch.cat([cache.selected, hard], dim=1)
             cache.append(k, v, hard)
             o = self._attend(q, keys, values, selected, rows, None)
-        y = self._out(o.reshape(b, t, -1), rows)
+        y = self.output(o.reshape(b, t, -1), rows)
         out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
         return out if aux is None else (out, aux)
 
-    def _project(self, x, rows):
+    def route(self, x, noise=None, share=None):
+        """The gate (section 3.1): (alpha [b, t], the selection mask [b, t] in the accumulation dtype, straight-
+        through in training, its hard flags, the capacity loss or None, the rows attended or None for all).
+
+        In training the Gumbel noise [b, t, 2] comes from `noise(shape)` (default: drawn here) and each row's
+        selected share from `share(mask)` (default: its mean over t): the cp path draws the noise for the whole
+        sequence and sums the share over the ranks, so both equal the single process's."""
+        acc = accumulation_dtype(x.dtype)
+        logits = self.gate(x).to(acc)                                    # s_i, eq. 1
+        gap = logits[..., 1] - logits[..., 0]
+        alpha = torch.sigmoid(gap)                                       # softmax(s_i)[1], eq. 5
+        if not self.training:
+            hard = gap > 0
+            return alpha, hard.to(acc), hard, None, hard
+        draw = noise or (lambda shape: -torch.empty(shape, device=x.device, dtype=acc).exponential_().log())
+        gumbel = draw(logits.shape)
+        noisy = (gap + gumbel[..., 1] - gumbel[..., 0]) / self.cfg.tau
+        hard = noisy > 0                                                 # argmax of eq. 2
+        soft = torch.sigmoid(noisy)                                      # softmax((s + g) / tau)[1]
+        mask = hard.to(acc) + soft - soft.detach()                       # straight-through
+        selected = mask.mean(1) if share is None else share(mask)
+        aux = self.cfg.aux_loss_weight * (self.cfg.capacity - selected).pow(2).mean()
+        return alpha, mask, hard, aux, None
+
+    def project(self, x, rows):
         """q, k, v [b, t, heads, head_dim]; with `rows`, computed only there and zero elsewhere."""
         b, t, _ = x.shape
         if rows is None:
@@ -101,7 +109,7 @@ class TaipanBlock(Block):
         return tuple(_put(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
                      for p in (self.q_proj, self.k_proj, self.v_proj))
 
-    def _out(self, o, rows):
+    def output(self, o, rows):
         if rows is None:
             return self.out_proj(o)
         idx, ok = _compact(rows)

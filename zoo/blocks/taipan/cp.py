@@ -17,6 +17,7 @@ import torch
 from zoo.distributed.comm import all_reduce_sum
 from zoo.distributed.halo import preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
+from zoo.ops.dtypes import accumulation_dtype
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.taipan import selective_window_attention
 
@@ -35,27 +36,14 @@ def taipan_cp(block, x, cp: ContextParallel, cache=None):
     refuse_cache(cache, "taipan")
     cfg = block.cfg
     b, t, _ = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     positions = cp.positions(x.device)
-    logits = block.gate(x).to(acc)
-    gap = logits[..., 1] - logits[..., 0]
-    alpha = torch.sigmoid(gap)
-    if block.training:
-        gumbel = -torch.empty(b, cp.seq_len, 2, device=x.device, dtype=acc).exponential_().log()[:, positions]
-        noisy = (gap + gumbel[..., 1] - gumbel[..., 0]) / cfg.tau
-        hard = noisy > 0
-        soft = torch.sigmoid(noisy)
-        mask = hard.to(acc) + soft - soft.detach()
-        share = all_reduce_sum(mask.sum(1), cp.group) / cp.seq_len
-        aux = cfg.aux_loss_weight * (cfg.capacity - share).pow(2).mean()
-        rows = None
-    else:
-        hard = gap > 0
-        mask = hard.to(acc)
-        aux = None
-        rows = hard
+    alpha, mask, hard, aux, rows = block.route(
+        x, noise=lambda shape: -torch.empty(b, cp.seq_len, 2, device=x.device, dtype=acc).exponential_().log()[
+            :, positions],
+        share=lambda mask: all_reduce_sum(mask.sum(1), cp.group) / cp.seq_len)
 
-    q, k, v = block._project(x, rows)
+    q, k, v = block.project(x, rows)
     if cfg.rope_base is not None:
         cos, sin = rope_cos_sin(positions, block.head_dim, cfg.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -68,9 +56,9 @@ def taipan_cp(block, x, cp: ContextParallel, cache=None):
         kc = torch.cat([halo[..., :d], k[:, c.local]], 1)
         vc = torch.cat([halo[..., d:2 * d], v[:, c.local]], 1)
         sel = torch.cat([halo[:, :, 0, -1] > 0.5, hard[:, c.local]], 1)
-        outs.append(selective_window_attention(q[:, c.local], kc, vc, sel, cfg.window, rows=None if rows is None else rows[:, c.local],
-                           block_size=cfg.block_size))
+        outs.append(selective_window_attention(q[:, c.local], kc, vc, sel, cfg.window, block_size=cfg.block_size,
+                                               rows=None if rows is None else rows[:, c.local]))
     o = torch.cat(outs, 1)
-    y = block._out(o.reshape(b, t, -1), rows)
+    y = block.output(o.reshape(b, t, -1), rows)
     out = ((mask * alpha)[..., None] * (y.to(acc) - x.to(acc))).to(x.dtype)
     return out if aux is None else (out, aux)

@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo.ops.dtypes import accumulation_dtype
+
 __all__ = ["selective_attention_triton"]
 
 
@@ -87,7 +89,7 @@ def selective_attention_triton(q, k, v, scale: Optional[float] = None, *, scores
 class _SelectiveAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scores, scale, block_m, block_n):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, lq, h, d = q.shape
         lk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
