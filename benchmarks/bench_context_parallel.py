@@ -102,10 +102,10 @@ def _striped(length: int) -> torch.Tensor:
 
 def _ring_step(impl, q, k, v, w, r, cp):
     """One forward + backward of a ring implementation on this rank's shard of the whole q, k, v."""
-    from zoo.distributed.layout import _take
+    from zoo.distributed.layout import take_chunks
     n = q.shape[1]
     if impl == "zoo":
-        qs, ks, vs = (_take(t, cp).clone().requires_grad_(True) for t in (q, k, v))
+        qs, ks, vs = (take_chunks(t, cp).clone().requires_grad_(True) for t in (q, k, v))
         from zoo.distributed.ring import ring_attention
         out = ring_attention(qs, ks, vs, cp, causal=True, block_size=RING_BLOCK)
         idx = torch.cat([torch.arange(c.start, c.end) for c in cp.chunks()])
@@ -181,8 +181,8 @@ def _ring_module_step(module, impl, x, world, rank, cp):
     """One forward + backward of a ring attention layer on this rank's shard of x (parameter gradients too)."""
     n = x.shape[1]
     if impl == "zoo":
-        from zoo.distributed.layout import _take
-        xs = (x if cp is None else _take(x, cp)).clone().requires_grad_(True)
+        from zoo.distributed.layout import take_chunks
+        xs = (x if cp is None else take_chunks(x, cp)).clone().requires_grad_(True)
         out, _ = module.run(xs, cp=cp)
     else:
         xs = x[:, _striped(n)[rank * (n // world):(rank + 1) * (n // world)]].clone().requires_grad_(True)

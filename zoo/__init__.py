@@ -1,4 +1,5 @@
 """zoo: interchangeable long-context sequence blocks composed into language models by YAML recipes."""
+import zoo.blocks  # noqa: F401  (registers the built-in blocks)
 from zoo.config import Recipe, RecipeError, load_recipe
 from zoo.model import ZooCache, ZooLM, ZooOutput, build_model
 from zoo.registry import get_block, list_blocks, register_block

@@ -1,7 +1,9 @@
 """One registry for every sequence mixer ("block"), in the spirit of timm's model registry.
 
 A block module registers itself with a decorator; recipes name blocks by string. A miss lists what
-exists and suggests the closest name, so a typo in a recipe is a one-line fix.
+exists and suggests the closest name, so a typo in a recipe is a one-line fix. The built-in blocks register
+when `zoo` is imported (zoo/__init__.py imports zoo.blocks): the registry imports no block, so that blocks,
+which import it, sit above it.
 """
 from __future__ import annotations
 
@@ -36,13 +38,7 @@ def register_block(name: str, config: type):
     return deco
 
 
-def _ensure_loaded():
-    # Importing the package registers every built-in block exactly once.
-    import zoo.blocks  # noqa: F401
-
-
 def list_blocks() -> list[str]:
-    _ensure_loaded()
     return sorted(_BLOCKS)
 
 
@@ -58,7 +54,6 @@ class UnknownBlockError(KeyError):
 
 
 def get_block(name: str) -> BlockEntry:
-    _ensure_loaded()
     if name not in _BLOCKS:
         raise UnknownBlockError(unknown_name_message("block", name, sorted(_BLOCKS)))
     return _BLOCKS[name]

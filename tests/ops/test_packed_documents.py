@@ -137,7 +137,7 @@ def test_blockwise_skips_other_documents_and_masks_per_tile(monkeypatch):
     """Four documents of 8 tokens with 8-token blocks: only the 4 diagonal tiles are computed (not the
     10 of causal attention), and no mask larger than one tile is ever built."""
     tiles, masks = [], []
-    tiles_fn, hidden_fn = attention_ops._tiles, attention_ops._hidden
+    tiles_fn, hidden_fn = attention_ops._tiles, attention_ops.hidden_keys
 
     def count_tiles(*args):
         for tile in tiles_fn(*args):
@@ -150,7 +150,7 @@ def test_blockwise_skips_other_documents_and_masks_per_tile(monkeypatch):
         return mask
 
     monkeypatch.setattr(attention_ops, "_tiles", count_tiles)
-    monkeypatch.setattr(attention_ops, "_hidden", record_hidden)
+    monkeypatch.setattr(attention_ops, "hidden_keys", record_hidden)
     q, k, v = qkv(2, 32, 32)
     seq_idx = torch.arange(4).repeat_interleave(8)[None].expand(2, 32)
     got = run_attention(blockwise_attention, q, k, v, block_size=8, seq_idx=seq_idx)

@@ -135,10 +135,11 @@ def shard(x: torch.Tensor, group=None, layout: str = "zigzag", dim: int = 1) -> 
     """This rank's shard of the whole sequence `x` (every rank passes the same x). Differentiable
     (slicing); needs no communication."""
     cp = ContextParallel.for_length(group, x.shape[dim], layout)
-    return _take(x, cp, dim)
+    return take_chunks(x, cp, dim)
 
 
-def _take(x: torch.Tensor, cp: ContextParallel, dim: int = 1) -> torch.Tensor:
+def take_chunks(x: torch.Tensor, cp: ContextParallel, dim: int = 1) -> torch.Tensor:
+    """This rank's chunks of the whole-sequence `x` along `dim`, in order: its shard."""
     parts = [x.narrow(dim, c.start, c.length) for c in cp.chunks()]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.attention import _check_inputs, _from_rows, _hidden, _key_blocks, _mask_tile, _to_rows
+from zoo.ops.attention import check_attention_inputs, from_rows, hidden_keys, key_blocks, mask_tile, to_rows
 from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["ring_attention", "ring_pairs", "ring_pass", "ring_pass_grads"]
@@ -66,7 +66,7 @@ def ring_attention(q, k, v, cp: ContextParallel, causal: bool = True, scale: Opt
     (differentiable) in the accumulation dtype. block_size: the query / key tile, capped at
     `_MAX_TILE` (the tile is a constant in the per-rank memory).
     """
-    _check_inputs(q, k, v, causal, None)
+    check_attention_inputs(q, k, v, causal, None)
     for name, t in (("q", q), ("k", k)):
         if t.shape[1] != cp.local_len:
             raise ValueError(f"{name}: rank {cp.rank} holds {cp.local_len} tokens of {cp.seq_len} in layout "
@@ -189,10 +189,10 @@ def _forward_pair(qr, kv, o, m, l, causal, block_size):
         rows = (qe - qs) * groups
         qb, ob = qr[:, qs:qe].reshape(n, rows, d), o[:, qs:qe].view(n, rows, d)
         mb, lb = m[:, qs:qe].view(n, rows), l[:, qs:qe].view(n, rows)
-        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, None, block_size):
+        for ks, ke, full in key_blocks(qs, qe, lq, lk, causal, None, block_size):
             s = torch.bmm(qb, kv[0][:, ks:ke].transpose(1, 2))
             if not full:
-                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
+                mask_tile(s, hidden_keys(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
             m_new = torch.maximum(mb, s.amax(dim=-1))
             p = s.sub_(m_new[..., None]).exp_()
             alpha = (mb - m_new).exp_()  # FA-2's rescaling of the partial sums so far
@@ -212,11 +212,11 @@ def _backward_pair(qr, do, lse, delta, kv, dq, dkv, causal, block_size):
         rows = (qe - qs) * groups
         qb, dob, dqb = qr[:, qs:qe].reshape(n, rows, d), do[:, qs:qe].reshape(n, rows, d), dq[:, qs:qe].view(n, rows, d)
         lse_b, delta_b = lse[:, qs:qe].reshape(n, rows, 1), delta[:, qs:qe].reshape(n, rows, 1)
-        for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, None, block_size):
+        for ks, ke, full in key_blocks(qs, qe, lq, lk, causal, None, block_size):
             kb, vb = kv[0][:, ks:ke], kv[1][:, ks:ke]
             s = torch.bmm(qb, kb.transpose(1, 2))
             if not full:
-                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
+                mask_tile(s, hidden_keys(qs, qe, ks, ke, lq, lk, causal, None, None, s.device), groups)
             p = s.sub_(lse_b).exp_()
             dkv[1][:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
             ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_b).mul_(p)
@@ -232,7 +232,7 @@ class _RingAttention(torch.autograd.Function):
         b, length, h, d = q.shape
         hk = k.shape[2]
         groups, n = h // hk, b * hk
-        qr = _to_rows(q, groups, acc).mul_(scale)
+        qr = to_rows(q, groups, acc).mul_(scale)
         kv_local = _kv_rows(k, v, acc)
         o = torch.zeros(n, length, groups, d, dtype=acc, device=q.device)
         # The running max starts at the most negative finite value, not -inf: a row meeting only masked
@@ -249,7 +249,7 @@ class _RingAttention(torch.autograd.Function):
         # Rows with no visible key at all (only without causal and with no keys) have l = 0: their
         # output is 0 and their lse -inf, as merge_attention expects of an empty side.
         lse_r = m.add_(l.log())
-        out = _from_rows(o.div_(l.clamp_min_(torch.finfo(acc).tiny)[..., None]), b, q.dtype)
+        out = from_rows(o.div_(l.clamp_min_(torch.finfo(acc).tiny)[..., None]), b, q.dtype)
         del o, l
         lse = lse_r.view(b, hk, length, groups).permute(0, 1, 3, 2).reshape(b, h, length)
         ctx.save_for_backward(qr, out, lse_r)
@@ -267,7 +267,7 @@ class _RingAttention(torch.autograd.Function):
                                "during it); a second backward through the same graph (retain_graph) is not supported")
         acc, groups, n, length = qr.dtype, h // hk, b * hk, qr.shape[1]
         if dout is not None:
-            do = _to_rows(dout, groups, acc)
+            do = to_rows(dout, groups, acc)
             # D_i = rowsum(dO_i * O_i) (FA-2 algorithm 2, line 4), in the input layout: no row copy of out
             delta = _stat_rows((dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2), b, hk, groups)
         else:
@@ -286,5 +286,5 @@ class _RingAttention(torch.autograd.Function):
         # the local K/V's only reference passes into the ring, which drops it once passed on
         done = ring_pass_grads(cp, ctx.kv.pop(), 2, torch.zeros(2, n, length, d, dtype=acc, device=qr.device), visit)
         dkv = done.view(2, b, hk, length, d).transpose(2, 3)
-        dq = _from_rows(dq.mul_(scale), b, out.dtype)
+        dq = from_rows(dq.mul_(scale), b, out.dtype)
         return dq, dkv[0].to(kv_dtype), dkv[1].to(kv_dtype), None, None, None, None

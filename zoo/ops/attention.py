@@ -68,7 +68,7 @@ def attention(q, k, v, causal: bool = True, window: Optional[int] = None, scale:
     window) runs SDPA per document while rows hold at most 32 documents on average; otherwise SDPA
     gets a [batch, 1, Lq, Lk] bool mask while that stays under 32 Mi elements, the blockwise path beyond.
     """
-    _check_inputs(q, k, v, causal, window, seq_idx)
+    check_attention_inputs(q, k, v, causal, window, seq_idx)
     lq, lk = q.shape[1], k.shape[1]
     if window is not None and window >= lk:
         window = None  # every query already sees all of its causal keys
@@ -108,7 +108,7 @@ def blockwise_attention(q, k, v, causal: bool = True, window: Optional[int] = No
     lse [batch, heads, Lq] (differentiable: partial results merge by it, see `merge_attention`).
     seq_idx [batch, Lk]: document masking (module docstring).
     """
-    _check_inputs(q, k, v, causal, window, seq_idx)
+    check_attention_inputs(q, k, v, causal, window, seq_idx)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
     doc = None if seq_idx is None else document_number(seq_idx)
@@ -161,7 +161,7 @@ def attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None, sc
 def blockwise_attention_ref(q, k, v, causal: bool = True, window: Optional[int] = None,
                             scale: Optional[float] = None, return_lse: bool = False, seq_idx=None):
     """Dense twin of `blockwise_attention`, also returning lse [batch, heads, Lq] on request."""
-    _check_inputs(q, k, v, causal, window, seq_idx)
+    check_attention_inputs(q, k, v, causal, window, seq_idx)
     acc = accumulation_dtype(q.dtype)
     groups = q.shape[2] // k.shape[2]
     qh = q.to(acc).transpose(1, 2)
@@ -211,7 +211,7 @@ def _default_scale(q, scale):
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _check_inputs(q, k, v, causal, window, seq_idx=None):
+def check_attention_inputs(q, k, v, causal, window, seq_idx=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name}: expected [batch, length, heads, head_dim], got shape {tuple(t.shape)}")
@@ -241,7 +241,7 @@ def _check_inputs(q, k, v, causal, window, seq_idx=None):
         check_seq_idx(seq_idx, k.shape[0], k.shape[1])
 
 
-def _to_rows(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
+def to_rows(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
     """[b, L, h, d] -> contiguous [b * kv_heads, L, groups, d] in `acc`.
 
     Putting a kv head's query heads next to each other makes a block of queries one contiguous
@@ -253,13 +253,13 @@ def _to_rows(x: torch.Tensor, groups: int, acc: torch.dtype) -> torch.Tensor:
     return out.view(b * (h // groups), length, groups, d)
 
 
-def _from_rows(x: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `_to_rows`: [b * kv_heads, L, groups, d] -> [b, L, kv_heads * groups, d]."""
+def from_rows(x: torch.Tensor, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `to_rows`: [b * kv_heads, L, groups, d] -> [b, L, kv_heads * groups, d]."""
     n, length, groups, d = x.shape
     return x.view(b, n // b, length, groups, d).permute(0, 2, 1, 3, 4).reshape(b, length, -1, d).to(dtype)
 
 
-def _key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Optional[int],
+def key_blocks(qs: int, qe: int, lq: int, lk: int, causal: bool, window: Optional[int],
                 block_size: int) -> Iterator[tuple[int, int, bool]]:
     """Key blocks [ks, ke) that queries [qs, qe) can see, and whether each needs a mask.
 
@@ -293,10 +293,10 @@ def _document_tile(doc, qs, qe, ks, ke, off):
 
 
 def _tiles(qs, qe, lq, lk, causal, window, block_size, doc_host):
-    """The key blocks of `_key_blocks`, less those all in other documents, each with `full` (no mask
+    """The key blocks of `key_blocks`, less those all in other documents, each with `full` (no mask
     needed) and the batch rows that need only a document mask (when the positions need none), so a
     tile crossed by a boundary in one row of the batch masks that row alone."""
-    for ks, ke, full in _key_blocks(qs, qe, lq, lk, causal, window, block_size):
+    for ks, ke, full in key_blocks(qs, qe, lq, lk, causal, window, block_size):
         rows = None
         if doc_host is not None:
             seen, crossing = _document_tile(doc_host, qs, qe, ks, ke, lk - lq)
@@ -334,7 +334,7 @@ def _document_spans_host(doc_host):
     return spans
 
 
-def _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor:
+def hidden_keys(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor:
     """[1 or batch, qe - qs, ke - ks] bool: True where the key is masked for the query."""
     qpos = torch.arange(qs, qe, device=device)[:, None] + (lk - lq)
     kpos = torch.arange(ks, ke, device=device)[None, :]
@@ -347,7 +347,7 @@ def _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, device) -> torch.Tensor
     return hidden
 
 
-def _mask_tile(s, hidden, groups):
+def mask_tile(s, hidden, groups):
     """Fill s [batch * kv_heads, q rows * groups, keys] with -inf where hidden [1 or batch, q rows, keys]."""
     rows, keys = hidden.shape[1:]
     s.view(hidden.shape[0], -1, rows, groups, keys).masked_fill_(hidden[:, None, :, None, :], -math.inf)
@@ -378,8 +378,8 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
     lk, hk = k.shape[1], k.shape[2]
     groups, acc = h // hk, accumulation_dtype(q.dtype)
     # The scale is folded into q once: s = (q * scale) k^T, so dK later needs no extra multiply.
-    qr = _to_rows(q, groups, acc).mul_(scale)
-    kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
+    qr = to_rows(q, groups, acc).mul_(scale)
+    kr, vr = to_rows(k, 1, acc).squeeze(2), to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
     doc_host = None if doc is None else doc.tolist()  # tile decisions on the host: no device sync per tile
     spans = None if doc is None else _document_spans_host(doc_host)
@@ -401,7 +401,7 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
             if rows_ is not None:
                 _mask_documents(s, spans, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
             elif not full:
-                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
+                mask_tile(s, hidden_keys(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             m_new = torch.maximum(m, s.amax(dim=-1))
             p = s.sub_(m_new[..., None]).exp_()
             alpha = (m - m_new).exp_()  # FA-2 eq. for the rescaling of earlier partial sums
@@ -414,23 +414,23 @@ def _blockwise_forward(q, k, v, causal, window, scale, block_size, doc=None):
         lse[:, qs:qe] = (m + l.log()).view(n, qe - qs, groups)
     del qr, kr, vr  # the layout change below then reuses their memory: peak stays at fewer copies
     lse_out = lse.view(b, hk, lq, groups).permute(0, 1, 3, 2).reshape(b, h, lq)
-    return _from_rows(out, b, q.dtype), lse_out
+    return from_rows(out, b, q.dtype), lse_out
 
 
 def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, block_size, doc=None):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
     groups, acc = h // hk, accumulation_dtype(q.dtype)
-    qr = _to_rows(q, groups, acc).mul_(scale)
-    kr, vr = _to_rows(k, 1, acc).squeeze(2), _to_rows(v, 1, acc).squeeze(2)
+    qr = to_rows(q, groups, acc).mul_(scale)
+    kr, vr = to_rows(k, 1, acc).squeeze(2), to_rows(v, 1, acc).squeeze(2)
     n = qr.shape[0]
     doc_host = None if doc is None else doc.tolist()
     spans = None if doc is None else _document_spans_host(doc_host)
     lse_r = lse.view(b, hk, groups, lq).permute(0, 1, 3, 2).reshape(n, lq, groups)
     if dout is not None:
-        do = _to_rows(dout, groups, acc)
+        do = to_rows(dout, groups, acc)
         # D_i = rowsum(dO_i * O_i) (FA-2 algorithm 2, line 4)
-        delta = (do * _to_rows(out, groups, acc)).sum(dim=-1)
+        delta = (do * to_rows(out, groups, acc)).sum(dim=-1)
     else:
         do = torch.zeros(n, lq, groups, d, dtype=acc, device=q.device)
         delta = torch.zeros(n, lq, groups, dtype=acc, device=q.device)
@@ -451,7 +451,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
             if rows_ is not None:
                 _mask_documents(s, spans, rows_, qs + lk - lq, qe + lk - lq, ks, ke, groups)
             elif not full:
-                _mask_tile(s, _hidden(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
+                mask_tile(s, hidden_keys(qs, qe, ks, ke, lq, lk, causal, window, doc, q.device), groups)
             p = s.sub_(lse_b).exp_()  # probabilities recomputed, never stored
             dv[:, ks:ke].baddbmm_(p.transpose(1, 2), dob)
             ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_b).mul_(p)
@@ -461,4 +461,4 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, causal, window, scale, bl
     del qr, kr, vr, do
     dq.mul_(scale)
     dk, dv = dk.view(b, hk, lk, d).transpose(1, 2), dv.view(b, hk, lk, d).transpose(1, 2)
-    return _from_rows(dq, b, q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+    return from_rows(dq, b, q.dtype), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()

@@ -502,9 +502,9 @@ def _reciprocal(den):
 
 def _segment(q, k, v, q_local, k_local, w, M, z, scale, delta_rule, fold):
     """One segment whose Lq queries are the last Lq of its Lk keys (Lk - Lq from the prefix)."""
-    out = _mix(_retrieve(_sigma(q), M, z, weight=w), _local_attention(q_local, k_local, v, scale), w, weighted=True)
+    out = _mix(_retrieve(elu_plus_one(q), M, z, weight=w), _local_attention(q_local, k_local, v, scale), w, weighted=True)
     if fold:
-        M, z = _fold(_sigma(k), v, M, z, delta_rule)
+        M, z = fold_segment(elu_plus_one(k), v, M, z, delta_rule)
     return out, M, z
 
 
@@ -537,7 +537,7 @@ def _retrieve(sq, M, z, weight=None):
     return (num * inv).reshape(B, T, h, M.shape[-1])
 
 
-def _fold(sk, v, M, z, delta_rule):
+def fold_segment(sk, v, M, z, delta_rule):
     """Add one complete segment to the memory. sk = sigma(K) [B, T, kv_heads, dk], v [B, T, kv_heads, dv]."""
     if delta_rule:
         # Only the part of V the memory does not already return for these keys is written.
@@ -552,7 +552,7 @@ def _mix(mem, local, w, weighted=False):
     return local + w[:, None] * (mem - local)   # = w mem + (1 - w) local, one product fewer
 
 
-def _sigma(x):
+def elu_plus_one(x):
     return F.elu(x) + 1
 
 

@@ -42,13 +42,13 @@ def selective_window_attention(q, k, v, selected, window: int, rows=None, scale:
     # Padding slots get a position no real query or key lies within `window` of, so the masks below
     # hide them from real rows, and a padded query sees only its own (self) score.
     far = lk + window
-    qi, q_ok = _compact(rows)
-    ki, k_ok = _compact(selected)
+    qi, q_ok = compact_rows(rows)
+    ki, k_ok = compact_rows(selected)
     q_pos = torch.where(q_ok, qi + (lk - lq), far)
     k_pos = torch.where(k_ok, ki, far).contiguous()
-    qc = _take(q, qi).to(acc)
-    k_self, v_self = _take(k, qi + (lk - lq)).to(acc), _take(v, qi + (lk - lq)).to(acc)
-    kc, vc = _take(k, ki).to(acc), _take(v, ki).to(acc)
+    qc = take_rows(q, qi).to(acc)
+    k_self, v_self = take_rows(k, qi + (lk - lq)).to(acc), take_rows(v, qi + (lk - lq)).to(acc)
+    kc, vc = take_rows(k, ki).to(acc), take_rows(v, ki).to(acc)
 
     nq, nk = qi.shape[1], ki.shape[1]
     starts = list(range(0, nq, block_size))
@@ -74,7 +74,7 @@ def selective_window_attention(q, k, v, selected, window: int, rows=None, scale:
         blocks = zip(*(t.split(sizes, dim=1) for t in (qc, k_self, v_self, q_pos)), kbs, vbs, kps)
         outs = [_attend_block(*blk, window, scale) for blk in blocks]
     out_c = torch.cat(outs, dim=1) if outs else qc.new_zeros(b, 0, h, d)
-    return _put(out_c, qi, q_ok, lq).to(q.dtype)
+    return put_rows(out_c, qi, q_ok, lq).to(q.dtype)
 
 
 def selective_window_attention_ref(q, k, v, selected, window: int, rows=None, scale: Optional[float] = None):
@@ -113,7 +113,7 @@ def _attend_block(qb, ksb, vsb, qpb, kb, vb, kp, window, scale):
     return torch.einsum("bhqk,bkhd->bqhd", p[..., :-1], vb) + p[..., -1].transpose(1, 2)[..., None] * vsb
 
 
-def _compact(mask: torch.Tensor):
+def compact_rows(mask: torch.Tensor):
     """Indices of the True entries of each row, in order, padded to the longest row: (idx, valid) [b, m]."""
     b, n = mask.shape
     ar = torch.arange(n, device=mask.device)
@@ -123,13 +123,13 @@ def _compact(mask: torch.Tensor):
     return order[:, :m], ar[:m][None, :] < count[:, None]
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [b, n, ...] at per-row indices idx [b, m] -> [b, m, ...]."""
     return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
-def _put(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of `_take` into zeros [b, length, ...]; padding slots land in a dropped extra row."""
+def put_rows(src: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of `take_rows` into zeros [b, length, ...]; padding slots land in a dropped extra row."""
     out = src.new_zeros(src.shape[0], length + 1, *src.shape[2:])
     dest = torch.where(valid, idx, length).view(*idx.shape, *([1] * (src.dim() - 2))).expand_as(src)
     return out.scatter(1, dest, src)[:, :length]

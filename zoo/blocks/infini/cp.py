@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from zoo.distributed.halo import gather_chunks, preceding, refuse_cache
 from zoo.distributed.layout import ContextParallel
-from zoo.ops.infini import _fold, _sigma, infini_attention
+from zoo.ops.infini import fold_segment, elu_plus_one, infini_attention
 from zoo.ops.rope import apply_rope, rope_cos_sin
 from zoo.ops.dtypes import accumulation_dtype
 
@@ -73,7 +73,7 @@ def _memory_prefix_sums(k, v, cp: ContextParallel, seg: int, acc):
     """Linear update: (M(s0), z(s0)) for each local chunk, from one all-gather of per-chunk partial sums."""
     parts = []
     for c in cp.chunks():
-        sk, vc = _sigma(k[:, c.local].to(acc)), v[:, c.local].to(acc)
+        sk, vc = elu_plus_one(k[:, c.local].to(acc)), v[:, c.local].to(acc)
         split = min(max(0, (c.end // seg) * seg - c.start), c.length)
         for sl in (slice(0, split), slice(split, None)):
             M = torch.einsum("btnk,btnv->bnkv", sk[:, sl], vc[:, sl])
@@ -97,7 +97,7 @@ def _memory_prefix_sums(k, v, cp: ContextParallel, seg: int, acc):
 def _fold_segments(k, v, M, z, seg):
     """The delta-rule memory after folding the whole segments of k, v [b, n * seg, kv_heads, *]."""
     for s0 in range(0, k.shape[1], seg):
-        M, z = _fold(_sigma(k[:, s0:s0 + seg]), v[:, s0:s0 + seg], M, z, delta_rule=True)
+        M, z = fold_segment(elu_plus_one(k[:, s0:s0 + seg]), v[:, s0:s0 + seg], M, z, delta_rule=True)
     return M, z
 
 

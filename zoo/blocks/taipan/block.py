@@ -15,7 +15,7 @@ from zoo.blocks.taipan.cp import taipan_cp
 from zoo.ops.documents import check_block_documents, document_positions, per_document
 from zoo.ops.rope import apply_rope_half, rope_cos_sin_half
 from zoo.ops.dtypes import accumulation_dtype
-from zoo.ops.taipan import _compact, _put, _take, selective_window_attention
+from zoo.ops.taipan import compact_rows, put_rows, take_rows, selective_window_attention
 from zoo.registry import register_block
 
 
@@ -104,16 +104,16 @@ class TaipanBlock(Block):
         b, t, _ = x.shape
         if rows is None:
             return tuple(p(x).view(b, t, self.n_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        idx, ok = _compact(rows)
-        xs = _take(x, idx)
-        return tuple(_put(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
+        idx, ok = compact_rows(rows)
+        xs = take_rows(x, idx)
+        return tuple(put_rows(p(xs).view(b, -1, self.n_heads, self.head_dim), idx, ok, t)
                      for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def output(self, o, rows):
         if rows is None:
             return self.out_proj(o)
-        idx, ok = _compact(rows)
-        return _put(self.out_proj(_take(o, idx)), idx, ok, o.shape[1])
+        idx, ok = compact_rows(rows)
+        return put_rows(self.out_proj(take_rows(o, idx)), idx, ok, o.shape[1])
 
     def _attend(self, q, k, v, selected, rows, seq_idx):
         """The op over keys [b, Lk, heads, d] whose last Lq are the queries' own positions."""
