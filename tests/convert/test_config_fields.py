@@ -1,4 +1,4 @@
-"""Every config field a converter reads or ignores, walked: each field of a tiny Mamba / Mamba2 / Llama config is
+"""Every config field a converter reads or ignores, walked: each field of a tiny config of every importer is
 changed in turn, and the conversion either refuses naming the field or gives transformers' logits (issue 28: a
 field the converter did not express used to convert silently, logits off by 0.84 for hidden_act="relu")."""
 import math
@@ -20,6 +20,33 @@ BASE = {
     "LlamaForCausalLM": (transformers.LlamaConfig, dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                          num_attention_heads=4, num_key_value_heads=2,
                                                          vocab_size=61)),
+    "MistralForCausalLM": (transformers.MistralConfig, dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2,
+                                                             vocab_size=61, sliding_window=8)),
+    # the hybrids, each with a mamba and an attention layer (their import tests: tests/convert/test_*_import.py)
+    "JambaForCausalLM": (transformers.JambaConfig, dict(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=61, num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=0, mamba_d_state=4, mamba_d_conv=3, mamba_dt_rank=3,
+        max_position_embeddings=512)),
+    "BambaForCausalLM": (transformers.BambaConfig, dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=61, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8)),
+    "NemotronHForCausalLM": (transformers.NemotronHConfig, dict(
+        hidden_size=32, layers_block_type=["mamba", "attention", "mlp"], num_attention_heads=4, num_key_value_heads=2,
+        head_dim=12, intermediate_size=40, ssm_state_size=8, mamba_num_heads=6, mamba_head_dim=8, n_groups=2,
+        conv_kernel=4, chunk_size=8, vocab_size=61)),
+    "GraniteMoeHybridForCausalLM": (transformers.GraniteMoeHybridConfig, dict(
+        vocab_size=61, hidden_size=64, intermediate_size=40, shared_intermediate_size=48, num_hidden_layers=2,
+        layer_types=["mamba", "attention"], num_attention_heads=4, num_key_value_heads=2, num_local_experts=0,
+        num_experts_per_tok=2, embedding_multiplier=6.0, residual_multiplier=0.3, logits_scaling=4.0,
+        attention_multiplier=0.05, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=8, max_position_embeddings=128)),
+    "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=61, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
+        mamba_d_conv=4, mamba_chunk_size=8, max_position_embeddings=256)),
 }
 
 
