@@ -79,3 +79,18 @@ def test_a_failed_prepare_leaves_nothing_behind(tmp_path, content, message):
     with pytest.raises(DataError):
         prepare(str(corpus), "byte", root=tmp_path / "kept")
     assert list((tmp_path / "kept").iterdir()) == []   # a root that was there stays, and holds no partial split
+
+
+def test_a_checkpoint_of_another_model_is_one_line_naming_the_field(tmp_path):
+    """Starting from (or loading into) weights of another recipe: the first differing model field, not a
+    load_state_dict traceback."""
+    from tests.helpers import ToyData, toy_recipe, train_toy
+    from zoo.train.checkpoint import CheckpointError
+    from zoo.train.trainer import Trainer
+    import zoo
+    train_toy(tmp_path / "a", max_steps=2)
+    wider = zoo.load_recipe(toy_recipe(max_steps=2).to_dict(), ["model.d_model=48"])
+    with pytest.raises(CheckpointError, match=r"was trained with another model \(recipe 'tiny-train'\); "
+                                              r"model.d_model differs: checkpoint 32 vs recipe 48$"):
+        Trainer(wider, ToyData(), tmp_path / "b", device="cpu", progress=False, log=lambda s: None,
+                init_from=str(tmp_path / "a"))

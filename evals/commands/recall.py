@@ -234,7 +234,8 @@ def finetune_passkey(name: str, args, argv, say) -> dict:
     say(f"{name}: passkey accuracy at {lengths} ...")
     grid = passkey_grid(trainer.model, lengths, args.depths, args.trials, tokenizer=tok)
     grid["mean"] = [sum(row) / len(row) for row in grid["accuracy"]]
-    card = {"recipe": name, "command": "zoo recall " + shlex.join(argv), "commit": source_commit() or "unknown", "from": str(ckpt),
+    card = {"recipe": name, "command": "zoo recall " + shlex.join(argv), "commit": source_commit() or "unknown",
+            "from": str(ckpt),
             "params": trainer.model.num_params()["total"], "dtype": args.dtype, "steps": sum(args.steps),
             "batch_size": args.batch_size[-1], "seq_len": seq_len,
             "stages": [{k: v for k, v in st.items() if v is not None} for st in asked_stages(args)],
