@@ -1,0 +1,198 @@
+"""The delta rule: linear attention whose state is corrected, not only added to (DeltaNet, Gated DeltaNet, KDA).
+
+Per head, a state S [d_k, d_v] and for each token t (q, k [d_k], v [d_v], beta and a decay):
+
+    S_t = (I - beta_t k_t k_t^T) D_t S_{t-1} + beta_t k_t v_t^T        o_t = S_t^T (scale q_t)
+
+D_t = exp(g_t): the identity without `g` (DeltaNet, arXiv 2406.06484), a scalar per head with g [b, t, h]
+(Gated DeltaNet, arXiv 2412.06464), a diagonal over d_k with g [b, t, h, d_k] (Kimi Delta Attention, the Kimi
+Linear report, 2025). g is a log-decay (<= 0). beta in (0, 1) writes; in (0, 2) it may also flip a direction
+(negative eigenvalues of I - beta k k^T, OLMo-Hybrid's allow_neg_eigval): the op takes beta as given.
+
+`delta_rule_ref` is the recurrence itself, token by token. `delta_rule` computes it by chunks of C tokens in
+the WY / UT form: inside a chunk, with c_i the cumulative log-decay from the chunk's start and S_0 the state
+entering it, the state reads S_i = e^{c_i} S_0 + sum_{j<=i} e^{c_i - c_j} k_j u_j^T, where the corrected
+writes u solve a unit lower-triangular system
+
+    u_i + beta_i sum_{j<i} (e^{c_i - c_j} k_i . k_j) u_j = beta_i (v_i - S_0^T (e^{c_i} k_i))
+
+so U = T (beta V) - T (beta e^{c} K) S_0 with T = (I + A)^{-1}: everything but the S_0 terms is computed for
+all chunks at once, then one short loop over chunks carries S_0. Products e^{c_i - c_j} are formed pairwise
+(j <= i, so they never overflow, however strong the decay).
+
+Documents (seq_idx, `zoo.ops.documents`): the state is zeroed at each document's start. Inside a chunk that is
+a mask on the pairs (i, j) of one document and on the S_0 terms of positions in the document S_0 belongs to;
+`initial_state` belongs to the first document.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from zoo.ops.dispatch import choose
+from zoo.ops.documents import check_seq_idx, document_number
+from zoo.ops.dtypes import accumulation_dtype
+
+__all__ = ["delta_rule", "delta_rule_ref", "l2_normalize"]
+
+L2_EPS = 1e-6   # transformers' and fla's l2norm: x / sqrt(sum x^2 + eps)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def delta_rule_ref(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
+                   qk_l2norm=False, seq_idx=None):
+    """The recurrence token by token (the twin every fast path is tested against). Shapes: q, k [b, t, h, d_k],
+    v [b, t, h, d_v], beta [b, t, h], g None, [b, t, h] or [b, t, h, d_k]; initial_state [b, h, d_k, d_v].
+    Returns o [b, t, h, d_v] and, with output_final_state, the final state, both in the accumulation dtype
+    (float64 for float64 inputs, else float32)."""
+    q, k, v, beta, g, scale = _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx)
+    b, t, h, dk = k.shape
+    acc = q.dtype
+    state = (torch.zeros(b, h, dk, v.shape[-1], dtype=acc, device=q.device) if initial_state is None
+             else initial_state.to(acc))
+    doc = None if seq_idx is None else document_number(seq_idx)
+    out = []
+    for i in range(t):
+        if doc is not None and i > 0:
+            state = state * (doc[:, i] == doc[:, i - 1]).to(acc)[:, None, None, None]   # a new document: zero
+        if g is not None:
+            decay = g[:, i].exp()
+            state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
+        kt, vt = k[:, i], v[:, i]
+        delta = beta[:, i, :, None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, state))
+        state = state + kt[..., None] * delta[..., None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, i] * scale, state))
+    o = torch.stack(out, 1)
+    return (o, state) if output_final_state else o
+
+
+def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, qk_l2norm=False,
+               seq_idx=None, chunk_size: int = 64, impl: str = "auto"):
+    """`delta_rule_ref` by chunks of `chunk_size` tokens (any length; the last chunk may be shorter).
+    impl: "auto" | "torch" (`zoo.ops.dispatch`)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    choose("delta_rule", impl, q)
+    q, k, v, beta, g, scale = _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx)
+    b, t, h, dk = k.shape
+    dv, acc = v.shape[-1], q.dtype
+    C = min(chunk_size, t)
+    n = math.ceil(t / C)
+    pad = n * C - t
+    # padded steps: k = 0 writes nothing and g = 0 keeps the state, so the final state is the last real one's
+    doc = document_number(seq_idx) if seq_idx is not None else torch.zeros(b, t, dtype=torch.int64, device=q.device)
+    q, k, v, beta = (_chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)), n, C) for x in (q * scale, k, v, beta))
+    gc = None if g is None else _chunks(F.pad(g, (0, 0) * (g.dim() - 2) + (0, pad)), n, C)
+    doc = _chunks(F.pad(doc, (0, pad), mode="replicate"), n, C)          # [b, n, C]
+    # the document S_0 belongs to: that of the position before the chunk (the first document for chunk 0)
+    before = torch.cat([doc[:, :1, :1], doc[:, :-1, -1:]], 1)            # [b, n, 1]
+
+    cum = None if gc is None else gc.cumsum(2)                          # [b, n, C, h(, dk)]
+    same = (doc[:, :, :, None] == doc[:, :, None, :])                    # [b, n, C, C]: i, j one document
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    keep0 = (doc == before).to(acc)                                      # [b, n, C]: S_0 reaches position i
+
+    # kk[i, j] = (e^{c_i - c_j} k_i) . k_j and qk[i, j] = (e^{c_i - c_j} q_i) . k_j, for j <= i in one document
+    kk = _pair_products(k, k, cum) * (same & causal)[..., None]           # [b, n, C, C, h]
+    qk = _pair_products(q, k, cum) * (same & causal)[..., None]
+    eye = torch.eye(C, dtype=acc, device=q.device)
+    A = beta.permute(0, 1, 3, 2)[..., None] * kk.permute(0, 1, 4, 2, 3) * (1 - eye)    # [b, n, h, C, C]
+    T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+    decay_i = _decay_from_start(cum, keep0, k)                           # e^{c_i} on k's channels, or 1
+    bk = (beta[..., None] * decay_i * k).permute(0, 1, 3, 2, 4)          # [b, n, h, C, dk]
+    bv = (beta[..., None] * v).permute(0, 1, 3, 2, 4)                     # [b, n, h, C, dv]
+    W_v, W_k = T @ bv, T @ bk
+    q0 = (decay_i * q).permute(0, 1, 3, 2, 4)                          # e^{c_i} q_i where S_0 reaches i
+    k_end = _decay_to_end(cum, doc, k).permute(0, 1, 3, 2, 4)             # e^{c_C - c_j} k_j, same doc as C
+    end0 = _end_decay(cum, doc, before, acc)                              # e^{c_C}, 0 if a document started
+    qk = qk.permute(0, 1, 4, 2, 3)                                        # [b, n, h, C, C]
+
+    state = (torch.zeros(b, h, dk, dv, dtype=acc, device=q.device) if initial_state is None
+             else initial_state.to(acc))
+    outs = []
+    for c in range(n):
+        U = W_v[:, c] - W_k[:, c] @ state                                 # [b, h, C, dv]
+        outs.append(q0[:, c] @ state + qk[:, c] @ U)
+        state = _scale_rows(state, end0[:, c]) + k_end[:, c].transpose(-1, -2) @ U
+    o = torch.stack(outs, 1).permute(0, 1, 3, 2, 4).reshape(b, n * C, h, dv)[:, :t]
+    return (o, state) if output_final_state else o
+
+
+def _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx):
+    """Checked inputs in the accumulation dtype, q and k normalised if asked; the scale (default d_k^-1/2)."""
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"q, k: expected equal shapes [batch, length, heads, d_k], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    b, t, h, dk = k.shape
+    if v.dim() != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v: expected [batch, length, heads, d_v] = [{b}, {t}, {h}, d_v], got {tuple(v.shape)}")
+    if tuple(beta.shape) != (b, t, h):
+        raise ValueError(f"beta: expected [batch, length, heads] = {[b, t, h]}, got {tuple(beta.shape)}")
+    if g is not None and tuple(g.shape) not in ((b, t, h), (b, t, h, dk)):
+        raise ValueError(f"g: expected [batch, length, heads] (a decay per head) or [batch, length, heads, d_k] "
+                         f"(per channel), got {tuple(g.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (b, h, dk, v.shape[-1]):
+        raise ValueError(f"initial_state: expected [batch, heads, d_k, d_v] = {[b, h, dk, v.shape[-1]]}, got "
+                         f"{tuple(initial_state.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, b, t)
+    acc = accumulation_dtype(q.dtype)
+    q, k, v, beta = (x.to(acc) for x in (q, k, v, beta))
+    if qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    return q, k, v, beta, None if g is None else g.to(acc), dk ** -0.5 if scale is None else scale
+
+
+def _chunks(x, n, C):
+    """[b, n * C, ...] -> [b, n, C, ...]."""
+    return x.reshape(x.shape[0], n, C, *x.shape[2:])
+
+
+def _pair_products(a, k, cum):
+    """[b, n, C, C, h]: (e^{c_i - c_j} a_i) . k_j, the decay per head or per channel (lower triangle valid)."""
+    if cum is None:
+        return torch.einsum("bnihd,bnjhd->bnijh", a, k)
+    if cum.dim() == 4:   # a scalar per head
+        diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)   # j > i is masked by the caller
+        return torch.einsum("bnihd,bnjhd->bnijh", a, k) * diff.exp()
+    diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)        # [b, n, C, C, h, dk]
+    return torch.einsum("bnihd,bnjhd,bnijhd->bnijh", a, k, diff.exp())
+
+
+def _decay_from_start(cum, keep0, k):
+    """e^{c_i} as a factor on k's channels [b, n, C, h, 1 or dk], zero where S_0 does not reach position i."""
+    if cum is None:
+        return keep0[..., None, None].expand(*keep0.shape, k.shape[3], 1)
+    e = cum.exp() if cum.dim() == 5 else cum.exp()[..., None]
+    return e * keep0[..., None, None]
+
+
+def _decay_to_end(cum, doc, k):
+    """e^{c_C - c_j} k_j [b, n, C, h, dk], zero for j outside the chunk's last document."""
+    last = (doc == doc[:, :, -1:]).to(k.dtype)[..., None, None]
+    if cum is None:
+        return k * last
+    diff = cum[:, :, -1:] - cum
+    return k * (diff.exp() if diff.dim() == 5 else diff.exp()[..., None]) * last
+
+
+def _end_decay(cum, doc, before, acc):
+    """The factor on S_0 at the chunk's end, [b, n, h] or [b, n, h, dk] ([b, n, 1, 1] without a decay): e^{c_C},
+    zero if a document started in the chunk."""
+    reach = (doc[:, :, -1:] == before).to(acc)[..., 0]                   # [b, n]
+    if cum is None:
+        return reach[..., None, None]
+    return cum[:, :, -1].exp() * (reach[..., None] if cum.dim() == 4 else reach[..., None, None])
+
+
+def _scale_rows(state, factor):
+    """state [b, h, dk, dv] times a factor per head [b, h] or per key channel [b, h, dk] (or [b, 1, 1])."""
+    if factor.dim() == 2:
+        return state * factor[..., None, None]
+    return state * factor[..., None]
