@@ -168,6 +168,9 @@ EVERY_BLOCK = {
     "P": {"type": "parallel", "branches": [{"type": "attn", "n_heads": 2, "out_scale": 0.5},
                                            {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4,
                                             "out_scale": 1.5}]},
+    "D": {"type": "deltanet", "n_heads": 2, "head_k_dim": 8, "chunk_size": 4},
+    "G": {"type": "gated_deltanet", "n_heads": 2, "n_k_heads": 1, "head_k_dim": 8, "chunk_size": 4},
+    "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "gate_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
 }
 
 

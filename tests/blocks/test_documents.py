@@ -13,15 +13,18 @@ CASES = {
     "ring": {"n_heads": 2, "n_kv_heads": 1, "block_size": 4},
     "swa": {"n_heads": 4, "n_kv_heads": 2, "window": 6, "block_size": 4},
     "infini": {"n_heads": 2, "segment_len": 4},
-    "infini_linear": {"n_heads": 2, "segment_len": 3, "delta_rule": False},
+    "infini/linear": {"n_heads": 2, "segment_len": 3, "delta_rule": False},
     "selective": {"n_heads": 2, "block_size": 4},
     "taipan": {"n_heads": 2, "window": 6, "capacity": 0.5, "block_size": 4},
-    "taipan_rope": {"n_heads": 2, "window": 5, "capacity": 0.5, "block_size": 3, "rope_base": 10000.0},
+    "taipan/rope": {"n_heads": 2, "window": 5, "capacity": 0.5, "block_size": 3, "rope_base": 10000.0},
     "mamba": {"d_state": 4},
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4},
     "none": {},
     "parallel": {"branches": [{"type": "attn", "n_heads": 4, "n_kv_heads": 2, "out_scale": 0.5},
                               {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "out_scale": 2.0}]},
+    "deltanet": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 4},
+    "gated_deltanet": {"n_heads": 4, "n_k_heads": 2, "head_k_dim": 6, "chunk_size": 5},
+    "kda": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 3, "allow_neg_eigval": True},
 }
 
 # Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle
@@ -36,7 +39,7 @@ def packed_seq_idx():
 
 
 def make(case):
-    block = make_block(case.split("_")[0], D_MODEL, **CASES[case])
+    block = make_block(case.split("/")[0], D_MODEL, **CASES[case])
     if case.startswith("taipan"):
         block.eval()  # training draws Gumbel noise per call: only the evaluation selection is reproducible
     return block
@@ -84,7 +87,7 @@ def test_one_document_is_no_seq_idx(case):
 
 @pytest.mark.parametrize("name", sorted(zoo.list_blocks()))
 def test_every_block_supports_seq_idx_and_refuses_it_with_a_cache(name):
-    case = next(c for c in CASES if c.split("_")[0] == name)
+    case = next(c for c in CASES if c.split("/")[0] == name)
     block = make(case)
     assert getattr(block, "supports_seq_idx", False)
     x = torch.randn(1, 5, D_MODEL, dtype=torch.float64)

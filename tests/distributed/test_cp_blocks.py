@@ -1,5 +1,5 @@
-"""Context parallel for swa, taipan, mamba, mamba2, infini and selective: on W in {1, 2, 3, 4} gloo ranks,
-both layouts, float64, lengths that split unevenly and chunks shorter than the window / conv / segment,
+"""Context parallel for swa, taipan, mamba, mamba2, infini, selective and the delta-rule blocks: on W in
+{1, 2, 3, 4} gloo ranks, both layouts, float64, lengths that split unevenly and chunks shorter than the window / conv / segment,
 the shard's output, its input gradient and every parameter gradient (summed over ranks) equal the
 single process's within 1e-10 relative."""
 import pytest
@@ -128,3 +128,21 @@ def test_cache_with_cp_is_refused(name, cfg):
     x = torch.randn(1, 6, D_MODEL, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"cache: {name} got both a cache and a context-parallel handle"):
         block(x, cache=block.init_cache(1, dtype=torch.float64), cp=cp)
+
+
+# the delta-rule blocks: state passing with a [d_k, d_k] transition per head and chunk (zoo/blocks/delta/cp.py)
+DELTA_CASES = [
+    ("deltanet", dict(n_heads=2, head_k_dim=4, head_v_dim=3, d_conv=3, chunk_size=3), False),
+    ("gated_deltanet", dict(n_heads=4, n_k_heads=2, head_k_dim=4, d_conv=4, chunk_size=2, allow_neg_eigval=True),
+     False),
+    ("kda", dict(n_heads=2, head_k_dim=4, gate_rank=3, d_conv=2, chunk_size=5, output_gate=False), False),
+]
+
+
+@pytest.mark.slow   # 5-20 s per world size
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_delta_blocks_match_single_process(ranks, world_size):
+    results = ranks.run(world_size, _check_cases, DELTA_CASES, _lengths(world_size))
+    bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
+    assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
+    assert len(results[0]) > 0
