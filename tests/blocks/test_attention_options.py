@@ -1,5 +1,6 @@
-"""The attention options of issue 19 on attn, blockwise, ring and swa: partial RoPE (`rope_dim`), no RoPE
-(`rope_base: null`) and the softmax scale override (`scale`). Each against a dense float64 reference
+"""The attention options of issues 19 and 26 on attn, blockwise, ring and swa: partial RoPE (`rope_dim`), no RoPE
+(`rope_base: null`), the softmax scale override (`scale`), per-head q/k RMSNorm (`qk_norm`) and the sigmoid
+output gate (`output_gate`). Each against a dense float64 reference
 that rotates with transformers' Bamba `apply_rotary_pos_emb` (the partial RoPE Bamba and Granite use),
 the cache contract, packed documents, state bytes, and recipe validation naming the field."""
 import math
@@ -30,6 +31,8 @@ OPTIONS = {
     "scale": {"scale": 0.37},
     "nope_scale": {"rope_base": None, "scale": 1.9},
     "partial_scale": {"rope_dim": 4, "scale": 0.05},
+    "gated": {"qk_norm": True, "output_gate": True, "rope_dim": 2},   # Qwen3-Next's gated attention
+    "qknorm_nope": {"qk_norm": True, "qk_norm_eps": 0.1, "rope_base": None},
 }
 CASES = [(b, o) for b in SHAPES for o in OPTIONS]
 
@@ -54,10 +57,15 @@ def dense_forward(block, x):
     b, t, _ = x.shape
     hd, cfg = block.head_dim, block.cfg
     q, k, v = (proj(x).view(b, t, -1, hd) for proj in (block.q_proj, block.k_proj, block.v_proj))
+    if cfg.qk_norm:   # written out: x / sqrt(mean x^2 + eps) * w over each head's dims
+        q, k = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.qk_norm_eps) * norm.weight
+                for y, norm in ((q, block.q_norm), (k, block.k_norm)))
     if cfg.rope_base is not None:
         q, k = hf_rotated(q, k, hd, cfg.rope_dim or hd, cfg.rope_base, torch.arange(t))
     scale = cfg.scale if cfg.scale is not None else 1 / math.sqrt(hd)
     out = attention_ref(q, k, v, causal=True, window=getattr(cfg, "window", None), scale=scale)
+    if cfg.output_gate:
+        out = out * torch.sigmoid(block.gate_proj(x)).view(b, t, -1, hd)
     return block.out_proj(out.reshape(b, t, -1))
 
 
@@ -157,7 +165,8 @@ def test_recipe_round_trips_the_options():
 
 
 @pytest.mark.parametrize("block", ["infini", "selective"])
-@pytest.mark.parametrize("field,value", [("rope_dim", 4), ("scale", 0.5), ("rope_base", None)])
+@pytest.mark.parametrize("field,value", [("rope_dim", 4), ("scale", 0.5), ("rope_base", None), ("qk_norm", True),
+                                         ("output_gate", True)])
 def test_attention_families_without_the_options_refuse_them(block, field, value):
     extra = {"segment_len": 4} if block == "infini" else {}
     spec = {"type": block, "n_heads": 4, field: value, **extra}

@@ -1,4 +1,4 @@
-"""Context parallel for the attention options (partial RoPE, no RoPE, a scale override): the ring (attn,
+"""Context parallel for the attention options (partial RoPE, no RoPE, a scale override, q/k norm, output gate): the ring (attn,
 blockwise, ring) and swa's halo exchange, W in {1, 2, 3, 4}, both layouts, float64; the output shard, its
 input gradient and every parameter gradient summed over ranks equal one process's within 1e-10 relative."""
 import pytest
@@ -11,6 +11,8 @@ CASES = [
     ("ring", dict(n_heads=2, n_kv_heads=1, head_dim=6, block_size=2, rope_dim=4, scale=1.7)),
     ("swa", dict(n_heads=4, n_kv_heads=2, window=4, block_size=3, rope_dim=2)),
     ("swa", dict(n_heads=2, window=3, block_size=2, rope_base=None, scale=0.5)),
+    ("attn", dict(n_heads=2, n_kv_heads=1, qk_norm=True, output_gate=True)),
+    ("swa", dict(n_heads=2, window=4, block_size=3, qk_norm=True, output_gate=True, rope_dim=2)),
 ]
 
 

@@ -40,13 +40,27 @@ class CausalSelfAttention(Block):
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.qk_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.qk_norm_eps)
+        if cfg.output_gate:
+            self.gate_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
 
     def project(self, x):
-        """Un-rotated q [b, t, heads, hd], k and v [b, t, kv_heads, hd]."""
+        """Un-rotated q [b, t, heads, hd], k and v [b, t, kv_heads, hd] (q and k normalised with qk_norm)."""
         b, t, _ = x.shape
-        return (self.q_proj(x).view(b, t, self.n_heads, self.head_dim),
-                self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim),
-                self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+
+    def output(self, out, x):
+        """out_proj of the heads' outputs out [b, t, heads, hd], each gated by sigmoid(W_g x) with output_gate."""
+        b, t = out.shape[:2]
+        if self.cfg.output_gate:
+            out = out * torch.sigmoid(self.gate_proj(x).view(b, t, self.n_heads, self.head_dim))
+        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
 
     def _positions(self, start: int, end: int, device, row_start=None):
         """Absolute positions [start, end); with `row_start` [batch] (a left-padded batch, see
@@ -91,7 +105,7 @@ class CausalSelfAttention(Block):
             out = self._attend(q, k, v)
         else:
             out = self._attend(q, k, v, seq_idx)
-        return self.out_proj(out.reshape(b, t, self.n_heads * self.head_dim))
+        return self.output(out, x)
 
     def _attend_cached(self, q, k, v, cache: AttentionCache):
         """The t new tokens' attention through the cache, which they join (written in place)."""

@@ -17,6 +17,11 @@ class AttnConfig:
     scale: Optional[float] = None         # softmax scale of q.k; None: 1 / sqrt(head_dim)
     qkv_bias: bool = False
     out_bias: bool = False
+    # Qwen3-Next's gated attention: RMSNorm over each head's q and k before RoPE (weights [head_dim], shared by
+    # the heads), and the output of each head times sigmoid(W_g x) before the output projection
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    output_gate: bool = False
 
     def __post_init__(self):
         if self.n_heads < 1:
@@ -38,6 +43,8 @@ class AttnConfig:
                 raise ValueError(f"rope_dim: {self.rope_dim} given with rope_base null (no RoPE); drop one of them")
             if self.head_dim is not None and self.rope_dim > self.head_dim:
                 raise ValueError(f"rope_dim: {self.rope_dim} exceeds head_dim {self.head_dim}")
+        if not self.qk_norm_eps > 0:
+            raise ValueError(f"qk_norm_eps: must be > 0, got {self.qk_norm_eps}")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale: must be null (1 / sqrt(head_dim)) or > 0, got {self.scale}")
 
@@ -67,6 +74,9 @@ def refuse_attention_options(cfg: AttnConfig, block: str) -> None:
         raise ValueError(f"rope_base: null (no RoPE) is not supported by the {block} block")
     for name in ("rope_dim", "scale"):
         if getattr(cfg, name) is not None:
+            raise ValueError(f"{name}: not supported by the {block} block (only by attn, blockwise, ring, swa)")
+    for name in ("qk_norm", "output_gate"):
+        if getattr(cfg, name):
             raise ValueError(f"{name}: not supported by the {block} block (only by attn, blockwise, ring, swa)")
 
 

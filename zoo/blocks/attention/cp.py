@@ -32,7 +32,7 @@ def attention_cp(block, x, cp: ContextParallel, cache=None):
     q, k, v = block.project_rotated(x, cp.positions(x.device))
     out = ring_attention(q, k, v, cp, causal=True, scale=block.cfg.scale,
                          block_size=getattr(block.cfg, "block_size", 512))
-    return block.out_proj(out.reshape(b, t, -1))
+    return block.output(out.reshape(b, t, block.n_heads, block.head_dim), x)
 
 
 def sliding_window_attention_cp(q, k, v, cp: ContextParallel, window: int, block_size: int, scale=None):
@@ -56,4 +56,4 @@ def swa_cp(block, x, cp: ContextParallel, cache=None):
     b, t, _ = x.shape
     q, k, v = block.project_rotated(x, cp.positions(x.device))
     out = sliding_window_attention_cp(q, k, v, cp, block.cfg.window, block.cfg.block_size, block.cfg.scale)
-    return block.out_proj(out.reshape(b, t, -1))
+    return block.output(out.reshape(b, t, block.n_heads, block.head_dim), x)
