@@ -36,13 +36,15 @@ def reference(ffn, x):
     y = moe_swiglu_ref(flat, w, e, ffn.gate_up, ffn.down).view_as(x)
     if ffn.shared is not None:
         s = ffn.shared
-        y = y + s.out_proj(F.silu(s.gate_proj(x)) * s.up_proj(x))
+        shared = s.out_proj(F.silu(s.gate_proj(x)) * s.up_proj(x))
+        y = y + (shared if ffn.shared_gate is None else torch.sigmoid(x @ ffn.shared_gate.weight.T) * shared)
     f = F.one_hot(e, cfg.experts).double().sum(1).mean(0)     # share of top-k slots per expert
     return y, cfg.aux_loss_weight * cfg.experts * (f * probs.mean(0)).sum()
 
 
 @pytest.mark.parametrize("fields", [{}, {"normalize_top_k": True}, {"top_k": 1, "shared_hidden": 3},
-                                    {"experts": 3, "top_k": 3, "aux_loss_weight": 0.3}])
+                                    {"experts": 3, "top_k": 3, "aux_loss_weight": 0.3},
+                                    {"shared_hidden": 4, "shared_gate": True, "normalize_top_k": True}])
 def test_block_matches_dense_reference(fields):
     ffn = make(**fields)
     assert isinstance(ffn, MoeFeedForward)
@@ -98,6 +100,8 @@ def test_matches_jamba_sparse_moe_block():
     ({"type": "moe", "experts": 4, "top_k": 0}, r"model.ffn.top_k: must be in \[1, experts=4\], got 0"),
     ({"type": "moe", "experts": 4, "aux_loss_weight": -1}, r"model.ffn.aux_loss_weight: must be >= 0"),
     ({"type": "moe", "experts": 4, "shared_hidden": 0}, r"model.ffn.shared_hidden: must be null"),
+    ({"type": "moe", "experts": 4, "shared_gate": True}, r"model.ffn.shared_gate: gates the shared expert, which "
+                                                         r"needs shared_hidden"),
     ({"type": "moe", "experts": 4, "chunk": 8}, r"model.ffn.chunk: the blockwise FFN is not implemented"),
     ({"type": "moe", "experts": 4, "bias": True}, r"model.ffn.bias: type moe has no biases"),
     ({"type": "moe", "experts": 4, "topk": 2}, r"model.ffn.topk: unknown key"),

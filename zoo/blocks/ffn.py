@@ -35,6 +35,7 @@ class FfnConfig:
     top_k: int = 2                 # experts per token
     normalize_top_k: bool = False  # renormalise the top-k probabilities to sum 1 (Mixtral); False: Jamba
     shared_hidden: Optional[int] = None   # hidden size of a shared SwiGLU expert every token uses; None: none
+    shared_gate: bool = False      # the shared expert's output times sigmoid(w . x), a scalar per token (Qwen3-Next)
     aux_loss_weight: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 disables it
 
     def __post_init__(self):

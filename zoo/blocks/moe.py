@@ -1,6 +1,7 @@
 """The mixture-of-experts feed-forward, `ffn: {type: moe, experts: E, top_k: k, ...}` (zoo.ops.moe for the
 math): a linear router, softmax over all experts, top-k SwiGLU experts, an optional shared SwiGLU expert
-that every token goes through, and the load-balancing auxiliary loss.
+that every token goes through (optionally scaled by a sigmoid gate per token), and the load-balancing
+auxiliary loss.
 
 Load balancing (Switch Transformer, arXiv 2101.03961, eq. 4-6; transformers' `load_balancing_loss_func`):
 
@@ -39,6 +40,8 @@ def check_moe_fields(cfg) -> None:
         raise ValueError(f"top_k: must be in [1, experts={cfg.experts}], got {cfg.top_k!r}")
     if cfg.shared_hidden is not None and cfg.shared_hidden < 1:
         raise ValueError(f"shared_hidden: must be null (no shared expert) or >= 1, got {cfg.shared_hidden}")
+    if cfg.shared_gate and cfg.shared_hidden is None:
+        raise ValueError("shared_gate: gates the shared expert, which needs shared_hidden")
     if not cfg.aux_loss_weight >= 0:
         raise ValueError(f"aux_loss_weight: must be >= 0, got {cfg.aux_loss_weight}")
     if cfg.bias:
@@ -50,7 +53,8 @@ def check_moe_fields(cfg) -> None:
 class MoeFeedForward(nn.Module):
     """x [batch, length, d_model] -> (y, aux_loss). Parameters: `router` [E, d], `gate_up` [E, 2h, d],
     `down` [E, d, h] (transformers' router.weight, experts.gate_up_proj, experts.down_proj), and with
-    `shared_hidden` a SwiGLU `shared` (gate_proj, up_proj, out_proj)."""
+    `shared_hidden` a SwiGLU `shared` (gate_proj, up_proj, out_proj), gated with `shared_gate` by
+    sigmoid(shared_gate x) per token."""
 
     def __init__(self, d_model: int, cfg, hidden: int):
         super().__init__()
@@ -59,6 +63,7 @@ class MoeFeedForward(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(cfg.experts, 2 * hidden, d_model))
         self.down = nn.Parameter(torch.empty(cfg.experts, d_model, hidden))
         self.shared = _SharedExpert(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         self.init_weights(0.02, 1.0)
 
     @torch.no_grad()
@@ -74,7 +79,8 @@ class MoeFeedForward(nn.Module):
         probs, weights, experts = route(self.router(flat), cfg.top_k, cfg.normalize_top_k)
         y = moe_swiglu(flat, weights, experts, self.gate_up, self.down).view_as(x)
         if self.shared is not None:
-            y = y + self.shared(x)
+            shared = self.shared(x)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
         aux = None
         if cfg.aux_loss_weight > 0:
             aux = cfg.aux_loss_weight * self._balance(probs, experts, cp)
