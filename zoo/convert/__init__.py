@@ -136,6 +136,15 @@ class Scaled:
         return value * f
 
 
+@dataclass(frozen=True)
+class Transformed:
+    """A names-map target for a tensor that is rearranged on its way in: `fn(tensor)` returns one tensor per
+    name in `names`, in order (Qwen3-Next's projections, interleaved per head group; a zero-centred norm's
+    1 + w)."""
+    names: tuple
+    fn: Callable
+
+
 CONVERTERS: dict[str, Callable] = {"LlamaForCausalLM": _llama, "MambaForCausalLM": _mamba,
                                    "Mamba2ForCausalLM": _mamba2}
 
@@ -164,6 +173,9 @@ def from_transformers(hf_model) -> ZooLM:
     if unused:
         raise ValueError(f"from_transformers: {kind} tensors with no place in the zoo model: {unused[:5]}")
     for hf_name, zoo_names in names.items():
+        if isinstance(zoo_names, Transformed):
+            _copy_transformed(hf_name, zoo_names, src, dst, meta)
+            continue
         # a tuple of zoo names: the tensor splits into that many equal parts along dim 0, in order (a fused
         # projection whose output transformers chunks, e.g. Granite's shared_mlp.input_linear -> gate, up)
         zoo_names = zoo_names if isinstance(zoo_names, tuple) else (zoo_names,)
@@ -180,6 +192,19 @@ def from_transformers(hf_model) -> ZooLM:
             if not meta:
                 dst[zoo_name].copy_(scaled[zoo_name].apply(value) if zoo_name in scaled else value)
     return model.to(next(hf_model.parameters()).dtype)
+
+
+def _copy_transformed(hf_name: str, target: Transformed, src: dict, dst: dict, meta: bool) -> None:
+    missing = [n for n in target.names if n not in dst]
+    if hf_name not in src or missing:
+        raise ValueError(f"from_transformers: missing tensor {hf_name if hf_name not in src else missing[0]}")
+    parts = target.fn(src[hf_name])
+    for zoo_name, value in zip(target.names, parts):
+        if value.shape != dst[zoo_name].shape:
+            raise ValueError(f"from_transformers: {hf_name} {tuple(src[hf_name].shape)} does not fit "
+                             f"{', '.join(target.names)} {tuple(dst[zoo_name].shape)}")
+        if not meta:
+            dst[zoo_name].copy_(value)
 
 
 def _tied_aliases(hf_model) -> set:

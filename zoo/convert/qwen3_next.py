@@ -1,0 +1,122 @@
+"""Qwen3NextForCausalLM: per `layer_types`, a Gated DeltaNet ("linear_attention") or gated attention
+("full_attention"), then a sparse MoE with a sigmoid-gated shared expert, or a SwiGLU on `mlp_only_layers`
+(and between `decoder_sparse_step`s).
+
+What moves on the way in:
+- every RMSNorm of the model is zero-centred, x * (1 + w): zoo's norms take 1 + w as their weight (the same
+  float32 product); the gated norm after the delta rule is a plain one;
+- in_proj_qkvz holds, per key head g, [q_g | k_g | v_g | z_g] (v and z for the value heads g shares) and
+  in_proj_ba [b_g | a_g]: split into zoo's q, k, v, z, b and a projections;
+- q_proj holds, per attention head, [q_h | gate_h]: split into q_proj and the output gate's gate_proj.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.convert import Transformed, _rope_base, register_converter
+
+KINDS = {"linear_attention": "G", "full_attention": "A"}
+
+
+def _zero_centred(w: torch.Tensor) -> tuple:
+    return ((1.0 + w.float()).to(w.dtype),)
+
+
+def _per_group(widths: list, groups: int):
+    """Split [groups * sum(widths), d] rows, laid out per group as [part_0 | part_1 | ...], into one tensor per
+    part with the groups concatenated in order."""
+    def split(w):
+        parts = w.view(groups, sum(widths), *w.shape[1:]).split(widths, dim=1)
+        return tuple(p.reshape(groups * p.shape[1], *w.shape[1:]) for p in parts)
+    return split
+
+
+def _moe_layer(c, i: int) -> bool:
+    return i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+
+
+@register_converter("Qwen3NextForCausalLM")
+def qwen3_next(hf) -> tuple[dict, dict]:
+    c = hf.config
+    if c.hidden_act != "silu":
+        raise ValueError(f"hidden_act: zoo's delta-rule convolution and its SwiGLU use silu, got {c.hidden_act!r}")
+    types = list(c.layer_types)
+    bad = sorted(set(types) - set(KINDS))
+    if bad:
+        raise ValueError(f"layer_types: {bad} (convertible: {', '.join(KINDS)})")
+    rope = c.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters: rope_type {rope.get('rope_type')!r} (convertible: 'default')")
+    if c.linear_num_value_heads % c.linear_num_key_heads:
+        raise ValueError(f"linear_num_key_heads: {c.linear_num_key_heads} does not divide linear_num_value_heads "
+                         f"{c.linear_num_value_heads}")
+    head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+    rope_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    attn = {"type": "attn", "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads,
+            "head_dim": head_dim, "rope_base": _rope_base(c), "rope_dim": None if rope_dim == head_dim else rope_dim,
+            "qkv_bias": bool(c.attention_bias), "out_bias": bool(c.attention_bias), "qk_norm": True,
+            "qk_norm_eps": c.rms_norm_eps, "output_gate": True}
+    gdn = {"type": "gated_deltanet", "n_heads": c.linear_num_value_heads, "n_k_heads": c.linear_num_key_heads,
+           "head_k_dim": c.linear_key_head_dim, "head_v_dim": c.linear_value_head_dim,
+           "d_conv": c.linear_conv_kernel_dim, "norm_eps": c.rms_norm_eps}
+    moe = {"type": "moe", "experts": c.num_experts, "top_k": c.num_experts_per_tok,
+           "normalize_top_k": bool(c.norm_topk_prob), "hidden": c.moe_intermediate_size,
+           "shared_hidden": c.shared_expert_intermediate_size, "shared_gate": True,
+           "aux_loss_weight": float(c.router_aux_loss_coef or 0.0)}
+    dense = {"type": "swiglu", "hidden": c.intermediate_size}
+    # a letter per (mixer, feed-forward): upper case with the MoE, lower case with the SwiGLU
+    letters = [KINDS[t] if _moe_layer(c, i) else KINDS[t].lower() for i, t in enumerate(types)]
+    blocks = {}
+    for letter in sorted(set(letters)):
+        blocks[letter] = {**(gdn if letter.upper() == "G" else attn), "ffn": moe if letter.isupper() else dense}
+    recipe = {
+        "name": "qwen3-next-import",
+        "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+                  "pattern": "".join(letters), "norm_eps": c.rms_norm_eps,
+                  "tie_embeddings": bool(c.tie_word_embeddings), "blocks": blocks},
+        "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
+    }
+    names = {"model.embed_tokens.weight": "embed.weight",
+             "model.norm.weight": Transformed(("norm.weight",), _zero_centred)}
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
+    dk, vg = c.linear_key_head_dim, hv // hk * c.linear_value_head_dim
+    for i, kind in enumerate(types):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        names[src + "input_layernorm.weight"] = Transformed((dst + "mixer_norm.weight",), _zero_centred)
+        names[src + "post_attention_layernorm.weight"] = Transformed((dst + "ffn_norm.weight",), _zero_centred)
+        m = dst + "mixer."
+        if kind == "full_attention":
+            a = src + "self_attn."
+            names[a + "q_proj.weight"] = Transformed((m + "q_proj.weight", m + "gate_proj.weight"),
+                                                     _per_group([head_dim, head_dim], c.num_attention_heads))
+            if c.attention_bias:
+                names[a + "q_proj.bias"] = Transformed((m + "q_proj.bias", m + "gate_proj.bias"),
+                                                       _per_group([head_dim, head_dim], c.num_attention_heads))
+            for hf_name, zoo_name in (("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", "out_proj")):
+                for k in ("weight", "bias") if c.attention_bias else ("weight",):
+                    names[f"{a}{hf_name}.{k}"] = f"{m}{zoo_name}.{k}"
+            names[a + "q_norm.weight"] = Transformed((m + "q_norm.weight",), _zero_centred)
+            names[a + "k_norm.weight"] = Transformed((m + "k_norm.weight",), _zero_centred)
+        else:
+            a = src + "linear_attn."
+            names[a + "in_proj_qkvz.weight"] = Transformed(
+                tuple(m + f"{p}_proj.weight" for p in "qkvz"), _per_group([dk, dk, vg, vg], hk))
+            names[a + "in_proj_ba.weight"] = Transformed(
+                (m + "b_proj.weight", m + "a_proj.weight"), _per_group([hv // hk, hv // hk], hk))
+            for p in ("conv1d.weight", "dt_bias", "A_log", "out_proj.weight"):
+                names[a + p] = m + p
+            names[a + "norm.weight"] = m + "o_norm.weight"
+        f = src + "mlp."
+        if _moe_layer(c, i):
+            names[f + "gate.weight"] = dst + "ffn.router.weight"
+            names[f + "experts.gate_up_proj"] = dst + "ffn.gate_up"
+            names[f + "experts.down_proj"] = dst + "ffn.down"
+            for hf_name, zoo_name in (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "out_proj")):
+                names[f"{f}shared_expert.{hf_name}.weight"] = f"{dst}ffn.shared.{zoo_name}.weight"
+            names[f + "shared_expert_gate.weight"] = dst + "ffn.shared_gate.weight"
+        else:
+            for hf_name, zoo_name in (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "out_proj")):
+                names[f"{f}{hf_name}.weight"] = f"{dst}ffn.{zoo_name}.weight"
+    return recipe, names
