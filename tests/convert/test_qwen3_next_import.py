@@ -58,3 +58,34 @@ def test_fields_zoo_cannot_express_are_refused_by_name():
     from zoo.convert import from_transformers
     with pytest.raises(ValueError, match="hidden_act: "):
         from_transformers(make([L, A], hidden_act="gelu"))
+
+
+QWEN35 = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, layer_types=[L, L, A], num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+              linear_value_head_dim=6, linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=256)
+
+
+def _randomised(hf):
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "layernorm.weight", "dt_bias", "A_log")) or "experts" in name:
+                p.normal_(0.0, 0.3)
+            elif name.endswith("weight") and p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return hf.eval()
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_qwen3_5_text_models_equal_transformers(moe):
+    """Qwen3.5 (dense) and Qwen3.5-MoE: separate q|k|v, z, b, a projections; every layer MoE in the latter."""
+    torch.manual_seed(0)
+    if moe:
+        cfg = transformers.Qwen3_5MoeTextConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                                                shared_expert_intermediate_size=16, **QWEN35)
+        hf = _randomised(transformers.Qwen3_5MoeForCausalLM(cfg))
+    else:
+        hf = _randomised(transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(intermediate_size=40,
+                                                                                        **QWEN35)))
+    model = compare_logits(hf, V)
+    compare_generate(hf, model, V)
+    assert model.recipe.model.pattern == ("GGA" if moe else "gga")

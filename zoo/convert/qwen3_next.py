@@ -1,12 +1,14 @@
-"""Qwen3NextForCausalLM: per `layer_types`, a Gated DeltaNet ("linear_attention") or gated attention
-("full_attention"), then a sparse MoE with a sigmoid-gated shared expert, or a SwiGLU on `mlp_only_layers`
-(and between `decoder_sparse_step`s).
+"""Qwen3NextForCausalLM, Qwen3_5ForCausalLM and Qwen3_5MoeForCausalLM (the text models): per `layer_types`, a
+Gated DeltaNet ("linear_attention") or gated attention ("full_attention"), then a sparse MoE with a
+sigmoid-gated shared expert, or a SwiGLU (Qwen3.5; Qwen3-Next's `mlp_only_layers` and the layers between
+`decoder_sparse_step`s).
 
 What moves on the way in:
 - every RMSNorm of the model is zero-centred, x * (1 + w): zoo's norms take 1 + w as their weight (the same
   float32 product); the gated norm after the delta rule is a plain one;
-- in_proj_qkvz holds, per key head g, [q_g | k_g | v_g | z_g] (v and z for the value heads g shares) and
-  in_proj_ba [b_g | a_g]: split into zoo's q, k, v, z, b and a projections;
+- Qwen3-Next's in_proj_qkvz holds, per key head g, [q_g | k_g | v_g | z_g] (v and z for the value heads g
+  shares) and in_proj_ba [b_g | a_g]; Qwen3.5's in_proj_qkv holds [q | k | v]: split into zoo's q, k, v, z, b
+  and a projections;
 - q_proj holds, per attention head, [q_h | gate_h]: split into q_proj and the output gate's gate_proj.
 """
 from __future__ import annotations
@@ -32,11 +34,26 @@ def _per_group(widths: list, groups: int):
 
 
 def _moe_layer(c, i: int) -> bool:
-    return i not in c.mlp_only_layers and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+    experts, step = getattr(c, "num_experts", 0) or 0, getattr(c, "decoder_sparse_step", 1)
+    return i not in getattr(c, "mlp_only_layers", []) and experts > 0 and (i + 1) % step == 0
 
 
 @register_converter("Qwen3NextForCausalLM")
 def qwen3_next(hf) -> tuple[dict, dict]:
+    return _qwen_hybrid(hf, "qwen3-next-import", fused=True)
+
+
+@register_converter("Qwen3_5ForCausalLM")
+def qwen3_5(hf) -> tuple[dict, dict]:
+    return _qwen_hybrid(hf, "qwen3.5-import", fused=False)
+
+
+@register_converter("Qwen3_5MoeForCausalLM")
+def qwen3_5_moe(hf) -> tuple[dict, dict]:
+    return _qwen_hybrid(hf, "qwen3.5-moe-import", fused=False)
+
+
+def _qwen_hybrid(hf, name: str, fused: bool) -> tuple[dict, dict]:
     c = hf.config
     if c.hidden_act != "silu":
         raise ValueError(f"hidden_act: zoo's delta-rule convolution and its SwiGLU use silu, got {c.hidden_act!r}")
@@ -59,18 +76,21 @@ def qwen3_next(hf) -> tuple[dict, dict]:
     gdn = {"type": "gated_deltanet", "n_heads": c.linear_num_value_heads, "n_k_heads": c.linear_num_key_heads,
            "head_k_dim": c.linear_key_head_dim, "head_v_dim": c.linear_value_head_dim,
            "d_conv": c.linear_conv_kernel_dim, "norm_eps": c.rms_norm_eps}
-    moe = {"type": "moe", "experts": c.num_experts, "top_k": c.num_experts_per_tok,
-           "normalize_top_k": bool(c.norm_topk_prob), "hidden": c.moe_intermediate_size,
-           "shared_hidden": c.shared_expert_intermediate_size, "shared_gate": True,
-           "aux_loss_weight": float(c.router_aux_loss_coef or 0.0)}
-    dense = {"type": "swiglu", "hidden": c.intermediate_size}
-    # a letter per (mixer, feed-forward): upper case with the MoE, lower case with the SwiGLU
     letters = [KINDS[t] if _moe_layer(c, i) else KINDS[t].lower() for i, t in enumerate(types)]
+    moe = dense = None
+    if any(letter.isupper() for letter in letters):   # Qwen3.5-MoE's router always renormalises its top-k
+        moe = {"type": "moe", "experts": c.num_experts, "top_k": c.num_experts_per_tok,
+               "normalize_top_k": bool(getattr(c, "norm_topk_prob", True)), "hidden": c.moe_intermediate_size,
+               "shared_hidden": c.shared_expert_intermediate_size, "shared_gate": True,
+               "aux_loss_weight": float(c.router_aux_loss_coef or 0.0)}
+    if any(letter.islower() for letter in letters):
+        dense = {"type": "swiglu", "hidden": c.intermediate_size}
+    # a letter per (mixer, feed-forward): upper case with the MoE, lower case with the SwiGLU
     blocks = {}
     for letter in sorted(set(letters)):
         blocks[letter] = {**(gdn if letter.upper() == "G" else attn), "ffn": moe if letter.isupper() else dense}
     recipe = {
-        "name": "qwen3-next-import",
+        "name": name,
         "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
                   "pattern": "".join(letters), "norm_eps": c.rms_norm_eps,
                   "tie_embeddings": bool(c.tie_word_embeddings), "blocks": blocks},
@@ -101,10 +121,15 @@ def qwen3_next(hf) -> tuple[dict, dict]:
             names[a + "k_norm.weight"] = Transformed((m + "k_norm.weight",), _zero_centred)
         else:
             a = src + "linear_attn."
-            names[a + "in_proj_qkvz.weight"] = Transformed(
-                tuple(m + f"{p}_proj.weight" for p in "qkvz"), _per_group([dk, dk, vg, vg], hk))
-            names[a + "in_proj_ba.weight"] = Transformed(
-                (m + "b_proj.weight", m + "a_proj.weight"), _per_group([hv // hk, hv // hk], hk))
+            if fused:
+                names[a + "in_proj_qkvz.weight"] = Transformed(
+                    tuple(m + f"{p}_proj.weight" for p in "qkvz"), _per_group([dk, dk, vg, vg], hk))
+                names[a + "in_proj_ba.weight"] = Transformed(
+                    (m + "b_proj.weight", m + "a_proj.weight"), _per_group([hv // hk, hv // hk], hk))
+            else:
+                names[a + "in_proj_qkv.weight"] = Transformed(
+                    tuple(m + f"{p}_proj.weight" for p in "qkv"), _per_group([hk * dk, hk * dk, hk * vg], 1))
+                names.update({a + f"in_proj_{p}.weight": m + f"{p}_proj.weight" for p in "zba"})
             for p in ("conv1d.weight", "dt_bias", "A_log", "out_proj.weight"):
                 names[a + p] = m + p
             names[a + "norm.weight"] = m + "o_norm.weight"
