@@ -184,12 +184,18 @@ class RecipeSchema:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+NORM_POSITIONS = ("pre", "post")
+
+
 @dataclass
 class LayerSpec:
     letter: str
     type: str
     cfg: Any              # the block's config dataclass instance
     ffn: FfnConfig
+    # "pre": x + mixer(norm(x)), x + ffn(norm(x)) (the default); "post": x + norm(mixer(x)), x + norm(ffn(x))
+    # (OLMo 2's and OLMo-Hybrid's attention layers)
+    norm: str = "pre"
 
 
 @dataclass
@@ -352,13 +358,17 @@ def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpe
     except KeyError:
         raise RecipeError(f"{path}.type: " + unknown_name_message("block", block_type, list_blocks())) from None
     ffn = _ffn_config(model.ffn, spec.pop("ffn", None), f"{path}.ffn")
+    norm = spec.pop("norm", "pre")
+    if norm not in NORM_POSITIONS:
+        raise RecipeError(f"{path}.norm: {norm!r}; allowed: {', '.join(NORM_POSITIONS)} (where the layer's norms "
+                          f"sit: before the mixer and the FFN, or after them)")
     cfg = _structured(entry.config, spec, path)
     if hasattr(cfg, "check"):
         try:
             cfg.check(d_model=model.d_model, seq_len=seq_len)
         except ValueError as err:
             raise RecipeError(f"{path}.{err}") from None
-    return LayerSpec(letter, str(block_type), cfg, ffn)
+    return LayerSpec(letter, str(block_type), cfg, ffn, norm)
 
 
 def _expand_pattern(model: ModelConfig) -> List[str]:
@@ -408,7 +418,8 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     layers = [layers_by_letter[letter] for letter in letters]
     # Keep the used block specs as plain, fully-defaulted dicts so to_yaml() round-trips (and describes
     # the model built, as checkpoints' recipe.yaml always has).
-    model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn)}
+    model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn),
+                             **({"norm": s.norm} if s.norm != "pre" else {})}
                     for letter, s in layers_by_letter.items() if letter in letters}
     return Recipe(name or "recipe", model, train, layers, source)
 

@@ -41,15 +41,17 @@ class ZooLayer(nn.Module):
         self.block_type = getattr(self.mixer, "name", spec.type)
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
+        self.post_norm = spec.norm == "post"   # LayerSpec.norm: the norms after the sublayers, not before
 
     def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
         """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
-        y, aux = self.mixer.run(self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
-        x = x + self._scaled(y)
+        post = self.post_norm
+        y, aux = self.mixer.run(x if post else self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
+        x = x + self._scaled(self.mixer_norm(y) if post else y)
         if self.ffn is not None:
             # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
-            y, ffn_aux = split_aux(self.ffn(self.ffn_norm(x), cp=cp))
-            x = x + self._scaled(y)
+            y, ffn_aux = split_aux(self.ffn(x if post else self.ffn_norm(x), cp=cp))
+            x = x + self._scaled(self.ffn_norm(y) if post else y)
             if ffn_aux is not None:
                 aux = ffn_aux if aux is None else aux + ffn_aux
         return x, aux

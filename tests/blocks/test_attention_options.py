@@ -33,6 +33,7 @@ OPTIONS = {
     "partial_scale": {"rope_dim": 4, "scale": 0.05},
     "gated": {"qk_norm": True, "output_gate": True, "rope_dim": 2},   # Qwen3-Next's gated attention
     "qknorm_nope": {"qk_norm": True, "qk_norm_eps": 0.1, "rope_base": None},
+    "qknorm_all": {"qk_norm": True, "qk_norm_scope": "all"},         # OLMo's: over all heads' channels
 }
 CASES = [(b, o) for b in SHAPES for o in OPTIONS]
 
@@ -57,7 +58,12 @@ def dense_forward(block, x):
     b, t, _ = x.shape
     hd, cfg = block.head_dim, block.cfg
     q, k, v = (proj(x).view(b, t, -1, hd) for proj in (block.q_proj, block.k_proj, block.v_proj))
-    if cfg.qk_norm:   # written out: x / sqrt(mean x^2 + eps) * w over each head's dims
+    if cfg.qk_norm and cfg.qk_norm_scope == "all":
+        q, k = (y.reshape(b, t, -1) for y in (q, k))
+        q, k = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.qk_norm_eps) * norm.weight
+                for y, norm in ((q, block.q_norm), (k, block.k_norm)))
+        q, k = (y.view(b, t, -1, hd) for y in (q, k))
+    elif cfg.qk_norm:   # written out: x / sqrt(mean x^2 + eps) * w over each head's dims
         q, k = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.qk_norm_eps) * norm.weight
                 for y, norm in ((q, block.q_norm), (k, block.k_norm)))
     if cfg.rope_base is not None:

@@ -40,18 +40,21 @@ class CausalSelfAttention(Block):
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=cfg.out_bias)
-        if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.qk_norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.qk_norm_eps)
+        if cfg.qk_norm:   # over each head's dims, or over all of q's (k's) channels
+            heads = cfg.qk_norm_scope == "all"
+            self.q_norm = nn.RMSNorm(self.head_dim * (self.n_heads if heads else 1), eps=cfg.qk_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim * (self.n_kv_heads if heads else 1), eps=cfg.qk_norm_eps)
         if cfg.output_gate:
             self.gate_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
 
     def project(self, x):
         """Un-rotated q [b, t, heads, hd], k and v [b, t, kv_heads, hd] (q and k normalised with qk_norm)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        if self.cfg.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, t, self.n_heads, self.head_dim), k.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.cfg.qk_norm and self.cfg.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
 

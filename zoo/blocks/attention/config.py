@@ -21,6 +21,7 @@ class AttnConfig:
     # the heads), and the output of each head times sigmoid(W_g x) before the output projection
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
+    qk_norm_scope: str = "head"   # "head": over each head's dims (Qwen3); "all": over all heads' (OLMo 2 / Hybrid)
     output_gate: bool = False
 
     def __post_init__(self):
@@ -43,6 +44,8 @@ class AttnConfig:
                 raise ValueError(f"rope_dim: {self.rope_dim} given with rope_base null (no RoPE); drop one of them")
             if self.head_dim is not None and self.rope_dim > self.head_dim:
                 raise ValueError(f"rope_dim: {self.rope_dim} exceeds head_dim {self.head_dim}")
+        if self.qk_norm_scope not in ("head", "all"):
+            raise ValueError(f"qk_norm_scope: {self.qk_norm_scope!r}; allowed: head, all")
         if not self.qk_norm_eps > 0:
             raise ValueError(f"qk_norm_eps: must be > 0, got {self.qk_norm_eps}")
         if self.scale is not None and not self.scale > 0:

@@ -1,0 +1,48 @@
+"""A letter's `norm: post`: x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2's and OLMo-Hybrid's attention layers),
+beside pre-norm letters; through the cache; named in errors; round-tripped by the recipe."""
+import pytest
+import torch
+
+import zoo
+from tests.helpers import assert_close
+
+RECIPE = {"name": "post-norm", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 40, "pattern": "PA",
+          "blocks": {"P": {"type": "attn", "n_heads": 2, "norm": "post"}, "A": {"type": "gated_deltanet",
+                                                                              "n_heads": 2, "head_k_dim": 8}}},
+          "train": {"seq_len": 32}}
+
+
+def test_post_norm_layer_is_the_sum_written_out():
+    torch.manual_seed(0)
+    model = zoo.build_model(RECIPE).double()
+    layer = model.layers[0]
+    assert layer.post_norm and not model.layers[1].post_norm
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    h = x + layer.mixer_norm(layer.mixer(x))
+    want = h + layer.ffn_norm(layer.ffn(h))
+    got, _ = layer(x)
+    assert_close(got, want, 1e-12)
+
+
+def test_post_norm_streams_through_the_cache_and_round_trips():
+    torch.manual_seed(1)
+    model = zoo.build_model(RECIPE).double().eval()
+    ids = torch.randint(0, 40, (2, 13))
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache = model.init_cache(2)
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(13)], 1)
+    assert_close(steps, whole, 1e-10, "token by token")
+    again = zoo.load_recipe(model.recipe.to_dict())
+    assert again.layers[0].norm == "post" and again.layers[1].norm == "pre"
+    assert "norm" not in again.to_dict()["model"]["blocks"]["A"]   # pre-norm recipes read as before
+
+
+def test_a_bad_norm_position_names_the_field():
+    bad = {**RECIPE, "model": {**RECIPE["model"], "blocks": {**RECIPE["model"]["blocks"],
+                                                             "P": {"type": "attn", "n_heads": 2, "norm": "sandwich"}}}}
+    with pytest.raises(zoo.RecipeError, match=r"model.blocks.P.norm: 'sandwich'; allowed: pre, post"):
+        zoo.load_recipe(bad)
