@@ -1,5 +1,5 @@
-"""A letter's `norm: post`: x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2's and OLMo-Hybrid's attention layers),
-beside pre-norm letters; through the cache; named in errors; round-tripped by the recipe."""
+"""A letter's `norm_position: post`: x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2's and OLMo-Hybrid's attention
+layers), beside pre-norm letters; through the cache; named in errors; round-tripped by the recipe."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ import zoo
 from tests.helpers import assert_close
 
 RECIPE = {"name": "post-norm", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 40, "pattern": "PA",
-          "blocks": {"P": {"type": "attn", "n_heads": 2, "norm": "post"}, "A": {"type": "gated_deltanet",
+          "blocks": {"P": {"type": "attn", "n_heads": 2, "norm_position": "post"}, "A": {"type": "gated_deltanet",
                                                                               "n_heads": 2, "head_k_dim": 8}}},
           "train": {"seq_len": 32}}
 
@@ -37,12 +37,12 @@ def test_post_norm_streams_through_the_cache_and_round_trips():
         steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(13)], 1)
     assert_close(steps, whole, 1e-10, "token by token")
     again = zoo.load_recipe(model.recipe.to_dict())
-    assert again.layers[0].norm == "post" and again.layers[1].norm == "pre"
-    assert "norm" not in again.to_dict()["model"]["blocks"]["A"]   # pre-norm recipes read as before
+    assert again.layers[0].norm_position == "post" and again.layers[1].norm_position == "pre"
+    assert "norm_position" not in again.to_dict()["model"]["blocks"]["A"]   # pre-norm recipes read as before
 
 
 def test_a_bad_norm_position_names_the_field():
     bad = {**RECIPE, "model": {**RECIPE["model"], "blocks": {**RECIPE["model"]["blocks"],
-                                                             "P": {"type": "attn", "n_heads": 2, "norm": "sandwich"}}}}
-    with pytest.raises(zoo.RecipeError, match=r"model.blocks.P.norm: 'sandwich'; allowed: pre, post"):
+                                                             "P": {"type": "attn", "n_heads": 2, "norm_position": "sandwich"}}}}
+    with pytest.raises(zoo.RecipeError, match=r"model.blocks.P.norm_position: 'sandwich'; allowed: pre, post"):
         zoo.load_recipe(bad)

@@ -193,9 +193,9 @@ class LayerSpec:
     type: str
     cfg: Any              # the block's config dataclass instance
     ffn: FfnConfig
-    # "pre": x + mixer(norm(x)), x + ffn(norm(x)) (the default); "post": x + norm(mixer(x)), x + norm(ffn(x))
-    # (OLMo 2's and OLMo-Hybrid's attention layers)
-    norm: str = "pre"
+    # recipe key `norm_position` (block configs have fields named `norm`): "pre": x + mixer(norm(x)),
+    # x + ffn(norm(x)), the default; "post": x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2 / OLMo-Hybrid attention)
+    norm_position: str = "pre"
 
 
 @dataclass
@@ -358,10 +358,10 @@ def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpe
     except KeyError:
         raise RecipeError(f"{path}.type: " + unknown_name_message("block", block_type, list_blocks())) from None
     ffn = _ffn_config(model.ffn, spec.pop("ffn", None), f"{path}.ffn")
-    norm = spec.pop("norm", "pre")
+    norm = spec.pop("norm_position", "pre")
     if norm not in NORM_POSITIONS:
-        raise RecipeError(f"{path}.norm: {norm!r}; allowed: {', '.join(NORM_POSITIONS)} (where the layer's norms "
-                          f"sit: before the mixer and the FFN, or after them)")
+        raise RecipeError(f"{path}.norm_position: {norm!r}; allowed: {', '.join(NORM_POSITIONS)} (where the "
+                          f"layer's norms sit: before the mixer and the FFN, or after them)")
     cfg = _structured(entry.config, spec, path)
     if hasattr(cfg, "check"):
         try:
@@ -419,7 +419,7 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     # Keep the used block specs as plain, fully-defaulted dicts so to_yaml() round-trips (and describes
     # the model built, as checkpoints' recipe.yaml always has).
     model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn),
-                             **({"norm": s.norm} if s.norm != "pre" else {})}
+                             **({"norm_position": s.norm_position} if s.norm_position != "pre" else {})}
                     for letter, s in layers_by_letter.items() if letter in letters}
     return Recipe(name or "recipe", model, train, layers, source)
 

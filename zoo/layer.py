@@ -41,7 +41,7 @@ class ZooLayer(nn.Module):
         self.block_type = getattr(self.mixer, "name", spec.type)
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = RMSNorm(d_model, eps=norm_eps) if self.ffn is not None else None
-        self.post_norm = spec.norm == "post"   # LayerSpec.norm: the norms after the sublayers, not before
+        self.post_norm = spec.norm_position == "post"   # the norms after the sublayers, not before
 
     def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
         """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""

@@ -41,5 +41,5 @@ def test_logits_and_generate_equal_transformers(layer_types, kw):
     model = compare_logits(hf, V)
     compare_generate(hf, model, V)
     attn = model.recipe.model.blocks["A"]
-    assert attn["norm"] == "post" and attn["qk_norm_scope"] == "all"
+    assert attn["norm_position"] == "post" and attn["qk_norm_scope"] == "all"
     assert model.recipe.model.blocks["G"]["allow_neg_eigval"] == kw.get("neg", True)

@@ -31,7 +31,7 @@ def olmo_hybrid(hf) -> tuple[dict, dict]:
     attn = {"type": "attn", "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads,
             "head_dim": head_dim, "rope_base": None if theta is None else float(theta),
             "qkv_bias": bool(c.attention_bias), "out_bias": bool(c.attention_bias), "qk_norm": True,
-            "qk_norm_scope": "all", "qk_norm_eps": c.rms_norm_eps, "norm": "post"}
+            "qk_norm_scope": "all", "qk_norm_eps": c.rms_norm_eps, "norm_position": "post"}
     gdn = {"type": "gated_deltanet", "n_heads": c.linear_num_value_heads, "n_k_heads": c.linear_num_key_heads,
            "head_k_dim": c.linear_key_head_dim, "head_v_dim": c.linear_value_head_dim,
            "d_conv": c.linear_conv_kernel_dim, "allow_neg_eigval": bool(c.linear_allow_neg_eigval),
