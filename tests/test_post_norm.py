@@ -46,3 +46,19 @@ def test_a_bad_norm_position_names_the_field():
                                                              "P": {"type": "attn", "n_heads": 2, "norm_position": "sandwich"}}}}
     with pytest.raises(zoo.RecipeError, match=r"model.blocks.P.norm_position: 'sandwich'; allowed: pre, post"):
         zoo.load_recipe(bad)
+
+
+def test_zero_centred_norms_scale_by_one_plus_weight():
+    """model.zero_centred_norm: every layer and the final RMSNorm start at w = 0 and scale by 1 + w, in training
+    (zoo.ops.norm) and in evaluation alike."""
+    recipe = {**RECIPE, "model": {**RECIPE["model"], "zero_centred_norm": True}}
+    model = zoo.build_model(recipe).double()
+    norms = [model.norm] + [n for layer in model.layers for n in (layer.mixer_norm, layer.ffn_norm)]
+    assert all(n.zero_centred and torch.all(n.weight == 0) for n in norms)
+    with torch.no_grad():
+        model.norm.weight.normal_(0.0, 0.3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.norm.eps) * (1 + model.norm.weight)
+    assert_close(model.norm(x), want, 1e-12, "training path")
+    with torch.no_grad():
+        assert_close(model.norm(x), want, 1e-12, "evaluation path")

@@ -41,6 +41,7 @@ class ModelConfig:
     blocks: Dict[str, Any] = field(default_factory=dict)   # letter -> {type: <block>, ...fields, ffn?}
     ffn: FfnConfig = field(default_factory=FfnConfig)       # default after every mixer
     norm_eps: float = 1e-5
+    zero_centred_norm: bool = False    # every layer and final RMSNorm scales by 1 + w, w from 0 (Qwen3-Next)
     # Untied by default: in a small, shallow model the residual stream at init is mostly the token's own
     # embedding, so a tied head gives that token a logit ~d_model*init_std above the rest (initial loss
     # ~0.35 nats above ln V for plain Mamba at d_model 256).

@@ -65,9 +65,10 @@ class ZooLM(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         # model.kernels: passed by the blocks to their ops as impl=
         self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps, kernels=m.kernels,
-                                             residual_multiplier=m.residual_multiplier)
+                                             residual_multiplier=m.residual_multiplier,
+                                             zero_centred_norm=m.zero_centred_norm)
                                     for i, spec in enumerate(recipe.layers))
-        self.norm = RMSNorm(m.d_model, eps=m.norm_eps)
+        self.norm = RMSNorm(m.d_model, m.norm_eps, m.zero_centred_norm)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.reset_parameters()

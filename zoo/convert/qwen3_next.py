@@ -4,8 +4,9 @@ sigmoid-gated shared expert, or a SwiGLU (Qwen3.5; Qwen3-Next's `mlp_only_layers
 `decoder_sparse_step`s).
 
 What moves on the way in:
-- every RMSNorm of the model is zero-centred, x * (1 + w): zoo's norms take 1 + w as their weight (the same
-  float32 product); the gated norm after the delta rule is a plain one;
+- every RMSNorm of the model is zero-centred, x * (1 + w): the model's with `model.zero_centred_norm` (the weights
+  copied as they are), attention's q/k norms by taking 1 + w as their weight (the same float32 product); the
+  gated norm after the delta rule is a plain one;
 - Qwen3-Next's in_proj_qkvz holds, per key head g, [q_g | k_g | v_g | z_g] (v and z for the value heads g
   shares) and in_proj_ba [b_g | a_g]; Qwen3.5's in_proj_qkv holds [q | k | v]: split into zoo's q, k, v, z, b
   and a projections;
@@ -92,20 +93,19 @@ def _qwen_hybrid(hf, name: str, fused: bool) -> tuple[dict, dict]:
     recipe = {
         "name": name,
         "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
-                  "pattern": "".join(letters), "norm_eps": c.rms_norm_eps,
+                  "pattern": "".join(letters), "norm_eps": c.rms_norm_eps, "zero_centred_norm": True,
                   "tie_embeddings": bool(c.tie_word_embeddings), "blocks": blocks},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight",
-             "model.norm.weight": Transformed(("norm.weight",), _zero_centred)}
+    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
     if not c.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
     dk, vg = c.linear_key_head_dim, hv // hk * c.linear_value_head_dim
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        names[src + "input_layernorm.weight"] = Transformed((dst + "mixer_norm.weight",), _zero_centred)
-        names[src + "post_attention_layernorm.weight"] = Transformed((dst + "ffn_norm.weight",), _zero_centred)
+        names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"
+        names[src + "post_attention_layernorm.weight"] = dst + "ffn_norm.weight"
         m = dst + "mixer."
         if kind == "full_attention":
             a = src + "self_attn."
