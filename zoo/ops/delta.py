@@ -27,7 +27,6 @@ a mask on the pairs (i, j) of one document and on the S_0 terms of positions in 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
