@@ -81,6 +81,10 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
     q, k, v, beta, g, scale = _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx)
     b, t, h, dk = k.shape
     dv, acc = v.shape[-1], q.dtype
+    if t == 1:   # a decoding step: the recurrence itself, without the chunked form's setup
+        o, state = _step(q[:, 0] * scale, k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0],
+                         initial_state, acc)
+        return (o[:, None], state) if output_final_state else o[:, None]
     C = min(chunk_size, t)
     n = math.ceil(t / C)
     pad = n * C - t
@@ -121,6 +125,17 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
         state = _scale_rows(state, end0[:, c]) + k_end[:, c].transpose(-1, -2) @ U
     o = torch.stack(outs, 1).permute(0, 1, 3, 2, 4).reshape(b, n * C, h, dv)[:, :t]
     return (o, state) if output_final_state else o
+
+
+def _step(q, k, v, beta, g, state, acc):
+    """One token: q, k [b, h, dk], v [b, h, dv], beta [b, h], g None / [b, h] / [b, h, dk]; (o, new state)."""
+    b, h, dk = k.shape
+    state = torch.zeros(b, h, dk, v.shape[-1], dtype=acc, device=k.device) if state is None else state.to(acc)
+    if g is not None:
+        state = state * (g.exp()[..., None, None] if g.dim() == 2 else g.exp()[..., None])
+    delta = beta[..., None] * (v - torch.einsum("bhk,bhkv->bhv", k, state))
+    state = state + k[..., None] * delta[..., None, :]
+    return torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
 def _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx):

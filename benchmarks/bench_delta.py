@@ -1,0 +1,121 @@
+"""The delta rule on CPU, float32: zoo.ops.delta against transformers' pure-PyTorch paths on the same inputs,
+side by side in one process (interleaved rounds, so the ratio is the figure to read).
+
+    scalar decay (Gated DeltaNet): zoo delta_rule vs Qwen3-Next's torch_chunk_gated_delta_rule
+    per-channel decay (KDA):       zoo delta_rule vs Kimi Linear's chunk_kimi_delta_attention (torch fallback)
+    decode (one token from a state): zoo delta_rule at length 1 vs torch_recurrent_gated_delta_rule
+
+Batch 1, 4 heads, d_k = d_v = 64, unit-length q and k (inside the op), chunk 64 on both sides; forward +
+backward of the sum of the output against a fixed random tensor; the best of --rounds. Before timing, both
+sides' outputs are compared (float32, 1e-3).
+
+    .venv/bin/python benchmarks/bench_delta.py                  # lengths 1024, 4096
+    .venv/bin/python benchmarks/bench_delta.py --lengths 512 --rounds 2   # a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from benchmarks.harness import Table, command_line, print_summary, time_interleaved
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # transformers' kernel hub must not reach for the network
+
+HEADS, DK, DV = 4, 64, 64
+
+
+def inputs(length: int, decay: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)   # noqa: E731
+    x = {"q": r(1, length, HEADS, DK), "k": r(1, length, HEADS, DK), "v": r(1, length, HEADS, DV),
+         "beta": torch.rand(1, length, HEADS, generator=g),
+         "g": -torch.rand(1, length, HEADS, *((DK,) if decay == "channel" else ()), generator=g) * 0.5}
+    return {k: v.requires_grad_(True) for k, v in x.items()}
+
+
+def sides(decay: str):
+    """{name: fn(x) -> output} for zoo and transformers on this decay."""
+    from zoo.ops.delta import delta_rule
+    if decay == "channel":
+        from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention as theirs
+    else:
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as theirs
+    return {"zoo": lambda x: delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], qk_l2norm=True, chunk_size=64),
+            "transformers": lambda x: theirs(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=64,
+                                             use_qk_l2norm_in_kernel=True)[0]}
+
+
+def train_rows(lengths, rounds, table, records):
+    for decay in ("head", "channel"):
+        fns = sides(decay)
+        for length in lengths:
+            x = inputs(length, decay)
+            with torch.no_grad():
+                outs = {k: fn(x).float() for k, fn in fns.items()}
+            err = (outs["zoo"] - outs["transformers"]).abs().max().item()
+            assert err < 1e-3, f"{decay} at {length}: outputs differ by {err}"
+            grad = torch.randn_like(outs["zoo"])
+
+            def step(fn):
+                def run():
+                    for t in x.values():
+                        t.grad = None
+                    (fn(x).float() * grad).sum().backward()
+                return run
+            t = time_interleaved({k: step(fn) for k, fn in fns.items()}, rounds, alternate=True)
+            ratio = t["transformers"].best / t["zoo"].best
+            table.add([decay, "fwd+bwd", f"{length:,}", f"{t['zoo'].best:.3f}", f"{t['transformers'].best:.3f}",
+                       f"{ratio:.2f}x"])
+            records.append({"decay": decay, "what": "fwd+bwd", "length": length, "zoo": t["zoo"].to_dict(),
+                            "transformers": t["transformers"].to_dict(), "max_abs_diff": err})
+
+
+def decode_rows(rounds, table, records):
+    """One token from a random state, 200 steps per timed call (a decode loop's cost per token)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
+
+    from zoo.ops.delta import delta_rule
+    x = {k: v.detach() for k, v in inputs(200, "head").items()}
+    state = torch.randn(1, HEADS, DK, DV)
+
+    def zoo_loop():
+        s = state
+        for i in range(200):
+            _, s = delta_rule(*(x[k][:, i:i + 1] for k in ("q", "k", "v", "beta", "g")), initial_state=s,
+                              output_final_state=True, qk_l2norm=True)
+
+    def hf_loop():
+        s = state
+        for i in range(200):
+            _, s = torch_recurrent_gated_delta_rule(*(x[k][:, i:i + 1] for k in ("q", "k", "v", "g", "beta")),
+                                                    initial_state=s, output_final_state=True,
+                                                    use_qk_l2norm_in_kernel=True)
+    with torch.no_grad():
+        t = time_interleaved({"zoo": zoo_loop, "transformers": hf_loop}, rounds, alternate=True)
+    per = {k: v.best / 200 * 1e3 for k, v in t.items()}
+    table.add(["head", "decode, ms/token", "1", f"{per['zoo']:.3f}", f"{per['transformers']:.3f}",
+               f"{per['transformers'] / per['zoo']:.2f}x"])
+    records.append({"decay": "head", "what": "decode", "ms_per_token": per})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    table = Table(["decay", "what", "length", "zoo s", "transformers s", "transformers / zoo"], "lllrrr",
+                  stream=True)
+    records = []
+    train_rows(args.lengths, args.rounds, table, records)
+    decode_rows(args.rounds, table, records)
+    print(f"\n{command_line()}  ({args.threads} thread, torch {torch.__version__}, {platform.machine()})")
+    print_summary({"rows": records})
+
+
+if __name__ == "__main__":
+    main()
