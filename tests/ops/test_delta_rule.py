@@ -36,7 +36,7 @@ def run(fn, x, grads=False, **kw):
 
 
 @pytest.mark.parametrize("decay", [None, "head", "channel"])
-@pytest.mark.parametrize("t,chunk", [(23, 4), (23, 7), (9, 64), (64, 16), (1, 8)])
+@pytest.mark.parametrize("t,chunk", [(23, 4), (23, 7), (9, 64), (64, 16), (1, 8), (37, 32)])
 @pytest.mark.parametrize("l2,beta_max", [(True, 1.0), (False, 2.0)])
 def test_chunked_equals_the_token_loop_with_every_gradient(decay, t, chunk, l2, beta_max):
     x = make(t=t, decay=decay, beta_max=beta_max)

@@ -175,8 +175,33 @@ def _pair_products(a, k, cum):
     if cum.dim() == 4:   # a scalar per head
         diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)   # j > i is masked by the caller
         return torch.einsum("bnihd,bnjhd->bnijh", a, k) * diff.exp()
-    diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)        # [b, n, C, C, h, dk]
-    return torch.einsum("bnihd,bnjhd,bnijhd->bnijh", a, k, diff.exp())
+    C = a.shape[2]
+    s = next((s for s in (16, 8) if C > s and C % s == 0), C)
+    if s == C:
+        diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)    # [b, n, C, C, h, dk]
+        return torch.einsum("bnihd,bnjhd,bnijhd->bnijh", a, k, diff.exp())
+    return _channel_pairs_by_blocks(a, k, cum, s)
+
+
+def _channel_pairs_by_blocks(a, k, cum, s):
+    """`_pair_products` with a decay per channel, by sub-blocks of s positions: for a row block I after a column
+    block J, e^{c_i - c_j} = e^{c_i - c_m} e^{c_m - c_j} with m the last position of J, both factors <= 1, so the
+    block is one product over d_k; blocks on the diagonal pairwise as above. [b, n, C, d_k] memory per pair
+    block instead of [C, C, d_k]."""
+    b, n, C, h, d = a.shape
+    r = C // s
+    A, K, c = (x.reshape(b, n, r, s, h, d) for x in (a, k, cum))
+    ref = c[:, :, :, -1]                                                 # [b, n, r (J), h, d]: c at J's end
+    left = A[:, :, :, None] * (c[:, :, :, None] - ref[:, :, None, :, None]).clamp(max=0).exp()  # [b,n,I,J,s,h,d]
+    right = K * (ref[:, :, :, None] - c).exp()                          # [b, n, J, s, h, d], exponents <= 0
+    pairs = torch.einsum("bnIJihd,bnJjhd->bnIiJjh", left, right)        # J < I valid; the rest replaced / masked
+    strict = torch.ones(r, r, dtype=torch.bool, device=a.device).tril(-1)
+    pairs = pairs * strict[:, None, :, None, None].to(pairs.dtype)
+    diff = (c[:, :, :, :, None] - c[:, :, :, None, :]).clamp(max=0)      # [b, n, r, s, s, h, d]
+    diag = torch.einsum("bnRihd,bnRjhd,bnRijhd->bnRijh", A, K, diff.exp())
+    idx = torch.arange(r, device=a.device)
+    pairs[:, :, idx, :, idx] = diag.permute(2, 0, 1, 3, 4, 5)
+    return pairs.reshape(b, n, C, C, h)
 
 
 def _decay_from_start(cum, keep0, k):
