@@ -6,7 +6,7 @@
 Each revision is checked out in a temporary git worktree; every measurement is a fresh process of this
 interpreter importing zoo from that worktree (PYTHONPATH, run from a neutral directory), alternating between the
 revisions round by round so that machine load falls on both alike. A measurement builds the recipe at ~1M
-parameters (zoo.sizing's sizes at the base revision, the same for both), float32, one thread, batch 1, and
+parameters (this checkout's zoo.sizing, the same sizes for both), float32, one thread, batch 1, and
 times forward + backward + AdamW step on `--length` tokens after one warm-up step: the least CPU seconds of
 `--steps` steps. Ratios head / base above 1 mean the head is slower.
 """
@@ -55,15 +55,11 @@ def measure(tree: Path, name: str, overrides: list, length: int, steps: int) -> 
 
 
 def sizes(tree: Path, names: list) -> dict:
-    """{recipe: overrides} from the base revision's own sizing (1M parameters), so both sides build one model."""
-    code = ("import json, sys, zoo\ntry:\n    from zoo.sizing import match_params\nexcept ImportError:\n"
-            "    from evals.commands.compare import match_params\n"
-            "print(json.dumps({n: match_params(zoo.load_recipe(f'{sys.argv[1]}/recipes/{n}.yaml'), 1_000_000)[0] "
-            "for n in sys.argv[2:]}))")
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", code, str(tree), *names], capture_output=True, text=True, env=env,
-                         cwd=tempfile.gettempdir(), check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """{recipe: overrides} at ~1M parameters (this checkout's zoo.sizing on the head tree's recipes), so that
+    both revisions build the same model."""
+    import zoo
+    from zoo.sizing import match_params
+    return {n: match_params(zoo.load_recipe(tree / "recipes" / f"{n}.yaml"), 1_000_000)[0] for n in names}
 
 
 def main(argv=None):
@@ -82,7 +78,7 @@ def main(argv=None):
             tree = Path(tempfile.mkdtemp(prefix=f"zoo-{side}-"))
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
             trees[side] = tree
-        sized = sizes(trees["base"], args.recipes)
+        sized = sizes(trees["head"], args.recipes)
         table = Table(["recipe", "length", "base CPU s", "head CPU s", "head / base"], "lrrrr", stream=True)
         rows = []
         for name in args.recipes:
