@@ -171,3 +171,39 @@ def test_trainer_trains_and_logs_the_balance_loss(tmp_path):
     aux = [json.loads(line)["aux_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # two MoE layers, each w E sum_e f_e P_e: w k for a uniform router (near init), at most w E k
     assert aux and all(2 * 0.1 * 2 * 0.75 < a < 2 * 0.1 * 4 * 2 for a in aux)
+
+
+@pytest.mark.parametrize("groups,topk_group,normalize", [(1, 1, True), (4, 2, True), (2, 1, False)])
+def test_sigmoid_router_equals_kimi_linears(groups, topk_group, normalize):
+    """router: sigmoid (DeepSeek-V3's, as Kimi Linear routes): the same experts and weights as transformers'
+    KimiLinearTopkRouter, correction bias and grouped top-k included."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearTopkRouter
+    from zoo.ops.moe import route_sigmoid
+    cfg = transformers.KimiLinearConfig(hidden_size=D, num_experts=8, num_experts_per_tok=3, num_expert_group=groups,
+                                        topk_group=topk_group, moe_renormalize=normalize, routed_scaling_factor=2.5)
+    router = KimiLinearTopkRouter(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.e_score_correction_bias.normal_(0.0, 0.3)
+    x = torch.randn(17, D)
+    _, want_w, want_e = router(x)
+    _, w, e = route_sigmoid(x @ router.weight.T, 3, router.e_score_correction_bias, groups, topk_group, normalize, 2.5)
+    order, want_order = e.sort(-1), want_e.sort(-1)
+    assert torch.equal(order.values, want_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), want_w.gather(1, want_order.indices))
+
+
+def test_sigmoid_router_block_against_dense_twin():
+    ffn = make(router="sigmoid", n_group=1, normalize_top_k=True, routed_scaling=2.0, aux_loss_weight=0.0)
+    with torch.no_grad():
+        ffn.correction_bias.normal_(0.0, 0.5)
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    from zoo.ops.moe import route_sigmoid
+    flat = x.reshape(-1, D)
+    _, w, e = route_sigmoid(flat @ ffn.router.weight.T, 2, ffn.correction_bias, 1, 1, True, 2.0)
+    want = moe_swiglu_ref(flat, w, e, ffn.gate_up, ffn.down).view_as(x)
+    got, aux = ffn(x)
+    assert aux is None and "correction_bias" in dict(ffn.named_buffers())
+    assert_close(got, want, 1e-12)

@@ -36,6 +36,12 @@ class FfnConfig:
     normalize_top_k: bool = False  # renormalise the top-k probabilities to sum 1 (Mixtral); False: Jamba
     shared_hidden: Optional[int] = None   # hidden size of a shared SwiGLU expert every token uses; None: none
     shared_gate: bool = False      # the shared expert's output times sigmoid(w . x), a scalar per token (Qwen3-Next)
+    # "softmax" over all experts (Mixtral, Jamba, Qwen); "sigmoid": DeepSeek-V3's (Kimi Linear): sigmoid scores,
+    # chosen with a correction bias (a buffer) in the best topk_group of n_group groups, times routed_scaling
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
     aux_loss_weight: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 disables it
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.distributed import all_reduce_sum
-from zoo.ops.moe import expert_counts, moe_swiglu, route
+from zoo.ops.moe import expert_counts, moe_swiglu, route, route_sigmoid
 
 __all__ = ["MoeFeedForward", "check_moe_fields"]
 
@@ -40,6 +40,16 @@ def check_moe_fields(cfg) -> None:
         raise ValueError(f"top_k: must be in [1, experts={cfg.experts}], got {cfg.top_k!r}")
     if cfg.shared_hidden is not None and cfg.shared_hidden < 1:
         raise ValueError(f"shared_hidden: must be null (no shared expert) or >= 1, got {cfg.shared_hidden}")
+    if cfg.router not in ("softmax", "sigmoid"):
+        raise ValueError(f"router: {cfg.router!r}; allowed: softmax, sigmoid")
+    if cfg.n_group < 1 or cfg.experts % cfg.n_group or not 1 <= cfg.topk_group <= cfg.n_group:
+        raise ValueError(f"n_group: {cfg.n_group} must divide experts {cfg.experts}, with 1 <= topk_group "
+                         f"({cfg.topk_group}) <= n_group")
+    if cfg.n_group > 1 and cfg.router != "sigmoid":
+        raise ValueError("n_group: grouped routing is the sigmoid router's (router: sigmoid)")
+    if cfg.n_group > 1 and cfg.experts // cfg.n_group < 2:
+        raise ValueError(f"n_group: each group needs at least 2 experts (a group scores by its best two), got "
+                         f"{cfg.experts // cfg.n_group}")
     if cfg.shared_gate and cfg.shared_hidden is None:
         raise ValueError("shared_gate: gates the shared expert, which needs shared_hidden")
     if not cfg.aux_loss_weight >= 0:
@@ -64,6 +74,8 @@ class MoeFeedForward(nn.Module):
         self.down = nn.Parameter(torch.empty(cfg.experts, d_model, hidden))
         self.shared = _SharedExpert(d_model, cfg.shared_hidden) if cfg.shared_hidden else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
+        if cfg.router == "sigmoid":   # adjusted outside the gradient (aux-loss-free balancing), saved with the weights
+            self.register_buffer("correction_bias", torch.zeros(cfg.experts))
         self.init_weights(0.02, 1.0)
 
     @torch.no_grad()
@@ -76,7 +88,11 @@ class MoeFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, cp=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         cfg = self.cfg
         flat = x.reshape(-1, x.shape[-1])
-        probs, weights, experts = route(self.router(flat), cfg.top_k, cfg.normalize_top_k)
+        if cfg.router == "sigmoid":
+            probs, weights, experts = route_sigmoid(self.router(flat), cfg.top_k, self.correction_bias, cfg.n_group,
+                                                    cfg.topk_group, cfg.normalize_top_k, cfg.routed_scaling)
+        else:
+            probs, weights, experts = route(self.router(flat), cfg.top_k, cfg.normalize_top_k)
         y = moe_swiglu(flat, weights, experts, self.gate_up, self.down).view_as(x)
         if self.shared is not None:
             shared = self.shared(x)

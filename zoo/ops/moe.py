@@ -33,6 +33,28 @@ def route(router_logits: torch.Tensor, top_k: int, normalize: bool = False):
     return probs, weights.to(router_logits.dtype), experts
 
 
+def route_sigmoid(router_logits: torch.Tensor, top_k: int, bias: torch.Tensor, n_group: int = 1, topk_group: int = 1,
+                  normalize: bool = True, scaling: float = 1.0):
+    """DeepSeek-V3's router (and Kimi Linear's): scores = sigmoid(logits); experts are chosen by scores + `bias`
+    (the correction bias that balances load without a loss), first the `topk_group` of `n_group` groups whose two
+    best biased scores sum highest, then the top_k within them; weights are the chosen experts' unbiased scores,
+    renormalised with `normalize` (+1e-20), times `scaling`. Returns (scores / their sum over experts, the
+    load-balancing loss's probabilities), weights, experts, as `route`."""
+    scores = torch.sigmoid(router_logits.to(accumulation_dtype(router_logits)))
+    choice = scores + bias.to(scores.dtype)
+    tokens, n = choice.shape
+    if n_group > 1:
+        groups = choice.view(tokens, n_group, n // n_group).topk(2, dim=-1)[0].sum(-1)       # [tokens, groups]
+        keep = torch.zeros_like(groups).scatter_(1, groups.topk(topk_group, dim=-1)[1], 1.0)
+        choice = choice.masked_fill(keep.repeat_interleave(n // n_group, dim=1) == 0, float("-inf"))
+    experts = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    probs = scores / scores.sum(-1, keepdim=True)
+    return probs, (weights * scaling).to(router_logits.dtype), experts
+
+
 def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """[E] int64: how many of the tokens' top-k slots each expert holds."""
     return torch.bincount(experts.flatten(), minlength=n_experts)
