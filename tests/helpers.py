@@ -170,7 +170,7 @@ EVERY_BLOCK = {
                                             "out_scale": 1.5}]},
     "D": {"type": "deltanet", "n_heads": 2, "head_k_dim": 8, "chunk_size": 4},
     "G": {"type": "gated_deltanet", "n_heads": 2, "n_k_heads": 1, "head_k_dim": 8, "chunk_size": 4},
-    "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "gate_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
+    "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "decay_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
 }
 
 

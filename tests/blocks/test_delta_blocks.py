@@ -30,14 +30,16 @@ def reference(block, x):
     if block.decay == "head":
         g = -block.A_log.exp() * F.softplus(block.a_proj(x) + block.dt_bias)
     elif block.decay == "channel":
-        gate = (block.g_b_proj(block.g_a_proj(x)) + block.dt_bias).view(b, t, cfg.n_heads, cfg.head_k_dim)
+        gate = (block.f_b_proj(block.f_a_proj(x)) + block.dt_bias).view(b, t, cfg.n_heads, cfg.head_k_dim)
         g = -block.A_log.exp()[:, None] * F.softplus(gate)
     else:
         g = None
     o = delta_rule_ref(q, k, v, beta, g, qk_l2norm=cfg.qk_l2norm)
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * block.o_norm.weight
     if cfg.output_gate:
-        o = o * F.silu(block.z_proj(x).view(b, t, cfg.n_heads, cfg.v_dim))
+        z = block.z_proj(x) if block.z_proj is not None else block.z_b_proj(block.z_a_proj(x))
+        act = F.silu if cfg.output_gate_act == "silu" else torch.sigmoid
+        o = o * act(z.view(b, t, cfg.n_heads, cfg.v_dim))
     return block.out_proj(o.reshape(b, t, -1))
 
 
@@ -51,7 +53,8 @@ def _block(name, **cfg):
 
 @pytest.mark.parametrize("name", BLOCKS)
 @pytest.mark.parametrize("cfg", [{}, dict(n_k_heads=2, allow_neg_eigval=True, output_gate=False, d_conv=3,
-                                          conv_bias=True)])
+                                          conv_bias=True),
+                                 dict(output_gate_rank=3, output_gate_act="sigmoid")])   # Kimi Linear's gate
 def test_block_equals_its_math_with_every_gradient(name, cfg):
     torch.manual_seed(0)
     check_block_vs_reference(_block(name, **cfg), reference, torch.randn(2, 21, 12, dtype=F64))
@@ -118,7 +121,7 @@ def test_trains_and_generates_left_padded_rows_as_each_alone(name):
 @pytest.mark.parametrize("block,fields,message", [
     ("gated_deltanet", {"n_k_heads": 3}, r"n_k_heads: must divide n_heads 2, got 3"),
     ("kda", {"head_k_dim": 0}, r"head_k_dim: must be an integer >= 1, got 0"),
-    ("deltanet", {"gate_rank": 4}, r"gate_rank: only the kda block has a low-rank per-channel decay"),
+    ("deltanet", {"decay_rank": 4}, r"decay_rank: only the kda block has a low-rank per-channel decay"),
     ("gated_deltanet", {"a_init_min": 0.0}, r"a_init_min: must satisfy 0 < a_init_min"),
 ])
 def test_bad_fields_name_the_field(block, fields, message):

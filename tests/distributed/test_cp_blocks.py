@@ -135,7 +135,7 @@ DELTA_CASES = [
     ("deltanet", dict(n_heads=2, head_k_dim=4, head_v_dim=3, d_conv=3, chunk_size=3), False),
     ("gated_deltanet", dict(n_heads=4, n_k_heads=2, head_k_dim=4, d_conv=4, chunk_size=2, allow_neg_eigval=True),
      False),
-    ("kda", dict(n_heads=2, head_k_dim=4, gate_rank=3, d_conv=2, chunk_size=5, output_gate=False), False),
+    ("kda", dict(n_heads=2, head_k_dim=4, decay_rank=3, d_conv=2, chunk_size=5, output_gate=False), False),
 ]
 
 

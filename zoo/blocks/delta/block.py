@@ -5,7 +5,8 @@ and `kda` (a decay per key channel, Kimi Delta Attention). One mixer, three deca
     beta = sigmoid(W_b x)   (x 2 with allow_neg_eigval)
     g = -exp(A_log) softplus(W_a x + dt_bias)        (gated_deltanet: per head; kda: per channel, W_a low rank)
     o = delta_rule(q, k, v, beta, g)                  (zoo.ops.delta; q, k l2-normalised inside)
-    y = W_o (rmsnorm_per_head(o) * silu(W_z x))       (without output_gate: rmsnorm_per_head(o))
+    y = W_o (rmsnorm_per_head(o) * act(W_z x))        (act silu or sigmoid; W_z low rank with output_gate_rank;
+                                                       without output_gate: rmsnorm_per_head(o))
 
 The cache holds the convolution's tail and the [heads, d_k, d_v] state: a fixed size per row.
 """
@@ -31,18 +32,18 @@ __all__ = ["DeltaNetBlock", "GatedDeltaNetBlock", "KDABlock", "HeadRMSNorm"]
 
 
 class HeadRMSNorm(nn.Module):
-    """rmsnorm over each head's d_v channels with one weight [d_v] shared by the heads, then * silu(z) when a
+    """rmsnorm over each head's d_v channels with one weight [d_v] shared by the heads, then * act(z) when a
     gate is given (norm before gate, as Qwen3-Next's and Kimi Linear's gated RMSNorm); in float32 or float64."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, act: str = "silu"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.act = eps, F.silu if act == "silu" else torch.sigmoid
 
     def forward(self, o, z=None):
         acc = accumulation_dtype(o.dtype)
         y = o.to(acc) * torch.rsqrt(o.to(acc).pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(acc)
-        return y if z is None else y * F.silu(z.to(acc))
+        return y if z is None else y * self.act(z.to(acc))
 
 
 class _DeltaBlock(Block):
@@ -52,8 +53,8 @@ class _DeltaBlock(Block):
 
     def __init__(self, d_model: int, cfg: DeltaConfig, layer_idx: int, kernels=None):
         super().__init__(d_model, cfg, layer_idx, kernels)
-        if cfg.gate_rank is not None and self.decay != "channel":
-            raise ValueError("gate_rank: only the kda block has a low-rank per-channel decay")
+        if cfg.decay_rank is not None and self.decay != "channel":
+            raise ValueError("decay_rank: only the kda block has a low-rank per-channel decay")
         h, hk, dk, dv = cfg.n_heads, cfg.k_heads, cfg.head_k_dim, cfg.v_dim
         self.key_dim, self.value_dim = hk * dk, h * dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
@@ -72,11 +73,16 @@ class _DeltaBlock(Block):
         if self.decay == "head":
             self.a_proj = nn.Linear(d_model, h, bias=False)
         elif self.decay == "channel":
-            rank = cfg.gate_rank or dk
-            self.g_a_proj = nn.Linear(d_model, rank, bias=False)
-            self.g_b_proj = nn.Linear(rank, h * dk, bias=False)
-        self.z_proj = nn.Linear(d_model, self.value_dim, bias=False) if cfg.output_gate else None
-        self.o_norm = HeadRMSNorm(dv, cfg.norm_eps)
+            rank = cfg.decay_rank or dk
+            self.f_a_proj = nn.Linear(d_model, rank, bias=False)
+            self.f_b_proj = nn.Linear(rank, h * dk, bias=False)
+        self.z_proj = self.z_a_proj = self.z_b_proj = None
+        if cfg.output_gate and cfg.output_gate_rank:
+            self.z_a_proj = nn.Linear(d_model, cfg.output_gate_rank, bias=False)
+            self.z_b_proj = nn.Linear(cfg.output_gate_rank, self.value_dim, bias=False)
+        elif cfg.output_gate:
+            self.z_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.o_norm = HeadRMSNorm(dv, cfg.norm_eps, cfg.output_gate_act)
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
     def forward(self, x, *, cache: Optional[DeltaCache] = None, cp=None, seq_idx=None):
@@ -131,13 +137,15 @@ class _DeltaBlock(Block):
         if self.decay == "head":
             return -rate * F.softplus(self.a_proj(x).to(acc) + self.dt_bias.to(acc))
         b, t, _ = x.shape
-        gate = self.g_b_proj(self.g_a_proj(x)).to(acc) + self.dt_bias.to(acc)
+        gate = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)
         return -rate[:, None] * F.softplus(gate.view(b, t, self.cfg.n_heads, self.cfg.head_k_dim))
 
     def output(self, o, x):
         """out_proj of the per-head normalised (and gated) delta-rule output o [b, t, heads, d_v]."""
         b, t = o.shape[:2]
-        z = None if self.z_proj is None else self.z_proj(x).view(b, t, self.cfg.n_heads, self.cfg.v_dim)
+        z = (self.z_proj(x) if self.z_proj is not None else self.z_b_proj(self.z_a_proj(x)) if self.z_a_proj
+             is not None else None)
+        z = None if z is None else z.view(b, t, self.cfg.n_heads, self.cfg.v_dim)
         return self.out_proj(self.o_norm(o, z).reshape(b, t, self.value_dim).to(x.dtype))
 
     # -- the cache ------------------------------------------------------------------------------------------

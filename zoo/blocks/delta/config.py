@@ -15,9 +15,11 @@ class DeltaConfig:
     conv_bias: bool = False
     qk_l2norm: bool = True             # q and k normalised to unit length inside the op (eps 1e-6)
     allow_neg_eigval: bool = False     # beta = 2 sigmoid(.) in (0, 2) instead of sigmoid(.) (OLMo-Hybrid)
-    output_gate: bool = True           # rmsnorm(o) * silu(z), z a projection of the input; false: rmsnorm(o)
+    output_gate: bool = True           # rmsnorm(o) * act(z), z a projection of the input; false: rmsnorm(o)
+    output_gate_act: str = "silu"      # act: silu (Qwen3-Next, OLMo-Hybrid) or sigmoid (Kimi Linear)
+    output_gate_rank: Optional[int] = None   # z through a rank-r bottleneck (Kimi Linear: head_k_dim); null: full
     norm_eps: float = 1e-5
-    gate_rank: Optional[int] = None    # kda: the low-rank per-channel decay projection's width (default head_k_dim)
+    decay_rank: Optional[int] = None    # kda: the low-rank per-channel decay projection's width (default head_k_dim)
     a_init_min: float = 1.0            # the decay rate A per head starts uniform in [a_init_min, a_init_max]
     a_init_max: float = 16.0
     dt_min: float = 0.001              # softplus(. + dt_bias) starts log-uniform in [dt_min, dt_max]
@@ -29,12 +31,16 @@ class DeltaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-        for name in ("n_k_heads", "head_v_dim", "gate_rank"):
+        for name in ("n_k_heads", "head_v_dim", "decay_rank", "output_gate_rank"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: must be null or an integer >= 1, got {value!r}")
         if self.n_k_heads is not None and self.n_heads % self.n_k_heads:
             raise ValueError(f"n_k_heads: must divide n_heads {self.n_heads}, got {self.n_k_heads}")
+        if self.output_gate_act not in ("silu", "sigmoid"):
+            raise ValueError(f"output_gate_act: {self.output_gate_act!r}; allowed: silu, sigmoid")
+        if self.output_gate_rank is not None and not self.output_gate:
+            raise ValueError("output_gate_rank: sizes the output gate, which output_gate: false turns off")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
         if not 0 < self.a_init_min <= self.a_init_max:
