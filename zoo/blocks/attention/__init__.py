@@ -10,11 +10,14 @@ form is the ring over devices; on one process it is the blockwise path.
                merge; SlotCache, the buffer mechanics selective's and taipan's caches share
     block.py   CausalSelfAttention and the four registered blocks
     cp.py      context parallel: the ring; swa's halo exchange
+    mla.py     multi-head latent attention (`mla`, DeepSeek-V2 / Kimi Linear): K/V expanded from a cached latent
 """
 from zoo.blocks.attention.block import (Attention, BlockwiseAttention, CausalSelfAttention, RingAttention,
                                         SlidingWindowAttention)
 from zoo.blocks.attention.cache import AttentionCache
 from zoo.blocks.attention.config import AttnConfig, BlockwiseConfig, SwaConfig
+from zoo.blocks.attention.mla import MLACache, MLAConfig, MultiHeadLatentAttention
 
 __all__ = ["Attention", "AttentionCache", "AttnConfig", "BlockwiseAttention", "BlockwiseConfig",
-           "CausalSelfAttention", "RingAttention", "SlidingWindowAttention", "SwaConfig"]
+           "CausalSelfAttention", "MLACache", "MLAConfig", "MultiHeadLatentAttention", "RingAttention",
+           "SlidingWindowAttention", "SwaConfig"]
