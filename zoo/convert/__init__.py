@@ -207,8 +207,15 @@ def _copy_transformed(hf_name: str, target: Transformed, src: dict, dst: dict, m
             dst[zoo_name].copy_(value)
 
 
+def tied(hf_model) -> bool:
+    """Whether the model's output embedding IS its input embedding (the config's tie_word_embeddings is not
+    enough: KimiLinearForCausalLM keeps two tensors whatever it says)."""
+    out, inp = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
 def _tied_aliases(hf_model) -> set:
-    return {"lm_head.weight"} if getattr(hf_model.config, "tie_word_embeddings", False) else set()
+    return {"lm_head.weight"} if tied(hf_model) else set()
 
 
 for _module in pkgutil.iter_modules(__path__):
