@@ -4,6 +4,10 @@ side by side in one process (interleaved rounds, so the ratio is the figure to r
     scalar decay (Gated DeltaNet): zoo delta_rule vs Qwen3-Next's torch_chunk_gated_delta_rule
     per-channel decay (KDA):       zoo delta_rule vs Kimi Linear's chunk_kimi_delta_attention (torch fallback)
     decode (one token from a state): zoo delta_rule at length 1 vs torch_recurrent_gated_delta_rule
+    the Gated DeltaNet layer: zoo's gated_deltanet block vs transformers' Qwen3NextGatedDeltaNet on its torch
+      fallback, the same weights (imported by zoo.convert), d_model 256, 2 key heads shared by 4 value heads of
+      64 x 64, forward + backward with each side's peak memory (RSS above the start, measured apart), and a
+      decoding step of the block (zoo) through its cache
 
 Batch 1, 4 heads, d_k = d_v = 64, unit-length q and k (inside the op), chunk 64 on both sides; forward +
 backward of the sum of the output against a fixed random tensor; the best of --rounds. Before timing, both
@@ -101,11 +105,58 @@ def decode_rows(rounds, table, records):
     records.append({"decay": "head", "what": "decode", "ms_per_token": per})
 
 
+def layer_rows(lengths, rounds, table, records):
+    import transformers
+
+    from benchmarks.harness import PeakMemory
+    from zoo.convert import from_transformers
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1, layer_types=["linear_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=64,
+        linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3NextForCausalLM(cfg).float()
+    theirs = hf.model.layers[0].linear_attn
+    ours = from_transformers(hf).layers[0].mixer
+    for length in lengths:
+        x = torch.randn(1, length, 256, requires_grad=True)
+        with torch.no_grad():
+            err = (ours(x) - theirs(x)).abs().max().item()
+        assert err < 1e-3, f"layer at {length}: outputs differ by {err}"
+        grad = torch.randn(1, length, 256)
+
+        def step(layer):
+            def run():
+                x.grad = None
+                (layer(x) * grad).sum().backward()
+            return run
+        peaks = {}
+        for name, layer in (("zoo", ours), ("transformers", theirs)):
+            with PeakMemory() as peak:
+                step(layer)()
+            peaks[name] = peak.bytes
+        t = time_interleaved({"zoo": step(ours), "transformers": step(theirs)}, rounds, alternate=True)
+        ratio = t["transformers"].best / t["zoo"].best
+        mib = {k: "?" if v is None else f"{v / 2**20:.0f}" for k, v in peaks.items()}
+        table.add(["head", f"GDN layer fwd+bwd (MiB zoo / transformers: {mib['zoo']} / {mib['transformers']})",
+                   f"{length:,}", f"{t['zoo'].best:.3f}", f"{t['transformers'].best:.3f}", f"{ratio:.2f}x"])
+        records.append({"what": "layer fwd+bwd", "length": length, "zoo": t["zoo"].to_dict(),
+                        "transformers": t["transformers"].to_dict(), "peak_bytes": peaks, "max_abs_diff": err})
+    cache = ours.init_cache(1)
+    token = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        ours(torch.randn(1, 64, 256), cache=cache)
+        t = time_interleaved({"zoo": lambda: [ours(token, cache=cache) for _ in range(100)]}, rounds)
+    table.add(["head", "GDN layer decode, ms/token (zoo)", "1", f"{t['zoo'].best * 10:.3f}", "-", "-"])
+    records.append({"what": "layer decode", "zoo_ms_per_token": t["zoo"].best * 10})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layer-lengths", type=lambda s: [int(v) for v in s.split(",")], default=[4096, 16384])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     table = Table(["decay", "what", "length", "zoo s", "transformers s", "transformers / zoo"], "lllrrr",
@@ -113,6 +164,7 @@ def main(argv=None):
     records = []
     train_rows(args.lengths, args.rounds, table, records)
     decode_rows(args.rounds, table, records)
+    layer_rows(args.layer_lengths, args.rounds, table, records)
     print(f"\n{command_line()}  ({args.threads} thread, torch {torch.__version__}, {platform.machine()})")
     print_summary({"rows": records})
 

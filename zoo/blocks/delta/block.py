@@ -22,7 +22,7 @@ from zoo.blocks.base import Block
 from zoo.blocks.delta.cache import DeltaCache
 from zoo.blocks.delta.config import DeltaConfig
 from zoo.blocks.delta.cp import delta_cp
-from zoo.ops.conv import causal_conv1d
+from zoo.ops.conv import causal_conv1d, causal_conv1d_update
 from zoo.ops.delta import delta_rule
 from zoo.ops.documents import check_block_documents
 from zoo.ops.dtypes import accumulation_dtype
@@ -106,6 +106,10 @@ class _DeltaBlock(Block):
         the projections through the short convolution and SiLU, continuing from and updating cache.conv."""
         mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).transpose(1, 2)
         weight, impl = self.conv1d.weight[:, 0], self.kernels.get("causal_conv1d", "auto")
+        if cache is not None and mixed.shape[-1] == 1 and not torch.is_grad_enabled() and self.cfg.d_conv > 1:
+            # a decoding step: one window product, the tail shifted in place (zoo.ops.conv)
+            out = causal_conv1d_update(mixed[..., 0], cache.conv, weight, self.conv1d.bias, activation="silu")
+            return self.heads(out[:, None])
         if cache is None:
             mixed = causal_conv1d(mixed, weight, self.conv1d.bias, activation="silu", seq_idx=seq_idx, impl=impl)
         else:
