@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import zoo
+from evals.options import count
 from zoo.data import PreparedData, prepare, prepared_data
 from zoo.train.checkpoint import list_checkpoints, resolve_checkpoint, save_checkpoint
 from zoo.train.trainer import Trainer
@@ -27,6 +28,15 @@ def recipe_dirs() -> list:
     """Where recipe names are looked up, first match wins."""
     dirs = [Path(os.environ["ZOO_RECIPES"])] if os.environ.get("ZOO_RECIPES") else []
     return dirs + [Path.cwd() / "recipes"]
+
+
+def parameter_target(spec: str, overrides: list, given: dict | None = None) -> int:
+    """--match-params: a count (2M, 1.5e6, 300K) or the name of a recipe, whose parameter count it means (one of
+    `given` {name: recipe}, else looked up as `resolve` does)."""
+    if spec[:1].isdigit():
+        return count(spec)
+    recipe = (given or {}).get(spec) or resolve(spec, overrides)[0]
+    return zoo.build_model(recipe).num_params()["total"]
 
 
 def source_commit() -> str | None:

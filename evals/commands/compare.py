@@ -55,13 +55,13 @@ import torch
 from tqdm import tqdm
 
 import zoo
-from evals.commands.options import count, float_list, int_list, name_list
+from evals.options import count, float_list, int_list, name_list
 from evals.context_use import COPY_SKIP
 from evals.engine import run_comparison
 from evals.perplexity import SCHEMES
 from evals.plan import context_shape
 from evals.results import attach_mqar, load_results, own_results
-from evals.runs import resolve, source_commit
+from evals.runs import parameter_target, resolve, source_commit
 from evals.throughput import KINDS, MEMORY_KINDS
 from zoo.data.corpus import NAMED as NAMED_CORPORA
 from zoo.sizing import match_params
@@ -216,9 +216,7 @@ def main(argv=None):
         if len(set(names)) < len(names):
             raise ValueError(f"recipes: two recipes share a name ({names}); give them distinct `name:` fields")
         if args.match_params:
-            by_name = {r.name: r for r, _ in resolved}
-            target = (zoo.build_model(by_name[args.match_params]).num_params()["total"]
-                      if args.match_params in by_name else count(args.match_params))
+            target = parameter_target(args.match_params, args.overrides, {r.name: r for r, _ in resolved})
             say(f"matching parameter counts to {target:,}:")
             matched = []
             for recipe, ckpt in resolved:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 import zoo
-from evals.commands.options import count
-from evals.runs import DTYPES, add_time, budget_steps, resolve, ship, source_commit
+from evals.options import count
+from evals.runs import DTYPES, add_time, budget_steps, parameter_target, resolve, ship, source_commit
 from zoo.sizing import match_params
 from evals.compression import compression_bpb
 from zoo.data import DataError, prepared_data
@@ -77,12 +77,7 @@ def sized_recipes(args, say) -> list:
         recipe, _ = resolve(spec, args.overrides)
         extra = []
         if args.match_params:
-            target = args.match_params
-            if not target[0].isdigit():
-                target = zoo.build_model(resolve(target, args.overrides)[0]).num_params()["total"]
-            else:
-                target = count(target)
-            extra, n = match_params(recipe, int(target))
+            extra, n = match_params(recipe, parameter_target(args.match_params, args.overrides))
             recipe = zoo.load_recipe(recipe.to_dict(), extra)
             say(f"{recipe.name}: {n:,} parameters ({' '.join(extra)})")
         out.append((recipe, extra))

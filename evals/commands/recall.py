@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from evals.commands.options import float_list, int_list
+from evals.options import float_list, int_list
 from evals.runs import DTYPES, add_time, resolve, ship, source_commit
 from evals.recall import mqar_eval, passkey_grid
 from evals.throughput import analytic_state_bytes

@@ -8,7 +8,7 @@ import yaml
 
 
 from evals.commands import compare
-from evals.commands.options import count
+from evals.options import count
 
 TINY = {"d_model": 32, "n_layers": 2, "vocab_size": 256, "ffn": {"type": "swiglu", "mult": 2}}
 BLOCKS = {"tiny-attn": {"pattern": "A", "blocks": {"A": {"type": "attn", "n_heads": 2}}},
