@@ -51,7 +51,7 @@ def test_hybrid_layers(attn_layers, tied, bias):
 
 @pytest.mark.parametrize("field,value,message", [
     ("z_loss_coefficient", 0.1, "z_loss_coefficient: zoo's loss has no z-loss"),
-    ("hidden_act", "gelu", "hidden_act: zoo's Mamba-2 convolution and its SwiGLU use silu"),
+    ("hidden_act", "gelu", "hidden_act: zoo's mixers' convolutions and its SwiGLU use silu"),
 ])
 def test_unsupported_fields_are_named(field, value, message):
     hf = make([], n_layers=2)

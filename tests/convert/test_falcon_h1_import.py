@@ -51,7 +51,7 @@ def test_logits_and_greedy_generate(tied, bias, rms_norm, groups, mult):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("hidden_act", "gelu", "hidden_act: zoo's Mamba-2 convolution and its SwiGLU use silu"),
+    ("hidden_act", "gelu", "hidden_act: zoo's mixers' convolutions and its SwiGLU use silu"),
     ("mamba_norm_before_gate", True, "mamba_norm_before_gate: true with mamba_rms_norm"),
     ("projectors_bias", True, "projectors_bias: True differs from mamba_proj_bias"),
     ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, "rope_parameters.rope_type"),

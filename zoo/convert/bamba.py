@@ -3,13 +3,14 @@ every mixer, partial RoPE (head_dim / 2 rotated) in attention, the gated norm's 
 from __future__ import annotations
 
 from zoo.convert import register_converter
-from zoo.convert.hybrid import attn_names, check_attn_supports, dt_limit, mamba2_names, require_silu, shares_head
+from zoo.convert import tied as is_tied
+from zoo.convert.hybrid import attn_names, check_attn_supports, dt_limit, mamba2_names, require_silu
 
 
 @register_converter("BambaForCausalLM")
 def bamba(hf) -> tuple[dict, dict]:
     c = hf.config
-    tied = shares_head(hf)
+    tied = is_tied(hf)
     require_silu(c, "hidden_act")
     if c.z_loss_coefficient:
         raise ValueError(f"z_loss_coefficient: zoo's loss has no z-loss, got {c.z_loss_coefficient}")

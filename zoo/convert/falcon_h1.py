@@ -12,7 +12,8 @@ The Mamba-2 width is mamba_n_heads x mamba_d_head; mamba_rms_norm false -> the m
 from __future__ import annotations
 
 from zoo.convert import Scaled, _rope_base, register_converter
-from zoo.convert.hybrid import dt_limit, mamba2_names, require_silu, shares_head
+from zoo.convert import tied as is_tied
+from zoo.convert.hybrid import dt_limit, mamba2_names, require_silu
 
 _MAMBA, _ATTN = "layers.{i}.mixer.branches.0.", "layers.{i}.mixer.branches.1."
 
@@ -28,7 +29,7 @@ def _mup_vector(c, d_inner: int):
 @register_converter("FalconH1ForCausalLM")
 def falcon_h1(hf) -> tuple[dict, dict]:
     c = hf.config
-    tied = shares_head(hf)
+    tied = is_tied(hf)
     require_silu(c, "hidden_act")
     d_inner = c.mamba_n_heads * c.mamba_d_head
     if (c.mamba_d_ssm or c.mamba_expand * c.hidden_size) != d_inner:

@@ -1,5 +1,6 @@
-"""What the hybrid importers (Bamba, Nemotron-H) share: the Mamba-2 mixer's tensors, the attention projections,
-and the check that zoo's `attn` has the RoPE variant a checkpoint needs (partial RoPE, or none)."""
+"""What the hybrid importers share: the checks of their activation and layer types, the Mamba-2 mixer's tensors, the
+attention projections, and the check that zoo's `attn` has the RoPE variant a checkpoint needs (partial RoPE, or
+none). Whether the LM head is the embedding: `zoo.convert.tied`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,15 +11,18 @@ from zoo.blocks.attention.config import AttnConfig
 MAMBA2_PARAMS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
 
 
-def shares_head(hf) -> bool:
-    """Whether the LM head is the embedding: what the model does, not what tie_word_embeddings says
-    (transformers' NemotronHForCausalLM keeps its own lm_head even with tie_word_embeddings true)."""
-    return hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
-
-
 def require_silu(c, field: str) -> None:
     if getattr(c, field) != "silu":
-        raise ValueError(f"{field}: zoo's Mamba-2 convolution and its SwiGLU use silu, got {getattr(c, field)!r}")
+        raise ValueError(f"{field}: zoo's mixers' convolutions and its SwiGLU use silu, got {getattr(c, field)!r}")
+
+
+def layer_kinds(c, kinds: dict, field: str = "layer_types") -> list:
+    """The config's per-layer types, each one of `kinds` (an error naming the field and the allowed ones)."""
+    types = list(getattr(c, field))
+    bad = sorted(set(types) - set(kinds))
+    if bad:
+        raise ValueError(f"{field}: {bad} (convertible: {', '.join(kinds)})")
+    return types
 
 
 def mamba2_names(src: str, dst: str, conv_bias: bool, proj_bias: bool) -> dict:

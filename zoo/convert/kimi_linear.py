@@ -5,6 +5,7 @@ latent attention ("full_attention": the `mla` block); per `mlp_layer_types` a Sw
 n_shared_experts' worth of shared SwiGLU."""
 from __future__ import annotations
 
+from zoo.convert.hybrid import layer_kinds, require_silu
 from zoo.convert import Transformed, register_converter, tied
 
 KINDS = {"linear_attention": "K", "full_attention": "M"}
@@ -13,12 +14,8 @@ KINDS = {"linear_attention": "K", "full_attention": "M"}
 @register_converter("KimiLinearForCausalLM")
 def kimi_linear(hf) -> tuple[dict, dict]:
     c = hf.config
-    if c.hidden_act != "silu":
-        raise ValueError(f"hidden_act: zoo's KDA convolution and its SwiGLU use silu, got {c.hidden_act!r}")
-    types, mlps = list(c.layer_types), list(c.mlp_layer_types)
-    bad = sorted(set(types) - set(KINDS)) or sorted(set(mlps) - {"dense", "sparse"})
-    if bad:
-        raise ValueError(f"layer_types / mlp_layer_types: {bad} (convertible: {', '.join(KINDS)}; dense, sparse)")
+    require_silu(c, "hidden_act")
+    types, mlps = layer_kinds(c, KINDS), layer_kinds(c, {"dense": None, "sparse": None}, "mlp_layer_types")
     if "sparse" in mlps and c.n_shared_experts < 1:
         raise ValueError(f"n_shared_experts: {c.n_shared_experts} (zoo's MoE converts with one shared SwiGLU of "
                          "n_shared_experts x moe_intermediate_size)")

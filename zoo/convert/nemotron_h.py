@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from zoo.convert import register_converter
-from zoo.convert.hybrid import attn_names, check_attn_supports, mamba2_names, require_silu, shares_head
+from zoo.convert import tied as is_tied
+from zoo.convert.hybrid import attn_names, check_attn_supports, mamba2_names, require_silu
 
 LETTERS = {"linear_attention": "M", "full_attention": "A", "mlp": "F", "moe": "E"}
 
@@ -14,7 +15,7 @@ LETTERS = {"linear_attention": "M", "full_attention": "A", "mlp": "F", "moe": "E
 @register_converter("NemotronHForCausalLM")
 def nemotron_h(hf) -> tuple[dict, dict]:
     c = hf.config
-    tied = shares_head(hf)
+    tied = is_tied(hf)
     types = list(c.layers_block_type)
     if "moe" in types:
         # relu2 experts behind a DeepSeek-V3 router (sigmoid scores, score-correction bias, group top-k,

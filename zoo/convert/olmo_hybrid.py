@@ -5,6 +5,7 @@ with a SwiGLU. The delta rule's beta is 2 sigmoid(.) with linear_allow_neg_eigva
 eps 1e-5 whatever rms_norm_eps is (fla's default, kept by transformers)."""
 from __future__ import annotations
 
+from zoo.convert.hybrid import layer_kinds, require_silu
 from zoo.convert import register_converter
 
 KINDS = {"linear_attention": "G", "full_attention": "A"}
@@ -14,12 +15,8 @@ OUTPUT_NORM_EPS = 1e-5
 @register_converter("OlmoHybridForCausalLM")
 def olmo_hybrid(hf) -> tuple[dict, dict]:
     c = hf.config
-    if c.hidden_act != "silu":
-        raise ValueError(f"hidden_act: zoo's delta-rule convolution and its SwiGLU use silu, got {c.hidden_act!r}")
-    types = list(c.layer_types)
-    bad = sorted(set(types) - set(KINDS))
-    if bad:
-        raise ValueError(f"layer_types: {bad} (convertible: {', '.join(KINDS)})")
+    require_silu(c, "hidden_act")
+    types = layer_kinds(c, KINDS)
     rope = c.rope_parameters or {}
     if rope.get("rope_theta") is not None and rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_parameters: rope_type {rope.get('rope_type')!r} (convertible: 'default')")

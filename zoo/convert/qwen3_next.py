@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo.convert.hybrid import layer_kinds, require_silu
 from zoo.convert import Transformed, _rope_base, register_converter
 
 KINDS = {"linear_attention": "G", "full_attention": "A"}
@@ -56,12 +57,8 @@ def qwen3_5_moe(hf) -> tuple[dict, dict]:
 
 def _qwen_hybrid(hf, name: str, fused: bool) -> tuple[dict, dict]:
     c = hf.config
-    if c.hidden_act != "silu":
-        raise ValueError(f"hidden_act: zoo's delta-rule convolution and its SwiGLU use silu, got {c.hidden_act!r}")
-    types = list(c.layer_types)
-    bad = sorted(set(types) - set(KINDS))
-    if bad:
-        raise ValueError(f"layer_types: {bad} (convertible: {', '.join(KINDS)})")
+    require_silu(c, "hidden_act")
+    types = layer_kinds(c, KINDS)
     rope = c.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_parameters: rope_type {rope.get('rope_type')!r} (convertible: 'default')")
