@@ -94,7 +94,10 @@ def _compare(name, cfg, training, layout, length):
 @pytest.mark.slow   # 15-60 s per world size on a shared 2-core machine (W processes, 52 comparisons each)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_blocks_match_single_process(ranks, world_size):
-    results = ranks.run(world_size, _check_cases, CASES, _lengths(world_size))
+    _assert_within_tolerance(ranks.run(world_size, _check_cases, CASES, _lengths(world_size)))
+
+
+def _assert_within_tolerance(results):
     bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
     assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
     assert len(results[0]) > 0
@@ -114,10 +117,8 @@ def _check_selective_key_tiles(lengths):
 @pytest.mark.slow   # 10-20 s per world size
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_selective_key_tiles_match_single_process(ranks, world_size):
-    results = ranks.run(world_size, _check_selective_key_tiles, (6 * world_size + 5, 11 * world_size + 3))
-    bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
-    assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
-    assert len(results[0]) > 0
+    _assert_within_tolerance(ranks.run(world_size, _check_selective_key_tiles,
+                                       (6 * world_size + 5, 11 * world_size + 3)))
 
 
 @pytest.mark.parametrize("name, cfg", list({name: (name, cfg) for name, cfg, _ in reversed(CASES)}.values()))
@@ -130,7 +131,7 @@ def test_cache_with_cp_is_refused(name, cfg):
         block(x, cache=block.init_cache(1, dtype=torch.float64), cp=cp)
 
 
-# the delta-rule blocks: state passing with a [d_k, d_k] transition per head and chunk (zoo/blocks/delta/cp.py)
+# the delta-rule blocks and mla: state passing with a [d_k, d_k] transition per head and chunk (zoo/blocks/delta/cp.py)
 DELTA_CASES = [
     ("deltanet", dict(n_heads=2, head_k_dim=4, head_v_dim=3, d_conv=3, chunk_size=3), False),
     ("gated_deltanet", dict(n_heads=4, n_k_heads=2, head_k_dim=4, d_conv=4, chunk_size=2, allow_neg_eigval=True),
@@ -144,7 +145,4 @@ DELTA_CASES = [
 @pytest.mark.slow   # 5-20 s per world size
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_delta_blocks_match_single_process(ranks, world_size):
-    results = ranks.run(world_size, _check_cases, DELTA_CASES, _lengths(world_size))
-    bad = {k: v for res in results for k, v in res.items() if not v <= TOL}
-    assert not bad, "\n".join(f"{k}: {v:.3e}" for k, v in sorted(bad.items()))
-    assert len(results[0]) > 0
+    _assert_within_tolerance(ranks.run(world_size, _check_cases, DELTA_CASES, _lengths(world_size)))
