@@ -101,20 +101,21 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     keep0 = (doc == before).to(acc)                                      # [b, n, C]: S_0 reaches position i
 
-    # kk[i, j] = (e^{c_i - c_j} k_i) . k_j and qk[i, j] = (e^{c_i - c_j} q_i) . k_j, for j <= i in one document
-    kk = _pair_products(k, k, cum) * (same & causal)[..., None]           # [b, n, C, C, h]
-    qk = _pair_products(q, k, cum) * (same & causal)[..., None]
+    # kk[i, j] = (e^{c_i - c_j} k_i) . k_j and qk[i, j] = (e^{c_i - c_j} q_i) . k_j, for j <= i in one document,
+    # [b, n, h, C, C] (heads before positions: plain batched matmuls, no copies between the steps)
+    mask = (same & causal)[:, :, None]
+    kk, qk = _pairs(k, k, cum) * mask, _pairs(q, k, cum) * mask
     eye = torch.eye(C, dtype=acc, device=q.device)
-    A = beta.permute(0, 1, 3, 2)[..., None] * kk.permute(0, 1, 4, 2, 3) * (1 - eye)    # [b, n, h, C, C]
-    T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
+    A = beta.permute(0, 1, 3, 2)[..., None] * kk * (1 - eye)
     decay_i = _decay_from_start(cum, keep0, k)                           # e^{c_i} on k's channels, or 1
     bk = (beta[..., None] * decay_i * k).permute(0, 1, 3, 2, 4)          # [b, n, h, C, dk]
     bv = (beta[..., None] * v).permute(0, 1, 3, 2, 4)                     # [b, n, h, C, dv]
+    # T = (I + A)^{-1} by one triangular solve against I (cheaper here than solving for the wider [v | k] directly)
+    T = torch.linalg.solve_triangular(A + eye, eye.expand_as(A), upper=False, unitriangular=True)
     W_v, W_k = T @ bv, T @ bk
     q0 = (decay_i * q).permute(0, 1, 3, 2, 4)                          # e^{c_i} q_i where S_0 reaches i
     k_end = _decay_to_end(cum, doc, k).permute(0, 1, 3, 2, 4)             # e^{c_C - c_j} k_j, same doc as C
     end0 = _end_decay(cum, doc, before, acc)                              # e^{c_C}, 0 if a document started
-    qk = qk.permute(0, 1, 4, 2, 3)                                        # [b, n, h, C, C]
 
     state = (torch.zeros(b, h, dk, dv, dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
@@ -171,13 +172,19 @@ def _chunks(x, n, C):
     return x.reshape(x.shape[0], n, C, *x.shape[2:])
 
 
+def _pairs(a, k, cum):
+    """[b, n, h, C, C]: (e^{c_i - c_j} a_i) . k_j, the decay per head or per channel (lower triangle valid)."""
+    if cum is None or cum.dim() == 4:
+        prod = a.permute(0, 1, 3, 2, 4) @ k.permute(0, 1, 3, 4, 2)      # [b, n, h, C, C]
+        if cum is None:
+            return prod
+        c = cum.permute(0, 1, 3, 2)                                      # a scalar per head: [b, n, h, C]
+        return prod * (c[..., :, None] - c[..., None, :]).clamp(max=0).exp()   # j > i is masked by the caller
+    return _pair_products(a, k, cum).permute(0, 1, 4, 2, 3)
+
+
 def _pair_products(a, k, cum):
-    """[b, n, C, C, h]: (e^{c_i - c_j} a_i) . k_j, the decay per head or per channel (lower triangle valid)."""
-    if cum is None:
-        return torch.einsum("bnihd,bnjhd->bnijh", a, k)
-    if cum.dim() == 4:   # a scalar per head
-        diff = (cum[:, :, :, None] - cum[:, :, None, :]).clamp(max=0)   # j > i is masked by the caller
-        return torch.einsum("bnihd,bnjhd->bnijh", a, k) * diff.exp()
+    """[b, n, C, C, h]: (e^{c_i - c_j} a_i) . k_j with a decay per channel (lower triangle valid)."""
     C = a.shape[2]
     s = next((s for s in (16, 8) if C > s and C % s == 0), C)
     if s == C:
