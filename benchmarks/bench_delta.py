@@ -6,7 +6,8 @@ side by side in one process (interleaved rounds, so the ratio is the figure to r
     decode (one token from a state): zoo delta_rule at length 1 vs torch_recurrent_gated_delta_rule
     the Gated DeltaNet layer: zoo's gated_deltanet block vs transformers' Qwen3NextGatedDeltaNet on its torch
       fallback, the same weights (imported by zoo.convert), d_model 256, 2 key heads shared by 4 value heads of
-      64 x 64, forward + backward with each side's peak memory (RSS above the start, measured apart), and a
+      64 x 64, forward + backward with each side's peak memory (a fresh process per side: RSS above its warmed-up
+      start, evals.memory.measure), and a
       decoding step of the block (zoo) through its cache
 
 Batch 1, 4 heads, d_k = d_v = 64, unit-length q and k (inside the op), chunk 64 on both sides; forward +
@@ -105,10 +106,10 @@ def decode_rows(rounds, table, records):
     records.append({"decay": "head", "what": "decode", "ms_per_token": per})
 
 
-def layer_rows(lengths, rounds, table, records):
+def gdn_layers():
+    """(zoo's gated_deltanet block, transformers' Qwen3NextGatedDeltaNet) on the same weights."""
     import transformers
 
-    from benchmarks.harness import PeakMemory
     from zoo.convert import from_transformers
     cfg = transformers.Qwen3NextConfig(
         vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1, layer_types=["linear_attention"],
@@ -116,8 +117,26 @@ def layer_rows(lengths, rounds, table, records):
         linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=0)
     torch.manual_seed(0)
     hf = transformers.Qwen3NextForCausalLM(cfg).float()
-    theirs = hf.model.layers[0].linear_attn
-    ours = from_transformers(hf).layers[0].mixer
+    return from_transformers(hf).layers[0].mixer, hf.model.layers[0].linear_attn
+
+
+def layer_cell(side: str, length: int) -> dict:
+    """The peak memory of one forward + backward of one side's layer above what the process holds once the
+    layers are built and warmed up (run by `measure` in a fresh process, so nothing of the other side counts)."""
+    from benchmarks.harness import PeakMemory
+    torch.set_num_threads(1)
+    ours, theirs = gdn_layers()
+    layer = ours if side == "zoo" else theirs
+    layer(torch.randn(1, 64, 256, requires_grad=True)).sum().backward()
+    x = torch.randn(1, length, 256, requires_grad=True)
+    with PeakMemory() as peak:
+        layer(x).sum().backward()
+    return {"fwd_bwd_bytes": peak.bytes}
+
+
+def layer_rows(lengths, rounds, table, records):
+    from benchmarks.harness import measure
+    ours, theirs = gdn_layers()
     for length in lengths:
         x = torch.randn(1, length, 256, requires_grad=True)
         with torch.no_grad():
@@ -130,11 +149,8 @@ def layer_rows(lengths, rounds, table, records):
                 x.grad = None
                 (layer(x) * grad).sum().backward()
             return run
-        peaks = {}
-        for name, layer in (("zoo", ours), ("transformers", theirs)):
-            with PeakMemory() as peak:
-                step(layer)()
-            peaks[name] = peak.bytes
+        peaks = {side: measure("benchmarks.bench_delta:layer_cell", {"side": side, "length": length}, threads=1,
+                               timeout=600).get("result", {}).get("fwd_bwd_bytes") for side in ("zoo", "transformers")}
         t = time_interleaved({"zoo": step(ours), "transformers": step(theirs)}, rounds, alternate=True)
         ratio = t["transformers"].best / t["zoo"].best
         mib = {k: "?" if v is None else f"{v / 2**20:.0f}" for k, v in peaks.items()}
