@@ -360,6 +360,31 @@ def test_export_then_generate_scripts(tmp_path, capsys):
     assert s["batch"] == 2 and s["new_tokens"] == 4
 
 
+def test_an_exported_byte_model_loads_with_its_tokenizer(tmp_path, capsys):
+    """issue 27: the byte tokenizer exported as tokenizer.json: AutoTokenizer gives the byte ids back and forth
+    (non-ASCII, NUL and the symbol that stands for byte 0 included), and transformers' pipeline generates what
+    zoo's generate does."""
+    from transformers import AutoTokenizer, pipeline
+
+    from zoo.train.checkpoint import save_checkpoint
+    recipe = zoo.load_recipe(tiny_recipe(BLOCKS["mamba2"]) | {"train": {"seq_len": 64}}, ["model.vocab_size=256"])
+    torch.manual_seed(0)
+    lm = zoo.build_model(recipe)
+    save_checkpoint(tmp_path / "ckpt", 1, lm.state_dict(), recipe)
+    _script("export").main([str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    assert "tokenizer.json" in _summary(capsys.readouterr().out)["files"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ["def f(x):\n    return x", "héllo wörld 漢字 🦁", " space first", "\u0100 and \x00"]:
+        ids = tok(text)["input_ids"]
+        assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text, text
+    generator = pipeline("text-generation", model=str(tmp_path / "out"), tokenizer=tok)
+    got = generator("héllo", max_new_tokens=6, min_new_tokens=6, do_sample=False)[0]["generated_text"]
+    model = ZooForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([list("héllo".encode())])
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0].tolist()
+    assert got == bytes(want).decode("utf-8", errors="replace") and len(want) == len("héllo".encode()) + 6
+
+
 def test_export_and_generate_with_a_transformers_tokenizer(tmp_path, capsys):
     from transformers import AutoTokenizer
 

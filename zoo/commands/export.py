@@ -4,9 +4,10 @@
     zoo export runs/x OUT --force    # OUT exists and is not empty: write into it
 
 OUT gets model.safetensors, config.json (model_type "zoo", the resolved recipe), generation_config.json,
-recipe.yaml, and the tokenizer when the recipe's is a saved transformers tokenizer, so that after
-`import zoo`, `AutoModelForCausalLM.from_pretrained(OUT)` (and AutoTokenizer) load it. Ends with one
-machine-readable `summary:` line.
+recipe.yaml, and the tokenizer: a saved transformers tokenizer as it is, the byte tokenizer as a tokenizer.json
+of the same ids (zoo.data.tokenizer.ByteTokenizer.save_pretrained), so that after `import zoo`,
+`AutoModelForCausalLM.from_pretrained(OUT)`, AutoTokenizer and pipeline("text-generation") load it. Ends with
+one machine-readable `summary:` line.
 """
 import argparse
 import json
@@ -61,6 +62,8 @@ def export(ckpt, out, dtype: str = "float32", force: bool = False, max_memory=No
     model.save_pretrained(out)
     if tokenizer is not None and hasattr(tokenizer, "hf"):
         tokenizer.hf.save_pretrained(out)
+    elif tokenizer is not None:   # the byte tokenizer, as a tokenizer.json AutoTokenizer and pipelines load
+        tokenizer.save_pretrained(out)
     return {"checkpoint": str(path), "out": str(out), "recipe": lm.recipe.name, "dtype": dtype,
             "params": lm.num_params()["total"], "tokenizer": getattr(tokenizer, "spec", None),
             "files": sorted(p.name for p in out.iterdir())}

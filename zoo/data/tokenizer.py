@@ -52,8 +52,31 @@ class ByteTokenizer:
     def fingerprint(self) -> str:
         return "byte"
 
+    def save_pretrained(self, out: Union[str, Path]) -> None:
+        """tokenizer.json (+ tokenizer_config.json) that transformers' AutoTokenizer loads as these same ids:
+        the bytes of the UTF-8 text, id = byte value, through the `tokenizers` ByteLevel pre-tokenizer and
+        decoder without regex splitting or a prefix space, a vocabulary of the 256 byte symbols and no merges.
+        No special token is declared: the end-of-document id 0 is byte 0 (the model's config carries it as
+        eos_token_id), and declaring a text form for it would turn that text inside a prompt into id 0."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.BPE(vocab={_byte_symbol(b): b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False).save_pretrained(out)
+
     def __repr__(self):
         return "ByteTokenizer(vocab_size=256, eos_id=0)"
+
+
+def _byte_symbol(b: int) -> str:
+    """GPT-2's printable stand-in for byte b (what the ByteLevel pre-tokenizer turns that byte into)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    if b in printable:
+        return chr(b)
+    return chr(256 + sum(1 for c in range(b) if c not in printable))
 
 
 class HFTokenizer:
