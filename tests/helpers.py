@@ -170,6 +170,7 @@ EVERY_BLOCK = {
                                             "out_scale": 1.5}]},
     "D": {"type": "deltanet", "n_heads": 2, "head_k_dim": 8, "chunk_size": 4},
     "G": {"type": "gated_deltanet", "n_heads": 2, "n_k_heads": 1, "head_k_dim": 8, "chunk_size": 4},
+    "C": {"type": "short_conv", "d_conv": 3},
     "Q": {"type": "mla", "n_heads": 2, "kv_lora_rank": 6, "qk_nope_head_dim": 4, "qk_rope_head_dim": 2,
           "v_head_dim": 5},
     "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "decay_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},

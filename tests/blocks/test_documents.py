@@ -23,6 +23,7 @@ CASES = {
     "parallel": {"branches": [{"type": "attn", "n_heads": 4, "n_kv_heads": 2, "out_scale": 0.5},
                               {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "out_scale": 2.0}]},
     "deltanet": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 4},
+    "short_conv": {"d_conv": 4, "bias": True},
     "mla": {"n_heads": 3, "kv_lora_rank": 6, "qk_nope_head_dim": 4, "qk_rope_head_dim": 2, "v_head_dim": 5},
     "gated_deltanet": {"n_heads": 4, "n_k_heads": 2, "head_k_dim": 6, "chunk_size": 5},
     "kda": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 3, "allow_neg_eigval": True},

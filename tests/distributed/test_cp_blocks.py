@@ -139,6 +139,7 @@ DELTA_CASES = [
     ("kda", dict(n_heads=2, head_k_dim=4, decay_rank=3, d_conv=2, chunk_size=5, output_gate=False), False),
     ("mla", dict(n_heads=2, kv_lora_rank=5, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3, q_lora_rank=3),
      False),
+    ("short_conv", dict(d_conv=4, bias=True), False),
 ]
 
 

@@ -36,9 +36,9 @@ from zoo.ops.dtypes import accumulation_dtype
 __all__ = ["conv_cp", "incoming_states", "mamba_cp", "mamba2_cp"]
 
 
-def conv_cp(x, weight, bias, cp: ContextParallel, impl: str = "auto"):
-    """Depthwise causal conv + SiLU of this rank's shard x [b, channels, local] (chunks in shard order):
-    each chunk continues from the width - 1 inputs before it. Returns [b, channels, local]."""
+def conv_cp(x, weight, bias, cp: ContextParallel, impl: str = "auto", activation: str | None = "silu"):
+    """Depthwise causal conv (+ SiLU by default; `activation=None` for none) of this rank's shard x [b, channels,
+    local] (chunks in shard order): each chunk continues from the width - 1 inputs before it."""
     width = weight.shape[1]
     halos, x = preceding(x.transpose(1, 2), cp, lambda start, end: width - 1)
     x = x.transpose(1, 2)
@@ -46,7 +46,8 @@ def conv_cp(x, weight, bias, cp: ContextParallel, impl: str = "auto"):
     for c, halo in zip(cp.chunks(), halos):
         # fewer than width - 1 tokens before the sequence start: the zeros of the conv's own padding
         state = F.pad(halo.transpose(1, 2), (width - 1 - halo.shape[1], 0))
-        outs.append(causal_conv1d(x[..., c.local], weight, bias, initial_states=state, activation="silu", impl=impl))
+        outs.append(causal_conv1d(x[..., c.local], weight, bias, initial_states=state, activation=activation,
+                                  impl=impl))
     return torch.cat(outs, -1)
 
 

@@ -1,0 +1,54 @@
+"""`short_conv` (LFM2's gated short convolution): against the formula written out with F.conv1d (float64, every
+gradient), the cache contract and state_bytes, packed documents, left-padded generation. Context parallel:
+tests/distributed/test_cp_blocks.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from tests.helpers import check_block_vs_reference, check_cache_contract, make_block
+
+F64 = torch.float64
+
+
+def written_out(block, x):
+    B, C, h = block.in_proj(x).transpose(1, 2).chunk(3, dim=1)
+    w = block.conv1d.weight
+    y = F.conv1d(F.pad(B * h, (w.shape[-1] - 1, 0)), w, block.conv1d.bias, groups=w.shape[0])
+    return block.out_proj((C * y).transpose(1, 2))
+
+
+@pytest.mark.parametrize("cfg", [{}, {"d_conv": 4, "bias": True}, {"d_conv": 1}])
+def test_block_equals_the_formula(cfg):
+    torch.manual_seed(0)
+    check_block_vs_reference(make_block("short_conv", 12, **cfg), written_out, torch.randn(2, 13, 12, dtype=F64))
+
+
+def test_cache_contract_state_bytes_and_documents():
+    torch.manual_seed(1)
+    block = make_block("short_conv", 12, d_conv=4)
+    x = torch.randn(2, 17, 12, dtype=F64)
+    check_cache_contract(block, x, splits=((1,), (2, 5), (17,)))
+    cache = block.init_cache(2, dtype=F64)
+    with torch.no_grad():
+        block(x, cache=cache)
+        packed = block(x[:1], seq_idx=torch.tensor([[0] * 5 + [1] * 12]))
+        alone = torch.cat([block(x[:1, :5]), block(x[:1, 5:])], 1)
+    assert cache.nbytes() == block.state_bytes(17, batch_size=2, dtype=F64) == 2 * 12 * 3 * 8
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-12)
+
+
+def test_left_padded_generation_equals_each_row_alone():
+    from zoo.hf import ZooForCausalLM
+    recipe = {"name": "lfm", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "CA",
+              "blocks": {"C": {"type": "short_conv"}, "A": {"type": "attn", "n_heads": 2, "qk_norm": True}}},
+              "train": {"seq_len": 32}}
+    torch.manual_seed(2)
+    model = ZooForCausalLM.from_zoo(zoo.build_model(recipe).double().eval())
+    prompts = [[5, 3], [9, 9, 1, 4, 4, 2, 8]]
+    ids = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
+    mask = torch.tensor([[0] * 5 + [1] * 2, [1] * 7])
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for r, p in enumerate(prompts):
+        assert batch[r, 7:].tolist() == model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist(), f"row {r}"
