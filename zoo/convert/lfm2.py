@@ -1,0 +1,52 @@
+"""Lfm2ForCausalLM (Liquid AI's LFM2): per `layer_types`, a gated short convolution ("conv": the `short_conv` block)
+or attention with per-head q/k RMSNorm ("full_attention"), each with a SwiGLU (w1 gate, w3 up, w2 down; its width
+read from the weights, after LFM2's own adjustment of intermediate_size); the final norm is `embedding_norm`."""
+from __future__ import annotations
+
+from zoo.convert import _rope_base, register_converter, tied
+from zoo.convert.hybrid import layer_kinds
+
+KINDS = {"conv": "C", "full_attention": "A"}
+
+
+@register_converter("Lfm2ForCausalLM")
+def lfm2(hf) -> tuple[dict, dict]:
+    c = hf.config
+    types = layer_kinds(c, KINDS)
+    head_dim = c.hidden_size // c.num_attention_heads
+    attn = {"type": "attn", "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads,
+            "head_dim": head_dim, "rope_base": _rope_base(c), "qk_norm": True, "qk_norm_eps": c.norm_eps}
+    conv = {"type": "short_conv", "d_conv": c.conv_L_cache, "bias": bool(c.conv_bias)}
+    hidden = hf.model.layers[0].feed_forward.w1.weight.shape[0]
+    recipe = {
+        "name": "lfm2-import",
+        "model": {"d_model": c.hidden_size, "n_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+                  "pattern": "".join(KINDS[t] for t in types), "norm_eps": c.norm_eps, "tie_embeddings": tied(hf),
+                  "blocks": {KINDS[k]: spec for k, spec in (("conv", conv), ("full_attention", attn)) if k in types},
+                  "ffn": {"type": "swiglu", "hidden": hidden}},
+        "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
+    }
+    names = {"model.embed_tokens.weight": "embed.weight", "model.embedding_norm.weight": "norm.weight"}
+    if not tied(hf):
+        names["lm_head.weight"] = "lm_head.weight"
+    for i, kind in enumerate(types):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        m = dst + "mixer."
+        names[src + "operator_norm.weight"] = dst + "mixer_norm.weight"
+        names[src + "ffn_norm.weight"] = dst + "ffn_norm.weight"
+        if kind == "conv":
+            for p in ("in_proj", "out_proj"):
+                for k in ("weight", "bias") if c.conv_bias else ("weight",):
+                    names[f"{src}conv.{p}.{k}"] = f"{m}{p}.{k}"
+            names[src + "conv.conv.weight"] = m + "conv1d.weight"
+            if c.conv_bias:
+                names[src + "conv.conv.bias"] = m + "conv1d.bias"
+        else:
+            a = src + "self_attn."
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                names[f"{a}{p}.weight"] = f"{m}{p}.weight"
+            names[a + "q_layernorm.weight"] = m + "q_norm.weight"
+            names[a + "k_layernorm.weight"] = m + "k_norm.weight"
+        for hf_name, zoo_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "out_proj")):
+            names[f"{src}feed_forward.{hf_name}.weight"] = f"{dst}ffn.{zoo_name}.weight"
+    return recipe, names
