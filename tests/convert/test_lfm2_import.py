@@ -35,3 +35,26 @@ def test_logits_and_generate_equal_transformers(layer_types, kw):
     hf = make(layer_types, **kw)
     model = compare_logits(hf, V)
     compare_generate(hf, model, V)
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_expert_bias": False, "norm_topk_prob": False, "routed_scaling_factor": 2.0}])
+def test_lfm2_moe_equals_transformers(kw):
+    cfg = transformers.Lfm2MoeConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=12, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv", "conv"],
+        num_dense_layers=1, num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None, max_position_embeddings=256, **kw)
+    torch.manual_seed(0)
+    hf = transformers.Lfm2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.3)
+            elif "experts" in name or p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+        for name, buf in hf.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.normal_(0.0, 0.1)
+    model = compare_logits(hf, V)
+    compare_generate(hf, model, V)
+    assert model.recipe.model.pattern == "cACC"
