@@ -80,6 +80,9 @@ BASE = {
         num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"], num_dense_layers=1,
         num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=None, eos_token_id=None,
         max_position_embeddings=256)),
+    "FalconMambaForCausalLM": (transformers.FalconMambaConfig, dict(hidden_size=32, state_size=8, num_hidden_layers=2,
+                                                                     vocab_size=61, expand=2, conv_kernel=4,
+                                                                     time_step_rank=4)),
     "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=61, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
