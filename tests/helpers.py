@@ -277,3 +277,19 @@ def write_prepared(root, train=6000, val=1000, test=500):
                          corpus="toy", corpus_fingerprint="toy") as w:
             w.add_document(np.frombuffer(text, dtype=np.uint8), num_bytes=len(text))
     return root
+
+
+def check_left_padded_generation(recipe, prompts=((5, 3), (9, 9, 1, 4, 4, 2, 8)), new_tokens: int = 5, seed: int = 0):
+    """Greedy generation of a left-padded batch through zoo.hf equals each row generated alone (float64)."""
+    import zoo
+    from zoo.hf import ZooForCausalLM
+    torch.manual_seed(seed)
+    model = ZooForCausalLM.from_zoo(zoo.build_model(recipe).double().eval())
+    n = max(map(len, prompts))
+    ids = torch.tensor([[0] * (n - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    batch = model.generate(ids, attention_mask=mask, **kw)
+    for r, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([list(p)]), **kw)
+        assert batch[r, n:].tolist() == alone[0, len(p):].tolist(), f"row {r}"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from tests.helpers import check_block_vs_reference, check_cache_contract, make_block
+from tests.helpers import check_block_vs_reference, check_cache_contract, check_left_padded_generation, make_block
 from zoo.ops.delta import delta_rule_ref
 
 BLOCKS = ["deltanet", "gated_deltanet", "kda"]
@@ -94,7 +94,6 @@ def _recipe(block, pattern="DAD"):
 
 @pytest.mark.parametrize("name", BLOCKS)
 def test_trains_and_generates_left_padded_rows_as_each_alone(name):
-    from zoo.hf import ZooForCausalLM
     torch.manual_seed(3)
     lm = zoo.build_model(_recipe(name))
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
@@ -107,15 +106,7 @@ def test_trains_and_generates_left_padded_rows_as_each_alone(name):
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0], losses
-    model = ZooForCausalLM.from_zoo(lm.double().eval())
-    prompts = [[5, 3], [9, 9, 1, 4, 4, 2, 8], [6, 6, 6, 6]]
-    n = max(map(len, prompts))
-    batch_ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    batch = model.generate(batch_ids, attention_mask=mask, **kw)
-    for r, p in enumerate(prompts):
-        assert batch[r, n:].tolist() == model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist(), f"row {r}"
+    check_left_padded_generation(_recipe(name), prompts=((5, 3), (9, 9, 1, 4, 4, 2, 8), (6, 6, 6, 6)), new_tokens=6)
 
 
 @pytest.mark.parametrize("block,fields,message", [

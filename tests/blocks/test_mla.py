@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from tests.helpers import check_block_vs_reference, check_cache_contract, make_block
+from tests.helpers import (check_block_vs_reference, check_cache_contract, check_left_padded_generation,
+                           make_block)
 
 F64 = torch.float64
 CFG = dict(n_heads=3, kv_lora_rank=7, qk_nope_head_dim=5, qk_rope_head_dim=3, v_head_dim=6)
@@ -46,7 +47,6 @@ def test_cache_keeps_the_latent():
 
 
 def test_packed_documents_and_left_padded_generation():
-    from zoo.hf import ZooForCausalLM
     torch.manual_seed(2)
     block = make_block("mla", 12, **CFG)
     x = torch.randn(1, 14, 12, dtype=F64)
@@ -54,17 +54,11 @@ def test_packed_documents_and_left_padded_generation():
         packed = block(x, seq_idx=torch.tensor([[0] * 6 + [1] * 8]))
         alone = torch.cat([block(x[:, :6]), block(x[:, 6:])], 1)
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-12)
-    recipe = {"name": "mla", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "MD",
-              "blocks": {"M": {"type": "mla", **CFG}, "D": {"type": "kda", "n_heads": 2, "head_k_dim": 8}}},
-              "train": {"seq_len": 32}}
-    model = ZooForCausalLM.from_zoo(zoo.build_model(recipe).double().eval())
-    prompts = [[5, 3], [9, 9, 1, 4, 4, 2, 8]]
-    ids = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
-    mask = torch.tensor([[0] * 5 + [1] * 2, [1] * 7])
-    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    batch = model.generate(ids, attention_mask=mask, **kw)
-    for r, p in enumerate(prompts):
-        assert batch[r, 7:].tolist() == model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist(), f"row {r}"
+    check_left_padded_generation({
+        "name": "mla", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "MD",
+                                 "blocks": {"M": {"type": "mla", **CFG}, "D": {"type": "kda", "n_heads": 2,
+                                                                               "head_k_dim": 8}}},
+        "train": {"seq_len": 32}})
 
 
 @pytest.mark.parametrize("fields,message", [

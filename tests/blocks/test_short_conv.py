@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zoo
-from tests.helpers import check_block_vs_reference, check_cache_contract, make_block
+from tests.helpers import (check_block_vs_reference, check_cache_contract, check_left_padded_generation,
+                           make_block)
 
 F64 = torch.float64
 
@@ -39,16 +39,8 @@ def test_cache_contract_state_bytes_and_documents():
 
 
 def test_left_padded_generation_equals_each_row_alone():
-    from zoo.hf import ZooForCausalLM
-    recipe = {"name": "lfm", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "CA",
-              "blocks": {"C": {"type": "short_conv"}, "A": {"type": "attn", "n_heads": 2, "qk_norm": True}}},
-              "train": {"seq_len": 32}}
-    torch.manual_seed(2)
-    model = ZooForCausalLM.from_zoo(zoo.build_model(recipe).double().eval())
-    prompts = [[5, 3], [9, 9, 1, 4, 4, 2, 8]]
-    ids = torch.tensor([[0] * 5 + prompts[0], prompts[1]])
-    mask = torch.tensor([[0] * 5 + [1] * 2, [1] * 7])
-    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    batch = model.generate(ids, attention_mask=mask, **kw)
-    for r, p in enumerate(prompts):
-        assert batch[r, 7:].tolist() == model.generate(torch.tensor([p]), **kw)[0, len(p):].tolist(), f"row {r}"
+    check_left_padded_generation({
+        "name": "lfm", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "CA",
+                                 "blocks": {"C": {"type": "short_conv"}, "A": {"type": "attn", "n_heads": 2,
+                                                                              "qk_norm": True}}},
+        "train": {"seq_len": 32}}, seed=2)

@@ -97,14 +97,17 @@ def _silu_only(c):
 
 
 def _mamba(hf) -> tuple[dict, dict]:
-    c = hf.config
+    return _mamba_common(hf.config, *mamba1_block(hf.config))
+
+
+def mamba1_block(c) -> tuple[dict, list]:
+    """(the `mamba` block spec, its mixer's parameter names) of a MambaConfig-like config (Mamba, Falcon Mamba)."""
     _silu_only(c)
     if c.intermediate_size != c.expand * c.hidden_size:
         raise ValueError(f"intermediate_size: {c.intermediate_size} != expand * hidden_size; zoo derives it")
     block = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
              "dt_rank": int(c.time_step_rank), "conv_bias": bool(c.use_conv_bias), "bias": bool(c.use_bias)}
-    params = _conv_and_proj_params(c) + ["x_proj.weight", "dt_proj.weight", "dt_proj.bias"]
-    return _mamba_common(c, block, params)
+    return block, _conv_and_proj_params(c) + ["x_proj.weight", "dt_proj.weight", "dt_proj.bias"]
 
 
 def _mamba2(hf) -> tuple[dict, dict]:
