@@ -4,6 +4,7 @@ side by side in one process (interleaved rounds, so the ratio is the figure to r
     scalar decay (Gated DeltaNet): zoo delta_rule vs Qwen3-Next's torch_chunk_gated_delta_rule
     per-channel decay (KDA):       zoo delta_rule vs Kimi Linear's chunk_kimi_delta_attention (torch fallback)
     decode (one token from a state): zoo delta_rule at length 1 vs torch_recurrent_gated_delta_rule
+    decode of a model (a GDN and an attention layer) through each side's cache, per token
     the Gated DeltaNet layer: zoo's gated_deltanet block vs transformers' Qwen3NextGatedDeltaNet on its torch
       fallback, the same weights (imported by zoo.convert), d_model 256, 2 key heads shared by 4 value heads of
       64 x 64, forward + backward with each side's peak memory (a fresh process per side: RSS above its warmed-up
@@ -106,6 +107,48 @@ def decode_rows(rounds, table, records):
     records.append({"decay": "head", "what": "decode", "ms_per_token": per})
 
 
+def gdn_models():
+    """(zoo's ZooLM, transformers' Qwen3NextForCausalLM): a Gated DeltaNet layer and an attention layer (transformers'
+    cache cannot count the length of a model without one), the same weights."""
+    import transformers
+
+    from zoo.convert import from_transformers
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=64,
+        linear_value_head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3NextForCausalLM(cfg).float().eval()
+    return from_transformers(hf).eval(), hf
+
+
+def decode_model_rows(rounds, table, records, steps: int = 100):
+    """A decoding step of the whole two-layer model through each side's cache, after a 64-token prompt: zoo's
+    ZooLM with its ZooCache, transformers' model with the cache its forward returns (prefill time subtracted)."""
+    ours, hf = gdn_models()
+    prompt = torch.randint(0, 64, (1, 64))
+    token = torch.randint(0, 64, (1, 1))
+    with torch.no_grad():
+        def zoo_loop():
+            cache = ours.init_cache(1)
+            ours(prompt, cache=cache)
+            for _ in range(steps):
+                ours(token, cache=cache)
+
+        def hf_loop():
+            past = hf(prompt, use_cache=True).past_key_values
+            for _ in range(steps):
+                past = hf(token, past_key_values=past, use_cache=True).past_key_values
+        prefill = time_interleaved({"zoo": lambda: ours(prompt, cache=ours.init_cache(1)),
+                                    "transformers": lambda: hf(prompt, use_cache=True)}, rounds, alternate=True)
+        t = time_interleaved({"zoo": zoo_loop, "transformers": hf_loop}, rounds, alternate=True)
+    per = {k: (t[k].best - prefill[k].best) / steps * 1e3 for k in t}
+    table.add(["head", "GDN + attention model decode, ms/token", "1", f"{per['zoo']:.3f}",
+               f"{per['transformers']:.3f}", f"{per['transformers'] / per['zoo']:.2f}x"])
+    records.append({"what": "model decode", "ms_per_token": per})
+
+
 def gdn_layers():
     """(zoo's gated_deltanet block, transformers' Qwen3NextGatedDeltaNet) on the same weights."""
     import transformers
@@ -181,6 +224,7 @@ def main(argv=None):
     train_rows(args.lengths, args.rounds, table, records)
     decode_rows(args.rounds, table, records)
     layer_rows(args.layer_lengths, args.rounds, table, records)
+    decode_model_rows(args.rounds, table, records)
     print(f"\n{command_line()}  ({args.threads} thread, torch {torch.__version__}, {platform.machine()})")
     print_summary({"rows": records})
 
