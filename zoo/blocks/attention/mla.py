@@ -95,10 +95,12 @@ class MultiHeadLatentAttention(Block):
 
     def forward(self, x, *, cache: Optional[MLACache] = None, cp=None, seq_idx=None):
         check_block_documents(x, seq_idx, cache, cp)
+        if cp is not None:
+            refuse_cache(cache, "mla")
         b, t, _ = x.shape
         cfg = self.cfg
         latent, k_rope = self.latents(x)
-        if cache is not None and cp is None:
+        if cache is not None:
             cache.latent = torch.cat([cache.latent, latent.to(cache.latent.dtype)], 1)
             cache.k_rope = torch.cat([cache.k_rope, k_rope.to(cache.k_rope.dtype)], 1)
             latent, k_rope = cache.latent.to(x.dtype), cache.k_rope.to(x.dtype)
@@ -108,7 +110,6 @@ class MultiHeadLatentAttention(Block):
         width = max(cfg.qk_head_dim, cfg.v_head_dim)
         q, k, v_wide = (F.pad(y, (0, width - y.shape[-1])) for y in (q, k, v))
         if cp is not None:   # this rank's shard: its keys and values meet every query on the ring
-            refuse_cache(cache, "mla")
             out = ring_attention(q, k, v_wide, cp, causal=True, scale=cfg.qk_head_dim ** -0.5)
         else:
             out = attention(q, k, v_wide, causal=True, scale=cfg.qk_head_dim ** -0.5, seq_idx=seq_idx)

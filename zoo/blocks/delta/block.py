@@ -104,7 +104,7 @@ class _DeltaBlock(Block):
     def qkv(self, x, cache=None, seq_idx=None):
         """q, k [b, t, n_heads, d_k] (k heads repeated over the heads that share them), v [b, t, n_heads, d_v]:
         the projections through the short convolution and SiLU, continuing from and updating cache.conv."""
-        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).transpose(1, 2)
+        mixed = self.projections(x)
         weight, impl = self.conv1d.weight[:, 0], self.kernels.get("causal_conv1d", "auto")
         if cache is not None and mixed.shape[-1] == 1 and not torch.is_grad_enabled() and self.cfg.d_conv > 1:
             # a decoding step: one window product, the tail shifted in place (zoo.ops.conv)
@@ -117,6 +117,10 @@ class _DeltaBlock(Block):
                                         return_final_states=True, activation="silu", impl=impl)
             cache.conv = tail.to(cache.conv.dtype)
         return self.heads(mixed.transpose(1, 2))
+
+    def projections(self, x):
+        """The q | k | v channels [b, c, t] the short convolution reads (the cp path convolves them by halos)."""
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1).transpose(1, 2)
 
     def heads(self, mixed):
         """q, k [b, t, n_heads, d_k] and v [b, t, n_heads, d_v] from the convolved q | k | v channels [b, t, c]."""

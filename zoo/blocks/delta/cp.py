@@ -28,20 +28,18 @@ def delta_cp(block, x, cp: ContextParallel, cache=None):
     refuse_cache(cache, block.name)
     b = x.shape[0]
     cfg = block.cfg
-    mixed = torch.cat([block.q_proj(x), block.k_proj(x), block.v_proj(x)], -1).transpose(1, 2)
-    mixed = conv_cp(mixed, block.conv1d.weight[:, 0], block.conv1d.bias, cp,
+    mixed = conv_cp(block.projections(x), block.conv1d.weight[:, 0], block.conv1d.bias, cp,
                     block.kernels.get("causal_conv1d", "auto")).transpose(1, 2)
     q, k, v = block.heads(mixed)
     beta, g = block.beta(x), block.log_decay(x)
     h, dk, dv = cfg.n_heads, cfg.head_k_dim, cfg.v_dim
     kw = dict(qk_l2norm=cfg.qk_l2norm, chunk_size=cfg.chunk_size, impl=block.kernels.get("delta_rule", "auto"))
     chunks = cp.chunks()
+    start = torch.cat([torch.eye(dk, dtype=beta.dtype, device=x.device).expand(b, h, dk, dk),
+                       torch.zeros(b, h, dk, dv, dtype=beta.dtype, device=x.device)], -1)   # [I | 0]
     transitions = []
     for c in chunks:
         sl = c.local
-        acc = beta.dtype
-        start = torch.cat([torch.eye(dk, dtype=acc, device=x.device).expand(b, h, dk, dk),
-                           torch.zeros(b, h, dk, dv, dtype=acc, device=x.device)], -1)
         wide_v = torch.cat([torch.zeros(*v[:, sl].shape[:3], dk, dtype=v.dtype, device=v.device), v[:, sl]], -1)
         _, end = delta_rule(q[:, sl], k[:, sl], wide_v, beta[:, sl], None if g is None else g[:, sl],
                             initial_state=start, output_final_state=True, **kw)
