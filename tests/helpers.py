@@ -293,3 +293,16 @@ def check_left_padded_generation(recipe, prompts=((5, 3), (9, 9, 1, 4, 4, 2, 8))
     for r, p in enumerate(prompts):
         alone = model.generate(torch.tensor([list(p)]), **kw)
         assert batch[r, n:].tolist() == alone[0, len(p):].tolist(), f"row {r}"
+
+
+def train_losses(model, ids, steps: int, lr: float = 1e-2):
+    """(the loss of each of `steps` AdamW steps on `ids` as its own labels, the last step's output)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    return losses, out

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from tests.helpers import check_block_vs_reference, check_cache_contract, check_left_padded_generation, make_block
+from tests.helpers import (check_block_vs_reference, check_cache_contract, check_left_padded_generation, make_block,
+                           train_losses)
 from zoo.ops.delta import delta_rule_ref
 
 BLOCKS = ["deltanet", "gated_deltanet", "kda"]
@@ -95,16 +96,7 @@ def _recipe(block, pattern="DAD"):
 @pytest.mark.parametrize("name", BLOCKS)
 def test_trains_and_generates_left_padded_rows_as_each_alone(name):
     torch.manual_seed(3)
-    lm = zoo.build_model(_recipe(name))
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
-    ids = torch.randint(0, 32, (4, 24))
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        out = lm(ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses, _ = train_losses(zoo.build_model(_recipe(name)), torch.randint(0, 32, (4, 24)), 6)
     assert losses[-1] < losses[0], losses
     check_left_padded_generation(_recipe(name), prompts=((5, 3), (9, 9, 1, 4, 4, 2, 8), (6, 6, 6, 6)), new_tokens=6)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import zoo
 import zoo.registry
 from tests.distributed.launcher import RankPool
-from tests.helpers import assert_close, check_cache_contract, make_block, rel_err
+from tests.helpers import assert_close, check_cache_contract, make_block, rel_err, train_losses
 from zoo.blocks.base import Block, BlockCache
 from zoo.distributed import all_reduce_grads, shard
 from zoo.distributed.halo import preceding
@@ -123,15 +123,7 @@ def recipe(pattern="CA", block="dwconv"):
 def test_trains_and_describes():
     model = zoo.build_model(recipe())
     assert isinstance(model.layers[0].mixer, DepthwiseConv)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(0, V, (4, 24))
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses, out = train_losses(model, torch.randint(0, V, (4, 24)), 8)
     assert out.aux_loss is None and losses[-1] < losses[0], losses
     table = model.describe(context=1024)
     row = next(line for line in table.splitlines() if line.split()[:2] == ["0", "dwconv"])

@@ -15,15 +15,23 @@ def make(layer_types, **kw):
                                   pad_token_id=0, bos_token_id=None, eos_token_id=None, max_position_embeddings=256,
                                   **kw)
     torch.manual_seed(0)
-    hf = transformers.Lfm2ForCausalLM(cfg).eval()
+    return _randomised(transformers.Lfm2ForCausalLM(cfg).eval())
+
+
+def _randomised(hf):
+    """Every path visible: norms away from 1, biases, weights and experts larger than their init, the router's
+    expert bias non-zero."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.3)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.3)
-            elif p.dim() >= 2:
+            elif "experts" in name or p.dim() >= 2:
                 p.normal_(0.0, 0.15)
+        for name, buf in hf.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.normal_(0.0, 0.1)
     return hf
 
 
@@ -45,16 +53,7 @@ def test_lfm2_moe_equals_transformers(kw):
         num_dense_layers=1, num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=None,
         eos_token_id=None, max_position_embeddings=256, **kw)
     torch.manual_seed(0)
-    hf = transformers.Lfm2MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.3)
-            elif "experts" in name or p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-        for name, buf in hf.named_buffers():
-            if name.endswith("expert_bias"):
-                buf.normal_(0.0, 0.1)
+    hf = _randomised(transformers.Lfm2MoeForCausalLM(cfg).eval())
     model = compare_logits(hf, V)
     compare_generate(hf, model, V)
     assert model.recipe.model.pattern == "cACC"

@@ -17,6 +17,14 @@ def _copies(before, after):
     return [d for d in range(1, lo + 1) if np.array_equal(after[lo:hi], before[lo - d:hi - d])]
 
 
+def _moved_rows(before, after):
+    """(row, changed positions, distances that explain the change as one copy) of every row a repeat changed."""
+    for row in range(len(before)):
+        a, b = before[row], after[row]
+        if not np.array_equal(a, b):
+            yield row, np.flatnonzero(a != b), _copies(a, b)
+
+
 def test_each_repeat_is_a_span_of_the_row_copied_within_the_bounds():
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, 50_000, size=(64, 301))   # distinct enough that a copy is never a coincidence
@@ -25,16 +33,11 @@ def test_each_repeat_is_a_span_of_the_row_copied_within_the_bounds():
                          rng=np.random.default_rng(0))
     assert torch.equal(batch["input_ids"], torch.from_numpy(tokens))   # the batch given is left as it was
     assert torch.equal(out["labels"], out["input_ids"])
-    changed = 0
-    for row in range(64):
-        a, b = tokens[row], out["input_ids"][row].numpy()
-        if np.array_equal(a, b):
-            continue
-        changed += 1
-        n = len(np.flatnonzero(a != b))
-        assert 7 <= n <= 19
-        assert [d for d in _copies(a, b) if 40 <= d <= 111], row
-    assert 20 <= changed <= 44   # ~half of 64 rows
+    moved = list(_moved_rows(tokens, out["input_ids"].numpy()))
+    for row, changed, distances in moved:
+        assert 7 <= len(changed) <= 19
+        assert [d for d in distances if 40 <= d <= 111], row
+    assert 20 <= len(moved) <= 44   # ~half of 64 rows
 
 
 def test_the_draw_is_a_function_of_the_generator_seed():
@@ -64,16 +67,11 @@ def test_a_repeat_never_joins_two_documents():
     docs[100:] = np.r_[np.zeros(50, int), np.ones(14, int)]          # or one of 50 and one of 14
     batch = pack_batch(tokens, docs)
     out = insert_repeats(batch, fraction=1.0, count=1, span=(4, 6), distance=(8, 40), rng=np.random.default_rng(3))
-    moved = 0
-    for row in range(200):
-        a, b = tokens[row], out["input_ids"][row].numpy()
-        if np.array_equal(a, b):
-            continue
-        moved += 1
-        changed = np.flatnonzero(a != b)
-        d = [d for d in _copies(a, b) if 8 <= d <= 40][0]
+    moved = list(_moved_rows(tokens, out["input_ids"].numpy()))
+    for row, changed, distances in moved:
+        d = [d for d in distances if 8 <= d <= 40][0]
         assert docs[row, changed[0] - d] == docs[row, changed[-1]], row
-    assert moved > 20   # the 50-token documents hold repeats
+    assert len(moved) > 20   # the 50-token documents hold repeats
     starts = batch["labels"] == IGNORE_INDEX
     assert torch.equal(out["labels"] == IGNORE_INDEX, starts)
     assert torch.equal(out["labels"][~starts], out["input_ids"][~starts])
