@@ -206,3 +206,24 @@ def paired(a: dict, b: dict, resamples: int = RESAMPLES, seed: int = SEED) -> Op
     iv = difference_interval(np.asarray(pa["bits"]), np.asarray(pa["bytes"]), np.asarray(pb["bits"]),
                              np.asarray(pb["bytes"]), resamples=resamples, seed=seed)
     return a["bits_per_byte"] - b["bits_per_byte"], iv
+
+
+@torch.no_grad()
+def copied_token_bits(model, data, count: int = 4, span=(32, 256), distance=(256, 3840), batches: int = 4,
+                      rows: int = 2, length: int = 4096, seed: int = 7) -> dict:
+    """Did a model trained with `train.repeats` learn to copy its training repeats? Training rows of `data` (a
+    PreparedData; rows past any a training run would draw first, at steps 10,000 + i) with `count` spans copied
+    `distance` tokens later in every row (zoo.data.repeats, generator seeded [seed, i]); bits per token on the
+    copied tokens and on the rest, each the mean of the batches' means. A model that copies predicts the copied
+    tokens almost free."""
+    from zoo.data.repeats import insert_repeats
+    means = {"copied": [], "other": []}
+    for i in range(batches):
+        batch = data.train_batch(10_000 + i, 0, rows, length)
+        ids = insert_repeats(batch, 1.0, count, span, distance, np.random.default_rng([seed, i]))["input_ids"]
+        copied = (ids != batch["input_ids"])[:, 1:]
+        logits = model(ids).logits.float()[:, :-1]
+        bits = -torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0] / LN2
+        means["copied"].append(bits[copied].mean().item())
+        means["other"].append(bits[~copied].mean().item())
+    return {k: float(np.mean(v)) for k, v in means.items()}

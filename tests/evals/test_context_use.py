@@ -115,6 +115,38 @@ def test_synthetic_copy_scores_the_second_copy():
         synthetic_copy(_Copier(8), 8)
 
 
+class _Rows:
+    """Training rows of random bytes, a pure function of the step (PreparedData's train_batch)."""
+
+    def train_batch(self, step, micro, rows, length):
+        from zoo.data.packing import pack_batch
+        return pack_batch(np.random.default_rng([step, micro]).integers(0, 256, size=(rows, length)))
+
+
+class _LooksBack:
+    """Predicts, almost surely, the token `d` back from the one it predicts (a copier at that one distance), or
+    with `uniform` every token alike."""
+
+    def __init__(self, d, uniform=False):
+        self.d, self.uniform = d, uniform
+
+    def __call__(self, ids):
+        logits = torch.zeros(*ids.shape, 256)
+        if not self.uniform:   # position t predicts t + 1, whose source is t + 1 - d
+            logits[:, self.d - 1:].scatter_(-1, ids[:, :ids.shape[1] - self.d + 1, None], 40.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copied_token_bits_separates_a_copier_from_a_blind_model():
+    from evals.context_use import copied_token_bits
+    # one copy a row, so that no later copy overwrites an earlier one's source
+    kw = dict(count=1, span=(20, 40), distance=(50, 50), batches=3, rows=2, length=300)
+    blind = copied_token_bits(_LooksBack(50, uniform=True), _Rows(), **kw)
+    assert blind["copied"] == pytest.approx(8.0) and blind["other"] == pytest.approx(8.0)   # log2 256 each
+    copier = copied_token_bits(_LooksBack(50), _Rows(), **kw)
+    assert copier["copied"] < 0.01 and copier["other"] > 30   # sure of the copy, surely wrong elsewhere
+
+
 def _cell(recipe, corpus, verdict, past, copy_rows, bpb=1.0, ci=(0.9, 1.1)):
     return {"recipe": recipe, "eval": "context_use", "scheme": corpus, "corpus": corpus, "context": 8192,
             "length": 8192, "history_cut": 1024, "model_train_len": 2048, "documents": 4, "source_documents": 3,
