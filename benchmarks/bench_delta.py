@@ -217,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layer-lengths", type=lambda s: [int(v) for v in s.split(",")], default=[4096, 16384])
     args = ap.parse_args(argv)
+    if min(args.lengths + args.layer_lengths) < 2 or args.rounds < 1 or args.threads < 1:
+        ap.error("--lengths / --layer-lengths: at least 2 tokens each; --rounds, --threads: positive integers")
     torch.set_num_threads(args.threads)
     table = Table(["decay", "what", "length", "zoo s", "transformers s", "transformers / zoo"], "lllrrr",
                   stream=True)

@@ -71,6 +71,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
+    for side in ("base", "head"):   # checked before any worktree or measurement
+        rev = getattr(args, side)
+        if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                          capture_output=True).returncode:
+            ap.error(f"--{side}: {rev!r} is not a commit of {ROOT}")
+    missing = [n for n in args.recipes if not (ROOT / "recipes" / f"{n}.yaml").is_file()]
+    if missing:
+        ap.error(f"--recipes: no recipes/<name>.yaml for {', '.join(missing)}")
     trees = {}
     try:
         for side in ("base", "head"):
