@@ -21,6 +21,7 @@ from typing import Callable, Union
 import torch
 
 from zoo.config import load_recipe
+from zoo.convert.hybrid import require_silu
 from zoo.model import ZooLM
 
 
@@ -47,8 +48,7 @@ def _llama(hf) -> tuple[dict, dict]:
                   "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": mlp_bias}},
         "train": {"seq_len": min(int(getattr(c, "max_position_embeddings", 2048)), 2048)},
     }
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act: only silu (SwiGLU) converts, got {c.hidden_act!r}")
+    require_silu(c, "hidden_act")
     names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
     if not c.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
@@ -92,8 +92,7 @@ def _conv_and_proj_params(c) -> list:
 
 def _silu_only(c):
     # zoo's Mamba mixers gate with silu, as mamba_ssm does; transformers lets hidden_act change it
-    if getattr(c, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act: only silu converts (zoo's Mamba mixers gate with silu), got {c.hidden_act!r}")
+    require_silu(c, "hidden_act")
 
 
 def _mamba(hf) -> tuple[dict, dict]:

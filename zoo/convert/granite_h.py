@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from zoo.convert import _rope_base, register_converter
+from zoo.convert.hybrid import require_silu
 
 KINDS = {"linear_attention": "M", "full_attention": "A"}
 MAMBA2_PARAMS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
@@ -19,8 +20,7 @@ MAMBA2_PARAMS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "no
 @register_converter("GraniteMoeHybridForCausalLM")
 def granite_h(hf) -> tuple[dict, dict]:
     c = hf.config
-    if c.hidden_act != "silu":
-        raise ValueError(f"hidden_act: zoo's Mamba-2 convolution and its SwiGLU use silu, got {c.hidden_act!r}")
+    require_silu(c, "hidden_act")
     types = list(c.layer_types)
     bad = sorted(set(types) - set(KINDS))
     if bad:
