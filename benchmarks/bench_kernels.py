@@ -5,13 +5,15 @@ training MFU of the transformer and taipan recipes.
     selective_scan  zoo torch path | zoo Triton | mamba-ssm's selective_scan_fn (if installed)
     selective_attn  zoo torch path | zoo Triton | SDPA plain causal attention (the speed to reach)
     infini          zoo torch path | zoo Triton (memory retrieval + update fused; local attention SDPA)
+    delta_rule      zoo torch path | zoo Triton (the chunk-to-chunk pass; the chunks' WY part in torch)
     mfu             training steps of recipes/transformer.yaml and recipes/taipan.yaml, scaled up
 
 Each cell is forward + backward of one call (batch 1 unless --batch), bf16 inputs unless --dtype,
 time the median of --repeats after two warm-up calls (CUDA events), memory the peak allocated above
 the inputs. Before timing, every implementation's output is compared with the torch path's at 2K.
 Shapes: Mamba-2 d_model 768 (24 heads of 64, d_state 128, one group, chunk 256); Mamba-1 d_inner
-1536, d_state 16; attention 12 heads of 64.
+1536, d_state 16; attention 12 heads of 64; Gated DeltaNet 16 heads, d_k = d_v = 128, chunk 64 (Qwen3-Next's
+linear-attention shape with its 32 value heads halved).
 
 MFU = model FLOPs per second / the device's dense bf16 peak (989 TFLOP/s for H100 and H200 SXM,
 or --peak-tflops), model FLOPs per token 6 N (N: parameters without the embedding, the LM head
@@ -42,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import zoo  # noqa: E402
 from benchmarks.harness import ROOT, Stopwatch, Table, print_summary, time_call  # noqa: E402
+from zoo.ops.delta import delta_rule  # noqa: E402
 from zoo.ops.dispatch import chosen, unavailable  # noqa: E402
 from zoo.ops.infini import infini_attention  # noqa: E402
 from zoo.ops.selective import selective_attention  # noqa: E402
@@ -62,9 +65,9 @@ MFU_OVERRIDES = {  # sizes at which a GPU is busy; the recipes' own are CPU-size
 # ---- the cases: (name, make inputs, {impl: fn(inputs) -> output}) -----------------------------------
 
 GPU_SHAPES = {"ssd": dict(h=24, p=64, n=128, g=1, chunk=256), "selective_scan": dict(d=1536, n=16),
-              "attention": dict(heads=12, head_dim=64, segment_len=2048)}
+              "attention": dict(heads=12, head_dim=64, segment_len=2048), "delta": dict(h=16, d=128, chunk=64)}
 SMOKE_SHAPES = {"ssd": dict(h=4, p=8, n=8, g=2, chunk=16), "selective_scan": dict(d=8, n=4),
-                "attention": dict(heads=2, head_dim=16, segment_len=16)}
+                "attention": dict(heads=2, head_dim=16, segment_len=16), "delta": dict(h=2, d=16, chunk=16)}
 SHAPES = GPU_SHAPES
 
 
@@ -114,9 +117,22 @@ def infini_case(length, batch, dtype, device):
     return inputs, {"torch": run("torch"), "triton": run("triton")}
 
 
-CASES = {"ssd": ssd_case, "selective_scan": scan_case, "selective_attention": selective_case, "infini": infini_case}
+def delta_case(length, batch, dtype, device):
+    h, d, chunk = (SHAPES["delta"][k] for k in ("h", "d", "chunk"))
+    gen = torch.Generator(device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen, device=device)
+    inputs = dict(q=r(batch, length, h, d).to(dtype), k=r(batch, length, h, d).to(dtype),
+                  v=r(batch, length, h, d).to(dtype), beta=torch.rand(batch, length, h, generator=gen, device=device),
+                  g=-torch.rand(batch, length, h, generator=gen, device=device))
+    run = lambda impl: lambda a: delta_rule(a["q"], a["k"], a["v"], a["beta"], a["g"], qk_l2norm=True,
+                                            chunk_size=chunk, impl=impl)
+    return inputs, {"torch": run("torch"), "triton": run("triton")}
+
+
+CASES = {"ssd": ssd_case, "selective_scan": scan_case, "selective_attention": selective_case, "infini": infini_case,
+         "delta_rule": delta_case}
 OP_OF = {"ssd": "ssd", "selective_scan": "selective_scan", "selective_attention": "selective_attention",
-         "infini": "infini"}
+         "infini": "infini", "delta_rule": "delta_rule"}
 
 
 def runnable(case, impl, device):

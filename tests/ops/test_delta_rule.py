@@ -3,7 +3,7 @@ whole == chunked through the state == token by token; packed documents; transfor
 import pytest
 import torch
 
-from zoo.ops.delta import delta_rule, delta_rule_ref
+from zoo.ops.delta import chunk_gated_delta_rule, delta_rule, delta_rule_ref
 
 F64 = torch.float64
 
@@ -131,12 +131,30 @@ def test_equals_transformers_gated_delta_rule_and_kimi_delta_attention():
                               use_qk_l2norm_in_kernel=True)
         torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=2e-5)
         torch.testing.assert_close(s, s_theirs.float(), rtol=0, atol=2e-5)
+    # design.md's fla-compatible entry point, called positionally in fla's (and transformers') order
+    ours, s = chunk_gated_delta_rule(*args, initial_state=x["initial_state"], output_final_state=True,
+                                     use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(s, s_theirs.float(), rtol=0, atol=2e-5)
     x = {k: v.float() for k, v in make(t=37, decay="channel").items()}
     ours, s = delta_rule(**x, output_final_state=True, qk_l2norm=True)
     theirs, s_theirs = recurrent_kimi_delta_attention(x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"],
                                                       True, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
     torch.testing.assert_close(s, s_theirs, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("decay", [None, "head", "channel"])
+def test_chunk_gated_delta_rule_is_delta_rule_in_flas_order_and_dtypes(decay):
+    x = make(t=19, decay=decay, dtype=torch.float32)
+    want_o, want_s = delta_rule(**x, output_final_state=True, qk_l2norm=True, chunk_size=8)
+    o, s = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x.get("g"), x["beta"], initial_state=x["initial_state"],
+                                  output_final_state=True, use_qk_l2norm_in_kernel=True, chunk_size=8)
+    torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    half = {k: v.to(torch.bfloat16) for k, v in x.items()}
+    o, s = chunk_gated_delta_rule(half["q"], half["k"], half["v"], half.get("g"), half["beta"], chunk_size=8)
+    assert o.dtype == torch.bfloat16 and s is None     # o in v's dtype; no state unless asked, as fla
 
 
 @pytest.mark.parametrize("change,message", [

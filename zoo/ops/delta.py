@@ -35,7 +35,7 @@ from zoo.ops.dispatch import choose
 from zoo.ops.documents import check_seq_idx, document_number
 from zoo.ops.dtypes import accumulation_dtype
 
-__all__ = ["delta_rule", "delta_rule_ref", "l2_normalize"]
+__all__ = ["chunk_gated_delta_rule", "delta_rule", "delta_rule_ref", "l2_normalize"]
 
 L2_EPS = 1e-6   # transformers' and fla's l2norm: x / sqrt(sum x^2 + eps)
 
@@ -74,10 +74,11 @@ def delta_rule_ref(q, k, v, beta, g=None, scale=None, initial_state=None, output
 def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, qk_l2norm=False,
                seq_idx=None, chunk_size: int = 64, impl: str = "auto"):
     """`delta_rule_ref` by chunks of `chunk_size` tokens (any length; the last chunk may be shorter).
-    impl: "auto" | "torch" (`zoo.ops.dispatch`)."""
+    impl: "auto" | "torch" | "triton" (`zoo.ops.dispatch`; "triton" runs the pass from chunk to chunk, forward and
+    backward, as one kernel each, zoo.ops.triton.delta; the chunks' parallel part stays in torch)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
-    choose("delta_rule", impl, q)
+    use_triton = choose("delta_rule", impl, q) == "triton"
     q, k, v, beta, g, scale = _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx)
     b, t, h, dk = k.shape
     dv, acc = v.shape[-1], q.dtype
@@ -119,6 +120,12 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
 
     state = (torch.zeros(b, h, dk, dv, dtype=acc, device=q.device) if initial_state is None
              else initial_state.to(acc))
+    if use_triton:   # the same pass as the loop below, one kernel walking the chunks (zoo.ops.triton.delta)
+        from zoo.ops.triton.delta import delta_chunk_scan_triton
+        E = (end0 if end0.dim() == 4 else end0[..., None]).expand(b, n, h, dk)
+        o, state = delta_chunk_scan_triton(W_v, W_k, q0, qk, k_end, E, state)
+        o = o.permute(0, 1, 3, 2, 4).reshape(b, n * C, h, dv)[:, :t]
+        return (o, state) if output_final_state else o
     outs = []
     # unbind, not indexing per chunk: each index's backward would fill a zero tensor the size of the whole
     # input (two thirds of the backward at 4K); unbind's stacks the chunks' gradients once
@@ -129,6 +136,17 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
         state = _scale_rows(state, e_c) + k_c.transpose(-1, -2) @ U
     o = torch.stack(outs, 1).permute(0, 1, 3, 2, 4).reshape(b, n * C, h, dv)[:, :t]
     return (o, state) if output_final_state else o
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm_in_kernel=False, seq_idx=None, chunk_size: int = 64, impl: str = "auto"):
+    """`delta_rule` under fla's name and argument order (fla.ops.gated_delta_rule.chunk_gated_delta_rule), so that
+    code written for fla runs on zoo by changing the import: g before beta, `use_qk_l2norm_in_kernel`. g may be
+    [b, t, h] (Gated DeltaNet), [b, t, h, d_k] (KDA) or None (DeltaNet). Returns (o in v's dtype, the final state
+    in the accumulation dtype, or None unless `output_final_state`), as fla does."""
+    o, state = delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
+                          qk_l2norm=use_qk_l2norm_in_kernel, seq_idx=seq_idx, chunk_size=chunk_size, impl=impl)
+    return o.to(v.dtype), (state if output_final_state else None)
 
 
 def _step(q, k, v, beta, g, state, acc):

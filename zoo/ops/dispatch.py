@@ -35,7 +35,7 @@ OPS: Dict[str, tuple] = {
     "causal_conv1d": ("cuda", "torch"),
     "selective_attention": ("triton", "torch"),
     "infini": ("triton", "torch"),
-    "delta_rule": ("torch",),
+    "delta_rule": ("triton", "torch"),
 }
 IMPLS = ("auto", "torch", "triton", "cuda")
 
