@@ -32,6 +32,7 @@ import torch
 from evals.bootstrap import LEVEL, RESAMPLES, SEED, difference_interval, proportion_interval, ratio_interval
 from evals.compression import gzip_size, xz_size
 from evals.perplexity import LN2, _byte_weights, _token_file, document_tokens, extrapolation, segments
+from zoo.data.repeats import random_string
 
 SPAN = 16   # 32 left 0.2% of Shakespeare's targets as repeats (16: 3.5%; the stdlib 21%)
 COPY_SKIP = 8
@@ -154,14 +155,12 @@ def copy_prompt(length: int, vocab_size: int, rng: np.random.Generator, eos_id: 
     """(tokens, first scored position): a string of `length` tokens, a separator, the string again. For a byte
     vocabulary the string is lowercase words of 2-8 letters separated by spaces and the separator a newline;
     otherwise random ids (never `eos_id`) and the separator one more random id."""
+    exclude = () if eos_id is None else (eos_id,)
     if vocab_size == 256:
-        letters = []
-        while len(letters) < length:
-            letters += list(rng.integers(ord("a"), ord("z") + 1, size=int(rng.integers(2, 9)))) + [ord(" ")]
-        s, sep = np.asarray(letters[:length], dtype=np.int64), [ord("\n")]
+        s, sep = random_string(length, vocab_size, rng), [ord("\n")]
     else:
-        allowed = np.array([i for i in range(vocab_size) if i != eos_id])
-        s, sep = rng.choice(allowed, size=length + 1)[:length], list(rng.choice(allowed, size=1))
+        s, sep = random_string(length + 1, vocab_size, rng, exclude)[:length], list(random_string(1, vocab_size, rng,
+                                                                                                    exclude))
     return np.concatenate([s, sep, s]).astype(np.int64), length + 1
 
 

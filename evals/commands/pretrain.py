@@ -196,7 +196,8 @@ def _repeats_text(card: dict) -> str:
     r = card.get("repeats")
     if not r:
         return ""
-    return (f"; long-range repeats in {r['fraction']:.0%} of the rows ({r['count']} per row, each a span of "
+    what = "a random string written there and" if r.get("source") == "random" else "a span of"
+    return (f"; long-range repeats in {r['fraction']:.0%} of the rows ({r['count']} per row, each {what} "
             f"{r['span'][0]}-{r['span'][1]} tokens copied {r['distance'][0]}-{r['distance'][1]} tokens later: "
             "train.repeats)")
 
@@ -287,7 +288,7 @@ def make_card(trainer, result, recipe, argv, sizing, args, path, dest, bpb, val3
         card["seq_len_schedule"] = [[s.seq_len, s.until] for s in t.seq_len_schedule]
     if t.repeats.fraction:
         card["repeats"] = {"fraction": t.repeats.fraction, "count": t.repeats.count, "span": list(t.repeats.span),
-                           "distance": list(t.repeats.distance)}
+                           "distance": list(t.repeats.distance), "source": t.repeats.source}
     if trainer.world > 1:
         card.update(world_size=trainer.world, cp=trainer.cp, cp_layout=t.cp_layout)
     return card

@@ -6,7 +6,7 @@ import torch
 import zoo
 from tests.helpers import ToyData, toy_recipe, train_toy
 from zoo.data.packing import IGNORE_INDEX, pack_batch
-from zoo.data.repeats import insert_repeats
+from zoo.data.repeats import insert_repeats, random_string
 
 
 def _copies(before, after):
@@ -77,7 +77,46 @@ def test_a_repeat_never_joins_two_documents():
     assert torch.equal(out["labels"][~starts], out["input_ids"][~starts])
 
 
+@pytest.mark.parametrize("vocab", [256, 1000])
+def test_random_source_writes_a_random_string_and_copies_it(vocab):
+    """source "random": the source span is replaced (lowercase words for bytes, ids of the vocabulary otherwise)
+    and the copy is of the new string; labels follow the ids except a document's first, which stays ignored."""
+    tokens = np.random.default_rng(4).integers(0, 3, size=(40, 120))    # ids 0-2: never letters, never random ids
+    docs = np.r_[np.zeros(60, int), np.ones(60, int)][None].repeat(40, 0)
+    batch = pack_batch(tokens, docs)
+    out = insert_repeats(batch, fraction=1.0, count=1, span=(10, 20), distance=(15, 30), rng=np.random.default_rng(1),
+                         source="random", vocab_size=vocab)
+    ids = out["input_ids"].numpy()
+    written = 0
+    for row in range(40):
+        new = np.flatnonzero(ids[row] >= 3)             # where a random string went (its ids are >= 3 here)
+        if not len(new):
+            continue
+        written += 1
+        lo = new[0]
+        copies = [d for d in range(15, 31) if lo + d < 120 and ids[row, lo + d] == ids[row, lo]]
+        assert copies, row
+        assert ids[row, new].max() < vocab
+        if vocab == 256:
+            assert set(ids[row, new]) <= set(range(ord("a"), ord("z") + 1)) | {ord(" ")}
+    assert written >= 15   # the rest drew a repeat across the two documents and were left alone
+    starts = batch["labels"] == IGNORE_INDEX
+    assert torch.equal(out["labels"] == IGNORE_INDEX, starts)
+    assert torch.equal(out["labels"][~starts], out["input_ids"][~starts])
+    with pytest.raises(ValueError, match="source: 'words'; allowed: text, random"):
+        insert_repeats(batch, 1.0, 1, (10, 20), (15, 30), np.random.default_rng(1), source="words")
+
+
+def test_random_string_is_words_of_letters_for_bytes_and_avoids_excluded_ids():
+    words = random_string(200, 256, np.random.default_rng(0))
+    assert len(words) == 200 and set(words) <= set(range(ord("a"), ord("z") + 1)) | {ord(" ")}
+    assert all(2 <= len(w) <= 8 for w in bytes(words.tolist()).decode().split(" ")[:-1])
+    ids = random_string(500, 10, np.random.default_rng(0), exclude=(3,))
+    assert 3 not in ids and set(ids) == set(range(10)) - {3}
+
+
 @pytest.mark.parametrize("field,value,message", [
+    ("source", "words", r"repeats.source: 'words'; allowed: text, random"),
     ("fraction", 1.5, r"repeats.fraction: must be in \[0, 1\], got 1.5"),
     ("count", 0, r"repeats.count: must be a positive integer, got 0"),
     ("span", "[9, 3]", r"repeats.span: must be \[low, high\] with 1 <= low <= high, got \[9, 3\]"),

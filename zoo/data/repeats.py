@@ -9,6 +9,12 @@ its first occurrence far back.
 
     insert_repeats(batch, fraction=0.5, count=4, span=(32, 256), distance=(1024, 3840), rng=rng)
 
+`source="random"` first overwrites each source span with a random string (`random_string`: lowercase words for a
+byte vocabulary, random ids otherwise), then copies it: its second occurrence can be predicted only by finding
+the first, where a copied span of natural text is partly predictable from its own left context, so the gradient
+toward copying is weak (a 1M-parameter transformer trained on 2M tokens of text repeats copied nothing,
+docs/long-context.md). This is the synthetic copying task of "Repeat After Me" written into natural rows.
+
 Rows too short for the smallest span and distance are left as they are. With document ids (`seq_idx`,
 `train.cross_doc: false`) a repeat stays inside one document, so the model can see its source. The draw
 depends only on `rng`, so a trainer that seeds it with (seed, step, micro) resumes bit-identically.
@@ -16,12 +22,34 @@ depends only on `rng`, so a trainer that seeds it with (seed, step, micro) resum
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from zoo.data.packing import IGNORE_INDEX
 
 
-def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng: np.random.Generator) -> dict:
+SOURCES = ("text", "random")
+
+
+def random_string(length: int, vocab_size: int, rng: np.random.Generator, exclude=()) -> np.ndarray:
+    """`length` tokens nothing but a copy can predict: for a byte vocabulary (256) lowercase words of 2-8 letters
+    separated by spaces (text-like bytes), otherwise ids drawn uniformly from the vocabulary less `exclude`."""
+    if vocab_size == 256:
+        letters = []
+        while len(letters) < length:
+            letters += list(rng.integers(ord("a"), ord("z") + 1, size=int(rng.integers(2, 9)))) + [ord(" ")]
+        return np.asarray(letters[:length], dtype=np.int64)
+    allowed = np.array([i for i in range(vocab_size) if i not in exclude])
+    return rng.choice(allowed, size=length).astype(np.int64)
+
+
+def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng: np.random.Generator,
+                   source: str = "text", vocab_size: int = 256) -> dict:
     """In a `fraction` of the rows, `count` times in turn: copy span[0]..span[1] tokens from `src` to `src + d`,
-    d drawn from distance[0]..distance[1] (both inclusive; a later copy may overwrite an earlier one).
+    d drawn from distance[0]..distance[1] (both inclusive; a later copy may overwrite an earlier one). With
+    source "random" the span at `src` is first replaced by a `random_string` over `vocab_size` tokens.
     Returns a new batch; `batch` is left as it was."""
+    if source not in SOURCES:
+        raise ValueError(f"source: {source!r}; allowed: {', '.join(SOURCES)}")
     ids = batch["input_ids"].clone()
     labels = batch["labels"].clone()
     seq_idx = batch.get("seq_idx")
@@ -34,6 +62,10 @@ def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng
             src, d, n = placed
             if seq_idx is not None and seq_idx[row, src] != seq_idx[row, src + d + n - 1]:
                 continue   # source and copy in different documents: the model could not see the source
+            if source == "random":
+                ids[row, src:src + n] = torch.from_numpy(random_string(n, vocab_size, rng))
+                keep = labels[row, src:src + n] == IGNORE_INDEX     # a document's first token stays unscored
+                labels[row, src:src + n] = ids[row, src:src + n].masked_fill(keep, IGNORE_INDEX)
             ids[row, src + d:src + d + n] = ids[row, src:src + n].clone()
             labels[row, src + d:src + d + n] = ids[row, src + d:src + d + n]
     return {**batch, "input_ids": ids, "labels": labels}

@@ -360,7 +360,8 @@ class Trainer:
         r = self.cfg.repeats
         if r.fraction:   # its own stream (the trailing 1): the windows' draws stay what they were without it
             rng = np.random.default_rng([self.cfg.seed, self.step, micro, 1])
-            batch = insert_repeats(batch, r.fraction, r.count, r.span, r.distance, rng)
+            batch = insert_repeats(batch, r.fraction, r.count, r.span, r.distance, rng, source=r.source,
+                                   vocab_size=self.model.recipe.model.vocab_size)
         return batch
 
     def train_step(self) -> float:
