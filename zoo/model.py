@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from zoo.blocks.base import BlockCache
+from zoo.blocks.moe import MoeFeedForward
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
 from zoo.layer import RMSNorm, ZooLayer
@@ -156,6 +157,13 @@ class ZooLM(nn.Module):
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         return ZooCache([layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers])
+
+    def update_router_biases(self, group=None) -> None:
+        """After an optimizer step: every MoE layer with `bias_update_rate` moves its router's correction bias
+        towards balance by the load it routed since the last step, summed over `group` (None: this process)."""
+        for module in self.modules():
+            if isinstance(module, MoeFeedForward):
+                module.update_correction_bias(group)
 
     def num_params(self) -> dict:
         """Parameter counts split embedding / non-embedding (the LM head counts as embedding)."""

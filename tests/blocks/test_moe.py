@@ -105,6 +105,10 @@ def test_matches_jamba_sparse_moe_block():
     ({"type": "moe", "experts": 4, "chunk": 8}, r"model.ffn.chunk: the blockwise FFN is not implemented"),
     ({"type": "moe", "experts": 4, "bias": True}, r"model.ffn.bias: type moe has no biases"),
     ({"type": "moe", "experts": 4, "topk": 2}, r"model.ffn.topk: unknown key"),
+    ({"type": "moe", "experts": 4, "bias_update_rate": 0.001}, r"model.ffn.bias_update_rate: moves the sigmoid "
+                                                                r"router's correction bias \(router: sigmoid\)"),
+    ({"type": "moe", "experts": 4, "router": "sigmoid", "bias_update_rate": -1}, r"model.ffn.bias_update_rate: "
+                                                                                 r"must be >= 0"),
     ({"type": "moee"}, r"did you mean 'moe'"),
 ])
 def test_recipe_errors_name_the_field(ffn, message):
@@ -207,3 +211,60 @@ def test_sigmoid_router_block_against_dense_twin():
     got, aux = ffn(x)
     assert aux is None and "correction_bias" in dict(ffn.named_buffers())
     assert_close(got, want, 1e-12)
+
+
+def test_bias_update_moves_overloaded_experts_down_and_underloaded_up():
+    """bias_update_rate (DeepSeek-V3's aux-loss-free balancing): the training forwards' top-k slots per expert are
+    counted; after the step the bias moves by the rate against sign(load - mean load), and the count restarts.
+    Eval forwards count nothing."""
+    ffn = make(router="sigmoid", normalize_top_k=True, aux_loss_weight=0.0, bias_update_rate=0.01)
+    assert "load" not in ffn.state_dict()             # the count is not saved; the bias is
+    x = torch.randn(3, 11, D, dtype=torch.float64)
+    from zoo.ops.moe import expert_counts, route_sigmoid
+    _, _, e = route_sigmoid(x.reshape(-1, D) @ ffn.router.weight.T, 2, ffn.correction_bias, 1, 1, True, 1.0)
+    load = expert_counts(e, 4).double() * 2             # two training forwards
+    ffn.eval()
+    ffn(x)
+    ffn.train()
+    ffn(x)
+    ffn(x)
+    assert torch.equal(ffn.load, load)
+    ffn.update_correction_bias()
+    assert torch.equal(ffn.correction_bias, -0.01 * torch.sign(load - load.mean()))
+    assert ffn.correction_bias.abs().sum() > 0 and not ffn.load.any()
+
+
+def test_training_balances_a_skewed_router_without_a_loss(tmp_path):
+    """A router skewed to one expert at the start: the trainer's step updates pull the loads together; the bias is
+    saved with the checkpoint."""
+    from zoo.train.trainer import Trainer
+    ffn = {"type": "moe", "experts": 4, "top_k": 1, "hidden": 8, "router": "sigmoid", "aux_loss_weight": 0.0,
+           "bias_update_rate": 0.05}
+    rec = zoo.load_recipe({**TOY_RECIPE, "model": {**TOY_RECIPE["model"], "ffn": ffn}}, ["train.max_steps=30"])
+    trainer = Trainer(rec, ToyData(), tmp_path, device="cpu", progress=False, log=lambda s: None)
+    moe = [layer.ffn for layer in trainer.model.layers]
+    with torch.no_grad():
+        for m in moe:
+            m.correction_bias[0] = 1.0    # every token to expert 0 at the start
+
+    def spread(model):
+        ids = torch.randint(0, TOY_RECIPE["model"]["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+        for m in model.modules():
+            if isinstance(m, MoeFeedForward):
+                m.load.zero_()
+        model.train()
+        with torch.no_grad():
+            model(ids)
+        loads = [m.load / m.load.sum() for m in model.modules() if isinstance(m, MoeFeedForward)]
+        for m in moe:
+            m.load.zero_()
+        return max(load.max().item() for load in loads)
+
+    before = spread(trainer.model)
+    assert before == 1.0
+    trainer.train()
+    assert all(m.correction_bias.abs().sum() > 0 for m in moe)
+    assert spread(trainer.model) < before
+    saved = zoo.load_checkpoint(tmp_path)
+    for a, b in zip(moe, [layer.ffn for layer in saved.layers]):
+        assert torch.equal(a.correction_bias, b.correction_bias.to(a.correction_bias.dtype))

@@ -1,5 +1,5 @@
 """`zoo pretrain --cp W` (what torchrun runs) trains the same model as one process: a short-to-long schedule of odd
-lengths, float64, gloo, W = 2 and 3, the weights after every step compared with a single process's."""
+lengths, float64, gloo, W = 2 and 3, the weights (and the MoE's balancing bias) compared with a single process's."""
 import json
 from pathlib import Path
 
@@ -14,7 +14,10 @@ from tests.helpers import assert_close, write_prepared
 RECIPE = {
     "name": "tiny-cp-pretrain",
     "model": {"d_model": 16, "n_layers": 3, "vocab_size": 256, "pattern": "RMS",
-              "blocks": {"R": {"type": "ring", "n_heads": 2, "block_size": 4},
+              # the ring's FFN a sigmoid-routed MoE whose correction bias moves by the load of every rank's tokens
+              "blocks": {"R": {"type": "ring", "n_heads": 2, "block_size": 4,
+                               "ffn": {"type": "moe", "experts": 4, "top_k": 2, "hidden": 8, "router": "sigmoid",
+                                       "aux_loss_weight": 0.0, "bias_update_rate": 0.01}},
                          "M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 4, "ffn": "none"},
                          "S": {"type": "swa", "n_heads": 2, "window": 5}},
               "ffn": {"type": "swiglu", "mult": 2}},
@@ -63,6 +66,7 @@ def test_pretraining_on_a_ring_matches_one_process(ranks, workdir, single, w):
     assert {v.dtype for v in single["state"].values()} == {torch.float64}
     for name, want in single["state"].items():
         assert_close(got["state"][name].double(), want.double(), 1e-9, name)
+    assert single["state"]["layers.0.ffn.correction_bias"].abs().sum() > 0
     card = got["card"]
     assert (card["world_size"], card["cp"], card["cp_layout"]) == (w, w, "zigzag")
     assert card["command"].startswith(f"torchrun --nproc-per-node {w} -m evals.commands.pretrain ")

@@ -42,6 +42,9 @@ class FfnConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling: float = 1.0
+    # sigmoid router: after each optimizer step the correction bias moves by this much towards balance, down for
+    # experts above the mean load and up for those below (DeepSeek-V3's aux-loss-free balancing: 0.001); 0: fixed
+    bias_update_rate: float = 0.0
     aux_loss_weight: float = 0.01  # load-balancing loss weight (Switch Transformer); 0 disables it
 
     def __post_init__(self):

@@ -50,6 +50,10 @@ def check_moe_fields(cfg) -> None:
     if cfg.n_group > 1 and cfg.experts // cfg.n_group < 2:
         raise ValueError(f"n_group: each group needs at least 2 experts (a group scores by its best two), got "
                          f"{cfg.experts // cfg.n_group}")
+    if not cfg.bias_update_rate >= 0:
+        raise ValueError(f"bias_update_rate: must be >= 0, got {cfg.bias_update_rate}")
+    if cfg.bias_update_rate and cfg.router != "sigmoid":
+        raise ValueError("bias_update_rate: moves the sigmoid router's correction bias (router: sigmoid)")
     if cfg.shared_gate and cfg.shared_hidden is None:
         raise ValueError("shared_gate: gates the shared expert, which needs shared_hidden")
     if not cfg.aux_loss_weight >= 0:
@@ -76,6 +80,8 @@ class MoeFeedForward(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         if cfg.router == "sigmoid":   # adjusted outside the gradient (aux-loss-free balancing), saved with the weights
             self.register_buffer("correction_bias", torch.zeros(cfg.experts))
+        if cfg.bias_update_rate:      # top-k slots per expert since the last update (training forwards only)
+            self.register_buffer("load", torch.zeros(cfg.experts), persistent=False)
         self.init_weights(0.02, 1.0)
 
     @torch.no_grad()
@@ -93,6 +99,8 @@ class MoeFeedForward(nn.Module):
                                                     cfg.topk_group, cfg.normalize_top_k, cfg.routed_scaling)
         else:
             probs, weights, experts = route(self.router(flat), cfg.top_k, cfg.normalize_top_k)
+        if cfg.bias_update_rate and self.training:
+            self.load += expert_counts(experts, cfg.experts).to(self.load.dtype)
         y = moe_swiglu(flat, weights, experts, self.gate_up, self.down).view_as(x)
         if self.shared is not None:
             shared = self.shared(x)
@@ -101,6 +109,18 @@ class MoeFeedForward(nn.Module):
         if cfg.aux_loss_weight > 0:
             aux = cfg.aux_loss_weight * self._balance(probs, experts, cp)
         return y, aux
+
+    @torch.no_grad()
+    def update_correction_bias(self, group=None) -> None:
+        """One step of aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, section 2.1.2): with the load counted
+        since the last call (summed over `group`, every rank of data and context parallel, so that all ranks move
+        their biases alike), bias_e -= rate * sign(load_e - mean load); then the count restarts. Activation
+        checkpointing's recomputed forwards count every expert twice, which leaves the signs as they are."""
+        if not self.cfg.bias_update_rate:
+            return
+        load = self.load if group is None else all_reduce_sum(self.load.clone(), group)
+        self.correction_bias -= self.cfg.bias_update_rate * torch.sign(load - load.mean())
+        self.load.zero_()
 
     def _balance(self, probs: torch.Tensor, experts: torch.Tensor, cp) -> torch.Tensor:
         """E * sum_e f_e P_e over all tokens (of every rank under cp); see the module docstring."""

@@ -394,6 +394,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        self.model.update_router_biases(dist.group.WORLD if self.world > 1 else None)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
