@@ -174,6 +174,7 @@ EVERY_BLOCK = {
     "Q": {"type": "mla", "n_heads": 2, "kv_lora_rank": 6, "qk_nope_head_dim": 4, "qk_rope_head_dim": 2,
           "v_head_dim": 5},
     "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "decay_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
+    "W": {"type": "rglru", "n_heads": 2, "chunk_size": 4},
 }
 
 

@@ -140,6 +140,7 @@ DELTA_CASES = [
     ("mla", dict(n_heads=2, kv_lora_rank=5, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=3, q_lora_rank=3),
      False),
     ("short_conv", dict(d_conv=4, bias=True), False),
+    ("rglru", dict(n_heads=2, d_conv=3, chunk_size=3), False),
 ]
 
 

@@ -19,12 +19,13 @@ from zoo.blocks.moe import MoeFeedForward, check_moe_fields
 from zoo.ops.swiglu import swiglu
 from zoo.registry import unknown_name_message
 
-FFN_TYPES = ("mlp", "moe", "none", "relu2", "swiglu")
+FFN_TYPES = ("geglu", "mlp", "moe", "none", "relu2", "swiglu")
 
 
 @dataclass
 class FfnConfig:
     type: str = "swiglu"          # relu2: out(relu(up(x))^2), not gated (Primer, arXiv 2109.08668; Nemotron-H)
+    #                               geglu: out(gelu_tanh(gate(x)) * up(x)) (Gemma, RecurrentGemma)
     mult: float = 4.0              # hidden = mult * d_model (SwiGLU: 2/3 of it, rounded up to `multiple_of`)
     hidden: Optional[int] = None   # exact hidden size; overrides mult (used when importing checkpoints)
     multiple_of: int = 8
@@ -65,8 +66,8 @@ class FfnConfig:
         if self.hidden is not None:
             return self.hidden
         h = self.mult * d_model
-        if self.type in ("swiglu", "moe"):
-            h = 2 * h / 3  # keeps SwiGLU's parameter count equal to the GELU MLP's
+        if self.type in ("swiglu", "geglu", "moe"):
+            h = 2 * h / 3  # keeps a gated FFN's parameter count equal to the GELU MLP's
         return int(-(-int(h) // self.multiple_of) * self.multiple_of)
 
 
@@ -75,12 +76,14 @@ class FeedForward(nn.Module):
         super().__init__()
         self.cfg = cfg
         hidden = cfg.hidden_size(d_model)
-        self.gated = cfg.type == "swiglu"
+        self.gated = cfg.type in ("swiglu", "geglu")
         self.up_proj = nn.Linear(d_model, hidden, bias=cfg.bias)
         self.gate_proj = nn.Linear(d_model, hidden, bias=cfg.bias) if self.gated else None
         self.out_proj = nn.Linear(hidden, d_model, bias=cfg.bias)
 
     def _ffn(self, x):
+        if self.cfg.type == "geglu":
+            return self.out_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         if self.gated:
             return self.out_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         if self.cfg.type == "relu2":
