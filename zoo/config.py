@@ -52,6 +52,7 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
+    logit_softcap: Optional[float] = None   # logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma: 30); null: none
     # op -> implementation, e.g. {ssd: triton}; ops left out choose by device (zoo.ops.dispatch)
     kernels: Dict[str, str] = field(default_factory=dict)
     VALIDATED_APART = ("blocks",)   # not a field: each block's values are checked by its own config class
@@ -61,6 +62,8 @@ class ModelConfig:
                   "logits_divisor")
         if self.vocab_size < 2:
             raise ValueError(f"vocab_size: must be >= 2, got {self.vocab_size}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"logit_softcap: must be null (no cap) or > 0, got {self.logit_softcap}")
         check_kernels(self.kernels)
 
 

@@ -141,6 +141,9 @@ class ZooLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         if self.recipe.model.logits_divisor != 1:
             logits = logits / self.recipe.model.logits_divisor
+        cap = self.recipe.model.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if labels is not None and cp is not None:
             loss = _context_parallel_loss(logits, labels, cp)

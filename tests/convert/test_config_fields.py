@@ -83,6 +83,9 @@ BASE = {
     "FalconMambaForCausalLM": (transformers.FalconMambaConfig, dict(hidden_size=32, state_size=8, num_hidden_layers=2,
                                                                      vocab_size=61, expand=2, conv_kernel=4,
                                                                      time_step_rank=4)),
+    "RecurrentGemmaForCausalLM": (transformers.RecurrentGemmaConfig, dict(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, attention_window_size=8)),
     "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=61, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,

@@ -32,7 +32,8 @@ BAD_OVERRIDES = [
     (["model.d_model=abc"], ["model.d_model", "abc", "Integer"]),
     (["model.n_layers=0"], ["model.n_layers", "0", "> 0"]),
     (["model.vocab_size=1"], ["model.vocab_size", ">= 2"]),
-    (["model.ffn.type=geglu"], ["model.ffn.type", "'geglu'", "known: mlp, moe, none", "swiglu"]),
+    (["model.ffn.type=gelu"], ["model.ffn.type", "'gelu'", "known: geglu, mlp, moe, none", "swiglu"]),
+    (["model.logit_softcap=0"], ["model.logit_softcap", "must be null (no cap) or > 0"]),
     (["model.blocks.A.ffn.type=mpl"], ["model.blocks.A.ffn.type", "did you mean 'mlp'"]),
     (["model.blocks.A.ffn.chunk=0"], ["model.blocks.A.ffn.chunk", "0"]),
     (["train.seq_len=0"], ["train.seq_len", "> 0"]),
@@ -130,7 +131,7 @@ SPARE = [
     ("Z: {type: swq, n_heads: 4}", ["model.blocks.Z.type", "'swq'", "did you mean 'swa'", "known:"]),
     ("Z: {type: swa, n_heads: 4, windw: 8}", ["model.blocks.Z.windw", "unknown key", "window"]),
     ("Z: {type: swa, n_heads: 4, window: 8192}", ["model.blocks.Z.window", "8192", "train.seq_len 64"]),
-    ("Z: {type: swa, n_heads: 4, ffn: {type: geglu}}", ["model.blocks.Z.ffn.type", "'geglu'"]),
+    ("Z: {type: swa, n_heads: 4, ffn: {type: gelu}}", ["model.blocks.Z.ffn.type", "'gelu'"]),
     ("Z: {n_heads: 4}", ["model.blocks.Z.type: missing", "known:"]),
     ("ZZ: {type: swa, n_heads: 4}", ["model.blocks.ZZ", "one non-space character", "'ZZ'"]),
 ]
