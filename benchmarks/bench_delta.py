@@ -177,6 +177,17 @@ def layer_cell(side: str, length: int) -> dict:
     return {"fwd_bwd_bytes": peak.bytes}
 
 
+def _without_the_op(run, rounds) -> float:
+    """The best time of `run` (zoo's layer) with zoo.ops.delta's op replaced by v * beta: what the layer costs
+    around the op, which no faster op can remove."""
+    from unittest import mock
+
+    def pass_through(q, k, v, beta, g=None, **kw):
+        return (v * beta[..., None], None) if kw.get("output_final_state") else v * beta[..., None]
+    with mock.patch("zoo.blocks.delta.block.delta_rule", pass_through):
+        return time_interleaved({"floor": run}, rounds)["floor"].best
+
+
 def layer_rows(lengths, rounds, table, records):
     from benchmarks.harness import measure
     ours, theirs = gdn_layers()
@@ -196,11 +207,16 @@ def layer_rows(lengths, rounds, table, records):
                                timeout=600).get("result", {}).get("fwd_bwd_bytes") for side in ("zoo", "transformers")}
         t = time_interleaved({"zoo": step(ours), "transformers": step(theirs)}, rounds, alternate=True)
         ratio = t["transformers"].best / t["zoo"].best
+        floor = _without_the_op(step(ours), rounds)
         mib = {k: "?" if v is None else f"{v / 2**20:.0f}" for k, v in peaks.items()}
         table.add(["head", f"GDN layer fwd+bwd (MiB zoo / transformers: {mib['zoo']} / {mib['transformers']})",
                    f"{length:,}", f"{t['zoo'].best:.3f}", f"{t['transformers'].best:.3f}", f"{ratio:.2f}x"])
+        table.add(["head", "GDN layer fwd+bwd without the op (zoo's projections, conv, norm, gates; the op a "
+                   "pass-through): the best any op allows is transformers / this", f"{length:,}", f"{floor:.3f}",
+                   f"{t['transformers'].best:.3f}", f"{t['transformers'].best / floor:.2f}x"])
         records.append({"what": "layer fwd+bwd", "length": length, "zoo": t["zoo"].to_dict(),
-                        "transformers": t["transformers"].to_dict(), "peak_bytes": peaks, "max_abs_diff": err})
+                        "transformers": t["transformers"].to_dict(), "peak_bytes": peaks, "max_abs_diff": err,
+                        "zoo_without_op_s": floor})
     cache = ours.init_cache(1)
     token = torch.randn(1, 1, 256)
     with torch.no_grad():
