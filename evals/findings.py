@@ -19,6 +19,7 @@ import numpy as np
 from evals.bootstrap import best_and_ties, difference_interval
 from evals.context_report import context_findings
 from evals.recall_report import mqar_finding, passkey_finding
+from evals.ruler import ruler_finding
 from evals.render import interval as _iv
 from evals.results import (bpb_interval, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,
                            lookup as _lookup, recipes as _recipes, throughput_range, verdict_difference)
@@ -31,7 +32,7 @@ def findings(results: dict) -> list:
     """Sentences, best recipe per measure first; empty when results.json holds nothing to read."""
     parts = (perplexity_finding(results, "blocks"), perplexity_finding(results, "streaming"),
              extrapolation_finding(results), throughput_finding(results), memory_finding(results),
-             passkey_finding(results), mqar_finding(results))
+             passkey_finding(results), mqar_finding(results), ruler_finding(results))
     return [p for p in parts if p] + context_findings(results)
 
 

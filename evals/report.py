@@ -27,6 +27,7 @@ from typing import Optional
 from evals.bootstrap import best_and_ties
 from evals.findings import findings
 from evals.recall_report import mqar_table, mqar_text, plot_mqar
+from evals.ruler import plot_ruler, ruler_table, ruler_text
 from evals.render import log2_middle, pyplot as _pyplot, save as _save, table as _table
 from evals.results import (bpb_interval, cells, contexts as _contexts, fmt_bytes as _fmt_bytes,
                            lookup as _lookup, passkey_accuracy, pct as _pct, recipes as _recipes, throughput_range,
@@ -557,7 +558,7 @@ def write_report(results: dict, out_dir) -> tuple:
                         plot_decode_memory(results, out / "decode_memory.png"),
                         plot_extrapolation(results, out / "extrapolation.png"),
                         plot_throughput(results, out / "throughput.png"), plot_passkey(results, out / "passkey.png"),
-                        plot_mqar(results, out / "mqar.png"))
+                        plot_mqar(results, out / "mqar.png"), plot_ruler(results, out / "ruler.png"))
             if p is not None]
     meta = results.get("meta", {})
     sizes = _table(["recipe", "d_model", "params (total)", "non-embedding", "checkpoint"],
@@ -595,6 +596,7 @@ def write_report(results: dict, out_dir) -> tuple:
         "## Passkey retrieval", *passkey_intro(results), passkey_tables(results) or "(not run)",
         *(["## Multi-query associative recall (MQAR)", mqar_text(results), mqar_table(results)]
           if mqar_table(results) else []),
+        *(["## RULER's synthetic tasks", ruler_text(results), ruler_table(results)] if ruler_table(results) else []),
         "## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in pngs),
     ]
     path = out / "report.md"

@@ -111,6 +111,18 @@ def attach_mqar(results: dict, path) -> None:
     results["mqar"] = {"source": str(path), "meta": sweep.get("meta", {}), "runs": sweep["runs"]}
 
 
+def attach_ruler(results: dict, path) -> None:
+    """Carry the runs of `zoo recall ruler`'s results.json into results["ruler"] (offline, like MQAR)."""
+    try:
+        runs = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--ruler-results: {path} is not a readable results.json of `zoo recall ruler` ({err})") from None
+    if not isinstance(runs, dict) or not isinstance(runs.get("runs"), list) or \
+            not all(isinstance(r, dict) and "cells" in r for r in runs["runs"]):
+        raise ValueError(f"--ruler-results: {path} holds no runs with cells (expected `zoo recall ruler`'s results.json)")
+    results["ruler"] = {"source": str(path), "meta": runs.get("meta", {}), "runs": runs["runs"]}
+
+
 def setup_of(resolved, args) -> dict:
     """What the cells of a comparison depend on: each recipe as sized (or the checkpoint it was given as), and the
     training budget of the recipes trained here."""

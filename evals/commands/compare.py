@@ -60,7 +60,7 @@ from evals.context_use import COPY_SKIP
 from evals.engine import run_comparison
 from evals.perplexity import SCHEMES
 from evals.plan import context_shape
-from evals.results import attach_mqar, load_results, own_results
+from evals.results import attach_mqar, attach_ruler, load_results, own_results
 from evals.runs import parameter_target, resolve, source_commit
 from evals.throughput import KINDS, MEMORY_KINDS
 from zoo.data.corpus import NAMED as NAMED_CORPORA
@@ -126,6 +126,8 @@ def parse_args(argv):
                          "(instead of --passkey-lengths)")
     ap.add_argument("--mqar-results", default=None,
                     help="results.json of `zoo recall mqar`: its runs go into results.json and the report's figure")
+    ap.add_argument("--ruler-results", default=None,
+                    help="results.json of `zoo recall ruler`: its cells go into results.json and the report's heat map")
     ap.add_argument("--data", default=None, help="prepared data directory (default: prepare each recipe's corpus)")
     ap.add_argument("--data-root", default="data", help="where corpora are prepared and cached")
     ap.add_argument("--device", default="cpu")
@@ -208,6 +210,8 @@ def main(argv=None):
     try:
         if args.mqar_results:
             attach_mqar(results, args.mqar_results)
+        if args.ruler_results:
+            attach_ruler(results, args.ruler_results)
         if args.passkey_from and not Path(args.passkey_from).is_dir():
             raise ValueError(f"--passkey-from: {args.passkey_from} is not a directory (expected `zoo recall "
                              "passkey`'s --out, holding <name>/card.json per recipe)")

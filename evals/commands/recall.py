@@ -3,6 +3,7 @@
     zoo recall passkey transformer swa mamba2 taipan samba --from pretrained --out pretrained/passkey
     zoo recall mqar transformer mamba2 samba taipan --widths 32,64,128 --kv-pairs 4,8,16 --seeds 0,1,2 \
         --out pretrained/mqar                                                              # = make recall
+    zoo recall ruler transformer mamba2 --from pretrained/long --factors 1,4 --out runs/ruler
 
 passkey: each recipe's shipped LM (FROM/<name>) is fine-tuned on passkey prompts of `--seq-len` tokens
 (zoo.data.synthetic.PasskeyData: needle at a uniform depth, 5-digit key), as Infini-attention and Samba
@@ -16,6 +17,11 @@ pattern that does not fit keeps its first and last block type, e.g. Taipan's "MM
 `--widths` d_model, trained from scratch for `--steps` on MQAR with each `--kv-pairs` count and each
 `--seeds` seed, scored on held-out batches. One row per run in OUT/results.json, written as each run ends,
 so an interrupted sweep resumes; `zoo compare --mqar-results OUT/results.json` puts the figure in the report.
+
+ruler: RULER's synthetic tasks (zoo.data.ruler: needle in a haystack with one / several keys, values, queries;
+variable tracking; common- and frequent-words extraction; generated from seeds, no downloads) on each shipped
+checkpoint FROM/<name>, at `--factors` x its training length (or `--lengths`), `--trials` prompts per cell, greedy
+decoding, scored as RULER scores; OUT/results.json for `zoo compare --ruler-results`.
 
 Overrides: `--set KEY=VALUE` for every recipe, `--set NAME:KEY=VALUE` for one (e.g. swa:model.blocks.A.window=16).
 Ends with one machine-readable `summary:` line.
@@ -34,8 +40,10 @@ import zoo
 from evals.options import float_list, int_list
 from evals.runs import DTYPES, add_time, resolve, ship, source_commit
 from evals.recall import mqar_eval, passkey_grid
+from evals.ruler import ruler_grid
 from evals.throughput import analytic_state_bytes
 from zoo.data import DataError, load_tokenizer
+from zoo.data.ruler import TASKS as RULER_TASKS, ruler_sample
 from zoo.data.synthetic import PasskeyData
 from zoo.train.checkpoint import CheckpointError, read_recipe, resolve_checkpoint
 from zoo.train.run_dir import RunDirError
@@ -107,7 +115,24 @@ def parse_args(argv):
     mq.add_argument("--lr", type=float_list, default=[3e-3],
                     help="learning rates (comma-separated): each run is repeated at each, and the report keeps the "
                          "best per recipe and width, as Zoology does")
+    ru = sub.add_parser("ruler", parents=[common], help="RULER's synthetic tasks on shipped checkpoints")
+    ru.add_argument("--from", dest="source", default="pretrained/long",
+                    help="FROM/<name>: the checkpoint of each name (a path to a checkpoint directory works too)")
+    ru.add_argument("--out", default="runs/ruler", help="OUT/results.json (for `zoo compare --ruler-results`)")
+    ru.add_argument("--tasks", type=lambda t: t.split(","), default=list(RULER_TASKS),
+                    help=f"comma-separated, of: {', '.join(RULER_TASKS)}")
+    ru.add_argument("--factors", type=int_list, default=[1, 4, 16],
+                    help="prompt lengths as multiples of each model's training length (train.seq_len)")
+    ru.add_argument("--lengths", type=int_list, default=None, help="prompt lengths in tokens (instead of --factors)")
+    ru.add_argument("--trials", type=int, default=8, help="prompts per (task, length)")
+    ru.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.task == "ruler":
+        bad = [t for t in args.tasks if t not in RULER_TASKS]
+        if bad or not args.tasks:
+            ap.error(f"--tasks: {bad or 'none'} (known: {', '.join(RULER_TASKS)})")
+        if args.trials < 1 or min(args.lengths or args.factors) < 1:
+            ap.error("--trials, --lengths, --factors: positive integers")
     if args.task == "passkey":
         if args.trials < 1:
             ap.error("--trials: a positive integer")
@@ -346,6 +371,45 @@ def run_mqar(args, argv, say) -> list:
     return results["runs"]
 
 
+# -- ruler -------------------------------------------------------------------------------------------------------
+
+def run_ruler(args, argv, say) -> list:
+    """Every model's cells, each written to OUT/results.json as the model finishes; a model already there with the
+    same tasks, lengths, trials and seed is skipped."""
+    models = []
+    for name in args.recipes:   # every checkpoint and length checked before any decoding
+        path = Path(args.source) / name if (Path(args.source) / name).is_dir() else Path(name)
+        model = zoo.load_checkpoint(str(resolve_checkpoint(path))).eval()
+        tok_name = model.recipe.train.tokenizer
+        tok = None if tok_name == "byte" else load_tokenizer(tok_name)
+        lengths = args.lengths or [f * model.recipe.train.seq_len for f in args.factors]
+        for task in args.tasks:
+            try:
+                ruler_sample(task, min(lengths), 0, tok)
+            except DataError as err:
+                raise DataError(f"--lengths / --factors: {err}") from None
+        models.append((path.name, model, tok, lengths))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    results["meta"] = {"command": "zoo recall " + shlex.join(argv), "commit": source_commit() or "unknown",
+                       "trials": args.trials, "seed": args.seed, "torch": torch.__version__}
+    for name, model, tok, lengths in models:
+        key = {"model": name, "tasks": args.tasks, "lengths": lengths, "trials": args.trials, "seed": args.seed}
+        if any(all(r.get(k) == v for k, v in key.items()) for r in results["runs"]):
+            say(f"{name}: done already ({path})")
+            continue
+        cpu0 = time.process_time()
+        cells = ruler_grid(model, args.tasks, lengths, args.trials, args.seed, tok)
+        results["runs"] = [r for r in results["runs"] if r.get("model") != name] + [
+            {**key, "train_seq_len": model.recipe.train.seq_len, "cells": cells,
+             "cpu_seconds": round(time.process_time() - cpu0, 1)}]
+        write_json(path, results)
+        say(f"{name}: " + ", ".join(f"{c['task']}@{c['length']} {100 * c['score']:.0f}%" for c in cells))
+    return results["runs"]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -355,6 +419,8 @@ def main(argv=None):
     try:
         if args.task == "passkey":
             summary = run_passkey(args, argv, say)
+        elif args.task == "ruler":
+            summary = {"runs": len(run_ruler(args, argv, say))}
         else:
             runs = run_mqar(args, argv, say)
             summary = {"runs": len(runs)}

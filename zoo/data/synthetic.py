@@ -39,7 +39,8 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 
 
-def _default_tokenizer(tokenizer):
+def default_tokenizer(tokenizer):
+    """`tokenizer`, or zoo's byte tokenizer when None."""
     if tokenizer is None:
         from zoo.data.tokenizer import ByteTokenizer
         return ByteTokenizer()
@@ -76,7 +77,7 @@ def passkey_prompt(length: int, depth: float, seed, tokenizer=None, digits: int 
     """A passkey prompt of exactly `length` tokens with the needle at relative `depth` of the filler
     (0: right after the task description, 1: right before the question). A pure function of its arguments
     (seed: a non-negative int, or a sequence of them for a separate stream)."""
-    tok = _default_tokenizer(tokenizer)
+    tok = default_tokenizer(tokenizer)
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"depth: {depth} is outside [0, 1] (0 = needle first, 1 = needle last)")
     if digits < 1:
@@ -127,7 +128,7 @@ class PasskeyData:
                  min_len: Optional[int] = None):
         if loss not in self.LOSSES:
             raise DataError(f"loss: {loss!r} is not one of {', '.join(self.LOSSES)}")
-        self.tok, self.digits, self.seed, self.loss = _default_tokenizer(tokenizer), digits, seed, loss
+        self.tok, self.digits, self.seed, self.loss = default_tokenizer(tokenizer), digits, seed, loss
         self.answer_len = len(self.tok.encode(" " + "9" * digits))
         self.min_len = min_len
 
