@@ -120,6 +120,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     corpus: str = "stdlib"
+    corpus_field: str = "text"        # the text column of a .jsonl, Parquet or `datasets` corpus
     tokenizer: str = "byte"
     cross_doc: bool = True             # False: packed documents see neither each other's tokens nor state
     compile: bool = False

@@ -11,7 +11,8 @@ jsonl; the train/val/test split), `memmap` (the .bin/.docs.npy/.json format), `p
 cached), `packing` (labels and seq_idx for packed documents), `dataset` (deterministic batches).
 Every bad input raises `DataError` (a ValueError) naming the argument or file.
 """
-from zoo.data.corpus import SPLITS, DirectoryCorpus, JsonlCorpus, StdlibCorpus, TextFileCorpus, load_corpus
+from zoo.data.corpus import (SPLITS, ArrowDatasetCorpus, DirectoryCorpus, JsonlCorpus, ParquetCorpus, StdlibCorpus,
+                             TextFileCorpus, load_corpus)
 from zoo.data.dataset import BatchStream, PreparedData, TokenDataset
 from zoo.data.errors import DataError
 from zoo.data.memmap import TokenFile, TokenWriter
@@ -19,7 +20,7 @@ from zoo.data.packing import IGNORE_INDEX, pack_batch
 from zoo.data.prepare import prepare, prepared_data
 from zoo.data.tokenizer import ByteTokenizer, HFTokenizer, check_vocab, count_bytes, load_tokenizer, train_bpe
 
-__all__ = ["SPLITS", "BatchStream", "ByteTokenizer", "DataError", "DirectoryCorpus", "HFTokenizer",
-           "IGNORE_INDEX", "JsonlCorpus", "PreparedData", "StdlibCorpus", "TextFileCorpus", "TokenDataset",
-           "TokenFile", "TokenWriter", "check_vocab", "count_bytes", "load_corpus", "load_tokenizer",
+__all__ = ["SPLITS", "ArrowDatasetCorpus", "BatchStream", "ByteTokenizer", "DataError", "DirectoryCorpus",
+           "HFTokenizer", "IGNORE_INDEX", "JsonlCorpus", "ParquetCorpus", "PreparedData", "StdlibCorpus",
+           "TextFileCorpus", "TokenDataset", "TokenFile", "TokenWriter", "check_vocab", "count_bytes", "load_corpus", "load_tokenizer",
            "pack_batch", "prepare", "prepared_data", "train_bpe"]

@@ -26,8 +26,12 @@ Kinds (`load_corpus(spec)` picks by `spec`):
   training windows come from each in proportion to its size.
 - a directory: every regular, non-hidden file below it (recursively, sorted by relative path) is one
   document; split by file as for `stdlib`, with val and test each taking `holdout` of the bytes.
-- a `.jsonl` file: one JSON object per line with a string field `text`; blank lines are skipped;
+- a `.jsonl` file: one JSON object per line with a string field `text` (or `field`); blank lines are skipped;
   split by line the same way (the key is the line number).
+- a `.parquet` file, or a directory holding only Parquet shards: the string column `text` (or `field`) of each row
+  one document, split by row; read with pyarrow (`pip install -e '.[data]'`) a batch of rows at a time.
+- a directory written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict whose "train" split is read): the
+  same, from its Arrow files (pyarrow; the `datasets` package itself is not needed).
 - any other file: one text; train is its first 1 - 2*holdout, val the next holdout, test the rest,
   each cut just after a newline.
 Documents with empty text are skipped: they carry no tokens to learn from.
@@ -230,23 +234,45 @@ class DirectoryCorpus(_FileTreeCorpus):
         return f"directory {self.root} ({len(self._rels)} files)"
 
 
-class JsonlCorpus:
-    """One JSON object per line, its string field `text` one document."""
+class _RowCorpus:
+    """Documents that are rows of a file (JSONL lines, Parquet or Arrow rows), split by row as a directory is split
+    by file: the key is the row's place, so a row's split never depends on a seed. Subclasses give `_rows()`,
+    (key, text) in a fixed order, read anew on each pass (streamed, never all in memory)."""
+
+    kind = "rows"
 
     def __init__(self, path: Union[str, Path], holdout: float = 0.05, field: str = "text"):
         _check_holdout(holdout)
         self.path, self.field = Path(path), field
-        self.name = self.path.stem
+        self.name = self.path.stem if field == "text" else f"{self.path.stem}-{field}"
         keys, sizes = [], []
-        for lineno, text in self._lines():
-            keys.append(str(lineno))
+        for key, text in self._rows():
+            keys.append(key)
             sizes.append(len(text.encode("utf-8")))
         if not keys:
             raise DataError(f"corpus: {self.path} holds no document with non-empty '{field}'")
         target = max(1, round(holdout * sum(sizes)))
         self._split = dict(zip(keys, hash_split(keys, sizes, target, target)))
 
-    def _lines(self) -> Iterator[tuple[int, str]]:
+    def _rows(self) -> Iterator[tuple[str, str]]:
+        raise NotImplementedError
+
+    def documents(self, split: str) -> Iterator[str]:
+        _check_split(split)
+        for key, text in self._rows():
+            if self._split[key] == split:
+                yield text
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.path} ({len(self._split)} documents)"
+
+
+class JsonlCorpus(_RowCorpus):
+    """One JSON object per line, its string field `field` one document."""
+
+    kind = "jsonl"
+
+    def _rows(self) -> Iterator[tuple[str, str]]:
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 where = f"corpus: {self.path}:{lineno}"
@@ -264,19 +290,99 @@ class JsonlCorpus:
                     raise DataError(f"{where}: expected a JSON object with a string field '{self.field}', "
                                     f"got {line.strip()[:60]!r}")
                 if obj[self.field]:
-                    yield lineno, obj[self.field]
-
-    def documents(self, split: str) -> Iterator[str]:
-        _check_split(split)
-        for lineno, text in self._lines():
-            if self._split[str(lineno)] == split:
-                yield text
+                    yield str(lineno), obj[self.field]
 
     def fingerprint(self) -> str:
         return _stat_fingerprint(self.path.parent, [self.path.name])
 
-    def describe(self) -> str:
-        return f"jsonl {self.path} ({len(self._split)} documents)"
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError("corpus: Parquet and Arrow corpora are read with pyarrow, which is not installed "
+                        "(pip install -e '.[data]')") from None
+    return pyarrow
+
+
+def _text_column(schema, field: str, where) -> None:
+    """The column `field` exists and holds strings (an error naming --field and the columns there are)."""
+    pa = _pyarrow()
+    if field not in schema.names:
+        raise DataError(f"field: {where} has no column {field!r} (columns: {', '.join(schema.names)}); choose one "
+                        "with --field / train.corpus_field")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"field: column {field!r} of {where} holds {kind}, not text")
+
+
+def _batch_rows(batches, field: str, prefix: str) -> Iterator[tuple[str, str]]:
+    row = 0
+    for batch in batches:
+        for text in batch.column(batch.schema.get_field_index(field)).to_pylist():
+            if text:
+                yield f"{prefix}{row}", text
+            row += 1
+
+
+class ParquetCorpus(_RowCorpus):
+    """A Parquet file, or a directory of Parquet shards (every *.parquet below it, sorted by relative path): the
+    string column `field` of each row one document, read a batch of rows at a time."""
+
+    kind = "parquet"
+
+    def _files(self) -> list:
+        if self.path.is_file():
+            return [self.path]
+        files = sorted(p for p in self.path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise DataError(f"corpus: {self.path} holds no .parquet file")
+        return files
+
+    def _rows(self) -> Iterator[tuple[str, str]]:
+        pq = _pyarrow().parquet
+        for i, path in enumerate(self._files()):
+            f = pq.ParquetFile(path)
+            _text_column(f.schema_arrow, self.field, path)
+            yield from _batch_rows(f.iter_batches(batch_size=1024, columns=[self.field]), self.field, f"{i}:")
+
+    def fingerprint(self) -> str:
+        root = self.path.parent if self.path.is_file() else self.path
+        return _stat_fingerprint(root, [str(p.relative_to(root)) for p in self._files()])
+
+
+class ArrowDatasetCorpus(_RowCorpus):
+    """A Hugging Face `datasets.Dataset` saved with `save_to_disk` (state.json and its .arrow files, Arrow's
+    streaming format, read with pyarrow a record batch at a time; the `datasets` package is not needed), or a
+    DatasetDict saved so, whose "train" split is read. The column `field` of each row is one document."""
+
+    kind = "datasets"
+
+    def _files(self) -> list:
+        root = self.path
+        if (root / "dataset_dict.json").is_file():
+            splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+            if "train" not in splits:
+                raise DataError(f"corpus: the DatasetDict at {root} has no 'train' split (splits: {splits})")
+            root = root / "train"
+        try:
+            state = json.loads((root / "state.json").read_text())
+            return [root / f["filename"] for f in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"corpus: {root} is not a dataset saved by datasets' save_to_disk ({err})") from None
+
+    def _rows(self) -> Iterator[tuple[str, str]]:
+        ipc = _pyarrow().ipc
+        for i, path in enumerate(self._files()):
+            with open(path, "rb") as f:
+                reader = ipc.open_stream(f)
+                _text_column(reader.schema, self.field, path)
+                yield from _batch_rows(reader, self.field, f"{i}:")
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint(self.path, [str(p.relative_to(self.path)) for p in self._files()])
 
 
 class TextFileCorpus:
@@ -314,14 +420,22 @@ class TextFileCorpus:
         return f"text file {self.path}"
 
 
-Corpus = Union[StdlibCorpus, ShakespeareCorpus, MixedCorpus, DirectoryCorpus, JsonlCorpus, TextFileCorpus]
+Corpus = Union[StdlibCorpus, ShakespeareCorpus, MixedCorpus, DirectoryCorpus, JsonlCorpus, ParquetCorpus,
+               ArrowDatasetCorpus, TextFileCorpus]
 NAMED = {"stdlib": StdlibCorpus, "shakespeare": ShakespeareCorpus}
 
 
-def load_corpus(spec: Union[str, Path, Corpus], holdout: float = 0.05) -> Corpus:
-    """"stdlib", a directory, a `.jsonl` file or a text file (see the module docstring)."""
+def load_corpus(spec: Union[str, Path, Corpus], holdout: float = 0.05, field: str = "text") -> Corpus:
+    """"stdlib", a directory, a `.jsonl`, Parquet or text file, a saved `datasets` dataset (see the module
+    docstring); `field`: the text column of the row corpora."""
     if not isinstance(spec, (str, Path)):
         return spec
+    rows = None if str(spec) in NAMED else _row_corpus(Path(spec))
+    if field != "text" and rows is None:
+        raise DataError(f"field: {field!r} applies to .jsonl, Parquet and `datasets` corpora; {str(spec)!r} is not "
+                        "one (its documents are whole files)")
+    if rows is not None:
+        return rows(spec, holdout, field)
     if str(spec) in NAMED:
         return NAMED[str(spec)]()
     names = str(spec).split("+")
@@ -333,7 +447,20 @@ def load_corpus(spec: Union[str, Path, Corpus], holdout: float = 0.05) -> Corpus
     if path.is_dir():
         return DirectoryCorpus(path, holdout)
     if path.is_file():
-        return JsonlCorpus(path, holdout) if path.suffix == ".jsonl" else TextFileCorpus(path, holdout)
+        return TextFileCorpus(path, holdout)
     raise DataError(f"corpus: {str(spec)!r} is not a named corpus ({', '.join(NAMED)}, or names joined by '+') and "
-                    "no such file or directory exists (expected a name, a text file, a directory of text files or a "
-                    ".jsonl file)")
+                    "no such file or directory exists (expected a name, a text file, a directory of text files, a "
+                    ".jsonl or .parquet file, a directory of Parquet shards or a saved `datasets` dataset)")
+
+
+def _row_corpus(path: Path):
+    """The row-corpus class for `path`, or None when its documents are whole files."""
+    if path.is_file():
+        return {".jsonl": JsonlCorpus, ".parquet": ParquetCorpus}.get(path.suffix)
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return ArrowDatasetCorpus
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_"))]
+        if files and all(p.suffix == ".parquet" for p in files):
+            return ParquetCorpus
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -39,10 +40,11 @@ def _is_prepared(out: Path, meta: dict) -> bool:
 
 
 def prepare(corpus="stdlib", tokenizer="byte", root: Union[str, Path] = "data", force: bool = False,
-            log: Optional[Callable[[str], None]] = None) -> Path:
+            log: Optional[Callable[[str], None]] = None, field: str = "text") -> Path:
     """Prepare (or find prepared) train/val/test of `corpus` tokenized by `tokenizer`; returns the
-    directory. `corpus`, `tokenizer`: specs for `load_corpus` / `load_tokenizer`, or loaded objects."""
-    corpus, tok = load_corpus(corpus), load_tokenizer(tokenizer)
+    directory. `corpus`, `tokenizer`: specs for `load_corpus` / `load_tokenizer`, or loaded objects; `field`: the
+    text column of a row corpus (.jsonl, Parquet, `datasets`)."""
+    corpus, tok = load_corpus(corpus, field=field), load_tokenizer(tokenizer)
     out = Path(root) / f"{corpus.name}-{tok.name}"
     meta = _meta(corpus, tok)
     if not force and _is_prepared(out, meta):
@@ -65,29 +67,41 @@ def prepare(corpus="stdlib", tokenizer="byte", root: Union[str, Path] = "data", 
     return out
 
 
+PROGRESS_BYTES = 32 << 20   # a progress line every 32 MiB of text
+
+
 def _write_splits(corpus, tok, out: Path, meta: dict, log, shown: Path):
     for split in SPLITS:
         docs = corpus.documents(split)
+        start, shown_at = time.perf_counter(), 0
         with TokenWriter(out / split, tok.vocab_size, tok.eos_id, split=split, **meta) as writer:
-            n = 0
+            n = done = 0
             while texts := list(islice(docs, _ENCODE_BATCH)):
                 for text, ids in zip(texts, tok.encode_batch(texts)):
-                    writer.add_document(ids, count_bytes(text))
+                    size = count_bytes(text)
+                    writer.add_document(ids, size)
+                    done += size
                 n += len(texts)
+                if log is not None and done - shown_at >= PROGRESS_BYTES:
+                    shown_at = done
+                    log(f"{shown / split}: {n:,} documents, {done / 1e6:,.0f} MB so far "
+                        f"({done / 1e6 / (time.perf_counter() - start):.1f} MB/s)")
             if n == 0:
                 raise DataError(f"corpus: {corpus.describe()} has no documents in split '{split}' "
                                 "(too small to hold out val and test?)")
         if log is not None:
-            h = writer.header
+            h, seconds = writer.header, time.perf_counter() - start
             log(f"{shown / split}: {h['num_docs']} documents, {h['num_bytes']:,} bytes, "
-                f"{h['num_tokens']:,} tokens ({h['dtype']})")
+                f"{h['num_tokens']:,} tokens ({h['dtype']}) in {seconds:.1f} s, "
+                f"{h['num_bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s")
 
 
 def prepared_data(recipe, directory=None, root: Union[str, Path] = "data", log=print):
     """The recipe's corpus (`train.corpus`, `train.tokenizer`) tokenized once, cached under `root`, as the trainer
     reads it (`train.seed`, `train.cross_doc`), checked against the model's vocabulary; `directory`: prepared data
     to use instead."""
-    directory = directory or prepare(recipe.train.corpus, recipe.train.tokenizer, root=root, log=log)
+    directory = directory or prepare(recipe.train.corpus, recipe.train.tokenizer, root=root, log=log,
+                                     field=recipe.train.corpus_field)
     data = PreparedData(directory, seed=recipe.train.seed, cross_doc=recipe.train.cross_doc)
     check_vocab(data, recipe.model.vocab_size)
     return data
