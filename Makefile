@@ -60,7 +60,8 @@ SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
 comma        := ,
 RECALL_SHIPPED := $(if $(wildcard $(PRETRAINED)/passkey/*/card.json),--passkey-from $(PRETRAINED)/passkey \
 	--passkey-factors 1$(comma)4 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 8) \
-	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json)
+	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json) \
+	$(if $(wildcard $(PRETRAINED)/ruler/results.json),--ruler-results $(PRETRAINED)/ruler/results.json)
 RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
 PRETRAIN_ARGS ?= --budget 3M --match-params 1M --set train.seq_len=256 train.batch_size=16 --threads 1 --evals 12
 
@@ -91,17 +92,21 @@ pretrain-long: install
 # prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), the last
 # two stages on the answer alone (all the gradient on the long copy: retention grows past the fine-tuning length),
 # shipped to pretrained/passkey/<name> with its accuracy at 1x / 4x / 16x the last length; then Zoology's MQAR sweep
-# (accuracy against width and key-value pairs, three seeds, two learning rates) into pretrained/mqar/results.json.
-# Rerunning skips what is shipped and resumes the rest. `make compare` reports both.
+# (accuracy against width and key-value pairs, three seeds, two learning rates) into pretrained/mqar/results.json;
+# then RULER's tasks into pretrained/ruler/results.json. Rerunning skips what is shipped and resumes the rest.
+# `make compare` reports all three.
 PASSKEY_ARGS ?= --steps 800,200,300,400 --seq-len 320,1024,1024,1024 --batch-size 16,8,8,8 --lr 2e-3,2e-3,1e-3,1e-3 \
 	--loss lm,lm,answer,answer --threads 1
 MQAR_RECIPES ?= transformer mamba2 samba
 # samba's window keeps the recipe's ratio to the training length (128 of 512) at MQAR's 64 tokens
 MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
 	--batch-size 32 --lr 1e-3,1e-2 --threads 1 --set samba:model.blocks.S.window=16
+# RULER's synthetic tasks on the long-context checkpoints at 1x and 4x their training length (4,096 and 16,384 tokens).
+RULER_ARGS   ?= --factors 1,4 --trials 4 --threads 1 --no-progress
 recall: install
 	$(ZOO) recall passkey $(RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
 	$(ZOO) recall mqar $(MQAR_RECIPES) --out $(PRETRAINED)/mqar $(MQAR_ARGS)
+	$(ZOO) recall ruler $(RECIPES) --from $(LONG) --out $(PRETRAINED)/ruler $(RULER_ARGS)
 
 # The main job plus memory as the architectures claim it at length: decode memory to 64K tokens (attention stops
 # where its quadratic prefill passes --decode-memory-time-cap) and the longest trainable context with the

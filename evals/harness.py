@@ -58,10 +58,17 @@ class ZooHarnessLM(HFLM):
         model = zoo.load_checkpoint(pretrained).eval()
         tok = hf_tokenizer(model.recipe, Path(pretrained))
         eos = load_tokenizer(model.recipe.train.tokenizer).eos_id
+        self._zoo_eos = eos
         super().__init__(pretrained=ZooForCausalLM.from_zoo(model), tokenizer=tok, backend="causal", device=device,
                          batch_size=batch_size, max_length=int(max_length or model.recipe.train.seq_len),
                          prefix_token_id=eos, **kwargs)
         self.zoo_model = model
+
+    @property
+    def eot_token_id(self):
+        """zoo's end-of-document id (the byte tokenizer's tokenizer.json declares no special token: its id 0 is the
+        byte 0, HFLM would otherwise find no end-of-text id to stop generation at)."""
+        return self._zoo_eos if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
 
 
 TASK = """task: {name}

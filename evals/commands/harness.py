@@ -13,6 +13,7 @@ not, given the tokenizer lm_eval sizes them with (`--metadata '{"tokenizer": DIR
 model directory's, written beside the model).
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -58,9 +59,25 @@ def main(argv=None):
         if tasks:
             run += ["--include_path", str(Path(tmp) / "tasks")]
             rest = _add_tasks(rest, tasks)
-        if "--metadata" not in rest:
-            run += ["--metadata", f'{{"tokenizer": "{tok_dir}"}}']
+        try:
+            rest = _with_tokenizer(rest, str(tok_dir))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return _lm_eval(run + rest)
+
+
+def _with_tokenizer(rest: list, tok_dir: str) -> list:
+    """lm_eval's --metadata with "tokenizer" (what RULER's generators size prompts with) set to the model's own
+    unless the caller named one."""
+    if "--metadata" not in rest:
+        return rest + ["--metadata", json.dumps({"tokenizer": tok_dir})]
+    i = rest.index("--metadata") + 1
+    try:
+        meta = json.loads(rest[i])
+    except (IndexError, ValueError):
+        raise ValueError(f"--metadata: expected a JSON object, got {rest[i:i + 1]}") from None
+    return rest[:i] + [json.dumps({"tokenizer": tok_dir, **meta})] + rest[i + 1:]
 
 
 def _add_tasks(rest: list, tasks: list) -> list:

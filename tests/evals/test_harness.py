@@ -76,6 +76,11 @@ def test_zoo_lm_eval_runs_lm_evals_command_on_a_corpus_task(setup, tmp_path, cap
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     (task, metrics), = results["results"].items()
     assert task.startswith("zoo_") and metrics["bits_per_byte,none"] > 0
+    # one of RULER's tasks in lm_eval's own implementation, offline, sized with the model's tokenizer
+    assert harness.main([str(setup / "ckpt"), "--tasks", "niah_single_1", "--metadata", '{"max_seq_lengths": [512]}',
+                         "--limit", "1", "--output_path", str(tmp_path / "ruler"), "--model_args", "max_length=640"]) == 0
+    ruler = json.loads(next((tmp_path / "ruler").rglob("results_*.json")).read_text())["results"]["niah_single_1"]
+    assert 0 <= ruler["512,none"] <= 1
     assert harness.main(["missing-dir", "--tasks", "x"]) == 2
     assert "error: checkpoint" in capsys.readouterr().err
     assert harness.main([str(setup / "ckpt"), "--corpus-task", "stdlib"]) == 2
