@@ -175,6 +175,7 @@ EVERY_BLOCK = {
           "v_head_dim": 5},
     "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "decay_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
     "W": {"type": "rglru", "n_heads": 2, "chunk_size": 4},
+    "Z": {"type": "lightning", "n_heads": 2, "chunk_size": 4, "decay_layers": 8},
 }
 
 

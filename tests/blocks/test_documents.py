@@ -28,6 +28,7 @@ CASES = {
     "gated_deltanet": {"n_heads": 4, "n_k_heads": 2, "head_k_dim": 6, "chunk_size": 5},
     "kda": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 3, "allow_neg_eigval": True},
     "rglru": {"n_heads": 3, "lru_width": 18, "chunk_size": 4},
+    "lightning": {"n_heads": 3, "chunk_size": 4},
 }
 
 # Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle

@@ -1,2 +1,3 @@
 """Built-in blocks. Importing this package registers each family with `zoo.registry`."""
-from zoo.blocks import attention, conv, delta, infini, mamba, parallel, passthrough, rglru, selective, taipan  # noqa: F401,E501
+from zoo.blocks import (attention, conv, delta, infini, lightning, mamba, parallel, passthrough, rglru,  # noqa: F401
+                        selective, taipan)
