@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -192,7 +192,7 @@ class RecipeSchema:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "normed")
 
 
 @dataclass
@@ -202,8 +202,11 @@ class LayerSpec:
     cfg: Any              # the block's config dataclass instance
     ffn: FfnConfig
     # recipe key `norm_position` (block configs have fields named `norm`): "pre": x + mixer(norm(x)),
-    # x + ffn(norm(x)), the default; "post": x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2 / OLMo-Hybrid attention)
+    # x + ffn(norm(x)), the default; "post": x + norm(mixer(x)), x + norm(ffn(x)) (OLMo 2 / OLMo-Hybrid attention);
+    # "normed": the residual is the normed input, scaled: a norm(x) + b mixer(norm(x)), then the same around the
+    # FFN, with (a, b, a_ffn, b_ffn) the recipe key `residual_scale` (MiniMax's alpha and beta factors)
     norm_position: str = "pre"
+    residual_scale: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -369,14 +372,26 @@ def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpe
     norm = spec.pop("norm_position", "pre")
     if norm not in NORM_POSITIONS:
         raise RecipeError(f"{path}.norm_position: {norm!r}; allowed: {', '.join(NORM_POSITIONS)} (where the "
-                          f"layer's norms sit: before the mixer and the FFN, or after them)")
+                          f"layer's norms sit: before the mixer and the FFN, after them, or before them with the "
+                          f"normed input as the residual)")
+    scale = spec.pop("residual_scale", None)
+    if scale is not None:
+        try:
+            scale = tuple(float(v) for v in scale)
+        except (TypeError, ValueError):
+            scale = ()
+        if len(scale) != 4:
+            raise RecipeError(f"{path}.residual_scale: expected four numbers [a, b, a_ffn, b_ffn], got "
+                              f"{spec.get('residual_scale', scale)!r}")
+        if norm != "normed":
+            raise RecipeError(f"{path}.residual_scale: scales the residual of norm_position: normed, not {norm!r}")
     cfg = _structured(entry.config, spec, path)
     if hasattr(cfg, "check"):
         try:
             cfg.check(d_model=model.d_model, seq_len=seq_len)
         except ValueError as err:
             raise RecipeError(f"{path}.{err}") from None
-    return LayerSpec(letter, str(block_type), cfg, ffn, norm)
+    return LayerSpec(letter, str(block_type), cfg, ffn, norm, scale or (1.0, 1.0, 1.0, 1.0))
 
 
 def _expand_pattern(model: ModelConfig) -> List[str]:
@@ -427,7 +442,8 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     # Keep the used block specs as plain, fully-defaulted dicts so to_yaml() round-trips (and describes
     # the model built, as checkpoints' recipe.yaml always has).
     model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn),
-                             **({"norm_position": s.norm_position} if s.norm_position != "pre" else {})}
+                             **({"norm_position": s.norm_position} if s.norm_position != "pre" else {}),
+                             **({"residual_scale": list(s.residual_scale)} if s.norm_position == "normed" else {})}
                     for letter, s in layers_by_letter.items() if letter in letters}
     return Recipe(name or "recipe", model, train, layers, source)
 

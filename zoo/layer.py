@@ -56,9 +56,12 @@ class ZooLayer(nn.Module):
         self.ffn = build_ffn(d_model, spec.ffn)
         self.ffn_norm = RMSNorm(d_model, norm_eps, zero_centred_norm) if self.ffn is not None else None
         self.post_norm = spec.norm_position == "post"   # the norms after the sublayers, not before
+        self.normed_residual = spec.residual_scale if spec.norm_position == "normed" else None
 
     def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
         """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
+        if self.normed_residual is not None:
+            return self._normed(x, cache, cp, seq_idx)
         post = self.post_norm
         y, aux = self.mixer.run(x if post else self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
         x = x + self._scaled(self.mixer_norm(y) if post else y)
@@ -66,6 +69,20 @@ class ZooLayer(nn.Module):
             # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
             y, ffn_aux = split_aux(self.ffn(x if post else self.ffn_norm(x), cp=cp))
             x = x + self._scaled(self.ffn_norm(y) if post else y)
+            if ffn_aux is not None:
+                aux = ffn_aux if aux is None else aux + ffn_aux
+        return x, aux
+
+    def _normed(self, x, cache, cp, seq_idx) -> tuple[torch.Tensor, AuxLoss]:
+        """MiniMax's layer: x = a n + b mixer(n) with n = norm(x), then the same around the FFN."""
+        a, b, a_ffn, b_ffn = self.normed_residual
+        n = self.mixer_norm(x)
+        y, aux = self.mixer.run(n, cache=cache, cp=cp, seq_idx=seq_idx)
+        x = a * n + b * y
+        if self.ffn is not None:
+            n = self.ffn_norm(x)
+            y, ffn_aux = split_aux(self.ffn(n, cp=cp))
+            x = a_ffn * n + b_ffn * y
             if ffn_aux is not None:
                 aux = ffn_aux if aux is None else aux + ffn_aux
         return x, aux

@@ -83,6 +83,10 @@ BASE = {
     "FalconMambaForCausalLM": (transformers.FalconMambaConfig, dict(hidden_size=32, state_size=8, num_hidden_layers=2,
                                                                      vocab_size=61, expand=2, conv_kernel=4,
                                                                      time_step_rank=4)),
+    "MiniMaxForCausalLM": (transformers.MiniMaxConfig, dict(
+        vocab_size=61, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, block_size=8,
+        layer_types=["linear_attention", "full_attention"], max_position_embeddings=256)),
     "RecurrentGemmaForCausalLM": (transformers.RecurrentGemmaConfig, dict(
         vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=1, attention_window_size=8)),

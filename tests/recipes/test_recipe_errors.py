@@ -134,6 +134,10 @@ SPARE = [
     ("Z: {type: swa, n_heads: 4, ffn: {type: gelu}}", ["model.blocks.Z.ffn.type", "'gelu'"]),
     ("Z: {n_heads: 4}", ["model.blocks.Z.type: missing", "known:"]),
     ("ZZ: {type: swa, n_heads: 4}", ["model.blocks.ZZ", "one non-space character", "'ZZ'"]),
+    ("Z: {type: attn, n_heads: 4, norm_position: normed, residual_scale: [1, 2]}",
+     ["model.blocks.Z.residual_scale", "expected four numbers [a, b, a_ffn, b_ffn]"]),
+    ("Z: {type: attn, n_heads: 4, residual_scale: [1, 1, 1, 1]}",
+     ["model.blocks.Z.residual_scale", "scales the residual of norm_position: normed, not 'pre'"]),
 ]
 
 
