@@ -112,6 +112,21 @@ def check_cache_contract(block, x: torch.Tensor, tol: float = 1e-10, splits=((1,
     return whole
 
 
+def check_cache_bytes_and_documents(block, d_model: int = 12, length: int = 17, split: int = 5):
+    """The cache contract on two random rows (float64), the cache's bytes after them equal to `state_bytes`, and a
+    row packed from two documents (seq_idx) equal to each document alone. Returns the cache."""
+    x = torch.randn(2, length, d_model, dtype=torch.float64)
+    check_cache_contract(block, x, splits=((1,), (2, 5), (length,)))
+    cache = block.init_cache(2, dtype=torch.float64)
+    with torch.no_grad():
+        block(x, cache=cache)
+        packed = block(x[:1], seq_idx=torch.tensor([[0] * split + [1] * (length - split)]))
+        alone = torch.cat([block(x[:1, :split]), block(x[:1, split:])], 1)
+    assert cache.nbytes() == block.state_bytes(length, batch_size=2, dtype=torch.float64)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-12)
+    return cache
+
+
 def cache_bytes(cache) -> int:
     """Bytes held by every tensor in a (nested) cache of dicts, lists and tuples. A preallocated cache
     (`zoo.blocks.attention.cache.SlotCache`: K/V buffers with spare capacity) counts the keys its state
