@@ -38,6 +38,10 @@ def test_each_repeat_is_a_span_of_the_row_copied_within_the_bounds():
         assert 7 <= len(changed) <= 19
         assert [d for d in distances if 40 <= d <= 111], row
     assert 20 <= len(moved) <= 44   # ~half of 64 rows
+    again, copies = insert_repeats(batch, fraction=0.5, count=1, span=(7, 19), distance=(40, 111),
+                                   rng=np.random.default_rng(0), return_copies=True)
+    assert torch.equal(again["input_ids"], out["input_ids"])
+    assert torch.equal(copies, out["input_ids"] != batch["input_ids"])   # distinct tokens: every copied one changed
 
 
 def test_the_draw_is_a_function_of_the_generator_seed():

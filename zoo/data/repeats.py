@@ -43,17 +43,19 @@ def random_string(length: int, vocab_size: int, rng: np.random.Generator, exclud
 
 
 def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng: np.random.Generator,
-                   source: str = "text", vocab_size: int = 256) -> dict:
+                   source: str = "text", vocab_size: int = 256, return_copies: bool = False):
     """In a `fraction` of the rows, `count` times in turn: copy span[0]..span[1] tokens from `src` to `src + d`,
     d drawn from distance[0]..distance[1] (both inclusive; a later copy may overwrite an earlier one). With
     source "random" the span at `src` is first replaced by a `random_string` over `vocab_size` tokens.
-    Returns a new batch; `batch` is left as it was."""
+    Returns a new batch (`batch` is left as it was) and, with `return_copies`, a bool [rows, length] mask of the
+    positions that hold a copy (the second occurrences; a later repeat's source written over one clears it)."""
     if source not in SOURCES:
         raise ValueError(f"source: {source!r}; allowed: {', '.join(SOURCES)}")
     ids = batch["input_ids"].clone()
     labels = batch["labels"].clone()
     seq_idx = batch.get("seq_idx")
     rows, length = ids.shape
+    copies = torch.zeros(rows, length, dtype=torch.bool)
     for row in np.flatnonzero(rng.random(rows) < fraction):
         for _ in range(count):
             placed = _draw(rng, length, span, distance)
@@ -66,9 +68,12 @@ def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng
                 ids[row, src:src + n] = torch.from_numpy(random_string(n, vocab_size, rng))
                 keep = labels[row, src:src + n] == IGNORE_INDEX     # a document's first token stays unscored
                 labels[row, src:src + n] = ids[row, src:src + n].masked_fill(keep, IGNORE_INDEX)
+            copies[row, src:src + n] = False
             ids[row, src + d:src + d + n] = ids[row, src:src + n].clone()
             labels[row, src + d:src + d + n] = ids[row, src + d:src + d + n]
-    return {**batch, "input_ids": ids, "labels": labels}
+            copies[row, src + d:src + d + n] = True
+    out = {**batch, "input_ids": ids, "labels": labels}
+    return (out, copies) if return_copies else out
 
 
 def _draw(rng: np.random.Generator, length: int, span, distance):
