@@ -1,6 +1,6 @@
 """`rglru` (Griffin's / RecurrentGemma's recurrent block): against the block written out with F.conv1d, explicit
 gate matrices and the op's token loop (float64, every gradient), the cache contract and state_bytes, packed
-documents, left-padded generation. The op: tests/ops/test_rglru.py; context parallel: tests/distributed/
+documents, left-padded generation. The op: tests/ops/test_rglru_op.py; context parallel: tests/distributed/
 test_cp_blocks.py; RecurrentGemma's import: tests/convert."""
 import pytest
 import torch
