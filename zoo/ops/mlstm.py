@@ -1,0 +1,103 @@
+"""The mLSTM of xLSTM (Beck et al., arXiv 2405.04517, section 2.3; xLSTM-7B, arXiv 2503.13427): a matrix memory
+with exponential input gates, sigmoid forget gates, a normaliser and a max-stabiliser. Per head, with q scaled by
+d_k^-1/2, i_t the input gate's pre-activation and log f_t = logsigmoid(forget pre-activation):
+
+    m_t = max(log f_t + m_{t-1}, i_t)                                   the stabiliser
+    C_t = e^{log f_t + m_{t-1} - m_t} C_{t-1} + e^{i_t - m_t} k_t v_t^T
+    n_t = e^{log f_t + m_{t-1} - m_t} n_{t-1} + e^{i_t - m_t} k_t
+    h_t = (q_t C_t) / (max(|q_t . n_t|, e^{-m_t}) + eps)
+
+(C, n, m) start at zero. Unrolled, m_t = max(F_t + m_0, max_{j<=t} (F_t - F_j + i_j)) with F the cumulative log f,
+so the chunked form is exact, not an approximation: inside a chunk every pair (t, j) carries e^{F_t - F_j + i_j -
+m_t} <= 1 and the state entering the chunk e^{F_t + m_0 - m_t} <= 1, whatever the gates.
+
+`mlstm_ref` is the recurrence token by token (transformers' mlstm_recurrent_step_native, the same equations);
+`mlstm` computes the pairs of each chunk at once and carries (C, n, m) from chunk to chunk. Shapes: q, k
+[b, t, heads, d_k], v [b, t, heads, d_v], i, f [b, t, heads]; the state ([b, heads, d_k, d_v], [b, heads, d_k],
+[b, heads]). Float32 accumulation (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from zoo.ops.dtypes import accumulation_dtype
+
+__all__ = ["mlstm", "mlstm_ref"]
+
+
+def _prepare(q, k, v, i, f, initial_state):
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"q, k: expected equal shapes [batch, length, heads, d_k], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    b, t, h, dk = q.shape
+    if v.dim() != 4 or v.shape[:3] != (b, t, h):
+        raise ValueError(f"v: expected [batch, length, heads, d_v] = [{b}, {t}, {h}, d_v], got {tuple(v.shape)}")
+    for name, g in (("i", i), ("f", f)):
+        if tuple(g.shape) != (b, t, h):
+            raise ValueError(f"{name}: expected [batch, length, heads] = {[b, t, h]}, got {tuple(g.shape)}")
+    acc = accumulation_dtype(q.dtype)
+    dv = v.shape[-1]
+    if initial_state is None:
+        state = (q.new_zeros(b, h, dk, dv, dtype=acc), q.new_zeros(b, h, dk, dtype=acc), q.new_zeros(b, h, dtype=acc))
+    else:
+        C, n, m = initial_state
+        if tuple(C.shape) != (b, h, dk, dv) or tuple(n.shape) != (b, h, dk) or tuple(m.shape) != (b, h):
+            raise ValueError(f"initial_state: expected (C [b, h, d_k, d_v], n [b, h, d_k], m [b, h]) = "
+                             f"({[b, h, dk, dv]}, {[b, h, dk]}, {[b, h]}), got {[tuple(s.shape) for s in initial_state]}")
+        state = tuple(s.to(acc) for s in initial_state)
+    q = q.to(acc) * dk ** -0.5
+    return q, k.to(acc), v.to(acc), i.to(acc), F.logsigmoid(f.to(acc)), state
+
+
+def mlstm_ref(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6):
+    """The recurrence token by token; h [b, t, heads, d_v] in the accumulation dtype."""
+    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state)
+    out = []
+    for t in range(q.shape[1]):
+        m_new = torch.maximum(logf[:, t] + m, i[:, t])
+        decay, write = torch.exp(logf[:, t] + m - m_new), torch.exp(i[:, t] - m_new)
+        C = decay[..., None, None] * C + write[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+        n = decay[..., None] * n + write[..., None] * k[:, t]
+        m = m_new
+        num = torch.einsum("bhk,bhkv->bhv", q[:, t], C)
+        den = torch.maximum((q[:, t] * n).sum(-1).abs(), torch.exp(-m)) + eps
+        out.append(num / den[..., None])
+    h = torch.stack(out, 1)
+    return (h, (C, n, m)) if return_final_state else h
+
+
+def mlstm(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6,
+          chunk_size: int = 64):
+    """`mlstm_ref` by chunks of `chunk_size` tokens (any length: the last chunk may be shorter)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state)
+    b, t, h, dk = q.shape
+    L = min(chunk_size, t)
+    outs = []
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    for start in range(0, t, L):
+        sl = slice(start, min(start + L, t))
+        qc, kc, vc = (x[:, sl].transpose(1, 2) for x in (q, k, v))          # [b, h, l, d]
+        ic, Fc = i[:, sl].transpose(1, 2), logf[:, sl].transpose(1, 2).cumsum(-1)   # [b, h, l]
+        l = qc.shape[2]
+        mask = causal[:l, :l]
+        D = (Fc[..., :, None] - Fc[..., None, :] + ic[..., None, :]).masked_fill(~mask, float("-inf"))
+        m_t = torch.maximum(Fc + m[..., None], D.amax(-1))                   # [b, h, l]
+        W = torch.exp(D - m_t[..., None])                                    # pairs, <= 1 (0 above the diagonal)
+        carry = torch.exp(Fc + m[..., None] - m_t)                           # the entering state's weight, <= 1
+        num = carry[..., None] * (qc @ C) + (W * (qc @ kc.transpose(-1, -2))) @ vc
+        nvec = carry[..., None] * n[:, :, None, :] + W @ kc
+        den = torch.maximum((qc * nvec).sum(-1).abs(), torch.exp(-m_t)) + eps
+        outs.append((num / den[..., None]).transpose(1, 2))
+        # the state after the chunk: its last row's weights
+        m_end = m_t[..., -1]
+        w_end = W[..., -1, :]                                                # e^{F_L - F_j + i_j - m_end}
+        C = carry[..., -1, None, None] * C + (w_end[..., None] * kc).transpose(-1, -2) @ vc
+        n = carry[..., -1, None] * n + (w_end[..., None] * kc).sum(-2)
+        m = m_end
+    h_out = torch.cat(outs, 1)
+    return (h_out, (C, n, m)) if return_final_state else h_out
