@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
-RECIPES ?= transformer swa mamba2 taipan samba
+RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
 .PHONY: install test compare compare-memory compare-long pretrain pretrain-long recall describe bench clean lock upgrade
@@ -97,7 +97,7 @@ pretrain-long: install
 # `make compare` reports all three.
 PASSKEY_ARGS ?= --steps 800,200,300,400 --seq-len 320,1024,1024,1024 --batch-size 16,8,8,8 --lr 2e-3,2e-3,1e-3,1e-3 \
 	--loss lm,lm,answer,answer --threads 1
-MQAR_RECIPES ?= transformer mamba2 samba
+MQAR_RECIPES ?= transformer mamba2 samba qwen3-next-dense
 # samba's window keeps the recipe's ratio to the training length (128 of 512) at MQAR's 64 tokens
 MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 --seq-len 64 --vocab 64 \
 	--batch-size 32 --lr 1e-3,1e-2 --threads 1 --set samba:model.blocks.S.window=16
