@@ -18,7 +18,6 @@ m_t} <= 1 and the state entering the chunk e^{F_t + m_0 - m_t} <= 1, whatever th
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
