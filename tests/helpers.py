@@ -191,6 +191,7 @@ EVERY_BLOCK = {
     "K": {"type": "kda", "n_heads": 2, "head_k_dim": 8, "decay_rank": 4, "chunk_size": 4, "allow_neg_eigval": True},
     "W": {"type": "rglru", "n_heads": 2, "chunk_size": 4},
     "Z": {"type": "lightning", "n_heads": 2, "chunk_size": 4, "decay_layers": 8},
+    "X": {"type": "mlstm", "n_heads": 2, "chunk_size": 4},
 }
 
 

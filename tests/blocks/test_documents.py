@@ -29,6 +29,7 @@ CASES = {
     "kda": {"n_heads": 2, "head_k_dim": 6, "chunk_size": 3, "allow_neg_eigval": True},
     "rglru": {"n_heads": 3, "lru_width": 18, "chunk_size": 4},
     "lightning": {"n_heads": 3, "chunk_size": 4},
+    "mlstm": {"n_heads": 3, "chunk_size": 4},
 }
 
 # Three rows of 23 tokens, each with its own boundaries: length-1 documents at the start, in the middle

@@ -142,6 +142,7 @@ DELTA_CASES = [
     ("short_conv", dict(d_conv=4, bias=True), False),
     ("rglru", dict(n_heads=2, d_conv=3, chunk_size=3), False),
     ("lightning", dict(n_heads=2, chunk_size=3, decay_layers=3), False),
+    ("mlstm", dict(n_heads=2, chunk_size=3), False),
 ]
 
 

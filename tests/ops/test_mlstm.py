@@ -76,3 +76,29 @@ def test_equals_transformers_xlstm_recurrence():
     torch.testing.assert_close(C2, C, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(n2, n, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m2, m[..., 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [mlstm_ref, mlstm])
+def test_packed_documents_equal_each_document_alone(fn):
+    """A document starts from the empty memory; the initial state belongs to the first document, the final state
+    is the last document's. Ids that come back after another document start a new one."""
+    x = make(b=1, t=26, state=True)
+    seq_idx = torch.tensor([[4] * 6 + [2] * 1 + [4] * 12 + [9] * 7])
+    kw = {"chunk_size": 5} if fn is mlstm else {}
+    packed, final = fn(**x, return_final_state=True, seq_idx=seq_idx, **kw)
+    pieces, state = [], x["initial_state"]
+    for lo, hi in [(0, 6), (6, 7), (7, 19), (19, 26)]:
+        h, state = mlstm_ref(**{k: v[:, lo:hi] for k, v in x.items() if k != "initial_state"},
+                             initial_state=state if lo == 0 else None, return_final_state=True)
+        pieces.append(h)
+    torch.testing.assert_close(packed, torch.cat(pieces, 1), rtol=0, atol=1e-12)
+    for a, b in zip(final, state):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_packed_documents_chunked_equals_the_loop_with_every_gradient():
+    x = make(b=2, t=23, state=True)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 9 + [2] * 9, [0] * 23])
+    want, got = run(mlstm_ref, x, seq_idx=seq_idx), run(mlstm, x, seq_idx=seq_idx, chunk_size=4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -12,7 +12,9 @@ so the chunked form is exact, not an approximation: inside a chunk every pair (t
 m_t} <= 1 and the state entering the chunk e^{F_t + m_0 - m_t} <= 1, whatever the gates.
 
 `mlstm_ref` is the recurrence token by token (transformers' mlstm_recurrent_step_native, the same equations);
-`mlstm` computes the pairs of each chunk at once and carries (C, n, m) from chunk to chunk. Shapes: q, k
+`mlstm` computes the pairs of each chunk at once and carries (C, n, m) from chunk to chunk. Packed documents
+(`seq_idx`): a document starts from the empty memory (zeros, m = 0), as a sequence does; `initial_state` belongs
+to the first document. Shapes: q, k
 [b, t, heads, d_k], v [b, t, heads, d_v], i, f [b, t, heads]; the state ([b, heads, d_k, d_v], [b, heads, d_k],
 [b, heads]). Float32 accumulation (float64 for float64 inputs).
 """
@@ -21,12 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.ops.documents import check_seq_idx, document_number
 from zoo.ops.dtypes import accumulation_dtype
 
 __all__ = ["mlstm", "mlstm_ref"]
 
 
-def _prepare(q, k, v, i, f, initial_state):
+def _prepare(q, k, v, i, f, initial_state, seq_idx=None):
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q, k: expected equal shapes [batch, length, heads, d_k], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
@@ -36,6 +39,8 @@ def _prepare(q, k, v, i, f, initial_state):
     for name, g in (("i", i), ("f", f)):
         if tuple(g.shape) != (b, t, h):
             raise ValueError(f"{name}: expected [batch, length, heads] = {[b, t, h]}, got {tuple(g.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, b, t)
     acc = accumulation_dtype(q.dtype)
     dv = v.shape[-1]
     if initial_state is None:
@@ -50,11 +55,16 @@ def _prepare(q, k, v, i, f, initial_state):
     return q, k.to(acc), v.to(acc), i.to(acc), F.logsigmoid(f.to(acc)), state
 
 
-def mlstm_ref(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6):
+def mlstm_ref(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6,
+              seq_idx=None):
     """The recurrence token by token; h [b, t, heads, d_v] in the accumulation dtype."""
-    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state)
+    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state, seq_idx)
+    doc = None if seq_idx is None else document_number(seq_idx)
     out = []
     for t in range(q.shape[1]):
+        if doc is not None and t > 0:   # a new document: the empty memory
+            keep = (doc[:, t] == doc[:, t - 1]).to(C.dtype)[:, None]
+            C, n, m = C * keep[..., None, None], n * keep[..., None], m * keep
         m_new = torch.maximum(logf[:, t] + m, i[:, t])
         decay, write = torch.exp(logf[:, t] + m - m_new), torch.exp(i[:, t] - m_new)
         C = decay[..., None, None] * C + write[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
@@ -68,25 +78,36 @@ def mlstm_ref(q, k, v, i, f, initial_state=None, return_final_state: bool = Fals
 
 
 def mlstm(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6,
-          chunk_size: int = 64):
+          chunk_size: int = 64, seq_idx=None):
     """`mlstm_ref` by chunks of `chunk_size` tokens (any length: the last chunk may be shorter)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
-    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state)
+    q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state, seq_idx)
     b, t, h, dk = q.shape
     L = min(chunk_size, t)
     outs = []
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    doc = (document_number(seq_idx) if seq_idx is not None else
+           torch.zeros(b, t, dtype=torch.int64, device=q.device))
     for start in range(0, t, L):
         sl = slice(start, min(start + L, t))
         qc, kc, vc = (x[:, sl].transpose(1, 2) for x in (q, k, v))          # [b, h, l, d]
         ic, Fc = i[:, sl].transpose(1, 2), logf[:, sl].transpose(1, 2).cumsum(-1)   # [b, h, l]
         l = qc.shape[2]
-        mask = causal[:l, :l]
-        D = (Fc[..., :, None] - Fc[..., None, :] + ic[..., None, :]).masked_fill(~mask, float("-inf"))
-        m_t = torch.maximum(Fc + m[..., None], D.amax(-1))                   # [b, h, l]
-        W = torch.exp(D - m_t[..., None])                                    # pairs, <= 1 (0 above the diagonal)
-        carry = torch.exp(Fc + m[..., None] - m_t)                           # the entering state's weight, <= 1
+        dc = doc[:, sl]                                                      # [b, l]
+        same = (dc[:, :, None] == dc[:, None, :])[:, None] & causal[:l, :l]  # [b, 1, l, l]: pairs of one document
+        reach = (dc == doc[:, max(start - 1, 0), None])[:, None]             # [b, 1, l]: the entering state's document
+        # where a document starts inside the chunk, the empty memory (m = 0) enters it, decayed from that start:
+        # F_t - F_{s-1}, with s the start (the cumulative log forget gate before it)
+        starts = torch.arange(l, device=q.device).expand(b, l).masked_fill(
+            torch.cat([torch.zeros_like(dc[:, :1], dtype=torch.bool), dc[:, 1:] != dc[:, :-1]], 1).logical_not(), 0)
+        s_idx = starts.cummax(1).values[:, None].expand(-1, h, -1)           # [b, h, l]
+        before = (Fc.gather(-1, s_idx) - logf[:, sl].transpose(1, 2).gather(-1, s_idx))
+        base = torch.where(reach, Fc + m[..., None], Fc - before)
+        D = (Fc[..., :, None] - Fc[..., None, :] + ic[..., None, :]).masked_fill(~same, float("-inf"))
+        m_t = torch.maximum(base, D.amax(-1))                                # [b, h, l]
+        W = torch.exp(D - m_t[..., None])                                    # pairs, <= 1 (0 outside the document)
+        carry = torch.exp(Fc + m[..., None] - m_t) * reach                   # the entering state's weight, <= 1
         num = carry[..., None] * (qc @ C) + (W * (qc @ kc.transpose(-1, -2))) @ vc
         nvec = carry[..., None] * n[:, :, None, :] + W @ kc
         den = torch.maximum((qc * nvec).sum(-1).abs(), torch.exp(-m_t)) + eps
