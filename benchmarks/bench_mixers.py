@@ -3,6 +3,9 @@ by zoo.convert from a one-family model), side by side in one process (interleave
 
     rglru       zoo's `rglru` block (chunked scan, zoo.ops.rglru) vs RecurrentGemmaRecurrentBlock (a loop over time)
     short_conv  zoo's `short_conv` block vs Lfm2ShortConv (its torch path)
+    lightning   zoo's `lightning` block (the SSD scan) vs MiniMaxLightningAttention (its block-wise loop)
+    mlstm       zoo's `mlstm` block (zoo.ops.mlstm) vs xLSTMLayer (transformers' native chunkwise kernel; no decode row:
+                transformers' xLSTM cache fails on these shapes)
 
 Per mixer: forward + backward of one layer at each length (batch 1, d_model 256, the sum of the output against a
 fixed random tensor; the best of --rounds) and greedy decoding of a two-layer model (the mixer and an attention
@@ -24,6 +27,7 @@ from benchmarks.harness import Table, command_line, print_summary, time_interlea
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 D = 256
+MIXERS = ("rglru", "short_conv", "lightning", "mlstm")
 
 
 def models(mixer: str):
@@ -37,11 +41,21 @@ def models(mixer: str):
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                                 attention_window_size=2048, block_types=["recurrent", "attention"])
         hf = transformers.RecurrentGemmaForCausalLM(cfg)
-    else:
+    elif mixer == "short_conv":
         cfg = transformers.Lfm2Config(vocab_size=256, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2,
                                       layer_types=["conv", "full_attention"], max_position_embeddings=8192)
         hf = transformers.Lfm2ForCausalLM(cfg)
+    elif mixer == "lightning":
+        cfg = transformers.MiniMaxConfig(vocab_size=256, hidden_size=D, intermediate_size=D, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                         num_experts_per_tok=1, block_size=64,
+                                         layer_types=["linear_attention", "full_attention"])
+        hf = transformers.MiniMaxForCausalLM(cfg)
+    else:
+        cfg = transformers.xLSTMConfig(vocab_size=256, hidden_size=D, num_heads=4, num_hidden_layers=1,
+                                       mode="train", chunk_size=64)
+        hf = transformers.xLSTMForCausalLM(cfg)
     hf = hf.float().eval()
     return hf, from_transformers(hf).eval()
 
@@ -52,7 +66,11 @@ def layers(hf, zoo_model, mixer: str):
         block = hf.model.layers[0].temporal_block
         ids = lambda x: torch.arange(x.shape[1])[None]   # noqa: E731
         return (lambda x: block(x, ids(x), None, use_cache=False)[0]), zoo_model.layers[0].mixer
-    return (lambda x: hf.model.layers[0].conv(x)), zoo_model.layers[0].mixer
+    if mixer == "short_conv":
+        return (lambda x: hf.model.layers[0].conv(x)), zoo_model.layers[0].mixer
+    if mixer == "lightning":
+        return (lambda x: hf.model.layers[0].self_attn(x, None, None)[0]), zoo_model.layers[0].mixer
+    return (lambda x: hf.backbone.blocks[0].mlstm_layer(x)[0]), zoo_model.layers[0].mixer
 
 
 def train_rows(mixer, lengths, rounds, table, records):
@@ -100,20 +118,21 @@ def decode_rows(mixer, rounds, table, records, new: int = 100):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=lambda s: [int(v) for v in s.split(",")], default=[4096])
-    ap.add_argument("--mixers", type=lambda s: s.split(","), default=["rglru", "short_conv"])
+    ap.add_argument("--mixers", type=lambda s: s.split(","), default=list(MIXERS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    bad = [m for m in args.mixers if m not in ("rglru", "short_conv")]
+    bad = [m for m in args.mixers if m not in MIXERS]
     if bad or min(args.lengths) < 2 or args.rounds < 1 or args.threads < 1:
-        ap.error(f"--mixers: of rglru, short_conv (got {bad}); --lengths: at least 2 tokens; --rounds, --threads: "
+        ap.error(f"--mixers: of {', '.join(MIXERS)} (got {bad}); --lengths: at least 2 tokens; --rounds, --threads: "
                  "positive integers")
     torch.set_num_threads(args.threads)
     table = Table(["mixer", "what", "length", "zoo s", "transformers s", "transformers / zoo"], "lllrrr", stream=True)
     records = []
     for mixer in args.mixers:
         train_rows(mixer, args.lengths, args.rounds, table, records)
-        decode_rows(mixer, args.rounds, table, records)
+        if mixer != "mlstm":
+            decode_rows(mixer, args.rounds, table, records)
     print(f"\n{command_line()}  ({args.threads} thread, torch {torch.__version__}, {platform.machine()})")
     print_summary({"rows": records})
 
