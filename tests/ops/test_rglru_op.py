@@ -4,6 +4,7 @@ RecurrentGemmaRglru on the same weights."""
 import pytest
 import torch
 
+from tests.ops.test_linear_scan import run
 from zoo.ops.rglru import MAX_SQRT_GRADIENT, rg_lru, rg_lru_ref
 
 F64 = torch.float64
@@ -16,14 +17,6 @@ def make(b=2, t=23, w=6, seed=0, dtype=F64, state=False):
     if state:
         x["initial_state"] = r(b, w)
     return x
-
-
-def run(fn, x, **kw):
-    x = {k: v.clone().requires_grad_(True) for k, v in x.items()}
-    h, last = fn(**x, return_final_state=True, **kw)
-    g = torch.Generator().manual_seed(1)
-    ((h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum() + (last * 3).sum()).backward()
-    return h, last, {k: v.grad for k, v in x.items()}
 
 
 def assert_runs_equal(got, want, tol=1e-12):

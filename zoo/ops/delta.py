@@ -35,7 +35,7 @@ from zoo.ops.dispatch import choose
 from zoo.ops.documents import check_seq_idx, document_number
 from zoo.ops.dtypes import accumulation_dtype
 
-__all__ = ["chunk_gated_delta_rule", "delta_rule", "delta_rule_ref", "l2_normalize"]
+__all__ = ["check_qkv", "chunk_gated_delta_rule", "delta_rule", "delta_rule_ref", "l2_normalize"]
 
 L2_EPS = 1e-6   # transformers' and fla's l2norm: x / sqrt(sum x^2 + eps)
 
@@ -160,14 +160,20 @@ def _step(q, k, v, beta, g, state, acc):
     return torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx):
-    """Checked inputs in the accumulation dtype, q and k normalised if asked; the scale (default d_k^-1/2)."""
+def check_qkv(q, k, v) -> tuple:
+    """(batch, length, heads, d_k) of q, k [b, t, h, d_k] and v [b, t, h, d_v] (an error naming the argument)."""
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q, k: expected equal shapes [batch, length, heads, d_k], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
     b, t, h, dk = k.shape
     if v.dim() != 4 or v.shape[:3] != (b, t, h):
         raise ValueError(f"v: expected [batch, length, heads, d_v] = [{b}, {t}, {h}, d_v], got {tuple(v.shape)}")
+    return b, t, h, dk
+
+
+def _prepare(q, k, v, beta, g, scale, initial_state, qk_l2norm, seq_idx):
+    """Checked inputs in the accumulation dtype, q and k normalised if asked; the scale (default d_k^-1/2)."""
+    b, t, h, dk = check_qkv(q, k, v)
     if tuple(beta.shape) != (b, t, h):
         raise ValueError(f"beta: expected [batch, length, heads] = {[b, t, h]}, got {tuple(beta.shape)}")
     if g is not None and tuple(g.shape) not in ((b, t, h), (b, t, h, dk)):

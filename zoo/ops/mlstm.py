@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.ops.delta import check_qkv
 from zoo.ops.documents import check_seq_idx, document_number
 from zoo.ops.dtypes import accumulation_dtype
 
@@ -30,12 +31,7 @@ __all__ = ["mlstm", "mlstm_ref"]
 
 
 def _prepare(q, k, v, i, f, initial_state, seq_idx=None):
-    if q.dim() != 4 or q.shape != k.shape:
-        raise ValueError(f"q, k: expected equal shapes [batch, length, heads, d_k], got {tuple(q.shape)} and "
-                         f"{tuple(k.shape)}")
-    b, t, h, dk = q.shape
-    if v.dim() != 4 or v.shape[:3] != (b, t, h):
-        raise ValueError(f"v: expected [batch, length, heads, d_v] = [{b}, {t}, {h}, d_v], got {tuple(v.shape)}")
+    b, t, h, dk = check_qkv(q, k, v)
     for name, g in (("i", i), ("f", f)):
         if tuple(g.shape) != (b, t, h):
             raise ValueError(f"{name}: expected [batch, length, heads] = {[b, t, h]}, got {tuple(g.shape)}")

@@ -106,6 +106,14 @@ def _put(ptr, x, rows, cols, n_rows, n_cols, stride):
 
 
 @triton.jit
+def _chunk(WV, WK, Q, P, K, E, at, cc, dd, ee, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """Chunk `at`'s tiles: Wv (this program's d_v columns), Wk, Q, P, K and the decay E."""
+    return (_tile(WV + at * C * DV, cc, ee, C, DV, DV), _tile(WK + at * C * DK, cc, dd, C, DK, DK),
+            _tile(Q + at * C * DK, cc, dd, C, DK, DK), _tile(P + at * C * C, cc, cc, C, C, C),
+            _tile(K + at * C * DK, cc, dd, C, DK, DK), tl.load(E + at * DK + dd, mask=dd < DK, other=0.0))
+
+
+@triton.jit
 def _fwd_kernel(WV, WK, Q, P, K, E, S0, O, SB, SF, n_chunks,
                 C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -117,12 +125,7 @@ def _fwd_kernel(WV, WK, Q, P, K, E, S0, O, SB, SF, n_chunks,
     for c in range(0, n_chunks):
         at = bh * n_chunks + c                      # the chunk's index in [b * h, n]
         _put(SB + at * DK * DV, S, dd, ee, DK, DV, DV)
-        wv = _tile(WV + at * C * DV, cc, ee, C, DV, DV)
-        wk = _tile(WK + at * C * DK, cc, dd, C, DK, DK)
-        q = _tile(Q + at * C * DK, cc, dd, C, DK, DK)
-        p = _tile(P + at * C * C, cc, cc, C, C, C)
-        k = _tile(K + at * C * DK, cc, dd, C, DK, DK)
-        e = tl.load(E + at * DK + dd, mask=dd < DK, other=0.0)
+        wv, wk, q, p, k, e = _chunk(WV, WK, Q, P, K, E, at, cc, dd, ee, C, DK, DV)
         u = wv - tl.dot(wk, S, input_precision="ieee")
         o = tl.dot(q, S, input_precision="ieee") + tl.dot(p, u, input_precision="ieee")
         _put(O + at * C * DV, o, cc, ee, C, DV, DV)
@@ -144,12 +147,7 @@ def _bwd_kernel(WV, WK, Q, P, K, E, SB, DO, DSF, DWV, DWK, DQ, DP, DKK, DE, DS0,
         c = n_chunks - 1 - i
         at = bh * n_chunks + c
         S = _tile(SB + at * DK * DV, dd, ee, DK, DV, DV)
-        wv = _tile(WV + at * C * DV, cc, ee, C, DV, DV)
-        wk = _tile(WK + at * C * DK, cc, dd, C, DK, DK)
-        q = _tile(Q + at * C * DK, cc, dd, C, DK, DK)
-        p = _tile(P + at * C * C, cc, cc, C, C, C)
-        k = _tile(K + at * C * DK, cc, dd, C, DK, DK)
-        e = tl.load(E + at * DK + dd, mask=dd < DK, other=0.0)
+        wv, wk, q, p, k, e = _chunk(WV, WK, Q, P, K, E, at, cc, dd, ee, C, DK, DV)
         do = _tile(DO + at * C * DV, cc, ee, C, DV, DV)
         u = wv - tl.dot(wk, S, input_precision="ieee")
         du = tl.dot(tl.trans(p), do, input_precision="ieee") + tl.dot(k, dS, input_precision="ieee")
