@@ -100,6 +100,11 @@ def _lm_eval(argv: list) -> int:
         parser.execute(parser.parse_args())
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    except ValueError as err:   # lm_eval's refusals (an unknown task, a bad argument) in one line
+        field = "--tasks: " if "Tasks not found" in str(err) else ""
+        hint = " (`lm-eval ls tasks` lists lm_eval's; --corpus-task makes one of a zoo corpus)" if field else ""
+        print(f"error: {field}{err}{hint}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = prog
     return 0

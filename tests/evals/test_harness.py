@@ -81,6 +81,8 @@ def test_zoo_lm_eval_runs_lm_evals_command_on_a_corpus_task(setup, tmp_path, cap
                          "--limit", "1", "--output_path", str(tmp_path / "ruler"), "--model_args", "max_length=640"]) == 0
     ruler = json.loads(next((tmp_path / "ruler").rglob("results_*.json")).read_text())["results"]["niah_single_1"]
     assert 0 <= ruler["512,none"] <= 1
+    assert harness.main([str(setup / "ckpt"), "--tasks", "nosuchtask"]) == 2
+    assert "error: --tasks: Tasks not found: nosuchtask" in capsys.readouterr().err
     assert harness.main(["missing-dir", "--tasks", "x"]) == 2
     assert "error: checkpoint" in capsys.readouterr().err
     assert harness.main([str(setup / "ckpt"), "--corpus-task", "stdlib"]) == 2
