@@ -115,8 +115,17 @@ class LightningBlock(Block):
         q, k, v = self.heads(x)
         if cache is None:
             return self.output(self.scan(q, k, v, seq_idx=seq_idx), x)
+        if x.shape[1] == 1:   # a decoding step: the recurrence itself, without the chunked scan's setup
+            o, cache.state = self.step(q[:, 0], k[:, 0], v[:, 0], cache.state.to(q.dtype))
+            return self.output(o[:, None], x)
         o, cache.state = self.scan(q, k, v, initial_state=cache.state.to(q.dtype), final=True)
         return self.output(o, x)
+
+    def step(self, q, k, v, state):
+        """One token: q, k, v [b, heads, head_dim], state [b, heads, d_v, d_k] -> (o [b, heads, d_v], new state)."""
+        decay = torch.exp(-self.slope.to(q.dtype))[None, :, None, None]
+        state = decay * state + v[..., :, None] * k[..., None, :]
+        return torch.einsum("bhvk,bhk->bhv", state, q), state
 
     def init_cache(self, batch_size: int, device=None, dtype=torch.float32) -> LightningCache:
         h, d = self.cfg.n_heads, self.head_dim
