@@ -385,6 +385,9 @@ def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpe
                               f"{spec.get('residual_scale', scale)!r}")
         if norm != "normed":
             raise RecipeError(f"{path}.residual_scale: scales the residual of norm_position: normed, not {norm!r}")
+    if norm == "normed" and model.residual_multiplier != 1:
+        raise RecipeError(f"{path}.norm_position: normed scales its terms by residual_scale; model.residual_multiplier "
+                          f"must stay 1, got {model.residual_multiplier}")
     cfg = _structured(entry.config, spec, path)
     if hasattr(cfg, "check"):
         try:

@@ -34,6 +34,8 @@ BAD_OVERRIDES = [
     (["model.vocab_size=1"], ["model.vocab_size", ">= 2"]),
     (["model.ffn.type=gelu"], ["model.ffn.type", "'gelu'", "known: geglu, mlp, moe, none", "swiglu"]),
     (["model.logit_softcap=0"], ["model.logit_softcap", "must be null (no cap) or > 0"]),
+    (["model.residual_multiplier=0.5", "model.blocks.A.norm_position=normed"],
+     ["norm_position: normed scales its terms by residual_scale", "residual_multiplier must stay 1"]),
     (["model.blocks.A.ffn.type=mpl"], ["model.blocks.A.ffn.type", "did you mean 'mlp'"]),
     (["model.blocks.A.ffn.chunk=0"], ["model.blocks.A.ffn.chunk", "0"]),
     (["train.seq_len=0"], ["train.seq_len", "> 0"]),
