@@ -93,6 +93,9 @@ def rg_lru(x, gate_x, gate_a, lam, c: float = 8.0, initial_state=None, return_fi
     (bool or [batch] bool; default: when there is no initial state); seq_idx [batch, length]: packed documents."""
     _check(x, gate_x, gate_a, lam, initial_state)
     a, b = rg_lru_inputs(x, gate_x, gate_a, lam, c, _starts(x, initial_state, first, seq_idx))
+    if x.shape[1] == 1 and initial_state is not None:   # a decoding step: the recurrence, not the chunked scan
+        h = a[:, 0] * initial_state.to(a.dtype) + b[:, 0]
+        return (h[:, None], h) if return_final_state else h[:, None]
     return linear_scan(a, b, initial_state=initial_state, return_final_state=return_final_state,
                        chunk_size=chunk_size)
 
