@@ -5,6 +5,23 @@ from zoo.convert import from_transformers
 from zoo.hf import ZooForCausalLM
 
 
+def randomised(hf, norm_centre: float = 1.0):
+    """Every path visible: norms N(norm_centre, 0.3) (0 for the (1 + w) norms), biases N(0, 0.3), weight matrices and
+    stacked experts N(0, 0.15), larger than their init, a router's expert bias N(0, 0.1)."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(norm_centre, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+        for name, buf in hf.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.normal_(0.0, 0.1)
+    return hf
+
+
 def compare_logits(hf, vocab, tol=1e-4, length=37):
     hf.eval()
     model = from_transformers(hf).eval()

@@ -3,7 +3,7 @@ small configs (short convolutions with and without bias, attention with q/k norm
 import pytest
 import torch
 
-from tests.convert.convert_helpers import compare_generate, compare_logits
+from tests.convert.convert_helpers import compare_generate, compare_logits, randomised
 
 transformers = pytest.importorskip("transformers")
 V = 97
@@ -15,24 +15,7 @@ def make(layer_types, **kw):
                                   pad_token_id=0, bos_token_id=None, eos_token_id=None, max_position_embeddings=256,
                                   **kw)
     torch.manual_seed(0)
-    return _randomised(transformers.Lfm2ForCausalLM(cfg).eval())
-
-
-def _randomised(hf):
-    """Every path visible: norms away from 1, biases, weights and experts larger than their init, the router's
-    expert bias non-zero."""
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.3)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.3)
-            elif "experts" in name or p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-        for name, buf in hf.named_buffers():
-            if name.endswith("expert_bias"):
-                buf.normal_(0.0, 0.1)
-    return hf
+    return randomised(transformers.Lfm2ForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("layer_types,kw", [
@@ -53,7 +36,7 @@ def test_lfm2_moe_equals_transformers(kw):
         num_dense_layers=1, num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=None,
         eos_token_id=None, max_position_embeddings=256, **kw)
     torch.manual_seed(0)
-    hf = _randomised(transformers.Lfm2MoeForCausalLM(cfg).eval())
+    hf = randomised(transformers.Lfm2MoeForCausalLM(cfg).eval())
     model = compare_logits(hf, V)
     compare_generate(hf, model, V)
     assert model.recipe.model.pattern == "cACC"

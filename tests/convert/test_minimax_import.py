@@ -4,7 +4,7 @@ untied or tied heads); changed decay buffers and router jitter are refused by na
 import pytest
 import torch
 
-from tests.convert.convert_helpers import compare_generate, compare_logits
+from tests.convert.convert_helpers import compare_generate, compare_logits, randomised
 from zoo.convert import from_transformers
 
 transformers = pytest.importorskip("transformers")
@@ -18,14 +18,7 @@ def make(layer_types, **kw):
         "block_size": 8, "layer_types": list(layer_types), "pad_token_id": 0, "bos_token_id": None,
         "eos_token_id": None, "max_position_embeddings": 512, **kw})
     torch.manual_seed(0)
-    hf = transformers.MiniMaxForCausalLM(cfg).eval()
-    with torch.no_grad():   # norms away from 1, weights and experts larger than their init
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.3)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    return hf
+    return randomised(transformers.MiniMaxForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("layer_types,kw", [

@@ -4,7 +4,7 @@ the prompt, attention biases, lru_width unlike hidden_size, a soft-cap that bite
 import pytest
 import torch
 
-from tests.convert.convert_helpers import compare_generate, compare_logits
+from tests.convert.convert_helpers import compare_generate, compare_logits, randomised
 
 transformers = pytest.importorskip("transformers")
 V = 97
@@ -16,16 +16,7 @@ def make(block_types, n_layers, **kw):
         "num_attention_heads": 4, "num_key_value_heads": 1, "attention_window_size": 8,
         "block_types": list(block_types), "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None, **kw})
     torch.manual_seed(0)
-    hf = transformers.RecurrentGemmaForCausalLM(cfg).eval()
-    with torch.no_grad():   # every path visible: norms away from 0 (they scale by 1 + w), biases, larger weights
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0.0, 0.3)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.3)
-            elif p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    return hf
+    return randomised(transformers.RecurrentGemmaForCausalLM(cfg).eval(), norm_centre=0.0)   # (1 + w) norms
 
 
 @pytest.mark.parametrize("block_types,n_layers,kw", [
