@@ -37,12 +37,11 @@ def main(argv=None):
     except ImportError:
         print("error: lm-eval: lm-evaluation-harness is not installed (pip install -e '.[eval]')", file=sys.stderr)
         return 2
-    import zoo
     from evals.harness import corpus_task, hf_tokenizer
     from zoo.data import DataError
-    from zoo.train.checkpoint import CheckpointError
+    from zoo.train.checkpoint import CheckpointError, read_recipe, resolve_checkpoint
     try:
-        recipe = zoo.load_checkpoint(args.model).recipe
+        recipe = read_recipe(resolve_checkpoint(args.model))   # the weights load once, in ZooHarnessLM
         for spec in args.corpus_task:
             corpus, sep, split = spec.rpartition(":")
             if not sep or split not in ("train", "val", "test"):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from zoo.distributed.halo import gather_chunks, refuse_cache
 from zoo.distributed.layout import ContextParallel
+from zoo.ops.dtypes import accumulation_dtype
 from zoo.ops.mlstm import mlstm
 
 __all__ = ["mlstm_cp"]
@@ -23,9 +24,10 @@ def mlstm_cp(block, x, cp: ContextParallel, cache=None):
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     chunks = cp.chunks()
-    empty = (q.new_zeros(b, h, dk, dv, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32),)
-    acc = empty[0].dtype
-    start = (empty[0], empty[0].new_zeros(b, h, dk), empty[0].new_full((b, h), float("-inf")))
+    acc = accumulation_dtype(q.dtype)
+    # nothing carried and no stabiliser of its own (m = -inf): each chunk's memory from an empty start
+    start = (q.new_zeros(b, h, dk, dv, dtype=acc), q.new_zeros(b, h, dk, dtype=acc),
+             q.new_full((b, h), float("-inf"), dtype=acc))
     summaries = []
     for c in chunks:
         sl = c.local
