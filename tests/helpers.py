@@ -41,7 +41,8 @@ def cp_errors(worst: dict, key: str, out, ref, ref_grads: dict, model, group, la
     from zoo.distributed import shard
     worst[f"{key} logits"] = rel_err(out.logits, shard(ref.logits, group, layout))
     worst[f"{key} loss"] = rel_err(out.loss, ref.loss)
-    worst[f"{key} aux_loss"] = rel_err(out.aux_loss, ref.aux_loss)
+    if ref.aux_loss is not None or out.aux_loss is not None:
+        worst[f"{key} aux_loss"] = rel_err(out.aux_loss, ref.aux_loss)
     for n, p in model.named_parameters():
         worst[f"{key} grad {n}"] = rel_err(p.grad, ref_grads[n], floor=1e-3)
 

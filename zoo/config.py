@@ -55,7 +55,10 @@ class ModelConfig:
     logit_softcap: Optional[float] = None   # logits = cap * tanh(logits / cap) (Gemma 2, RecurrentGemma: 30); null: none
     # op -> implementation, e.g. {ssd: triton}; ops left out choose by device (zoo.ops.dispatch)
     kernels: Dict[str, str] = field(default_factory=dict)
-    VALIDATED_APART = ("blocks",)   # not a field: each block's values are checked by its own config class
+    # name -> a transformer block whose weights every layer naming it (`shared: <name>` beside a block's type)
+    # uses (Zamba2's shared attention + MLP, zoo.blocks.shared): fields of zoo.blocks.shared.SharedBlockConfig
+    shared_blocks: Dict[str, Any] = field(default_factory=dict)
+    VALIDATED_APART = ("blocks", "shared_blocks")   # not fields: each is checked by its own config class
 
     def __post_init__(self):
         _positive(self, "d_model", "n_layers", "init_std", "norm_eps", "embedding_multiplier", "residual_multiplier",
@@ -207,6 +210,17 @@ class LayerSpec:
     # FFN, with (a, b, a_ffn, b_ffn) the recipe key `residual_scale` (MiniMax's alpha and beta factors)
     norm_position: str = "pre"
     residual_scale: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    # recipe key `shared`: the name of a model.shared_blocks entry this layer applies before its mixer (Zamba2's
+    # hybrid layer: x + mixer(norm(x + proj(shared(concat(x, embeddings)))))); None: none
+    shared: Optional[str] = None
+
+
+@dataclass
+class SharedSpec:
+    """A model.shared_blocks entry: its name, validated config (zoo.blocks.shared.SharedBlockConfig) and FFN."""
+    name: str
+    cfg: Any
+    ffn: FfnConfig
 
 
 @dataclass
@@ -216,12 +230,14 @@ class Recipe:
     train: TrainConfig
     layers: List[LayerSpec]
     source: Optional[str] = None
+    shared: Dict[str, SharedSpec] = field(default_factory=dict)   # model.shared_blocks, validated
 
     def to_dict(self) -> dict:
         """The resolved recipe (extends and overrides applied), loadable again by `load_recipe`."""
         d = {"name": self.name, "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
-        for letter, spec in d["model"]["blocks"].items():
-            d["model"]["blocks"][letter] = dict(spec)
+        for key in ("blocks", "shared_blocks"):
+            for name, spec in d["model"][key].items():
+                d["model"][key][name] = dict(spec)
         return d
 
     def to_yaml(self) -> str:
@@ -356,11 +372,30 @@ def _ffn_config(default: FfnConfig, override, path: str) -> FfnConfig:
     return _structured(FfnConfig, merged, path)
 
 
+def _shared_spec(name: str, spec, model: ModelConfig, seq_len: int) -> SharedSpec:
+    from zoo.blocks.shared.config import SharedBlockConfig   # the family imports zoo.blocks.ffn, as this module
+    path = f"model.shared_blocks.{name}"
+    if not isinstance(spec, (dict, DictConfig)):
+        raise RecipeError(f"{path}: expected a mapping of attention fields, got {spec!r}")
+    spec = dict(spec)
+    ffn = _ffn_config(model.ffn, spec.pop("ffn", None), f"{path}.ffn")
+    cfg = _structured(SharedBlockConfig, spec, path)
+    try:
+        cfg.check(d_model=model.d_model, seq_len=seq_len, ffn=ffn)
+    except ValueError as err:
+        raise RecipeError(f"{path}.{err}") from None
+    return SharedSpec(name, cfg, ffn)
+
+
 def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpec:
     path = f"model.blocks.{letter}"
     if not isinstance(spec, (dict, DictConfig)):
         raise RecipeError(f"{path}: expected a mapping with a 'type' key, got {spec!r}")
     spec = dict(spec)
+    shared = spec.pop("shared", None)
+    if shared is not None and str(shared) not in model.shared_blocks:
+        defined = ", ".join(sorted(map(str, model.shared_blocks))) or "none"
+        raise RecipeError(f"{path}.shared: {shared!r} is not in model.shared_blocks (defined: {defined})")
     block_type = spec.pop("type", None)
     if block_type is None:
         raise RecipeError(f"{path}.type: missing (known: {', '.join(list_blocks())})")
@@ -394,7 +429,11 @@ def _layer_spec(letter: str, spec, model: ModelConfig, seq_len: int) -> LayerSpe
             cfg.check(d_model=model.d_model, seq_len=seq_len)
         except ValueError as err:
             raise RecipeError(f"{path}.{err}") from None
-    return LayerSpec(letter, str(block_type), cfg, ffn, norm, scale or (1.0, 1.0, 1.0, 1.0))
+    if shared is not None and (norm != "pre" or entry.cls.passthrough):
+        raise RecipeError(f"{path}.shared: a shared block feeds the input of a mixer with its norm before it "
+                          f"(norm_position: pre), not {'no mixer' if entry.cls.passthrough else repr(norm)}")
+    return LayerSpec(letter, str(block_type), cfg, ffn, norm, scale or (1.0, 1.0, 1.0, 1.0),
+                     None if shared is None else str(shared))
 
 
 def _expand_pattern(model: ModelConfig) -> List[str]:
@@ -439,6 +478,8 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
         if len(str(letter)) != 1 or str(letter).isspace():
             raise RecipeError(f"model.blocks.{letter}: a block letter is one non-space character, got {letter!r} "
                               f"(model.pattern names one letter per layer)")
+    shared = {str(name): _shared_spec(str(name), spec, model, train.seq_len)
+              for name, spec in model.shared_blocks.items()}
     layers_by_letter = {letter: _layer_spec(letter, spec, model, train.seq_len) for letter, spec in model.blocks.items()}
     letters = _expand_pattern(model)
     layers = [layers_by_letter[letter] for letter in letters]
@@ -446,9 +487,12 @@ def recipe_from_config(raw, source: Optional[str] = None) -> Recipe:
     # the model built, as checkpoints' recipe.yaml always has).
     model.blocks = {letter: {"type": s.type, **dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn),
                              **({"norm_position": s.norm_position} if s.norm_position != "pre" else {}),
-                             **({"residual_scale": list(s.residual_scale)} if s.norm_position == "normed" else {})}
+                             **({"residual_scale": list(s.residual_scale)} if s.norm_position == "normed" else {}),
+                             **({"shared": s.shared} if s.shared is not None else {})}
                     for letter, s in layers_by_letter.items() if letter in letters}
-    return Recipe(name or "recipe", model, train, layers, source)
+    model.shared_blocks = {name: {**dataclasses.asdict(s.cfg), "ffn": dataclasses.asdict(s.ffn)}
+                           for name, s in shared.items()}
+    return Recipe(name or "recipe", model, train, layers, source, shared)
 
 
 def load_recipe(path: Union[str, Path, dict, DictConfig], overrides=()) -> Recipe:

@@ -188,7 +188,7 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.lm_head
 
     def init_cache(self, batch_size: int) -> ZooGenerationCache:
-        blocks = [layer.mixer for layer in self.model.layers]
+        blocks = list(self.model.layers)   # each layer's reorder_cache: its mixer's (and a shared block's)
         return ZooGenerationCache(self.model.init_cache(batch_size), blocks=blocks)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
@@ -342,7 +342,7 @@ def _prefill_left_padded(model: ZooLM, input_ids, pads, cache: ZooGenerationCach
     row otherwise (`_prefill_rows`); the logits at padding positions are zero (module docstring)."""
     row_start = pads.to(input_ids.device)
     p = next(model.parameters())
-    layers = [layer.mixer.init_left_padded_cache(row_start, p.device, p.dtype) for layer in model.layers]
+    layers = [layer.init_left_padded_cache(row_start, p.device, p.dtype) for layer in model.layers]
     if any(c is None for c in layers):
         return _prefill_rows(model, input_ids, pads, cache)
     b, length = input_ids.shape
@@ -367,7 +367,7 @@ def _prefill_rows(model: ZooLM, input_ids, pads, cache: ZooGenerationCache):
         logits[r, int(pads[r]):] = out.logits[0]
         rows.append(row_cache)
     row_start = pads.to(input_ids.device)
-    layers = [layer.mixer.merge_left_padded([rc.layers[i] for rc in rows], row_start, length)
+    layers = [layer.merge_left_padded([rc.layers[i] for rc in rows], row_start, length)
               for i, layer in enumerate(model.layers)]
     cache.zoo.layers, cache.zoo.seen, cache.row_start = layers, length, row_start
     return logits

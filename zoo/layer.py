@@ -5,45 +5,28 @@ while zoo.model imports zoo.memory to check a model fits before building it: lay
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from zoo.blocks.base import AuxLoss, split_aux
 from zoo.blocks.ffn import build_ffn
-from zoo.ops.norm import rms_norm
+from zoo.blocks.shared import SharedLayerCache, SharedUse
+from zoo.ops.norm import RMSNorm
 from zoo.registry import get_block
 
 __all__ = ["RMSNorm", "ZooLayer"]
 
 
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameter, same state dict) whose training path is `zoo.ops.norm.rms_norm`, with a
-    hand-written backward (3.1 ms against 5.2 ms forward + backward at [16, 256, 192]); without gradients
-    (evaluation, decoding) torch's fused kernel, one call where a decoding step cannot afford seven.
-
-    zero_centred: the scale is 1 + weight, weight starting at 0 (Qwen3-Next, Gemma): weight decay then pulls
-    the scale toward 1, not 0."""
-
-    def __init__(self, dim: int, eps: Optional[float] = None, zero_centred: bool = False):
-        super().__init__(dim, eps=eps)
-        self.zero_centred = zero_centred
-        if zero_centred:
-            nn.init.zeros_(self.weight)
-
-    def forward(self, x):
-        weight = self.weight + 1 if self.zero_centred else self.weight
-        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return rms_norm(x, weight, eps)
-        return F.rms_norm(x, self.normalized_shape, weight, eps)
-
-
 class ZooLayer(nn.Module):
+    """A mixer and its FFN, each around a norm and a residual; with `spec.shared`, a use of a shared block first
+    (zoo.blocks.shared), whose output joins the mixer's input. The layer is also what the model caches by: its
+    hooks (init_cache, state_bytes, the left-padding merges, reorder_cache) are its mixer's, joined with the
+    shared attention's for a layer with a shared block."""
+
     def __init__(self, d_model: int, spec, layer_idx: int, norm_eps: float, kernels=None,
-                 residual_multiplier: float = 1.0, zero_centred_norm: bool = False):
+                 residual_multiplier: float = 1.0, zero_centred_norm: bool = False, shared_blocks=None):
+        """shared_blocks: name -> zoo.blocks.shared.SharedBlock, the model's (needed when spec.shared is set)."""
         super().__init__()
         self.block_type = spec.type
         self.residual_multiplier = residual_multiplier   # Granite: x + multiplier * sublayer(norm(x))
@@ -57,13 +40,27 @@ class ZooLayer(nn.Module):
         self.ffn_norm = RMSNorm(d_model, norm_eps, zero_centred_norm) if self.ffn is not None else None
         self.post_norm = spec.norm_position == "post"   # the norms after the sublayers, not before
         self.normed_residual = spec.residual_scale if spec.norm_position == "normed" else None
+        self.shared_use, self._shared = None, None
+        if getattr(spec, "shared", None) is not None:
+            if shared_blocks is None or spec.shared not in shared_blocks:
+                raise ValueError(f"shared_blocks: layer {layer_idx} uses shared block {spec.shared!r}, not given")
+            block = shared_blocks[spec.shared]
+            self.shared_use = SharedUse(d_model, block.cfg, block.ffn_cfg)
+            self._shared = (block,)   # a tuple: the model holds the block's weights, once, not every layer using it
+            self.block_type = f"{self.block_type}+shared({spec.shared})"
 
-    def forward(self, x, cache=None, cp=None, seq_idx=None) -> tuple[torch.Tensor, AuxLoss]:
-        """(the layer's output, the block's and the FFN's auxiliary losses summed, or None)."""
+    def forward(self, x, cache=None, cp=None, seq_idx=None, embeddings=None) -> tuple[torch.Tensor, AuxLoss]:
+        """(the layer's output, the block's and the FFN's auxiliary losses summed, or None). embeddings: the
+        model's token embeddings, which a shared block reads beside x."""
         if self.normed_residual is not None:
             return self._normed(x, cache, cp, seq_idx)
         post = self.post_norm
-        y, aux = self.mixer.run(x if post else self.mixer_norm(x), cache=cache, cp=cp, seq_idx=seq_idx)
+        inp = x
+        if self.shared_use is not None:
+            shared_cache = None if cache is None else cache.attention
+            cache = None if cache is None else cache.mixer
+            inp = x + self.shared_use(self._shared[0], x, embeddings, cache=shared_cache, cp=cp, seq_idx=seq_idx)
+        y, aux = self.mixer.run(inp if post else self.mixer_norm(inp), cache=cache, cp=cp, seq_idx=seq_idx)
         x = x + self._scaled(self.mixer_norm(y) if post else y)
         if self.ffn is not None:
             # an FFN is per token: seq_idx and a cache change nothing; cp only its statistics (MoE balance)
@@ -89,3 +86,32 @@ class ZooLayer(nn.Module):
 
     def _scaled(self, y):
         return y if self.residual_multiplier == 1 else y * self.residual_multiplier
+
+    # -- the cache hooks (zoo.blocks.base.Block's), for the layer ----------------------------------------
+
+    def _parts(self):
+        return [self.mixer] if self.shared_use is None else [self.mixer, self._shared[0].attention]
+
+    def _joined(self, caches):
+        return caches[0] if self.shared_use is None else SharedLayerCache(list(caches))
+
+    def init_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        return self._joined([b.init_cache(batch_size, device, dtype) for b in self._parts()])
+
+    def state_bytes(self, seq_len: int, batch_size: int = 1, dtype=torch.bfloat16) -> int:
+        return sum(b.state_bytes(seq_len, batch_size, dtype) for b in self._parts())
+
+    def init_left_padded_cache(self, row_start, device=None, dtype=torch.float32):
+        caches = [b.init_left_padded_cache(row_start, device, dtype) for b in self._parts()]
+        return None if any(c is None for c in caches) else self._joined(caches)
+
+    def merge_left_padded(self, caches, row_start, length: int):
+        if self.shared_use is None:
+            return self.mixer.merge_left_padded(caches, row_start, length)
+        return self._joined([b.merge_left_padded([c.branches[i] for c in caches], row_start, length)
+                             for i, b in enumerate(self._parts())])
+
+    def reorder_cache(self, cache, indices: torch.Tensor):
+        if self.shared_use is None:
+            return self.mixer.reorder_cache(cache, indices)
+        return self._joined([b.reorder_cache(c, indices) for b, c in zip(self._parts(), cache.branches)])

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from zoo.blocks.shared import SharedBlock
 from zoo.config import Recipe, RecipeError
 from zoo.layer import ZooLayer
 
@@ -186,9 +187,14 @@ def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
     for i, spec in enumerate(recipe.layers):
         first.setdefault(spec.letter, i)
     with torch.device("meta"):
+        shared = {name: SharedBlock(m.d_model, spec, m.norm_eps) for name, spec in recipe.shared.items()}
+        for block in shared.values():   # once each, however many layers use it
+            block_params = sum(p.numel() for p in block.parameters())
+            params += block_params
+            nbytes += block_params * size
         for letter, n in counts.items():
             i = first[letter]
-            layer = ZooLayer(m.d_model, recipe.layers[i], i, m.norm_eps)
+            layer = ZooLayer(m.d_model, recipe.layers[i], i, m.norm_eps, shared_blocks=shared)
             layer_params = sum(p.numel() for p in layer.parameters())
             params += n * layer_params
             nbytes += n * (layer_params * size + sum(b.numel() * b.element_size() for b in layer.buffers()))

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 
 from zoo.blocks.base import BlockCache
 from zoo.blocks.moe import MoeFeedForward
+from zoo.blocks.shared import SharedBlock
 from zoo.config import Recipe, load_recipe
 from zoo.distributed import ContextParallel, all_reduce_sum
 from zoo.layer import RMSNorm, ZooLayer
@@ -64,10 +65,13 @@ class ZooLM(nn.Module):
         self.recipe = recipe
         m = recipe.model
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        # model.shared_blocks: each block's weights once, here; the layers that use it hold their adapters
+        self.shared = nn.ModuleDict({name: SharedBlock(m.d_model, spec, m.norm_eps, m.zero_centred_norm, m.kernels)
+                                     for name, spec in recipe.shared.items()})
         # model.kernels: passed by the blocks to their ops as impl=
         self.layers = nn.ModuleList(ZooLayer(m.d_model, spec, i, m.norm_eps, kernels=m.kernels,
                                              residual_multiplier=m.residual_multiplier,
-                                             zero_centred_norm=m.zero_centred_norm)
+                                             zero_centred_norm=m.zero_centred_norm, shared_blocks=self.shared)
                                     for i, spec in enumerate(recipe.layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps, m.zero_centred_norm)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
@@ -113,7 +117,7 @@ class ZooLM(nn.Module):
         if cp_group is not None:
             if cache is not None:
                 raise ValueError("cache: a cache continues one sequence on one process; pass either cache or cp_group")
-            unsupported = sorted({l.block_type for l in self.layers if not l.mixer.supports_cp})
+            unsupported = sorted({l.block_type for l in self.layers if not l.mixer.supports_cp})   # shared: attn
             if unsupported:
                 raise ValueError(f"cp_group: context parallel is not supported by block(s) {', '.join(unsupported)}; "
                                  f"run them on one process")
@@ -127,13 +131,15 @@ class ZooLM(nn.Module):
         x = self.embed(input_ids)
         if self.recipe.model.embedding_multiplier != 1:
             x = x * self.recipe.model.embedding_multiplier
+        embeddings = x if len(self.shared) else None   # what shared blocks read beside the hidden state (Zamba)
         aux = None
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
             if self.checkpoint_layers and self.training and layer_cache is None and torch.is_grad_enabled():
-                x, block_aux = torch.utils.checkpoint.checkpoint(layer, x, None, cp, seq_idx, use_reentrant=False)
+                x, block_aux = torch.utils.checkpoint.checkpoint(layer, x, None, cp, seq_idx, embeddings,
+                                                                 use_reentrant=False)
             else:
-                x, block_aux = layer(x, cache=layer_cache, cp=cp, seq_idx=seq_idx)
+                x, block_aux = layer(x, cache=layer_cache, cp=cp, seq_idx=seq_idx, embeddings=embeddings)
             if block_aux is not None:
                 aux = block_aux if aux is None else aux + block_aux
         if cache is not None:
@@ -159,7 +165,7 @@ class ZooLM(nn.Module):
     def init_cache(self, batch_size: int, device=None, dtype=None) -> ZooCache:
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
-        return ZooCache([layer.mixer.init_cache(batch_size, device, dtype) for layer in self.layers])
+        return ZooCache([layer.init_cache(batch_size, device, dtype) for layer in self.layers])
 
     def update_router_biases(self, group=None) -> None:
         """After an optimizer step: every MoE layer with `bias_update_rate` moves its router's correction bias
@@ -184,17 +190,21 @@ class ZooLM(nn.Module):
         """A table: layer, block, ffn, parameters, inference state (bytes/token at `context`, bf16)."""
         rows = [("layer", "block", "ffn", "params", f"state B/tok @{context}", "state @1K", "state @32K")]
         for i, layer in enumerate(self.layers):
-            params = sum(p.numel() for p in layer.parameters())
-            sb = layer.mixer.state_bytes
+            params = sum(p.numel() for p in layer.parameters())   # a shared block's weights: its own row
+            sb = layer.state_bytes
             ffn = layer.ffn.cfg.type if layer.ffn is not None else "none"
             rows.append((str(i), layer.block_type, ffn, f"{params:,}", f"{sb(context) / context:,.1f}",
                          _human_bytes(sb(1024)), _human_bytes(sb(32768))))
+        for name, block in self.shared.items():
+            users = ",".join(str(i) for i, layer in enumerate(self.layers) if layer._shared and layer._shared[0] is block)
+            rows.append((f"shared {name}", f"attn (layers {users or 'none'})", block.ffn_cfg.type,
+                         f"{sum(p.numel() for p in block.parameters()):,}", "-", "-", "-"))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(cell.rjust(w) if c >= 3 else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths)))
                  for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         n = self.num_params()
-        total_state = sum(layer.mixer.state_bytes(context) for layer in self.layers)
+        total_state = sum(layer.state_bytes(context) for layer in self.layers)
         lines.append(f"recipe {self.recipe.name}: {n['total']:,} params ({n['non_embedding']:,} non-embedding, "
                      f"{n['embedding']:,} embedding); inference state @{context} tokens: {_human_bytes(total_state)}")
         device = next(self.parameters()).device

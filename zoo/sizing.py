@@ -17,16 +17,18 @@ from zoo.model import build_model
 
 def width_step(recipe) -> int:
     """The d_model multiple every layer's block builds at."""
-    return math.lcm(1, *(spec.cfg.width_step() for spec in recipe.layers))
+    return math.lcm(1, *(spec.cfg.width_step() for spec in [*recipe.layers, *recipe.shared.values()]))
 
 
 def ffn_overrides(recipe, mult: float) -> list:
-    """Set the feed-forward width `mult` of the default FFN and of every block that inherits it (a loaded
-    recipe spells each block's FFN out, so the default alone would change nothing)."""
+    """Set the feed-forward width `mult` of the default FFN and of every block (and shared block) that inherits it
+    (a loaded recipe spells each block's FFN out, so the default alone would change nothing)."""
     default = recipe.model.ffn
     if default.type == "none" or default.hidden is not None:
         return []
-    out = [f"model.blocks.{letter}.ffn.mult={mult}" for letter, block in recipe.to_dict()["model"]["blocks"].items()
+    model = recipe.to_dict()["model"]
+    out = [f"model.{key}.{name}.ffn.mult={mult}" for key in ("blocks", "shared_blocks")
+           for name, block in model[key].items()
            if isinstance(block.get("ffn"), dict) and block["ffn"].get("type") != "none"
            and block["ffn"].get("hidden") is None and block["ffn"].get("mult") == default.mult]
     return [f"model.ffn.mult={mult}"] + out if out else []

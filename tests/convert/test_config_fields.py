@@ -96,6 +96,10 @@ BASE = {
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=61, mamba_d_ssm=48, mamba_n_heads=6, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=8,
         mamba_d_conv=4, mamba_chunk_size=8, max_position_embeddings=256)),
+    "Zamba2ForCausalLM": (transformers.Zamba2Config, dict(
+        vocab_size=61, hidden_size=16, num_hidden_layers=3, layers_block_type=["mamba", "hybrid", "hybrid"],
+        mamba_d_state=8, n_mamba_heads=4, num_attention_heads=4, intermediate_size=24, adapter_rank=3, chunk_size=8,
+        use_mem_rope=True, max_position_embeddings=256)),
 }
 
 

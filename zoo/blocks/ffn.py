@@ -20,6 +20,7 @@ from zoo.ops.swiglu import swiglu
 from zoo.registry import unknown_name_message
 
 FFN_TYPES = ("geglu", "mlp", "moe", "none", "relu2", "swiglu")
+GELU_FORMS = ("exact", "tanh")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class FfnConfig:
     hidden: Optional[int] = None   # exact hidden size; overrides mult (used when importing checkpoints)
     multiple_of: int = 8
     bias: bool = False
+    gelu: str = "tanh"             # geglu and mlp: GELU's tanh approximation (Gemma) or "exact" (erf; Zamba2)
     chunk: Optional[int] = None    # sequence chunk length for blockwise FFN; None = whole sequence
     # type moe (zoo/blocks/moe.py): `hidden` / `mult` size each expert; the rest is ignored by other types
     experts: Optional[int] = None  # routed experts E
@@ -57,6 +59,8 @@ class FfnConfig:
             raise ValueError(f"hidden: must be >= 1, got {self.hidden}")
         if self.multiple_of < 1:
             raise ValueError(f"multiple_of: must be >= 1, got {self.multiple_of}")
+        if self.gelu not in GELU_FORMS:
+            raise ValueError(f"gelu: {self.gelu!r}; allowed: {', '.join(GELU_FORMS)}")
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"chunk: must be >= 1 or null, got {self.chunk}")
         if self.type == "moe":
@@ -82,13 +86,19 @@ class FeedForward(nn.Module):
         self.out_proj = nn.Linear(hidden, d_model, bias=cfg.bias)
 
     def _ffn(self, x):
+        return self.out_proj(self.activate(self.gate_proj(x) if self.gated else None, self.up_proj(x)))
+
+    def activate(self, gate, up):
+        """The hidden activation from the projections' outputs (gate None for the ungated types): apart from
+        `_ffn` so that a shared FFN can add a per-use adapter to them first (zoo.blocks.shared)."""
+        approximate = "tanh" if self.cfg.gelu == "tanh" else "none"
         if self.cfg.type == "geglu":
-            return self.out_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+            return F.gelu(gate, approximate=approximate) * up
         if self.gated:
-            return self.out_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            return swiglu(gate, up)
         if self.cfg.type == "relu2":
-            return self.out_proj(F.relu(self.up_proj(x)).square())
-        return self.out_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+            return F.relu(up).square()
+        return F.gelu(up, approximate=approximate)
 
     def forward(self, x, cp=None):
         """x [batch, length, d_model] -> the same shape; per token, so `cp` (context parallel) changes nothing."""

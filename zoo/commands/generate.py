@@ -171,7 +171,7 @@ def main(argv=None):
     generated = new.shape[1]
     decode_s = t1 - (streamer.first_token_time if streamer and streamer.first_token_time else t0)
     seen = cache.get_seq_length()
-    analytic = sum(layer.mixer.state_bytes(seen, batch_size=len(prompts), dtype=dtype) for layer in model.model.layers)
+    analytic = sum(layer.state_bytes(seen, batch_size=len(prompts), dtype=dtype) for layer in model.model.layers)
     summary = {"recipe": model.model.recipe.name, "batch": len(prompts), "prompt_tokens": n,
                "new_tokens": generated, "seconds": round(t1 - t0, 4),
                "tokens_per_s": round(len(prompts) * generated / (t1 - t0), 2),

@@ -175,6 +175,8 @@ def from_transformers(hf_model) -> ZooLM:
     if unused:
         raise ValueError(f"from_transformers: {kind} tensors with no place in the zoo model: {unused[:5]}")
     for hf_name, zoo_names in names.items():
+        if zoo_names is None:   # a tensor transformers holds but its forward never reads (the converter says why)
+            continue
         if isinstance(zoo_names, Transformed):
             _copy_transformed(hf_name, zoo_names, src, dst, meta)
             continue

@@ -24,8 +24,8 @@ class ParallelCache(BlockCache):
         return self.branches[0].batch_size
 
     def index_rows(self, indices: torch.Tensor) -> "ParallelCache":
-        return ParallelCache([c.index_rows(indices) for c in self.branches])
+        return type(self)([c.index_rows(indices) for c in self.branches])
 
     @classmethod
     def stack(cls, caches: Sequence["ParallelCache"]) -> "ParallelCache":
-        return ParallelCache([type(parts[0]).stack(parts) for parts in zip(*(c.branches for c in caches))])
+        return cls([type(parts[0]).stack(parts) for parts in zip(*(c.branches for c in caches))])
