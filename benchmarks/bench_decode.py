@@ -127,7 +127,7 @@ def run_pair(kind: str, context: int, steps: int) -> list:
         med = times[side].median
         row.update(step_ms_median=round(1000 * med, 3), tokens_per_s=round(1 / med, 2),
                    **_cache_bytes(side, state[side][1]))
-    rows[1]["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in ours.layers)
+    rows[1]["state_bytes"] = sum(layer.state_bytes(seen, dtype=torch.float32) for layer in ours.layers)
     rows[1]["ratio_vs_hf"] = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     return rows
 
@@ -184,7 +184,7 @@ def run_cell(model_name: str, context: int, steps: int) -> dict:
            "step_ms_median": round(1000 * times.median, 3), "tokens_per_s": round(1 / times.median, 2),
            **_cache_bytes(side, cache)}
     if side == "zoo":
-        row["state_bytes"] = sum(layer.mixer.state_bytes(seen, dtype=torch.float32) for layer in model.layers)
+        row["state_bytes"] = sum(layer.state_bytes(seen, dtype=torch.float32) for layer in model.layers)
     return row
 
 

@@ -95,7 +95,7 @@ def decode_memory(recipe: dict, context: int, prefill_chunk: int = 512, decode_t
     decode_seconds = time.perf_counter() - start
     settled = decode.base - prefill.base  # what the prefill left, above the warmed-up model
     seen = context + decode_tokens + 1
-    state = sum(layer.mixer.state_bytes(seen, batch_size, dtype=torch.float32) for layer in model.layers)
+    state = sum(layer.state_bytes(seen, batch_size, dtype=torch.float32) for layer in model.layers)
     return {"context": context, "prefill_chunk": prefill_chunk, "decode_tokens": decode_tokens,
             "batch_size": batch_size, "cache_bytes": cache.nbytes(), "state_bytes": int(state), "tokens_seen": seen,
             "decode_bytes": max(0, settled + decode.bytes), "decode_step_bytes": decode.bytes,

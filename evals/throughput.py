@@ -181,7 +181,7 @@ def _model(recipe: dict):
 
 def analytic_state_bytes(model, context: int, batch_size: int = 1, dtype=torch.float32) -> int:
     """Sum over layers of the blocks' `state_bytes`: the cache inference holds after `context` tokens."""
-    return int(sum(layer.mixer.state_bytes(context, batch_size, dtype=dtype) for layer in model.layers))
+    return int(sum(layer.state_bytes(context, batch_size, dtype=dtype) for layer in model.layers))
 
 
 @torch.no_grad()
