@@ -6,6 +6,9 @@ by zoo.convert from a one-family model), side by side in one process (interleave
     lightning   zoo's `lightning` block (the SSD scan) vs MiniMaxLightningAttention (its block-wise loop)
     mlstm       zoo's `mlstm` block (zoo.ops.mlstm) vs xLSTMLayer (transformers' native chunkwise kernel; no decode row:
                 transformers' xLSTM cache fails on these shapes)
+    zamba2      a Zamba2 hybrid layer: zoo's layer with a shared block use and its `mamba2` mixer vs Zamba2HybridLayer
+                (the shared attention + MLP with adapters, then its Mamba-2 layer on the torch path); the decoded
+                model is a Mamba-2 layer and a hybrid one
 
 Per mixer: forward + backward of one layer at each length (batch 1, d_model 256, the sum of the output against a
 fixed random tensor; the best of --rounds) and greedy decoding of a two-layer model (the mixer and an attention
@@ -27,7 +30,7 @@ from benchmarks.harness import Table, command_line, print_summary, time_interlea
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 D = 256
-MIXERS = ("rglru", "short_conv", "lightning", "mlstm")
+MIXERS = ("rglru", "short_conv", "lightning", "mlstm", "zamba2")
 
 
 def models(mixer: str):
@@ -52,6 +55,13 @@ def models(mixer: str):
                                          num_experts_per_tok=1, block_size=64,
                                          layer_types=["linear_attention", "full_attention"])
         hf = transformers.MiniMaxForCausalLM(cfg)
+    elif mixer == "zamba2":
+        cfg = transformers.Zamba2Config(vocab_size=256, hidden_size=D, num_hidden_layers=2,
+                                        layers_block_type=["mamba", "hybrid"], num_attention_heads=8,
+                                        n_mamba_heads=16, mamba_d_state=64, chunk_size=64, adapter_rank=16,
+                                        use_shared_attention_adapter=True, use_mem_rope=True,
+                                        max_position_embeddings=8192)
+        hf = transformers.Zamba2ForCausalLM(cfg)
     else:
         cfg = transformers.xLSTMConfig(vocab_size=256, hidden_size=D, num_heads=4, num_hidden_layers=1,
                                        mode="train", chunk_size=64)
@@ -70,6 +80,14 @@ def layers(hf, zoo_model, mixer: str):
         return (lambda x: hf.model.layers[0].conv(x)), zoo_model.layers[0].mixer
     if mixer == "lightning":
         return (lambda x: hf.model.layers[0].self_attn(x, None, None)[0]), zoo_model.layers[0].mixer
+    if mixer == "zamba2":   # the whole hybrid layer, residual included, on fixed embeddings
+        hybrid, emb = hf.model.layers[1], torch.randn(1, 1, D)
+
+        def theirs(x):
+            e = emb.expand_as(x)
+            rope = hf.model.rotary_emb(x, torch.arange(x.shape[1])[None])
+            return hybrid(x, e, 1, None, None, position_embeddings=rope)
+        return theirs, (lambda x: zoo_model.layers[1](x, embeddings=emb.expand_as(x))[0])
     return (lambda x: hf.backbone.blocks[0].mlstm_layer(x)[0]), zoo_model.layers[0].mixer
 
 
