@@ -56,6 +56,7 @@ class _DeltaBlock(Block):
         if cfg.decay_rank is not None and self.decay != "channel":
             raise ValueError("decay_rank: only the kda block has a low-rank per-channel decay")
         h, hk, dk, dv = cfg.n_heads, cfg.k_heads, cfg.head_k_dim, cfg.v_dim
+        self.chunk_size = cfg.chunk_size or (16 if self.decay == "channel" else 32)   # DeltaConfig.chunk_size
         self.key_dim, self.value_dim = hk * dk, h * dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
@@ -93,7 +94,7 @@ class _DeltaBlock(Block):
         q, k, v = self.qkv(x, cache, seq_idx)
         o = delta_rule(q, k, v, self.beta(x), self.log_decay(x), initial_state=None if cache is None else cache.state,
                        output_final_state=cache is not None, qk_l2norm=cfg.qk_l2norm, seq_idx=seq_idx,
-                       chunk_size=cfg.chunk_size, impl=self.kernels.get("delta_rule", "auto"))
+                       chunk_size=self.chunk_size, impl=self.kernels.get("delta_rule", "auto"))
         if cache is not None:
             o, state = o
             cache.state = state.to(cache.state.dtype)

@@ -33,7 +33,7 @@ def delta_cp(block, x, cp: ContextParallel, cache=None):
     q, k, v = block.heads(mixed)
     beta, g = block.beta(x), block.log_decay(x)
     h, dk, dv = cfg.n_heads, cfg.head_k_dim, cfg.v_dim
-    kw = dict(qk_l2norm=cfg.qk_l2norm, chunk_size=cfg.chunk_size, impl=block.kernels.get("delta_rule", "auto"))
+    kw = dict(qk_l2norm=cfg.qk_l2norm, chunk_size=block.chunk_size, impl=block.kernels.get("delta_rule", "auto"))
     chunks = cp.chunks()
     start = torch.cat([torch.eye(dk, dtype=beta.dtype, device=x.device).expand(b, h, dk, dk),
                        torch.zeros(b, h, dk, dv, dtype=beta.dtype, device=x.device)], -1)   # [I | 0]
