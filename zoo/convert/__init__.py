@@ -49,9 +49,7 @@ def _llama(hf) -> tuple[dict, dict]:
         "train": {"seq_len": min(int(getattr(c, "max_position_embeddings", 2048)), 2048)},
     }
     require_silu(c, "hidden_act")
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not c.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     for i in range(c.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"
@@ -216,6 +214,15 @@ def tied(hf_model) -> bool:
     enough: KimiLinearForCausalLM keeps two tensors whatever it says)."""
     out, inp = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
     return out is not None and inp is not None and out.weight is inp.weight
+
+
+def outer_names(hf_model, final_norm: str = "model.norm.weight") -> dict:
+    """The names map of the tensors around the layers: the embedding, the final norm (`final_norm`, as the model
+    calls it) and the LM head unless it is the embedding (`tied`: the weights decide, not the config)."""
+    names = {"model.embed_tokens.weight": "embed.weight", final_norm: "norm.weight"}
+    if not tied(hf_model):
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
 
 
 def _tied_aliases(hf_model) -> set:

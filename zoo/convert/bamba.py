@@ -2,7 +2,7 @@
 every mixer, partial RoPE (head_dim / 2 rotated) in attention, the gated norm's eps from rms_norm_eps."""
 from __future__ import annotations
 
-from zoo.convert import register_converter
+from zoo.convert import outer_names, register_converter
 from zoo.convert import tied as is_tied
 from zoo.convert.hybrid import attn_names, check_attn_supports, dt_limit, mamba2_names, require_silu
 
@@ -40,9 +40,7 @@ def bamba(hf) -> tuple[dict, dict]:
                   "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": bool(c.mlp_bias)}},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight"}
-    if not tied:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.final_layernorm.weight")
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"

@@ -11,7 +11,7 @@ Falcon-H1's muP multipliers, and where each goes:
 The Mamba-2 width is mamba_n_heads x mamba_d_head; mamba_rms_norm false -> the mixer's `norm: false` (y * silu(z))."""
 from __future__ import annotations
 
-from zoo.convert import Scaled, _rope_base, register_converter
+from zoo.convert import Scaled, _rope_base, outer_names, register_converter
 from zoo.convert import tied as is_tied
 from zoo.convert.hybrid import dt_limit, mamba2_names, require_silu
 
@@ -66,9 +66,7 @@ def falcon_h1(hf) -> tuple[dict, dict]:
                   "ffn": {"type": "swiglu", "hidden": c.intermediate_size, "bias": bool(c.mlp_bias)}},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight"}
-    if not tied:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.final_layernorm.weight")
     mup = _mup_vector(c, d_inner)
     a_in, key = float(c.attention_in_multiplier), float(c.key_multiplier)
     gate, down = (float(m) for m in c.mlp_multipliers)

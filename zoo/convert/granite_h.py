@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from zoo.convert import _rope_base, register_converter
+from zoo.convert import _rope_base, outer_names, register_converter
 from zoo.convert.hybrid import require_silu
 
 KINDS = {"linear_attention": "M", "full_attention": "A"}
@@ -57,9 +57,7 @@ def granite_h(hf) -> tuple[dict, dict]:
                   "ffn": ffn},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not c.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     shared = "ffn.shared." if moe else "ffn."
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."

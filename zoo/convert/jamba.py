@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from zoo.convert import register_converter
+from zoo.convert import outer_names, register_converter
 
 _KINDS = {("attention", False): "A", ("attention", True): "E", ("mamba", False): "M", ("mamba", True): "N"}
 _MAMBA_PARAMS = ["in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
@@ -67,9 +67,7 @@ def jamba(hf) -> tuple[dict, dict]:
                         "blocks": {k: v for k, v in blocks.items() if k in letters}},
               "train": {"seq_len": min(int(c.max_position_embeddings), 2048)}}
 
-    names = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight"}
-    if not c.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.final_layernorm.weight")
     mamba_params = _MAMBA_PARAMS + (["conv1d.bias"] if c.mamba_conv_bias else [])
     mamba_params += ["in_proj.bias", "out_proj.bias"] if c.mamba_proj_bias else []
     for i, letter in enumerate(letters):

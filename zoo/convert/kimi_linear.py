@@ -6,7 +6,7 @@ n_shared_experts' worth of shared SwiGLU."""
 from __future__ import annotations
 
 from zoo.convert.hybrid import layer_kinds, require_silu
-from zoo.convert import Transformed, register_converter, tied
+from zoo.convert import Transformed, outer_names, register_converter, tied
 
 KINDS = {"linear_attention": "K", "full_attention": "M"}
 
@@ -40,9 +40,7 @@ def kimi_linear(hf) -> tuple[dict, dict]:
                   "tie_embeddings": tied(hf), "blocks": blocks},
         "train": {"seq_len": 2048},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not tied(hf):   # Kimi's lm_head is its own tensor even with tie_word_embeddings
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     for i, (kind, mlp) in enumerate(zip(types, mlps)):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         names[src + "input_layernorm.weight"] = dst + "mixer_norm.weight"

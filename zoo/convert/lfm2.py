@@ -6,7 +6,7 @@ scaling: zoo's `router: sigmoid` with one group; transformers adds 1e-6 to the r
 relative difference below 1e-6 in the weights). The final norm is `embedding_norm`."""
 from __future__ import annotations
 
-from zoo.convert import _rope_base, register_converter, tied
+from zoo.convert import _rope_base, outer_names, register_converter, tied
 from zoo.convert.hybrid import layer_kinds
 
 KINDS = {"conv": "C", "full_attention": "A"}
@@ -39,9 +39,7 @@ def lfm2(hf) -> tuple[dict, dict]:
                   "blocks": blocks},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.embedding_norm.weight": "norm.weight"}
-    if not tied(hf):
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.embedding_norm.weight")
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         m = dst + "mixer."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from zoo.blocks.lightning.block import slopes
-from zoo.convert import Transformed, _rope_base, register_converter, tied
+from zoo.convert import Transformed, _rope_base, outer_names, register_converter, tied
 from zoo.convert.hybrid import layer_kinds, require_silu
 
 KINDS = {"linear_attention": "L", "full_attention": "A"}
@@ -45,9 +45,7 @@ def minimax(hf) -> tuple[dict, dict]:
                           "aux_loss_weight": float(c.router_aux_loss_coef)}},
         "train": {"seq_len": max(2048, c.sliding_window or 0)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not tied(hf):
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         a, m = src + "self_attn.", dst + "mixer."

@@ -6,7 +6,7 @@ eps 1e-5 whatever rms_norm_eps is (fla's default, kept by transformers)."""
 from __future__ import annotations
 
 from zoo.convert.hybrid import layer_kinds, require_silu
-from zoo.convert import register_converter
+from zoo.convert import outer_names, register_converter
 
 KINDS = {"linear_attention": "G", "full_attention": "A"}
 OUTPUT_NORM_EPS = 1e-5
@@ -43,9 +43,7 @@ def olmo_hybrid(hf) -> tuple[dict, dict]:
                   "ffn": {"type": "swiglu", "hidden": c.intermediate_size}},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not c.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         m = dst + "mixer."

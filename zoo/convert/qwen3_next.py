@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from zoo.convert.hybrid import layer_kinds, require_silu
-from zoo.convert import Transformed, _rope_base, register_converter
+from zoo.convert import Transformed, _rope_base, outer_names, register_converter
 
 KINDS = {"linear_attention": "G", "full_attention": "A"}
 
@@ -94,9 +94,7 @@ def _qwen_hybrid(hf, name: str, fused: bool) -> tuple[dict, dict]:
                   "tie_embeddings": bool(c.tie_word_embeddings), "blocks": blocks},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
-    if not c.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf)
     hk, hv = c.linear_num_key_heads, c.linear_num_value_heads
     dk, vg = c.linear_key_head_dim, hv // hk * c.linear_value_head_dim
     for i, kind in enumerate(types):

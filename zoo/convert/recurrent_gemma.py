@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.convert import _rope_base, register_converter, tied
+from zoo.convert import _rope_base, outer_names, register_converter, tied
 from zoo.convert.hybrid import layer_kinds
 
 KINDS = {"linear_attention": "R", "sliding_attention": "A"}
@@ -42,9 +42,7 @@ def recurrent_gemma(hf) -> tuple[dict, dict]:
                   "ffn": {"type": "geglu", "hidden": c.intermediate_size // 2, "bias": True}},
         "train": {"seq_len": max(2048, c.attention_window_size)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.final_norm.weight": "norm.weight"}
-    if not tied(hf):
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.final_norm.weight")
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         t, m = src + "temporal_block.", dst + "mixer."

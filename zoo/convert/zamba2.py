@@ -11,7 +11,7 @@ its own. The import follows the weights, not the config: the uses whose blocks a
 block, and an adapter slot no use of a layer's block reads is dropped."""
 from __future__ import annotations
 
-from zoo.convert import _rope_base, register_converter, tied
+from zoo.convert import _rope_base, outer_names, register_converter, tied
 from zoo.convert.hybrid import dt_limit, layer_kinds, mamba2_names
 
 KINDS = {"mamba": "M", "linear_attention": "M", "hybrid": "H"}
@@ -61,9 +61,7 @@ def zamba2(hf) -> tuple[dict, dict]:
                   "shared_blocks": {f"S{b}": shared for b in used}},
         "train": {"seq_len": min(int(c.max_position_embeddings), 2048)},
     }
-    names = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "norm.weight"}
-    if not tied(hf):
-        names["lm_head.weight"] = "lm_head.weight"
+    names = outer_names(hf, "model.final_layernorm.weight")
     for i, kind in enumerate(types):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         if kind == "hybrid":
