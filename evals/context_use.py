@@ -212,14 +212,14 @@ def copied_token_bits(model, data, count: int = 4, span=(32, 256), distance=(256
                       rows: int = 2, length: int = 4096, seed: int = 7, source: str = "text") -> dict:
     """Did a model trained with `train.repeats` learn to copy its training repeats? Training rows of `data` (a
     PreparedData; rows past any a training run would draw first, at steps 10,000 + i) with `count` spans copied
-    `distance` tokens later in every row (zoo.data.repeats, generator seeded [seed, i]; `source` "random" copies
-    random strings); bits per token on the copies (the second occurrences) and on the rest, each the mean of the
+    `distance` tokens later in every row (zoo.data.repeats, generator seeded [seed, i]; `source` "random" or "bytes"
+    copies random strings); bits per token on the copies (the second occurrences) and on the rest, each the mean of the
     batches' means. A model that copies predicts the copies almost free."""
     from zoo.data.repeats import insert_repeats
     means = {"copied": [], "other": []}
     for i in range(batches):
         batch = data.train_batch(10_000 + i, 0, rows, length)
-        vocab = model.recipe.model.vocab_size if source == "random" else 256   # random strings need the vocabulary
+        vocab = model.recipe.model.vocab_size if source != "text" else 256   # random strings need the vocabulary
         out, copies = insert_repeats(batch, 1.0, count, span, distance, np.random.default_rng([seed, i]),
                                      source=source, vocab_size=vocab, return_copies=True)
         ids, changed = out["input_ids"], (out["input_ids"] != batch["input_ids"])[:, 1:]

@@ -85,7 +85,9 @@ class Repeats:
     count: int = 1
     span: List[int] = field(default_factory=lambda: [32, 256])
     distance: List[int] = field(default_factory=lambda: [1024, 4096])
-    source: str = "text"               # text: the row's own span; random: a random string first written there
+    # text: the row's own span; random: a random string of lowercase words first written there; bytes: of printable
+    # bytes (zoo.data.repeats)
+    source: str = "text"
 
     def check(self, seq_len: int):
         if not 0 <= self.fraction <= 1:
@@ -96,8 +98,8 @@ class Repeats:
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
                 raise ValueError(f"repeats.{name}: must be [low, high] with 1 <= low <= high, got {list(lo_hi)}")
-        if self.source not in ("text", "random"):
-            raise ValueError(f"repeats.source: {self.source!r}; allowed: text, random")
+        if self.source not in ("text", "random", "bytes"):
+            raise ValueError(f"repeats.source: {self.source!r}; allowed: text, random, bytes")
         if self.fraction and self.span[0] + self.distance[0] > seq_len:
             raise ValueError(f"repeats: span[0] + distance[0] = {self.span[0] + self.distance[0]} tokens do not fit "
                              f"train.seq_len {seq_len}; no row could hold a repeat")

@@ -117,10 +117,25 @@ def test_random_string_is_words_of_letters_for_bytes_and_avoids_excluded_ids():
     assert all(2 <= len(w) <= 8 for w in bytes(words.tolist()).decode().split(" ")[:-1])
     ids = random_string(500, 10, np.random.default_rng(0), exclude=(3,))
     assert 3 not in ids and set(ids) == set(range(10)) - {3}
+    printable = random_string(5000, 256, np.random.default_rng(0), printable=True)
+    assert set(printable.tolist()) == set(range(33, 127))
+
+
+def test_bytes_source_copies_a_string_of_printable_bytes():
+    tokens = np.random.default_rng(4).integers(0, 3, size=(8, 120))
+    batch = pack_batch(tokens, np.zeros((8, 120), int))
+    out, copies = insert_repeats(batch, fraction=1.0, count=1, span=(10, 14), distance=(15, 30),
+                                 rng=np.random.default_rng(1), source="bytes", return_copies=True)
+    ids = out["input_ids"].numpy()
+    for row in range(8):
+        copy = np.flatnonzero(copies[row].numpy())
+        assert 10 <= len(copy) <= 14 and (ids[row, copy] >= 33).all() and (ids[row, copy] < 127).all()
+        source = np.flatnonzero(ids[row] >= 3)[:len(copy)]
+        assert (ids[row, source] == ids[row, copy]).all() and 15 <= copy[0] - source[0] <= 30
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("source", "words", r"repeats.source: 'words'; allowed: text, random"),
+    ("source", "words", r"repeats.source: 'words'; allowed: text, random, bytes"),
     ("fraction", 1.5, r"repeats.fraction: must be in \[0, 1\], got 1.5"),
     ("count", 0, r"repeats.count: must be a positive integer, got 0"),
     ("span", "[9, 3]", r"repeats.span: must be \[low, high\] with 1 <= low <= high, got \[9, 3\]"),

@@ -14,6 +14,9 @@ byte vocabulary, random ids otherwise), then copies it: its second occurrence ca
 the first, where a copied span of natural text is partly predictable from its own left context, so the gradient
 toward copying is weak (a 1M-parameter transformer trained on 2M tokens of text repeats copied nothing,
 docs/long-context.md). This is the synthetic copying task of "Repeat After Me" written into natural rows.
+`source="bytes"` draws the string from the 94 printable bytes instead: each byte is then nearly unique within a
+few hundred, so the current byte alone finds the source (the one-token match of an induction head), where
+lowercase words need a match of several letters.
 
 Rows too short for the smallest span and distance are left as they are. With document ids (`seq_idx`,
 `train.cross_doc: false`) a repeat stays inside one document, so the model can see its source. The draw
@@ -27,12 +30,16 @@ import torch
 from zoo.data.packing import IGNORE_INDEX
 
 
-SOURCES = ("text", "random")
+SOURCES = ("text", "random", "bytes")
+PRINTABLE = (33, 127)   # "!" .. "~": the bytes `source="bytes"` draws from
 
 
-def random_string(length: int, vocab_size: int, rng: np.random.Generator, exclude=()) -> np.ndarray:
+def random_string(length: int, vocab_size: int, rng: np.random.Generator, exclude=(), printable: bool = False) -> np.ndarray:
     """`length` tokens nothing but a copy can predict: for a byte vocabulary (256) lowercase words of 2-8 letters
-    separated by spaces (text-like bytes), otherwise ids drawn uniformly from the vocabulary less `exclude`."""
+    separated by spaces (text-like bytes), or with `printable` the 94 printable non-space bytes drawn uniformly;
+    otherwise ids drawn uniformly from the vocabulary less `exclude`."""
+    if vocab_size == 256 and printable:
+        return rng.integers(*PRINTABLE, size=length).astype(np.int64)
     if vocab_size == 256:
         letters = []
         while len(letters) < length:
@@ -64,8 +71,8 @@ def insert_repeats(batch: dict, fraction: float, count: int, span, distance, rng
             src, d, n = placed
             if seq_idx is not None and seq_idx[row, src] != seq_idx[row, src + d + n - 1]:
                 continue   # source and copy in different documents: the model could not see the source
-            if source == "random":
-                ids[row, src:src + n] = torch.from_numpy(random_string(n, vocab_size, rng))
+            if source != "text":
+                ids[row, src:src + n] = torch.from_numpy(random_string(n, vocab_size, rng, printable=source == "bytes"))
                 keep = labels[row, src:src + n] == IGNORE_INDEX     # a document's first token stays unscored
                 labels[row, src:src + n] = ids[row, src:src + n].masked_fill(keep, IGNORE_INDEX)
             copies[row, src:src + n] = False
