@@ -1,0 +1,128 @@
+"""When does a recipe learn to copy? Train it from scratch on rows of random tokens holding one span copied a variable
+distance later, and follow the loss on the copy: a model that only knows the token statistics pays the alphabet's
+entropy there, one with an induction head (attend to the token after the previous occurrence of the current one;
+Olsson et al., 2022) almost nothing. The change comes abruptly after a plateau, and this measures the plateau.
+
+    python -m evals.induction --recipe transformer --match-params 1M --alphabet bytes --steps 3000
+
+Rows of `length` tokens: `random_string` from the alphabet ("bytes": the 94 printable bytes, "letters": lowercase
+words, "ids": a 64-token vocabulary for a toy recipe), a span of `span` tokens at a random start copied `distance`
+tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
+learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
+(nothing tells the model a copy has begun). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
+in nats per token, every `every` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+ALPHABETS = ("bytes", "letters", "ids")
+
+
+def copy_rows(batch: int, length: int, span: int, distance, alphabet: str, vocab_size: int,
+              rng: np.random.Generator):
+    """(ids [batch, length], copy_start [batch]): each row random, span tokens at src copied to src + d."""
+    from zoo.data.repeats import random_string
+    rows, starts = [], []
+    for _ in range(batch):
+        if alphabet == "ids":
+            row = rng.integers(0, vocab_size, size=length)
+        else:
+            row = random_string(length, vocab_size, rng, printable=alphabet == "bytes")
+        d = int(rng.integers(distance[0], distance[1] + 1))
+        src = int(rng.integers(0, length - d - span + 1))
+        row[src + d:src + d + span] = row[src:src + span].copy()
+        rows.append(row)
+        starts.append(src + d)
+    return torch.from_numpy(np.stack(rows)).long(), torch.tensor(starts)
+
+
+def copy_loss(logits, ids, starts, span: int, skip: int) -> float:
+    """Mean nats per token of the predictions of copy tokens skip..span-1 (predicted from the position before)."""
+    offsets = torch.arange(skip, span)
+    pos = starts[:, None] + offsets[None]                          # target positions [batch, span - skip]
+    logp = torch.log_softmax(logits.float(), -1)
+    rows = torch.arange(ids.shape[0])[:, None]
+    return -logp[rows, pos - 1, ids[rows, pos]].mean().item()
+
+
+def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
+               batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
+               log=None) -> list:
+    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights."""
+    if alphabet not in ALPHABETS:
+        raise ValueError(f"alphabet: {alphabet!r}; allowed: {', '.join(ALPHABETS)}")
+    if span + distance[1] > length or not 0 < distance[0] <= distance[1]:
+        raise ValueError(f"distance: {list(distance)} must be [low, high] with 0 < low <= high and span {span} + "
+                         f"high <= length {length}")
+    if not 0 <= skip < span:
+        raise ValueError(f"skip: {skip} must be in [0, span {span})")
+    vocab = model.recipe.model.vocab_size
+    if alphabet != "ids" and vocab != 256:
+        raise ValueError(f"alphabet: {alphabet!r} needs a byte vocabulary (256), the model has {vocab}; use ids")
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    curve, t0 = [], time.time()
+    for step in range(steps + 1):
+        ids, starts = copy_rows(batch, length, span, distance, alphabet, vocab, rng)
+        out = model(ids, labels=ids)
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                point = {"step": step, "copy_nats": copy_loss(out.logits, ids, starts, span, skip),
+                         "row_nats": out.loss.item(), "seconds": round(time.time() - t0, 1)}
+            curve.append(point)
+            if log is not None:
+                log(point)
+        if step == steps:
+            break
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return curve
+
+
+def main(argv: Optional[list] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="transformer", help="recipe name or file")
+    ap.add_argument("--match-params", default=None, help="size it as zoo compare does (e.g. 1M)")
+    ap.add_argument("--set", nargs="*", default=[], help="dotlist overrides")
+    ap.add_argument("--alphabet", choices=ALPHABETS, default="bytes")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--span", type=int, default=64)
+    ap.add_argument("--distance", type=lambda s: [int(v) for v in s.split(",")], default=[64, 128])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    import zoo
+    from evals.runs import parameter_target, resolve
+    from zoo.sizing import match_params
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    recipe, _ = resolve(args.recipe, args.set)
+    if args.match_params:
+        overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
+        recipe = zoo.load_recipe(recipe.to_dict(), overrides)
+    model = zoo.build_model(recipe)
+    print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {args.alphabet}, span {args.span} copied "
+          f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)
+    try:
+        curve = copy_curve(model, args.steps, args.length, args.span, args.distance, args.alphabet, args.batch,
+                           args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True))
+    except ValueError as err:
+        ap.error(str(err))
+    print("summary: " + json.dumps({"recipe": recipe.name, "alphabet": args.alphabet, "curve": curve}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""evals.induction's bookkeeping: the rows hold one copy at a variable distance from each alphabet, the copy loss reads
+exactly the copy's tokens (a model that predicts them perfectly scores 0, one that predicts the rest perfectly does
+not), and bad settings name themselves."""
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from evals.induction import copy_curve, copy_loss, copy_rows
+
+
+@pytest.mark.parametrize("alphabet,vocab,allowed", [("bytes", 256, set(range(33, 127))), ("ids", 64, set(range(64))),
+                                                    ("letters", 256, set(range(97, 123)) | {32})])
+def test_rows_hold_one_copy_at_a_variable_distance(alphabet, vocab, allowed):
+    ids, starts = copy_rows(64, 96, 16, (20, 40), alphabet, vocab, np.random.default_rng(0))
+    assert ids.shape == (64, 96) and set(ids.unique().tolist()) <= allowed
+    distances = set()
+    for row, start in zip(ids, starts.tolist()):
+        copy = row[start:start + 16]
+        found = [d for d in range(20, 41) if start - d >= 0 and torch.equal(row[start - d:start - d + 16], copy)]
+        assert found, "the copy's source is not 20-40 tokens before it"
+        distances.add(found[0])
+    assert len(distances) > 10   # not one fixed offset
+
+
+def test_copy_loss_reads_exactly_the_copied_tokens():
+    ids, starts = copy_rows(4, 64, 12, (16, 30), "ids", 50, np.random.default_rng(1))
+    perfect_on_copy = torch.full((4, 64, 50), -30.0)
+    perfect_elsewhere = torch.full((4, 64, 50), -30.0)
+    for r in range(4):
+        for t in range(63):   # position t predicts token t + 1
+            on_copy = starts[r] + 3 <= t + 1 < starts[r] + 12
+            (perfect_on_copy if on_copy else perfect_elsewhere)[r, t, ids[r, t + 1]] = 30.0
+    assert copy_loss(perfect_on_copy, ids, starts, 12, skip=3) < 1e-6
+    assert copy_loss(perfect_elsewhere, ids, starts, 12, skip=3) > 3.0
+
+
+def test_curve_and_errors():
+    torch.manual_seed(0)
+    model = zoo.build_model({"name": "t", "model": {"d_model": 16, "n_layers": 1, "vocab_size": 32, "pattern": "A",
+                                                    "blocks": {"A": {"type": "attn", "n_heads": 2}}},
+                             "train": {"seq_len": 64}})
+    curve = copy_curve(model, 4, length=64, span=8, distance=(10, 20), alphabet="ids", batch=2, every=2, skip=2)
+    assert [p["step"] for p in curve] == [0, 2, 4] and curve[-1]["copy_nats"] < curve[0]["copy_nats"] + 1
+    with pytest.raises(ValueError, match=r"alphabet: 'bytes' needs a byte vocabulary \(256\), the model has 32"):
+        copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="bytes", skip=2)
+    with pytest.raises(ValueError, match=r"distance: \[10, 60\] must be .* span 8 \+ high <= length 64"):
+        copy_curve(model, 1, length=64, span=8, distance=(10, 60), alphabet="ids", skip=2)
+    with pytest.raises(ValueError, match=r"skip: 8 must be in \[0, span 8\)"):
+        copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids")
