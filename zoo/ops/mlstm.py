@@ -75,44 +75,66 @@ def mlstm_ref(q, k, v, i, f, initial_state=None, return_final_state: bool = Fals
 
 def mlstm(q, k, v, i, f, initial_state=None, return_final_state: bool = False, eps: float = 1e-6,
           chunk_size: int = 64, seq_idx=None):
-    """`mlstm_ref` by chunks of `chunk_size` tokens (any length: the last chunk may be shorter)."""
+    """`mlstm_ref` by chunks of `chunk_size` tokens (any length: the last chunk may be shorter).
+
+    Three steps: every chunk's pairs and the summary of what it writes into the state (its last row's weights,
+    their maximum M and the weighted sums S = sum_j w_j k_j v_j^T, s = sum_j w_j k_j), all chunks at once; the
+    state from chunk to chunk, a scan of rescalings and additions (no matmul in the loop); every chunk's output
+    from its entering state, all chunks at once. The padded tail writes nothing (i = -inf) and keeps the state
+    (log f = 0)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
     q, k, v, i, logf, (C, n, m) = _prepare(q, k, v, i, f, initial_state, seq_idx)
     b, t, h, dk = q.shape
+    dv = v.shape[-1]
     L = min(chunk_size, t)
-    outs = []
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    nc = -(-t // L)
+    pad = nc * L - t
     doc = (document_number(seq_idx) if seq_idx is not None else
            torch.zeros(b, t, dtype=torch.int64, device=q.device))
-    for start in range(0, t, L):
-        sl = slice(start, min(start + L, t))
-        qc, kc, vc = (x[:, sl].transpose(1, 2) for x in (q, k, v))          # [b, h, l, d]
-        ic, Fc = i[:, sl].transpose(1, 2), logf[:, sl].transpose(1, 2).cumsum(-1)   # [b, h, l]
-        l = qc.shape[2]
-        dc = doc[:, sl]                                                      # [b, l]
-        same = (dc[:, :, None] == dc[:, None, :])[:, None] & causal[:l, :l]  # [b, 1, l, l]: pairs of one document
-        reach = (dc == doc[:, max(start - 1, 0), None])[:, None]             # [b, 1, l]: the entering state's document
-        # where a document starts inside the chunk, the empty memory (m = 0) enters it, decayed from that start:
-        # F_t - F_{s-1}, with s the start (the cumulative log forget gate before it)
-        starts = torch.arange(l, device=q.device).expand(b, l).masked_fill(
-            torch.cat([torch.zeros_like(dc[:, :1], dtype=torch.bool), dc[:, 1:] != dc[:, :-1]], 1).logical_not(), 0)
-        s_idx = starts.cummax(1).values[:, None].expand(-1, h, -1)           # [b, h, l]
-        before = (Fc.gather(-1, s_idx) - logf[:, sl].transpose(1, 2).gather(-1, s_idx))
-        base = torch.where(reach, Fc + m[..., None], Fc - before)
-        D = (Fc[..., :, None] - Fc[..., None, :] + ic[..., None, :]).masked_fill(~same, float("-inf"))
-        m_t = torch.maximum(base, D.amax(-1))                                # [b, h, l]
-        W = torch.exp(D - m_t[..., None])                                    # pairs, <= 1 (0 outside the document)
-        carry = torch.exp(Fc + m[..., None] - m_t) * reach                   # the entering state's weight, <= 1
-        num = carry[..., None] * (qc @ C) + (W * (qc @ kc.transpose(-1, -2))) @ vc
-        nvec = carry[..., None] * n[:, :, None, :] + W @ kc
-        den = torch.maximum((qc * nvec).sum(-1).abs(), torch.exp(-m_t)) + eps
-        outs.append((num / den[..., None]).transpose(1, 2))
-        # the state after the chunk: its last row's weights
-        m_end = m_t[..., -1]
-        w_end = W[..., -1, :]                                                # e^{F_L - F_j + i_j - m_end}
-        C = carry[..., -1, None, None] * C + (w_end[..., None] * kc).transpose(-1, -2) @ vc
-        n = carry[..., -1, None] * n + (w_end[..., None] * kc).sum(-2)
-        m = m_end
-    h_out = torch.cat(outs, 1)
+
+    def chunks(x, value=0.0):   # [b, t, h(, d)] -> [b, nc, h, L(, d)]
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value)
+        return x.view(b, nc, L, *x.shape[2:]).transpose(2, 3)
+    qc, kc, vc, ic, lf = chunks(q), chunks(k), chunks(v), chunks(i, float("-inf")), chunks(logf)
+    dc = F.pad(doc, (0, pad), mode="replicate").view(b, nc, L)               # [b, nc, L]
+    Fc = lf.cumsum(-1)                                                       # [b, nc, h, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    same = ((dc[..., :, None] == dc[..., None, :]) & causal)[:, :, None]    # [b, nc, 1, L, L]: pairs of one document
+    entering = torch.cat([dc[:, :1, 0], dc[:, :-1, -1]], 1)                 # [b, nc]: the entering state's document
+    reach = (dc == entering[..., None])[:, :, None]                         # [b, nc, 1, L]
+    # where a document starts inside a chunk, the empty memory (m = 0) enters it, decayed from that start: the base
+    # of the stabiliser is F_t - F_{s-1} there, with s the start
+    starts = torch.arange(L, device=q.device).expand(b, nc, L).masked_fill(
+        torch.cat([torch.zeros_like(dc[..., :1], dtype=torch.bool), dc[..., 1:] != dc[..., :-1]], -1).logical_not(), 0)
+    s_idx = starts.cummax(-1).values[:, :, None].expand(-1, -1, h, -1)      # [b, nc, h, L]
+    before = Fc.gather(-1, s_idx) - lf.gather(-1, s_idx)                     # F_{s-1}
+    D = (Fc[..., :, None] - Fc[..., None, :] + ic[..., None, :]).masked_fill(~same, float("-inf"))
+
+    # what each chunk writes into the state: its last row's pair weights, relative to their maximum
+    a = D[..., -1, :]                                                        # [b, nc, h, L]
+    M = a.amax(-1)
+    wk = torch.exp(a - M[..., None])[..., None] * kc                         # [b, nc, h, L, dk]
+    S, s = wk.transpose(-1, -2) @ vc, wk.sum(-2)
+    F_end, before_end, reach_end = Fc[..., -1], before[..., -1], reach[..., -1]   # [b, nc, h], ..., [b, nc, 1]
+    states = []
+    for c in range(nc):
+        states.append((C, n, m))
+        base = torch.where(reach_end[:, c], F_end[:, c] + m, F_end[:, c] - before_end[:, c])
+        m_new = torch.maximum(base, M[:, c])
+        carry = torch.exp((F_end[:, c] + m - m_new).masked_fill(~reach_end[:, c], float("-inf")))
+        fresh = torch.exp(M[:, c] - m_new)
+        C = carry[..., None, None] * C + fresh[..., None, None] * S[:, c]
+        n = carry[..., None] * n + fresh[..., None] * s[:, c]
+        m = m_new
+    Cs, ns, ms = (torch.stack(x, 1) for x in zip(*states))                  # the states entering each chunk
+
+    base = torch.where(reach, Fc + ms[..., None], Fc - before)
+    m_t = torch.maximum(base, D.amax(-1))                                    # [b, nc, h, L]
+    W = torch.exp(D - m_t[..., None])                                        # pairs, <= 1 (0 outside the document)
+    carry = torch.exp((Fc + ms[..., None] - m_t).masked_fill(~reach, float("-inf")))   # the entering state's weight
+    num = carry[..., None] * (qc @ Cs) + (W * (qc @ kc.transpose(-1, -2))) @ vc
+    nvec = carry[..., None] * ns[..., None, :] + W @ kc
+    den = torch.maximum((qc * nvec).sum(-1).abs(), torch.exp(-m_t)) + eps
+    h_out = (num / den[..., None]).transpose(2, 3).reshape(b, nc * L, h, dv)[:, :t]
     return (h_out, (C, n, m)) if return_final_state else h_out
