@@ -41,11 +41,11 @@ class ZooLayer(nn.Module):
         self.post_norm = spec.norm_position == "post"   # the norms after the sublayers, not before
         self.normed_residual = spec.residual_scale if spec.norm_position == "normed" else None
         self.shared_use, self._shared = None, None
-        if getattr(spec, "shared", None) is not None:
+        if spec.shared is not None:
             if shared_blocks is None or spec.shared not in shared_blocks:
                 raise ValueError(f"shared_blocks: layer {layer_idx} uses shared block {spec.shared!r}, not given")
             block = shared_blocks[spec.shared]
-            self.shared_use = SharedUse(d_model, block.cfg, block.ffn_cfg)
+            self.shared_use = SharedUse(d_model, block)
             self._shared = (block,)   # a tuple: the model holds the block's weights, once, not every layer using it
             self.block_type = f"{self.block_type}+shared({spec.shared})"
 

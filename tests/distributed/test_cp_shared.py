@@ -11,8 +11,7 @@ TOL = 1e-10
 
 @pytest.mark.parametrize("w", (1, 2, 3, 4))
 def test_shared_blocks_under_context_parallel(ranks, w):
-    r = recipe()
-    r["model"]["vocab_size"] = 37   # test_cp_model's VOCAB: its ids are drawn below it
+    r = recipe()   # vocabulary 37, test_cp_model's VOCAB: its ids are drawn below it
     lengths = (2 * w + 1, 5 * w + 3)
     for rank, worst in enumerate(ranks.run(w, _model_vs_single, r, lengths)):
         bad = {k: v for k, v in worst.items() if not v <= TOL}

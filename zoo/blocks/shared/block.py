@@ -89,19 +89,15 @@ class SharedUse(nn.Module):
     """One layer's use of a shared block: its adapters (q, k, v; the FFN's gate and up) and its output projection
     `proj` (d_model -> d_model, Zamba2's per-layer `linear`). The block itself is the model's (`ZooLM.shared`)."""
 
-    def __init__(self, d_model: int, cfg, ffn_cfg):
+    def __init__(self, d_model: int, block: SharedBlock):
         super().__init__()
-        width = cfg.width(d_model)
-        n_kv = cfg.n_kv_heads or cfg.n_heads
-        head_dim = cfg.head_dim or width // cfg.n_heads
-        r = cfg.adapter_rank
-        self.q = LowRank(width, r, cfg.n_heads * head_dim) if r else None
-        self.k = LowRank(width, r, n_kv * head_dim) if r else None
-        self.v = LowRank(width, r, n_kv * head_dim) if r else None
-        hidden = ffn_cfg.hidden_size(d_model)
-        gated = ffn_cfg.type in ("swiglu", "geglu")
-        rf = cfg.ffn_adapter_rank
-        self.ffn_adapter = LowRank(d_model, rf, (2 if gated else 1) * hidden) if rf else None
+        att, cfg, ffn = block.attention, block.cfg, block.ffn
+        r, rf = cfg.adapter_rank, cfg.ffn_adapter_rank
+        self.q = LowRank(block.width, r, att.q_proj.out_features) if r else None
+        self.k = LowRank(block.width, r, att.k_proj.out_features) if r else None
+        self.v = LowRank(block.width, r, att.v_proj.out_features) if r else None
+        hidden = ffn.up_proj.out_features
+        self.ffn_adapter = LowRank(d_model, rf, (2 if ffn.gated else 1) * hidden) if rf else None
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.concat = cfg.concat_embeddings
 
