@@ -88,6 +88,14 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
     return curve
 
 
+def _low_high(text: str) -> list:
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two integers), got {text!r}") from None
+    return [low, high]
+
+
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="transformer", help="recipe name or file")
@@ -97,13 +105,16 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--span", type=int, default=64)
-    ap.add_argument("--distance", type=lambda s: [int(v) for v in s.split(",")], default=[64, 128])
+    ap.add_argument("--distance", type=_low_high, default=[64, 128], help="LOW,HIGH tokens from source to copy")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    bad = [name for name in ("steps", "length", "span", "batch", "every", "threads") if getattr(args, name) < 1]
+    if bad or not args.lr > 0:
+        ap.error(f"--{(bad or ['lr'])[0]}: must be > 0")
     import zoo
     from evals.runs import parameter_target, resolve
     from zoo.sizing import match_params
