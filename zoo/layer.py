@@ -5,7 +5,6 @@ while zoo.model imports zoo.memory to check a model fits before building it: lay
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
