@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from evals.options import int_list
+
 ALPHABETS = ("bytes", "letters", "ids")
 
 
@@ -88,14 +90,6 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
     return curve
 
 
-def _low_high(text: str) -> list:
-    try:
-        low, high = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two integers), got {text!r}") from None
-    return [low, high]
-
-
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="transformer", help="recipe name or file")
@@ -105,7 +99,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--span", type=int, default=64)
-    ap.add_argument("--distance", type=_low_high, default=[64, 128], help="LOW,HIGH tokens from source to copy")
+    ap.add_argument("--distance", type=int_list, default=[64, 128], help="LOW,HIGH tokens from source to copy")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
@@ -115,6 +109,8 @@ def main(argv: Optional[list] = None) -> None:
     bad = [name for name in ("steps", "length", "span", "batch", "every", "threads") if getattr(args, name) < 1]
     if bad or not args.lr > 0:
         ap.error(f"--{(bad or ['lr'])[0]}: must be > 0")
+    if len(args.distance) != 2:
+        ap.error(f"--distance: expected LOW,HIGH (two integers), got {args.distance}")
     import zoo
     from evals.runs import parameter_target, resolve
     from zoo.sizing import match_params
