@@ -21,7 +21,7 @@ def _trainer(out, fsdp: bool):
     return Trainer(recipe, ToyData(), out, device="cpu", progress=False, log=lambda s: None)
 
 
-def _fsdp_worker(rank, world, port, out, resume):
+def _fsdp_worker(rank, world, port, out):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -42,7 +42,7 @@ def test_fsdp2_with_a_shared_block_matches_one_process(tmp_path):
     single = _trainer(tmp_path / "s", fsdp=False)
     result = single.train()
     (tmp_path / "f").mkdir()
-    launch(_fsdp_worker, 2, tmp_path / "f", None)
+    launch(_fsdp_worker, 2, tmp_path / "f")
     sharded = torch.load(tmp_path / "f" / "rank0.pt", weights_only=True)
     assert [k for k in sharded["state"] if k.endswith("q_proj.weight")] == ["shared.S.attention.q_proj.weight",
                                                                           "layers.1.mixer.q_proj.weight"]
