@@ -6,7 +6,8 @@ Olsson et al., 2022) almost nothing. The change comes abruptly after a plateau, 
     python -m evals.induction --recipe transformer --match-params 1M --alphabet bytes --steps 3000
 
 Rows of `length` tokens: `random_string` from the alphabet ("bytes": the 94 printable bytes, "letters": lowercase
-words, "ids": a 64-token vocabulary for a toy recipe), a span of `span` tokens at a random start copied `distance`
+words, "ids": the model's vocabulary; with `symbols` N, bytes and ids draw from their first N only, so that the
+alphabet's size and the vocabulary's can be told apart), a span of `span` tokens at a random start copied `distance`
 tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
 learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
 (nothing tells the model a copy has begun). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
@@ -23,18 +24,22 @@ import numpy as np
 import torch
 
 from evals.options import int_list
+from zoo.data.repeats import PRINTABLE
 
 ALPHABETS = ("bytes", "letters", "ids")
 
 
 def copy_rows(batch: int, length: int, span: int, distance, alphabet: str, vocab_size: int,
-              rng: np.random.Generator):
-    """(ids [batch, length], copy_start [batch]): each row random, span tokens at src copied to src + d."""
+              rng: np.random.Generator, symbols: Optional[int] = None):
+    """(ids [batch, length], copy_start [batch]): each row random, span tokens at src copied to src + d; the bytes
+    and ids alphabets draw from their first `symbols` tokens (default: all of them)."""
     from zoo.data.repeats import random_string
     rows, starts = [], []
     for _ in range(batch):
         if alphabet == "ids":
-            row = rng.integers(0, vocab_size, size=length)
+            row = rng.integers(0, symbols or vocab_size, size=length)
+        elif alphabet == "bytes" and symbols:
+            row = rng.integers(PRINTABLE[0], PRINTABLE[0] + symbols, size=length)
         else:
             row = random_string(length, vocab_size, rng, printable=alphabet == "bytes")
         d = int(rng.integers(distance[0], distance[1] + 1))
@@ -56,7 +61,7 @@ def copy_loss(logits, ids, starts, span: int, skip: int) -> float:
 
 def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
                batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
-               log=None) -> list:
+               log=None, symbols: Optional[int] = None) -> list:
     """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights."""
     if alphabet not in ALPHABETS:
         raise ValueError(f"alphabet: {alphabet!r}; allowed: {', '.join(ALPHABETS)}")
@@ -68,12 +73,16 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
     vocab = model.recipe.model.vocab_size
     if alphabet != "ids" and vocab != 256:
         raise ValueError(f"alphabet: {alphabet!r} needs a byte vocabulary (256), the model has {vocab}; use ids")
+    limit = {"ids": vocab, "bytes": PRINTABLE[1] - PRINTABLE[0]}.get(alphabet, 0)
+    if symbols is not None and not 2 <= symbols <= limit:
+        raise ValueError(f"symbols: {symbols}; allowed: 2 to {limit} with the {alphabet} alphabet"
+                         + ("" if limit else " (only bytes and ids take symbols)"))
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     curve, t0 = [], time.time()
     for step in range(steps + 1):
-        ids, starts = copy_rows(batch, length, span, distance, alphabet, vocab, rng)
+        ids, starts = copy_rows(batch, length, span, distance, alphabet, vocab, rng, symbols)
         out = model(ids, labels=ids)
         if step % every == 0 or step == steps:
             with torch.no_grad():
@@ -96,6 +105,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--match-params", default=None, help="size it as zoo compare does (e.g. 1M)")
     ap.add_argument("--set", nargs="*", default=[], help="dotlist overrides")
     ap.add_argument("--alphabet", choices=ALPHABETS, default="bytes")
+    ap.add_argument("--symbols", type=int, default=None, help="bytes / ids: draw from the first N of them only")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--span", type=int, default=64)
@@ -121,11 +131,13 @@ def main(argv: Optional[list] = None) -> None:
         overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
         recipe = zoo.load_recipe(recipe.to_dict(), overrides)
     model = zoo.build_model(recipe)
-    print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {args.alphabet}, span {args.span} copied "
+    alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
+    print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
           f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)
     try:
         curve = copy_curve(model, args.steps, args.length, args.span, args.distance, args.alphabet, args.batch,
-                           args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True))
+                           args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True),
+                           symbols=args.symbols)
     except ValueError as err:
         ap.error(str(err))
     print("summary: " + json.dumps({"recipe": recipe.name, "alphabet": args.alphabet, "curve": curve}))

@@ -23,6 +23,12 @@ def test_rows_hold_one_copy_at_a_variable_distance(alphabet, vocab, allowed):
     assert len(distances) > 10   # not one fixed offset
 
 
+@pytest.mark.parametrize("alphabet,vocab,allowed", [("bytes", 256, set(range(33, 33 + 20))), ("ids", 256, set(range(20)))])
+def test_symbols_limit_the_alphabet_not_the_vocabulary(alphabet, vocab, allowed):
+    ids, _ = copy_rows(64, 96, 16, (20, 40), alphabet, vocab, np.random.default_rng(0), symbols=20)
+    assert set(ids.unique().tolist()) == allowed
+
+
 def test_copy_loss_reads_exactly_the_copied_tokens():
     ids, starts = copy_rows(4, 64, 12, (16, 30), "ids", 50, np.random.default_rng(1))
     perfect_on_copy = torch.full((4, 64, 50), -30.0)
@@ -46,5 +52,11 @@ def test_curve_and_errors():
         copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="bytes", skip=2)
     with pytest.raises(ValueError, match=r"distance: \[10, 60\] must be .* span 8 \+ high <= length 64"):
         copy_curve(model, 1, length=64, span=8, distance=(10, 60), alphabet="ids", skip=2)
+    with pytest.raises(ValueError, match=r"symbols: 33; allowed: 2 to 32 with the ids alphabet"):
+        copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids", skip=2, symbols=33)
+    with pytest.raises(ValueError, match=r"symbols: 8; .* \(only bytes and ids take symbols\)"):
+        copy_curve(zoo.build_model({"name": "b", "model": {"d_model": 16, "n_layers": 1, "pattern": "A", "blocks": {
+            "A": {"type": "attn", "n_heads": 2}}}, "train": {"seq_len": 64}}), 1, length=64, span=8, distance=(10, 20),
+            alphabet="letters", skip=2, symbols=8)
     with pytest.raises(ValueError, match=r"skip: 8 must be in \[0, span 8\)"):
         copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids")
