@@ -10,7 +10,8 @@ words, "ids": the model's vocabulary; with `symbols` N, bytes and ids draw from 
 alphabet's size and the vocabulary's can be told apart), a span of `span` tokens at a random start copied `distance`
 tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
 learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
-(nothing tells the model a copy has begun). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
+(nothing tells the model a copy has begun). A model with `model.head_bias` starts it at the rows' unigram
+frequencies, as the trainer does. AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
 in nats per token, every `every` steps.
 """
 from __future__ import annotations
@@ -131,6 +132,10 @@ def main(argv: Optional[list] = None) -> None:
         overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
         recipe = zoo.load_recipe(recipe.to_dict(), overrides)
     model = zoo.build_model(recipe)
+    if recipe.model.head_bias:   # as the trainer does: the unigram model of the training rows from step 0
+        ids, _ = copy_rows(256, args.length, args.span, args.distance, args.alphabet, recipe.model.vocab_size,
+                           np.random.default_rng([args.seed, 1]), args.symbols)
+        model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=recipe.model.vocab_size))
     alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
     print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
           f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)

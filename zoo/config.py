@@ -46,6 +46,11 @@ class ModelConfig:
     # embedding, so a tied head gives that token a logit ~d_model*init_std above the rest (initial loss
     # ~0.35 nats above ln V for plain Mamba at d_model 256).
     tie_embeddings: bool = False
+    # A bias in the LM head, started at the log unigram frequencies of the training tokens (ZooLM.init_head_bias;
+    # the trainer sets it on a fresh run). Without one, a byte vocabulary's unused tokens are suppressed through a
+    # direction of the residual stream the whole stack shares, which holds back the induction head's phase change
+    # (docs/long-context.md: a 2-layer toy on 64 of 256 ids copies by step 1,250 with it, not by 2,000 without).
+    head_bias: bool = False
     init_std: float = 0.02
     # Granite's multipliers (muP-style; issue 19): x = embed(ids) * embedding_multiplier; each mixer's and
     # FFN's output is scaled by residual_multiplier before its residual add; logits = lm_head(h) / logits_divisor

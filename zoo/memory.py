@@ -180,7 +180,8 @@ def _too_large(recipe: Recipe, est: MemoryEstimate, cap: float, where: str) -> s
 def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
     m = recipe.model
     size = dtype.itemsize
-    params = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model   # embedding, head, final norm
+    params = (m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model   # embedding, head, final norm
+              + m.vocab_size * m.head_bias)
     nbytes = params * size
     counts = Counter(spec.letter for spec in recipe.layers)
     first = {}

@@ -75,7 +75,7 @@ class ZooLM(nn.Module):
                                     for i, spec in enumerate(recipe.layers))
         self.norm = RMSNorm(m.d_model, m.norm_eps, m.zero_centred_norm)
         self.checkpoint_layers = False  # activation checkpointing: recompute each layer in backward
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=m.head_bias)
         self.reset_parameters()
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -96,6 +96,20 @@ class ZooLM(nn.Module):
                     nn.init.zeros_(bias)
             elif hasattr(module, "init_weights"):  # weights that are not nn.Linear (stacked MoE experts)
                 module.init_weights(std, 1 / math.sqrt(2 * len(self.layers)))
+
+    @torch.no_grad()
+    def init_head_bias(self, counts) -> None:
+        """Start the LM head's bias (`model.head_bias`) at the log unigram frequencies of `counts` [vocab_size]
+        (token counts; add-one smoothed, so a token never seen starts at about -ln(total)): the first logits are
+        the unigram model, and tokens the data never holds are suppressed from step 0."""
+        bias = self.lm_head.bias
+        if bias is None:
+            raise ValueError("model.head_bias: false; the LM head has no bias to initialise")
+        counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
+        if counts.numel() != bias.numel() or bool((counts < 0).any()):
+            raise ValueError(f"counts: expected {bias.numel()} non-negative token counts (model.vocab_size), got "
+                             f"{counts.numel()}")
+        bias.copy_(torch.log((counts + 1) / (counts.sum() + counts.numel())).to(bias.dtype))
 
     def forward(self, input_ids, labels=None, cache: Optional[ZooCache] = None, cp_group=None,
                 seq_idx=None, cp_layout: Optional[str] = None) -> ZooOutput:

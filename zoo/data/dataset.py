@@ -130,6 +130,14 @@ class PreparedData:
     def train_batch(self, step: int, micro: int, batch_size: int, seq_len: int) -> dict:
         return self.train.sample(batch_size, seq_len, self.seed, step, micro)
 
+    def token_counts(self) -> np.ndarray:
+        """How often each token id occurs in the train split ([vocab_size] int64), read in chunks."""
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        tokens = self.train.file.tokens
+        for start in range(0, len(tokens), 1 << 24):
+            counts += np.bincount(tokens[start:start + (1 << 24)], minlength=self.vocab_size)[:self.vocab_size]
+        return counts
+
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[dict]:
         return self.val.eval_batches(n, batch_size, seq_len)
 

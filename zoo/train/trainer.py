@@ -123,6 +123,8 @@ class Trainer:
         self.lock: Optional[RunLock] = self._claim(resume, overwrite)  # rank 0 only
         seed_everything(self.cfg.seed)
         self.model = ZooLM(recipe, max_memory=max_memory).to(self.device)
+        if self.model.lm_head.bias is not None:   # model.head_bias; a resume or init_from then loads its own
+            self.model.init_head_bias(self._token_counts())
         self.model.checkpoint_layers = self.cfg.activation_checkpointing
         self.step = 0
         self.tokens = 0
@@ -159,6 +161,16 @@ class Trainer:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(self.device.type, (self.world // cp, cp), mesh_dim_names=("dp", "cp"))
         return cp, mesh["cp"].get_group(), mesh["dp"].get_local_rank(), self.world // cp
+
+    def _token_counts(self) -> np.ndarray:
+        """The train split's token counts (`data.token_counts()`), or those of step 0's rows for data that
+        cannot count its split: what model.head_bias starts from, the same on every rank."""
+        if hasattr(self.data, "token_counts"):
+            return self.data.token_counts()
+        vocab = self.recipe.model.vocab_size
+        ids = [self.data.train_batch(0, micro, self.cfg.batch_size, self.cfg.seq_len)["input_ids"]
+               for micro in range(self.cfg.grad_accum)]
+        return np.bincount(torch.cat([i.flatten() for i in ids]).numpy(), minlength=vocab)[:vocab]
 
     def _check_shapes(self):
         """Every stage's rows split evenly over the data-parallel ranks (the layouts split any length over cp)."""
