@@ -100,6 +100,15 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
     return curve
 
 
+def start_head_bias(model, length: int, span: int, distance, alphabet: str, symbols: Optional[int] = None,
+                    seed: int = 0) -> None:
+    """As the trainer does for `model.head_bias`: the bias starts at the unigram model of 256 of the task's rows
+    (drawn apart from the training rows)."""
+    vocab = model.recipe.model.vocab_size
+    ids, _ = copy_rows(256, length, span, distance, alphabet, vocab, np.random.default_rng([seed, 1]), symbols)
+    model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=vocab))
+
+
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="transformer", help="recipe name or file")
@@ -132,10 +141,8 @@ def main(argv: Optional[list] = None) -> None:
         overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
         recipe = zoo.load_recipe(recipe.to_dict(), overrides)
     model = zoo.build_model(recipe)
-    if recipe.model.head_bias:   # as the trainer does: the unigram model of the training rows from step 0
-        ids, _ = copy_rows(256, args.length, args.span, args.distance, args.alphabet, recipe.model.vocab_size,
-                           np.random.default_rng([args.seed, 1]), args.symbols)
-        model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=recipe.model.vocab_size))
+    if recipe.model.head_bias:
+        start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed)
     alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
     print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
           f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)

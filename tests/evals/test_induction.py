@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from evals.induction import copy_curve, copy_loss, copy_rows
+from evals.induction import copy_curve, copy_loss, copy_rows, start_head_bias
 
 
 @pytest.mark.parametrize("alphabet,vocab,allowed", [("bytes", 256, set(range(33, 127))), ("ids", 64, set(range(64))),
@@ -60,3 +60,13 @@ def test_curve_and_errors():
             alphabet="letters", skip=2, symbols=8)
     with pytest.raises(ValueError, match=r"skip: 8 must be in \[0, span 8\)"):
         copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids")
+
+
+def test_head_bias_starts_at_the_rows_alphabet():
+    model = zoo.build_model({"name": "hb", "model": {"d_model": 16, "n_layers": 1, "head_bias": True, "pattern": "A",
+                                                     "blocks": {"A": {"type": "attn", "n_heads": 2}}},
+                             "train": {"seq_len": 64}})
+    start_head_bias(model, 64, 8, (10, 20), "bytes", symbols=20)
+    p = torch.softmax(model.lm_head.bias, 0)
+    drawn = p[33:53]   # the 20 drawn bytes, about uniform; the 236 others each once in 256 rows of 64 (add-one)
+    assert drawn.max() / drawn.min() < 1.3 and torch.allclose(p[53:], torch.tensor(1 / (256 * 64 + 256)))
