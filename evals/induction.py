@@ -60,10 +60,30 @@ def copy_loss(logits, ids, starts, span: int, skip: int) -> float:
     return -logp[rows, pos - 1, ids[rows, pos]].mean().item()
 
 
+def shared_share(model, ids) -> list:
+    """After each layer, the share of the residual stream that is one direction every position shares:
+    |mean x|^2 / mean |x|^2 over the tokens of `ids` (1: every position holds the same vector, whatever its token)."""
+    outs = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: outs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    shares = []
+    for x in outs:
+        x = x.reshape(-1, x.shape[-1]).double()
+        shares.append(round((x.mean(0).square().sum() / x.square().sum(-1).mean()).item(), 4))
+    return shares
+
+
 def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
                batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
-               log=None, symbols: Optional[int] = None) -> list:
-    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights."""
+               log=None, symbols: Optional[int] = None, shared: bool = False) -> list:
+    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights;
+    with `shared`, also each layer's `shared_share` on that step's rows."""
     if alphabet not in ALPHABETS:
         raise ValueError(f"alphabet: {alphabet!r}; allowed: {', '.join(ALPHABETS)}")
     if span + distance[1] > length or not 0 < distance[0] <= distance[1]:
@@ -89,6 +109,8 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
             with torch.no_grad():
                 point = {"step": step, "copy_nats": copy_loss(out.logits, ids, starts, span, skip),
                          "row_nats": out.loss.item(), "seconds": round(time.time() - t0, 1)}
+                if shared:
+                    point["shared"] = shared_share(model, ids)
             curve.append(point)
             if log is not None:
                 log(point)
@@ -123,6 +145,8 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--shared", action="store_true",
+                    help="log each layer's share of the residual stream that is one direction all positions share")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -149,7 +173,7 @@ def main(argv: Optional[list] = None) -> None:
     try:
         curve = copy_curve(model, args.steps, args.length, args.span, args.distance, args.alphabet, args.batch,
                            args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True),
-                           symbols=args.symbols)
+                           symbols=args.symbols, shared=args.shared)
     except ValueError as err:
         ap.error(str(err))
     print("summary: " + json.dumps({"recipe": recipe.name, "alphabet": args.alphabet, "curve": curve}))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoo
-from evals.induction import copy_curve, copy_loss, copy_rows, start_head_bias
+from evals.induction import copy_curve, copy_loss, copy_rows, shared_share, start_head_bias
 
 
 @pytest.mark.parametrize("alphabet,vocab,allowed", [("bytes", 256, set(range(33, 127))), ("ids", 64, set(range(64))),
@@ -70,3 +70,19 @@ def test_head_bias_starts_at_the_rows_alphabet():
     p = torch.softmax(model.lm_head.bias, 0)
     drawn = p[33:53]   # the 20 drawn bytes, about uniform; the 236 others each once in 256 rows of 64 (add-one)
     assert drawn.max() / drawn.min() < 1.3 and torch.allclose(p[53:], torch.tensor(1 / (256 * 64 + 256)))
+
+
+def test_shared_share_reads_one_direction_shared_by_every_position():
+    torch.manual_seed(0)
+    model = zoo.build_model({"name": "s", "model": {"d_model": 16, "n_layers": 2, "vocab_size": 32, "pattern": "A",
+                                                    "blocks": {"A": {"type": "attn", "n_heads": 2}}},
+                             "train": {"seq_len": 64}}).double()
+    ids = torch.randint(0, 32, (4, 20))
+    random = shared_share(model, ids)
+    assert len(random) == 2 and all(s < 0.3 for s in random)
+    with torch.no_grad():   # one vector in every embedding row: every position starts the same
+        model.embed.weight.copy_(torch.randn(16, dtype=torch.float64).expand(32, 16))
+    assert shared_share(model, ids)[0] > 0.9
+    curve = copy_curve(model, 2, length=64, span=8, distance=(10, 20), alphabet="ids", batch=2, every=2, skip=2,
+                       shared=True)
+    assert [len(p["shared"]) for p in curve] == [2, 2]
