@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -131,6 +133,23 @@ def start_head_bias(model, length: int, span: int, distance, alphabet: str, symb
     model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=vocab))
 
 
+def ship(model, dest, steps: int, batch: int, length: int, cpu_s: float, wall_s: float, command: str,
+         curve: list) -> Path:
+    """Write the trained model to `dest` as `zoo pretrain` ships one (dest/checkpoints/step-N, card.json), so that
+    `zoo pretrain --init-from DIR` (DIR/<recipe name>) continues from it: the copy task as a first stage."""
+    from zoo.train.checkpoint import save_checkpoint
+    dest = Path(dest)
+    path = save_checkpoint(dest / "checkpoints", steps, model.state_dict(), model.recipe, info={"copy_task": True})
+    card = {"recipe": model.recipe.name, "command": command, "params": model.num_params()["total"],
+            "tokens": steps * batch * length, "steps": steps, "batch_size": batch, "seq_len": length,
+            "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
+            "checkpoint": str(path.relative_to(dest)), "copy_curve": curve}
+    tmp = dest / "card.json.tmp"
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    tmp.replace(dest / "card.json")
+    return path
+
+
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="transformer", help="recipe name or file")
@@ -147,8 +166,11 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--shared", action="store_true",
                     help="log each layer's share of the residual stream that is one direction all positions share")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="ship the trained model to DIR/<recipe name> (a start for zoo pretrain --init-from DIR)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     bad = [name for name in ("steps", "length", "span", "batch", "every", "threads") if getattr(args, name) < 1]
     if bad or not args.lr > 0:
@@ -170,12 +192,19 @@ def main(argv: Optional[list] = None) -> None:
     alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
     print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
           f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         curve = copy_curve(model, args.steps, args.length, args.span, args.distance, args.alphabet, args.batch,
                            args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True),
                            symbols=args.symbols, shared=args.shared)
     except ValueError as err:
         ap.error(str(err))
+    if args.out:
+        import shlex
+        path = ship(model, Path(args.out) / recipe.name, args.steps, args.batch, args.length,
+                    time.process_time() - cpu0, time.perf_counter() - wall0,
+                    "python -m evals.induction " + shlex.join(argv), curve)
+        print(f"{recipe.name}: shipped {path}", flush=True)
     print("summary: " + json.dumps({"recipe": recipe.name, "alphabet": args.alphabet, "curve": curve}))
 
 

@@ -86,3 +86,24 @@ def test_shared_share_reads_one_direction_shared_by_every_position():
     curve = copy_curve(model, 2, length=64, span=8, distance=(10, 20), alphabet="ids", batch=2, every=2, skip=2,
                        shared=True)
     assert [len(p["shared"]) for p in curve] == [2, 2]
+
+
+def test_out_ships_a_start_for_pretraining(tmp_path, capsys):
+    import json
+
+    from evals.induction import main
+    from tests.helpers import ToyData
+    from zoo.train.trainer import Trainer
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text("name: probe\nmodel: {d_model: 16, n_layers: 1, vocab_size: 64, head_bias: true, pattern: A,\n"
+                      "        blocks: {A: {type: attn, n_heads: 2}}}\ntrain: {seq_len: 16, batch_size: 2}\n")
+    main(["--recipe", str(recipe), "--alphabet", "ids", "--length", "48", "--span", "12", "--distance", "10,20",
+          "--steps", "3", "--every", "3", "--batch", "2", "--out", str(tmp_path / "copy")])
+    card = json.loads((tmp_path / "copy" / "probe" / "card.json").read_text())
+    assert card["tokens"] == 3 * 2 * 48 and card["steps"] == 3 and card["cpu_seconds"] >= 0
+    assert card["command"].startswith("python -m evals.induction --recipe") and len(card["copy_curve"]) == 2
+    shipped = zoo.load_checkpoint(tmp_path / "copy" / "probe" / card["checkpoint"])
+    trainer = Trainer(shipped.recipe, ToyData(), tmp_path / "run", device="cpu", progress=False, log=lambda s: None,
+                      init_from=str(tmp_path / "copy" / "probe"))
+    for (name, a), b in zip(shipped.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b), name   # the head's bias too: init_from wins over the trainer's unigram start
