@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from evals.options import int_list
-from zoo.data.repeats import PRINTABLE
+from zoo.data.repeats import PRINTABLE, random_string
 
 ALPHABETS = ("bytes", "letters", "ids")
 
@@ -36,7 +36,6 @@ def copy_rows(batch: int, length: int, span: int, distance, alphabet: str, vocab
               rng: np.random.Generator, symbols: Optional[int] = None):
     """(ids [batch, length], copy_start [batch]): each row random, span tokens at src copied to src + d; the bytes
     and ids alphabets draw from their first `symbols` tokens (default: all of them)."""
-    from zoo.data.repeats import random_string
     rows, starts = [], []
     for _ in range(batch):
         if alphabet == "ids":
