@@ -80,11 +80,9 @@ def shared_share(model, ids) -> list:
     return shares
 
 
-def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
-               batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
-               log=None, symbols: Optional[int] = None, shared: bool = False) -> list:
-    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights;
-    with `shared`, also each layer's `shared_share` on that step's rows."""
+def check_task(vocab: int, length: int, span: int, distance, alphabet: str, skip: int = 8,
+               symbols: Optional[int] = None) -> None:
+    """ValueError naming the first setting of the copy task that cannot hold for a model of `vocab` tokens."""
     if alphabet not in ALPHABETS:
         raise ValueError(f"alphabet: {alphabet!r}; allowed: {', '.join(ALPHABETS)}")
     if span + distance[1] > length or not 0 < distance[0] <= distance[1]:
@@ -92,13 +90,21 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
                          f"high <= length {length}")
     if not 0 <= skip < span:
         raise ValueError(f"skip: {skip} must be in [0, span {span})")
-    vocab = model.recipe.model.vocab_size
     if alphabet != "ids" and vocab != 256:
         raise ValueError(f"alphabet: {alphabet!r} needs a byte vocabulary (256), the model has {vocab}; use ids")
     limit = {"ids": vocab, "bytes": PRINTABLE[1] - PRINTABLE[0]}.get(alphabet, 0)
     if symbols is not None and not 2 <= symbols <= limit:
         raise ValueError(f"symbols: {symbols}; allowed: 2 to {limit} with the {alphabet} alphabet"
                          + ("" if limit else " (only bytes and ids take symbols)"))
+
+
+def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
+               batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
+               log=None, symbols: Optional[int] = None, shared: bool = False) -> list:
+    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights;
+    with `shared`, also each layer's `shared_share` on that step's rows."""
+    vocab = model.recipe.model.vocab_size
+    check_task(vocab, length, span, distance, alphabet, skip, symbols)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -185,6 +191,15 @@ def main(argv: Optional[list] = None) -> None:
     if args.match_params:
         overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
         recipe = zoo.load_recipe(recipe.to_dict(), overrides)
+    try:   # before anything is built or trained
+        check_task(recipe.model.vocab_size, args.length, args.span, args.distance, args.alphabet, symbols=args.symbols)
+    except ValueError as err:
+        ap.error(str(err))
+    if args.out:
+        try:
+            (Path(args.out) / recipe.name).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            ap.error(f"--out: cannot write {args.out} ({err.strerror or err})")
     model = zoo.build_model(recipe)
     if recipe.model.head_bias:
         start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed)

@@ -107,3 +107,15 @@ def test_out_ships_a_start_for_pretraining(tmp_path, capsys):
                       init_from=str(tmp_path / "copy" / "probe"))
     for (name, a), b in zip(shipped.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.equal(a, b), name   # the head's bias too: init_from wins over the trainer's unigram start
+
+
+def test_main_refuses_bad_settings_before_building(tmp_path, capsys):
+    from evals.induction import main
+    base = ["--set", "model.d_model=16", "model.n_layers=1", "model.head_bias=true", "--steps", "1"]
+    with pytest.raises(SystemExit):   # with a head bias the start would count ids past the vocabulary first
+        main([*base, "--alphabet", "ids", "--symbols", "999"])
+    assert "error: symbols: 999; allowed: 2 to 256 with the ids alphabet" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "file")])
+    assert f"error: --out: cannot write {tmp_path / 'file'}" in capsys.readouterr().err
