@@ -265,6 +265,18 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(loaded.model.embed.weight, model.model.embed.weight)
 
 
+def test_head_bias_round_trip(tmp_path):
+    model = hf_model(tiny_recipe(BLOCKS["attn"]) | {"model": {**tiny_recipe(BLOCKS["attn"])["model"],
+                                                             "head_bias": True}})
+    model.model.init_head_bias(torch.arange(model.model.lm_head.out_features))
+    model.save_pretrained(tmp_path)
+    loaded = ZooForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert torch.equal(loaded.model.lm_head.bias, model.model.lm_head.bias.double())
+    ids = torch.randint(1, V, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model.double()(ids).logits)
+
+
 def test_loading_another_recipes_weights_names_the_file(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     hf_model(tiny_recipe(BLOCKS["attn"])).save_pretrained(a)
