@@ -11,7 +11,8 @@ alphabet's size and the vocabulary's can be told apart), a span of `span` tokens
 tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
 learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
 (nothing tells the model a copy has begun). A model with `model.head_bias` starts it at the rows' unigram
-frequencies, as the trainer does. AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
+frequencies, as the trainer does; `--init-from DIR` starts from the weights shipped in DIR/<recipe> instead (a
+later stage: a longer range after a short one). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
 in nats per token, every `every` steps.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from evals.options import int_list
+from zoo.train.checkpoint import CheckpointError
 from zoo.data.repeats import PRINTABLE, random_string
 
 ALPHABETS = ("bytes", "letters", "ids")
@@ -138,8 +140,18 @@ def start_head_bias(model, length: int, span: int, distance, alphabet: str, symb
     model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=vocab))
 
 
+def start_from(model, source) -> Path:
+    """Load the model weights of the checkpoint in `source` (a shipped DIR/<recipe>, a run, a checkpoint) into
+    `model`, whose recipe must build the same model (CheckpointError naming the first field that differs)."""
+    from zoo.train import checkpoint as ckpt
+    path = ckpt.resolve_checkpoint(source)
+    ckpt.check_same_model(ckpt.read_recipe(path), model.recipe, path)
+    model.load_state_dict(ckpt.read_model_state(path))
+    return path
+
+
 def ship(model, dest, steps: int, batch: int, length: int, cpu_s: float, wall_s: float, command: str,
-         curve: list) -> Path:
+         curve: list, init_from: Optional[str] = None) -> Path:
     """Write the trained model to `dest` as `zoo pretrain` ships one (dest/checkpoints/step-N, card.json), so that
     `zoo pretrain --init-from DIR` (DIR/<recipe name>) continues from it: the copy task as a first stage."""
     from zoo.train.checkpoint import save_checkpoint
@@ -149,6 +161,8 @@ def ship(model, dest, steps: int, batch: int, length: int, cpu_s: float, wall_s:
             "tokens": steps * batch * length, "steps": steps, "batch_size": batch, "seq_len": length,
             "cpu_seconds": round(cpu_s, 1), "wall_seconds": round(wall_s, 1),
             "checkpoint": str(path.relative_to(dest)), "copy_curve": curve}
+    if init_from:
+        card["init_from"] = init_from
     tmp = dest / "card.json.tmp"
     tmp.write_text(json.dumps(card, indent=1) + "\n")
     tmp.replace(dest / "card.json")
@@ -173,6 +187,9 @@ def main(argv: Optional[list] = None) -> None:
                     help="log each layer's share of the residual stream that is one direction all positions share")
     ap.add_argument("--out", default=None, metavar="DIR",
                     help="ship the trained model to DIR/<recipe name> (a start for zoo pretrain --init-from DIR)")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="start from the weights shipped in DIR/<recipe> (a copy stage, or any zoo pretrain run): "
+                         "a later stage of the copy task (the head bias keeps its trained value)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:] if argv is None else argv
@@ -201,7 +218,12 @@ def main(argv: Optional[list] = None) -> None:
         except OSError as err:
             ap.error(f"--out: cannot write {args.out} ({err.strerror or err})")
     model = zoo.build_model(recipe)
-    if recipe.model.head_bias:
+    if args.init_from:
+        try:
+            start_from(model, Path(args.init_from) / recipe.name)
+        except CheckpointError as err:
+            ap.error(f"--init-from: {str(err).removeprefix('checkpoint: ')}")
+    elif recipe.model.head_bias:
         start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed)
     alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
     print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
@@ -217,7 +239,7 @@ def main(argv: Optional[list] = None) -> None:
         import shlex
         path = ship(model, Path(args.out) / recipe.name, args.steps, args.batch, args.length,
                     time.process_time() - cpu0, time.perf_counter() - wall0,
-                    "python -m evals.induction " + shlex.join(argv), curve)
+                    "python -m evals.induction " + shlex.join(argv), curve, args.init_from)
         print(f"{recipe.name}: shipped {path}", flush=True)
     print("summary: " + json.dumps({"recipe": recipe.name, "alphabet": args.alphabet, "curve": curve}))
 

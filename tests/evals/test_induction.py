@@ -119,3 +119,33 @@ def test_main_refuses_bad_settings_before_building(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "file")])
     assert f"error: --out: cannot write {tmp_path / 'file'}" in capsys.readouterr().err
+
+
+def test_init_from_continues_a_shipped_stage(tmp_path, capsys):
+    import json
+
+    from evals.induction import main, start_from
+    recipe = tmp_path / "probe.yaml"
+    recipe.write_text("name: probe\nmodel: {d_model: 16, n_layers: 1, vocab_size: 64, head_bias: true, pattern: A,\n"
+                      "        blocks: {A: {type: attn, n_heads: 2}}}\ntrain: {seq_len: 16, batch_size: 2}\n")
+    task = ["--recipe", str(recipe), "--alphabet", "ids", "--span", "12", "--every", "3", "--batch", "2"]
+    main([*task, "--length", "48", "--distance", "10,20", "--steps", "3", "--out", str(tmp_path / "one")])
+    first = zoo.load_checkpoint(tmp_path / "one" / "probe")
+    model = zoo.build_model(first.recipe)
+    start_from(model, tmp_path / "one" / "probe")
+    for (name, a), b in zip(first.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name   # the trained head bias too, not a fresh unigram start
+    # a second stage at a longer range ships its own card, naming where it started
+    main([*task, "--length", "96", "--distance", "40,80", "--steps", "3", "--init-from", str(tmp_path / "one"),
+          "--out", str(tmp_path / "two")])
+    card = json.loads((tmp_path / "two" / "probe" / "card.json").read_text())
+    assert card["init_from"] == str(tmp_path / "one") and card["seq_len"] == 96
+    assert not torch.equal(zoo.load_checkpoint(tmp_path / "two" / "probe").lm_head.weight, first.lm_head.weight)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):   # another model: refused before training, naming the field that differs
+        main([*task, "--length", "48", "--distance", "10,20", "--steps", "1", "--set", "model.d_model=32",
+              "--init-from", str(tmp_path / "one")])
+    assert "error: --init-from:" in (err := capsys.readouterr().err) and "model.d_model differs" in err
+    with pytest.raises(SystemExit):
+        main([*task, "--length", "48", "--distance", "10,20", "--steps", "1", "--init-from", str(tmp_path / "none")])
+    assert "does not exist" in capsys.readouterr().err
