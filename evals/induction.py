@@ -35,9 +35,10 @@ ALPHABETS = ("bytes", "letters", "ids")
 
 
 def copy_rows(batch: int, length: int, span: int, distance, alphabet: str, vocab_size: int,
-              rng: np.random.Generator, symbols: Optional[int] = None):
-    """(ids [batch, length], copy_start [batch]): each row random, span tokens at src copied to src + d; the bytes
-    and ids alphabets draw from their first `symbols` tokens (default: all of them)."""
+              rng: np.random.Generator, symbols: Optional[int] = None, copies: int = 1):
+    """(ids [batch, length], copy_start [batch, copies]): each row random, `copies` spans of span tokens, each at
+    its own src copied to src + d (every source and copy disjoint from the others); the bytes and ids alphabets
+    draw from their first `symbols` tokens (default: all of them)."""
     rows, starts = [], []
     for _ in range(batch):
         if alphabet == "ids":
@@ -46,18 +47,35 @@ def copy_rows(batch: int, length: int, span: int, distance, alphabet: str, vocab
             row = rng.integers(PRINTABLE[0], PRINTABLE[0] + symbols, size=length)
         else:
             row = random_string(length, vocab_size, rng, printable=alphabet == "bytes")
-        d = int(rng.integers(distance[0], distance[1] + 1))
-        src = int(rng.integers(0, length - d - span + 1))
-        row[src + d:src + d + span] = row[src:src + span].copy()
+        taken = np.zeros(length, dtype=bool)
+        row_starts = []
+        for _ in range(copies):
+            src, d = _free_pair(taken, span, distance, rng)
+            row[src + d:src + d + span] = row[src:src + span].copy()
+            taken[src:src + span] = taken[src + d:src + d + span] = True
+            row_starts.append(src + d)
         rows.append(row)
-        starts.append(src + d)
+        starts.append(row_starts)
     return torch.from_numpy(np.stack(rows)).long(), torch.tensor(starts)
 
 
+def _free_pair(taken, span: int, distance, rng, tries: int = 1000):
+    """(src, d): a source and its copy `d` tokens later, neither overlapping a `taken` token."""
+    for _ in range(tries):
+        d = int(rng.integers(distance[0], distance[1] + 1))
+        src = int(rng.integers(0, len(taken) - d - span + 1))
+        if not (taken[src:src + span].any() or taken[src + d:src + d + span].any()):
+            return src, d
+    raise ValueError(f"copies: no room for another span of {span} copied {distance[0]}-{distance[1]} back in rows "
+                     f"of {len(taken)} after {int(taken.sum()) // (2 * span)}; use fewer copies")
+
+
 def copy_loss(logits, ids, starts, span: int, skip: int) -> float:
-    """Mean nats per token of the predictions of copy tokens skip..span-1 (predicted from the position before)."""
+    """Mean nats per token of the predictions of copy tokens skip..span-1 (predicted from the position before), over
+    every copy: `starts` [batch] or [batch, copies]."""
+    starts = starts.reshape(ids.shape[0], -1)
     offsets = torch.arange(skip, span)
-    pos = starts[:, None] + offsets[None]                          # target positions [batch, span - skip]
+    pos = (starts[:, :, None] + offsets).flatten(1)                # target positions [batch, copies * (span - skip)]
     logp = torch.log_softmax(logits.float(), -1)
     rows = torch.arange(ids.shape[0])[:, None]
     return -logp[rows, pos - 1, ids[rows, pos]].mean().item()
@@ -83,13 +101,16 @@ def shared_share(model, ids) -> list:
 
 
 def check_task(vocab: int, length: int, span: int, distance, alphabet: str, skip: int = 8,
-               symbols: Optional[int] = None) -> None:
+               symbols: Optional[int] = None, copies: int = 1) -> None:
     """ValueError naming the first setting of the copy task that cannot hold for a model of `vocab` tokens."""
     if alphabet not in ALPHABETS:
         raise ValueError(f"alphabet: {alphabet!r}; allowed: {', '.join(ALPHABETS)}")
     if span + distance[1] > length or not 0 < distance[0] <= distance[1]:
         raise ValueError(f"distance: {list(distance)} must be [low, high] with 0 < low <= high and span {span} + "
                          f"high <= length {length}")
+    if copies < 1 or 2 * copies * span > length:
+        raise ValueError(f"copies: {copies}; allowed: 1 to {length // (2 * span)} (a source and a copy of span {span} "
+                         f"each, disjoint, in rows of {length})")
     if not 0 <= skip < span:
         raise ValueError(f"skip: {skip} must be in [0, span {span})")
     if alphabet != "ids" and vocab != 256:
@@ -102,17 +123,20 @@ def check_task(vocab: int, length: int, span: int, distance, alphabet: str, skip
 
 def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(64, 128), alphabet: str = "bytes",
                batch: int = 16, lr: float = 1e-3, every: int = 100, skip: int = 8, seed: int = 0,
-               log=None, symbols: Optional[int] = None, shared: bool = False) -> list:
-    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights;
-    with `shared`, also each layer's `shared_share` on that step's rows."""
+               log=None, symbols: Optional[int] = None, shared: bool = False, copies: int = 1,
+               warmup: int = 0) -> list:
+    """[{step, copy_nats, row_nats, seconds}] every `every` steps of training `model` from its current weights (the
+    learning rate rising linearly over the first `warmup` steps: a later stage's fresh optimizer then does not
+    undo the copying its start can already do); with `shared`, also each layer's `shared_share` on that step's rows."""
     vocab = model.recipe.model.vocab_size
-    check_task(vocab, length, span, distance, alphabet, skip, symbols)
+    check_task(vocab, length, span, distance, alphabet, skip, symbols, copies)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     model.train()
     curve, t0 = [], time.time()
     for step in range(steps + 1):
-        ids, starts = copy_rows(batch, length, span, distance, alphabet, vocab, rng, symbols)
+        ids, starts = copy_rows(batch, length, span, distance, alphabet, vocab, rng, symbols, copies)
         out = model(ids, labels=ids)
         if step % every == 0 or step == steps:
             with torch.no_grad():
@@ -128,15 +152,16 @@ def copy_curve(model, steps: int, length: int = 256, span: int = 64, distance=(6
         opt.zero_grad()
         out.loss.backward()
         opt.step()
+        sched.step()
     return curve
 
 
 def start_head_bias(model, length: int, span: int, distance, alphabet: str, symbols: Optional[int] = None,
-                    seed: int = 0) -> None:
+                    seed: int = 0, copies: int = 1) -> None:
     """As the trainer does for `model.head_bias`: the bias starts at the unigram model of 256 of the task's rows
     (drawn apart from the training rows)."""
     vocab = model.recipe.model.vocab_size
-    ids, _ = copy_rows(256, length, span, distance, alphabet, vocab, np.random.default_rng([seed, 1]), symbols)
+    ids, _ = copy_rows(256, length, span, distance, alphabet, vocab, np.random.default_rng([seed, 1]), symbols, copies)
     model.init_head_bias(np.bincount(ids.flatten().numpy(), minlength=vocab))
 
 
@@ -180,8 +205,10 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--span", type=int, default=64)
     ap.add_argument("--distance", type=int_list, default=[64, 128], help="LOW,HIGH tokens from source to copy")
+    ap.add_argument("--copies", type=int, default=1, help="spans copied in each row (more signal a step in long rows)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--shared", action="store_true",
                     help="log each layer's share of the residual stream that is one direction all positions share")
@@ -197,6 +224,8 @@ def main(argv: Optional[list] = None) -> None:
     bad = [name for name in ("steps", "length", "span", "batch", "every", "threads") if getattr(args, name) < 1]
     if bad or not args.lr > 0:
         ap.error(f"--{(bad or ['lr'])[0]}: must be > 0")
+    if args.warmup < 0:
+        ap.error(f"--warmup: must be >= 0, got {args.warmup}")
     if len(args.distance) != 2:
         ap.error(f"--distance: expected LOW,HIGH (two integers), got {args.distance}")
     import zoo
@@ -209,7 +238,8 @@ def main(argv: Optional[list] = None) -> None:
         overrides, _ = match_params(recipe, parameter_target(args.match_params, args.set))
         recipe = zoo.load_recipe(recipe.to_dict(), overrides)
     try:   # before anything is built or trained
-        check_task(recipe.model.vocab_size, args.length, args.span, args.distance, args.alphabet, symbols=args.symbols)
+        check_task(recipe.model.vocab_size, args.length, args.span, args.distance, args.alphabet, symbols=args.symbols,
+                   copies=args.copies)
     except ValueError as err:
         ap.error(str(err))
     if args.out:
@@ -224,15 +254,16 @@ def main(argv: Optional[list] = None) -> None:
         except CheckpointError as err:
             ap.error(f"--init-from: {str(err).removeprefix('checkpoint: ')}")
     elif recipe.model.head_bias:
-        start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed)
+        start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed,
+                        args.copies)
     alphabet = args.alphabet + (f" ({args.symbols} of {recipe.model.vocab_size})" if args.symbols else "")
-    print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, span {args.span} copied "
-          f"{args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)
+    print(f"{recipe.name}: {model.num_params()['total']:,} parameters; {alphabet}, {args.copies} x span {args.span} "
+          f"copied {args.distance[0]}-{args.distance[1]} back in rows of {args.length}", flush=True)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         curve = copy_curve(model, args.steps, args.length, args.span, args.distance, args.alphabet, args.batch,
                            args.lr, args.every, seed=args.seed, log=lambda p: print(json.dumps(p), flush=True),
-                           symbols=args.symbols, shared=args.shared)
+                           symbols=args.symbols, shared=args.shared, copies=args.copies, warmup=args.warmup)
     except ValueError as err:
         ap.error(str(err))
     if args.out:

@@ -15,7 +15,8 @@ def test_rows_hold_one_copy_at_a_variable_distance(alphabet, vocab, allowed):
     ids, starts = copy_rows(64, 96, 16, (20, 40), alphabet, vocab, np.random.default_rng(0))
     assert ids.shape == (64, 96) and set(ids.unique().tolist()) <= allowed
     distances = set()
-    for row, start in zip(ids, starts.tolist()):
+    assert starts.shape == (64, 1)
+    for row, (start,) in zip(ids, starts.tolist()):
         copy = row[start:start + 16]
         found = [d for d in range(20, 41) if start - d >= 0 and torch.equal(row[start - d:start - d + 16], copy)]
         assert found, "the copy's source is not 20-40 tokens before it"
@@ -29,13 +30,29 @@ def test_symbols_limit_the_alphabet_not_the_vocabulary(alphabet, vocab, allowed)
     assert set(ids.unique().tolist()) == allowed
 
 
+def test_rows_hold_several_disjoint_copies():
+    ids, starts = copy_rows(32, 200, 10, (15, 120), "ids", 256, np.random.default_rng(2), copies=5)
+    assert starts.shape == (32, 5)
+    for row, row_starts in zip(ids, starts.tolist()):
+        cover = torch.zeros(200, dtype=torch.int)
+        for start in row_starts:
+            found = [d for d in range(15, 121) if start - d >= 0 and torch.equal(row[start - d:start - d + 10],
+                                                                                  row[start:start + 10])]
+            assert found, "a copy's source is not 15-120 tokens before it"
+            cover[start:start + 10] += 1
+            cover[start - found[-1]:start - found[-1] + 10] += 1   # the farthest match: random ids rarely repeat
+        assert cover.max() == 1   # sources and copies never overlap (a later copy cannot overwrite a source)
+    with pytest.raises(ValueError, match=r"copies: no room for another span of 10 copied 15-16 back"):
+        copy_rows(1, 40, 10, (15, 16), "ids", 256, np.random.default_rng(0), copies=2)
+
+
 def test_copy_loss_reads_exactly_the_copied_tokens():
     ids, starts = copy_rows(4, 64, 12, (16, 30), "ids", 50, np.random.default_rng(1))
     perfect_on_copy = torch.full((4, 64, 50), -30.0)
     perfect_elsewhere = torch.full((4, 64, 50), -30.0)
     for r in range(4):
         for t in range(63):   # position t predicts token t + 1
-            on_copy = starts[r] + 3 <= t + 1 < starts[r] + 12
+            on_copy = starts[r, 0] + 3 <= t + 1 < starts[r, 0] + 12
             (perfect_on_copy if on_copy else perfect_elsewhere)[r, t, ids[r, t + 1]] = 30.0
     assert copy_loss(perfect_on_copy, ids, starts, 12, skip=3) < 1e-6
     assert copy_loss(perfect_elsewhere, ids, starts, 12, skip=3) > 3.0
@@ -58,6 +75,8 @@ def test_curve_and_errors():
         copy_curve(zoo.build_model({"name": "b", "model": {"d_model": 16, "n_layers": 1, "pattern": "A", "blocks": {
             "A": {"type": "attn", "n_heads": 2}}}, "train": {"seq_len": 64}}), 1, length=64, span=8, distance=(10, 20),
             alphabet="letters", skip=2, symbols=8)
+    with pytest.raises(ValueError, match=r"copies: 5; allowed: 1 to 4 \(a source and a copy of span 8 each"):
+        copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids", skip=2, copies=5)
     with pytest.raises(ValueError, match=r"skip: 8 must be in \[0, span 8\)"):
         copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids")
 
@@ -149,3 +168,17 @@ def test_init_from_continues_a_shipped_stage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*task, "--length", "48", "--distance", "10,20", "--steps", "1", "--init-from", str(tmp_path / "none")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_warmup_scales_the_first_steps():
+    def first_step_change(warmup):
+        torch.manual_seed(0)
+        model = zoo.build_model({"name": "t", "model": {"d_model": 16, "n_layers": 1, "vocab_size": 32, "pattern": "A",
+                                                        "blocks": {"A": {"type": "attn", "n_heads": 2}}},
+                                 "train": {"seq_len": 64}})
+        before = model.embed.weight.detach().clone()
+        copy_curve(model, 1, length=64, span=8, distance=(10, 20), alphabet="ids", batch=2, every=1, skip=2,
+                   lr=1e-2, warmup=warmup)
+        return (model.embed.weight - before).abs().max().item()
+    # AdamW's first step moves each weight by about lr; with 9 warm-up steps the first runs at lr / 10
+    assert first_step_change(9) == pytest.approx(first_step_change(0) / 10, rel=0.05)
