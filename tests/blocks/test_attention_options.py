@@ -1,6 +1,6 @@
-"""The attention options of issues 19 and 26 on attn, blockwise, ring and swa: partial RoPE (`rope_dim`), no RoPE
-(`rope_base: null`), the softmax scale override (`scale`), per-head q/k RMSNorm (`qk_norm`) and the sigmoid
-output gate (`output_gate`). Each against a dense float64 reference
+"""The attention options of issues 19, 25 and 26 on attn, blockwise, ring and swa: partial RoPE (`rope_dim`), no RoPE
+(`rope_base: null`), the softmax scale override (`scale`), per-head q/k RMSNorm (`qk_norm`), the sigmoid
+output gate (`output_gate`) and log-length query scaling (`logn_length`). Each against a dense float64 reference
 that rotates with transformers' Bamba `apply_rotary_pos_emb` (the partial RoPE Bamba and Granite use),
 the cache contract, packed documents, state bytes, and recipe validation naming the field."""
 import math
@@ -34,6 +34,8 @@ OPTIONS = {
     "gated": {"qk_norm": True, "output_gate": True, "rope_dim": 2},   # Qwen3-Next's gated attention
     "qknorm_nope": {"qk_norm": True, "qk_norm_eps": 0.1, "rope_base": None},
     "qknorm_all": {"qk_norm": True, "qk_norm_scope": "all"},         # OLMo's: over all heads' channels
+    "logn": {"logn_length": 3},   # queries past the third key sharpen (swa: up to its window of 6)
+    "logn_nope_scale": {"logn_length": 5, "rope_base": None, "scale": 0.4},
 }
 CASES = [(b, o) for b in SHAPES for o in OPTIONS]
 
@@ -66,6 +68,10 @@ def dense_forward(block, x):
     elif cfg.qk_norm:   # written out: x / sqrt(mean x^2 + eps) * w over each head's dims
         q, k = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + cfg.qk_norm_eps) * norm.weight
                 for y, norm in ((q, block.q_norm), (k, block.k_norm)))
+    if cfg.logn_length is not None:   # written out: each query times max(1, log(keys it sees) / log(logn_length))
+        seen = [min(i + 1, getattr(cfg, "window", None) or t) for i in range(t)]
+        q = q * torch.tensor([max(1.0, math.log(n) / math.log(cfg.logn_length)) for n in seen],
+                             dtype=q.dtype)[None, :, None, None]
     if cfg.rope_base is not None:
         q, k = hf_rotated(q, k, hd, cfg.rope_dim or hd, cfg.rope_base, torch.arange(t))
     scale = cfg.scale if cfg.scale is not None else 1 / math.sqrt(hd)
@@ -95,7 +101,8 @@ def test_state_bytes_equals_cache_bytes(block, option):
     assert cache_bytes(cache) == b.state_bytes(9, batch_size=1, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("block,option", [("attn", "partial_scale"), ("swa", "half"), ("ring", "nope_scale")])
+@pytest.mark.parametrize("block,option", [("attn", "partial_scale"), ("swa", "half"), ("ring", "nope_scale"),
+                                          ("attn", "logn"), ("swa", "logn_nope_scale")])
 def test_packed_documents_equal_each_alone(block, option):
     b = make(block, option)
     lengths = [5, 1, 8]
@@ -150,10 +157,22 @@ def _recipe(**block):
     ({"scale": 0.0}, r"model\.blocks\.A\.scale: must be null"),
     ({"scale": -1.0}, r"model\.blocks\.A\.scale: must be null"),
     ({"head_dim": 7}, r"model\.blocks\.A\.head_dim: must be even when RoPE rotates all of it"),
+    ({"logn_length": 1}, r"model\.blocks\.A\.logn_length: must be null \(off\) or an integer >= 2, got 1"),
+    ({"logn_length": True}, r"model\.blocks\.A\.logn_length: .*True"),   # OmegaConf refuses a bool
 ])
 def test_recipe_errors_name_the_field(block, match):
     with pytest.raises(RecipeError, match=match):
         zoo.load_recipe(_recipe(**block))
+
+
+def test_logn_length_changes_only_the_queries_past_it():
+    """Up to logn_length keys the block is the one without the option, bit for bit; past it the outputs differ."""
+    x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
+    plain, logn = make("attn", "scale"), make_block("attn", D_MODEL, **SHAPES["attn"], scale=0.37, logn_length=8)
+    logn.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = plain(x), logn(x)
+    assert torch.equal(a[:, :8], b[:, :8]) and (a[:, 8:] - b[:, 8:]).abs().amin(-1).gt(0).all()
 
 
 def test_odd_head_dim_is_fine_without_full_rope():
@@ -172,7 +191,7 @@ def test_recipe_round_trips_the_options():
 
 @pytest.mark.parametrize("block", ["infini", "selective"])
 @pytest.mark.parametrize("field,value", [("rope_dim", 4), ("scale", 0.5), ("rope_base", None), ("qk_norm", True),
-                                         ("output_gate", True)])
+                                         ("output_gate", True), ("logn_length", 64)])
 def test_attention_families_without_the_options_refuse_them(block, field, value):
     extra = {"segment_len": 4} if block == "infini" else {}
     spec = {"type": block, "n_heads": 4, field: value, **extra}

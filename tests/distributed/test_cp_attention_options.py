@@ -1,5 +1,5 @@
-"""Context parallel for the attention options (partial RoPE, no RoPE, a scale override, q/k norm, output gate): the ring (attn,
-blockwise, ring) and swa's halo exchange, W in {1, 2, 3, 4}, both layouts, float64; the output shard, its
+"""Context parallel for the attention options (partial RoPE, no RoPE, a scale override, q/k norm, output gate,
+log-length query scaling): the ring (attn, blockwise, ring) and swa's halo exchange, W in {1, 2, 3, 4}, both layouts, float64; the output shard, its
 input gradient and every parameter gradient summed over ranks equal one process's within 1e-10 relative."""
 import pytest
 
@@ -13,6 +13,9 @@ CASES = [
     ("swa", dict(n_heads=2, window=3, block_size=2, rope_base=None, scale=0.5)),
     ("attn", dict(n_heads=2, n_kv_heads=1, qk_norm=True, output_gate=True)),
     ("swa", dict(n_heads=2, window=4, block_size=3, qk_norm=True, output_gate=True, rope_dim=2)),
+    ("attn", dict(n_heads=2, n_kv_heads=1, logn_length=3)),
+    ("ring", dict(n_heads=2, block_size=2, logn_length=2, rope_base=None)),
+    ("swa", dict(n_heads=2, window=5, block_size=3, logn_length=3)),
 ]
 
 

@@ -2,6 +2,7 @@
 zoo.ops.attention; the context-parallel paths (the ring; swa's halo exchange) in `cp.py`."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -22,7 +23,8 @@ class CausalSelfAttention(Block):
     """q/k/v projections, RoPE, an attention op, output projection; cache = rotated K/V.
 
     RoPE rotates the first `rope_dim` dims of each head (all by default; none with `rope_base: null`);
-    `scale` overrides the softmax scale 1 / sqrt(head_dim) (Granite's attention_multiplier).
+    `scale` overrides the softmax scale 1 / sqrt(head_dim) (Granite's attention_multiplier); `logn_length`
+    sharpens the queries that see more keys than it (log-length scaling).
     seq_idx (packed documents): RoPE at each token's position in its document and document masking
     in the attention op, so every token gets what its document alone would give."""
 
@@ -78,11 +80,23 @@ class CausalSelfAttention(Block):
         return rope_cos_sin(self._positions(start, end, device, row_start), self.rope_dim, self.cfg.rope_base)
 
     def _rotate(self, q, k, positions):
-        """q and k rotated at `positions` ([length] or [batch, length]); unchanged with rope_base null."""
+        """q and k rotated at `positions` ([length] or [batch, length]); unchanged with rope_base null. Every path
+        (one pass, cache, packed documents, context parallel) comes here with its queries' own positions, so
+        logn_length's query scale is applied here too."""
+        if self.cfg.logn_length is not None:
+            q = q * self._logn_scale(positions).to(q.dtype)
         if self.cfg.rope_base is None:
             return q, k
         cos, sin = rope_cos_sin_half(positions, self.rope_dim, self.cfg.rope_base)
         return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
+
+    def _logn_scale(self, positions):
+        """max(1, log n / log logn_length) [(batch,) length, 1, 1], n the keys each query sees (computed in float64)."""
+        keys = positions.to(torch.float64) + 1
+        window = getattr(self.cfg, "window", None)
+        if window is not None:
+            keys = keys.clamp(max=window)
+        return (keys.log() / math.log(self.cfg.logn_length)).clamp(min=1)[..., None, None]
 
     def _attend(self, q, k, v, seq_idx=None):
         return attention(q, k, v, causal=True, scale=self.cfg.scale, seq_idx=seq_idx)

@@ -23,6 +23,10 @@ class AttnConfig:
     qk_norm_eps: float = 1e-6
     qk_norm_scope: str = "head"   # "head": over each head's dims (Qwen3); "all": over all heads' (OLMo 2 / Hybrid)
     output_gate: bool = False
+    # log-length scaling: a query that sees n > logn_length keys (n = its position + 1, at most the window) has q
+    # times log(n) / log(logn_length), so attention over many keys stays as sharp as over logn_length (Qwen's logn
+    # attention; Scalable-Softmax, Nakanishi 2025, arXiv 2501.19399); None: off
+    logn_length: Optional[int] = None
 
     def __post_init__(self):
         if self.n_heads < 1:
@@ -50,6 +54,8 @@ class AttnConfig:
             raise ValueError(f"qk_norm_eps: must be > 0, got {self.qk_norm_eps}")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale: must be null (1 / sqrt(head_dim)) or > 0, got {self.scale}")
+        if self.logn_length is not None and (isinstance(self.logn_length, bool) or self.logn_length < 2):
+            raise ValueError(f"logn_length: must be null (off) or an integer >= 2, got {self.logn_length!r}")
 
     def check(self, d_model: int, seq_len: int) -> None:
         """Checks that need the model's width and the training length."""
@@ -75,7 +81,7 @@ def refuse_attention_options(cfg: AttnConfig, block: str) -> None:
     scale: the `attn` options they do not implement are an error naming the field, never ignored."""
     if cfg.rope_base is None:
         raise ValueError(f"rope_base: null (no RoPE) is not supported by the {block} block")
-    for name in ("rope_dim", "scale"):
+    for name in ("rope_dim", "scale", "logn_length"):
         if getattr(cfg, name) is not None:
             raise ValueError(f"{name}: not supported by the {block} block (only by attn, blockwise, ring, swa)")
     for name in ("qk_norm", "output_gate"):
