@@ -167,12 +167,10 @@ def start_head_bias(model, length: int, span: int, distance, alphabet: str, symb
 
 def start_from(model, source) -> Path:
     """Load the model weights of the checkpoint in `source` (a shipped DIR/<recipe>, a run, a checkpoint) into
-    `model`, whose recipe must build the same model (CheckpointError naming the first field that differs)."""
+    `model` (as `zoo pretrain --init-from` does: settings that hold no weights may differ; CheckpointError naming
+    the first field that differs when the weights do not fit)."""
     from zoo.train import checkpoint as ckpt
-    path = ckpt.resolve_checkpoint(source)
-    ckpt.check_same_model(ckpt.read_recipe(path), model.recipe, path)
-    model.load_state_dict(ckpt.read_model_state(path))
-    return path
+    return ckpt.init_weights(source, model.recipe, model.load_state_dict)[0]
 
 
 def ship(model, dest, steps: int, batch: int, length: int, cpu_s: float, wall_s: float, command: str,

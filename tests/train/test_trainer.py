@@ -269,3 +269,21 @@ def test_resume_refuses_a_changed_training_setting_and_takes_a_longer_run(tmp_pa
                       progress=False, log=said.append)
     assert trainer.step == 4 and any("train.max_steps 4 -> 6" in s for s in said)
     assert trainer.train().step == 6
+
+
+def test_init_from_takes_weights_under_settings_that_hold_none(tmp_path):
+    """Context extension: the fine-tune may change a setting without weights (here RoPE's base and a log-length
+    query scale); the weights load as they are and the log names what changed."""
+    train_toy(tmp_path / "base", max_steps=2)
+    base = zoo.load_checkpoint(tmp_path / "base")
+    letter = next(iter(base.recipe.to_dict()["model"]["blocks"]))
+    extended = zoo.load_recipe(toy_recipe(max_steps=2).to_dict(), [f"model.blocks.{letter}.rope_base=40000",
+                                                                   f"model.blocks.{letter}.logn_length=8"])
+    lines = []
+    tuned = Trainer(extended, ToyData(), tmp_path / "x", device="cpu", progress=False, log=lines.append,
+                    init_from=str(tmp_path / "base"))
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, tuned.model.state_dict()[k]), k
+    said = next(line for line in lines if line.startswith("initialised from"))
+    assert (f"settings changed: model.blocks.{letter}.logn_length: None -> 8, model.blocks.{letter}.rope_base: "
+            "10000.0 -> 40000.0") in said

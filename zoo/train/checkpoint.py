@@ -255,6 +255,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def model_differences(saved: Recipe, current: Recipe) -> list:
+    """['model.<field>: saved -> current', ...] for each model setting that differs, shallowest first."""
+    a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
+    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+    return [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff]
+
+
+def init_weights(source, recipe: Recipe, load) -> tuple:
+    """A fine-tune's start: `load(state)` the model weights of checkpoint `source` into a model of `recipe`.
+    (path, differences): the recipes may differ in settings that hold no weights (a RoPE base, a window, a query
+    scale: context extension), returned as `model_differences`; a model whose weights do not fit is refused,
+    naming the first setting that differs."""
+    path = resolve_checkpoint(source)
+    saved = read_recipe(path)
+    diff = model_differences(saved, recipe)
+    try:
+        load(read_model_state(path))
+    except (RuntimeError, ValueError, KeyError) as err:
+        check_same_model(saved, recipe, path)
+        raise CheckpointError(f"checkpoint: {path} does not fit this model ({reason(err)})") from None
+    return path, diff
+
+
 def check_same_model(saved: Recipe, current: Recipe, path) -> None:
     a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
     diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))

@@ -292,14 +292,10 @@ class Trainer:
                      "remaining steps follow the new length")
 
     def _init_from(self, source: str):
-        """Start from the model weights of another run's checkpoint (any precision), nothing else of it."""
-        path = ckpt.resolve_checkpoint(source)
-        ckpt.check_same_model(ckpt.read_recipe(path), self.recipe, path)
-        try:
-            self._load_model_state(ckpt.read_model_state(path))
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ckpt.CheckpointError(f"checkpoint: {path} does not fit this model ({ckpt.reason(err)})") from None
-        self.log(f"initialised from {path}")
+        """Start from the model weights of another run's checkpoint (any precision), nothing else of it. Settings
+        that hold no weights may differ (context extension: a RoPE base, a window); the log names them."""
+        path, diff = ckpt.init_weights(source, self.recipe, self._load_model_state)
+        self.log(f"initialised from {path}" + (f"; settings changed: {', '.join(diff)}" if diff else ""))
 
     def _newest_loadable(self, root: Path):
         """(path, ckpt.read_checkpoint(path)) of the newest checkpoint under `root` that loads, or (None, None)
