@@ -1,6 +1,7 @@
 """Context parallel for the attention options (partial RoPE, no RoPE, a scale override, q/k norm, output gate,
-log-length query scaling): the ring (attn, blockwise, ring) and swa's halo exchange, W in {1, 2, 3, 4}, both layouts, float64; the output shard, its
-input gradient and every parameter gradient summed over ranks equal one process's within 1e-10 relative."""
+log-length query scaling): the ring (attn, blockwise, ring) and swa's halo exchange, W in {1, 2, 3, 4}, both
+layouts, float64; the output shard, its input gradient and every parameter gradient summed over ranks equal one
+process's within 1e-10 relative."""
 import pytest
 
 from tests.distributed.test_cp_attention import TOL, _compare_blocks

@@ -255,10 +255,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _model_fields(saved: Recipe, current: Recipe) -> tuple:
+    """(saved's model fields, current's, the keys that differ, shallowest first), flattened to dotted keys."""
+    a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
+    return a, b, sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+
+
 def model_differences(saved: Recipe, current: Recipe) -> list:
     """['model.<field>: saved -> current', ...] for each model setting that differs, shallowest first."""
-    a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
-    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+    a, b, diff = _model_fields(saved, current)
     return [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff]
 
 
@@ -279,8 +284,7 @@ def init_weights(source, recipe: Recipe, load) -> tuple:
 
 
 def check_same_model(saved: Recipe, current: Recipe, path) -> None:
-    a, b = _flatten(saved.to_dict()["model"]), _flatten(current.to_dict()["model"])
-    diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=lambda k: (k.count("."), k))
+    a, b, diff = _model_fields(saved, current)
     if diff:
         k = diff[0]  # the shallowest difference is usually the cause of the others
         raise CheckpointError(f"checkpoint: {path} was trained with another model (recipe {saved.name!r}); "

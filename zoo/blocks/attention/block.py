@@ -91,7 +91,7 @@ class CausalSelfAttention(Block):
         return apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
 
     def _logn_scale(self, positions):
-        """max(1, log n / log logn_length) [(batch,) length, 1, 1], n the keys each query sees (computed in float64)."""
+        """max(1, log n / log logn_length) [(batch,) length, 1, 1], n the keys each query sees (in float64)."""
         keys = positions.to(torch.float64) + 1
         window = getattr(self.cfg, "window", None)
         if window is not None:
