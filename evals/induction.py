@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from evals.options import int_list
-from zoo.train.checkpoint import CheckpointError
 from zoo.data.repeats import PRINTABLE, random_string
+from zoo.train.checkpoint import CheckpointError, init_weights
 
 ALPHABETS = ("bytes", "letters", "ids")
 
@@ -169,8 +169,7 @@ def start_from(model, source) -> Path:
     """Load the model weights of the checkpoint in `source` (a shipped DIR/<recipe>, a run, a checkpoint) into
     `model` (as `zoo pretrain --init-from` does: settings that hold no weights may differ; CheckpointError naming
     the first field that differs when the weights do not fit)."""
-    from zoo.train import checkpoint as ckpt
-    return ckpt.init_weights(source, model.recipe, model.load_state_dict)[0]
+    return init_weights(source, model.recipe, model.load_state_dict)[0]
 
 
 def ship(model, dest, steps: int, batch: int, length: int, cpu_s: float, wall_s: float, command: str,
