@@ -271,6 +271,19 @@ def test_resume_refuses_a_changed_training_setting_and_takes_a_longer_run(tmp_pa
     assert trainer.train().step == 6
 
 
+def test_model_differences_name_a_new_block_once():
+    """A pattern that re-types layers into a new letter (local layers from a global model) is one entry for the
+    new block, not one per field it has."""
+    base = zoo.load_recipe("recipes/transformer.yaml")
+    local = zoo.load_recipe("recipes/transformer.yaml", ["model.pattern=SA", "model.blocks.S.type=swa",
+                                                         "model.blocks.S.n_heads=4", "model.blocks.S.window=64",
+                                                         "model.blocks.A.rope_base=20000"])
+    assert ckpt.model_differences(base, local) == [
+        "model.pattern: 'A' -> 'SA'", "model.blocks.A.rope_base: 10000.0 -> 20000.0",
+        "model.blocks.S: added (type 'swa')"]
+    assert ckpt.model_differences(local, base)[-1] == "model.blocks.S: removed"
+
+
 def test_init_from_takes_weights_under_settings_that_hold_none(tmp_path):
     """Context extension: the fine-tune may change a setting without weights (here RoPE's base and a log-length
     query scale); the weights load as they are and the log names what changed."""

@@ -262,9 +262,20 @@ def _model_fields(saved: Recipe, current: Recipe) -> tuple:
 
 
 def model_differences(saved: Recipe, current: Recipe) -> list:
-    """['model.<field>: saved -> current', ...] for each model setting that differs, shallowest first."""
+    """['model.<field>: saved -> current', ...] for each model setting that differs, shallowest first; a block
+    only one side has (a new pattern letter) is one entry: "model.blocks.S: added (type 'swa')" or "removed"."""
     a, b, diff = _model_fields(saved, current)
-    return [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff]
+    old, new = (r.to_dict()["model"]["blocks"] for r in (saved, current))
+    out, whole = [], set()
+    for k in diff:
+        parts = k.split(".")
+        name = parts[1] if parts[0] == "blocks" else None
+        if name is None or (name in old) == (name in new):
+            out.append(f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+        elif name not in whole:
+            whole.add(name)
+            out.append(f"model.blocks.{name}: " + (f"added (type {new[name]['type']!r})" if name in new else "removed"))
+    return out
 
 
 def init_weights(source, recipe: Recipe, load) -> tuple:
