@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 import zoo
 from evals.options import count
@@ -68,15 +69,48 @@ def resolve(spec: str, overrides: list):
         ckpt = resolve_checkpoint(path)
         return zoo.load_recipe(ckpt / "recipe.yaml"), ckpt
     if path.is_file():
-        return zoo.load_recipe(path, overrides), None
+        return _load(path, overrides), None
     for directory in recipe_dirs():
         named = directory / f"{spec}.yaml"
         if named.is_file():
-            return zoo.load_recipe(named, overrides), None
+            return _load(named, overrides), None
     known = sorted({p.stem for d in recipe_dirs() for p in d.glob("[!_]*.yaml")})
     where = " or ".join(str(d) for d in recipe_dirs())
     raise ValueError(f"recipes: {spec!r} is not a recipe file, a run directory or a recipe name in {where} "
                      f"(known: {', '.join(known) or 'none'}; ZOO_RECIPES names another directory of recipes)")
+
+
+def _prefix(item: str):
+    """NAME of a `NAME:KEY=VALUE` override; None for a plain KEY=VALUE (a value may hold a colon)."""
+    head, _, rest = item.partition(":")
+    return head if rest and "=" not in head else None
+
+
+def split_overrides(overrides: list, name: str) -> list:
+    """The overrides that apply to recipe `name`: unprefixed ones and `name:`-prefixed ones (prefix removed)."""
+    return [item if _prefix(item) is None else item.partition(":")[2]
+            for item in overrides if _prefix(item) in (None, name)]
+
+
+def override_names(overrides: list) -> set:
+    """The recipe names that `NAME:KEY=VALUE` overrides address."""
+    return {_prefix(item) for item in overrides} - {None}
+
+
+def check_override_names(overrides: list, names) -> None:
+    """ValueError naming an override addressed to a recipe that is not among `names` (a typo would do nothing)."""
+    stray = sorted(override_names(overrides) - set(names))
+    if stray:
+        raise ValueError(f"--set: {stray[0]}: names no recipe of this command (recipes: {', '.join(names)}); "
+                         "NAME:KEY=VALUE applies KEY=VALUE to recipe NAME only")
+
+
+def _load(path: Path, overrides: list):
+    """The recipe file at `path` with the overrides for it: unprefixed and its own `NAME:`-prefixed ones."""
+    if override_names(overrides):
+        name = OmegaConf.load(path).get("name") or path.stem
+        overrides = split_overrides(overrides, str(name))
+    return zoo.load_recipe(path, overrides)
 
 
 def budget_steps(train, budget: int) -> int:

@@ -61,7 +61,7 @@ from evals.engine import run_comparison
 from evals.perplexity import SCHEMES
 from evals.plan import context_shape
 from evals.results import attach_mqar, attach_ruler, load_results, own_results
-from evals.runs import parameter_target, resolve, source_commit
+from evals.runs import check_override_names, parameter_target, resolve, source_commit
 from evals.throughput import KINDS, MEMORY_KINDS
 from zoo.data.corpus import NAMED as NAMED_CORPORA
 from zoo.sizing import match_params
@@ -79,8 +79,9 @@ def parse_args(argv):
     ap.add_argument("--budget", type=count, default=count("300K"), help="training tokens per recipe")
     ap.add_argument("--contexts", type=int_list, default=[256, 512, 1024, 2048])
     ap.add_argument("--match-params", default=None, help="target parameter count (2M) or a recipe's name")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="dotlist overrides applied to every recipe, e.g. model.n_layers=4 train.seq_len=256")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="[NAME:]KEY=VALUE",
+                    help="dotlist overrides applied to every recipe, e.g. model.n_layers=4 train.seq_len=256, or "
+                         "(NAME:) to one, e.g. swa:model.blocks.A.window=64")
     ap.add_argument("--schemes", type=name_list(SCHEMES), default=list(SCHEMES))
     ap.add_argument("--max-tokens", type=int, default=8192, help="targets scored per scheme and context")
     ap.add_argument("--max-doc-tokens", type=int, default=None,
@@ -217,6 +218,7 @@ def main(argv=None):
                              "passkey`'s --out, holding <name>/card.json per recipe)")
         resolved = [resolve(spec, args.overrides) for spec in args.recipes]
         names = [r.name for r, _ in resolved]
+        check_override_names(args.overrides, names)
         if len(set(names)) < len(names):
             raise ValueError(f"recipes: two recipes share a name ({names}); give them distinct `name:` fields")
         if args.match_params:

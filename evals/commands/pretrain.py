@@ -33,7 +33,8 @@ import torch
 
 import zoo
 from evals.options import count
-from evals.runs import DTYPES, add_time, budget_steps, parameter_target, resolve, ship, source_commit
+from evals.runs import (DTYPES, add_time, budget_steps, check_override_names, parameter_target, resolve, ship,
+                        source_commit)
 from zoo.sizing import match_params
 from evals.compression import compression_bpb
 from zoo.data import DataError, prepared_data
@@ -50,8 +51,8 @@ def parse_args(argv):
     ap.add_argument("--out", default="pretrained", help="OUT/<name>/ per recipe, OUT/runs/ for the training runs")
     ap.add_argument("--budget", type=count, default=count("4M"), help="training tokens per recipe")
     ap.add_argument("--match-params", default=None, help="target parameter count (1M) or a recipe's name")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE",
-                    help="dotlist overrides applied to every recipe before sizing")
+    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="[NAME:]KEY=VALUE",
+                    help="dotlist overrides applied to every recipe before sizing, or (NAME:) to one")
     ap.add_argument("--evals", type=int, default=8, help="validation evaluations along the run (the curve in card.json)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="precision of the shipped weights")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -81,6 +82,7 @@ def sized_recipes(args, say) -> list:
             recipe = zoo.load_recipe(recipe.to_dict(), extra)
             say(f"{recipe.name}: {n:,} parameters ({' '.join(extra)})")
         out.append((recipe, extra))
+    check_override_names(args.overrides, [r.name for r, _ in out])
     return out
 
 

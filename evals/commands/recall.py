@@ -38,7 +38,7 @@ import torch
 
 import zoo
 from evals.options import float_list, int_list
-from evals.runs import DTYPES, add_time, resolve, ship, source_commit
+from evals.runs import DTYPES, add_time, resolve, ship, source_commit, split_overrides
 from evals.recall import mqar_eval, passkey_grid
 from evals.ruler import ruler_grid
 from evals.throughput import analytic_state_bytes
@@ -153,19 +153,6 @@ def parse_args(argv):
     if args.task == "mqar" and (args.steps < 1 or args.layers < 1 or args.batch_size < 1):
         ap.error("--steps, --layers, --batch-size: positive integers")
     return args
-
-
-def split_overrides(overrides: list, name: str) -> list:
-    """The overrides that apply to recipe `name`: unprefixed ones and `name:`-prefixed ones (prefix removed)."""
-    out = []
-    for item in overrides:
-        head, _, rest = item.partition(":")
-        if rest and "=" not in head:
-            if head == name:
-                out.append(rest)
-        else:
-            out.append(item)
-    return out
 
 
 def write_json(path: Path, obj) -> None:

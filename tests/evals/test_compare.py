@@ -99,6 +99,21 @@ def test_bad_recipe_is_a_clear_error(setup, capsys):
     assert "no-such-recipe" in capsys.readouterr().err
 
 
+def test_overrides_for_one_recipe_by_name(setup, capsys):
+    """`--set NAME:KEY=VALUE` reaches recipe NAME only (resolve, shared by compare, pretrain and the probe); a NAME
+    that is none of the command's recipes is refused before anything runs, naming it."""
+    from evals.runs import resolve
+    sets = ["swa:model.blocks.A.window=64", "model.n_layers=3", "train.corpus=a:b"]
+    swa, transformer = resolve("swa", sets)[0], resolve("transformer", sets)[0]
+    assert swa.to_dict()["model"]["blocks"]["A"]["window"] == 64
+    assert swa.model.n_layers == transformer.model.n_layers == 3 and transformer.train.corpus == "a:b"
+    assert "window" not in transformer.to_dict()["model"]["blocks"]["A"]
+    root, _ = setup
+    assert compare.main(["transformer", "--out", str(root / "typo"), "--no-progress",
+                         "--set", "swq:model.blocks.A.window=64"]) == 2
+    assert "--set: swq: names no recipe of this command (recipes: transformer)" in capsys.readouterr().err
+
+
 def test_count_parses_suffixes():
     assert count("300K") == 300_000 and count("1.5M") == 1_500_000 and count("7") == 7
 

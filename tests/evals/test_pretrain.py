@@ -78,3 +78,9 @@ def test_a_missing_init_from_is_refused_before_any_recipe_trains(pretrain, tmp_p
     missing = tmp_path / "init" / "transformer"
     assert f"--init-from: no shipped checkpoint {missing} (card.json)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()   # the first recipe did not train
+
+
+def test_an_override_for_no_given_recipe_is_refused(pretrain, tmp_path, capsys):
+    assert pretrain.main(["transformer", "--out", str(tmp_path), "--set", "sawa:model.blocks.A.window=8"]) == 2
+    assert "--set: sawa: names no recipe of this command (recipes: transformer)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
