@@ -60,8 +60,9 @@ def parse_args(argv):
     ap.add_argument("--retrain", action="store_true", help="start every recipe over, even a finished one")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--init-from", default=None, metavar="DIR",
-                    help="start each recipe from the weights shipped in DIR/<name> (context extension of a "
-                         "short-context checkpoint: optimizer and schedule start fresh); the card adds its tokens")
+                    help="start each recipe from the weights shipped in DIR/<name>, or in DIR when it is one shipped "
+                         "model (context extension of a short-context checkpoint: optimizer and schedule start "
+                         "fresh); the card adds its tokens")
     ap.add_argument("--cp", type=int, default=1,
                     help="context parallel under torchrun: ranks that share one sequence (must divide the world "
                          "size; the rest is data parallel)")
@@ -110,12 +111,16 @@ def train_one(recipe, data, run_dir: Path, args, say):
 
 
 def init_dir(args, name: str):
-    """--init-from's checkpoint directory for recipe `name` (DIR/<name>), or None without --init-from."""
+    """--init-from's checkpoint directory for recipe `name`: DIR/<name>, or DIR itself when it is one shipped model
+    (another recipe's weights, e.g. local layers started from a global model's); None without --init-from."""
     if not args.init_from:
         return None
     init = Path(args.init_from) / name
+    if not (init / "card.json").is_file() and (Path(args.init_from) / "card.json").is_file():
+        return Path(args.init_from)
     if not (init / "card.json").is_file():
-        raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {name}")
+        raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {name}, and "
+                              f"{args.init_from} is not one itself")
     return init
 
 

@@ -84,3 +84,24 @@ def test_an_override_for_no_given_recipe_is_refused(pretrain, tmp_path, capsys):
     assert pretrain.main(["transformer", "--out", str(tmp_path), "--set", "sawa:model.blocks.A.window=8"]) == 2
     assert "--set: sawa: names no recipe of this command (recipes: transformer)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_init_from_one_shipped_model_of_another_recipe(pretrain, tmp_path, capsys):
+    """--init-from DIR where DIR is itself a shipped model: a recipe of another name whose weights fit (a layer
+    re-typed as sliding-window attention) starts from it; the log names the changes, the card the source."""
+    data = write_prepared(tmp_path / "data", train=20000, val=4000)
+    base, local = tmp_path / "tiny.yaml", tmp_path / "local.yaml"
+    OmegaConf.save(OmegaConf.create(CLI_RECIPE), base)
+    variant = OmegaConf.merge(CLI_RECIPE, {"name": "tiny-local", "model": {"pattern": "S", "blocks": {
+        "S": {"type": "swa", "n_heads": 2, "window": 8}}}})
+    OmegaConf.save(variant, local)
+    common = ["--budget", "256", "--data", str(data), "--evals", "1", "--no-progress", "--threads", "1"]
+    assert pretrain.main([str(base), "--out", str(tmp_path / "a"), *common]) == 0
+    capsys.readouterr()
+    assert pretrain.main([str(local), "--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a" / "tiny-cli"),
+                          *common]) == 0
+    out = capsys.readouterr().out
+    assert "settings changed: model.pattern: 'A' -> 'S', model.blocks.A: removed, model.blocks.S: added " \
+           "(type 'swa')" in out
+    card = json.loads((tmp_path / "b" / "tiny-local" / "card.json").read_text())
+    assert card["init_from"]["dir"] == str(tmp_path / "a" / "tiny-cli")
