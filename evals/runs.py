@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 import zoo
 from evals.options import count
 from zoo.data import PreparedData, prepare, prepared_data
-from zoo.train.checkpoint import list_checkpoints, resolve_checkpoint, save_checkpoint
+from zoo.train.checkpoint import (list_checkpoints, model_differences, read_recipe, resolve_checkpoint,
+                                  save_checkpoint)
 from zoo.train.trainer import Trainer
 
 # precisions a shipped checkpoint's weights may be rounded to (zoo pretrain --dtype, zoo recall)
@@ -65,9 +66,11 @@ def resolve(spec: str, overrides: list):
     """(recipe, checkpoint or None) for a recipe name, recipe file, run/checkpoint directory, or a model directory
     written by ZooForCausalLM.save_pretrained (an import; zoo.train.checkpoint.is_model_dir)."""
     path = Path(spec)
-    if path.is_dir():
+    if path.is_dir():   # only NAME:-prefixed overrides reach a trained model: settings without weights, by name
         ckpt = resolve_checkpoint(path)
-        return zoo.load_recipe(ckpt / "recipe.yaml"), ckpt
+        recipe = zoo.load_recipe(ckpt / "recipe.yaml")
+        own = [item.partition(":")[2] for item in overrides if _prefix(item) == recipe.name]
+        return (zoo.load_recipe(ckpt / "recipe.yaml", own) if own else recipe), ckpt
     if path.is_file():
         return _load(path, overrides), None
     for directory in recipe_dirs():
@@ -163,7 +166,11 @@ class RecipeRun:
         if self._model is None:
             if self.checkpoint is None:
                 raise RuntimeError(f"{self.recipe.name}: no checkpoint to evaluate")
-            self._model = zoo.load_checkpoint(self.checkpoint, device=self.args.device).eval()
+            changed = model_differences(read_recipe(self.checkpoint), self.recipe)
+            if changed:
+                self.say(f"{self.recipe.name}: {self.checkpoint} evaluated with " + ", ".join(changed))
+            self._model = zoo.load_checkpoint(self.checkpoint, device=self.args.device,
+                                              recipe=self.recipe if changed else None).eval()
         return self._model
 
 

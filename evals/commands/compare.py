@@ -81,7 +81,8 @@ def parse_args(argv):
     ap.add_argument("--match-params", default=None, help="target parameter count (2M) or a recipe's name")
     ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="[NAME:]KEY=VALUE",
                     help="dotlist overrides applied to every recipe, e.g. model.n_layers=4 train.seq_len=256, or "
-                         "(NAME:) to one, e.g. swa:model.blocks.A.window=64")
+                         "(NAME:) to one, e.g. swa:model.blocks.A.window=64; only NAME: ones reach a given "
+                         "checkpoint, evaluated under settings that hold no weights (its weights must fit)")
     ap.add_argument("--schemes", type=name_list(SCHEMES), default=list(SCHEMES))
     ap.add_argument("--max-tokens", type=int, default=8192, help="targets scored per scheme and context")
     ap.add_argument("--max-doc-tokens", type=int, default=None,

@@ -254,3 +254,33 @@ def test_recipe_names_are_found_in_the_working_directory_or_zoo_recipes(tmp_path
     assert recipe.name == "tiny" and recipe.model.n_layers == 3 and ckpt is None
     with pytest.raises(ValueError, match=r"known: tiny;"):
         resolve("tiny2", [])
+
+
+def test_a_given_checkpoint_under_settings_without_weights(tmp_path):
+    """`--set NAME:KEY=VALUE` reaches a given checkpoint of recipe NAME (unprefixed overrides never do): its weights
+    are evaluated with layers re-typed as sliding-window attention, the log names the change, and a change the
+    weights do not fit is refused naming the field."""
+    from argparse import Namespace
+
+    import torch
+    import zoo
+    from evals.runs import RecipeRun, resolve
+    from zoo.train.checkpoint import CheckpointError, save_checkpoint
+    torch.manual_seed(0)
+    recipe = zoo.load_recipe("recipes/transformer.yaml", ["model.d_model=32", "model.n_layers=2"])
+    save_checkpoint(tmp_path / "run" / "checkpoints", 1, zoo.build_model(recipe).state_dict(), recipe)
+    same, ckpt = resolve(str(tmp_path / "run"), ["model.n_layers=3"])
+    assert same.model.n_layers == 2
+    local, _ = resolve(str(tmp_path / "run"), ["transformer:model.pattern=SA", "transformer:model.blocks.S.type=swa",
+                                               "transformer:model.blocks.S.n_heads=4", "transformer:model.blocks.S.window=8"])
+    said = []
+    run = RecipeRun(local, ckpt, Namespace(device="cpu"), tmp_path / "out", said.append)
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        a, b = run.model()(ids).logits, zoo.load_checkpoint(ckpt)(ids).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert (a[:, 8:] - b[:, 8:]).abs().amax() > 1e-4
+    assert said == [f"transformer: {ckpt} evaluated with model.pattern: 'A' -> 'SA', model.blocks.S: added (type 'swa')"]
+    wider, _ = resolve(str(tmp_path / "run"), ["transformer:model.d_model=48"])
+    with pytest.raises(CheckpointError, match="model.d_model differs: checkpoint 32 vs recipe 48"):
+        RecipeRun(wider, ckpt, Namespace(device="cpu"), tmp_path / "out", said.append).model()

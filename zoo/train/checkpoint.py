@@ -303,10 +303,16 @@ def check_same_model(saved: Recipe, current: Recipe, path) -> None:
                               + (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
 
 
-def load_checkpoint(path, device=None):
-    """Load a checkpoint (or a run's newest one) into a fresh ZooLM ready for evaluation."""
+def load_checkpoint(path, device=None, recipe: Recipe | None = None):
+    """Load a checkpoint (or a run's newest one) into a fresh ZooLM ready for evaluation. `recipe`: build the model
+    from it instead of the checkpoint's own (settings that hold no weights may differ: a window, a RoPE base, layers
+    re-typed as sliding-window attention); weights that do not fit are refused naming the first differing field."""
     from zoo.model import ZooLM  # train -> model, never the other way
 
+    if recipe is not None:
+        model = ZooLM(recipe)
+        init_weights(path, recipe, model.load_state_dict)
+        return model.to(device) if device is not None else model
     path = resolve_checkpoint(path)
     recipe = read_recipe(path)
     model = ZooLM(recipe)
