@@ -42,8 +42,10 @@ def _names(names: list) -> str:
 
 
 def _where(c: dict) -> str:
+    H = c["history_cut"]
+    stride = c.get("cut_stride", max(1, H // 2))   # records from before --history-cut-stride: half the cut
     return (f"{c['documents']} segments of {c['length']:,} tokens from {c['source_documents']} held-out documents; "
-            f"history cut to {c['history_cut']:,} as the control")
+            f"history cut to {H:,} as the control (each target keeps {H - stride:,}-{H:,} tokens)")
 
 
 # -- findings --------------------------------------------------------------------------------------------------
@@ -290,8 +292,9 @@ def context_section(results: dict, out_dir) -> tuple:
     out = Path(out_dir)
     parts = ["## Context use on long held-out documents (issue 25)",
              "Segments of held-out documents streamed from their start; every target scored twice: with the whole "
-             "history (`whole`) and with at most the history cut (`cut`: sliding windows of the cut at half its "
-             "stride). bits/byte [95% interval over the segments]. The `past the cut` column is the verdict of "
+             "history (`whole`) and with at most the history cut (`cut`: sliding windows of the cut advancing by "
+             "--history-cut-stride, half the cut by default: a target keeps between the cut less the stride and the "
+             "cut). bits/byte [95% interval over the segments]. The `past the cut` column is the verdict of "
              "evals.perplexity.extrapolation_verdict (keeps falling / breaks: beyond a margin of 2% of the last bucket "
              f"inside the cut); the findings above name any effect whose paired interval lies below -{MIN_EFFECT} "
              "bits/byte."]

@@ -6,7 +6,7 @@
 `context_use` cuts held-out documents of one corpus into segments of `length` tokens (`segments`: as many
 documents as there are, each its first segment first) and streams each from its start
 (evals.perplexity.extrapolation): bits/byte by position, with the same targets scored again with the history cut
-to at most H tokens (the control: sliding windows of H at stride H/2) and the verdict on the buckets past H: does
+to at most H tokens (the control: sliding windows of H at stride H/2, or --history-cut-stride) and the verdict on the buckets past H: does
 the history beyond H keep lowering the loss, leave it flat, or break the model (past its training length)?
 From the same per-target losses, two readings:
 - the copy probe on real text ("Repeat After Me", arXiv 2402.01032, measured on natural data): a target is a
@@ -123,7 +123,7 @@ def compression_of(docs: list) -> Optional[dict]:
 
 @torch.no_grad()
 def context_use(model, data_split, corpus: str, history: int, length: int, n_segments: int = 8, span: int = SPAN,
-                device=None, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+                device=None, resamples: int = RESAMPLES, seed: int = SEED, cut_stride: Optional[int] = None) -> dict:
     """The record of one (model, corpus): segments of `length` tokens streamed whole, by position with buckets
     around `history` (H/4, H/2, H, 2H, ...), the same targets with the history cut to at most `history` tokens
     as the control, and the verdict past H (evals.perplexity.extrapolation with train_len = H); `copy`
@@ -133,7 +133,11 @@ def context_use(model, data_split, corpus: str, history: int, length: int, n_seg
         raise ValueError(f"length: {length} must be a multiple of the history cut {history}, at least twice it")
     file = _token_file(data_split)
     docs = segments(file, n_segments, length)
-    base = {"corpus": corpus, "span": span, "history_cut": history, "model_train_len": model.recipe.train.seq_len,
+    stride = cut_stride or max(1, history // 2)
+    if not 1 <= stride <= history:
+        raise ValueError(f"cut_stride: {stride} must be in [1, the history cut {history}]")
+    base = {"corpus": corpus, "span": span, "history_cut": history, "cut_stride": stride,
+            "model_train_len": model.recipe.train.seq_len,
             "segments": [list(d) for d in docs], "source_documents": len({d[0] for d in docs})}
     if not docs:
         longest = int(np.diff(np.asarray(file.offsets)).max(initial=0))
@@ -141,7 +145,7 @@ def context_use(model, data_split, corpus: str, history: int, length: int, n_seg
                 "status": f"no document of {length} tokens in {file.prefix} (longest: {longest})", "verdict": None,
                 "buckets": []}
     rec = extrapolation(model, file, history, length // history, device=device, resamples=resamples, seed=seed,
-                        documents=docs, return_nll=True)
+                        documents=docs, return_nll=True, cut_stride=stride)
     nll = rec.pop("nll")
     tokens = [document_tokens(file, d) for d in docs]
     weights, _ = _byte_weights(file)

@@ -406,11 +406,12 @@ def extrapolation_verdict(record: dict, train_len: int, bounded: Optional[dict] 
 def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs: int = 16, chunk_size: int = 1024,
                   batch_size: int = 8, device=None, margin: float = MARGIN, resamples: int = RESAMPLES,
                   seed: int = SEED, bounded: bool = True, documents: Optional[Sequence[tuple]] = None,
-                  return_nll: bool = False) -> dict:
+                  return_nll: bool = False, cut_stride: Optional[int] = None) -> dict:
     """Streaming bits/byte by position on the `max_docs` longest documents of the split, each cut to
     `factor` x `train_len` tokens, bucketed by `extrapolation_edges`, with `extrapolation_verdict`'s keys.
     `bounded`: score the same targets again with `sliding` windows of `train_len` tokens at stride
-    train_len // 2 (every target sees between T/2 and T tokens of history) as the verdict's control, and
+    `cut_stride` (default train_len // 2: every target sees between T/2 and T tokens of history; a smaller stride
+    keeps more of the cut, T - stride at least, for stride / T of the windows' cost) as the verdict's control, and
     keep its bits/byte per bucket under `bounded`. A split with no document that long gives `status`
     saying so, `documents` 0 and verdict None. documents: what to score instead of the longest documents
     (e.g. `segments(file, max_docs, factor * train_len)`). return_nll: the record also holds `nll`
@@ -429,7 +430,8 @@ def extrapolation(model, data_split, train_len: int, factor: int = 16, max_docs:
                                 **common)
     control = None
     if bounded:
-        [control] = evaluate_perplexity(model, file, [train_len], scheme="sliding", stride=max(1, train_len // 2),
+        [control] = evaluate_perplexity(model, file, [train_len], scheme="sliding",
+                                        stride=cut_stride or max(1, train_len // 2),
                                         batch_size=batch_size, return_nll=return_nll, **common)
     nll = {"streaming": rec.pop("nll", None), "bounded": (control or {}).pop("nll", None)}
     out = {**rec, **base, "status": "ok", **extrapolation_verdict(rec, train_len, control, margin, resamples, seed)}

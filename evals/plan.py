@@ -81,7 +81,8 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
     for corpus in args.eval_corpora:
         def use(corpus=corpus):
             rec = context_use(run.model(), run.held_out(corpus), corpus, history, segment, args.context_segments,
-                              args.copy_span, device=torch.device(args.device), resamples=args.resamples)
+                              args.copy_span, device=torch.device(args.device), resamples=args.resamples,
+                              cut_stride=args.history_cut_stride)
             rec["units"] = {"bits_per_byte": "bits/byte", "train_len": "tokens", "length": "tokens",
                             "seconds": "s"}
             return rec

@@ -100,6 +100,10 @@ def parse_args(argv):
                     help="tokens per context-use segment (default 4 x train.seq_len)")
     ap.add_argument("--history-cut", type=int, default=None,
                     help="the control's history in tokens (default train.seq_len): does history past it help?")
+    ap.add_argument("--history-cut-stride", type=int, default=None,
+                    help="the control's windows advance this many tokens (default half the cut): every target keeps "
+                         "at least cut - stride tokens of history; a smaller stride is a stricter control, at "
+                         "cut / stride windows a segment")
     ap.add_argument("--context-segments", type=int, default=8, help="segments per corpus (the interval's documents)")
     ap.add_argument("--context-split", choices=("val", "test"), default="test",
                     help="the held-out split the context-use segments come from")
@@ -168,6 +172,9 @@ def parse_args(argv):
         ap.error("--context-segments, --copy-trials: positive integers; --copy-span: at least 2")
     if args.history_cut is not None and args.history_cut < 4:
         ap.error(f"--history-cut: at least 4 tokens, got {args.history_cut}")
+    stride = args.history_cut_stride
+    if stride is not None and (stride < 1 or (args.history_cut and stride > args.history_cut)):
+        ap.error(f"--history-cut-stride: {stride} must be in [1, --history-cut]")
     if args.context_length is not None and args.history_cut is not None and (
             args.context_length % args.history_cut or args.context_length < 2 * args.history_cut):
         ap.error(f"--context-length: a multiple of --history-cut, at least twice it (got {args.context_length} and "

@@ -114,6 +114,13 @@ def test_overrides_for_one_recipe_by_name(setup, capsys):
     assert "--set: swq: names no recipe of this command (recipes: transformer)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--history-cut-stride", "0"], ["--history-cut", "64", "--history-cut-stride", "65"]])
+def test_the_cut_stride_is_checked(flag, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["transformer", *flag])
+    assert "--history-cut-stride" in capsys.readouterr().err
+
+
 def test_count_parses_suffixes():
     assert count("300K") == 300_000 and count("1.5M") == 1_500_000 and count("7") == 7
 

@@ -293,6 +293,16 @@ def test_window_within_the_bounded_history_is_exactly_flat(split):
     assert row["label"] == "8-16" and abs(row["vs_bounded"]) < 1e-12
 
 
+def test_the_cut_stride_sets_how_much_history_the_control_keeps(split):
+    # windows of T = 8 at stride 1 keep 7-8 tokens for every target, more than the 5 keys the layer sees: exactly
+    # flat; at stride 6 some targets keep 2, and the whole history (5 keys) differs from the cut
+    model = tiny_model("S")
+    strict = extrapolation(model, split, train_len=8, factor=2, max_docs=5, chunk_size=3, cut_stride=1)
+    assert strict["bounded"]["stride"] == 1 and abs(strict["past"][0]["vs_bounded"]) < 1e-12
+    loose = extrapolation(model, split, train_len=8, factor=2, max_docs=5, chunk_size=3, cut_stride=6)
+    assert loose["bounded"]["stride"] == 6 and abs(loose["past"][0]["vs_bounded"]) > 1e-6
+
+
 def test_extrapolation_verdict_needs_both_sides():
     rec = curve([3.0, 2.6, 2.4, 2.3, 2.2])
     assert extrapolation_verdict(rec, train_len=64)["verdict"] is None      # nothing past 64
