@@ -6,8 +6,9 @@
 `context_use` cuts held-out documents of one corpus into segments of `length` tokens (`segments`: as many
 documents as there are, each its first segment first) and streams each from its start
 (evals.perplexity.extrapolation): bits/byte by position, with the same targets scored again with the history cut
-to at most H tokens (the control: sliding windows of H at stride H/2, or --history-cut-stride) and the verdict on the buckets past H: does
-the history beyond H keep lowering the loss, leave it flat, or break the model (past its training length)?
+to at most H tokens (the control: sliding windows of H at stride H/2, or `cut_stride`) and the verdict on the
+buckets past H: does the history beyond H keep lowering the loss, leave it flat, or break the model (past its
+training length)?
 From the same per-target losses, two readings:
 - the copy probe on real text ("Repeat After Me", arXiv 2402.01032, measured on natural data): a target is a
   *repeat* at distance d when the `span` tokens ending at it (the target and the span - 1 before it) occurred

@@ -278,8 +278,8 @@ def test_a_given_checkpoint_under_settings_without_weights(tmp_path):
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, zoo.build_model(recipe).state_dict(), recipe)
     same, ckpt = resolve(str(tmp_path / "run"), ["model.n_layers=3"])
     assert same.model.n_layers == 2
-    local, _ = resolve(str(tmp_path / "run"), ["transformer:model.pattern=SA", "transformer:model.blocks.S.type=swa",
-                                               "transformer:model.blocks.S.n_heads=4", "transformer:model.blocks.S.window=8"])
+    local, _ = resolve(str(tmp_path / "run"), [f"transformer:{s}" for s in (
+        "model.pattern=SA", "model.blocks.S.type=swa", "model.blocks.S.n_heads=4", "model.blocks.S.window=8")])
     said = []
     run = RecipeRun(local, ckpt, Namespace(device="cpu"), tmp_path / "out", said.append)
     ids = torch.randint(0, 256, (1, 20))
@@ -287,7 +287,8 @@ def test_a_given_checkpoint_under_settings_without_weights(tmp_path):
         a, b = run.model()(ids).logits, zoo.load_checkpoint(ckpt)(ids).logits
     torch.testing.assert_close(a[:, :8], b[:, :8])
     assert (a[:, 8:] - b[:, 8:]).abs().amax() > 1e-4
-    assert said == [f"transformer: {ckpt} evaluated with model.pattern: 'A' -> 'SA', model.blocks.S: added (type 'swa')"]
+    assert said == [f"transformer: {ckpt} evaluated with model.pattern: 'A' -> 'SA', "
+                    "model.blocks.S: added (type 'swa')"]
     wider, _ = resolve(str(tmp_path / "run"), ["transformer:model.d_model=48"])
     with pytest.raises(CheckpointError, match="model.d_model differs: checkpoint 32 vs recipe 48"):
         RecipeRun(wider, ckpt, Namespace(device="cpu"), tmp_path / "out", said.append).model()
