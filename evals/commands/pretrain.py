@@ -115,13 +115,11 @@ def init_dir(args, name: str):
     (another recipe's weights, e.g. local layers started from a global model's); None without --init-from."""
     if not args.init_from:
         return None
-    init = Path(args.init_from) / name
-    if not (init / "card.json").is_file() and (Path(args.init_from) / "card.json").is_file():
-        return Path(args.init_from)
-    if not (init / "card.json").is_file():
-        raise CheckpointError(f"--init-from: no shipped checkpoint {init} (card.json) for recipe {name}, and "
-                              f"{args.init_from} is not one itself")
-    return init
+    for init in (Path(args.init_from) / name, Path(args.init_from)):
+        if (init / "card.json").is_file():
+            return init
+    raise CheckpointError(f"--init-from: no shipped checkpoint {Path(args.init_from) / name} (card.json) for recipe "
+                          f"{name}, and {args.init_from} is not one itself")
 
 
 # the fields `train_one` sets from the budget and --evals: not the recipe's own
