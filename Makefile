@@ -4,7 +4,10 @@
 PY      := .venv/bin/python
 ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
-RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
+RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense local-global
+# local-global's windows of 1,024 cover every 256-token row: there it is the transformer, so its long stage starts
+# from the transformer's 256-token checkpoint and it has no short checkpoint (or passkey fine-tune) of its own
+SHORT_RECIPES = $(filter-out local-global,$(RECIPES))
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
 .PHONY: install test compare compare-memory compare-long pretrain pretrain-long recall describe bench clean lock upgrade
@@ -35,7 +38,8 @@ describe: install
 # trainable context at W = 1 under 128 MiB (about 3 CPU-minutes for the five recipes, docs/benchmarks.md "Memory
 # by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min).
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
-TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8
+TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
+	local-global:model.blocks.S.window=256
 COMPARE_ARGS ?= --threads 1 \
 	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 512 \
@@ -72,21 +76,23 @@ compare: install
 # Train and ship the compared recipes (the command in each model card; about 10-20 CPU minutes a recipe on
 # this 2-core machine; rerunning continues an interrupted one and skips shipped ones).
 pretrain: install
-	$(ZOO) pretrain $(RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
+	$(ZOO) pretrain $(SHORT_RECIPES) --out $(PRETRAINED) $(PRETRAIN_ARGS)
 
 # Long context (issue 25): each shipped 256-token LM extended to 4,096 tokens on 3M tokens of stdlib+shakespeare
 # (the code corpus and 38 of Shakespeare's plays), short to long at 8,192 tokens a step (1,024-token rows to 30% of
 # the steps, 2,048 to 60%, then 4,096), shipped to pretrained/long/<name> with its card; LONG_RING trains on a ring
 # of 2 processes (context parallel: each sequence split in two, the same update as one process). About 10-25
 # CPU-minutes a recipe; rerunning continues an interrupted one and skips shipped ones.
-LONG_ARGS ?= --out $(LONG) --budget 3M --match-params 1M --init-from $(PRETRAINED) --threads 1 --evals 8 \
+LONG_ARGS ?= --out $(LONG) --budget 3M --match-params 1M --threads 1 --evals 8 \
 	--no-progress --set train.seq_len=4096 train.batch_size=2 \
 	"train.seq_len_schedule=[{seq_len: 1024, until: 0.3}, {seq_len: 2048, until: 0.6}]" \
 	train.corpus=stdlib+shakespeare train.lr=1e-3
 LONG_RING ?= transformer
 pretrain-long: install
-	$(ZOO) pretrain $(filter-out $(LONG_RING),$(RECIPES)) $(LONG_ARGS)
-	$(PY) -m torch.distributed.run --nproc-per-node 2 -m evals.commands.pretrain $(LONG_RING) --cp 2 $(LONG_ARGS)
+	$(ZOO) pretrain $(filter-out $(LONG_RING),$(SHORT_RECIPES)) --init-from $(PRETRAINED) $(LONG_ARGS)
+	$(PY) -m torch.distributed.run --nproc-per-node 2 -m evals.commands.pretrain $(LONG_RING) --cp 2 \
+		--init-from $(PRETRAINED) $(LONG_ARGS)
+	$(if $(filter local-global,$(RECIPES)),$(ZOO) pretrain local-global --init-from $(PRETRAINED)/transformer $(LONG_ARGS))
 
 # Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
 # prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), the last
@@ -104,7 +110,7 @@ MQAR_ARGS    ?= --widths 16,32,64 --kv-pairs 4,8,16 --seeds 0,1,2 --steps 1000 -
 # RULER's synthetic tasks on the long-context checkpoints at 1x and 4x their training length (4,096 and 16,384 tokens).
 RULER_ARGS   ?= --factors 1,4 --trials 4 --threads 1 --no-progress
 recall: install
-	$(ZOO) recall passkey $(RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
+	$(ZOO) recall passkey $(SHORT_RECIPES) --from $(PRETRAINED) --out $(PRETRAINED)/passkey $(PASSKEY_ARGS)
 	$(ZOO) recall mqar $(MQAR_RECIPES) --out $(PRETRAINED)/mqar $(MQAR_ARGS)
 	$(ZOO) recall ruler $(RECIPES) --from $(LONG) --out $(PRETRAINED)/ruler $(RULER_ARGS)
 
