@@ -4,9 +4,11 @@
 PY      := .venv/bin/python
 ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
-RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense local-global
-# local-global's windows of 1,024 cover every 256-token row: there it is the transformer, so its long stage starts
-# from the transformer's 256-token checkpoint and it has no short checkpoint (or passkey fine-tune) of its own
+RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
+# local-global (RECIPES="... local-global"; its long checkpoint ships in pretrained/long/) is not in the main job yet:
+# with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed. Its windows of 1,024 cover every
+# 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token checkpoint
+# and it has no short checkpoint (or passkey fine-tune) of its own
 SHORT_RECIPES = $(filter-out local-global,$(RECIPES))
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
@@ -39,7 +41,7 @@ describe: install
 # by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min).
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
-	local-global:model.blocks.S.window=256
+	$(if $(filter local-global,$(RECIPES)),local-global:model.blocks.S.window=256)
 COMPARE_ARGS ?= --threads 1 \
 	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 512 \
