@@ -11,7 +11,7 @@ alphabet's size and the vocabulary's can be told apart), a span of `span` tokens
 tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
 learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
 (nothing tells the model a copy has begun). A model with `model.head_bias` starts it at the rows' unigram
-frequencies, as the trainer does; `--init-from DIR` starts from the weights shipped in DIR/<recipe> instead (a
+frequencies, as the trainer does; `--init-from DIR` starts from the weights shipped in DIR/<recipe> (or DIR, one shipped model) instead (a
 later stage: a longer range after a short one). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
 in nats per token, every `every` steps.
 """
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from evals.options import int_list
+from evals.runs import shipped_model_dir
 from zoo.data.repeats import PRINTABLE, random_string
 from zoo.train.checkpoint import CheckpointError, init_weights
 
@@ -247,9 +248,9 @@ def main(argv: Optional[list] = None) -> None:
     model = zoo.build_model(recipe)
     if args.init_from:
         try:
-            start_from(model, Path(args.init_from) / recipe.name)
+            start_from(model, shipped_model_dir(args.init_from, recipe.name, "--init-from"))
         except CheckpointError as err:
-            ap.error(f"--init-from: {str(err).removeprefix('checkpoint: ')}")
+            ap.error(f"--init-from: {str(err).removeprefix('checkpoint: ').removeprefix('--init-from: ')}")
     elif recipe.model.head_bias:
         start_head_bias(model, args.length, args.span, args.distance, args.alphabet, args.symbols, args.seed,
                         args.copies)

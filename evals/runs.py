@@ -18,13 +18,23 @@ from omegaconf import OmegaConf
 import zoo
 from evals.options import count
 from zoo.data import PreparedData, prepare, prepared_data
-from zoo.train.checkpoint import (list_checkpoints, model_differences, read_recipe, resolve_checkpoint,
+from zoo.train.checkpoint import (CheckpointError, list_checkpoints, model_differences, read_recipe, resolve_checkpoint,
                                   save_checkpoint)
 from zoo.train.trainer import Trainer
 
 # precisions a shipped checkpoint's weights may be rounded to (zoo pretrain --dtype, zoo recall)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+
+
+def shipped_model_dir(root, name: str, flag: str) -> Path:
+    """The shipped model of recipe `name` under `root`: root/<name>, or root itself when it is one shipped model
+    (another recipe's weights, e.g. local layers started from a global model's); CheckpointError naming `flag`."""
+    for path in (Path(root) / name, Path(root)):
+        if (path / "card.json").is_file():
+            return path
+    raise CheckpointError(f"{flag}: no shipped checkpoint {Path(root) / name} (card.json) for recipe {name}, and "
+                          f"{root} is not one itself")
 
 def recipe_dirs() -> list:
     """Where recipe names are looked up, first match wins."""

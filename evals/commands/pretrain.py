@@ -34,7 +34,7 @@ import torch
 import zoo
 from evals.options import count
 from evals.runs import (DTYPES, add_time, budget_steps, check_override_names, parameter_target, resolve, ship,
-                        source_commit)
+                        shipped_model_dir, source_commit)
 from zoo.sizing import match_params
 from evals.compression import compression_bpb
 from zoo.data import DataError, prepared_data
@@ -111,15 +111,8 @@ def train_one(recipe, data, run_dir: Path, args, say):
 
 
 def init_dir(args, name: str):
-    """--init-from's checkpoint directory for recipe `name`: DIR/<name>, or DIR itself when it is one shipped model
-    (another recipe's weights, e.g. local layers started from a global model's); None without --init-from."""
-    if not args.init_from:
-        return None
-    for init in (Path(args.init_from) / name, Path(args.init_from)):
-        if (init / "card.json").is_file():
-            return init
-    raise CheckpointError(f"--init-from: no shipped checkpoint {Path(args.init_from) / name} (card.json) for recipe "
-                          f"{name}, and {args.init_from} is not one itself")
+    """--init-from's checkpoint directory for recipe `name` (`shipped_model_dir`); None without --init-from."""
+    return shipped_model_dir(args.init_from, name, "--init-from") if args.init_from else None
 
 
 # the fields `train_one` sets from the budget and --evals: not the recipe's own

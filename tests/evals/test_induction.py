@@ -167,7 +167,15 @@ def test_init_from_continues_a_shipped_stage(tmp_path, capsys):
     assert "error: --init-from:" in (err := capsys.readouterr().err) and "model.d_model differs" in err
     with pytest.raises(SystemExit):
         main([*task, "--length", "48", "--distance", "10,20", "--steps", "1", "--init-from", str(tmp_path / "none")])
-    assert "does not exist" in capsys.readouterr().err
+    assert f"error: --init-from: no shipped checkpoint {tmp_path / 'none' / 'probe'}" in capsys.readouterr().err
+    # DIR may be one shipped model of another recipe whose weights fit (a copy stage's induction head, re-typed)
+    other = tmp_path / "other.yaml"
+    other.write_text(recipe.read_text().replace("name: probe", "name: other").replace("{type: attn, n_heads: 2}",
+                                                                                       "{type: attn, n_heads: 2, rope_base: null}"))
+    main(["--recipe", str(other), *task[2:], "--length", "48", "--distance", "10,20", "--steps", "1",
+          "--init-from", str(tmp_path / "one" / "probe"), "--out", str(tmp_path / "three")])
+    assert json.loads((tmp_path / "three" / "other" / "card.json").read_text())["init_from"] == \
+        str(tmp_path / "one" / "probe")
 
 
 def test_warmup_scales_the_first_steps():
