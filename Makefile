@@ -9,10 +9,10 @@ RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
 # with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed. Its windows of 1,024 cover every
 # 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token checkpoint
 # and it has no short checkpoint (or passkey fine-tune) of its own
-SHORT_RECIPES = $(filter-out local-global,$(RECIPES))
+SHORT_RECIPES = $(filter-out local-global swan,$(RECIPES))
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
-.PHONY: install test compare compare-memory compare-long pretrain pretrain-long recall describe bench clean lock upgrade
+.PHONY: install test compare compare-memory compare-long pretrain pretrain-long pretrain-swan recall describe bench clean lock upgrade
 
 .venv/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -95,6 +95,33 @@ pretrain-long: install
 	$(PY) -m torch.distributed.run --nproc-per-node 2 -m evals.commands.pretrain $(LONG_RING) --cp 2 \
 		--init-from $(PRETRAINED) $(LONG_ARGS)
 	$(if $(filter local-global,$(RECIPES)),$(ZOO) pretrain local-global --init-from $(PRETRAINED)/transformer $(LONG_ARGS))
+	$(if $(filter swan,$(RECIPES)),$(MAKE) pretrain-swan)
+
+# swan's pipeline (docs/long-context.md, session 16): the others' text budget (3M tokens at 256, 3M at 4,096) after
+# two copy stages, since no ~1M-parameter model here learns to copy from text alone at that budget: a transformer
+# learns the copy task (a span copied 32-63 tokens back in rows of 128 random bytes) until its induction head forms
+# (about step 1,000), then, re-typed as swan with windows of 64, copies 64-224 back with its global NoPE layers. The
+# text stages then add spans of their own text repeated up to 3,968 tokens back (train.repeats). The stages ship to
+# $(PRETRAINED)/stages/ (copy: transformer then swan; text: swan), the last to $(LONG)/swan. About 37 CPU-minutes (2,210 s);
+# rerunning skips the stages shipped.
+SWAN_SET  := model.head_bias=true model.embedding_multiplier=10.6
+COPY_ARGS := --match-params 1M --alphabet bytes --symbols 64 --span 32 --threads 1
+STAGES    := $(PRETRAINED)/stages
+$(STAGES)/copy/transformer/card.json:
+	$(PY) -m evals.induction --recipe transformer $(COPY_ARGS) --set $(SWAN_SET) --length 128 --distance 32,63 \
+		--batch 32 --steps 1250 --every 250 --out $(STAGES)/copy
+$(STAGES)/copy/swan/card.json: $(STAGES)/copy/transformer/card.json
+	$(PY) -m evals.induction --recipe swan $(COPY_ARGS) --set $(SWAN_SET) model.blocks.S.window=64 \
+		model.blocks.S.block_size=64 --length 256 --distance 64,224 --batch 16 --steps 500 --every 50 \
+		--init-from $(STAGES)/copy/transformer --out $(STAGES)/copy
+pretrain-swan: install $(STAGES)/copy/swan/card.json
+	$(ZOO) pretrain swan --out $(STAGES) --init-from $(STAGES)/copy --budget 3M --match-params 1M --threads 1 \
+		--evals 12 --no-progress --set $(SWAN_SET) train.seq_len=256 train.batch_size=16 model.blocks.S.window=64 \
+		model.blocks.S.block_size=64 train.corpus=stdlib+shakespeare train.repeats.fraction=1 train.repeats.count=3 \
+		"train.repeats.span=[32, 64]" "train.repeats.distance=[64, 192]" train.repeats.source=bytes
+	$(ZOO) pretrain swan --init-from $(STAGES) $(LONG_ARGS) $(SWAN_SET) train.repeats.fraction=1 \
+		train.repeats.count=8 "train.repeats.span=[32, 64]" "train.repeats.distance=[64, 3968]" \
+		train.repeats.source=bytes
 
 # Recall in miniature, offline (the budgets are too large for the main job): each shipped LM fine-tuned on passkey
 # prompts, 320 tokens (the shortest prompt with room for filler) then 1,024 (retention over longer filler), the last
