@@ -11,9 +11,9 @@ alphabet's size and the vocabulary's can be told apart), a span of `span` tokens
 tokens later (a range: the model must find the source by content, not by a fixed offset, which position alone
 learns: attention to exactly d tokens back needs no induction). The copy's first `skip` tokens are not scored
 (nothing tells the model a copy has begun). A model with `model.head_bias` starts it at the rows' unigram
-frequencies, as the trainer does; `--init-from DIR` starts from the weights shipped in DIR/<recipe> (or DIR, one shipped model) instead (a
-later stage: a longer range after a short one). AdamW at `lr`, no schedule; the loss on the copy and on the whole row,
-in nats per token, every `every` steps.
+frequencies, as the trainer does; `--init-from DIR` starts from the weights shipped in DIR/<recipe> (or in DIR,
+one shipped model of another recipe whose weights fit) instead (a later stage: a longer range after a short one).
+AdamW at `lr`, no schedule; the loss on the copy and on the whole row, in nats per token, every `every` steps.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from zoo.train.trainer import Trainer
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-
 def shipped_model_dir(root, name: str, flag: str) -> Path:
     """The shipped model of recipe `name` under `root`: root/<name>, or root itself when it is one shipped model
     (another recipe's weights, e.g. local layers started from a global model's); CheckpointError naming `flag`."""
@@ -35,6 +34,7 @@ def shipped_model_dir(root, name: str, flag: str) -> Path:
             return path
     raise CheckpointError(f"{flag}: no shipped checkpoint {Path(root) / name} (card.json) for recipe {name}, and "
                           f"{root} is not one itself")
+
 
 def recipe_dirs() -> list:
     """Where recipe names are looked up, first match wins."""

@@ -170,8 +170,8 @@ def test_init_from_continues_a_shipped_stage(tmp_path, capsys):
     assert f"error: --init-from: no shipped checkpoint {tmp_path / 'none' / 'probe'}" in capsys.readouterr().err
     # DIR may be one shipped model of another recipe whose weights fit (a copy stage's induction head, re-typed)
     other = tmp_path / "other.yaml"
-    other.write_text(recipe.read_text().replace("name: probe", "name: other").replace("{type: attn, n_heads: 2}",
-                                                                                       "{type: attn, n_heads: 2, rope_base: null}"))
+    nope = recipe.read_text().replace("{type: attn, n_heads: 2}", "{type: attn, n_heads: 2, rope_base: null}")
+    other.write_text(nope.replace("name: probe", "name: other"))
     main(["--recipe", str(other), *task[2:], "--length", "48", "--distance", "10,20", "--steps", "1",
           "--init-from", str(tmp_path / "one" / "probe"), "--out", str(tmp_path / "three")])
     assert json.loads((tmp_path / "three" / "other" / "card.json").read_text())["init_from"] == \
