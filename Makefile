@@ -8,7 +8,8 @@ RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
 # local-global (RECIPES="... local-global"; its long checkpoint ships in pretrained/long/) is not in the main job yet:
 # with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed. Its windows of 1,024 cover every
 # 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token checkpoint
-# and it has no short checkpoint (or passkey fine-tune) of its own
+# and it has no short checkpoint (or passkey fine-tune) of its own. Nor has swan: its 256-token stage follows copy
+# stages (`make pretrain-swan`), unlike the short-context baseline
 SHORT_RECIPES = $(filter-out local-global swan,$(RECIPES))
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
@@ -107,10 +108,10 @@ pretrain-long: install
 SWAN_SET  := model.head_bias=true model.embedding_multiplier=10.6
 COPY_ARGS := --match-params 1M --alphabet bytes --symbols 64 --span 32 --threads 1
 STAGES    := $(PRETRAINED)/stages
-$(STAGES)/copy/transformer/card.json:
+$(STAGES)/copy/transformer/card.json: | install
 	$(PY) -m evals.induction --recipe transformer $(COPY_ARGS) --set $(SWAN_SET) --length 128 --distance 32,63 \
 		--batch 32 --steps 1250 --every 250 --out $(STAGES)/copy
-$(STAGES)/copy/swan/card.json: $(STAGES)/copy/transformer/card.json
+$(STAGES)/copy/swan/card.json: $(STAGES)/copy/transformer/card.json | install
 	$(PY) -m evals.induction --recipe swan $(COPY_ARGS) --set $(SWAN_SET) model.blocks.S.window=64 \
 		model.blocks.S.block_size=64 --length 256 --distance 64,224 --batch 16 --steps 500 --every 50 \
 		--init-from $(STAGES)/copy/transformer --out $(STAGES)/copy
