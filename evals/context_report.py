@@ -29,12 +29,14 @@ def _cells(results: dict, eval_name: str) -> list:
     return sorted(found, key=lambda c: (names.index(c["recipe"]), str(c.get("corpus")), c["context"] or 0))
 
 
-def corpora(results: dict) -> list:
-    return sorted({c["corpus"] for c in _cells(results, "context_use")})
+def readings(results: dict) -> list:
+    """[(corpus, segment length)] of the context-use cells: one reading per corpus and --context-length."""
+    return sorted({(c["corpus"], c["length"]) for c in _cells(results, "context_use")})
 
 
-def _by_recipe(results: dict, corpus: str) -> dict:
-    return {c["recipe"]: c for c in _cells(results, "context_use") if c["corpus"] == corpus and c.get("buckets")}
+def _by_recipe(results: dict, corpus: str, length: int) -> dict:
+    return {c["recipe"]: c for c in _cells(results, "context_use")
+            if c["corpus"] == corpus and c["length"] == length and c.get("buckets")}
 
 
 def _names(names: list) -> str:
@@ -50,11 +52,11 @@ def _where(c: dict) -> str:
 
 # -- findings --------------------------------------------------------------------------------------------------
 
-def history_finding(results: dict, corpus: str) -> Optional[str]:
+def history_finding(results: dict, corpus: str, length: int) -> Optional[str]:
     """How much history past the cut each recipe uses: the furthest bucket past the cut where the whole history
     beats the cut on the same targets (paired interval wholly below zero), where it breaks (the verdict's rule),
     or that no bucket past the cut shows a difference."""
-    cs = {n: c for n, c in _by_recipe(results, corpus).items() if c.get("past")}
+    cs = {n: c for n, c in _by_recipe(results, corpus, length).items() if c.get("past")}
     if not cs:
         return None
     first = next(iter(cs.values()))
@@ -87,10 +89,10 @@ def _label_end(row: dict) -> str:
     return row["label"].split("-")[-1]
 
 
-def copy_finding(results: dict, corpus: str) -> Optional[str]:
+def copy_finding(results: dict, corpus: str, length: int) -> Optional[str]:
     """Who copies: loss on repeats at the longest distance inside the cut, ranked with paired intervals; and who
     copies from beyond the cut (repeats cheaper with the whole history than with the cut)."""
-    cs = {n: c for n, c in _by_recipe(results, corpus).items() if c.get("copy", {}).get("buckets")}
+    cs = {n: c for n, c in _by_recipe(results, corpus, length).items() if c.get("copy", {}).get("buckets")}
     if not cs:
         return None
     first = next(iter(cs.values()))
@@ -129,8 +131,8 @@ def copy_finding(results: dict, corpus: str) -> Optional[str]:
     return text + "."
 
 
-def gzip_finding(results: dict, corpus: str) -> Optional[str]:
-    cs = {n: c for n, c in _by_recipe(results, corpus).items() if c.get("compression")}
+def gzip_finding(results: dict, corpus: str, length: int) -> Optional[str]:
+    cs = {n: c for n, c in _by_recipe(results, corpus, length).items() if c.get("compression")}
     if not cs:
         return None
     comp = next(iter(cs.values()))["compression"]
@@ -160,8 +162,8 @@ def synthetic_finding(results: dict) -> Optional[str]:
 
 def context_findings(results: dict) -> list:
     out = []
-    for corpus in corpora(results):
-        out += [history_finding(results, corpus), copy_finding(results, corpus), gzip_finding(results, corpus)]
+    for reading in readings(results):
+        out += [history_finding(results, *reading), copy_finding(results, *reading), gzip_finding(results, *reading)]
     out.append(synthetic_finding(results))
     return [s for s in out if s]
 
@@ -173,8 +175,8 @@ def _bpb(b: dict) -> str:
     return f"{b['bits_per_byte']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
 
 
-def position_table(results: dict, corpus: str) -> str:
-    cs = _by_recipe(results, corpus)
+def position_table(results: dict, corpus: str, length: int) -> str:
+    cs = _by_recipe(results, corpus, length)
     spans = sorted({tuple(b["positions"]) for c in cs.values() for b in c["buckets"]})
     labels = {tuple(b["positions"]): b["label"] for c in cs.values() for b in c["buckets"]}
     rows = []
@@ -186,8 +188,8 @@ def position_table(results: dict, corpus: str) -> str:
     return _table(["recipe", "history"] + [labels[sp] for sp in spans] + ["past the cut"], rows)
 
 
-def copy_table(results: dict, corpus: str) -> str:
-    cs = {n: c for n, c in _by_recipe(results, corpus).items() if c.get("copy")}
+def copy_table(results: dict, corpus: str, length: int) -> str:
+    cs = {n: c for n, c in _by_recipe(results, corpus, length).items() if c.get("copy")}
     spans = sorted({tuple(b["distances"]) for c in cs.values() for b in c["copy"]["buckets"]})
     labels = {tuple(b["distances"]): b["label"] for c in cs.values() for b in c["copy"]["buckets"]}
     rows = []
@@ -216,15 +218,16 @@ def synthetic_table(results: dict) -> str:
 
 
 def plot_context_use(results: dict, path: Path) -> Optional[Path]:
-    """Per corpus: bits/byte by position, whole history (solid) and cut (dashed); and on repeats by distance."""
+    """Per reading (corpus and segment length): bits/byte by position, whole history (solid) and cut (dashed);
+    and on repeats by distance."""
     names = list(results.get("recipes", {}))
-    corp = [c for c in corpora(results) if _by_recipe(results, c)]
-    if not corp:
+    shown = [r for r in readings(results) if _by_recipe(results, *r)]
+    if not shown:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(2, len(corp), figsize=(6.5 * len(corp), 8), squeeze=False)
-    for j, corpus in enumerate(corp):
-        cs = _by_recipe(results, corpus)
+    fig, axes = plt.subplots(2, len(shown), figsize=(6.5 * len(shown), 8), squeeze=False)
+    for j, (corpus, length) in enumerate(shown):
+        cs = _by_recipe(results, corpus, length)
         ax, bx = axes[0][j], axes[1][j]
         for n, c in cs.items():
             color = f"C{names.index(n)}"
@@ -249,8 +252,9 @@ def plot_context_use(results: dict, path: Path) -> Optional[Path]:
             ax.axhline(some["compression"]["gzip-9"], color="black", linewidth=0.8, linestyle="-.", label="gzip -9")
         ax.set_xlabel("position in the segment (tokens before the target)")
         bx.set_xlabel(f"distance to the first occurrence of the {some['span']}-token span")
-        ax.set_title(f"{corpus}: solid whole history, dashed cut to {some['history_cut']:,}", fontsize=9)
-        bx.set_title(f"{corpus}: loss on repeated spans", fontsize=9)
+        ax.set_title(f"{corpus}, segments of {length:,}: solid whole history, dashed cut to "
+                     f"{some['history_cut']:,}", fontsize=9)
+        bx.set_title(f"{corpus}, segments of {length:,}: loss on repeated spans", fontsize=9)
         ax.legend(fontsize=7)
         bx.legend(fontsize=7)
     fig.tight_layout()
@@ -285,9 +289,9 @@ def plot_synthetic_copy(results: dict, path: Path) -> Optional[Path]:
 
 def context_section(results: dict, out_dir) -> tuple:
     """(markdown, [png paths]) of the context-use part; ("", []) when no such cell exists."""
-    corp = [c for c in corpora(results) if _by_recipe(results, c)]
+    shown = [r for r in readings(results) if _by_recipe(results, *r)]
     synthetic = bool(_cells(results, "copy"))
-    if not corp and not synthetic:
+    if not shown and not synthetic:
         return "", []
     out = Path(out_dir)
     parts = ["## Context use on long held-out documents (issue 25)",
@@ -298,15 +302,15 @@ def context_section(results: dict, out_dir) -> tuple:
              "evals.perplexity.extrapolation_verdict (keeps falling / breaks: beyond a margin of 2% of the last bucket "
              f"inside the cut); the findings above name any effect whose paired interval lies below -{MIN_EFFECT} "
              "bits/byte."]
-    for corpus in corp:
-        some = next(iter(_by_recipe(results, corpus).values()))
+    for corpus, length in shown:
+        some = next(iter(_by_recipe(results, corpus, length).values()))
         comp = some.get("compression")
         parts += [f"### {corpus}: {_where(some)}" + (f"; gzip -9 {comp['gzip-9']:.3f}, xz -9 {comp['xz-9']:.3f} "
                                                      "bits/byte on the same segments" if comp else ""),
-                  "By position in the segment:", position_table(results, corpus),
+                  "By position in the segment:", position_table(results, corpus, length),
                   f"On the second occurrence of a repeated {some['span']}-token span, by distance to the first "
                   f"(bits/byte; {100 * some['copy']['repeat_fraction']:.1f}% of the targets are repeats):",
-                  copy_table(results, corpus)]
+                  copy_table(results, corpus, length)]
     if synthetic:
         parts += ["### Synthetic copy", "A string of random lowercase words, a newline, the same string again; "
                   "token accuracy of teacher-forced greedy predictions on the second copy after its first "

@@ -15,7 +15,7 @@ from evals.compression import compression_bpb
 from evals.context_parallel import cp_section
 from evals.context_report import context_section
 from evals.perplexity import documents_text
-from evals.plan import context_shape, passkey_lengths, plan
+from evals.plan import context_shapes, passkey_lengths, plan
 from evals.report import summary_table, write_report
 from evals.results import cell_key, save_results
 from evals.runs import RecipeRun, passkey_checkpoint
@@ -43,10 +43,10 @@ def run_comparison(out, results, results_path, resolved, names, args, argv, say)
         for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "passkey"
                     and (c.get("checkpoint") != answered_by or c["context"] not in lengths)]:
             del results["cells"][key]
-        history, _ = context_shape(recipe, args)
-        for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name
-                    and c["eval"] == "context_use" and c.get("history_cut") != history]:
-            del results["cells"][key]   # measured against another history cut
+        shapes = {(length, history, stride) for history, length, stride, _ in context_shapes(recipe, args)}
+        for key in [k for k, c in results["cells"].items() if c["recipe"] == recipe.name and c["eval"] == "context_use"
+                    and (c.get("length"), c.get("history_cut"), c.get("cut_stride")) not in shapes]:
+            del results["cells"][key]   # measured against another history cut or stride
         n = zoo.build_model(recipe).num_params()
         results["recipes"][recipe.name] = {"params": n, "d_model": recipe.model.d_model,
                                            "n_layers": recipe.model.n_layers, "seq_len": recipe.train.seq_len,

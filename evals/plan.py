@@ -17,15 +17,52 @@ from evals.throughput import MEMORY_KINDS, throughput_record
 from zoo.data import load_tokenizer
 
 
-def context_shape(recipe, args) -> tuple:
-    """(history cut, segment length) of the context-use cells of `recipe`: --history-cut (default train.seq_len) and
-    --context-length (default 4 x train.seq_len), checked together before any cell runs."""
-    history = args.history_cut or recipe.train.seq_len
-    segment = args.context_length or 4 * recipe.train.seq_len
-    if args.eval_corpora and (segment % history or segment < 2 * history):
-        raise ValueError(f"--context-length: {segment} must be a multiple of --history-cut {history}, at least twice "
-                         f"it (recipe {recipe.name}; the defaults are 4 x and 1 x train.seq_len {recipe.train.seq_len})")
-    return history, segment
+READING_FLAGS = {"length": "--context-length", "cut": "--history-cut", "stride": "--history-cut-stride",
+                 "segments": "--context-segments"}
+
+
+def context_readings(args) -> list:
+    """The context-use readings the flags ask for: [{length, cut, stride, segments}] (None: the recipe's default),
+    one per entry of the longest of the four lists; a one-value list serves every reading. Checks what does not
+    depend on the recipe (context_shapes checks the rest)."""
+    lists = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in READING_FLAGS.items()}
+    n = max(len(v) for v in lists.values() if v)
+    for k, v in lists.items():
+        if v and len(v) not in (1, n):
+            raise ValueError(f"{READING_FLAGS[k]}: {len(v)} values for {n} readings: give one value, or one a reading")
+    readings = [{k: (v[i] if len(v) > 1 else v[0]) if v else None for k, v in lists.items()} for i in range(n)]
+    for r in readings:
+        if r["cut"] is not None and r["cut"] < 4:
+            raise ValueError(f"--history-cut: at least 4 tokens, got {r['cut']}")
+        if r["stride"] is not None and r["cut"] is not None and r["stride"] > r["cut"]:
+            raise ValueError(f"--history-cut-stride: {r['stride']} must be in [1, --history-cut]")
+        if r["length"] is not None and r["cut"] is not None and (r["length"] % r["cut"] or r["length"] < 2 * r["cut"]):
+            raise ValueError(f"--context-length: a multiple of --history-cut, at least twice it (got {r['length']} "
+                             f"and {r['cut']})")
+    return readings
+
+
+def context_shapes(recipe, args) -> list:
+    """[(history cut, segment length, cut stride, segments)] of the context-use readings of `recipe`: the history
+    cut defaults to train.seq_len, the length to 4 x train.seq_len, the stride to half the cut; checked together
+    before any cell runs. Each reading's cells are keyed by its length, so the lengths must differ."""
+    shapes = []
+    for r in getattr(args, "context_readings", None) or context_readings(args):
+        history = r["cut"] or recipe.train.seq_len
+        segment = r["length"] or 4 * recipe.train.seq_len
+        stride = r["stride"] or max(1, history // 2)
+        if args.eval_corpora and (segment % history or segment < 2 * history):
+            raise ValueError(f"--context-length: {segment} must be a multiple of --history-cut {history}, at least "
+                             f"twice it (recipe {recipe.name}; the defaults are 4 x and 1 x train.seq_len "
+                             f"{recipe.train.seq_len})")
+        if stride > history:
+            raise ValueError(f"--history-cut-stride: {stride} must be in [1, --history-cut {history}] "
+                             f"(recipe {recipe.name})")
+        if segment in [s[1] for s in shapes]:
+            raise ValueError(f"--context-length: each reading needs a length of its own (its cells are keyed by "
+                             f"it); {segment} twice for recipe {recipe.name}")
+        shapes.append((history, segment, stride, r["segments"]))
+    return shapes
 
 
 def decode_memory_cell(recipe: dict, context: int, args, earlier: list) -> dict:
@@ -77,16 +114,16 @@ def plan(run: RecipeRun, args, given: bool, results: dict | None = None) -> list
                             "seconds": "s", "train_len": "tokens", "length": "tokens"}
             return rec
         cells.append(("extrapolation", "streaming", args.extrapolation_factor * T, extra))
-    history, segment = context_shape(run.recipe, args)
-    for corpus in args.eval_corpora:
-        def use(corpus=corpus):
-            rec = context_use(run.model(), run.held_out(corpus), corpus, history, segment, args.context_segments,
-                              args.copy_span, device=torch.device(args.device), resamples=args.resamples,
-                              cut_stride=args.history_cut_stride)
-            rec["units"] = {"bits_per_byte": "bits/byte", "train_len": "tokens", "length": "tokens",
-                            "seconds": "s"}
-            return rec
-        cells.append(("context_use", corpus, segment, use))
+    for history, segment, stride, n_segments in context_shapes(run.recipe, args):
+        for corpus in args.eval_corpora:
+            def use(corpus=corpus, history=history, segment=segment, stride=stride, n_segments=n_segments):
+                rec = context_use(run.model(), run.held_out(corpus), corpus, history, segment, n_segments,
+                                  args.copy_span, device=torch.device(args.device), resamples=args.resamples,
+                                  cut_stride=stride)
+                rec["units"] = {"bits_per_byte": "bits/byte", "train_len": "tokens", "length": "tokens",
+                                "seconds": "s"}
+                return rec
+            cells.append(("context_use", corpus, segment, use))
     for length in args.copy_lengths:
         def copy(length=length):
             rec = synthetic_copy(run.model(), length, args.copy_trials, device=torch.device(args.device))

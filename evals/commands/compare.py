@@ -59,7 +59,7 @@ from evals.options import count, float_list, int_list, name_list
 from evals.context_use import COPY_SKIP
 from evals.engine import run_comparison
 from evals.perplexity import SCHEMES
-from evals.plan import context_shape
+from evals.plan import context_readings, context_shapes
 from evals.results import attach_mqar, attach_ruler, load_results, own_results
 from evals.runs import check_override_names, parameter_target, resolve, source_commit
 from evals.throughput import KINDS, MEMORY_KINDS
@@ -96,15 +96,18 @@ def parse_args(argv):
                          "prepared with the recipe's tokenizer: segments of --context-length tokens "
                          "streamed whole, the history-cut control, the copy probe by distance and gzip / xz on "
                          "the same segments (evals/context_use.py)")
-    ap.add_argument("--context-length", type=int, default=None,
-                    help="tokens per context-use segment (default 4 x train.seq_len)")
-    ap.add_argument("--history-cut", type=int, default=None,
+    ap.add_argument("--context-length", type=int_list, default=None,
+                    help="tokens per context-use segment (default 4 x train.seq_len); a comma list makes one "
+                         "reading per length, each with the cut, stride and segment count at the same place in "
+                         "their lists (one value serves every reading)")
+    ap.add_argument("--history-cut", type=int_list, default=None,
                     help="the control's history in tokens (default train.seq_len): does history past it help?")
-    ap.add_argument("--history-cut-stride", type=int, default=None,
+    ap.add_argument("--history-cut-stride", type=int_list, default=None,
                     help="the control's windows advance this many tokens (default half the cut): every target keeps "
                          "at least cut - stride tokens of history; a smaller stride is a stricter control, at "
                          "cut / stride windows a segment")
-    ap.add_argument("--context-segments", type=int, default=8, help="segments per corpus (the interval's documents)")
+    ap.add_argument("--context-segments", type=int_list, default=[8],
+                    help="segments per corpus (the interval's documents)")
     ap.add_argument("--context-split", choices=("val", "test"), default="test",
                     help="the held-out split the context-use segments come from")
     ap.add_argument("--copy-span", type=int, default=16, help="tokens a repeat must match to count as a copy")
@@ -168,17 +171,12 @@ def parse_args(argv):
         ap.error("--extrapolation-factor: 0 (off) or at least 2; --extrapolation-docs: a positive integer")
     if args.max_tokens < 2:
         ap.error(f"--max-tokens: at least 2 targets per scheme and context, got {args.max_tokens}")
-    if args.context_segments < 1 or args.copy_span < 2 or args.copy_trials < 1:
-        ap.error("--context-segments, --copy-trials: positive integers; --copy-span: at least 2")
-    if args.history_cut is not None and args.history_cut < 4:
-        ap.error(f"--history-cut: at least 4 tokens, got {args.history_cut}")
-    stride = args.history_cut_stride
-    if stride is not None and (stride < 1 or (args.history_cut and stride > args.history_cut)):
-        ap.error(f"--history-cut-stride: {stride} must be in [1, --history-cut]")
-    if args.context_length is not None and args.history_cut is not None and (
-            args.context_length % args.history_cut or args.context_length < 2 * args.history_cut):
-        ap.error(f"--context-length: a multiple of --history-cut, at least twice it (got {args.context_length} and "
-                 f"{args.history_cut})")
+    if args.copy_span < 2 or args.copy_trials < 1:
+        ap.error("--copy-trials: a positive integer; --copy-span: at least 2")
+    try:
+        args.context_readings = context_readings(args)
+    except ValueError as err:
+        ap.error(str(err))
     if args.copy_lengths and min(args.copy_lengths) <= COPY_SKIP:
         ap.error(f"--copy-lengths: each must exceed the {COPY_SKIP} tokens a copy is given to start, "
                  f"got {args.copy_lengths}")
@@ -249,7 +247,7 @@ def main(argv=None):
 
     try:
         for recipe, _ in resolved:
-            context_shape(recipe, args)   # a cut the segments do not fit is refused before anything trains
+            context_shapes(recipe, args)   # a cut the segments do not fit is refused before anything trains
         lock = RunLock(out, say, name="compare.lock")   # a second comparison into --out is refused, not interleaved
         results = own_results(out, results, resolved, args, say)
     except (RunDirError, ValueError) as err:

@@ -195,6 +195,23 @@ def test_context_use_on_a_named_corpus(setup, capsys, tmp_path):
     assert compare.main(args(root, paths) + quick[:-8] + ["--history-cut", "64", "--context-segments", "3"]) == 0
     again = summary(capsys)
     assert again["cells_run"] == 2   # the two context_use cells, measured against another cut
+    # two readings: the one just measured is kept, the second (another length, cut and stride) runs beside it
+    two = ["--context-length", "128,64", "--history-cut", "64,16", "--history-cut-stride", "32,4",
+           "--context-segments", "3"]
+    assert compare.main(args(root, paths) + quick[:-10] + two) == 0
+    assert summary(capsys)["cells_run"] == 2
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    short = cells["tiny-swa|context_use|shakespeare|64"]
+    assert (short["history_cut"], short["cut_stride"], short["length"]) == (16, 4, 64)
+    assert cells["tiny-swa|context_use|shakespeare|128"]["history_cut"] == 64
+    report = (out / "report.md").read_text()
+    assert "History past 16 tokens on shakespeare (3 segments of 64 tokens" in report
+    assert "History past 64 tokens on shakespeare (3 segments of 128 tokens" in report
+    # back to one reading: the other's cells are dropped, not reported beside it
+    assert compare.main(args(root, paths) + quick[:-10] + two[:1] + ["64", "--history-cut", "16",
+                                                                     "--history-cut-stride", "4"]) == 0
+    assert summary(capsys)["cells_run"] == 0
+    assert not [k for k in json.loads((out / "results.json").read_text())["cells"] if k.endswith("|128")]
 
 
 def test_a_history_cut_the_default_segments_do_not_fit_is_refused_first(setup, capsys, tmp_path):
@@ -204,12 +221,21 @@ def test_a_history_cut_the_default_segments_do_not_fit_is_refused_first(setup, c
     assert "--context-length: 128 must be a multiple of --history-cut 48, at least twice it (recipe tiny-attn" in \
         capsys.readouterr().err
     assert not (tmp_path / "out" / "runs").exists()   # nothing trained
+    # two readings with one length (the default, 4 x train.seq_len) would share their cells
+    assert compare.main(argv[:-2] + ["--history-cut", "16,32"]) == 2
+    assert "--context-length: each reading needs a length of its own (its cells are keyed by it); 128 twice for " \
+        "recipe tiny-attn" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.parametrize("flag,message", [
     (["--eval-corpora", "books"], "--eval-corpora: unknown corpus 'books'; allowed: stdlib, shakespeare"),
     (["--context-length", "100", "--history-cut", "64"], "--context-length: a multiple of --history-cut"),
     (["--history-cut", "2"], "--history-cut: at least 4 tokens, got 2"),
+    (["--context-length", "128,64", "--history-cut", "32,16,8"], "--context-length: 2 values for 3 readings"),
+    (["--context-length", "128,64", "--history-cut", "32,64"], "(got 64 and 64)"),
+    (["--history-cut", "32,64", "--history-cut-stride", "48"],
+     "--history-cut-stride: 48 must be in [1, --history-cut]"),
     (["--copy-lengths", "8"], "--copy-lengths: each must exceed the 8 tokens")])
 def test_context_use_flags_are_checked(flag, message, capsys):
     with pytest.raises(SystemExit):

@@ -210,3 +210,24 @@ def test_section_tables_and_plots(tmp_path):
     assert "| tf | 95.0% (3/4) |" in text
     assert [p.name for p in pngs] == ["context_use.png", "synthetic_copy.png"]
     assert context_report.context_section({"recipes": {}, "cells": {}}, tmp_path) == ("", [])
+
+
+def test_each_reading_has_its_own_findings_and_section(tmp_path):
+    """Two readings of one corpus (segments of 8,192 cut to 1,024, and of 4,096 cut to 2,048): sentences, tables
+    and plot columns for each, none mixing the two."""
+    results = _results()
+    strict = _cell("ssm", "books", "keeps falling", [_past("2K-4K", 2048, -0.03, (-0.04, -0.02))],
+                   [_copy("512-1K", 512, 1.0, 0.0, (-0.01, 0.01)), _copy("2K-4K", 2048, 0.9, -0.3, (-0.4, -0.2))])
+    strict.update(context=4096, length=4096, history_cut=2048, cut_stride=256, documents=24)
+    results["cells"]["ssm|context_use|books|4096"] = strict
+    assert context_report.readings(results) == [("books", 4096), ("books", 8192)]
+    found = context_report.context_findings(results)
+    assert len(found) == 7   # history, copy and gzip for each reading, then the synthetic copy
+    assert found[0].startswith("History past 2,048 tokens on books (24 segments of 4,096 tokens from 3 held-out "
+                               "documents; history cut to 2,048 as the control (each target keeps 1,792-2,048")
+    assert "ssm uses it to 4K (2K-4K: -0.030 [-0.040, -0.020])" in found[0] and "tf" not in found[0]
+    assert "Copies from beyond 2,048 tokens back: ssm (up to 2K-4K: -0.300" in found[1]
+    assert found[3].startswith("History past 1,024 tokens on books (4 segments of 8,192")
+    text, pngs = context_report.context_section(results, tmp_path)
+    assert text.index("### books: 24 segments of 4,096") < text.index("### books: 4 segments of 8,192")
+    assert len(pngs) == 2
