@@ -4,7 +4,7 @@
 PY      := .venv/bin/python
 ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
-RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense
+RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense swan
 # local-global (RECIPES="... local-global"; its long checkpoint ships in pretrained/long/) is not in the main job yet:
 # with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed. Its windows of 1,024 cover every
 # 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token checkpoint
@@ -43,10 +43,16 @@ describe: install
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
 	$(if $(filter local-global,$(RECIPES)),local-global:model.blocks.S.window=256)
+# Context use (issue 25), two readings a corpus: segments of 8,192 tokens (twice the long checkpoints' training
+# length: where the transformer breaks) against the history cut to 512, and the stricter control on segments of
+# 4,096: the history cut to 2,048 in windows advancing by 256, so that every target keeps 1,792-2,048 tokens and a
+# gain at 2K-4K is the history past 2,048 alone. 16 segments resolve the effects of swan's global layers (docs/long-
+# context.md); compare-long reads 16,384 and the full held-out split.
+CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 512,2048 --history-cut-stride 256 --context-segments 8,16
 COMPARE_ARGS ?= --threads 1 \
 	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
-	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare --context-length 16384 --history-cut 512 \
-	--context-segments 8 --copy-lengths 256,1024,4096 --copy-trials 4 --memory train \
+	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare $(CONTEXT_READINGS) \
+	--copy-lengths 256,1024,4096 --copy-trials 4 --memory train \
 	--decode-memory-contexts 1024,4096,16384 --longest-train-worlds 1 --longest-train-cap-gb 0.125 \
 	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
 
@@ -152,9 +158,12 @@ compare-memory: install
 		--decode-memory-contexts 1024,4096,16384,65536 --longest-train-worlds 1,2,4
 
 # The main job with tighter intervals: bits/byte on 64K tokens of 23 documents, extrapolation on the 14 documents
-# that reach 32 x 256 tokens, 5 throughput repeats. Its own directory (the cells' keys do not hold the token
-# budget, so runs/compare's cells would be kept as they are); it trains again. Not timed: expect about twice the
-# main job.
+# that reach 32 x 256 tokens, 5 throughput repeats, context use on segments of 16,384 (4 x the training length)
+# and the stricter control on 128 segments (all 96 that Shakespeare's held-out plays hold). Its own directory (the
+# cells' keys do not hold the token budget, so runs/compare's cells would be kept as they are); it trains again.
+# Not timed: expect about twice the main job.
+compare-long: CONTEXT_READINGS = --context-length 16384,4096 --history-cut 512,2048 --history-cut-stride 256 \
+	--context-segments 8,128
 compare-long: install
 	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT)-long $(SIZING) $(COMPARE_ARGS) --max-tokens 65536 \
 		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5
