@@ -5,11 +5,12 @@ PY      := .venv/bin/python
 ZOO     := .venv/bin/zoo
 TORCH   ?= torch==2.13.0
 RECIPES ?= transformer swa mamba2 taipan samba qwen3-next-dense swan
-# local-global (RECIPES="... local-global"; its long checkpoint ships in pretrained/long/) is not in the main job yet:
-# with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed. Its windows of 1,024 cover every
-# 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token checkpoint
-# and it has no short checkpoint (or passkey fine-tune) of its own. Nor has swan: its 256-token stage follows copy
-# stages (`make pretrain-swan`), unlike the short-context baseline
+# local-global (RECIPES="... local-global"; its long checkpoint ships in pretrained/long/) is not in the main job:
+# with it a fresh clone's `make compare` took 16 min 56 s, past the 15 allowed, and swan (layers 1 and 5 global
+# without positions) is the one of the two that uses history past 2,048 tokens. local-global's windows of 1,024
+# cover every 256-token row: there it is the transformer, so its long stage starts from the transformer's 256-token
+# checkpoint and it has no short checkpoint (or passkey fine-tune) of its own. Nor has swan: its 256-token stage
+# follows copy stages (`make pretrain-swan`), unlike the short-context baseline
 SHORT_RECIPES = $(filter-out local-global swan,$(RECIPES))
 LOCK    := -c constraints.txt --build-constraint constraints.txt
 
@@ -43,19 +44,22 @@ describe: install
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
 	$(if $(filter local-global,$(RECIPES)),local-global:model.blocks.S.window=256)
-# Context use (issue 25), two readings a corpus: 4 segments of 8,192 tokens (twice the long checkpoints' training
-# length: where the transformer breaks) against the history cut to 512, and 8 segments of 4,096 against the
-# stricter control: the history cut to 2,048 in windows advancing by 256, so that every target keeps 1,792-2,048
-# tokens and a gain at 2K-4K is the history past 2,048 alone (8 windows of 2,304 tokens a segment: the dearest
-# cells of the job, about 2-4 s a segment and recipe). compare-long reads 16,384 and the full held-out split. The
-# longest trainable context (about 2.5 CPU-minutes for the seven recipes) is measured by `make compare-memory`.
-CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 512,2048 --history-cut-stride 256 --context-segments 4,8
+# Context use (issue 25), two readings a corpus: 3 segments of 8,192 tokens against the history cut to 4,096 (the
+# long checkpoints' training length; windows advancing by 2,048): who keeps using the history past the training
+# length and where the transformer breaks; and 6 segments of 4,096 against the stricter control: the history cut to
+# 2,048 in windows advancing by 256, so that every target keeps 1,792-2,048 tokens and a gain at 2K-4K is the history
+# past 2,048 alone (8 windows of 2,304 tokens a segment: the dearest cells of the job, 2-4 s a segment and recipe).
+# With seven recipes the job had to shrink to fit 15 minutes (21 min 21 s with 4 + 8 segments, 3 throughput
+# repeats and the longest trainable context): compare-long reads 16,384 and the full held-out split, compare-memory
+# the longest trainable context.
+CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 4096,2048 --history-cut-stride 2048,256 \
+	--context-segments 3,6
 COMPARE_ARGS ?= --threads 1 \
-	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 24576 --max-doc-tokens 4096 \
+	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 16384 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare $(CONTEXT_READINGS) \
-	--copy-lengths 256,1024,4096 --copy-trials 4 --memory train \
-	--decode-memory-contexts 1024,4096,16384 \
-	--repeats 3 --passkey-lengths 256,1024 --passkey-trials 4
+	--copy-lengths 256,1024 --copy-trials 4 --memory train \
+	--decode-memory-contexts 4096,16384 \
+	--repeats 1 --passkey-lengths 256,1024 --passkey-trials 4
 
 # The compared models: the long-context checkpoints in pretrained/long/ (made by `make pretrain-long` from the
 # 256-token ones of `make pretrain`; model cards beside them) when every recipe has one, so that the comparison is
@@ -73,7 +77,7 @@ SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
 # main job's minutes), and the MQAR sweep's figure.
 comma        := ,
 RECALL_SHIPPED := $(if $(wildcard $(PRETRAINED)/passkey/*/card.json),--passkey-from $(PRETRAINED)/passkey \
-	--passkey-factors 1$(comma)4 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 8) \
+	--passkey-factors 1$(comma)4 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 4) \
 	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json) \
 	$(if $(wildcard $(PRETRAINED)/ruler/results.json),--ruler-results $(PRETRAINED)/ruler/results.json)
 RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
@@ -167,7 +171,7 @@ compare-long: CONTEXT_READINGS = --context-length 16384,4096 --history-cut 512,2
 	--context-segments 8,128
 compare-long: install
 	$(ZOO) compare $(COMPARED) --out $(COMPARE_OUT)-long $(SIZING) $(COMPARE_ARGS) --max-tokens 65536 \
-		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5
+		--extrapolation-factor 32 --extrapolation-docs 16 --repeats 5 --copy-lengths 256,1024,4096
 
 bench: install
 	$(PY) benchmarks/bench_attention.py
