@@ -49,16 +49,17 @@ TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train
 # length and where the transformer breaks; and 6 segments of 4,096 against the stricter control: the history cut to
 # 2,048 in windows advancing by 256, so that every target keeps 1,792-2,048 tokens and a gain at 2K-4K is the history
 # past 2,048 alone (8 windows of 2,304 tokens a segment: the dearest cells of the job, 2-4 s a segment and recipe).
-# With seven recipes the job had to shrink to fit 15 minutes (21 min 21 s with 4 + 8 segments, 3 throughput
-# repeats and the longest trainable context): compare-long reads 16,384 and the full held-out split, compare-memory
-# the longest trainable context.
+# With seven recipes the job had to shrink to fit 15 minutes on a fresh clone (21 min 21 s with 4 + 8 segments, 3
+# throughput repeats and the longest trainable context; 16 min 0 s with the readings as here, contexts 256/1K/4K,
+# decode memory at 4K and 16K and 4 passkey prompts a depth): compare-long reads 16,384 and the full held-out split,
+# compare-memory the longest trainable context and decode memory from 1K to 64K.
 CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 4096,2048 --history-cut-stride 2048,256 \
 	--context-segments 3,6
 COMPARE_ARGS ?= --threads 1 \
-	--contexts 256,1024,4096 --schemes blocks,streaming --max-tokens 16384 --max-doc-tokens 4096 \
+	--contexts 256,4096 --schemes blocks,streaming --max-tokens 12288 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare $(CONTEXT_READINGS) \
 	--copy-lengths 256,1024 --copy-trials 4 --memory train \
-	--decode-memory-contexts 4096,16384 \
+	--decode-memory-contexts 16384 \
 	--repeats 1 --passkey-lengths 256,1024 --passkey-trials 4
 
 # The compared models: the long-context checkpoints in pretrained/long/ (made by `make pretrain-long` from the
@@ -77,7 +78,7 @@ SIZING       := $(if $(TRAIN)$(MISSING),$(TRAIN_HERE_ARGS))
 # main job's minutes), and the MQAR sweep's figure.
 comma        := ,
 RECALL_SHIPPED := $(if $(wildcard $(PRETRAINED)/passkey/*/card.json),--passkey-from $(PRETRAINED)/passkey \
-	--passkey-factors 1$(comma)4 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 4) \
+	--passkey-factors 1$(comma)4 --passkey-depths 0$(comma)0.5$(comma)1 --passkey-trials 3) \
 	$(if $(wildcard $(PRETRAINED)/mqar/results.json),--mqar-results $(PRETRAINED)/mqar/results.json) \
 	$(if $(wildcard $(PRETRAINED)/ruler/results.json),--ruler-results $(PRETRAINED)/ruler/results.json)
 RECALL_COMPARE := $(if $(TRAIN)$(MISSING),,$(RECALL_SHIPPED))
