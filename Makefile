@@ -40,7 +40,8 @@ describe: install
 # cells, 8 documents streamed to 16 x 256 tokens and scored again with the history cut to 256 (+51 s); 3
 # throughput repeats instead of 1 (+29 s); decode memory after a chunked prefill at 1K/4K/16K and the longest
 # trainable context at W = 1 under 128 MiB (about 3 CPU-minutes for the five recipes, docs/benchmarks.md "Memory
-# by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min).
+# by context"), less about 1 minute for the old `decode` memory kind it replaces (+2 min). Issue 25 (session 17)
+# trims it back for seven recipes and the stricter context-use control: see CONTEXT_READINGS below.
 # Sizing and budget apply when the recipes train here; shipped checkpoints come at their own size.
 TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train.batch_size=8 \
 	$(if $(filter local-global,$(RECIPES)),local-global:model.blocks.S.window=256)
