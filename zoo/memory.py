@@ -24,11 +24,22 @@ from zoo.blocks.shared import SharedBlock
 from zoo.config import Recipe, RecipeError
 from zoo.layer import ZooLayer
 
-# Values that backward keeps per token, per layer and per d_model channel (float32), measured with
-# torch.autograd.graph.saved_tensors_hooks on the shipped recipes at batch 2 x 256: transformer 27,
-# swa 28, mamba 28, mamba2 29, taipan 29, jamba 36, samba 37, infini 38. Rounded up.
-ACTIVATION_VALUES_PER_CHANNEL = 40
-# Per token the logits also stay for the loss: the logits, their float32 log-softmax and its gradient.
+# What backward keeps is measured per layer, not assumed: one layer of each pattern letter runs PROBE_TOKENS
+# tokens forward on the CPU under torch.autograd.graph.saved_tensors_hooks, and its saved bytes (each storage
+# once) scale with the tokens. Linear in the length for every shipped layer (256, 1,024 and 2,048 tokens agree
+# to 5%); per d_model channel they range from 5 (nemotron-h's attention) to 118 float32 values a token (kimi-
+# linear's KDA layer): a delta-rule layer, RG-LRU or a shared block's use keeps 2-7x a transformer layer (16).
+PROBE_TOKENS = 512
+# Read at 4x the probe's length a layer keeps up to 2% more a token (taipan's, mamba's): the probe's figure is
+# raised by this much.
+PROBE_MARGIN = 1.05
+# A layer whose weights alone pass this is not built to be probed; ACTIVATION_VALUES_PER_CHANNEL bounds it.
+PROBE_WEIGHT_LIMIT = 256 * 2**20
+# The bound where no probe runs (and in the rough pre-check): above every shipped layer's 118, rounded up.
+ACTIVATION_VALUES_PER_CHANNEL = 128
+# Per token the model also keeps its embedding output and final norm's input (2 d_model values) and, for the
+# loss, the logits, their float32 log-softmax and its gradient.
+MODEL_VALUES_PER_CHANNEL = 2
 LOGIT_COPIES = 3
 # A generous bound on one layer's parameters in units of d_model^2 (attention ~4, a SwiGLU FFN of mult 4
 # ~12, a Mamba mixer of expand 2 ~6): models whose bound is far below the cap skip the exact count, which
@@ -46,7 +57,7 @@ class MemoryEstimate:
     weight_bytes: int            # parameters and buffers
     dtype: torch.dtype
     optimizer_bytes: int = 0     # training: gradients and AdamW's two moments
-    activation_bytes: int = 0    # training: what backward keeps (ACTIVATION_VALUES_PER_CHANNEL)
+    activation_bytes: int = 0    # training: what backward keeps (each layer probed: PROBE_TOKENS)
     batch_size: int = 0
     seq_len: int = 0
 
@@ -204,10 +215,72 @@ def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
 
 def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int) -> int:
     m = recipe.model
-    # Checkpointed layers keep only their inputs; one layer at a time is recomputed in backward.
-    per_channel = (m.n_layers + ACTIVATION_VALUES_PER_CHANNEL if recipe.train.activation_checkpointing
-                   else m.n_layers * ACTIVATION_VALUES_PER_CHANNEL)
-    return batch_size * seq_len * (per_channel * m.d_model + LOGIT_COPIES * m.vocab_size) * 4
+    per_layer = _layer_activation_bytes(recipe)       # bytes a token, by layer
+    if recipe.train.activation_checkpointing:
+        # checkpointed layers keep only their inputs; one layer at a time is recomputed in backward
+        layers = len(per_layer) * m.d_model * 4 + max(per_layer)
+    else:
+        layers = sum(per_layer)
+    model = (MODEL_VALUES_PER_CHANNEL * m.d_model + LOGIT_COPIES * m.vocab_size) * 4
+    return math.ceil(batch_size * seq_len * (layers + model))
+
+
+def _layer_activation_bytes(recipe: Recipe) -> list[float]:
+    """Bytes backward keeps a token for each layer, probed once per pattern letter (see PROBE_TOKENS)."""
+    m = recipe.model
+    key = repr(recipe.to_dict())
+    if key not in _PROBED:
+        bound = ACTIVATION_VALUES_PER_CHANNEL * m.d_model * 4
+        first, letters = {}, []
+        for i, spec in enumerate(recipe.layers):
+            first.setdefault(spec.letter, i)
+            letters.append(spec.letter)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):   # the caller's RNG and device untouched
+            probed = {letter: _probe_layer(recipe, first[letter], bound) for letter in first}
+        if len(_PROBED) >= 64:   # a bounded memo: the trainer asks once per schedule stage, a sweep per recipe
+            _PROBED.clear()
+        _PROBED[key] = [probed[letter] for letter in letters]
+    return _PROBED[key]
+
+
+_PROBED: dict = {}
+
+
+def _probe_layer(recipe: Recipe, index: int, bound: float) -> float:
+    m = recipe.model
+    spec = recipe.layers[index]
+    with torch.device("meta"):
+        size = _layer_param_bytes(recipe, index)
+    if size > PROBE_WEIGHT_LIMIT:
+        return bound
+    tokens = min(PROBE_TOKENS, recipe.train.seq_len)
+    shared = {name: SharedBlock(m.d_model, s, m.norm_eps, m.zero_centred_norm)
+              for name, s in recipe.shared.items() if name == spec.shared}
+    layer = ZooLayer(m.d_model, spec, index, m.norm_eps, residual_multiplier=m.residual_multiplier,
+                     zero_centred_norm=m.zero_centred_norm, shared_blocks=shared)
+    weights = {t.untyped_storage().data_ptr() for b in (layer, *shared.values()) for t in b.parameters()}
+    x = torch.randn(1, tokens, m.d_model, dtype=torch.float32, requires_grad=True)
+    embeddings = torch.randn(1, tokens, m.d_model) if spec.shared is not None else None
+    saved: dict = {}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and t.device.type == "cpu":
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer(x, embeddings=embeddings)
+    return PROBE_MARGIN * sum(saved.values()) / tokens
+
+
+def _layer_param_bytes(recipe: Recipe, index: int) -> int:
+    """One layer's weight bytes (its shared block's too), counted on the meta device."""
+    m = recipe.model
+    spec = recipe.layers[index]
+    shared = {name: SharedBlock(m.d_model, s, m.norm_eps) for name, s in recipe.shared.items() if name == spec.shared}
+    layer = ZooLayer(m.d_model, spec, index, m.norm_eps, shared_blocks=shared)
+    return 4 * sum(p.numel() for b in (layer, *shared.values()) for p in b.parameters())
 
 
 def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_len: Optional[int]) -> int:
@@ -215,5 +288,6 @@ def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_
     weights = torch.get_default_dtype().itemsize * (2 * m.vocab_size * m.d_model + m.n_layers * _ROUGH_PARAMS_PER_LAYER * m.d_model ** 2)
     if not training:
         return weights
-    return 4 * weights + _activation_bytes(recipe, batch_size or recipe.train.batch_size,
-                                           seq_len or recipe.train.seq_len)
+    tokens = (batch_size or recipe.train.batch_size) * (seq_len or recipe.train.seq_len)
+    per_token = (m.n_layers * ACTIVATION_VALUES_PER_CHANNEL + MODEL_VALUES_PER_CHANNEL) * m.d_model + LOGIT_COPIES * m.vocab_size
+    return 4 * weights + 4 * tokens * per_token
