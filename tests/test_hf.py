@@ -418,6 +418,26 @@ def test_export_and_generate_with_a_transformers_tokenizer(tmp_path, capsys):
     assert out.startswith("the cat") and _summary(out)["new_tokens"] == 5
 
 
+@pytest.mark.parametrize("layout", ["parallel", "shared"])
+def test_row_cached_sees_a_branch_decoded_row_by_row(layout):
+    """A layer whose cache holds a RowGroups inside (an infini branch of a parallel block, or infini under a
+    shared block's use) counts as decoded in groups; generation stays each row's own."""
+    recipe = tiny_recipe(BLOCKS["infini"], n_layers=2)
+    recipe["model"]["pattern"] = "BM"
+    if layout == "parallel":
+        branches = [{**BLOCKS["infini"], "out_scale": 0.5}, {**BLOCKS["mamba2"], "out_scale": 1.5}]
+        recipe["model"]["blocks"] = {"B": {"type": "parallel", "branches": branches}, "M": BLOCKS["mamba2"]}
+    else:
+        recipe["model"]["shared_blocks"] = {"S": {"n_heads": 2}}
+        recipe["model"]["blocks"] = {"B": {**BLOCKS["infini"], "shared": "S"}, "M": BLOCKS["mamba2"]}
+    model = hf_model(recipe)
+    prompts = [[7, 3], [9, 9, 1, 4, 4, 2, 8, 5, 5], [6, 6, 6, 6, 6]]
+    ids, mask = left_pad(prompts)
+    assert output_cache(model(ids, attention_mask=mask)).row_cached == [True, False]
+    out = generate(model, ids, 6, attention_mask=mask)
+    for r, p in enumerate(prompts):
+        assert out[r, ids.shape[1]:].tolist() == generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
+
 def test_left_padded_mixed_row_and_batched_layers():
     """infini layers decode row by row between batched layers (mamba2, selective): the stack stays exact."""
     recipe = tiny_recipe(BLOCKS["infini"], n_layers=3)

@@ -122,8 +122,9 @@ class ZooGenerationCache(Cache):
 
     @property
     def row_cached(self) -> List[bool]:
-        """Per layer: whether its rows are decoded in groups (`RowGroups`)."""
-        return [isinstance(c, RowGroups) for c in self.zoo.layers]
+        """Per layer: whether its rows are decoded in groups (a `RowGroups`, or one among a parallel block's
+        branches or a shared-block layer's mixer and attention caches)."""
+        return [_row_grouped(c) for c in self.zoo.layers]
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Beam search: row i of the result is row beam_idx[i] of the cache."""
@@ -151,6 +152,10 @@ class ZooGenerationCache(Cache):
 
     def __repr__(self):
         return f"ZooGenerationCache(seen={self.zoo.seen}, layers={len(self.zoo.layers)}, bytes={self.nbytes()})"
+
+
+def _row_grouped(cache) -> bool:
+    return isinstance(cache, RowGroups) or any(_row_grouped(c) for c in getattr(cache, "branches", ()))
 
 
 class ZooForCausalLM(PreTrainedModel, GenerationMixin):
