@@ -132,3 +132,25 @@ def test_checkpointed_layers_keep_their_inputs_and_one_layer():
     model_part = tokens * (2 * m.d_model + 3 * m.vocab_size) * 4
     layer = (full - model_part) / 4                                  # the four layers are alike
     assert ckpt == pytest.approx(model_part + layer + 4 * tokens * m.d_model * 4, rel=1e-6)
+
+
+def test_the_estimate_is_the_same_under_no_grad_and_in_float64():
+    recipe = zoo.load_recipe("recipes/transformer.yaml", ["model.n_layers=2", "train.seq_len=128"])
+    plain = estimate_memory(recipe, training=True).activation_bytes
+    zoo.memory._PROBED.clear()
+    with torch.no_grad():
+        assert estimate_memory(recipe, training=True).activation_bytes == plain
+    zoo.memory._PROBED.clear()
+    with torch.inference_mode():
+        assert estimate_memory(recipe, training=True).activation_bytes == plain
+    zoo.memory._PROBED.clear()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:   # the layers keep float64 values (about twice the bytes: some saved tensors are integer or boolean);
+        m = recipe.model     # the model-level part stays counted in float32
+        model_part = recipe.train.batch_size * 128 * (2 * m.d_model + 3 * m.vocab_size) * 4
+        assert estimate_memory(recipe, training=True).activation_bytes - model_part == pytest.approx(
+            2 * (plain - model_part), rel=0.05)
+    finally:
+        torch.set_default_dtype(default)
+        zoo.memory._PROBED.clear()

@@ -228,14 +228,15 @@ def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int) -> int:
 def _layer_activation_bytes(recipe: Recipe) -> list[float]:
     """Bytes backward keeps a token for each layer, probed once per pattern letter (see PROBE_TOKENS)."""
     m = recipe.model
-    key = repr(recipe.to_dict())
+    key = (repr(recipe.to_dict()), torch.get_default_dtype())
     if key not in _PROBED:
         bound = ACTIVATION_VALUES_PER_CHANNEL * m.d_model * 4
         first, letters = {}, []
         for i, spec in enumerate(recipe.layers):
             first.setdefault(spec.letter, i)
             letters.append(spec.letter)
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):   # the caller's RNG and device untouched
+        # the caller's RNG and device untouched; under no_grad or inference_mode a layer would keep nothing
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
             probed = {letter: _probe_layer(recipe, first[letter], bound) for letter in first}
         if len(_PROBED) >= 64:   # a bounded memo: the trainer asks once per schedule stage, a sweep per recipe
             _PROBED.clear()
@@ -259,7 +260,7 @@ def _probe_layer(recipe: Recipe, index: int, bound: float) -> float:
     layer = ZooLayer(m.d_model, spec, index, m.norm_eps, residual_multiplier=m.residual_multiplier,
                      zero_centred_norm=m.zero_centred_norm, shared_blocks=shared)
     weights = {t.untyped_storage().data_ptr() for b in (layer, *shared.values()) for t in b.parameters()}
-    x = torch.randn(1, tokens, m.d_model, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(1, tokens, m.d_model, requires_grad=True)
     embeddings = torch.randn(1, tokens, m.d_model) if spec.shared is not None else None
     saved: dict = {}
 
@@ -280,7 +281,7 @@ def _layer_param_bytes(recipe: Recipe, index: int) -> int:
     spec = recipe.layers[index]
     shared = {name: SharedBlock(m.d_model, s, m.norm_eps) for name, s in recipe.shared.items() if name == spec.shared}
     layer = ZooLayer(m.d_model, spec, index, m.norm_eps, shared_blocks=shared)
-    return 4 * sum(p.numel() for b in (layer, *shared.values()) for p in b.parameters())
+    return sum(p.numel() * p.element_size() for b in (layer, *shared.values()) for p in b.parameters())
 
 
 def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_len: Optional[int]) -> int:
