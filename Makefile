@@ -47,20 +47,23 @@ TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train
 	$(if $(filter local-global,$(RECIPES)),local-global:model.blocks.S.window=256)
 # Context use (issue 25), two readings a corpus: 3 segments of 8,192 tokens against the history cut to 4,096 (the
 # long checkpoints' training length; windows advancing by 2,048): who keeps using the history past the training
-# length and where the transformer breaks; and 6 segments of 4,096 against the stricter control: the history cut to
+# length and where the transformer breaks; and 5 segments of 4,096 against the stricter control: the history cut to
 # 2,048 in windows advancing by 256, so that every target keeps 1,792-2,048 tokens and a gain at 2K-4K is the history
 # past 2,048 alone (8 windows of 2,304 tokens a segment: the dearest cells of the job, 2-4 s a segment and recipe).
 # With seven recipes the job had to shrink to fit 15 minutes on a fresh clone (21 min 21 s with 4 + 8 segments, 3
 # throughput repeats and the longest trainable context; 16 min 0 s with the readings as here, contexts 256/1K/4K,
 # decode memory at 4K and 16K and 4 passkey prompts a depth): compare-long reads 16,384 and the full held-out split,
-# compare-memory the longest trainable context and decode memory from 1K to 64K.
+# compare-memory the longest trainable context and decode memory from 1K to 64K. With 6 segments, decode memory at
+# 16K and 12K tokens a bits/byte cell it took 14 min 2 s, then 15 min 18 s (session 18: the same cells 9% slower on
+# a slower machine); hence 5 segments (swan's Shakespeare reading: -0.033 [-0.051, -0.012], against -0.032 [-0.047,
+# -0.013] on 6), decode memory at 8K and 8K tokens a bits/byte cell.
 CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 4096,2048 --history-cut-stride 2048,256 \
-	--context-segments 3,6
+	--context-segments 3,5
 COMPARE_ARGS ?= --threads 1 \
-	--contexts 256,4096 --schemes blocks,streaming --max-tokens 12288 --max-doc-tokens 4096 \
+	--contexts 256,4096 --schemes blocks,streaming --max-tokens 8192 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare $(CONTEXT_READINGS) \
 	--copy-lengths 256,1024 --copy-trials 4 --memory train \
-	--decode-memory-contexts 16384 \
+	--decode-memory-contexts 8192 \
 	--repeats 1 --passkey-lengths 256,1024 --passkey-trials 4
 
 # The compared models: the long-context checkpoints in pretrained/long/ (made by `make pretrain-long` from the

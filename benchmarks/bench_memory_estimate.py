@@ -1,0 +1,60 @@
+"""The training memory estimate against what a model keeps for backward, recipe by recipe.
+
+For every recipe in recipes/ (at its own widths, `train.seq_len` set to `--length`): zoo.memory's activation
+estimate for a batch of `--batch` x `--length` tokens, and what the model's training forward on such a batch
+keeps for backward (saved_tensors_hooks: every saved tensor's storage once, the weights left out). A ratio
+below 1 means the estimate would let through a run that does not fit. Memory, not time: it may run beside
+anything.
+
+    .venv/bin/python benchmarks/bench_memory_estimate.py                       # 2 x 1,024 tokens
+    .venv/bin/python benchmarks/bench_memory_estimate.py --length 2048 --recipes kimi-linear zamba2
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import zoo
+from benchmarks.harness import ROOT, Table, command_line, print_summary
+from zoo.memory import estimate_memory
+
+
+def saved_bytes(model, ids) -> int:
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(ids, labels=ids)
+    return sum(saved.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--recipes", nargs="*", help="names in recipes/ (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    names = args.recipes or sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    print(f"`{command_line()}`\n")
+    table = Table(["recipe", "estimate (MiB)", "kept for backward (MiB)", "estimate / kept"], "lrrr", stream=True)
+    results = {}
+    for name in names:
+        recipe = zoo.load_recipe(ROOT / "recipes" / f"{name}.yaml", [f"train.seq_len={args.length}"])
+        est = estimate_memory(recipe, training=True, batch_size=args.batch, seq_len=args.length).activation_bytes
+        torch.manual_seed(0)
+        kept = saved_bytes(zoo.build_model(recipe),
+                           torch.randint(0, recipe.model.vocab_size, (args.batch, args.length)))
+        results[name] = est / kept
+        table.add([name, f"{est / 2**20:,.1f}", f"{kept / 2**20:,.1f}", f"{est / kept:.2f}"])
+    print_summary({"bench": "memory_estimate", "length": args.length, "batch": args.batch, "ratios": results})
+
+
+if __name__ == "__main__":
+    main()
