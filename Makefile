@@ -56,11 +56,12 @@ TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train
 # compare-memory the longest trainable context and decode memory from 1K to 64K. With 6 segments, decode memory at
 # 16K and 12K tokens a bits/byte cell it took 14 min 2 s, then 15 min 18 s (session 18: the same cells 9% slower on
 # a slower machine); hence 5 segments (swan's Shakespeare reading: -0.033 [-0.051, -0.012], against -0.032 [-0.047,
-# -0.013] on 6), decode memory at 8K and 8K tokens a bits/byte cell.
+# -0.013] on 6) and decode memory at 8K: 13 min 10 s with 8K tokens a bits/byte cell too, whose 4,096-token blocks
+# then came from 3 documents, one so short that the intervals spanned 0.1-2.1 bits/byte (12K: 4 documents).
 CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 4096,2048 --history-cut-stride 2048,256 \
 	--context-segments 3,5
 COMPARE_ARGS ?= --threads 1 \
-	--contexts 256,4096 --schemes blocks,streaming --max-tokens 8192 --max-doc-tokens 4096 \
+	--contexts 256,4096 --schemes blocks,streaming --max-tokens 12288 --max-doc-tokens 4096 \
 	--extrapolation-factor 0 --eval-corpora stdlib,shakespeare $(CONTEXT_READINGS) \
 	--copy-lengths 256,1024 --copy-trials 4 --memory train \
 	--decode-memory-contexts 8192 \
