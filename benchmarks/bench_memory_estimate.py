@@ -17,21 +17,7 @@ import torch
 
 import zoo
 from benchmarks.harness import ROOT, Table, command_line, print_summary
-from zoo.memory import estimate_memory
-
-
-def saved_bytes(model, ids) -> int:
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def keep(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model(ids, labels=ids)
-    return sum(saved.values())
+from zoo.memory import estimate_memory, kept_for_backward
 
 
 def main(argv=None):
@@ -49,8 +35,9 @@ def main(argv=None):
         recipe = zoo.load_recipe(ROOT / "recipes" / f"{name}.yaml", [f"train.seq_len={args.length}"])
         est = estimate_memory(recipe, training=True, batch_size=args.batch, seq_len=args.length).activation_bytes
         torch.manual_seed(0)
-        kept = saved_bytes(zoo.build_model(recipe),
-                           torch.randint(0, recipe.model.vocab_size, (args.batch, args.length)))
+        model = zoo.build_model(recipe)
+        ids = torch.randint(0, recipe.model.vocab_size, (args.batch, args.length))
+        kept = kept_for_backward(lambda: model(ids, labels=ids), list(model.parameters()))
         results[name] = est / kept
         table.add([name, f"{est / 2**20:,.1f}", f"{kept / 2**20:,.1f}", f"{est / kept:.2f}"])
     print_summary({"bench": "memory_estimate", "length": args.length, "batch": args.batch, "ratios": results})

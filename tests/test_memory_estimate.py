@@ -5,7 +5,7 @@ import torch
 
 import zoo
 from tests.helpers import every_block_recipe
-from zoo.memory import available_memory, check_memory, estimate_memory, memory_cap, parse_memory
+from zoo.memory import available_memory, check_memory, estimate_memory, kept_for_backward, memory_cap, parse_memory
 
 TINY = {"name": "tiny", "model": {"d_model": 32, "n_layers": 2, "vocab_size": 64, "pattern": "A",
                                   "blocks": {"A": {"type": "attn", "n_heads": 2}}}, "train": {"seq_len": 16}}
@@ -83,19 +83,13 @@ def test_available_memory_on_cpu():
     assert found is None or (found[0] > 0 and "cpu" in found[1])
 
 
-def _saved_bytes(model, ids) -> int:
-    """What backward keeps after a training forward: every saved tensor's storage once, the weights left out."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def keep(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model(ids, labels=ids)
-    return sum(saved.values())
+def test_kept_for_backward_counts_each_saved_storage_once_without_the_weights():
+    linear = torch.nn.Linear(8, 16)
+    x = torch.randn(5, 8, requires_grad=True)
+    # a linear layer keeps its input for the weight's gradient; the weight it keeps is left out
+    assert kept_for_backward(lambda: linear(x), list(linear.parameters())) == x.nbytes
+    # x * x keeps x (twice: one storage); exp keeps its output
+    assert kept_for_backward(lambda: (x * x).exp()) == x.nbytes + x.nbytes
 
 
 # the layers that keep the most a token (KDA, RG-LRU, a shared block's use, Gated DeltaNet, MoE) beside the
@@ -105,10 +99,12 @@ def _saved_bytes(model, ids) -> int:
     ("jamba-moe", []), ("taipan", []), ("transformer", []), ("mamba2", [])])
 def test_activation_estimate_bounds_what_backward_keeps(name, overrides):
     pattern = zoo.load_recipe(f"recipes/{name}.yaml", overrides).model.pattern   # each letter once or more
-    recipe = zoo.load_recipe(f"recipes/{name}.yaml", overrides + ["train.seq_len=1024", f"model.n_layers={len(pattern)}"])
+    recipe = zoo.load_recipe(f"recipes/{name}.yaml",
+                             overrides + ["train.seq_len=1024", f"model.n_layers={len(pattern)}"])
     est = estimate_memory(recipe, training=True, batch_size=2, seq_len=640)
     torch.manual_seed(0)
-    measured = _saved_bytes(zoo.build_model(recipe), torch.randint(0, recipe.model.vocab_size, (2, 640)))
+    model, ids = zoo.build_model(recipe), torch.randint(0, recipe.model.vocab_size, (2, 640))
+    measured = kept_for_backward(lambda: model(ids, labels=ids), list(model.parameters()))
     # above by at most a fifth: the logits' three copies are a bound (the loss reads them block by block)
     assert measured <= est.activation_bytes <= 1.2 * measured, (measured, est.activation_bytes)
 

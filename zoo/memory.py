@@ -259,20 +259,28 @@ def _probe_layer(recipe: Recipe, index: int, bound: float) -> float:
               for name, s in recipe.shared.items() if name == spec.shared}
     layer = ZooLayer(m.d_model, spec, index, m.norm_eps, residual_multiplier=m.residual_multiplier,
                      zero_centred_norm=m.zero_centred_norm, shared_blocks=shared)
-    weights = {t.untyped_storage().data_ptr() for b in (layer, *shared.values()) for t in b.parameters()}
     x = torch.randn(1, tokens, m.d_model, requires_grad=True)
     embeddings = torch.randn(1, tokens, m.d_model) if spec.shared is not None else None
+    kept = kept_for_backward(lambda: layer(x, embeddings=embeddings),
+                             [p for b in (layer, *shared.values()) for p in b.parameters()])
+    return PROBE_MARGIN * kept / tokens
+
+
+def kept_for_backward(forward, weights=()) -> int:
+    """Bytes that `forward()` leaves saved for backward: every saved tensor's storage once (views of one
+    storage count it once), the storages of `weights` left out."""
+    skip = {t.untyped_storage().data_ptr() for t in weights}
     saved: dict = {}
 
     def keep(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights and t.device.type == "cpu":
+        if ptr not in skip:
             saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        layer(x, embeddings=embeddings)
-    return PROBE_MARGIN * sum(saved.values()) / tokens
+        forward()
+    return sum(saved.values())
 
 
 def _layer_param_bytes(recipe: Recipe, index: int) -> int:
@@ -290,5 +298,6 @@ def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_
     if not training:
         return weights
     tokens = (batch_size or recipe.train.batch_size) * (seq_len or recipe.train.seq_len)
-    per_token = (m.n_layers * ACTIVATION_VALUES_PER_CHANNEL + MODEL_VALUES_PER_CHANNEL) * m.d_model + LOGIT_COPIES * m.vocab_size
+    per_token = ((m.n_layers * ACTIVATION_VALUES_PER_CHANNEL + MODEL_VALUES_PER_CHANNEL) * m.d_model
+                 + LOGIT_COPIES * m.vocab_size)
     return 4 * weights + 4 * tokens * per_token
