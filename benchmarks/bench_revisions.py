@@ -25,7 +25,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, Table, command_line, print_summary
 
-CHILD = r"""
+# Each child: the recipe at the given sizes from the worktree's recipes/, seeded, then its kind's timing loop.
+SETUP = r"""
 import json, sys, time, torch
 torch.set_num_threads(1)
 import zoo
@@ -33,9 +34,11 @@ name, overrides, length, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.a
 recipe = zoo.load_recipe(f"{sys.argv[5]}/recipes/{name}.yaml", overrides + [f"train.seq_len={max(length, 512)}"])
 torch.manual_seed(0)
 model = zoo.build_model(recipe)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 ids = torch.randint(0, recipe.model.vocab_size, (1, length))
 best = float("inf")
+"""
+TRAIN = r"""
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 for i in range(steps + 1):
     t = time.process_time()
     out = model(ids, labels=ids)
@@ -44,33 +47,26 @@ for i in range(steps + 1):
     opt.zero_grad(set_to_none=True)
     if i:
         best = min(best, time.process_time() - t)
-print(json.dumps({"cpu_s": best, "module": zoo.__file__}))
 """
-
-# 32 decoding steps after a prefill, through the model's own cache (ZooLM.init_cache: every revision since issue 10)
-CHILD_DECODE = r"""
-import json, sys, time, torch
-torch.set_num_threads(1)
-import zoo
-name, overrides, length, steps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-recipe = zoo.load_recipe(f"{sys.argv[5]}/recipes/{name}.yaml", overrides + [f"train.seq_len={max(length, 512)}"])
-torch.manual_seed(0)
-model = zoo.build_model(recipe).eval()
-prompt = torch.randint(0, recipe.model.vocab_size, (1, length))
+# 32 decoding steps after a prefill of `ids`, through the model's own cache (ZooLM.init_cache: every revision
+# since issue 10)
+DECODE = r"""
+model.eval()
 tokens = torch.randint(0, recipe.model.vocab_size, (1, 32))
-best = float("inf")
 with torch.no_grad():
     for i in range(steps + 1):
         cache = model.init_cache(1)
-        model(prompt, cache=cache)
+        model(ids, cache=cache)
         t = time.process_time()
         for j in range(32):
             model(tokens[:, j:j + 1], cache=cache)
         if i:
             best = min(best, time.process_time() - t)
+"""
+REPORT = r"""
 print(json.dumps({"cpu_s": best, "module": zoo.__file__}))
 """
-CHILDREN = {"train": CHILD, "decode": CHILD_DECODE}
+CHILDREN = {"train": SETUP + TRAIN + REPORT, "decode": SETUP + DECODE + REPORT}
 
 
 def measure(tree: Path, name: str, overrides: list, length: int, steps: int, kind: str = "train") -> float:

@@ -1,6 +1,8 @@
 """benchmarks/bench_memory_estimate.py and bench_revisions.py's decode child, on small inputs."""
 import json
 
+import pytest
+
 from benchmarks import bench_memory_estimate, bench_revisions
 from benchmarks.harness import ROOT
 
@@ -12,7 +14,8 @@ def test_memory_estimate_bench_reads_the_estimate_above_what_is_kept(capsys):
     assert all(1.0 <= r <= 1.2 for r in summary["ratios"].values()), summary
 
 
-def test_revisions_decode_child_times_steps_through_the_cache():
+@pytest.mark.parametrize("kind", ["train", "decode"])
+def test_revisions_children_time_this_tree(kind):
     overrides = ["model.d_model=32", "model.n_layers=2", "model.vocab_size=64"]
-    seconds = bench_revisions.measure(ROOT, "mamba2", overrides, 40, 1, kind="decode")
+    seconds = bench_revisions.measure(ROOT, "mamba2", overrides, 40, 1, kind=kind)
     assert 0 < seconds < 30
