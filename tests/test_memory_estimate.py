@@ -150,3 +150,13 @@ def test_the_estimate_is_the_same_under_no_grad_and_in_float64():
     finally:
         torch.set_default_dtype(default)
         zoo.memory._PROBED.clear()
+
+
+def test_a_layer_too_large_to_probe_is_bounded_not_built():
+    # one layer of d_model 20,000 holds ~5e9 parameters (19 GiB): estimated without allocating it
+    recipe = zoo.load_recipe("recipes/transformer.yaml", ["model.d_model=20000", "model.n_layers=2",
+                                                            "train.seq_len=64"])
+    est = estimate_memory(recipe, training=True, batch_size=1)
+    m = recipe.model
+    per_token = (2 * 128 + 2) * m.d_model + 3 * m.vocab_size     # two layers at the bound, the model's part
+    assert est.activation_bytes == 64 * per_token * 4

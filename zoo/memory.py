@@ -144,13 +144,13 @@ def estimate_memory(recipe: Recipe, training: bool = False, batch_size: Optional
     gradients and AdamW's two moments (three more copies) and activations for a batch of `batch_size` x
     `seq_len` tokens (default: the recipe's train.batch_size and train.seq_len)."""
     dtype = dtype or torch.get_default_dtype()
-    params, weight_bytes = _count_weights(recipe, dtype)
+    params, weight_bytes, layer_params = _count_weights(recipe, dtype)
     est = MemoryEstimate(params, weight_bytes, dtype)
     if training:
         est.batch_size = batch_size or recipe.train.batch_size
         est.seq_len = seq_len or recipe.train.seq_len
         est.optimizer_bytes = 3 * params * dtype.itemsize
-        est.activation_bytes = _activation_bytes(recipe, est.batch_size, est.seq_len)
+        est.activation_bytes = _activation_bytes(recipe, est.batch_size, est.seq_len, layer_params)
     return est
 
 
@@ -188,34 +188,43 @@ def _too_large(recipe: Recipe, est: MemoryEstimate, cap: float, where: str) -> s
             f"allowed: at most that, or a higher max_memory (scripts: --max-memory 64GiB; inf skips the check)")
 
 
-def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int]:
+def _count_weights(recipe: Recipe, dtype: torch.dtype) -> tuple[int, int, dict]:
+    """(parameters, bytes of parameters and buffers, {letter: one such layer's parameters, its shared block's
+    included})."""
     m = recipe.model
     size = dtype.itemsize
     params = (m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model   # embedding, head, final norm
               + m.vocab_size * m.head_bias)
     nbytes = params * size
     counts = Counter(spec.letter for spec in recipe.layers)
-    first = {}
-    for i, spec in enumerate(recipe.layers):
-        first.setdefault(spec.letter, i)
+    first = _first_layers(recipe)
+    letter_params = {}
     with torch.device("meta"):
         shared = {name: SharedBlock(m.d_model, spec, m.norm_eps) for name, spec in recipe.shared.items()}
-        for block in shared.values():   # once each, however many layers use it
-            block_params = sum(p.numel() for p in block.parameters())
-            params += block_params
-            nbytes += block_params * size
+        shared_params = {name: sum(p.numel() for p in block.parameters()) for name, block in shared.items()}
+        params += sum(shared_params.values())   # once each, however many layers use it
+        nbytes += sum(shared_params.values()) * size
         for letter, n in counts.items():
-            i = first[letter]
-            layer = ZooLayer(m.d_model, recipe.layers[i], i, m.norm_eps, shared_blocks=shared)
+            spec = recipe.layers[first[letter]]
+            layer = ZooLayer(m.d_model, spec, first[letter], m.norm_eps, shared_blocks=shared)
             layer_params = sum(p.numel() for p in layer.parameters())
             params += n * layer_params
             nbytes += n * (layer_params * size + sum(b.numel() * b.element_size() for b in layer.buffers()))
-    return params, nbytes
+            letter_params[letter] = layer_params + shared_params.get(spec.shared, 0)
+    return params, nbytes, letter_params
 
 
-def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int) -> int:
+def _first_layers(recipe: Recipe) -> dict:
+    """{pattern letter: the index of its first layer}."""
+    first = {}
+    for i, spec in enumerate(recipe.layers):
+        first.setdefault(spec.letter, i)
+    return first
+
+
+def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int, layer_params: dict) -> int:
     m = recipe.model
-    per_layer = _layer_activation_bytes(recipe)       # bytes a token, by layer
+    per_layer = _layer_activation_bytes(recipe, layer_params)       # bytes a token, by layer
     if recipe.train.activation_checkpointing:
         # checkpointed layers keep only their inputs; one layer at a time is recomputed in backward
         layers = len(per_layer) * m.d_model * 4 + max(per_layer)
@@ -225,35 +234,30 @@ def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int) -> int:
     return math.ceil(batch_size * seq_len * (layers + model))
 
 
-def _layer_activation_bytes(recipe: Recipe) -> list[float]:
-    """Bytes backward keeps a token for each layer, probed once per pattern letter (see PROBE_TOKENS)."""
+def _layer_activation_bytes(recipe: Recipe, layer_params: dict) -> list[float]:
+    """Bytes backward keeps a token for each layer, probed once per pattern letter (see PROBE_TOKENS); a letter
+    whose layer's weights pass PROBE_WEIGHT_LIMIT is not built: ACTIVATION_VALUES_PER_CHANNEL stands for it."""
     m = recipe.model
     key = (repr(recipe.to_dict()), torch.get_default_dtype())
     if key not in _PROBED:
         bound = ACTIVATION_VALUES_PER_CHANNEL * m.d_model * 4
-        first, letters = {}, []
-        for i, spec in enumerate(recipe.layers):
-            first.setdefault(spec.letter, i)
-            letters.append(spec.letter)
+        itemsize = torch.get_default_dtype().itemsize
         # the caller's RNG and device untouched; under no_grad or inference_mode a layer would keep nothing
         with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.inference_mode(False), torch.enable_grad():
-            probed = {letter: _probe_layer(recipe, first[letter], bound) for letter in first}
+            probed = {letter: bound if layer_params[letter] * itemsize > PROBE_WEIGHT_LIMIT
+                      else _probe_layer(recipe, index) for letter, index in _first_layers(recipe).items()}
         if len(_PROBED) >= 64:   # a bounded memo: the trainer asks once per schedule stage, a sweep per recipe
             _PROBED.clear()
-        _PROBED[key] = [probed[letter] for letter in letters]
+        _PROBED[key] = [probed[spec.letter] for spec in recipe.layers]
     return _PROBED[key]
 
 
 _PROBED: dict = {}
 
 
-def _probe_layer(recipe: Recipe, index: int, bound: float) -> float:
+def _probe_layer(recipe: Recipe, index: int) -> float:
     m = recipe.model
     spec = recipe.layers[index]
-    with torch.device("meta"):
-        size = _layer_param_bytes(recipe, index)
-    if size > PROBE_WEIGHT_LIMIT:
-        return bound
     tokens = min(PROBE_TOKENS, recipe.train.seq_len)
     shared = {name: SharedBlock(m.d_model, s, m.norm_eps, m.zero_centred_norm)
               for name, s in recipe.shared.items() if name == spec.shared}
@@ -281,15 +285,6 @@ def kept_for_backward(forward, weights=()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         forward()
     return sum(saved.values())
-
-
-def _layer_param_bytes(recipe: Recipe, index: int) -> int:
-    """One layer's weight bytes (its shared block's too), counted on the meta device."""
-    m = recipe.model
-    spec = recipe.layers[index]
-    shared = {name: SharedBlock(m.d_model, s, m.norm_eps) for name, s in recipe.shared.items() if name == spec.shared}
-    layer = ZooLayer(m.d_model, spec, index, m.norm_eps, shared_blocks=shared)
-    return sum(p.numel() * p.element_size() for b in (layer, *shared.values()) for p in b.parameters())
 
 
 def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_len: Optional[int]) -> int:
