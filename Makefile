@@ -57,7 +57,7 @@ TRAIN_HERE_ARGS ?= --budget 200K --match-params 1M --set train.seq_len=256 train
 # 16K and 12K tokens a bits/byte cell it took 14 min 2 s, then 15 min 18 s (session 18: the same cells 9% slower on
 # a slower machine); hence 5 segments (swan's Shakespeare reading: -0.033 [-0.051, -0.012], against -0.032 [-0.047,
 # -0.013] on 6) and decode memory at 8K: 13 min 10 s with 8K tokens a bits/byte cell too, whose 4,096-token blocks
-# then came from 3 documents, one so short that the intervals spanned 0.1-2.1 bits/byte (12K: 4 documents).
+# then came from 3 documents and read intervals 0.1-2.1 bits/byte wide (12K: 4 documents, 1.5-2.5).
 CONTEXT_READINGS ?= --context-length 8192,4096 --history-cut 4096,2048 --history-cut-stride 2048,256 \
 	--context-segments 3,5
 COMPARE_ARGS ?= --threads 1 \
