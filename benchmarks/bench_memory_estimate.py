@@ -26,8 +26,14 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--recipes", nargs="*", help="names in recipes/ (default: all)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    for flag in ("length", "batch"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     names = args.recipes or sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    missing = [n for n in names if not (ROOT / "recipes" / f"{n}.yaml").is_file()]
+    if missing:
+        parser.error(f"--recipes: no recipes/<name>.yaml for {', '.join(missing)}")
+    torch.set_num_threads(1)
     print(f"`{command_line()}`\n")
     table = Table(["recipe", "estimate (MiB)", "kept for backward (MiB)", "estimate / kept"], "lrrr", stream=True)
     results = {}

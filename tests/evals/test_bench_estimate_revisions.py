@@ -19,3 +19,11 @@ def test_revisions_children_time_this_tree(kind):
     overrides = ["model.d_model=32", "model.n_layers=2", "model.vocab_size=64"]
     seconds = bench_revisions.measure(ROOT, "mamba2", overrides, 40, 1, kind=kind)
     assert 0 < seconds < 30
+
+
+@pytest.mark.parametrize("argv,message", [(["--recipes", "nope"], "--recipes: no recipes/<name>.yaml for nope"),
+                                          (["--length", "0"], "--length: must be >= 1, got 0")])
+def test_memory_estimate_bench_refuses_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_memory_estimate.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
