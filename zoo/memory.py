@@ -230,8 +230,12 @@ def _activation_bytes(recipe: Recipe, batch_size: int, seq_len: int, layer_param
         layers = len(per_layer) * m.d_model * 4 + max(per_layer)
     else:
         layers = sum(per_layer)
-    model = (MODEL_VALUES_PER_CHANNEL * m.d_model + LOGIT_COPIES * m.vocab_size) * 4
-    return math.ceil(batch_size * seq_len * (layers + model))
+    return math.ceil(batch_size * seq_len * (layers + 4 * _model_values(m)))
+
+
+def _model_values(m) -> int:
+    """Float32 values a token the model keeps outside its layers (MODEL_VALUES_PER_CHANNEL, LOGIT_COPIES)."""
+    return MODEL_VALUES_PER_CHANNEL * m.d_model + LOGIT_COPIES * m.vocab_size
 
 
 def _layer_activation_bytes(recipe: Recipe, layer_params: dict) -> list[float]:
@@ -293,6 +297,4 @@ def _rough_bytes(recipe: Recipe, training: bool, batch_size: Optional[int], seq_
     if not training:
         return weights
     tokens = (batch_size or recipe.train.batch_size) * (seq_len or recipe.train.seq_len)
-    per_token = ((m.n_layers * ACTIVATION_VALUES_PER_CHANNEL + MODEL_VALUES_PER_CHANNEL) * m.d_model
-                 + LOGIT_COPIES * m.vocab_size)
-    return 4 * weights + 4 * tokens * per_token
+    return 4 * weights + 4 * tokens * (m.n_layers * ACTIVATION_VALUES_PER_CHANNEL * m.d_model + _model_values(m))
